@@ -1,0 +1,76 @@
+"""Settings for every process (api, worker, trainer), read once from the environment and `.env`."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+    # Empty means "a SQLite file under DATA_DIR"; any SQLAlchemy URL works (postgresql+psycopg://...).
+    database_url: str = ""
+    # Local model and dataset paths are accepted only under these roots (comma-separated).
+    allowed_local_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    # --- queue ---------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "finetune"
+    # A worker that stops heartbeating for this long has lost its job.
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+    stale_after: timedelta = timedelta(seconds=90)
+    # A job whose worker died is started again (resuming from its last checkpoint) this many times.
+    max_attempts: int = Field(default=2, ge=1)
+    reconcile_interval: timedelta = timedelta(seconds=30)
+
+    # --- trainer -------------------------------------------------------------------------
+    # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few
+    # GB per shard keeps downloads and Range requests file-sized.
+    max_shard_size: str = "4GB"
+    # How long a running job may take to stop after a cancel before its trainer is killed.
+    cancel_grace: timedelta = timedelta(minutes=5)
+
+    # --- api -----------------------------------------------------------------------------
+    # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    page_size_max: int = 500
+
+    @field_validator("allowed_local_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(p.strip()) for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.data_dir.resolve() / "jobs" / str(job_id)
+
+    def checkpoints_dir(self, job_id: int) -> Path:
+        return self.job_dir(job_id) / "checkpoints"
+
+    def resolved_local_roots(self) -> list[Path]:
+        return [root.expanduser().resolve() for root in self.allowed_local_roots]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

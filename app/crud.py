@@ -1,0 +1,124 @@
+"""Service functions over the job store. These functions commit; routes and tasks call them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from app.errors import Conflict, NotFound
+from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
+from app.queue import enqueue_job
+from app.schemas import JobSpec
+
+logger = logging.getLogger(__name__)
+
+
+def add_event(*, session: Session, job_id: int, kind: str, message: str) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message))
+
+
+def create_job(*, session: Session, job_in: JobSpec) -> Job:
+    job = Job(spec=job_in.model_dump(mode="json"))
+    session.add(job)
+    session.flush()
+    assert job.id is not None
+    add_event(session=session, job_id=job.id, kind="queued", message="job accepted and queued")
+    session.commit()
+    # Only after the commit: a worker that picks the id up must find the row. If Redis is
+    # down now, the row stays queued and the reconciler enqueues it once Redis is back.
+    try:
+        enqueue_job(job.id, attempt=1)
+    except Exception as exc:  # redis.ConnectionError and friends
+        logger.warning("job %s stored but not enqueued yet: %s", job.id, exc)
+        add_event(
+            session=session, job_id=job.id, kind="enqueue_delayed",
+            message=f"the queue could not be reached ({exc}); the job will be enqueued when it is back",
+        )
+        session.commit()
+    return job
+
+
+def get_job(*, session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(
+    *, session: Session, status: JobStatus | None, cursor: int | None, limit: int
+) -> tuple[Sequence[Job], int | None]:
+    query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor is not None:
+        query = query.where(col(Job.id) < cursor)
+    jobs = list(session.exec(query).all())
+    next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def cancel_job(*, session: Session, job_id: int) -> Job:
+    job = get_job(session=session, job_id=job_id)
+    if job.status.finished:
+        raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
+    now = utcnow()
+    if job.status == JobStatus.queued:
+        # Conditional, so a worker that claims the job at this very moment wins cleanly.
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
+            .values(status=JobStatus.cancelled, finished_at=now, cancel_requested_at=now,
+                    error_code="cancelled", error_message="cancelled before it started")
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(session=session, job_id=job_id, kind="cancelled", message="cancelled before it started")
+            session.commit()
+            session.refresh(job)
+            return job
+        session.refresh(job)
+    if job.status == JobStatus.running and job.cancel_requested_at is None:
+        job.cancel_requested_at = now
+        add_event(session=session, job_id=job_id, kind="cancel_requested",
+                  message="cancel requested; training stops at the next step")
+        session.commit()
+    return job
+
+
+def list_logs(*, session: Session, job_id: int, after_step: int | None, limit: int) -> Sequence[StepLog]:
+    get_job(session=session, job_id=job_id)
+    query = select(StepLog).where(StepLog.job_id == job_id).order_by(col(StepLog.step), col(StepLog.id))
+    if after_step is not None:
+        query = query.where(col(StepLog.step) > after_step)
+    return session.exec(query.limit(limit)).all()
+
+
+def list_events(*, session: Session, job_id: int, after_id: int | None, limit: int) -> Sequence[JobEvent]:
+    get_job(session=session, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))
+    if after_id is not None:
+        query = query.where(col(JobEvent.id) > after_id)
+    return session.exec(query.limit(limit)).all()
+
+
+def list_checkpoints(*, session: Session, job_id: int, include_removed: bool = False) -> Sequence[Checkpoint]:
+    get_job(session=session, job_id=job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(col(Checkpoint.step), col(Checkpoint.id))
+    checkpoints = session.exec(query).all()
+    return [c for c in checkpoints if include_removed or c.status != "removed"]
+
+
+def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
+    get_job(session=session, job_id=job_id)
+    checkpoint = session.exec(
+        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
+    ).first()
+    if checkpoint is None:
+        raise NotFound(f"job {job_id} has no checkpoint named {name!r}")
+    if checkpoint.status == "removed":
+        raise NotFound(f"checkpoint {name!r} of job {job_id} was removed (rotated away by save_total_limit)")
+    return checkpoint
+

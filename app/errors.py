@@ -1,0 +1,83 @@
+"""Errors the API answers with, rendered by one handler as {"error": ..., "detail": ...}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class AppError(Exception):
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class NotFound(AppError):
+    status_code = 404
+
+
+class Conflict(AppError):
+    status_code = 409
+
+
+class Unauthorized(AppError):
+    status_code = 401
+
+
+class RangeNotSatisfiable(AppError):
+    status_code = 416
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # FastAPI prefixes "body"/"query"/"path"; people think in the spec's own field names.
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts) or "body"
+
+
+def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
+    errors = []
+    for err in exc.errors():
+        message = str(err.get("msg", "invalid value"))
+        # pydantic prefixes messages of our own validators with "Value error, ".
+        message = message.removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            message = "unknown field (not part of the job spec)"
+        elif err.get("type") == "json_invalid":
+            message = f"the body is not valid JSON: {err.get('ctx', {}).get('error', message)}"
+        errors.append({"field": _field_path(tuple(err.get("loc", ()))), "message": message})
+    return errors
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
+        return JSONResponse({"error": exc.name, "detail": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = validation_errors(exc)
+        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return JSONResponse(
+            {"error": "ValidationError", "detail": summary, "errors": errors}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        names = {404: "NotFound", 405: "MethodNotAllowed", 401: "Unauthorized"}
+        return JSONResponse(
+            {"error": names.get(exc.status_code, "HTTPError"), "detail": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )

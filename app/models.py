@@ -1,0 +1,140 @@
+"""Database tables. The database is the source of truth for jobs; Redis only carries work."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _ts(*, nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class CheckpointStatus(StrEnum):
+    hashing = "hashing"  # on disk, sizes known, sha256 still being computed off the training path
+    ready = "ready"
+    removed = "removed"  # rotated away by save_total_limit, or lost from disk
+
+
+class Job(SQLModel, table=True):
+    """One fine-tuning job: the spec as submitted plus everything the worker reports."""
+
+    __tablename__ = "job"
+    __table_args__ = (Index("ix_job_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: JobStatus = Field(default=JobStatus.queued)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    started_at: datetime | None = _ts()
+    finished_at: datetime | None = _ts()
+    spec: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+    backend: str | None = None
+    versions: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    eta_seconds: float | None = None
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    vram: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+    error_code: str | None = None
+    error_message: str | None = None
+
+    cancel_requested_at: datetime | None = _ts()
+    attempts: int = 0
+    worker_name: str | None = None
+    heartbeat_at: datetime | None = _ts()
+
+
+class StepLog(SQLModel, table=True):
+    """One row per logging step, written by the trainer's callback."""
+
+    __tablename__ = "step_log"
+    __table_args__ = (Index("ix_step_log_job_step", "job_id", "step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    step: int
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    num_tokens: int | None = None
+    vram_allocated: int | None = None
+    vram_reserved: int | None = None
+    vram_peak_allocated: int | None = None
+    device_used: int | None = None
+    device_total: int | None = None
+
+
+class JobEvent(SQLModel, table=True):
+    """A state change or a message worth showing a person (queued, started, checkpoint saved...)."""
+
+    __tablename__ = "job_event"
+    __table_args__ = (Index("ix_job_event_job_id", "job_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE")
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    kind: str
+    message: str
+
+
+class Checkpoint(SQLModel, table=True):
+    """A Hugging Face model folder the trainer saved under the job's checkpoints directory."""
+
+    __tablename__ = "checkpoint"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_checkpoint_job_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE", index=True)
+    name: str
+    step: int
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    status: CheckpointStatus = Field(default=CheckpointStatus.hashing)
+    size_bytes: int = 0
+    # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null}, ...]
+    files: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    removed_at: datetime | None = _ts()

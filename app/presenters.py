@@ -1,0 +1,82 @@
+"""Turning rows into the public records the API returns."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from app.models import Checkpoint, Job, JobEvent, StepLog
+from app.schemas import (
+    CheckpointFile,
+    CheckpointPublic,
+    EventPublic,
+    JobError,
+    JobPublic,
+    Metrics,
+    Progress,
+    StepLogPublic,
+    Vram,
+)
+
+GIB = 1024**3
+
+
+def vram(values: dict[str, Any] | None) -> Vram:
+    values = {k: v for k, v in (values or {}).items() if k in Vram.model_fields}
+    for key in ("allocated", "reserved", "peak_allocated", "device_used", "device_total"):
+        if values.get(key) is not None:
+            values[f"{key}_gib"] = round(values[key] / GIB, 3)
+    return Vram(**values)
+
+
+def job_public(job: Job) -> JobPublic:
+    assert job.id is not None
+    percent = None
+    if job.total_steps:
+        percent = round(100.0 * min(job.step, job.total_steps) / job.total_steps, 2)
+    base = f"/jobs/{job.id}"
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        spec=job.spec,
+        backend=job.backend,
+        versions=job.versions,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested_at is not None,
+        progress=Progress(step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent,
+                          eta_seconds=job.eta_seconds),
+        metrics=Metrics(**(job.metrics or {})),
+        vram=vram(job.vram),
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        links={"self": base, "logs": f"{base}/logs", "events": f"{base}/events",
+               "checkpoints": f"{base}/checkpoints", "cancel": f"{base}/cancel", "watch": f"{base}/watch"},
+    )
+
+
+def step_log_public(row: StepLog) -> StepLogPublic:
+    return StepLogPublic(
+        step=row.step, epoch=row.epoch, created_at=row.created_at, loss=row.loss,
+        learning_rate=row.learning_rate, grad_norm=row.grad_norm, tokens_per_second=row.tokens_per_second,
+        num_tokens=row.num_tokens,
+        vram=vram({"allocated": row.vram_allocated, "reserved": row.vram_reserved,
+                   "peak_allocated": row.vram_peak_allocated, "device_used": row.device_used,
+                   "device_total": row.device_total}),
+    )
+
+
+def event_public(row: JobEvent) -> EventPublic:
+    assert row.id is not None
+    return EventPublic(id=row.id, created_at=row.created_at, kind=row.kind, message=row.message)
+
+
+def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
+    base = f"/jobs/{row.job_id}/checkpoints/{quote(row.name)}"
+    return CheckpointPublic(
+        name=row.name, step=row.step, created_at=row.created_at, status=row.status, size=row.size_bytes,
+        files=[CheckpointFile(path=f["path"], size=f["size"], sha256=f.get("sha256"),
+                              url=f"{base}/files/{quote(f['path'])}") for f in row.files],
+        archive_url=f"{base}/archive",
+    )

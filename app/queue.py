@@ -1,0 +1,57 @@
+"""The Redis side: which queue, and how a job id goes onto it.
+
+The API enqueues by dotted name, so it never imports the worker's training code."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from redis import Redis
+from rq import Callback, Queue
+
+from app.config import get_settings
+
+RUN_JOB_TASK = "worker.tasks.run_job"
+ON_FAILURE_CALLBACK = "app.reconcile.on_rq_failure"
+# Keep a finished RQ entry a day for debugging; the database keeps the job for good.
+RESULT_TTL_S = 24 * 3600
+
+
+def rq_job_id(job_id: int, attempt: int) -> str:
+    # One RQ id per attempt: a retried job must not share its id with the failed entry that
+    # RQ's registry cleanup is still writing.
+    return f"job-{job_id}-{attempt}"
+
+
+def db_job_id(rq_id: str) -> int | None:
+    parts = rq_id.split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[0] == "job" and parts[1].isdigit() else None
+
+
+@lru_cache
+def get_redis() -> Redis:
+    return Redis.from_url(get_settings().redis_url, socket_connect_timeout=5, socket_timeout=30)
+
+
+def get_queue(connection: Redis | None = None) -> Queue:
+    return Queue(get_settings().queue_name, connection=connection or get_redis())
+
+
+def enqueue_job(job_id: int, attempt: int, connection: Redis | None = None) -> None:
+    """Put a committed job on the queue. Running it twice is harmless: the task claims the job
+    in the database first and returns when somebody else already has."""
+    queue = get_queue(connection)
+    queue.enqueue(
+        RUN_JOB_TASK,
+        job_id,
+        job_id=rq_job_id(job_id, attempt),
+        # RQ's default of 180 s would kill every real training run.
+        job_timeout=-1,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=7 * RESULT_TTL_S,
+        description=f"fine-tuning job {job_id}",
+        # An abandoned job (its worker died) is reported through this callback by RQ's own
+        # registry cleanup; app.reconcile decides between resuming and failing it.
+        on_failure=Callback(ON_FAILURE_CALLBACK),
+    )
+

@@ -1,0 +1,138 @@
+"""Keeps the database and the queue in step, so no job is lost or left `running` forever.
+
+Runs in the worker (at start and as an RQ maintenance task) and in the API (a background
+loop), so a host whose only worker died still ends its jobs. Every step is a conditional
+update, so several processes reconciling at once do no harm."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import AbandonedJobError, NoSuchJobError
+from rq.job import Job as RQJob
+from rq.job import JobStatus as RQStatus
+from rq.registry import StartedJobRegistry
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from app.config import get_settings
+from app.crud import add_event
+from app.db import session_scope
+from app.models import Job, JobStatus, utcnow
+from app.queue import db_job_id, enqueue_job, get_queue, rq_job_id
+
+logger = logging.getLogger(__name__)
+
+# A job row younger than this may sit between its commit and its enqueue: leave it alone.
+ENQUEUE_GRACE = timedelta(seconds=30)
+LIVE_RQ_STATES = {RQStatus.QUEUED, RQStatus.STARTED, RQStatus.SCHEDULED, RQStatus.DEFERRED}
+
+
+def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: Redis | None = None) -> str:
+    """A job whose worker is gone: queue it again (it resumes from its last checkpoint) while
+    attempts remain, else fail it with `worker_lost`. Returns what was done."""
+    settings = get_settings()
+    job = session.get(Job, job_id)
+    if job is None or job.status.finished:
+        return "nothing"
+    if job.status == JobStatus.running and job.cancel_requested_at is not None:
+        outcome, values = "cancelled", {
+            "status": JobStatus.cancelled, "error_code": "cancelled",
+            "error_message": f"cancelled; its worker stopped before confirming ({reason})",
+        }
+    elif job.attempts < settings.max_attempts:
+        outcome, values = "requeued", {"status": JobStatus.queued, "heartbeat_at": None, "worker_name": None}
+    else:
+        outcome, values = "failed", {
+            "status": JobStatus.failed, "error_code": "worker_lost",
+            "error_message": (
+                f"{reason}. The job was tried {job.attempts} time(s), the most allowed (MAX_ATTEMPTS); "
+                "check the worker's log and resubmit."
+            ),
+        }
+    if outcome != "requeued":
+        values["finished_at"] = utcnow()
+    result = session.execute(
+        update(Job).where(col(Job.id) == job_id, col(Job.status) == job.status).values(**values)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return "nothing"
+    if outcome == "requeued":
+        message = f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), " \
+                  "resuming from its last checkpoint if it has one"
+        add_event(session=session, job_id=job_id, kind="retried", message=message)
+    else:
+        add_event(session=session, job_id=job_id, kind=outcome, message=str(values["error_message"]))
+    session.commit()
+    if outcome == "requeued":
+        enqueue_job(job_id, attempt=job.attempts + 1, connection=connection)
+    logger.warning("job %s: %s (%s)", job_id, outcome, reason)
+    return outcome
+
+
+def on_rq_failure(rq_job: RQJob, connection: Redis, exc_type: type, exc_value: BaseException, _tb: Any) -> None:
+    """RQ's on_failure callback. The task itself turns training failures into a finished job,
+    so what arrives here is a lost worker (AbandonedJobError) or a fault outside training."""
+    job_id = db_job_id(rq_job.id)
+    if job_id is None:
+        return
+    if isinstance(exc_value, AbandonedJobError) or exc_type is AbandonedJobError:
+        reason = "the worker running this job stopped (RQ reported it abandoned)"
+    else:
+        reason = f"the worker failed outside training: {exc_type.__name__}: {exc_value}"
+    with session_scope() as session:
+        recover_lost_job(session=session, job_id=job_id, reason=reason, connection=connection)
+
+
+def reconcile(connection: Redis | None = None) -> dict[str, int]:
+    """One pass; returns counts of what was done (for logs and tests)."""
+    settings = get_settings()
+    queue = get_queue(connection)
+    counts = {"requeued_lost_queued": 0, "recovered_stale_running": 0}
+
+    # RQ's own check: started jobs whose worker stopped heartbeating go through on_rq_failure.
+    StartedJobRegistry(queue=queue).cleanup()
+
+    now = utcnow()
+    with session_scope() as session:
+        stale = session.exec(
+            select(Job.id).where(
+                Job.status == JobStatus.running, col(Job.heartbeat_at) < now - settings.stale_after
+            )
+        ).all()
+        for job_id in stale:
+            assert job_id is not None
+            seconds = int(settings.stale_after.total_seconds())
+            outcome = recover_lost_job(
+                session=session, job_id=job_id, connection=queue.connection,
+                reason=f"its worker has not reported for over {seconds} s",
+            )
+            counts["recovered_stale_running"] += outcome != "nothing"
+
+        queued = session.exec(
+            select(Job.id, Job.attempts).where(
+                Job.status == JobStatus.queued, col(Job.created_at) < now - ENQUEUE_GRACE
+            )
+        ).all()
+        for job_id, attempts in queued:
+            assert job_id is not None
+            if _rq_has_live_job(rq_job_id(job_id, attempts + 1), queue.connection):
+                continue
+            enqueue_job(job_id, attempt=attempts + 1, connection=queue.connection)
+            add_event(session=session, job_id=job_id, kind="requeued",
+                      message="the queue had lost this job (Redis restarted?); enqueued it again")
+            session.commit()
+            counts["requeued_lost_queued"] += 1
+    return counts
+
+
+def _rq_has_live_job(rq_id: str, connection: Redis) -> bool:
+    try:
+        status = RQJob.fetch(rq_id, connection=connection).get_status()
+    except NoSuchJobError:
+        return False
+    return status in LIVE_RQ_STATES

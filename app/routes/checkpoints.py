@@ -1,0 +1,64 @@
+"""/jobs/{id}/checkpoints: list, one file (with HTTP Range), or the whole folder as a tar."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import FileResponse, StreamingResponse
+
+from app import crud
+from app.db import SessionDep
+from app.deps import SettingsDep, require_token
+from app.errors import NotFound
+from app.files import resolve_inside, stream_tar, tar_length, tar_members
+from app.presenters import checkpoint_public
+from app.schemas import CheckpointPublic
+
+router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"],
+                   dependencies=[Depends(require_token)])
+
+JobId = Annotated[int, Path(ge=1)]
+Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="e.g. checkpoint-500 or final")]
+
+
+@router.get("", response_model=list[CheckpointPublic])
+def list_checkpoints(job_id: JobId, session: SessionDep) -> list[CheckpointPublic]:
+    """Each checkpoint with its files, sizes and sha256 (null while still being hashed)."""
+    return [checkpoint_public(c) for c in crud.list_checkpoints(session=session, job_id=job_id)]
+
+
+@router.get("/{name}", response_model=CheckpointPublic)
+def read_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> CheckpointPublic:
+    return checkpoint_public(crud.get_checkpoint(session=session, job_id=job_id, name=name))
+
+
+@router.get("/{name}/archive", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}}}})
+def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+    """The checkpoint folder as one tar, streamed as it is read (nothing is built on disk)."""
+    checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
+    folder = settings.checkpoints_dir(job_id) / checkpoint.name
+    if not folder.is_dir():
+        raise NotFound(f"checkpoint {name!r} of job {job_id} is recorded but its folder is gone from disk")
+    members = tar_members(folder, checkpoint.name, [f["path"] for f in checkpoint.files])
+    return StreamingResponse(
+        stream_tar(members),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(tar_length(members)),
+            "Content-Disposition": f'attachment; filename="job-{job_id}-{checkpoint.name}.tar"',
+        },
+    )
+
+
+@router.get("/{name}/files/{path:path}", response_class=FileResponse)
+def download_file(job_id: JobId, name: Name, path: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""
+    checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
+    if path not in {f["path"] for f in checkpoint.files}:
+        raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
+    real = resolve_inside(settings.checkpoints_dir(job_id) / checkpoint.name, path)
+    sha = next((f.get("sha256") for f in checkpoint.files if f["path"] == path), None)
+    headers = {"X-Checksum-SHA256": sha} if sha else None
+    return FileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream")

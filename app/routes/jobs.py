@@ -1,0 +1,80 @@
+"""/jobs: submit, list, read, cancel; step logs and events."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query, status
+
+from app import crud
+from app.db import SessionDep
+from app.deps import SettingsDep, require_token
+from app.models import JobStatus
+from app.presenters import event_public, job_public, step_log_public
+from app.schemas import EventPage, JobPage, JobPublic, JobSpec, StepLogPage
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+
+JobId = Annotated[int, Path(ge=1, description="the job's id")]
+NOT_FOUND = {404: {"description": "no such job"}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
+    """Validate a job spec, store it and queue it. 422 names every bad field."""
+    return job_public(crud.create_job(session=session, job_in=job_in))
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    settings: SettingsDep,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    cursor: Annotated[int | None, Query(ge=1, description="next_cursor of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> JobPage:
+    """Jobs, newest first."""
+    jobs, next_cursor = crud.list_jobs(
+        session=session, status=status_, cursor=cursor, limit=min(limit, settings.page_size_max)
+    )
+    return JobPage(items=[job_public(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+def read_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    return job_public(crud.get_job(session=session, job_id=job_id))
+
+
+@router.post(
+    "/{job_id}/cancel", response_model=JobPublic,
+    responses={**NOT_FOUND, 409: {"description": "the job has already finished"}},
+)
+def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    """A queued job never starts; a running one stops at its next step (watch `status`)."""
+    return job_public(crud.cancel_job(session=session, job_id=job_id))
+
+
+@router.get("/{job_id}/logs", response_model=StepLogPage, responses=NOT_FOUND)
+def read_logs(
+    job_id: JobId,
+    session: SessionDep,
+    after_step: Annotated[int | None, Query(ge=0, description="only steps after this one")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> StepLogPage:
+    """Step logs, oldest first. Page on with `after_step=next_after_step`."""
+    rows = crud.list_logs(session=session, job_id=job_id, after_step=after_step, limit=limit)
+    return StepLogPage(items=[step_log_public(r) for r in rows],
+                       next_after_step=rows[-1].step if len(rows) == limit else None)
+
+
+@router.get("/{job_id}/events", response_model=EventPage, responses=NOT_FOUND)
+def read_events(
+    job_id: JobId,
+    session: SessionDep,
+    after_id: Annotated[int | None, Query(ge=0, description="only events after this id")] = None,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
+) -> EventPage:
+    """State changes and messages, oldest first."""
+    rows = crud.list_events(session=session, job_id=job_id, after_id=after_id, limit=limit)
+    return EventPage(items=[event_public(r) for r in rows],
+                     next_after_id=rows[-1].id if len(rows) == limit else None)

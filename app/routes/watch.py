@@ -1,0 +1,299 @@
+"""/jobs/{id}/stream and /jobs/{id}/watch: follow a job live, as Server-Sent Events or as a web page."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import HTMLResponse
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session
+from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import EventSourceResponse
+
+from app import crud
+from app.db import SessionDep, get_engine
+from app.deps import require_token
+from app.errors import NotFound
+from app.presenters import event_public, job_public, step_log_public
+from app.schemas import EventPublic, JobPublic, StepLogPublic
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs/{job_id}", tags=["watch"], dependencies=[Depends(require_token)])
+
+JobId = Annotated[int, Path(ge=1, description="the job's id")]
+NOT_FOUND = {404: {"description": "no such job"}}
+
+POLL_INTERVAL_S = 1.0
+PING_INTERVAL_S = 15
+# Rows read per poll: a stream opened on a long job catches up in slices, without pausing between them.
+BATCH_ROWS = 1000
+
+
+@dataclass
+class _Snapshot:
+    job: JobPublic
+    logs: list[StepLogPublic]
+    events: list[EventPublic]
+
+    @property
+    def caught_up(self) -> bool:
+        return len(self.logs) < BATCH_ROWS and len(self.events) < BATCH_ROWS
+
+
+def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | None) -> _Snapshot:
+    # A fresh session per poll: the stream lives for hours, and a session held that long would
+    # pin one connection (and, on SQLite, an old read snapshot that stops WAL checkpoints).
+    with Session(get_engine()) as session:
+        # The job first: logs and events read after it are at least as new, so once it reads
+        # finished, everything written before the finish is in this snapshot too.
+        job = crud.get_job(session=session, job_id=job_id)
+        logs = crud.list_logs(session=session, job_id=job_id, after_step=after_step, limit=BATCH_ROWS)
+        events = crud.list_events(session=session, job_id=job_id, after_id=after_event_id, limit=BATCH_ROWS)
+        return _Snapshot(job=job_public(job), logs=[step_log_public(r) for r in logs],
+                         events=[event_public(r) for r in events])
+
+
+async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None
+                      ) -> AsyncIterator[ServerSentEvent]:
+    last_job_json: str | None = None
+    while True:
+        try:
+            snapshot = await anyio.to_thread.run_sync(_read_snapshot, job_id, after_step, after_event_id)
+        except OperationalError as exc:  # database restarting or locked: keep the client, try again
+            logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
+            await anyio.sleep(POLL_INTERVAL_S)
+            continue
+        except NotFound:  # the job was deleted while someone watched it
+            return
+        job_json = snapshot.job.model_dump_json()
+        if job_json != last_job_json:
+            last_job_json = job_json
+            yield ServerSentEvent(data=job_json, event="job")
+        for log in snapshot.logs:
+            yield ServerSentEvent(data=log.model_dump_json(), event="log")
+            after_step = log.step
+        for ev in snapshot.events:
+            yield ServerSentEvent(data=ev.model_dump_json(), event="event")
+            after_event_id = ev.id
+        if snapshot.caught_up:
+            if snapshot.job.status.finished:
+                return
+            await anyio.sleep(POLL_INTERVAL_S)
+
+
+@router.get(
+    "/stream", response_class=EventSourceResponse,
+    responses={**NOT_FOUND, 200: {"description": "a text/event-stream, open until the job ends",
+                                  "content": {"text/event-stream": {}}}},
+)
+def stream_job(
+    job_id: JobId,
+    session: SessionDep,
+    after_step: Annotated[int | None, Query(ge=0, description="only step logs after this step")] = None,
+    after_event_id: Annotated[int | None, Query(ge=0, description="only events after this id")] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: `job` (the job record, whenever it changes), `log` (each new step-log
+    row) and `event` (each new event). The stream ends after the job's final `job` event; to
+    resume after a dropped connection, pass the last step and event id seen."""
+    crud.get_job(session=session, job_id=job_id)
+    # The dependency would keep this session (and its connection) until the stream ends.
+    session.close()
+    return EventSourceResponse(_job_events(job_id, after_step, after_event_id), ping=PING_INTERVAL_S)
+
+
+@router.get("/watch", response_class=HTMLResponse, include_in_schema=False)
+def watch_page(job_id: JobId, session: SessionDep) -> HTMLResponse:
+    """A page to open in a browser: progress, metrics, loss and VRAM charts, events, checkpoints."""
+    crud.get_job(session=session, job_id=job_id)
+    return HTMLResponse(WATCH_PAGE_HTML.replace("{{JOB_ID}}", str(int(job_id))))
+
+
+# Self-contained (no CDN: the server may be offline). Relative URLs ("stream", "checkpoints")
+# resolve against /jobs/<id>/watch, so the page works behind a path prefix too.
+# EventSource and a plain page load cannot send an Authorization header: where API_TOKENS is
+# set, open the page through a proxy that adds the header, or it answers 401.
+WATCH_PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>Job {{JOB_ID}}</title>
+<style>
+body{font:14px system-ui,sans-serif;color:#222;max-width:960px;margin:1.5em auto;padding:0 1em}
+h1{font-size:1.4em;margin:0} h2{font-size:1.05em;margin:1.4em 0 .4em} .muted{color:#777}
+.bar{background:#eee;border-radius:4px;height:14px;overflow:hidden;margin:.8em 0 .3em}
+.bar div{background:#3b82f6;height:100%;width:0;transition:width .5s}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(165px,1fr));gap:.5em;margin-top:1em}
+.grid div{background:#f4f4f5;border-radius:4px;padding:.4em .6em} .grid b{display:block;font-size:1.15em}
+svg{width:100%;height:auto;background:#fafafa;border:1px solid #ddd;border-radius:4px}
+svg text{font-size:11px;fill:#666}
+ul{padding-left:1.2em} #events{max-height:280px;overflow:auto;font:12px monospace}
+.succeeded{color:#15803d} .failed{color:#b91c1c} .cancelled{color:#a16207} .running{color:#1d4ed8}
+</style></head><body>
+<h1>Job {{JOB_ID}} <span id="status" class="muted">connecting…</span></h1>
+<div id="model" class="muted"></div>
+<div class="bar"><div id="bar"></div></div><div id="progress" class="muted"></div>
+<div id="error" class="failed"></div>
+<div class="grid">
+  <div>loss<b id="loss">–</b></div><div>learning rate<b id="lr">–</b></div>
+  <div>grad norm<b id="gn">–</b></div><div>tokens/s<b id="tps">–</b></div>
+  <div>VRAM allocated<b id="alloc">–</b></div><div>VRAM peak<b id="peak">–</b></div>
+  <div>device used / total<b id="device">–</b></div>
+</div>
+<h2>Loss</h2><svg id="loss-chart" viewBox="0 0 600 180"></svg>
+<h2>VRAM (GiB)</h2><svg id="vram-chart" viewBox="0 0 600 180"></svg>
+<h2>Checkpoints</h2><ul id="checkpoints"><li class="muted">none yet</li></ul>
+<h2>Events</h2><ul id="events"></ul>
+<script>
+"use strict";
+const JOB_ID = {{JOB_ID}}, NS = "http://www.w3.org/2000/svg", FINISHED = ["succeeded", "failed", "cancelled"];
+const $ = (id) => document.getElementById(id);
+const logs = [];
+let lastStep = null, lastEventId = null, finished = false, drawPending = false;
+
+function num(v) {
+  if (v == null) return "–";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
+}
+const gib = (v) => (v == null ? "–" : v.toFixed(1) + " GiB");
+function duration(s) {
+  s = Math.round(s);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
+}
+function node(tag, attrs, text, ns) {
+  const e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
+  for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+  if (text != null) e.textContent = text;
+  return e;
+}
+const svgNode = (tag, attrs, text) => node(tag, attrs, text, NS);
+
+function showJob(job) {
+  const p = job.progress, m = job.metrics, v = job.vram;
+  const cancelling = job.cancel_requested && job.status === "running";
+  $("status").textContent = job.status + (cancelling ? " (cancelling)" : "");
+  $("status").className = job.status;
+  $("model").textContent = `${job.spec.model} on ${job.spec.dataset.source}`
+    + (job.backend ? ` · ${job.backend}` : "");
+  $("bar").style.width = (p.percent || 0) + "%";
+  const parts = [`step ${p.step}` + (p.total_steps ? ` / ${p.total_steps}` : "")];
+  if (p.percent != null) parts.push(p.percent.toFixed(1) + " %");
+  if (p.epoch != null) parts.push(`epoch ${p.epoch.toFixed(2)}`);
+  if (p.eta_seconds != null && job.status === "running") parts.push(`ETA ${duration(p.eta_seconds)}`);
+  $("progress").textContent = parts.join(" · ");
+  $("error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+  $("loss").textContent = num(m.loss);
+  $("lr").textContent = num(m.learning_rate);
+  $("gn").textContent = num(m.grad_norm);
+  $("tps").textContent = m.tokens_per_second == null ? "–" : Math.round(m.tokens_per_second);
+  $("alloc").textContent = gib(v.allocated_gib);
+  $("peak").textContent = gib(v.peak_allocated_gib);
+  $("device").textContent = `${gib(v.device_used_gib)} / ${gib(v.device_total_gib)}`;
+  if (FINISHED.includes(job.status) && !finished) {
+    finished = true;  // the server ends the stream itself, after this poll's logs and events
+    loadCheckpoints();
+  }
+}
+
+// series: [{label, color, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
+function chart(svg, series, fromZero) {
+  const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
+  svg.replaceChildren();
+  const pts = series.flatMap((s) => s.points);
+  const middle = {x: W / 2, y: H / 2, "text-anchor": "middle"};
+  if (!pts.length) return svg.append(svgNode("text", middle, "no data yet"));
+  const lo = (i) => pts.reduce((a, p) => Math.min(a, p[i]), Infinity);
+  const hi = (i) => pts.reduce((a, p) => Math.max(a, p[i]), -Infinity);
+  const x0 = lo(0), x1 = Math.max(hi(0), x0 + 1);
+  let y0 = fromZero ? 0 : lo(1), y1 = hi(1);
+  if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  const axes = `${L},${T} ${L},${H - B} ${W - R},${H - B}`;
+  svg.append(svgNode("polyline", {points: axes, fill: "none", stroke: "#aaa"}));
+  svg.append(svgNode("text", {x: L - 4, y: T + 8, "text-anchor": "end"}, num(y1)));
+  svg.append(svgNode("text", {x: L - 4, y: H - B, "text-anchor": "end"}, num(y0)));
+  svg.append(svgNode("text", {x: L, y: H - 6}, `step ${x0}`));
+  svg.append(svgNode("text", {x: W - R, y: H - 6, "text-anchor": "end"}, `step ${hi(0)}`));
+  series.forEach((s, i) => {
+    const line = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
+    svg.append(svgNode("polyline", {points: line, fill: "none", stroke: s.color, "stroke-width": 1.5}));
+    const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
+    svg.append(svgNode("text", legend, s.label));
+  });
+}
+function pointsOf(pick) {
+  return logs.filter((r) => pick(r) != null).map((r) => [r.step, pick(r)]);
+}
+function scheduleDraw() {
+  if (drawPending) return;
+  drawPending = true;
+  requestAnimationFrame(() => {
+    drawPending = false;
+    chart($("loss-chart"), [{label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)}], false);
+    chart($("vram-chart"), [
+      {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},
+      {label: "allocated (torch)", color: "#16a34a", points: pointsOf((r) => r.vram.allocated_gib)},
+    ], true);
+  });
+}
+
+function addEvent(ev) {
+  const li = node("li", {}, `${new Date(ev.created_at).toLocaleString()}  ${ev.kind}: ${ev.message}`);
+  $("events").prepend(li);
+}
+async function loadCheckpoints() {
+  const r = await fetch("checkpoints");
+  if (!r.ok) return;
+  const items = (await r.json()).map((cp) => {
+    const li = node("li", {}, `${cp.name} (step ${cp.step}, ${gib(cp.size / 2 ** 30)}, ${cp.status}) `);
+    li.append(node("a", {href: cp.archive_url}, "download .tar"));
+    const files = node("details");
+    files.append(node("summary", {}, `${cp.files.length} files`));
+    for (const f of cp.files) {
+      const row = node("div");
+      row.append(node("a", {href: f.url}, f.path), ` ${gib(f.size / 2 ** 30)}`);
+      files.append(row);
+    }
+    li.append(files);
+    return li;
+  });
+  $("checkpoints").replaceChildren(...(items.length ? items : [node("li", {class: "muted"}, "none yet")]));
+}
+
+// Reconnects itself with after_step / after_event_id, so nothing is shown twice.
+function connect() {
+  const q = new URLSearchParams();
+  if (lastStep != null) q.set("after_step", lastStep);
+  if (lastEventId != null) q.set("after_event_id", lastEventId);
+  const source = new EventSource("stream" + (q.toString() ? "?" + q : ""));
+  source.addEventListener("job", (e) => showJob(JSON.parse(e.data)));
+  source.addEventListener("log", (e) => {
+    const row = JSON.parse(e.data);
+    lastStep = row.step;
+    logs.push(row);
+    scheduleDraw();
+  });
+  source.addEventListener("event", (e) => {
+    const ev = JSON.parse(e.data);
+    lastEventId = ev.id;
+    addEvent(ev);
+    if (ev.kind.startsWith("checkpoint")) loadCheckpoints();
+  });
+  source.onerror = () => {
+    source.close();  // the browser would otherwise reconnect by itself and replay everything
+    if (!finished) setTimeout(connect, 3000);
+  };
+}
+scheduleDraw();
+loadCheckpoints();
+connect();
+</script>
+</body></html>
+"""

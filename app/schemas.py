@@ -1,0 +1,237 @@
+"""The public contract: job specs coming in, records going out. Names follow TRL's SFTConfig."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.config import get_settings
+from app.models import CheckpointStatus, JobStatus
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+Backend = Literal["auto", "unsloth", "transformers"]
+Optimizer = Literal[
+    "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+# Optimizers that bitsandbytes implements on CUDA only; a CPU run swaps them for adamw_torch.
+GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
+
+
+def check_source(value: str, what: str) -> str:
+    """A Hub id, or a local path under one of the operator's allowed roots; nothing else."""
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if value.startswith(LOCAL_PATH_PREFIXES):
+        roots = get_settings().resolved_local_roots()
+        if not roots:
+            raise ValueError(
+                f"{what} {value!r} is a local path, but this server accepts no local paths "
+                "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)"
+            )
+        resolved = Path(value).expanduser().resolve()
+        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+            allowed = ", ".join(str(r) for r in roots)
+            raise ValueError(f"{what} {value!r} is outside the allowed local roots ({allowed})")
+        if not resolved.exists():
+            raise ValueError(f"{what} {value!r} does not exist on the server")
+        return str(resolved)
+    if ".." in value or not HUB_ID_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') "
+            "nor a local path (starting with '/')"
+        )
+    return value
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Hub dataset id, or a local JSON Lines / JSON / Parquet file or "
+                        "a folder saved by `datasets`")
+    split: str = Field(default="train", pattern=r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_source(value, "dataset source")
+
+
+class Hyperparameters(BaseModel):
+    """The SFTConfig fields a job may set; the defaults are the standard Unsloth full fine-tune."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(default=64, ge=1, le=65536)
+    max_seq_length: int = Field(default=4096, ge=16, le=1_048_576)
+    learning_rate: float = Field(default=5e-6, gt=0, le=1)
+    num_train_epochs: float = Field(default=2, gt=0, le=1000)
+    max_steps: int | None = Field(default=None, ge=1, description="overrides num_train_epochs when set")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    lr_scheduler_type: Scheduler = "linear"
+    optim: Optimizer = "paged_adamw_8bit"
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    logging_steps: int = Field(default=25, ge=1)
+    save_steps: int = Field(default=10000, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+
+
+class JobSpec(BaseModel):
+    """What a client sends to POST /jobs."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "model": "meta-llama/Llama-3.1-8B",
+                "dataset": {"source": "allenai/tulu-3-sft-mixture", "split": "train"},
+                "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+                "backend": "auto",
+                "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64},
+            }
+        },
+    )
+
+    model: str = Field(description="Hub model id or a local Hugging Face model folder")
+    dataset: DatasetSpec
+    chat_template_from: str | None = Field(
+        default=None, description="take the chat template from this tokenizer instead of the model's"
+    )
+    backend: Backend = "auto"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return check_source(value, "model")
+
+    @field_validator("chat_template_from")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else check_source(value, "chat_template_from")
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+class Progress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: float | None
+    percent: float | None
+    eta_seconds: float | None
+
+
+class Metrics(BaseModel):
+    loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+
+
+class Vram(BaseModel):
+    allocated: int | None = None
+    reserved: int | None = None
+    peak_allocated: int | None = None
+    device_used: int | None = None
+    device_total: int | None = None
+    allocated_gib: float | None = None
+    reserved_gib: float | None = None
+    peak_allocated_gib: float | None = None
+    device_used_gib: float | None = None
+    device_total_gib: float | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    """The job record, as GET /jobs/{id} returns it."""
+
+    id: int
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+    backend: str | None
+    versions: dict[str, Any] | None
+    attempts: int
+    cancel_requested: bool
+    progress: Progress
+    metrics: Metrics
+    vram: Vram
+    error: JobError | None
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobPublic]
+    next_cursor: int | None = Field(description="pass as ?cursor= for the next (older) page; null at the end")
+
+
+class StepLogPublic(BaseModel):
+    step: int
+    epoch: float | None
+    created_at: datetime
+    loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    tokens_per_second: float | None
+    num_tokens: int | None
+    vram: Vram
+
+
+class StepLogPage(BaseModel):
+    items: list[StepLogPublic]
+    next_after_step: int | None
+
+
+class EventPublic(BaseModel):
+    id: int
+    created_at: datetime
+    kind: str
+    message: str
+
+
+class EventPage(BaseModel):
+    items: list[EventPublic]
+    next_after_id: int | None
+
+
+class CheckpointFile(BaseModel):
+    path: str
+    size: int
+    sha256: str | None = Field(description="null while the file is still being hashed")
+    url: str
+
+
+class CheckpointPublic(BaseModel):
+    name: str
+    step: int
+    created_at: datetime
+    status: CheckpointStatus
+    size: int
+    files: list[CheckpointFile]
+    archive_url: str
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    database: str
+    redis: str

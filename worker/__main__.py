@@ -1,0 +1,54 @@
+"""`python -m worker`: an RQ worker for one GPU (set CUDA_VISIBLE_DEVICES to bind it)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import typer
+from rq import Worker
+
+from app.config import get_settings
+from app.queue import get_queue, get_redis
+from app.reconcile import reconcile
+
+logger = logging.getLogger("worker")
+cli = typer.Typer(add_completion=False, help=__doc__)
+
+
+class FinetuneWorker(Worker):
+    """RQ's forking worker, with our reconcile pass added to its periodic maintenance."""
+
+    def run_maintenance_tasks(self) -> None:
+        super().run_maintenance_tasks()
+        try:
+            counts = reconcile(self.connection)
+            if any(counts.values()):
+                logger.info("reconcile: %s", counts)
+        except Exception:
+            logger.exception("reconcile failed; will try again at the next maintenance")
+
+
+@cli.command()
+def main(
+    burst: Annotated[bool, typer.Option(help="exit once the queue is empty (tests, one-off runs)")] = False,
+    name: Annotated[str | None, typer.Option(help="worker name shown in RQ (default: host, GPU and pid)")] = None,
+) -> None:
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    connection = get_redis()
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    worker = FinetuneWorker(
+        [get_queue(connection)], connection=connection,
+        name=name or f"{os.uname().nodename}-gpu{gpus.replace(',', '_')}-{os.getpid()}",
+        maintenance_interval=int(settings.reconcile_interval.total_seconds()),
+    )
+    logger.info("worker %s on queue %r (GPUs: %s, data under %s)", worker.name, settings.queue_name, gpus,
+                settings.data_dir.resolve())
+    worker.work(burst=burst, with_scheduler=False)
+
+
+if __name__ == "__main__":
+    cli()

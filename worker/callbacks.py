@@ -1,0 +1,154 @@
+"""The TrainerCallback that reports a running job: step logs, progress, ETA, VRAM, checkpoints,
+and the flag that stops training when the job is cancelled. It observes and raises flags; it
+never steers the loop itself."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from app.crud import add_event
+from app.db import session_scope
+from app.models import Job, StepLog
+from worker.checkpoints import mark_removed, record_checkpoint
+from worker.gpu import MemoryProbe
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("loss", "learning_rate", "grad_norm")
+
+
+class StopFlag:
+    """Set from a signal handler (cancel) or when the worker that started us is gone."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason: str | None = None
+        self._parent_pid = os.getppid()
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def should_stop(self) -> bool:
+        if not self._event.is_set() and os.getppid() != self._parent_pid:
+            self.set("worker_lost")
+        return self._event.is_set()
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+class JobReporter(TrainerCallback):
+    def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path) -> None:
+        self.job_id = job_id
+        self.stop = stop
+        self.memory = memory
+        self.checkpoints_dir = checkpoints_dir
+        self._first_step_end: tuple[int, float] | None = None
+        self._last_log: tuple[float, float] | None = None  # (wall time, tokens seen)
+        self.first_step_seconds: float | None = None
+        self._train_start = 0.0
+
+    # --- helpers ----------------------------------------------------------------------
+    def _eta_seconds(self, state: TrainerState) -> float | None:
+        # The first step compiles (about 45 s for an 8B model): extrapolating from it would be
+        # wildly wrong, so the rate comes from the steps after it.
+        if self._first_step_end is None or not state.max_steps:
+            return None
+        first_step, first_time = self._first_step_end
+        done = state.global_step - first_step
+        if done <= 0:
+            return None
+        per_step = (time.monotonic() - first_time) / done
+        return round(per_step * max(state.max_steps - state.global_step, 0), 1)
+
+    def _tokens_seen(self, state: TrainerState, logs: dict[str, Any]) -> float | None:
+        # TRL counts the tokens it trained on (attention mask sum) and logs the running total.
+        if "num_tokens" in logs:
+            return _finite(logs["num_tokens"])
+        return float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
+
+    # --- callback events --------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        self._train_start = time.monotonic()
+        self._last_log = (self._train_start, 0.0)
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            job.total_steps, job.step = state.max_steps, state.global_step
+            session.add(job)
+            resumed = f", resuming at step {state.global_step}" if state.global_step else ""
+            add_event(session=session, job_id=self.job_id, kind="training_started",
+                      message=f"training started: {state.max_steps} optimizer steps{resumed}")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self._first_step_end is None:
+            now = time.monotonic()
+            self._first_step_end = (state.global_step, now)
+            self.first_step_seconds = now - self._train_start
+        if self.stop.should_stop():
+            control.should_training_stop = True
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = logs or {}
+        if "loss" not in logs:
+            return  # the end-of-training summary (train_runtime, ...) is not a step log
+        now = time.monotonic()
+        tokens = self._tokens_seen(state, logs)
+        tokens_per_second = None
+        if tokens is not None and self._last_log is not None and now > self._last_log[0]:
+            tokens_per_second = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)
+            self._last_log = (now, tokens)
+        vram = self.memory.read()
+        metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
+        metrics["tokens_per_second"] = tokens_per_second
+        with session_scope() as session:
+            self._write_log(session, state, metrics, vram, tokens)
+
+    def _write_log(self, session: Session, state: TrainerState, metrics: dict[str, float | None],
+                   vram: dict[str, int | None], tokens: float | None) -> None:
+        session.add(StepLog(
+            job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch),
+            loss=metrics["loss"], learning_rate=metrics["learning_rate"], grad_norm=metrics["grad_norm"],
+            tokens_per_second=metrics["tokens_per_second"], num_tokens=int(tokens) if tokens is not None else None,
+            vram_allocated=vram.get("allocated"), vram_reserved=vram.get("reserved"),
+            vram_peak_allocated=vram.get("peak_allocated"), device_used=vram.get("device_used"),
+            device_total=vram.get("device_total"),
+        ))
+        job = session.get(Job, self.job_id)
+        assert job is not None
+        job.step, job.total_steps, job.epoch = state.global_step, state.max_steps, _finite(state.epoch)
+        job.eta_seconds = self._eta_seconds(state)
+        job.metrics = metrics
+        if vram:
+            # The peak NVML figure is kept across logs: it is what decides whether a job fits.
+            previous = (job.vram or {}).get("device_used_peak") or 0
+            job.vram = {**vram, "device_used_peak": max(previous, vram.get("device_used") or 0)}
+        session.add(job)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
+        with session_scope() as session:
+            if folder.is_dir():
+                record_checkpoint(session=session, job_id=self.job_id, folder=folder, step=state.global_step)
+            # The trainer rotated old checkpoints (save_total_limit) before calling us.
+            mark_removed(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)

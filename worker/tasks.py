@@ -1,0 +1,190 @@
+"""The RQ task: claim a job, train it in a fresh child process, watch it, record how it ended.
+
+This module runs in the RQ work horse and imports no torch: the child does the training, so a
+crash or an OOM there cannot take the worker down, and the GPU's memory is all returned when
+the child exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import col
+
+from app.config import get_settings
+from app.crud import add_event
+from app.db import get_engine, session_scope
+from app.models import Job, JobStatus, utcnow
+from app.reconcile import recover_lost_job
+from worker.checkpoints import hash_checkpoint, pending_checkpoints
+from worker.trainer import RESULT_FILE
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+LOG_TAIL_LINES = 15
+
+
+def worker_name() -> str:
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    return f"{socket.gethostname()}:gpu{gpus}:{os.getpid()}"
+
+
+def claim(job_id: int) -> int | None:
+    """Move the job from queued to running, once. Returns the attempt number, or None when the
+    job was cancelled, already taken, or finished (then there is nothing to do)."""
+    now = utcnow()
+    with session_scope() as session:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
+            .values(status=JobStatus.running, attempts=Job.attempts + 1, worker_name=worker_name(),
+                    heartbeat_at=now, cancel_requested_at=None)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        if job.started_at is None:
+            job.started_at = now
+        session.add(job)
+        add_event(session=session, job_id=job_id, kind="started",
+                  message=f"started on {job.worker_name} (attempt {job.attempts})")
+        return job.attempts
+
+
+def run_job(job_id: int) -> str:
+    # The work horse is forked from the worker: never reuse the parent's database connections.
+    get_engine().dispose(close=False)
+    attempt = claim(job_id)
+    if attempt is None:
+        logger.info("job %s is not queued any more; nothing to do", job_id)
+        return "skipped"
+    return TrainerWatch(job_id).run()
+
+
+class TrainerWatch:
+    """Starts the trainer child and keeps the job's record honest while it runs."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.settings = get_settings()
+        self.job_dir = self.settings.job_dir(job_id)
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self.hashing: dict[int, Future[None]] = {}
+        self.cancel_sent_at: float | None = None
+
+    def start_child(self) -> subprocess.Popen[bytes]:
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
+        log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
+        child = subprocess.Popen(
+            [sys.executable, "-m", "worker.trainer", str(self.job_id)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        log.close()
+        return child
+
+    def run(self) -> str:
+        child = self.start_child()
+        last_heartbeat = time.monotonic()
+        try:
+            while child.poll() is None:
+                time.sleep(POLL_INTERVAL_S)
+                if time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval.total_seconds():
+                    last_heartbeat = time.monotonic()
+                    self.heartbeat()
+                self.carry_cancel(child)
+                self.hash_new_checkpoints()
+        except BaseException:
+            # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
+            child.send_signal(signal.SIGTERM)
+            raise
+        self.hash_new_checkpoints()
+        for future in list(self.hashing.values()):
+            future.result()
+        self.hasher.shutdown()
+        return self.finish(child.returncode)
+
+    def heartbeat(self) -> None:
+        with session_scope() as session:
+            session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
+
+    def carry_cancel(self, child: subprocess.Popen[bytes]) -> None:
+        if self.cancel_sent_at is None:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                requested = job is not None and job.cancel_requested_at is not None
+            if requested:
+                child.send_signal(signal.SIGUSR1)
+                self.cancel_sent_at = time.monotonic()
+        elif time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace.total_seconds():
+            logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
+            child.kill()
+
+    def hash_new_checkpoints(self) -> None:
+        for checkpoint_id, _name in pending_checkpoints(self.job_id):
+            if checkpoint_id not in self.hashing or self.hashing[checkpoint_id].done():
+                self.hashing[checkpoint_id] = self.hasher.submit(hash_checkpoint, self.job_id, checkpoint_id)
+
+    def read_result(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads((self.job_dir / RESULT_FILE).read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def log_tail(self) -> str:
+        try:
+            lines = (self.job_dir / "trainer.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+
+    def finish(self, returncode: int) -> str:
+        result = self.read_result()
+        if result is None:
+            if self.cancel_sent_at is not None:
+                result = {"status": "cancelled", "error_code": "cancelled",
+                          "error_message": "cancelled; the trainer did not stop in time and was killed"}
+            else:
+                result = {"status": "failed", "error_code": "trainer_crashed",
+                          "error_message": self.crash_message(returncode)}
+        status = result["status"]
+        if status == "interrupted":
+            with session_scope() as session:
+                return recover_lost_job(session=session, job_id=self.job_id, reason=str(result["error_message"]))
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            job.status, job.finished_at = JobStatus(status), utcnow()
+            job.error_code, job.error_message = result.get("error_code"), result.get("error_message")
+            if status == "succeeded" and job.total_steps:
+                job.step, job.eta_seconds = max(job.step, job.total_steps), 0.0
+            session.add(job)
+            message = status if status == "succeeded" else f"{status}: {job.error_message}"
+            add_event(session=session, job_id=self.job_id, kind=status, message=message)
+        logger.info("job %s %s", self.job_id, status)
+        return status
+
+    def crash_message(self, returncode: int) -> str:
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            cause = " (often the kernel's out-of-memory killer: the host ran out of RAM)" \
+                if returncode == -signal.SIGKILL else ""
+            what = f"was killed by {name}{cause}"
+        else:
+            what = f"exited with code {returncode} without reporting a result"
+        tail = self.log_tail()
+        return f"The trainer process {what}. Last lines of trainer.log:\n{tail}" if tail else \
+            f"The trainer process {what}."
