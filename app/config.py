@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -25,18 +24,18 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "finetune"
     # A worker that stops heartbeating for this long has lost its job.
-    heartbeat_interval: timedelta = timedelta(seconds=10)
-    stale_after: timedelta = timedelta(seconds=90)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    stale_after_s: float = Field(default=90.0, gt=0)
     # A job whose worker died is started again (resuming from its last checkpoint) this many times.
     max_attempts: int = Field(default=2, ge=1)
-    reconcile_interval: timedelta = timedelta(seconds=30)
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
 
     # --- trainer -------------------------------------------------------------------------
     # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few
     # GB per shard keeps downloads and Range requests file-sized.
     max_shard_size: str = "4GB"
     # How long a running job may take to stop after a cancel before its trainer is killed.
-    cancel_grace: timedelta = timedelta(minutes=5)
+    cancel_grace_s: float = Field(default=300.0, gt=0)
 
     # --- api -----------------------------------------------------------------------------
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).

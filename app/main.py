@@ -33,7 +33,7 @@ async def _reconcile_forever(interval_s: float) -> None:
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    task = asyncio.create_task(_reconcile_forever(settings.reconcile_interval.total_seconds()))
+    task = asyncio.create_task(_reconcile_forever(settings.reconcile_interval_s))
     try:
         yield
     finally:

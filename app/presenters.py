@@ -23,7 +23,7 @@ GIB = 1024**3
 
 def vram(values: dict[str, Any] | None) -> Vram:
     values = {k: v for k, v in (values or {}).items() if k in Vram.model_fields}
-    for key in ("allocated", "reserved", "peak_allocated", "device_used", "device_total"):
+    for key in ("allocated", "reserved", "peak_allocated", "device_used", "device_total", "device_used_peak"):
         if values.get(key) is not None:
             values[f"{key}_gib"] = round(values[key] / GIB, 3)
     return Vram(**values)

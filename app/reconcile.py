@@ -101,12 +101,12 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
     with session_scope() as session:
         stale = session.exec(
             select(Job.id).where(
-                Job.status == JobStatus.running, col(Job.heartbeat_at) < now - settings.stale_after
+                Job.status == JobStatus.running, col(Job.heartbeat_at) < now - timedelta(seconds=settings.stale_after_s)
             )
         ).all()
         for job_id in stale:
             assert job_id is not None
-            seconds = int(settings.stale_after.total_seconds())
+            seconds = int(settings.stale_after_s)
             outcome = recover_lost_job(
                 session=session, job_id=job_id, connection=queue.connection,
                 reason=f"its worker has not reported for over {seconds} s",

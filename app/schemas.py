@@ -148,11 +148,13 @@ class Vram(BaseModel):
     peak_allocated: int | None = None
     device_used: int | None = None
     device_total: int | None = None
+    device_used_peak: int | None = Field(default=None, description="highest device_used seen so far (job record)")
     allocated_gib: float | None = None
     reserved_gib: float | None = None
     peak_allocated_gib: float | None = None
     device_used_gib: float | None = None
     device_total_gib: float | None = None
+    device_used_peak_gib: float | None = None
 
 
 class JobError(BaseModel):

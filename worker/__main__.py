@@ -43,7 +43,7 @@ def main(
     worker = FinetuneWorker(
         [get_queue(connection)], connection=connection,
         name=name or f"{os.uname().nodename}-gpu{gpus.replace(',', '_')}-{os.getpid()}",
-        maintenance_interval=int(settings.reconcile_interval.total_seconds()),
+        maintenance_interval=max(1, int(settings.reconcile_interval_s)),
     )
     logger.info("worker %s on queue %r (GPUs: %s, data under %s)", worker.name, settings.queue_name, gpus,
                 settings.data_dir.resolve())

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import Session
+from sqlalchemy import delete
+from sqlmodel import Session, col
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.crud import add_event
@@ -93,6 +94,10 @@ class JobReporter(TrainerCallback):
             assert job is not None
             job.total_steps, job.step = state.max_steps, state.global_step
             session.add(job)
+            if state.global_step:
+                # Resumed from a checkpoint: the lost attempt's logs past it are superseded.
+                session.execute(delete(StepLog).where(col(StepLog.job_id) == self.job_id,
+                                                      col(StepLog.step) > state.global_step))
             resumed = f", resuming at step {state.global_step}" if state.global_step else ""
             add_event(session=session, job_id=self.job_id, kind="training_started",
                       message=f"training started: {state.max_steps} optimizer steps{resumed}")

@@ -102,7 +102,7 @@ class TrainerWatch:
         try:
             while child.poll() is None:
                 time.sleep(POLL_INTERVAL_S)
-                if time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval.total_seconds():
+                if time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s:
                     last_heartbeat = time.monotonic()
                     self.heartbeat()
                 self.carry_cancel(child)
@@ -129,7 +129,7 @@ class TrainerWatch:
             if requested:
                 child.send_signal(signal.SIGUSR1)
                 self.cancel_sent_at = time.monotonic()
-        elif time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace.total_seconds():
+        elif time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace_s:
             logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
             child.kill()
 

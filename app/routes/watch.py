@@ -161,6 +161,12 @@ function num(v) {
   return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
 }
 const gib = (v) => (v == null ? "–" : v.toFixed(1) + " GiB");
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  for (; n >= 1024 && i < units.length - 1; i++) n /= 1024;
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
 function duration(s) {
   s = Math.round(s);
   const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
@@ -252,13 +258,13 @@ async function loadCheckpoints() {
   const r = await fetch("checkpoints");
   if (!r.ok) return;
   const items = (await r.json()).map((cp) => {
-    const li = node("li", {}, `${cp.name} (step ${cp.step}, ${gib(cp.size / 2 ** 30)}, ${cp.status}) `);
+    const li = node("li", {}, `${cp.name} (step ${cp.step}, ${bytes(cp.size)}, ${cp.status}) `);
     li.append(node("a", {href: cp.archive_url}, "download .tar"));
     const files = node("details");
-    files.append(node("summary", {}, `${cp.files.length} files`));
+    files.append(node("summary", {}, `files (${cp.files.length})`));
     for (const f of cp.files) {
       const row = node("div");
-      row.append(node("a", {href: f.url}, f.path), ` ${gib(f.size / 2 ** 30)}`);
+      row.append(node("a", {href: f.url}, f.path), ` ${bytes(f.size)}`);
       files.append(row);
     }
     li.append(files);

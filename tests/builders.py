@@ -1,0 +1,92 @@
+"""Random-weight Llama models, a small tokenizer and chat datasets, built locally.
+
+Used by the test fixtures (a tiny model that trains on the CPU in about a second) and by the
+GPU scripts (the same code with real shapes), since neither place can reach the model hub."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+WORDS = (
+    "the a one cat dog bird fox runs jumps sleeps sings over under near quick brown lazy happy "
+    "small large river tree house garden morning evening light dark green blue red yellow and or "
+    "but because then when where why how what who is was be have has had do does did"
+).split()
+SPECIAL_TOKENS = ["<|pad|>", "<|begin|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Shapes of public models, used by the benchmarks (random weights measure the same speed).
+LLAMA_3_1_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
+PHI_4_14B = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+             "num_key_value_heads": 10, "intermediate_size": 17920, "vocab_size": 100352}
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128}
+
+
+def sentence(rng: random.Random, words: int = 12) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def build_tokenizer(vocab_size: int = 512, *, seed: int = 0) -> Any:
+    """A byte-level BPE trained on generated sentences (under a second), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator((sentence(rng) for _ in range(3000)), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin|>", eos_token="<|end|>",
+                                   pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_llama(path: Path, *, shape: dict[str, int] | None = None, dtype: str = "float32",
+                max_position_embeddings: int = 4096, seed: int = 0, device: str = "cpu") -> Path:
+    """Save a random-weight Llama and its tokenizer as a Hugging Face model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(shape or TINY)
+    tokenizer = build_tokenizer(seed=seed)
+    # Big vocabularies (real shapes) keep their size: the embedding and logits cost memory.
+    vocab = max(shape.pop("vocab_size", len(tokenizer)), len(tokenizer))
+    config = LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, max_shard_size="4GB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def chat_rows(count: int, *, seed: int = 0, words: int = 12, system: bool = False) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        messages = [{"role": "system", "content": "be brief"}] if system else []
+        messages += [{"role": "user", "content": sentence(rng, words)},
+                     {"role": "assistant", "content": sentence(rng, words)}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

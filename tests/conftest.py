@@ -1,0 +1,227 @@
+"""Fixtures that start real services: a redis-server on a free port, SQLite in a temp dir
+(built through the Alembic migrations), the API under uvicorn and a real worker process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from alembic import command
+from alembic.config import Config
+from redis import Redis
+
+from tests.builders import build_llama, chat_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = Redis(port=port)
+
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except Exception:
+            return False
+
+    wait_until(ping, START_TIMEOUT_S, "redis-server to answer")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_root: Path) -> Path:
+    """A random-weight Llama of about 100k parameters with a chat template."""
+    return build_llama(models_root / "tiny-llama")
+
+
+@dataclass
+class Env:
+    data_dir: Path
+    datasets_dir: Path
+    redis_url: str
+    queue_name: str
+    vars: dict[str, str]
+
+    def redis(self) -> Redis:
+        return Redis.from_url(self.redis_url)
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
+    data_dir, datasets_dir = tmp_path / "data", tmp_path / "datasets"
+    datasets_dir.mkdir()
+    queue_name = f"test-{os.getpid()}-{tmp_path.name}"
+    variables = {
+        "DATA_DIR": str(data_dir),
+        "REDIS_URL": redis_url,
+        "QUEUE_NAME": queue_name,
+        "ALLOWED_LOCAL_ROOTS": f"{models_root},{datasets_dir}",
+        "DATABASE_URL": "",
+        "HEARTBEAT_INTERVAL_S": "1",
+        "STALE_AFTER_S": "5",
+        "RECONCILE_INTERVAL_S": "2",
+        "API_TOKENS": "",
+        # The model hub is the one thing tests cannot reach: fail fast instead of waiting.
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key, value in variables.items():
+        monkeypatch.setenv(key, value)
+    clear_caches()
+    migrate()
+    yield Env(data_dir, datasets_dir, redis_url, queue_name, variables)
+    clear_caches()
+
+
+def clear_caches() -> None:
+    from app.config import get_settings
+    from app.db import get_engine
+    from app.queue import get_redis
+
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    for cached in (get_settings, get_engine, get_redis):
+        cached.cache_clear()
+
+
+def migrate() -> None:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+@pytest.fixture
+def client(env: Env) -> Iterator[httpx.Client]:
+    """The API in-process (no lifespan, so no background reconcile loop)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(), raise_server_exceptions=True) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def chat_dataset(env: Env) -> Path:
+    return write_jsonl(env.datasets_dir / "chat.jsonl", chat_rows(64))
+
+
+def job_spec(model: Path, dataset: Path, **hyperparameters: object) -> dict[str, object]:
+    return {
+        "model": str(model),
+        "dataset": {"source": str(dataset)},
+        "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                            "max_seq_length": 64, "learning_rate": 1e-3, "max_steps": 6,
+                            "logging_steps": 2, "save_steps": 3, **hyperparameters},
+    }
+
+
+@dataclass
+class Service:
+    url: str
+    api: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+    log_dir: Path
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def start_worker(self, environ: dict[str, str]) -> None:
+        self.worker = _start(["-m", "worker"], environ, self.log_dir / "worker.log")
+
+
+def _start(args: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as handle:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ, stdout=handle,
+                                stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def service(env: Env, tmp_path: Path) -> Iterator[Service]:
+    """The API under uvicorn and one worker, as separate processes, as a user runs them."""
+    port = free_port()
+    environ = {**os.environ, **env.vars, "PYTHONUNBUFFERED": "1"}
+    api = _start(["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], environ,
+                 tmp_path / "api.log")
+    worker = _start(["-m", "worker"], environ, tmp_path / "worker.log")
+    svc = Service(f"http://127.0.0.1:{port}", api, worker, tmp_path)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{svc.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, START_TIMEOUT_S, "the API's /healthz")
+        yield svc
+    finally:
+        _stop(svc.worker)
+        _stop(api)
+        for name in ("api.log", "worker.log"):
+            print(f"----- {name} -----\n{(tmp_path / name).read_text(errors='replace')[-4000:]}")
+
+
+def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = 180) -> dict:
+    def finished() -> dict | None:
+        record = http.get(f"/jobs/{job_id}").json()
+        return record if record["status"] in statuses else None
+
+    return wait_until(finished, timeout_s, f"job {job_id} to reach {statuses}", interval_s=0.5)

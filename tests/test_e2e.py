@@ -1,0 +1,113 @@
+"""The whole service as a user runs it: uvicorn, a worker process, a trainer child, redis-server."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Env, Service, job_spec, wait_for_status, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_submit_train_watch_and_download_final_checkpoint(
+    service: Service, env: Env, tiny_model: Path, chat_dataset: Path, tmp_path: Path
+) -> None:
+    http = service.http()
+    spec = job_spec(tiny_model, chat_dataset, save_total_limit=1)
+    created = http.post("/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    assert created.json()["status"] == "queued"
+
+    record = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"})
+    assert record["status"] == "succeeded", record["error"]
+    assert record["backend"] == "transformers"
+    assert record["versions"]["trl"] == "1.14.2"
+    assert record["versions"]["transformers"] == "5.17.0"
+    assert record["progress"] == {"step": 6, "total_steps": 6, "epoch": record["progress"]["epoch"],
+                                  "percent": 100.0, "eta_seconds": 0.0}
+    assert record["metrics"]["loss"] > 0
+    assert record["metrics"]["tokens_per_second"] > 0
+    assert record["error"] is None and record["finished_at"] is not None
+
+    logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
+    assert [row["step"] for row in logs] == [2, 4, 6]
+    for row in logs:
+        assert row["loss"] > 0 and row["learning_rate"] > 0 and row["grad_norm"] > 0
+        assert row["tokens_per_second"] > 0 and row["num_tokens"] > 0
+    assert http.get(f"/jobs/{job_id}/logs", params={"after_step": 4}).json()["items"][0]["step"] == 6
+
+    kinds = [e["kind"] for e in http.get(f"/jobs/{job_id}/events").json()["items"]]
+    assert kinds[:2] == ["queued", "started"]
+    assert "optimizer_replaced" in kinds  # paged_adamw_8bit needs a GPU
+    assert kinds.count("checkpoint") == 3  # checkpoint-3, checkpoint-6, final
+    assert "checkpoint_removed" in kinds  # save_total_limit=1 rotated checkpoint-3 away
+    assert kinds[-1] == "succeeded"
+
+    checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()}
+    assert set(checkpoints) == {"checkpoint-6", "final"}
+    final = checkpoints["final"]
+    assert final["status"] == "ready" and final["step"] == 6
+    names = {f["path"] for f in final["files"]}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= names
+    assert all(len(f["sha256"]) == 64 for f in final["files"])
+    assert any(f["path"] == "optimizer.pt" for f in checkpoints["checkpoint-6"]["files"])
+    assert http.get(f"/jobs/{job_id}/checkpoints/checkpoint-3/archive").status_code == 404
+
+    archive = http.get(final["archive_url"])
+    assert archive.status_code == 200
+    assert int(archive.headers["content-length"]) == len(archive.content)
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        tar.extractall(tmp_path / "download", filter="data")
+    folder = tmp_path / "download" / "final"
+
+    import hashlib
+
+    for entry in final["files"]:
+        assert hashlib.sha256((folder / entry["path"]).read_bytes()).hexdigest() == entry["sha256"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] == prompt["input_ids"].shape[1] + 5
+
+    # One file with a Range request, as a resumable download would ask for it.
+    config_url = next(f["url"] for f in final["files"] if f["path"] == "config.json")
+    whole = http.get(config_url).content
+    part = http.get(config_url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206
+    assert part.content == whole[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(whole)}"
+
+
+def test_cancel_running_job_stops_at_next_step(
+    service: Service, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    http = service.http()
+    spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
+    job_id = http.post("/jobs", json=spec).json()["id"]
+
+    wait_until(lambda: http.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 2, 120, "training to start")
+    cancelled = http.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["cancel_requested"] is True
+
+    record = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=60)
+    assert record["status"] == "cancelled"
+    assert record["error"]["code"] == "cancelled"
+    assert record["error"]["message"].startswith("cancelled by request at step ")
+    assert record["progress"]["step"] < 100_000
+    assert http.get(f"/jobs/{job_id}/checkpoints").json() == []  # a cancelled run saves no final model
+
+    again = http.post(f"/jobs/{job_id}/cancel")
+    assert again.status_code == 409
+    assert again.json() == {"error": "Conflict",
+                            "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"}
