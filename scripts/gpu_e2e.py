@@ -1,0 +1,138 @@
+"""GPU end-to-end check: the service runs an Unsloth full fine-tune and reports true figures.
+
+Run on a GPU machine from the repository root (see docs/gpu.md):
+    scripts/gpu-e2e [--out DIR]
+It starts redis-server, the API and a worker as a user would, builds a ~300M-parameter
+random-weight Llama and a chat dataset, submits a job with backend "unsloth", polls it to
+`succeeded`, checks the record and step logs, downloads the `final` checkpoint over HTTP,
+loads it with transformers on the GPU and generates. Prints a table; exits 1 on a failed check."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.service_harness import Service, wait_for  # noqa: E402
+from tests.builders import build_llama, chat_rows, write_jsonl  # noqa: E402
+
+SMALL_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
+               "intermediate_size": 4096, "vocab_size": 32000}
+GIB = 1024**3
+
+
+def nvidia_smi_used() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0]) * 1024 * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-e2e"))
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    out: Path = args.out
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: object = "") -> None:
+        checks.append((name, bool(ok), str(detail)))
+        print(f"[{'ok' if ok else 'FAIL'}] {name} {detail}", flush=True)
+
+    t0 = time.monotonic()
+    model_dir = build_llama(out / "models" / "small-llama", shape=SMALL_LLAMA, dtype="bfloat16", device="cuda")
+    dataset = write_jsonl(out / "datasets" / "chat.jsonl", chat_rows(4000, words=60, system=True))
+    print(f"built model and data in {time.monotonic() - t0:.1f} s", flush=True)
+
+    spec = {
+        "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": "unsloth",
+        "hyperparameters": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                            "max_seq_length": 1024, "learning_rate": 1e-4, "max_steps": args.steps,
+                            "logging_steps": 5, "save_steps": args.steps // 2, "save_total_limit": 1},
+    }
+    smi_samples: list[tuple[float, int]] = []
+    with Service(out / "service", allowed_roots=[out / "models", out / "datasets"]) as service:
+        http = service.http()
+        response = http.post("/jobs", json=spec)
+        check("POST /jobs -> 201", response.status_code == 201, response.status_code)
+        job_id = response.json()["id"]
+        deadline = time.monotonic() + 480
+        record = response.json()
+        while record["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            smi_samples.append((time.time(), nvidia_smi_used()))
+            record = http.get(f"/jobs/{job_id}").json()
+        record = wait_for(http, job_id, timeout_s=60, echo=False)
+        check("job succeeded", record["status"] == "succeeded", record["error"])
+        check("backend is unsloth", record["backend"] == "unsloth", record["backend"])
+        check("versions name unsloth", "unsloth" in (record["versions"] or {}), record["versions"])
+        logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
+        check("step logs every 5 steps", [r["step"] for r in logs] == list(range(5, args.steps + 1, 5)),
+              [r["step"] for r in logs])
+        complete = all(r["loss"] and r["learning_rate"] and r["tokens_per_second"] and r["vram"]["allocated"]
+                       and r["vram"]["device_used"] for r in logs)
+        check("logs carry loss, lr, tokens/s, VRAM", complete)
+        above = all(r["vram"]["device_used"] > r["vram"]["allocated"] for r in logs)
+        check("NVML device-used above torch allocated", above,
+              [(r["vram"]["device_used_gib"], r["vram"]["allocated_gib"]) for r in logs])
+        # The record's device-used figure against nvidia-smi sampled closest in time.
+        deviations = []
+        for row in logs:
+            stamp = time.mktime(time.strptime(row["created_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+            nearest = min(smi_samples, key=lambda s: abs(s[0] - stamp), default=None)
+            if nearest:
+                deviations.append(abs(row["vram"]["device_used"] - nearest[1]) / nearest[1])
+        worst = max(deviations) if deviations else 1.0
+        check("device_used within 2% of nvidia-smi", worst <= 0.02, f"worst {worst:.2%} over {len(deviations)} logs")
+
+        checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()}
+        check("checkpoints final + latest", set(checkpoints) == {"final", f"checkpoint-{args.steps}"},
+              sorted(checkpoints))
+        shards = [f for f in checkpoints["final"]["files"] if f["path"].endswith(".safetensors")]
+        check("final has safetensors, all hashed", shards and all(f["sha256"] for f in checkpoints["final"]["files"]),
+              [(f["path"], f["size"]) for f in shards])
+        t_dl = time.monotonic()
+        archive = http.get(checkpoints["final"]["archive_url"])
+        dl_s = time.monotonic() - t_dl
+        check("archive download", archive.status_code == 200, f"{len(archive.content) / GIB:.2f} GiB in {dl_s:.1f} s")
+        target = out / "download"
+        with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+            tar.extractall(target, filter="data")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(target / "final", dtype=torch.bfloat16).cuda()
+    tokenizer = AutoTokenizer.from_pretrained(target / "final")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the quick fox"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True).to("cuda")
+    generated = model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    new_tokens = generated.shape[1] - prompt["input_ids"].shape[1]
+    check("downloaded final loads and generates on the GPU", new_tokens > 0,
+          repr(tokenizer.decode(generated[0][prompt["input_ids"].shape[1]:])))
+
+    last = logs[-1] if logs else {}
+    summary = {
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+        "job_id": job_id, "steps": args.steps, "tokens_per_second_last": last.get("tokens_per_second"),
+        "device_used_peak_gib": record["vram"].get("device_used_peak_gib"),
+        "peak_allocated_gib": record["vram"].get("peak_allocated_gib"), "versions": record["versions"],
+        "checks_failed": [c[0] for c in checks if not c[1]],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n| check | result | detail |\n|---|---|---|")
+    for name, ok, detail in checks:
+        print(f"| {name} | {'ok' if ok else 'FAIL'} | {detail[:90]} |")
+    print(json.dumps(summary))
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Jobs that fail end `failed` with a stable error code and a message a person can act on.
+
+Each test runs the real task (claim, trainer child process, finish) without an RQ worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.builders import write_jsonl
+from tests.conftest import Env, job_spec, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def run_to_end(client: httpx.Client, spec: dict) -> dict:
+    from worker.tasks import run_job
+
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    run_job(job_id)
+    return client.get(f"/jobs/{job_id}").json()
+
+
+def test_model_that_cannot_be_loaded_is_model_not_found(client: httpx.Client, env: Env, chat_dataset: Path) -> None:
+    spec = job_spec(Path("x"), chat_dataset)
+    spec["model"] = "no-such-org/no-such-model"  # the hub is unreachable (offline) in tests
+    record = run_to_end(client, spec)
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "model_not_found"
+    assert record["error"]["message"].startswith("Could not load the model or tokenizer: ")
+    assert "HF_TOKEN" in record["error"]["message"]
+    assert record["finished_at"] is not None
+    log = (env.data_dir / "jobs" / str(record["id"]) / "trainer.log").read_text()
+    assert "Traceback" in log  # the full output is kept
+
+
+def test_dataset_with_unknown_columns_is_dataset_invalid(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    dataset = write_jsonl(env.datasets_dir / "odd.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    record = run_to_end(client, job_spec(tiny_model, dataset))
+    assert record["error"] == {
+        "code": "dataset_invalid",
+        "message": "the dataset's rows have columns ['answer', 'question']; a row needs 'messages' (chat), "
+                   "'prompt' and 'completion', or 'text'",
+    }
+
+
+def test_malformed_chat_rows_are_named_by_row(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 3
+    rows.append({"messages": [{"role": "narrator", "content": "x"}]})
+    dataset = write_jsonl(env.datasets_dir / "bad.jsonl", rows)
+    record = run_to_end(client, job_spec(tiny_model, dataset))
+    assert record["error"]["code"] == "dataset_invalid"
+    assert record["error"]["message"] == (
+        "1 malformed row(s) among the first checked: row 3: unknown role 'narrator' "
+        "(expected one of ['assistant', 'system', 'tool', 'user'])"
+    )
+
+
+def test_unsloth_backend_without_gpu_fails_and_never_falls_back(client: httpx.Client, env: Env, tiny_model: Path,
+                                                                chat_dataset: Path) -> None:
+    spec = job_spec(tiny_model, chat_dataset)
+    spec["backend"] = "unsloth"
+    record = run_to_end(client, spec)
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "gpu_unavailable"
+    assert "backend 'unsloth' needs a CUDA GPU" in record["error"]["message"]
+    assert record["backend"] is None  # nothing trained on another backend
+    assert client.get(f"/jobs/{record['id']}/logs").json()["items"] == []
+
+
+def test_text_and_prompt_completion_datasets_train(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    text = write_jsonl(env.datasets_dir / "text.jsonl", [{"text": "the cat runs over the tree"}] * 16)
+    pc = write_jsonl(env.datasets_dir / "pc.jsonl", [{"prompt": "the cat", "completion": " runs"}] * 16)
+    for dataset in (text, pc):
+        record = run_to_end(client, job_spec(tiny_model, dataset, max_steps=2, save_steps=100))
+        assert record["status"] == "succeeded", record["error"]
+        events = client.get(f"/jobs/{record['id']}/events").json()["items"]
+        loaded = next(e["message"] for e in events if e["kind"] == "dataset_loaded")
+        assert loaded == ("16 rows in 'text' format" if dataset == text else "16 rows in 'prompt_completion' format")
+
+
+def test_trainer_killed_mid_run_is_trainer_crashed_not_running(client: httpx.Client, env: Env, tiny_model: Path,
+                                                               chat_dataset: Path) -> None:
+    from worker.tasks import run_job
+
+    spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
+    job_id = client.post("/jobs", json=spec).json()["id"]
+    runner = threading.Thread(target=run_job, args=(job_id,))
+    runner.start()
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 1, 120, "training to start")
+    pid = trainer_pid(job_id)
+    os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
+    runner.join(60)
+    record = client.get(f"/jobs/{job_id}").json()
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "trainer_crashed"
+    assert record["error"]["message"].startswith(
+        "The trainer process was killed by SIGKILL (often the kernel's out-of-memory killer: the host ran out of RAM)."
+    )
+
+
+def trainer_pid(job_id: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker.trainer" in argv and str(job_id).encode() in argv:
+            return int(entry.name)
+    raise AssertionError(f"no trainer process for job {job_id}")
