@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import update
@@ -37,6 +38,22 @@ LOG_TAIL_LINES = 15
 def worker_name() -> str:
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     return f"{socket.gethostname()}:gpu{gpus}:{os.getpid()}"
+
+
+def compile_cache_env(cache_dir: Path) -> dict[str, str]:
+    """Where Unsloth, torch.compile and Triton keep what they compile, under DATA_DIR so it
+    outlives /tmp and container restarts: the second job of a model skips most of the first
+    step's compile. Variables the operator set win (they come later in the merge)."""
+    folders = {
+        "UNSLOTH_COMPILE_LOCATION": cache_dir / "unsloth_compiled_cache",
+        "UNSLOTH_MEGA_CACHE_DIR": cache_dir / "unsloth_mega_cache",
+        "TORCHINDUCTOR_CACHE_DIR": cache_dir / "torchinductor",
+        "TRITON_CACHE_DIR": cache_dir / "triton",
+    }
+    for folder in folders.values():
+        # Unsloth loads its compile bundles only from a folder nobody else can write to.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return {name: str(folder) for name, folder in folders.items()}
 
 
 def claim(job_id: int) -> int | None:
@@ -87,7 +104,8 @@ class TrainerWatch:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**compile_cache_env(self.settings.data_dir.resolve() / "cache"), **os.environ,
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
             [sys.executable, "-m", "worker.trainer", str(self.job_id)],
