@@ -4,11 +4,11 @@ never steers the loop itself."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import os
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +21,26 @@ from app.db import session_scope
 from app.models import Job, StepLog
 from worker.checkpoints import mark_removed, record_checkpoint
 from worker.gpu import MemoryProbe
+from worker.stopflag import StopFlag
 
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "learning_rate", "grad_norm")
 
 
-class StopFlag:
-    """Set from a signal handler (cancel) or when the worker that started us is gone."""
+def _timed(method: Callable[..., None]) -> Callable[..., None]:
+    """Adds the time spent in a callback method to `overhead_s`, so the cost of reporting is
+    itself reported (it must stay a small fraction of step time)."""
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason: str | None = None
-        self._parent_pid = os.getppid()
+    @functools.wraps(method)
+    def wrapper(self: JobReporter, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            method(self, *args, **kwargs)
+        finally:
+            self.overhead_s += time.perf_counter() - started
 
-    def set(self, reason: str) -> None:
-        if not self._event.is_set():
-            self.reason = reason
-            self._event.set()
-
-    def should_stop(self) -> bool:
-        if not self._event.is_set() and os.getppid() != self._parent_pid:
-            self.set("worker_lost")
-        return self._event.is_set()
+    return wrapper
 
 
 def _finite(value: Any) -> float | None:
@@ -63,6 +60,7 @@ class JobReporter(TrainerCallback):
         self._first_step_end: tuple[int, float] | None = None
         self._last_log: tuple[float, float] | None = None  # (wall time, tokens seen)
         self.first_step_seconds: float | None = None
+        self.overhead_s = 0.0
         self._train_start = 0.0
 
     # --- helpers ----------------------------------------------------------------------
@@ -79,12 +77,14 @@ class JobReporter(TrainerCallback):
         return round(per_step * max(state.max_steps - state.global_step, 0), 1)
 
     def _tokens_seen(self, state: TrainerState, logs: dict[str, Any]) -> float | None:
-        # TRL counts the tokens it trained on (attention mask sum) and logs the running total.
-        if "num_tokens" in logs:
-            return _finite(logs["num_tokens"])
-        return float(state.num_input_tokens_seen) if state.num_input_tokens_seen else None
+        # The Trainer counts non-padding input tokens (include_num_input_tokens_seen); TRL's own
+        # `num_tokens` log is the fallback, but Unsloth's patched loss does not write it.
+        if state.num_input_tokens_seen:
+            return float(state.num_input_tokens_seen)
+        return _finite(logs.get("num_tokens"))
 
     # --- callback events --------------------------------------------------------------
+    @_timed
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._train_start = time.monotonic()
@@ -102,6 +102,7 @@ class JobReporter(TrainerCallback):
             add_event(session=session, job_id=self.job_id, kind="training_started",
                       message=f"training started: {state.max_steps} optimizer steps{resumed}")
 
+    @_timed
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         if self._first_step_end is None:
@@ -111,6 +112,7 @@ class JobReporter(TrainerCallback):
         if self.stop.should_stop():
             control.should_training_stop = True
 
+    @_timed
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
@@ -144,11 +146,10 @@ class JobReporter(TrainerCallback):
         job.eta_seconds = self._eta_seconds(state)
         job.metrics = metrics
         if vram:
-            # The peak NVML figure is kept across logs: it is what decides whether a job fits.
-            previous = (job.vram or {}).get("device_used_peak") or 0
-            job.vram = {**vram, "device_used_peak": max(previous, vram.get("device_used") or 0)}
+            job.vram = vram
         session.add(job)
 
+    @_timed
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
         folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"

@@ -1,24 +1,32 @@
 """Device memory figures: torch's allocator and NVML's whole-device view.
 
 The paged optimizer keeps its states in CUDA managed memory, which torch.cuda does not count;
-NVML's device-used figure does, and it is what nvidia-smi shows."""
+NVML's device-used figure does, and it is what nvidia-smi shows. A sampler thread reads it ten
+times a second so the recorded peak is the real one, not whatever a logging step happened to see."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
+NVML_SAMPLE_INTERVAL_S = 0.1
+
 
 class MemoryProbe:
     def __init__(self) -> None:
         self.cuda = torch.cuda.is_available()
         self._nvml_handle: Any = None
+        self._peak_used = 0
+        self._stop = threading.Event()
         if self.cuda:
             self._nvml_handle = self._open_nvml()
+        if self._nvml_handle is not None:
+            threading.Thread(target=self._sample, name="nvml-sampler", daemon=True).start()
 
     @staticmethod
     def _open_nvml() -> Any:
@@ -33,6 +41,24 @@ class MemoryProbe:
             logger.warning("NVML unavailable, device-used memory will not be reported: %s", exc)
             return None
 
+    def _device_memory(self) -> tuple[int, int]:
+        import pynvml
+
+        info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+        used = int(info.used)
+        self._peak_used = max(self._peak_used, used)
+        return used, int(info.total)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(NVML_SAMPLE_INTERVAL_S):
+            try:
+                self._device_memory()
+            except Exception:  # the driver went away; the figures stop, training goes on
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
     def read(self) -> dict[str, int | None]:
         if not self.cuda:
             return {}
@@ -42,10 +68,9 @@ class MemoryProbe:
             "peak_allocated": torch.cuda.max_memory_allocated(),
             "device_used": None,
             "device_total": None,
+            "device_used_peak": None,
         }
         if self._nvml_handle is not None:
-            import pynvml
-
-            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
-            figures["device_used"], figures["device_total"] = int(info.used), int(info.total)
+            figures["device_used"], figures["device_total"] = self._device_memory()
+            figures["device_used_peak"] = self._peak_used
         return figures

@@ -23,6 +23,7 @@ from app.db import session_scope
 from app.models import Job
 from app.schemas import GPU_ONLY_OPTIMIZERS, JobSpec
 from worker.failures import JobFailure, classify, format_traceback
+from worker.stopflag import StopFlag
 
 logger = logging.getLogger("worker.trainer")
 
@@ -57,8 +58,6 @@ class Run:
     """One training run of one job, phase by phase, so a failure knows what it interrupted."""
 
     def __init__(self, job_id: int) -> None:
-        from worker.callbacks import StopFlag
-
         self.job_id = job_id
         self.settings = get_settings()
         self.job_dir = self.settings.job_dir(job_id)
@@ -171,6 +170,9 @@ class Run:
             gradient_checkpointing=backend == "transformers",
             report_to="none",
             disable_tqdm=False,
+            # Counts the tokens trained on, for tokens/s; padding-free batches have no mask,
+            # so the Trainer counts tokens that are not the pad token.
+            include_num_input_tokens_seen="non_padding",
         )
 
     def train(self) -> None:
@@ -246,8 +248,14 @@ def main(argv: list[str]) -> int:
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
             write_result(job_dir, "interrupted", None, f"the trainer was stopped at step {step} ({run.stop.reason})")
         return 0
-    first = run.reporter.first_step_seconds if run.reporter else None
-    write_result(job_dir, "succeeded", seconds=round(time.monotonic() - started, 3), first_step_seconds=first)
+    reporter, state = run.reporter, run.trainer.state
+    overhead = reporter.overhead_s if reporter else 0.0
+    train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
+    share = f" ({100 * overhead / train_seconds:.2f}% of {train_seconds:.1f} s of training)" if train_seconds else ""
+    event(job_id, "reporting_overhead", f"step logging, progress and checkpoint records took {overhead:.3f} s{share}")
+    write_result(job_dir, "succeeded", seconds=round(time.monotonic() - started, 3),
+                 first_step_seconds=reporter.first_step_seconds if reporter else None,
+                 train_seconds=train_seconds, callback_overhead_seconds=round(overhead, 4))
     return 0
 
 
