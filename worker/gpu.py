@@ -44,7 +44,12 @@ class MemoryProbe:
     def _device_memory(self) -> tuple[int, int]:
         import pynvml
 
-        info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+        try:
+            # v2 leaves out the driver's reserved memory (about 0.5 GiB on an H100), as
+            # nvidia-smi does; v1's "used" includes it and reads that much higher.
+            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle, version=pynvml.nvmlMemory_v2)
+        except pynvml.NVMLError:
+            info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
         used = int(info.used)
         self._peak_used = max(self._peak_used, used)
         return used, int(info.total)

@@ -1,0 +1,219 @@
+"""The Alembic migrations build exactly the schema app.models describes, on SQLite and on
+PostgreSQL, and the API works on a database they built."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import SQLModel
+
+from tests.conftest import ROOT, Env, clear_caches
+
+TABLES = {"job", "step_log", "job_event", "checkpoint", "alembic_version"}
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+SPEC = {
+    "model": "meta-llama/Llama-3.1-8B",
+    "dataset": {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]"},
+    "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+    "hyperparameters": {"learning_rate": 5e-6, "num_train_epochs": 2, "max_steps": None, "warmup_ratio": 0.03},
+}
+
+
+def alembic_config() -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def schema_differences(engine: Engine) -> list:  # type: ignore[type-arg]
+    import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "compare_server_default": True})
+        return list(compare_metadata(context, SQLModel.metadata))
+
+
+def current_engine() -> Engine:
+    from app.config import get_settings
+    from app.db import make_engine
+
+    return make_engine(get_settings().sqlalchemy_url)
+
+
+@pytest.fixture
+def empty_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("DATA_DIR", str(data_dir))
+    monkeypatch.setenv("DATABASE_URL", "")
+    clear_caches()
+    yield data_dir / "jobs.db"
+    clear_caches()
+
+
+def test_alembic_builds_schema_matching_models(empty_sqlite: Path) -> None:
+    command.upgrade(alembic_config(), "head")
+
+    assert empty_sqlite.is_file()
+    engine = current_engine()
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == TABLES
+        assert schema_differences(engine) == []
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() \
+                == head_revision()
+        # The comparison is not blind: against no models at all it sees every table.
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection)
+            removed = {diff[1].name for diff in compare_metadata(context, sa.MetaData()) if diff[0] == "remove_table"}
+        assert removed == TABLES - {"alembic_version"}
+
+        command.downgrade(alembic_config(), "base")
+        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh, uniquely named database on the test server, dropped afterwards."""
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is the `postgres` extra")
+    base = make_url(os.environ.get("POSTGRES_TEST_URL") or DEFAULT_POSTGRES_URL)
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        message = f"PostgreSQL at {base.render_as_string(hide_password=True)} is unreachable: {exc.orig}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (CI must run the PostgreSQL tests; set POSTGRES_TEST_URL)")
+        pytest.skip(message)
+    name = f"finetune_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        clear_caches()  # the app's pooled connections would block the DROP
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def aware(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    assert parsed.utcoffset() == timedelta(0), value
+    return parsed
+
+
+@pytest.mark.postgres
+def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.main import create_app
+
+    monkeypatch.setenv("DATABASE_URL", postgres_database)
+    clear_caches()
+    command.upgrade(alembic_config(), "head")
+
+    engine = current_engine()
+    try:
+        assert engine.dialect.name == "postgresql"
+        assert set(sa.inspect(engine).get_table_names()) == TABLES
+        assert schema_differences(engine) == []
+    finally:
+        engine.dispose()
+
+    api = TestClient(create_app(), raise_server_exceptions=True)  # no lifespan: no reconcile loop
+    before = datetime.now(UTC)
+    response = api.post("/jobs", json=SPEC)
+    assert response.status_code == 201, response.text
+    record = response.json()
+    job_id = record["id"]
+    assert record["status"] == "queued"
+    assert record["spec"]["dataset"] == {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]"}
+    assert record["spec"]["chat_template_from"] == "allenai/Llama-3.1-Tulu-3-8B"
+    assert record["spec"]["hyperparameters"]["learning_rate"] == 5e-6
+    assert record["spec"]["hyperparameters"]["max_steps"] is None
+    assert record["spec"]["hyperparameters"]["warmup_ratio"] == 0.03
+    created_at = aware(record["created_at"])
+    assert before - timedelta(seconds=1) <= created_at <= datetime.now(UTC) + timedelta(seconds=1)
+
+    assert api.get(f"/jobs/{job_id}").json() == record  # read back from the database as stored
+    assert api.get("/jobs").json() == {"items": [record], "next_cursor": None}
+    assert api.get("/jobs", params={"status": "queued"}).json()["items"] == [record]
+    assert api.get("/jobs", params={"status": "running"}).json()["items"] == []
+
+    cancelled = api.post(f"/jobs/{job_id}/cancel")
+    assert cancelled.status_code == 200
+    body = cancelled.json()
+    assert body["status"] == "cancelled"
+    assert body["error"] == {"code": "cancelled", "message": "cancelled before it started"}
+    assert body["spec"] == record["spec"]
+    assert aware(body["created_at"]) == created_at
+    assert created_at <= aware(body["finished_at"]) <= datetime.now(UTC) + timedelta(seconds=1)
+    assert api.get(f"/jobs/{job_id}").json() == body
+    again = api.post(f"/jobs/{job_id}/cancel")
+    assert (again.status_code, again.json()) == (409, {
+        "error": "Conflict", "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"})
+    events = api.get(f"/jobs/{job_id}/events").json()["items"]
+    assert [(e["kind"], e["message"]) for e in events] == [
+        ("queued", "job accepted and queued"), ("cancelled", "cancelled before it started")]
+    assert all(aware(e["created_at"]) >= created_at for e in events)
+
+    # The column really keeps the zone (not a naive timestamp that happens to read back right).
+    engine = current_engine()
+    try:
+        with engine.connect() as connection:
+            kind = connection.execute(sa.text("SELECT pg_typeof(created_at)::text FROM job")).scalar_one()
+        assert kind == "timestamp with time zone"
+    finally:
+        engine.dispose()
+
+    command.downgrade(alembic_config(), "base")
+    engine = current_engine()
+    try:
+        assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, raises=sa.exc.ProgrammingError, reason=(
+    "known bug: revision 0001's downgrade drops the tables but not the enum types jobstatus and "
+    "checkpointstatus, so upgrading again fails with 'type \"jobstatus\" already exists'"))
+def test_postgresql_can_upgrade_again_after_downgrade_to_base(env: Env, postgres_database: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", postgres_database)
+    clear_caches()
+    command.upgrade(alembic_config(), "head")
+    command.downgrade(alembic_config(), "base")
+    command.upgrade(alembic_config(), "head")
+
+    engine = current_engine()
+    try:
+        assert schema_differences(engine) == []
+    finally:
+        engine.dispose()
