@@ -101,7 +101,7 @@ def postgres_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh, uniquely named database on the test server, dropped afterwards."""
     pytest.importorskip("psycopg", reason="the PostgreSQL driver is the `postgres` extra")
     base = make_url(os.environ.get("POSTGRES_TEST_URL") or DEFAULT_POSTGRES_URL)
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
     try:
         with admin.connect() as connection:
             connection.execute(sa.text("SELECT 1"))

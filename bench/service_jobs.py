@@ -1,0 +1,111 @@
+"""Variant (a): the same training as a job through the service (API + worker + trainer child),
+twice: the second job of the same model finds the first one's compile cache under DATA_DIR.
+
+    python3 bench/service_jobs.py --out DIR [--shape ...] [--steps N] [--second-steps N]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, model_flops_per_token, prepare, save, settings, step_rate, tokens_per_step
+
+sys.path.insert(0, str(ROOT))
+from scripts.service_harness import Service, wait_for
+
+
+def iso(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) -> dict:
+    http = service.http()
+    smi_log = open(workdir / "nvidia-smi.csv", "w")  # noqa: SIM115
+    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0",
+                            "-lms", "100"], stdout=smi_log)
+    spec = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps}}
+    posted = time.time()
+    job_id = http.post("/jobs", json=spec).json()["id"]
+    record = wait_for(http, job_id, timeout_s=560)
+    smi.terminate()
+    smi_log.close()
+    if record["status"] != "succeeded":
+        raise SystemExit(f"job {job_id} {record['status']}: {record['error']}")
+    smi_peak = max(int(x) for x in (workdir / "nvidia-smi.csv").read_text().split() if x.isdigit()) * 2**20
+    logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
+    events = http.get(f"/jobs/{job_id}/events").json()["items"]
+    result = json.loads((workdir / "service" / "data" / "jobs" / str(job_id) / "result.json").read_text())
+    step_ends = [(row["step"], iso(row["created_at"])) for row in logs]
+    reported = [row["tokens_per_second"] for row in logs[1:] if row["tokens_per_second"]]
+    started = next(iso(e["created_at"]) for e in events if e["kind"] == "started")
+    vram = record["vram"]
+    return {
+        "job_id": job_id,
+        **step_rate(step_ends, tokens_per_step(s)),
+        "reported_tokens_per_second_mean": round(sum(reported) / len(reported), 1) if reported else None,
+        "reported_tokens_per_step": (logs[-1]["num_tokens"] / logs[-1]["step"]) if logs else None,
+        "first_step_seconds": result.get("first_step_seconds"),
+        "post_to_first_step_seconds": round(step_ends[0][1] - posted, 2),
+        "post_to_started_seconds": round(started - posted, 2),
+        "torch_peak_allocated_bytes": vram["peak_allocated"],
+        "nvml_device_used_peak_bytes": vram["device_used_peak"],
+        "nvidia_smi_peak_bytes": smi_peak,
+        "record_vs_nvidia_smi_peak": round(abs(vram["device_used_peak"] - smi_peak) / smi_peak, 4),
+        "device_total_bytes": vram["device_total"],
+        "callback_overhead_seconds": result.get("callback_overhead_seconds"),
+        "train_seconds": result.get("train_seconds"),
+        "callback_overhead_share": round(result["callback_overhead_seconds"] / result["train_seconds"], 5)
+        if result.get("train_seconds") else None,
+        "versions": record["versions"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default="/tmp/bench")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--second-steps", type=int, default=3, help="0 skips the second (warm-cache) job")
+    args = parser.parse_args()
+    s = settings(args)
+    workdir = Path(args.workdir)
+    rows = args.steps * args.micro_batch * args.grad_accum + 16
+    model_dir, dataset = prepare(workdir, args.shape, args.seq_len, rows)
+    spec = {
+        "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": "unsloth",
+        "hyperparameters": {"per_device_train_batch_size": args.micro_batch,
+                            "gradient_accumulation_steps": args.grad_accum, "max_seq_length": args.seq_len,
+                            "learning_rate": 5e-6, "warmup_ratio": 0.03, "optim": "paged_adamw_8bit",
+                            "logging_steps": 1, "save_steps": 100_000, "seed": 42},
+    }
+    import shutil
+
+    shutil.rmtree(workdir / "service", ignore_errors=True)  # a cold compile cache for the first job
+    with Service(workdir / "service", allowed_roots=[workdir / "models", workdir / "datasets"]) as service:
+        first = run_job(service, spec, args.steps, s, workdir)
+        second = run_job(service, spec, args.second_steps, s, workdir) if args.second_steps else None
+    config = json.loads((model_dir / "config.json").read_text())
+    import torch
+
+    save(Path(args.out), "service", {
+        "variant": "a: job through the service", "settings": s, **first,
+        "second_job": None if second is None else {
+            k: second[k] for k in ("post_to_first_step_seconds", "post_to_started_seconds", "first_step_seconds",
+                                   "tokens_per_second")},
+        "flops_per_token": model_flops_per_token(config, args.seq_len),
+        "card": torch.cuda.get_device_name(0),
+    })
+
+
+if __name__ == "__main__":
+    main()
