@@ -15,6 +15,7 @@ from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
+from rq.timeouts import TimerDeathPenalty
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
@@ -95,7 +96,9 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
     counts = {"requeued_lost_queued": 0, "recovered_stale_running": 0}
 
     # RQ's own check: started jobs whose worker stopped heartbeating go through on_rq_failure.
-    StartedJobRegistry(queue=queue).cleanup()
+    # A timer, not SIGALRM, bounds the callback: the API runs this pass off the main thread,
+    # where signal-based timeouts raise and RQ would drop the report.
+    StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty).cleanup()
 
     now = utcnow()
     with session_scope() as session:

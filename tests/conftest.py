@@ -144,8 +144,10 @@ def client(env: Env) -> Iterator[httpx.Client]:
 
     from app.main import create_app
 
-    with TestClient(create_app(), raise_server_exceptions=True) as test_client:
-        yield test_client
+    # Not entered as a context manager: that would run the lifespan and its reconcile loop.
+    test_client = TestClient(create_app(), raise_server_exceptions=True)
+    yield test_client
+    test_client.close()
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def head_revision() -> str:
     return head
 
 
-def schema_differences(engine: Engine) -> list:  # type: ignore[type-arg]
+def schema_differences(engine: Engine) -> list[object]:
     import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
     with engine.connect() as connection:
@@ -201,9 +201,6 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, raises=sa.exc.ProgrammingError, reason=(
-    "known bug: revision 0001's downgrade drops the tables but not the enum types jobstatus and "
-    "checkpointstatus, so upgrading again fails with 'type \"jobstatus\" already exists'"))
 def test_postgresql_can_upgrade_again_after_downgrade_to_base(env: Env, postgres_database: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", postgres_database)

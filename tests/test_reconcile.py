@@ -226,9 +226,6 @@ def test_stale_running_job_with_cancel_requested_ends_cancelled(api: TestClient,
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: RQ runs the on_failure callback under UnixSignalDeathPenalty, which raises "
-    "ValueError off the main thread, and the API runs reconcile() in asyncio.to_thread"))
 def test_abandoned_job_is_recovered_when_reconcile_runs_off_the_main_thread(api: TestClient, env: Env) -> None:
     # The API's background loop reconciles in a worker thread, not the main one.
     from app.reconcile import reconcile

@@ -52,11 +52,13 @@ def _finite(value: Any) -> float | None:
 
 
 class JobReporter(TrainerCallback):
-    def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path) -> None:
+    def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path,
+                 tokens_trained: Callable[[], float]) -> None:
         self.job_id = job_id
         self.stop = stop
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
+        self.tokens_trained = tokens_trained
         self._first_step_end: tuple[int, float] | None = None
         self._last_log: tuple[float, float] | None = None  # (wall time, tokens seen)
         self.first_step_seconds: float | None = None
@@ -75,13 +77,6 @@ class JobReporter(TrainerCallback):
             return None
         per_step = (time.monotonic() - first_time) / done
         return round(per_step * max(state.max_steps - state.global_step, 0), 1)
-
-    def _tokens_seen(self, state: TrainerState, logs: dict[str, Any]) -> float | None:
-        # The Trainer counts non-padding input tokens (include_num_input_tokens_seen); TRL's own
-        # `num_tokens` log is the fallback, but Unsloth's patched loss does not write it.
-        if state.num_input_tokens_seen:
-            return float(state.num_input_tokens_seen)
-        return _finite(logs.get("num_tokens"))
 
     # --- callback events --------------------------------------------------------------
     @_timed
@@ -119,9 +114,9 @@ class JobReporter(TrainerCallback):
         if "loss" not in logs:
             return  # the end-of-training summary (train_runtime, ...) is not a step log
         now = time.monotonic()
-        tokens = self._tokens_seen(state, logs)
+        tokens = self.tokens_trained()
         tokens_per_second = None
-        if tokens is not None and self._last_log is not None and now > self._last_log[0]:
+        if self._last_log is not None and now > self._last_log[0]:
             tokens_per_second = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)
             self._last_log = (now, tokens)
         vram = self.memory.read()
@@ -131,11 +126,11 @@ class JobReporter(TrainerCallback):
             self._write_log(session, state, metrics, vram, tokens)
 
     def _write_log(self, session: Session, state: TrainerState, metrics: dict[str, float | None],
-                   vram: dict[str, int | None], tokens: float | None) -> None:
+                   vram: dict[str, int | None], tokens: float) -> None:
         session.add(StepLog(
             job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch),
             loss=metrics["loss"], learning_rate=metrics["learning_rate"], grad_norm=metrics["grad_norm"],
-            tokens_per_second=metrics["tokens_per_second"], num_tokens=int(tokens) if tokens is not None else None,
+            tokens_per_second=metrics["tokens_per_second"], num_tokens=int(tokens),
             vram_allocated=vram.get("allocated"), vram_reserved=vram.get("reserved"),
             vram_peak_allocated=vram.get("peak_allocated"), device_used=vram.get("device_used"),
             device_total=vram.get("device_total"),

@@ -170,9 +170,6 @@ class Run:
             gradient_checkpointing=backend == "transformers",
             report_to="none",
             disable_tqdm=False,
-            # Counts the tokens trained on, for tokens/s; padding-free batches have no mask,
-            # so the Trainer counts tokens that are not the pad token.
-            include_num_input_tokens_seen="non_padding",
         )
 
     def train(self) -> None:
@@ -201,14 +198,15 @@ class Run:
         self.phase = "preparing"
         from worker.callbacks import JobReporter
         from worker.gpu import MemoryProbe
-        from worker.sft import ShardedSFTTrainer
+        from worker.sft import JobSFTTrainer
 
-        self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
-                                    checkpoints_dir=self.checkpoints_dir)
-        trainer = self.trainer = ShardedSFTTrainer(
+        trainer = self.trainer = JobSFTTrainer(
             model=model, args=self.sft_config(backend), train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[self.reporter], max_shard_size=self.settings.max_shard_size,
+            max_shard_size=self.settings.max_shard_size,
         )
+        self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
+                                    checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained)
+        trainer.add_callback(self.reporter)
         resume = self.attempt > 1 and any(self.checkpoints_dir.glob("checkpoint-*"))
         if resume:
             event(job_id, "resumed", "resuming from the newest intermediate checkpoint")

@@ -115,3 +115,6 @@ def downgrade() -> None:
         batch_op.drop_index('ix_job_status_id')
 
     op.drop_table('job')
+    # PostgreSQL keeps enum types after their tables are gone; an upgrade would then fail.
+    sa.Enum(name="checkpointstatus").drop(op.get_bind(), checkfirst=True)
+    sa.Enum(name="jobstatus").drop(op.get_bind(), checkfirst=True)
