@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +41,9 @@ def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) ->
     smi_peak = max(int(x) for x in (workdir / "nvidia-smi.csv").read_text().split() if x.isdigit()) * 2**20
     logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
     events = http.get(f"/jobs/{job_id}/events").json()["items"]
-    result = json.loads((workdir / "service" / "data" / "jobs" / str(job_id) / "result.json").read_text())
+    job_dir = workdir / "service" / "data" / "jobs" / str(job_id)
+    result = json.loads((job_dir / "result.json").read_text())
+    shutil.rmtree(job_dir / "checkpoints")  # 16 GB a job: the next one needs the disk
     step_ends = [(row["step"], iso(row["created_at"])) for row in logs]
     reported = [row["tokens_per_second"] for row in logs[1:] if row["tokens_per_second"]]
     started = next(iso(e["created_at"]) for e in events if e["kind"] == "started")
@@ -88,22 +91,22 @@ def main() -> None:
                             "learning_rate": 5e-6, "warmup_ratio": 0.03, "optim": "paged_adamw_8bit",
                             "logging_steps": 1, "save_steps": 100_000, "seed": 42},
     }
-    import shutil
-
     shutil.rmtree(workdir / "service", ignore_errors=True)  # a cold compile cache for the first job
     with Service(workdir / "service", allowed_roots=[workdir / "models", workdir / "datasets"]) as service:
         first = run_job(service, spec, args.steps, s, workdir)
-        second = run_job(service, spec, args.second_steps, s, workdir) if args.second_steps else None
-    config = json.loads((model_dir / "config.json").read_text())
-    import torch
+        config = json.loads((model_dir / "config.json").read_text())
+        import torch
 
+        summary = {"variant": "a: job through the service", "settings": s, **first,
+                   "flops_per_token": model_flops_per_token(config, args.seq_len),
+                   "card": torch.cuda.get_device_name(0), "second_job": None}
+        save(Path(args.out), "service", summary)  # kept even if the second job fails
+        second = run_job(service, spec, args.second_steps, s, workdir) if args.second_steps else None
     save(Path(args.out), "service", {
-        "variant": "a: job through the service", "settings": s, **first,
+        **summary,
         "second_job": None if second is None else {
             k: second[k] for k in ("post_to_first_step_seconds", "post_to_started_seconds", "first_step_seconds",
                                    "tokens_per_second")},
-        "flops_per_token": model_flops_per_token(config, args.seq_len),
-        "card": torch.cuda.get_device_name(0),
     })
 
 

@@ -106,6 +106,10 @@ class JobReporter(TrainerCallback):
             self.first_step_seconds = now - self._train_start
         if self.stop.should_stop():
             control.should_training_stop = True
+        if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
+            # The Trainer saves a full checkpoint at the last step (with optimizer state: 32 GB
+            # for an 8B model); the final model is saved right after as `final`, so skip it.
+            control.should_save = False
 
     @_timed
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

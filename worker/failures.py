@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import traceback
 
 LOG_HINT = "The trainer's full output is in the job's trainer.log."
@@ -26,6 +27,13 @@ def classify(exc: BaseException, *, phase: str, step: int | None = None) -> JobF
     if isinstance(exc, JobFailure):
         return exc
     detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+    if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+        return JobFailure(
+            "disk_full",
+            f"The disk under DATA_DIR filled up while {phase.replace('_', ' ')}. A checkpoint of an N-billion "
+            "parameter model takes about 4N GB (weights and optimizer state), the final model 2N GB: free space, "
+            f"or set save_total_limit. ({detail})",
+        )
     if _is_oom(exc):
         where = f" at step {step}" if step is not None else f" while {phase.replace('_', ' ')}"
         return JobFailure(
