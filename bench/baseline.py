@@ -17,7 +17,7 @@ parser.add_argument("--seq-len", type=int, default=4096)
 parser.add_argument("--micro-batch", type=int, default=2)
 parser.add_argument("--grad-accum", type=int, default=4)
 parser.add_argument("--steps", type=int, default=10)
-args = parser.parse_args()
+args, _service_only = parser.parse_known_args()  # bench/run passes the same flags to every variant
 
 if args.backend == "unsloth":
     import unsloth  # noqa: F401  (first, as the recipe says)
