@@ -72,6 +72,9 @@ def build_llama(path: Path, *, shape: dict[str, int] | None = None, dtype: str =
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, max_shard_size="4GB")
     tokenizer.save_pretrained(path)
+    del model
+    if device != "cpu":
+        torch.cuda.empty_cache()  # leave the card to the training that follows
     return path
 
 
