@@ -247,13 +247,15 @@ def main(argv: list[str]) -> int:
             write_result(job_dir, "interrupted", None, f"the trainer was stopped at step {step} ({run.stop.reason})")
         return 0
     reporter, state = run.reporter, run.trainer.state
-    overhead = reporter.overhead_s if reporter else 0.0
     train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
-    share = f" ({100 * overhead / train_seconds:.2f}% of {train_seconds:.1f} s of training)" if train_seconds else ""
-    event(job_id, "reporting_overhead", f"step logging, progress and checkpoint records took {overhead:.3f} s{share}")
+    share = f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)" \
+        if train_seconds else ""
+    event(job_id, "reporting_overhead",
+          f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}")
+    first_step = reporter.first_step_seconds
     write_result(job_dir, "succeeded", seconds=round(time.monotonic() - started, 3),
-                 first_step_seconds=reporter.first_step_seconds if reporter else None,
-                 train_seconds=train_seconds, callback_overhead_seconds=round(overhead, 4))
+                 first_step_seconds=round(first_step, 3) if first_step is not None else None,
+                 train_seconds=train_seconds, callback_overhead_seconds=round(reporter.overhead_s, 4))
     return 0
 
 
