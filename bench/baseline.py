@@ -7,16 +7,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    add_workload_args,
+    dataset_rows,
+    model_flops_per_token,
+    prepare,
+    save,
+    settings,
+    step_rate,
+    tokens_per_step,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--backend", choices=["unsloth", "transformers"], required=True)
-parser.add_argument("--workdir", default="/tmp/bench")
 parser.add_argument("--out", required=True)
-parser.add_argument("--shape", default="llama-3.1-8b")
-parser.add_argument("--seq-len", type=int, default=4096)
-parser.add_argument("--micro-batch", type=int, default=2)
-parser.add_argument("--grad-accum", type=int, default=4)
-parser.add_argument("--steps", type=int, default=10)
+add_workload_args(parser)
 args, _service_only = parser.parse_known_args()  # bench/run passes the same flags to every variant
 
 if args.backend == "unsloth":
@@ -25,15 +33,11 @@ if args.backend == "unsloth":
 import json  # noqa: E402
 import time  # noqa: E402
 from importlib import metadata  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import model_flops_per_token, prepare, save, settings, step_rate, tokens_per_step  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from worker.gpu import MemoryProbe  # noqa: E402  (the same NVML sampler the service uses)
@@ -55,8 +59,7 @@ class StepClock(TrainerCallback):
 def main() -> None:
     s = settings(args)
     workdir = Path(args.workdir)
-    rows = args.steps * args.micro_batch * args.grad_accum + 16
-    model_dir, dataset_path = prepare(workdir, args.shape, args.seq_len, rows)
+    model_dir, dataset_path = prepare(workdir, args.shape, args.seq_len, dataset_rows(args))
     probe = MemoryProbe()
     started = time.perf_counter()
     if args.backend == "unsloth":

@@ -23,6 +23,20 @@ SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "phi-4-14b": PHI_4_14B,
 WORDS_PER_ROW = 6000
 
 
+def add_workload_args(parser: Any) -> None:
+    """The flags every variant takes, so one `bench/run ... --steps 8` reaches all of them."""
+    parser.add_argument("--workdir", default="/tmp/bench")
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+
+
+def dataset_rows(args: Any) -> int:
+    return args.steps * args.micro_batch * args.grad_accum + 16
+
+
 def settings(args: Any) -> dict[str, Any]:
     return {"shape": args.shape, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
             "grad_accum": args.grad_accum, "steps": args.steps, "optim": "paged_adamw_8bit",

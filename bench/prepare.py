@@ -9,14 +9,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import prepare
+from common import add_workload_args, dataset_rows, prepare
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--workdir", default="/tmp/bench")
-parser.add_argument("--shape", default="llama-3.1-8b")
-parser.add_argument("--seq-len", type=int, default=4096)
-parser.add_argument("--micro-batch", type=int, default=2)
-parser.add_argument("--grad-accum", type=int, default=4)
-parser.add_argument("--steps", type=int, default=10)
+add_workload_args(parser)
 args, _ = parser.parse_known_args()
-prepare(Path(args.workdir), args.shape, args.seq_len, args.steps * args.micro_batch * args.grad_accum + 16)
+prepare(Path(args.workdir), args.shape, args.seq_len, dataset_rows(args))

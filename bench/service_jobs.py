@@ -15,7 +15,17 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, model_flops_per_token, prepare, save, settings, step_rate, tokens_per_step
+from common import (
+    ROOT,
+    add_workload_args,
+    dataset_rows,
+    model_flops_per_token,
+    prepare,
+    save,
+    settings,
+    step_rate,
+    tokens_per_step,
+)
 
 sys.path.insert(0, str(ROOT))
 from scripts.service_harness import Service, wait_for
@@ -71,19 +81,13 @@ def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--workdir", default="/tmp/bench")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--shape", default="llama-3.1-8b")
-    parser.add_argument("--seq-len", type=int, default=4096)
-    parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10)
+    add_workload_args(parser)
     parser.add_argument("--second-steps", type=int, default=3, help="0 skips the second (warm-cache) job")
     args = parser.parse_args()
     s = settings(args)
     workdir = Path(args.workdir)
-    rows = args.steps * args.micro_batch * args.grad_accum + 16
-    model_dir, dataset = prepare(workdir, args.shape, args.seq_len, rows)
+    model_dir, dataset = prepare(workdir, args.shape, args.seq_len, dataset_rows(args))
     spec = {
         "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": "unsloth",
         "hyperparameters": {"per_device_train_batch_size": args.micro_batch,
