@@ -117,3 +117,34 @@ def trainer_pid(job_id: int) -> int:
         if b"worker.trainer" in argv and str(job_id).encode() in argv:
             return int(entry.name)
     raise AssertionError(f"no trainer process for job {job_id}")
+
+
+@pytest.fixture(scope="session")
+def model_without_template(models_root: Path) -> Path:
+    from tests.builders import build_llama
+
+    path = build_llama(models_root / "tiny-llama-base", seed=1)
+    (path / "chat_template.jinja").unlink()  # like a base model: no chat template
+    return path
+
+
+def test_chat_rows_on_a_model_without_template_say_how_to_fix_it(client: httpx.Client, env: Env,
+                                                                  model_without_template: Path,
+                                                                  chat_dataset: Path) -> None:
+    record = run_to_end(client, job_spec(model_without_template, chat_dataset))
+    assert record["error"] == {
+        "code": "chat_template_missing",
+        "message": "the dataset holds chat messages but the model's tokenizer has no chat template; set "
+                   "chat_template_from to a tokenizer that has one (e.g. the model's instruct version)",
+    }
+
+
+def test_chat_template_from_another_tokenizer_is_used_and_saved(client: httpx.Client, env: Env,
+                                                                 model_without_template: Path, tiny_model: Path,
+                                                                 chat_dataset: Path) -> None:
+    spec = job_spec(model_without_template, chat_dataset, max_steps=2, save_steps=100)
+    spec["chat_template_from"] = str(tiny_model)
+    record = run_to_end(client, spec)
+    assert record["status"] == "succeeded", record["error"]
+    final = env.data_dir / "jobs" / str(record["id"]) / "checkpoints" / "final"
+    assert (final / "chat_template.jinja").read_text() == (tiny_model / "chat_template.jinja").read_text()
