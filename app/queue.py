@@ -23,9 +23,12 @@ def rq_job_id(job_id: int, attempt: int) -> str:
     return f"job-{job_id}-{attempt}"
 
 
-def db_job_id(rq_id: str) -> int | None:
+def parse_rq_job_id(rq_id: str) -> tuple[int, int] | None:
+    """(job id, attempt) from an id made by rq_job_id, else None."""
     parts = rq_id.split("-")
-    return int(parts[1]) if len(parts) == 3 and parts[0] == "job" and parts[1].isdigit() else None
+    if len(parts) == 3 and parts[0] == "job" and parts[1].isdigit() and parts[2].isdigit():
+        return int(parts[1]), int(parts[2])
+    return None
 
 
 @lru_cache

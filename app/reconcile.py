@@ -23,7 +23,7 @@ from app.config import get_settings
 from app.crud import add_event
 from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
-from app.queue import db_job_id, enqueue_job, get_queue, rq_job_id
+from app.queue import enqueue_job, get_queue, parse_rq_job_id, rq_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +32,17 @@ ENQUEUE_GRACE = timedelta(seconds=30)
 LIVE_RQ_STATES = {RQStatus.QUEUED, RQStatus.STARTED, RQStatus.SCHEDULED, RQStatus.DEFERRED}
 
 
-def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: Redis | None = None) -> str:
+def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: Redis | None = None,
+                     attempt: int | None = None) -> str:
     """A job whose worker is gone: queue it again (it resumes from its last checkpoint) while
-    attempts remain, else fail it with `worker_lost`. Returns what was done."""
+    attempts remain, else fail it with `worker_lost`. With `attempt`, only that attempt is
+    recovered: a report about an earlier, superseded attempt changes nothing. Returns what was done."""
     settings = get_settings()
     job = session.get(Job, job_id)
     if job is None or job.status.finished:
+        return "nothing"
+    current_attempt = job.attempts if job.status == JobStatus.running else job.attempts + 1
+    if attempt is not None and attempt != current_attempt:
         return "nothing"
     if job.status == JobStatus.running and job.cancel_requested_at is not None:
         outcome, values = "cancelled", {
@@ -78,15 +83,16 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
 def on_rq_failure(rq_job: RQJob, connection: Redis, exc_type: type, exc_value: BaseException, _tb: Any) -> None:
     """RQ's on_failure callback. The task itself turns training failures into a finished job,
     so what arrives here is a lost worker (AbandonedJobError) or a fault outside training."""
-    job_id = db_job_id(rq_job.id)
-    if job_id is None:
+    parsed = parse_rq_job_id(rq_job.id)
+    if parsed is None:
         return
+    job_id, attempt = parsed
     if isinstance(exc_value, AbandonedJobError) or exc_type is AbandonedJobError:
         reason = "the worker running this job stopped (RQ reported it abandoned)"
     else:
         reason = f"the worker failed outside training: {exc_type.__name__}: {exc_value}"
     with session_scope() as session:
-        recover_lost_job(session=session, job_id=job_id, reason=reason, connection=connection)
+        recover_lost_job(session=session, job_id=job_id, reason=reason, connection=connection, attempt=attempt)
 
 
 def reconcile(connection: Redis | None = None) -> dict[str, int]:

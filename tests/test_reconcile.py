@@ -238,3 +238,22 @@ def test_abandoned_job_is_recovered_when_reconcile_runs_off_the_main_thread(api:
 
     assert api.get(f"/jobs/{job_id}").json()["status"] == "queued"
     assert events(api, job_id)[-1] == ("retried", f"{ABANDONED}; queued again (attempt 2 of 2), {RESUMING}")
+
+
+def test_late_abandoned_report_about_a_superseded_attempt_changes_nothing(api: TestClient, env: Env) -> None:
+    """Attempt 1's worker died and the stale heartbeat already requeued the job; attempt 2 runs.
+    When RQ's own registry entry for attempt 1 expires later, its report must not touch attempt 2."""
+    from app.reconcile import reconcile
+
+    job_id = submit(api)
+    first = worker_takes(env, job_id, attempt=1)
+    set_job(job_id, heartbeat_at=ago(60))  # older than STALE_AFTER_S: the worker is gone
+    assert reconcile()["recovered_stale_running"] == 1
+    worker_takes(env, job_id, attempt=2)  # a new worker resumes it; its heartbeat is fresh
+    before = api.get(f"/jobs/{job_id}").json()
+    assert (before["status"], before["attempts"]) == ("running", 2)
+
+    worker_dies(env, first)  # attempt 1's RQ entry expires only now
+    assert reconcile() == NOTHING_DONE
+    assert api.get(f"/jobs/{job_id}").json() == before
+    assert first.get_status(refresh=True) == RQStatus.FAILED  # RQ's own bookkeeping still happens

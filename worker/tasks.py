@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rq import get_current_job
 from sqlalchemy import update
 from sqlmodel import col
 
@@ -36,8 +37,11 @@ LOG_TAIL_LINES = 15
 
 
 def worker_name() -> str:
-    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
-    return f"{socket.gethostname()}:gpu{gpus}:{os.getpid()}"
+    """The RQ worker's own name (host, GPUs, pid: see worker/__main__.py) when run by RQ."""
+    rq_job = get_current_job()
+    if rq_job is not None and rq_job.worker_name:
+        return rq_job.worker_name
+    return f"{socket.gethostname()}-gpu{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}-{os.getpid()}"
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
