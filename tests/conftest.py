@@ -171,12 +171,13 @@ class Service:
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
     log_dir: Path
+    environ: dict[str, str]
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
 
-    def start_worker(self, environ: dict[str, str]) -> None:
-        self.worker = _start(["-m", "worker"], environ, self.log_dir / "worker.log")
+    def start_worker(self) -> None:
+        self.worker = _start(["-m", "worker"], self.environ, self.log_dir / "worker.log")
 
 
 def _start(args: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -203,7 +204,7 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
     api = _start(["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], environ,
                  tmp_path / "api.log")
     worker = _start(["-m", "worker"], environ, tmp_path / "worker.log")
-    svc = Service(f"http://127.0.0.1:{port}", api, worker, tmp_path)
+    svc = Service(f"http://127.0.0.1:{port}", api, worker, tmp_path, environ)
 
     def healthy() -> bool:
         try:

@@ -111,3 +111,51 @@ def test_cancel_running_job_stops_at_next_step(
     assert again.status_code == 409
     assert again.json() == {"error": "Conflict",
                             "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"}
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (children of children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def test_job_of_a_worker_killed_mid_training_resumes_on_a_new_worker(
+    service: Service, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    import os
+    import signal
+
+    http = service.http()
+    spec = job_spec(tiny_model, chat_dataset, max_steps=400, logging_steps=1, save_steps=5)
+    job_id = http.post("/jobs", json=spec).json()["id"]
+    wait_until(lambda: http.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 7, 120, "a checkpoint and more")
+
+    # The host loses the worker: the RQ worker, its work horse and the trainer, all at once.
+    for pid in process_tree(service.worker.pid):
+        os.kill(pid, signal.SIGKILL)
+    service.worker.wait(10)
+    stopped_at = http.get(f"/jobs/{job_id}").json()
+    assert stopped_at["status"] == "running"  # nobody has noticed yet
+
+    service.start_worker()  # its first maintenance pass finds the stale heartbeat (STALE_AFTER_S=5)
+    record = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"}, timeout_s=240)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["attempts"] == 2
+    kinds = [e["kind"] for e in http.get(f"/jobs/{job_id}/events").json()["items"]]
+    assert kinds.count("started") == 2
+    assert "retried" in kinds and "resumed" in kinds
+    steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs", params={"limit": 5000}).json()["items"]]
+    assert steps == list(range(1, 401))  # the lost attempt's logs past the checkpoint were replaced
+    assert record["progress"]["step"] == 400

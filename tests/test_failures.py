@@ -95,7 +95,7 @@ def test_trainer_killed_mid_run_is_trainer_crashed_not_running(client: httpx.Cli
     runner = threading.Thread(target=run_job, args=(job_id,))
     runner.start()
     wait_until(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 1, 120, "training to start")
-    pid = trainer_pid(job_id)
+    pid = trainer_pid(job_id, env.data_dir)
     os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
     runner.join(60)
     record = client.get(f"/jobs/{job_id}").json()
@@ -106,15 +106,18 @@ def test_trainer_killed_mid_run_is_trainer_crashed_not_running(client: httpx.Cli
     )
 
 
-def trainer_pid(job_id: int) -> int:
+def trainer_pid(job_id: int, data_dir: Path) -> int:
+    """The trainer of this test's job: same job id and the same DATA_DIR (another test run on
+    the machine has trainers for job 1 too)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker.trainer" in argv and str(job_id).encode() in argv:
+        if argv[-2:] == [b"worker.trainer", str(job_id).encode()] and f"DATA_DIR={data_dir}".encode() in environ:
             return int(entry.name)
     raise AssertionError(f"no trainer process for job {job_id}")
 
