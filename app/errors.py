@@ -55,7 +55,12 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
         if err.get("type") == "extra_forbidden":
             message = "unknown field (not part of the job spec)"
         elif err.get("type") == "json_invalid":
-            message = f"the body is not valid JSON: {err.get('ctx', {}).get('error', message)}"
+            # Its location is ("body", <character offset>): name the body, and the offset in words.
+            offset = err.get("loc", ("body", None))[-1]
+            where = f" at character {offset}" if isinstance(offset, int) else ""
+            message = f"the body is not valid JSON{where}: {err.get('ctx', {}).get('error', message)}"
+            errors.append({"field": "body", "message": message})
+            continue
         errors.append({"field": _field_path(tuple(err.get("loc", ()))), "message": message})
     return errors
 

@@ -106,12 +106,13 @@ def test_no_local_paths_when_no_roots_are_allowed(client: httpx.Client, env: Env
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"{not json", "the body is not valid JSON"), (b"[1, 2]", "Input should be a valid dictionary")],
+    [(b"{not json", "the body is not valid JSON at character 1: "), (b"[1, 2]", "Input should be a valid dictionary")],
 )
 def test_body_that_is_not_a_spec_is_422(client: httpx.Client, env: Env, content: bytes, message: str) -> None:
     response = client.post("/jobs", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert message in response.json()["detail"]
+    assert response.json()["errors"][0]["field"] == "body"
 
 
 def test_hub_ids_are_accepted_without_a_local_check(client: httpx.Client, env: Env) -> None:

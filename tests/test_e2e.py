@@ -105,6 +105,7 @@ def test_cancel_running_job_stops_at_next_step(
     assert record["error"]["code"] == "cancelled"
     assert record["error"]["message"].startswith("cancelled by request at step ")
     assert record["progress"]["step"] < 100_000
+    assert record["error"]["message"] == f"cancelled by request at step {record['progress']['step']}"
     assert http.get(f"/jobs/{job_id}/checkpoints").json() == []  # a cancelled run saves no final model
 
     again = http.post(f"/jobs/{job_id}/cancel")

@@ -98,6 +98,7 @@ def test_trainer_killed_mid_run_is_trainer_crashed_not_running(client: httpx.Cli
     pid = trainer_pid(job_id, env.data_dir)
     os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer does
     runner.join(60)
+    assert not runner.is_alive(), "the task did not notice its trainer died"
     record = client.get(f"/jobs/{job_id}").json()
     assert record["status"] == "failed"
     assert record["error"]["code"] == "trainer_crashed"

@@ -191,8 +191,10 @@ class TrainerWatch:
             assert job is not None
             job.status, job.finished_at = JobStatus(status), utcnow()
             job.error_code, job.error_message = result.get("error_code"), result.get("error_message")
-            if status == "succeeded" and job.total_steps:
-                job.step, job.eta_seconds = max(job.step, job.total_steps), 0.0
+            # Progress is written at logging steps; the trainer's own last step is the truth.
+            job.step = max(job.step, int(result.get("step") or 0))
+            if status == "succeeded":
+                job.eta_seconds = 0.0
             session.add(job)
             message = status if status == "succeeded" else f"{status}: {job.error_message}"
             add_event(session=session, job_id=self.job_id, kind=status, message=message)

@@ -242,9 +242,10 @@ def main(argv: list[str]) -> int:
     if run.stop.should_stop():
         step = run.trainer.state.global_step if run.trainer is not None else 0
         if run.stop.reason == "cancelled":
-            write_result(job_dir, "cancelled", "cancelled", f"cancelled by request at step {step}")
+            write_result(job_dir, "cancelled", "cancelled", f"cancelled by request at step {step}", step=step)
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
-            write_result(job_dir, "interrupted", None, f"the trainer was stopped at step {step} ({run.stop.reason})")
+            write_result(job_dir, "interrupted", None, f"the trainer was stopped at step {step} ({run.stop.reason})",
+                         step=step)
         return 0
     reporter, state = run.reporter, run.trainer.state
     train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
@@ -253,7 +254,7 @@ def main(argv: list[str]) -> int:
     event(job_id, "reporting_overhead",
           f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}")
     first_step = reporter.first_step_seconds
-    write_result(job_dir, "succeeded", seconds=round(time.monotonic() - started, 3),
+    write_result(job_dir, "succeeded", step=state.global_step, seconds=round(time.monotonic() - started, 3),
                  first_step_seconds=round(first_step, 3) if first_step is not None else None,
                  train_seconds=train_seconds, callback_overhead_seconds=round(reporter.overhead_s, 4))
     return 0
