@@ -44,6 +44,7 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
     current_attempt = job.attempts if job.status == JobStatus.running else job.attempts + 1
     if attempt is not None and attempt != current_attempt:
         return "nothing"
+    values: dict[str, Any]
     if job.status == JobStatus.running and job.cancel_requested_at is not None:
         outcome, values = "cancelled", {
             "status": JobStatus.cancelled, "error_code": "cancelled",

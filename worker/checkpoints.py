@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import Session, select
 
@@ -23,7 +24,7 @@ HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 def record_checkpoint(*, session: Session, job_id: int, folder: Path, step: int) -> Checkpoint:
-    files = [{"path": path, "size": size, "sha256": None} for path, size in folder_files(folder)]
+    files: list[dict[str, Any]] = [{"path": path, "size": size, "sha256": None} for path, size in folder_files(folder)]
     checkpoint = session.exec(
         select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == folder.name)
     ).first()

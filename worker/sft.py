@@ -31,7 +31,7 @@ class JobSFTTrainer(SFTTrainer):
         return float(self._tokens)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir or self.args.output_dir
+        output_dir = str(output_dir or self.args.output_dir)
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         model.save_pretrained(output_dir, state_dict=state_dict, max_shard_size=self.max_shard_size)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, status
 
@@ -16,7 +16,7 @@ from app.schemas import EventPage, JobPage, JobPublic, JobSpec, StepLogPage
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
 JobId = Annotated[int, Path(ge=1, description="the job's id")]
-NOT_FOUND = {404: {"description": "no such job"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job"}}
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
@@ -20,14 +20,12 @@ from app.db import SessionDep, get_engine
 from app.deps import require_token
 from app.errors import NotFound
 from app.presenters import event_public, job_public, step_log_public
+from app.routes.jobs import NOT_FOUND, JobId
 from app.schemas import EventPublic, JobPublic, StepLogPublic
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs/{job_id}", tags=["watch"], dependencies=[Depends(require_token)])
-
-JobId = Annotated[int, Path(ge=1, description="the job's id")]
-NOT_FOUND = {404: {"description": "no such job"}}
 
 POLL_INTERVAL_S = 1.0
 PING_INTERVAL_S = 15
