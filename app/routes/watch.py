@@ -119,7 +119,7 @@ def watch_page(job_id: JobId, session: SessionDep) -> HTMLResponse:
 WATCH_PAGE_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
-<title>Job {{JOB_ID}}</title>
+<title>Job {{JOB_ID}}</title><link rel="icon" href="data:,">
 <style>
 body{font:14px system-ui,sans-serif;color:#222;max-width:960px;margin:1.5em auto;padding:0 1em}
 h1{font-size:1.4em;margin:0} h2{font-size:1.05em;margin:1.4em 0 .4em} .muted{color:#777}
@@ -140,7 +140,7 @@ ul{padding-left:1.2em} #events{max-height:280px;overflow:auto;font:12px monospac
   <div>loss<b id="loss">–</b></div><div>learning rate<b id="lr">–</b></div>
   <div>grad norm<b id="gn">–</b></div><div>tokens/s<b id="tps">–</b></div>
   <div>VRAM allocated<b id="alloc">–</b></div><div>VRAM peak<b id="peak">–</b></div>
-  <div>device used / total<b id="device">–</b></div>
+  <div>device used / total<b id="device">– / –</b></div>
 </div>
 <h2>Loss</h2><svg id="loss-chart" viewBox="0 0 600 180"></svg>
 <h2>VRAM (GiB)</h2><svg id="vram-chart" viewBox="0 0 600 180"></svg>
@@ -202,16 +202,17 @@ function showJob(job) {
   if (FINISHED.includes(job.status) && !finished) {
     finished = true;  // the server ends the stream itself, after this poll's logs and events
     loadCheckpoints();
+    scheduleDraw();  // empty charts now say "no data", not "yet"
   }
 }
 
 // series: [{label, color, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
-function chart(svg, series, fromZero) {
+function chart(svg, series, fromZero, emptyText) {
   const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
   svg.replaceChildren();
   const pts = series.flatMap((s) => s.points);
   const middle = {x: W / 2, y: H / 2, "text-anchor": "middle"};
-  if (!pts.length) return svg.append(svgNode("text", middle, "no data yet"));
+  if (!pts.length) return svg.append(svgNode("text", middle, emptyText));
   const lo = (i) => pts.reduce((a, p) => Math.min(a, p[i]), Infinity);
   const hi = (i) => pts.reduce((a, p) => Math.max(a, p[i]), -Infinity);
   const x0 = lo(0), x1 = Math.max(hi(0), x0 + 1);
@@ -240,11 +241,13 @@ function scheduleDraw() {
   drawPending = true;
   requestAnimationFrame(() => {
     drawPending = false;
-    chart($("loss-chart"), [{label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)}], false);
+    const empty = finished ? "no data" : "no data yet";
+    chart($("loss-chart"), [{label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)}], false, empty);
+    // Step logs without memory figures come from a run on the CPU: say so, not "yet".
     chart($("vram-chart"), [
       {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},
       {label: "allocated (torch)", color: "#16a34a", points: pointsOf((r) => r.vram.allocated_gib)},
-    ], true);
+    ], true, logs.length ? "no GPU memory figures: this job trains on the CPU" : empty);
   });
 }
 
