@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # How long a running job may take to stop after a cancel before its trainer is killed.
     cancel_grace_s: float = Field(default=300.0, gt=0)
 
+    # --- planning --------------------------------------------------------------------------
+    # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
+    gpu_memory_bytes: int | None = Field(default=None, gt=0)
+
     # --- api -----------------------------------------------------------------------------
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

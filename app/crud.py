@@ -8,9 +8,21 @@ from collections.abc import Sequence
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from app.errors import Conflict, NotFound
+from app.config import get_settings
+from app.errors import Conflict, DoesNotFit, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
-from app.queue import enqueue_job
+from app.planner import (
+    DiskPlan,
+    MemoryPlan,
+    PlanError,
+    gib,
+    plan_disk,
+    plan_memory,
+    read_config,
+    refusal,
+    shape_from_config,
+)
+from app.queue import enqueue_job, smallest_worker_gpu
 from app.schemas import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -20,12 +32,39 @@ def add_event(*, session: Session, job_id: int, kind: str, message: str) -> None
     session.add(JobEvent(job_id=job_id, kind=kind, message=message))
 
 
+def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None,
+             allow_network: bool = True) -> tuple[MemoryPlan, DiskPlan]:
+    """Plan a spec's GPU memory and disk. The GPU: the one asked for, else the operator's
+    GPU_MEMORY_BYTES, else the smallest a live worker reported."""
+    settings = get_settings()
+    shape = shape_from_config(read_config(job_in.model, allow_network=allow_network))
+    if gpu_memory_bytes is None:
+        gpu_memory_bytes = settings.gpu_memory_bytes
+    if gpu_memory_bytes is None:
+        try:
+            gpu_memory_bytes = smallest_worker_gpu()
+        except Exception as exc:  # Redis away: plan without a card
+            logger.warning("no worker GPU sizes (%s)", exc)
+    return (plan_memory(shape, job_in.hyperparameters, gpu_memory_bytes),
+            plan_disk(shape, job_in.hyperparameters, settings.data_dir))
+
+
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
+    try:
+        memory, disk = estimate(job_in=job_in, allow_network=False)
+    except PlanError as exc:
+        plan_note = f"not planned before queuing: {exc}"
+    else:
+        reason = refusal(job_in, memory, disk)
+        if reason:
+            raise DoesNotFit(reason)
+        plan_note = f"planned peak GPU memory {gib(memory.total_bytes)}" + (
+            f" of {gib(memory.gpu_memory_bytes)} ({memory.verdict})" if memory.verdict else " (GPU size unknown)")
     job = Job(spec=job_in.model_dump(mode="json"))
     session.add(job)
     session.flush()
     assert job.id is not None
-    add_event(session=session, job_id=job.id, kind="queued", message="job accepted and queued")
+    add_event(session=session, job_id=job.id, kind="queued", message=f"job accepted and queued; {plan_note}")
     session.commit()
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
     # down now, the row stays queued and the reconciler enqueues it once Redis is back.

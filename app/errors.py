@@ -34,8 +34,14 @@ class Unauthorized(AppError):
     status_code = 401
 
 
-class RangeNotSatisfiable(AppError):
-    status_code = 416
+class DoesNotFit(AppError):
+    """A valid spec that this host cannot run (GPU memory or disk); the detail has the figures."""
+
+    status_code = 422
+
+
+class CannotPlan(AppError):
+    status_code = 422
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

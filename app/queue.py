@@ -58,3 +58,19 @@ def enqueue_job(job_id: int, attempt: int, connection: Redis | None = None) -> N
         on_failure=Callback(ON_FAILURE_CALLBACK),
     )
 
+
+
+def gpu_key(worker_name: str) -> str:
+    return f"{get_settings().queue_name}:gpu-memory:{worker_name}"
+
+
+def register_gpu_memory(connection: Redis, worker_name: str, total_bytes: int, ttl_s: int) -> None:
+    """A worker says how much memory its GPU has, so the API can plan jobs for it."""
+    connection.set(gpu_key(worker_name), total_bytes, ex=ttl_s)
+
+
+def smallest_worker_gpu(connection: Redis | None = None) -> int | None:
+    connection = connection or get_redis()
+    values = [connection.get(key) for key in connection.scan_iter(gpu_key("*"))]
+    sizes = [int(v) for v in values if v is not None]
+    return min(sizes) if sizes else None

@@ -124,6 +124,12 @@ class JobSpec(BaseModel):
         return None if value is None else check_source(value, "chat_template_from")
 
 
+class EstimateRequest(JobSpec):
+    """A job spec, plus optionally the GPU to plan for (default: the workers' smallest GPU)."""
+
+    gpu_memory_bytes: int | None = Field(default=None, gt=0, description="plan for a card of this size")
+
+
 # ---- responses ------------------------------------------------------------------------------
 
 
@@ -237,3 +243,30 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: str
     redis: str
+
+
+class MemoryEstimate(BaseModel):
+    total_bytes: int = Field(description="expected peak device memory, as nvidia-smi would show it")
+    total_gib: float
+    parts: dict[str, int] = Field(description="weights, gradients, optimizer_states, activations, "
+                                  "cuda_context, allocator_overhead (bytes)")
+    optimizer_paged: bool
+    parameters: int
+    gpu_memory_bytes: int | None = Field(description="the GPU planned for; null when unknown")
+    verdict: Literal["fits", "fits_with_paging", "does_not_fit"] | None
+    max_micro_batch: int | None = Field(description="largest micro-batch that fits at this max_seq_length")
+    max_seq_length: int | None = Field(description="longest max_seq_length that fits at this micro-batch")
+
+
+class DiskEstimate(BaseModel):
+    checkpoint_bytes: int = Field(description="one intermediate checkpoint: weights and optimizer states")
+    final_bytes: int
+    checkpoints_kept: int | None = Field(description="null when neither save_total_limit nor max_steps bounds it")
+    required_bytes: int | None
+    free_bytes: int
+    fits: bool | None
+
+
+class Estimate(BaseModel):
+    memory: MemoryEstimate
+    disk: DiskEstimate

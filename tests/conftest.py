@@ -114,6 +114,10 @@ def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.M
     }
     for key, value in variables.items():
         monkeypatch.setenv(key, value)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: tell the already-imported module too.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     clear_caches()
     migrate()
     yield Env(data_dir, datasets_dir, redis_url, queue_name, variables)

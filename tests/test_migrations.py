@@ -180,7 +180,9 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
         "error": "Conflict", "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"})
     events = api.get(f"/jobs/{job_id}/events").json()["items"]
     assert [(e["kind"], e["message"]) for e in events] == [
-        ("queued", "job accepted and queued"), ("cancelled", "cancelled before it started")]
+        ("queued", "job accepted and queued; not planned before queuing: config.json of "
+                   "'meta-llama/Llama-3.1-8B' could not be fetched: LocalEntryNotFoundError"),
+        ("cancelled", "cancelled before it started")]
     assert all(aware(e["created_at"]) >= created_at for e in events)
 
     # The column really keeps the zone (not a naive timestamp that happens to read back right).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, status
@@ -9,9 +10,21 @@ from fastapi import APIRouter, Depends, Path, Query, status
 from app import crud
 from app.db import SessionDep
 from app.deps import SettingsDep, require_token
+from app.errors import CannotPlan
 from app.models import JobStatus
+from app.planner import GIB, PlanError
 from app.presenters import event_public, job_public, step_log_public
-from app.schemas import EventPage, JobPage, JobPublic, JobSpec, StepLogPage
+from app.schemas import (
+    DiskEstimate,
+    Estimate,
+    EstimateRequest,
+    EventPage,
+    JobPage,
+    JobPublic,
+    JobSpec,
+    MemoryEstimate,
+    StepLogPage,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
 
@@ -21,8 +34,30 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such job"
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
 def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
-    """Validate a job spec, store it and queue it. 422 names every bad field."""
+    """Validate a job spec, store it and queue it. 422 names every bad field, or shows the
+    figures when the job cannot fit the GPU or the disk (see POST /jobs/estimate)."""
     return job_public(crud.create_job(session=session, job_in=job_in))
+
+
+@router.post("/estimate", response_model=Estimate,
+             responses={422: {"description": "a bad spec, or a model whose size cannot be read"}})
+def estimate_job(request: EstimateRequest) -> Estimate:
+    """Expected peak GPU memory (as nvidia-smi shows it) and disk for a spec, from the model's
+    config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
+    length that fit. Nothing is stored or queued."""
+    job_in = JobSpec.model_validate(request.model_dump(exclude={"gpu_memory_bytes"}))
+    try:
+        memory, disk = crud.estimate(job_in=job_in, gpu_memory_bytes=request.gpu_memory_bytes)
+    except PlanError as exc:
+        raise CannotPlan(str(exc)) from exc
+    return Estimate(
+        memory=MemoryEstimate(total_bytes=memory.total_bytes, total_gib=round(memory.total_bytes / GIB, 2),
+                              parts=memory.parts, optimizer_paged=memory.optimizer_paged,
+                              parameters=memory.parameters, gpu_memory_bytes=memory.gpu_memory_bytes,
+                              verdict=memory.verdict, max_micro_batch=memory.max_micro_batch,
+                              max_seq_length=memory.max_seq_length),
+        disk=DiskEstimate(**dataclasses.asdict(disk)),
+    )
 
 
 @router.get("", response_model=JobPage)

@@ -1,0 +1,199 @@
+"""Memory and disk planning for a job spec, from the model's config.json alone (no weights,
+no torch), so a job that cannot fit is refused in seconds instead of failing after an hour in
+the queue.
+
+The model of device memory, per full fine-tune with Unsloth (bf16 weights, bf16 gradients,
+offloaded gradient checkpointing):
+
+    weights 2 B/param + gradients 2 B/param + optimizer states (8-bit: 2 B/param, 32-bit: 8)
+    + activations ACTIVATION_BYTES * tokens in a micro-batch * (hidden + intermediate)
+    + CUDA context and workspaces (CUDA_FIXED_BYTES)
+    + allocator and paging overhead (OVERHEAD_SHARE of the parameter-proportional part)
+
+The constants were fitted to NVML peaks measured through the service on 2026-11-27
+(docs/planner.md holds the comparison): Llama-3.1-8B shape 52.6 GiB and a 317M Llama 3.3 GiB
+on an H100 80GB, phi-4 (14B) shape 92.0 GiB and the 317M Llama at micro-batch 4 3.69 GiB on an
+H200."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from app.schemas import Hyperparameters, JobSpec
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+ACTIVATION_BYTES = 20  # per token per (hidden + intermediate) unit, with Unsloth's offloading
+CUDA_FIXED_BYTES = 1 * GIB
+OVERHEAD_SHARE = 0.078
+# Headroom left on the card: a paged optimizer that asks for more than is free can hang the GPU.
+SAFETY_SHARE = 0.05
+OPTIMIZER_BYTES_PER_PARAM = {
+    "paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8,
+    "adamw_torch_fused": 8, "adafactor": 4, "sgd": 0,
+}
+PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
+
+Verdict = Literal["fits", "fits_with_paging", "does_not_fit"]
+
+
+class PlanError(Exception):
+    """The plan cannot be made (no config.json, an architecture we cannot count)."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    parameters: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    max_position_embeddings: int | None
+
+
+HUB_TIMEOUT_S = 5
+
+
+def read_config(model: str, *, allow_network: bool = True) -> dict[str, Any]:
+    """config.json of a local model folder, or of a Hub model (downloaded alone, cached).
+    Without `allow_network` only the local Hugging Face cache is read: submitting a job must
+    not wait on a Hub that may be unreachable from the API's host."""
+    path = Path(model)
+    if path.is_absolute():
+        config = path / "config.json"
+        if not config.is_file():
+            raise PlanError(f"{model} has no config.json, so its size cannot be planned")
+        return dict(json.loads(config.read_text()))
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(model, "config.json", local_files_only=not allow_network,
+                                etag_timeout=HUB_TIMEOUT_S)
+        return dict(json.loads(Path(local).read_text()))
+    except Exception as exc:  # offline, gated, no such repo
+        raise PlanError(f"config.json of {model!r} could not be fetched: {type(exc).__name__}") from exc
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape:
+    config = config.get("text_config", config)  # multimodal configs nest the language model
+    try:
+        d, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+        ffn, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
+        heads = int(config["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PlanError(f"config.json lacks {exc} needed to count the parameters") from exc
+    if config.get("num_local_experts") or config.get("n_routed_experts") or config.get("num_experts"):
+        raise PlanError("mixture-of-experts models are not planned yet")
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or d // heads)
+    attention = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
+    per_layer = attention + 3 * d * ffn + 2 * d  # gated MLP, two norms
+    embeddings = vocab * d * (1 if config.get("tie_word_embeddings") else 2)
+    return ModelShape(embeddings + layers * per_layer + d, d, ffn, layers, vocab,
+                      config.get("max_position_embeddings"))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    total_bytes: int
+    parts: dict[str, int]
+    optimizer_paged: bool
+    gpu_memory_bytes: int | None
+    verdict: Verdict | None
+    max_micro_batch: int | None
+    max_seq_length: int | None
+    parameters: int
+
+
+def activation_bytes(shape: ModelShape, tokens: int) -> int:
+    return ACTIVATION_BYTES * tokens * (shape.hidden_size + shape.intermediate_size)
+
+
+def plan_memory(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None) -> MemoryPlan:
+    p = shape.parameters
+    parts = {
+        "weights": 2 * p,
+        "gradients": 2 * p,
+        "optimizer_states": OPTIMIZER_BYTES_PER_PARAM[hp.optim] * p,
+        "activations": activation_bytes(shape, hp.per_device_train_batch_size * hp.max_seq_length),
+        "cuda_context": CUDA_FIXED_BYTES,
+    }
+    fixed = parts["weights"] + parts["gradients"] + parts["optimizer_states"]
+    parts["allocator_overhead"] = int(OVERHEAD_SHARE * fixed)
+    total = sum(parts.values())
+    paged = hp.optim in PAGED_OPTIMIZERS
+    verdict: Verdict | None = None
+    max_mb: int | None = None
+    max_seq: int | None = None
+    if gpu_memory_bytes:
+        budget = int(gpu_memory_bytes * (1 - SAFETY_SHARE))
+        if total <= budget:
+            verdict = "fits"
+        elif paged and total - parts["optimizer_states"] <= budget:
+            verdict = "fits_with_paging"  # the states would live partly in host memory: slow
+        else:
+            verdict = "does_not_fit"
+        room = budget - (total - parts["activations"])
+        per_token = activation_bytes(shape, 1)
+        max_tokens = room // per_token if room > 0 else 0
+        max_mb = int(max_tokens // hp.max_seq_length)
+        max_seq = int(max_tokens // hp.per_device_train_batch_size)
+        if shape.max_position_embeddings:
+            max_seq = min(max_seq, int(shape.max_position_embeddings))
+    return MemoryPlan(total, parts, paged, gpu_memory_bytes, verdict, max_mb, max_seq, p)
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    checkpoint_bytes: int
+    final_bytes: int
+    checkpoints_kept: int | None
+    required_bytes: int | None
+    free_bytes: int
+    fits: bool | None
+
+
+def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path) -> DiskPlan:
+    """An intermediate checkpoint holds the bf16 weights and the optimizer states; the final
+    model the weights alone. How many are kept at once: save_total_limit, or every save when
+    max_steps bounds them; with neither, the count is unknown until the data is read."""
+    weights = 2 * shape.parameters
+    checkpoint = weights + OPTIMIZER_BYTES_PER_PARAM[hp.optim] * shape.parameters
+    saves = hp.max_steps // hp.save_steps if hp.max_steps else None
+    kept = min(x for x in (hp.save_total_limit, saves) if x is not None) \
+        if (hp.save_total_limit is not None or saves is not None) else None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(data_dir).free
+    required = None if kept is None else kept * checkpoint + weights
+    return DiskPlan(checkpoint, weights, kept, required, free, None if required is None else required <= free)
+
+
+def gib(value: int | None) -> str:
+    return "unknown" if value is None else f"{value / GIB:.1f} GiB"
+
+
+def refusal(spec: JobSpec, memory: MemoryPlan | None, disk: DiskPlan | None) -> str | None:
+    """The 422 message for a job that cannot run here, or None."""
+    if memory is not None and memory.verdict == "does_not_fit":
+        parts = ", ".join(f"{name} {gib(size)}" for name, size in memory.parts.items())
+        head = (f"this job needs about {gib(memory.total_bytes)} of GPU memory ({parts}) and the GPU has "
+                f"{gib(memory.gpu_memory_bytes)}")
+        hp = spec.hyperparameters
+        if not memory.max_micro_batch and not memory.max_seq_length:
+            return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU"
+        return (f"{head}; at max_seq_length {hp.max_seq_length} the largest micro-batch that fits is "
+                f"{memory.max_micro_batch}, and at micro-batch {hp.per_device_train_batch_size} the longest "
+                f"max_seq_length is {memory.max_seq_length}")
+    if disk is not None and disk.fits is False:
+        return (
+            f"the checkpoints would need {gib(disk.required_bytes)} under DATA_DIR ({disk.checkpoints_kept} "
+            f"checkpoint(s) of {gib(disk.checkpoint_bytes)} plus the final model of {gib(disk.final_bytes)}) "
+            f"and {gib(disk.free_bytes)} is free; set save_total_limit, raise save_steps or free space"
+        )
+    return None
