@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     page_size_max: int = 500
+    # The largest dataset file POST /files accepts.
+    max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
 
     @field_validator("allowed_local_roots", mode="before")
     @classmethod
@@ -69,6 +71,9 @@ class Settings(BaseSettings):
 
     def checkpoints_dir(self, job_id: int) -> Path:
         return self.job_dir(job_id) / "checkpoints"
+
+    def files_dir(self) -> Path:
+        return self.data_dir.resolve() / "files"
 
     def resolved_local_roots(self) -> list[Path]:
         return [root.expanduser().resolve() for root in self.allowed_local_roots]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from app import uploads
 from app.config import get_settings
-from app.errors import Conflict, DoesNotFit, NotFound
-from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
+from app.errors import Conflict, DoesNotFit, InvalidFile, InvalidSpec, NotFound
+from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from app.planner import (
     DiskPlan,
     MemoryPlan,
@@ -50,6 +54,8 @@ def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None,
 
 
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
+    if job_in.dataset.file_id is not None:
+        job_in = _with_uploaded_source(session=session, job_in=job_in)
     try:
         memory, disk = estimate(job_in=job_in, allow_network=False)
     except PlanError as exc:
@@ -60,7 +66,10 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
             raise DoesNotFit(reason)
         plan_note = f"planned peak GPU memory {gib(memory.total_bytes)}" + (
             f" of {gib(memory.gpu_memory_bytes)} ({memory.verdict})" if memory.verdict else " (GPU size unknown)")
-    job = Job(spec=job_in.model_dump(mode="json"))
+    spec = job_in.model_dump(mode="json")
+    if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
+        del spec["dataset"]["file_id"]
+    job = Job(spec=spec)
     session.add(job)
     session.flush()
     assert job.id is not None
@@ -161,3 +170,71 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
         raise NotFound(f"checkpoint {name!r} of job {job_id} was removed (rotated away by save_total_limit)")
     return checkpoint
 
+
+def _with_uploaded_source(*, session: Session, job_in: JobSpec) -> JobSpec:
+    """The spec with dataset.source set to the uploaded file's path, so the trainer reads it as
+    any local file; the stored spec keeps file_id too."""
+    file_id = job_in.dataset.file_id
+    uploaded = session.get(UploadedFile, file_id)
+    if uploaded is None:
+        raise InvalidSpec(f"dataset.file_id: file {file_id} does not exist")
+    source = str(get_settings().data_dir.resolve() / uploaded.path)
+    return job_in.model_copy(update={"dataset": job_in.dataset.model_copy(update={"source": source})})
+
+
+def create_file(*, session: Session, upload: BinaryIO, filename: str | None) -> UploadedFile:
+    """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256, its rows
+    checked and counted, then renamed. Anything that fails leaves neither a file nor a row."""
+    settings = get_settings()
+    name = uploads.clean_name(filename)
+    if not name:
+        raise InvalidFile("the upload has no file name (send it as multipart field 'file' with a name)")
+    ext = uploads.extension(name)
+    files_dir = settings.files_dir()
+    files_dir.mkdir(parents=True, exist_ok=True)
+    incoming = files_dir / f".incoming-{uuid.uuid4().hex}"
+    final = None
+    try:
+        size, sha256 = uploads.receive(upload, incoming, limit=settings.max_upload_bytes)
+        row_format, rows = uploads.inspect(incoming, ext)
+        uploaded = UploadedFile(filename=name, path=f"files/{incoming.name}", size_bytes=size, sha256=sha256,
+                                row_format=row_format, rows=rows)
+        session.add(uploaded)
+        session.flush()
+        uploaded.path = f"files/{uploaded.id}.{ext}"
+        final = files_dir / f"{uploaded.id}.{ext}"
+        os.replace(incoming, final)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        incoming.unlink(missing_ok=True)
+        if final is not None:
+            final.unlink(missing_ok=True)
+        raise
+    return uploaded
+
+
+def get_file(*, session: Session, file_id: int) -> UploadedFile:
+    uploaded = session.get(UploadedFile, file_id)
+    if uploaded is None:
+        raise NotFound(f"file {file_id} not found")
+    return uploaded
+
+
+def list_files(*, session: Session) -> Sequence[UploadedFile]:
+    return session.exec(select(UploadedFile).order_by(col(UploadedFile.id).desc())).all()
+
+
+def delete_file(*, session: Session, file_id: int) -> None:
+    """Remove an uploaded file and its row; refused while a queued or running job uses it."""
+    uploaded = get_file(session=session, file_id=file_id)
+    active = session.exec(
+        select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
+    ).all()
+    users = [str(job.id) for job in active if (job.spec.get("dataset") or {}).get("file_id") == file_id]
+    if users:
+        raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued or running")
+    session.delete(uploaded)
+    session.commit()
+    # After the commit: a failed commit leaves the row and its file as they were.
+    (get_settings().data_dir.resolve() / uploaded.path).unlink(missing_ok=True)

@@ -44,6 +44,22 @@ class CannotPlan(AppError):
     status_code = 422
 
 
+class PayloadTooLarge(AppError):
+    status_code = 413
+
+
+class InvalidFile(AppError):
+    """An upload that is not a dataset the trainer can read (format, rows, extension)."""
+
+    status_code = 422
+
+
+class InvalidSpec(AppError):
+    """A spec that validates but names something that does not exist (an unknown file id)."""
+
+    status_code = 422
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     # FastAPI prefixes "body"/"query"/"path"; people think in the spec's own field names.
     parts = [str(p) for p in loc]

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.reconcile import reconcile
-from app.routes import checkpoints, health, jobs, watch
+from app.routes import checkpoints, files, health, jobs, watch
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
+    app.include_router(files.router)
     app.include_router(watch.router)
     return app
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -76,6 +76,8 @@ class Job(SQLModel, table=True):
     eta_seconds: float | None = None
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     vram: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # What the trainer found in the dataset before training (rows, token lengths, steps).
+    data_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
     error_code: str | None = None
     error_message: str | None = None
@@ -138,3 +140,18 @@ class Checkpoint(SQLModel, table=True):
     # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null}, ...]
     files: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     removed_at: datetime | None = _ts()
+
+
+class UploadedFile(SQLModel, table=True):
+    """A dataset file uploaded with POST /files, stored under DATA_DIR/files; jobs name it by id."""
+
+    __tablename__ = "file"
+
+    id: int | None = Field(default=None, primary_key=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    filename: str  # the name the client uploaded it under
+    path: str  # relative to DATA_DIR, e.g. "files/3.jsonl"
+    size_bytes: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    sha256: str
+    row_format: str  # messages, prompt_completion or text
+    rows: int = Field(sa_column=Column(BigInteger(), nullable=False))

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from app.models import Checkpoint, Job, JobEvent, StepLog
+from app.models import Checkpoint, Job, JobEvent, StepLog, UploadedFile
 from app.schemas import (
     CheckpointFile,
     CheckpointPublic,
     EventPublic,
+    FilePublic,
     JobError,
     JobPublic,
     Metrics,
@@ -50,6 +51,7 @@ def job_public(job: Job) -> JobPublic:
                           eta_seconds=job.eta_seconds),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram),
+        data_report=job.data_report,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         links={"self": base, "logs": f"{base}/logs", "events": f"{base}/events",
                "checkpoints": f"{base}/checkpoints", "cancel": f"{base}/cancel", "watch": f"{base}/watch"},
@@ -80,3 +82,9 @@ def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
                               url=f"{base}/files/{quote(f['path'])}") for f in row.files],
         archive_url=f"{base}/archive",
     )
+
+
+def file_public(row: UploadedFile) -> FilePublic:
+    assert row.id is not None
+    return FilePublic(id=row.id, created_at=row.created_at, filename=row.filename, size=row.size_bytes,
+                      sha256=row.sha256, row_format=row.row_format, rows=row.rows)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.config import get_settings
 from app.models import CheckpointStatus, JobStatus
@@ -34,13 +34,15 @@ def check_source(value: str, what: str) -> str:
         raise ValueError(f"{what} must not be empty")
     if value.startswith(LOCAL_PATH_PREFIXES):
         roots = get_settings().resolved_local_roots()
-        if not roots:
+        resolved = Path(value).expanduser().resolve()
+        # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
+        uploaded = resolved.is_relative_to(get_settings().files_dir())
+        if not roots and not uploaded:
             raise ValueError(
                 f"{what} {value!r} is a local path, but this server accepts no local paths "
                 "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)"
             )
-        resolved = Path(value).expanduser().resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        if not uploaded and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
             allowed = ", ".join(str(r) for r in roots)
             raise ValueError(f"{what} {value!r} is outside the allowed local roots ({allowed})")
         if not resolved.exists():
@@ -57,14 +59,28 @@ def check_source(value: str, what: str) -> str:
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(description="Hub dataset id, or a local JSON Lines / JSON / Parquet file or "
-                        "a folder saved by `datasets`")
+    # Left out when file_id names the data; the stored spec then has both (the trainer reads source).
+    source: str = Field(default="", description="Hub dataset id, or a local JSON Lines / JSON / Parquet file "
+                        "or a folder saved by `datasets`")
+    file_id: int | None = Field(default=None, ge=1, description="a file uploaded with POST /files, instead of "
+                                "source; the stored spec then holds both")
     split: str = Field(default="train", pattern=r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$")
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
         return check_source(value, "dataset source")
+
+    @model_validator(mode="after")
+    def _one_of_source_and_file(self) -> DatasetSpec:
+        if not self.source and self.file_id is None:
+            raise ValueError("give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)")
+        # Both only in the stored form, where source is that uploaded file's own path.
+        if self.source and self.file_id is not None:
+            path = Path(self.source)
+            if path.parent != get_settings().files_dir() or path.stem != str(self.file_id):
+                raise ValueError("give either dataset.source or dataset.file_id, not both")
+        return self
 
 
 class Hyperparameters(BaseModel):
@@ -184,6 +200,9 @@ class JobPublic(BaseModel):
     progress: Progress
     metrics: Metrics
     vram: Vram
+    data_report: dict[str, Any] | None = Field(
+        description="rows, tokens per row (min, median, p95, max), rows_truncated, tokens_cut_by_truncation, "
+                    "tokens_per_epoch, optimizer_steps, tokens_to_train; set before the model is loaded")
     error: JobError | None
     links: dict[str, str]
 
@@ -237,6 +256,22 @@ class CheckpointPublic(BaseModel):
     size: int
     files: list[CheckpointFile]
     archive_url: str
+
+
+class FilePublic(BaseModel):
+    """An uploaded dataset file, as POST /files and GET /files/{id} return it."""
+
+    id: int
+    created_at: datetime
+    filename: str = Field(description="the name the client uploaded it under")
+    size: int
+    sha256: str
+    row_format: Literal["messages", "prompt_completion", "text"]
+    rows: int
+
+
+class FileList(BaseModel):
+    items: list[FilePublic]
 
 
 class Health(BaseModel):

@@ -83,7 +83,37 @@ def test_text_and_prompt_completion_datasets_train(client: httpx.Client, env: En
         assert record["status"] == "succeeded", record["error"]
         events = client.get(f"/jobs/{record['id']}/events").json()["items"]
         loaded = next(e["message"] for e in events if e["kind"] == "dataset_loaded")
-        assert loaded == ("16 rows in 'text' format" if dataset == text else "16 rows in 'prompt_completion' format")
+        kind = "'text'" if dataset == text else "'prompt_completion'"
+        assert loaded.startswith(f"16 rows in {kind} format; tokens per row median ")
+        assert record["data_report"]["rows"] == 16 and record["data_report"]["optimizer_steps"] == 2
+
+
+def test_data_report_counts_tokens_truncation_and_steps(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [" ".join(["cat"] * words) for words in (3, 3, 10, 200)]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
+    assert lengths[3] > 64 > lengths[2]  # the last row is longer than max_seq_length
+    dataset = write_jsonl(env.datasets_dir / "lengths.jsonl", [{"text": t} for t in texts])
+    # 4 rows, micro-batch 2, accumulation 1: 2 optimizer steps an epoch, 3 epochs.
+    spec = job_spec(tiny_model, dataset, max_steps=None, num_train_epochs=3, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=1, max_seq_length=64, save_steps=100)
+    record = run_to_end(client, spec)
+    assert record["status"] == "succeeded", record["error"]
+    trained = [min(n, 64) for n in lengths]
+    assert record["data_report"] == {
+        "rows": 4,
+        "row_format": "text",
+        "tokens_per_row": {"min": lengths[0], "median": (lengths[1] + lengths[2]) // 2,
+                           "p95": int(lengths[2] + 0.85 * (lengths[3] - lengths[2])), "max": lengths[3]},
+        "rows_truncated": 1,
+        "tokens_cut_by_truncation": lengths[3] - 64,
+        "tokens_per_epoch": sum(trained),
+        "optimizer_steps": 6,
+        "tokens_to_train": 3 * sum(trained),
+    }
+    assert record["progress"]["total_steps"] == 6  # the Trainer agrees with the report
 
 
 def test_trainer_killed_mid_run_is_trainer_crashed_not_running(client: httpx.Client, env: Env, tiny_model: Path,

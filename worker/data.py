@@ -111,3 +111,49 @@ def prepare_dataset(dataset: Dataset, *, has_chat_template: bool) -> tuple[Datas
     keep = set(FORMATS[row_format])
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     return dataset, row_format
+
+
+def _token_counts(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any) -> dict[str, list[int]]:
+    if row_format == "messages":
+        ids = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
+    elif row_format == "prompt_completion" and isinstance(batch["prompt"][0], list):
+        conversations = [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
+        ids = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)
+    elif row_format == "prompt_completion":
+        ids = tokenizer([p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)])["input_ids"]
+    else:
+        ids = tokenizer(batch["text"])["input_ids"]
+    return {"tokens": [len(row) for row in ids]}
+
+
+def data_report(dataset: Dataset, *, row_format: str, tokenizer: Any, max_seq_length: int,
+                micro_batch: int, grad_accum: int, epochs: float, max_steps: int | None) -> dict[str, Any]:
+    """Rows, tokens per row, what max_seq_length cuts, and the optimizer steps and tokens that
+    follow: computed on the CPU before the model is loaded, so a surprise costs no GPU time."""
+    import math
+    import os
+
+    import numpy as np
+
+    counted = dataset.map(
+        _token_counts, batched=True, remove_columns=dataset.column_names,
+        fn_kwargs={"row_format": row_format, "tokenizer": tokenizer},
+        num_proc=min(8, os.cpu_count() or 1) if len(dataset) >= 20_000 else None,
+        desc="Counting tokens",
+    )
+    lengths = np.asarray(counted["tokens"], dtype=np.int64)
+    trained = np.minimum(lengths, max_seq_length)
+    steps_per_epoch = max(math.ceil(math.ceil(len(dataset) / micro_batch) / grad_accum), 1)
+    steps = max_steps or math.ceil(steps_per_epoch * epochs)
+    epochs_run = steps / steps_per_epoch
+    return {
+        "rows": int(len(lengths)),
+        "row_format": row_format,
+        "tokens_per_row": {"min": int(lengths.min()), "median": int(np.median(lengths)),
+                           "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
+        "rows_truncated": int((lengths > max_seq_length).sum()),
+        "tokens_cut_by_truncation": int((lengths - trained).sum()),
+        "tokens_per_epoch": int(trained.sum()),
+        "optimizer_steps": int(steps),
+        "tokens_to_train": int(trained.sum() * epochs_run),
+    }

@@ -103,25 +103,14 @@ class Run:
                 ) from exc
         return backend
 
-    def load_model(self, backend: str) -> tuple[Any, Any]:
-        import torch
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
 
-        hp = self.spec.hyperparameters
-        self.phase = "loading_model"
-        if backend == "unsloth":
-            from unsloth import FastLanguageModel
-
-            model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=self.spec.model, max_seq_length=hp.max_seq_length, dtype=torch.bfloat16,
-                load_in_4bit=False, full_finetuning=True,  # gradient checkpointing "unsloth" is the default
-            )
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         self.phase = "loading_tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
+        return self.apply_chat_template(tokenizer)
+
+    def apply_chat_template(self, tokenizer: Any) -> Any:
         if self.spec.chat_template_from:
             from transformers import AutoTokenizer
 
@@ -132,7 +121,53 @@ class Run:
             tokenizer.chat_template = donor.chat_template
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
+        return tokenizer
+
+    def check_data(self, tokenizer: Any) -> Any:
+        """Open, check and measure the dataset before the model takes the GPU."""
+        from worker.data import data_report, load_rows, prepare_dataset
+
+        self.phase = "loading_dataset"
+        hp = self.spec.hyperparameters
+        dataset, row_format = prepare_dataset(
+            load_rows(self.spec.dataset.source, self.spec.dataset.split),
+            has_chat_template=bool(tokenizer.chat_template),
+        )
+        report = data_report(dataset, row_format=row_format, tokenizer=tokenizer,
+                             max_seq_length=hp.max_seq_length, micro_batch=hp.per_device_train_batch_size,
+                             grad_accum=hp.gradient_accumulation_steps, epochs=hp.num_train_epochs,
+                             max_steps=hp.max_steps)
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            job.data_report = report
+            session.add(job)
+        lengths = report["tokens_per_row"]
+        event(self.job_id, "dataset_loaded",
+              f"{report['rows']} rows in {row_format!r} format; tokens per row median {lengths['median']}, "
+              f"max {lengths['max']}; {report['rows_truncated']} row(s) longer than max_seq_length "
+              f"{hp.max_seq_length}; {report['optimizer_steps']} optimizer steps, "
+              f"{report['tokens_to_train']} tokens to train")
+        return dataset
+
+    def load_model(self, backend: str, tokenizer: Any) -> tuple[Any, Any]:
+        """The model, and the tokenizer to train with (Unsloth brings its own, patched)."""
+        import torch
+
+        hp = self.spec.hyperparameters
+        self.phase = "loading_model"
+        if backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
+                model_name=self.spec.model, max_seq_length=hp.max_seq_length, dtype=torch.bfloat16,
+                load_in_4bit=False, full_finetuning=True,  # gradient checkpointing "unsloth" is the default
+            )
+            return model, self.apply_chat_template(unsloth_tokenizer)
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype), tokenizer
 
     def sft_config(self, backend: str) -> Any:
         import torch
@@ -182,18 +217,13 @@ class Run:
             assert job is not None
             job.backend, job.versions = backend, versions()
             session.add(job)
-        model, tokenizer = self.load_model(backend)
+        tokenizer = self.load_tokenizer()
+        dataset = self.check_data(tokenizer)
         if self.stop.should_stop():
             return
-
-        self.phase = "loading_dataset"
-        from worker.data import load_rows, prepare_dataset
-
-        dataset, row_format = prepare_dataset(
-            load_rows(self.spec.dataset.source, self.spec.dataset.split),
-            has_chat_template=bool(tokenizer.chat_template),
-        )
-        event(job_id, "dataset_loaded", f"{len(dataset)} rows in {row_format!r} format")
+        model, tokenizer = self.load_model(backend, tokenizer)
+        if self.stop.should_stop():
+            return
 
         self.phase = "preparing"
         from worker.callbacks import JobReporter

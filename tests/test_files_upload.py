@@ -1,0 +1,203 @@
+"""POST/GET/DELETE /files and jobs that name an uploaded file: real SQLite and Redis."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.builders import chat_rows
+from tests.conftest import Env, job_spec
+
+
+def jsonl_bytes(rows: list[dict]) -> bytes:
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def upload(client: httpx.Client, name: str, content: bytes) -> httpx.Response:
+    return client.post("/files", files={"file": (name, content, "application/octet-stream")})
+
+
+def files_on_disk(env: Env) -> list[str]:
+    folder = env.data_dir / "files"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def file_spec(tiny_model: Path, file_id: int, **hyperparameters: object) -> dict:
+    spec = job_spec(tiny_model, Path("unused"), **hyperparameters)
+    spec["dataset"] = {"file_id": file_id}
+    return spec
+
+
+def test_upload_jsonl_chat_file(client: httpx.Client, env: Env) -> None:
+    content = jsonl_bytes(chat_rows(5)) + b"\n"  # an empty line is skipped
+    response = upload(client, "chat.jsonl", content)
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record == {"id": record["id"], "created_at": record["created_at"], "filename": "chat.jsonl",
+                      "size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
+                      "row_format": "messages", "rows": 5}
+    assert (env.data_dir / "files" / f"{record['id']}.jsonl").read_bytes() == content
+    assert files_on_disk(env) == [f"{record['id']}.jsonl"]
+    assert client.get(f"/files/{record['id']}").json() == record
+
+
+def test_upload_parquet_prompt_completion_file(client: httpx.Client, env: Env) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "completion": [" x", " y", " z"]}), buffer)
+    content = buffer.getvalue()
+    record = upload(client, "pairs.parquet", content).json()
+    assert (record["row_format"], record["rows"], record["size"]) == ("prompt_completion", 3, len(content))
+    assert record["sha256"] == hashlib.sha256(content).hexdigest()
+    assert files_on_disk(env) == [f"{record['id']}.parquet"]
+
+
+def test_text_rows_in_a_json_file(client: httpx.Client, env: Env) -> None:
+    record = upload(client, "plain.json", jsonl_bytes([{"text": "one"}, {"text": "two"}])).json()
+    assert (record["row_format"], record["rows"]) == ("text", 2)
+    assert files_on_disk(env) == [f"{record['id']}.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "detail"),
+    [
+        ("chat.jsonl", b'{"text": "a"}\n\n{"text": oops}\n', "line 3 is not valid JSON (Expecting value)"),
+        ("chat.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2 is not a JSON object (one row per line)"),
+        ("odd.jsonl", b'{"question": "q", "answer": "a"}\n',
+         "the rows have columns ['answer', 'question']; a row needs 'messages' (chat), "
+         "'prompt' and 'completion', or 'text'"),
+        ("empty.jsonl", b"\n\n", "the file has no rows"),
+        ("chat.csv", b"text\nhello\n", "'chat.csv' is not a .jsonl, .json (JSON Lines) or .parquet file"),
+    ],
+)
+def test_bad_upload_is_422_and_leaves_nothing(client: httpx.Client, env: Env, name: str, content: bytes,
+                                              detail: str) -> None:
+    response = upload(client, name, content)
+    assert response.status_code == 422
+    assert response.json() == {"error": "InvalidFile", "detail": detail}
+    assert files_on_disk(env) == []  # no temporary file either
+    assert client.get("/files").json() == {"items": []}
+
+
+def test_bad_parquet_is_422(client: httpx.Client, env: Env) -> None:
+    response = upload(client, "broken.parquet", b"not parquet at all")
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("not a readable Parquet file (")
+    assert files_on_disk(env) == []
+
+
+def test_upload_over_the_size_limit_is_413_and_leaves_nothing(client: httpx.Client, env: Env,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import get_settings
+
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "100")
+    get_settings.cache_clear()
+    response = upload(client, "chat.jsonl", jsonl_bytes([{"text": "x" * 200}]))
+    assert response.status_code == 413
+    assert response.json() == {"error": "PayloadTooLarge",
+                               "detail": "the file is larger than this server's upload limit of 100 bytes "
+                                         "(MAX_UPLOAD_BYTES)"}
+    assert files_on_disk(env) == []
+    assert client.get("/files").json() == {"items": []}
+    assert upload(client, "small.jsonl", jsonl_bytes([{"text": "x" * 80}])).status_code == 201  # 93 bytes
+
+
+def test_list_get_delete(client: httpx.Client, env: Env) -> None:
+    first = upload(client, "a.jsonl", jsonl_bytes([{"text": "a"}])).json()
+    second = upload(client, "b.jsonl", jsonl_bytes([{"text": "b"}])).json()
+    assert client.get("/files").json() == {"items": [second, first]}  # newest first
+
+    missing = client.get("/files/999")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "NotFound", "detail": "file 999 not found"}
+    assert client.delete("/files/999").json() == {"error": "NotFound", "detail": "file 999 not found"}
+
+    deleted = client.delete(f"/files/{first['id']}")
+    assert deleted.status_code == 204
+    assert deleted.content == b""
+    assert client.get("/files").json() == {"items": [second]}
+    assert files_on_disk(env) == [f"{second['id']}.jsonl"]
+
+
+def test_job_naming_a_file_and_delete_while_in_use(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    file_id = upload(client, "chat.jsonl", jsonl_bytes(chat_rows(8))).json()["id"]
+    jobs = []
+    for _ in range(2):
+        response = client.post("/jobs", json=file_spec(tiny_model, file_id))
+        assert response.status_code == 201, response.text
+        jobs.append(response.json())
+    stored = env.data_dir.resolve() / "files" / f"{file_id}.jsonl"
+    assert jobs[0]["spec"]["dataset"] == {"source": str(stored), "file_id": file_id, "split": "train"}
+
+    refused = client.delete(f"/files/{file_id}")
+    assert refused.status_code == 409
+    assert refused.json() == {"error": "Conflict", "detail": f"file {file_id} is used by job(s) "
+                                                             f"{jobs[0]['id']}, {jobs[1]['id']} which are queued "
+                                                             "or running"}
+    assert stored.is_file()
+
+    for job in jobs:
+        assert client.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    assert client.delete(f"/files/{file_id}").status_code == 204
+    assert not stored.exists()
+    assert client.get(f"/files/{file_id}").status_code == 404
+
+
+def test_job_naming_an_unknown_file_is_422(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    response = client.post("/jobs", json=file_spec(tiny_model, 9))
+    assert response.status_code == 422
+    assert response.json() == {"error": "InvalidSpec", "detail": "dataset.file_id: file 9 does not exist"}
+    assert client.get("/jobs").json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("dataset", "message"),
+    [
+        ({"source": "allenai/tulu-3-sft-mixture", "file_id": 1},
+         "give either dataset.source or dataset.file_id, not both"),
+        ({"split": "train"}, "give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)"),
+    ],
+)
+def test_dataset_needs_exactly_one_of_source_and_file_id(client: httpx.Client, env: Env, tiny_model: Path,
+                                                         dataset: dict, message: str) -> None:
+    upload(client, "chat.jsonl", jsonl_bytes(chat_rows(2)))
+    spec = file_spec(tiny_model, 1)
+    spec["dataset"] = dataset
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 422
+    assert response.json()["errors"] == [{"field": "dataset", "message": message}]
+
+
+def test_files_routes_need_a_token_when_configured(client: httpx.Client, env: Env,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import get_settings
+
+    monkeypatch.setenv("API_TOKENS", "s3cret")
+    get_settings.cache_clear()
+    assert client.get("/files").status_code == 401
+    assert upload(client, "a.jsonl", b'{"text": "a"}\n').status_code == 401
+    assert client.get("/files", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_job_on_an_uploaded_file_trains(client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    from worker.tasks import run_job
+
+    file_id = upload(client, "chat.jsonl", jsonl_bytes(chat_rows(16))).json()["id"]
+    spec = file_spec(tiny_model, file_id, max_steps=2, save_steps=100, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=1, max_seq_length=64)
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    run_job(response.json()["id"])
+    record = client.get(f"/jobs/{response.json()['id']}").json()
+    assert record["status"] == "succeeded", record["error"]
+    assert record["spec"]["dataset"]["file_id"] == file_id
+    events = client.get(f"/jobs/{record['id']}/events").json()["items"]
+    assert next(e["message"] for e in events if e["kind"] == "dataset_loaded").startswith("16 rows in 'messages'")
+    assert client.delete(f"/files/{file_id}").status_code == 204  # the job has finished
