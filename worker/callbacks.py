@@ -141,7 +141,7 @@ class JobReporter(TrainerCallback):
         ))
         job = session.get(Job, self.job_id)
         assert job is not None
-        job.step, job.total_steps, job.epoch = state.global_step, state.max_steps, _finite(state.epoch)
+        job.step, job.epoch = state.global_step, _finite(state.epoch)  # total_steps: on_train_begin
         job.eta_seconds = self._eta_seconds(state)
         job.metrics = metrics
         if vram:

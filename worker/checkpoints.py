@@ -63,16 +63,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pending_checkpoints(job_id: int) -> list[tuple[int, str]]:
-    with session_scope() as session:
-        rows = session.exec(
-            select(Checkpoint.id, Checkpoint.name).where(
-                Checkpoint.job_id == job_id, Checkpoint.status == CheckpointStatus.hashing
-            )
-        ).all()
-    return [(cid, name) for cid, name in rows if cid is not None]
-
-
 def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
     """Hash every file of one checkpoint and mark it ready; a folder that vanished meanwhile
     (rotated away) is marked removed instead."""

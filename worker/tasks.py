@@ -20,14 +20,14 @@ from typing import Any
 
 from rq import get_current_job
 from sqlalchemy import update
-from sqlmodel import col
+from sqlmodel import col, select
 
 from app.config import get_settings
 from app.crud import add_event
 from app.db import get_engine, session_scope
-from app.models import Job, JobStatus, utcnow
+from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from app.reconcile import recover_lost_job
-from worker.checkpoints import hash_checkpoint, pending_checkpoints
+from worker.checkpoints import hash_checkpoint
 from worker.trainer import RESULT_FILE
 
 logger = logging.getLogger(__name__)
@@ -124,30 +124,35 @@ class TrainerWatch:
         try:
             while child.poll() is None:
                 time.sleep(POLL_INTERVAL_S)
-                if time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s:
+                beat = time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s
+                if beat:
                     last_heartbeat = time.monotonic()
-                    self.heartbeat()
-                self.carry_cancel(child)
-                self.hash_new_checkpoints()
+                cancel_requested, pending = self.poll_database(heartbeat=beat)
+                self.carry_cancel(child, cancel_requested)
+                self.hash_checkpoints(pending)
         except BaseException:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
             raise
-        self.hash_new_checkpoints()
+        self.hash_checkpoints(self.poll_database(heartbeat=False)[1])
         for future in list(self.hashing.values()):
             future.result()
         self.hasher.shutdown()
         return self.finish(child.returncode)
 
-    def heartbeat(self) -> None:
+    def poll_database(self, *, heartbeat: bool) -> tuple[bool, list[int]]:
+        """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
+        and the checkpoints the trainer saved that still need hashing."""
         with session_scope() as session:
-            session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
+            if heartbeat:
+                session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
+            cancel_requested_at = session.exec(select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
+            pending = session.exec(select(Checkpoint.id).where(
+                Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing)).all()
+        return cancel_requested_at is not None, [cid for cid in pending if cid is not None]
 
-    def carry_cancel(self, child: subprocess.Popen[bytes]) -> None:
+    def carry_cancel(self, child: subprocess.Popen[bytes], requested: bool) -> None:
         if self.cancel_sent_at is None:
-            with session_scope() as session:
-                job = session.get(Job, self.job_id)
-                requested = job is not None and job.cancel_requested_at is not None
             if requested:
                 child.send_signal(signal.SIGUSR1)
                 self.cancel_sent_at = time.monotonic()
@@ -155,8 +160,8 @@ class TrainerWatch:
             logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
             child.kill()
 
-    def hash_new_checkpoints(self) -> None:
-        for checkpoint_id, _name in pending_checkpoints(self.job_id):
+    def hash_checkpoints(self, checkpoint_ids: list[int]) -> None:
+        for checkpoint_id in checkpoint_ids:
             if checkpoint_id not in self.hashing or self.hashing[checkpoint_id].done():
                 self.hashing[checkpoint_id] = self.hasher.submit(hash_checkpoint, self.job_id, checkpoint_id)
 

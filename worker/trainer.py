@@ -7,6 +7,7 @@ Importing this module imports nothing heavy: the backend decides what is importe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -110,15 +111,22 @@ class Run:
         tokenizer = AutoTokenizer.from_pretrained(self.spec.model)
         return self.apply_chat_template(tokenizer)
 
-    def apply_chat_template(self, tokenizer: Any) -> Any:
-        if self.spec.chat_template_from:
-            from transformers import AutoTokenizer
+    @functools.cached_property
+    def borrowed_chat_template(self) -> str | None:
+        """chat_template_from's template, loaded once (the Unsloth path sets up two tokenizers)."""
+        if not self.spec.chat_template_from:
+            return None
+        from transformers import AutoTokenizer
 
-            donor = AutoTokenizer.from_pretrained(self.spec.chat_template_from)
-            if not donor.chat_template:
-                raise JobFailure("chat_template_missing",
-                                 f"chat_template_from {self.spec.chat_template_from!r} has no chat template")
-            tokenizer.chat_template = donor.chat_template
+        donor = AutoTokenizer.from_pretrained(self.spec.chat_template_from)
+        if not donor.chat_template:
+            raise JobFailure("chat_template_missing",
+                             f"chat_template_from {self.spec.chat_template_from!r} has no chat template")
+        return str(donor.chat_template)
+
+    def apply_chat_template(self, tokenizer: Any) -> Any:
+        if self.borrowed_chat_template is not None:
+            tokenizer.chat_template = self.borrowed_chat_template
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
