@@ -24,6 +24,7 @@ from common import (
 parser = argparse.ArgumentParser()
 parser.add_argument("--backend", choices=["unsloth", "transformers"], required=True)
 parser.add_argument("--out", required=True)
+parser.add_argument("--tag", default="", help="appended to the result's name (planner points)")
 add_workload_args(parser)
 args, _service_only = parser.parse_known_args()  # bench/run passes the same flags to every variant
 
@@ -93,7 +94,8 @@ def main() -> None:
     probe.close()
     config = json.loads((model_dir / "config.json").read_text())
     rate = step_rate(clock.step_ends, tokens_per_step(s))
-    save(Path(args.out), {"unsloth": "bare_unsloth", "transformers": "plain_trl"}[args.backend], {
+    name = {"unsloth": "bare_unsloth", "transformers": "plain_trl"}[args.backend]
+    save(Path(args.out), f"{name}-{args.tag}" if args.tag else name, {
         "variant": {"unsloth": "b: bare Unsloth recipe", "transformers": "c: plain transformers + TRL"}[args.backend],
         "settings": s,
         **rate,

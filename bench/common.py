@@ -20,7 +20,12 @@ SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "phi-4-14b": PHI_4_14B,
 # Every row is longer than the sequence length, so every sample is truncated to exactly
 # seq_len tokens and a step trains micro_batch * grad_accum * seq_len tokens: tokens/s is then
 # arithmetic, and the bare scripts need no token counting of their own.
-WORDS_PER_ROW = 6000
+MIN_WORDS_PER_ROW = 6000
+
+
+def words_per_row(seq_len: int) -> int:
+    """Enough words that a row outlasts seq_len tokens (each word is at least one token)."""
+    return max(MIN_WORDS_PER_ROW, seq_len + seq_len // 4)
 
 
 def add_workload_args(parser: Any) -> None:
@@ -52,10 +57,12 @@ def prepare(workdir: Path, shape: str, seq_len: int, rows: int) -> tuple[Path, P
     model_dir = workdir / "models" / shape
     if not (model_dir / "config.json").exists():
         started = time.monotonic()
+        # The real Llama-3.1 context, so one model serves every sequence length measured.
         build_llama(model_dir, shape=dict(SHAPES[shape]), dtype="bfloat16", device="cuda",
-                    max_position_embeddings=max(seq_len, 4096))
+                    max_position_embeddings=max(seq_len, 131072))
         print(f"built {shape} in {time.monotonic() - started:.1f} s", flush=True)
-    dataset = workdir / "datasets" / f"long-chat-{rows}.jsonl"
+    words = words_per_row(seq_len)
+    dataset = workdir / "datasets" / f"long-chat-{rows}-{words}.jsonl"
     if not dataset.exists():
         import random
 
@@ -64,7 +71,7 @@ def prepare(workdir: Path, shape: str, seq_len: int, rows: int) -> tuple[Path, P
         rng = random.Random(0)
         write_jsonl(dataset, [{"messages": [
             {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(50))},
-            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(WORDS_PER_ROW))},
+            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(words))},
         ]} for _ in range(rows)])
     return model_dir, dataset
 
