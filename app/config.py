@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # How long a running job may take to stop after a cancel before its trainer is killed.
     cancel_grace_s: float = Field(default=300.0, gt=0)
 
+    # --- datasets ------------------------------------------------------------------------
+    # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
+    max_bad_row_fraction: float = Field(default=0.01, ge=0, le=1)
+
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
     gpu_memory_bytes: int | None = Field(default=None, gt=0)

@@ -11,7 +11,7 @@ from typing import BinaryIO
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from app import uploads
+from app import datacheck, uploads
 from app.config import get_settings
 from app.errors import Conflict, DoesNotFit, InvalidFile, InvalidSpec, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
@@ -54,8 +54,8 @@ def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None,
 
 
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
-    if job_in.dataset.file_id is not None:
-        job_in = _with_uploaded_source(session=session, job_in=job_in)
+    job_in = _with_uploaded_sources(session=session, job_in=job_in)
+    data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
         memory, disk = estimate(job_in=job_in, allow_network=False)
     except PlanError as exc:
@@ -69,11 +69,12 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     spec = job_in.model_dump(mode="json")
     if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
         del spec["dataset"]["file_id"]
-    job = Job(spec=spec)
+    job = Job(spec=spec, data_report=data_check.report)
     session.add(job)
     session.flush()
     assert job.id is not None
-    add_event(session=session, job_id=job.id, kind="queued", message=f"job accepted and queued; {plan_note}")
+    add_event(session=session, job_id=job.id, kind="queued",
+              message=f"job accepted and queued; {data_check.note}; {plan_note}")
     session.commit()
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
     # down now, the row stays queued and the reconciler enqueues it once Redis is back.
@@ -171,15 +172,20 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     return checkpoint
 
 
-def _with_uploaded_source(*, session: Session, job_in: JobSpec) -> JobSpec:
-    """The spec with dataset.source set to the uploaded file's path, so the trainer reads it as
-    any local file; the stored spec keeps file_id too."""
-    file_id = job_in.dataset.file_id
-    uploaded = session.get(UploadedFile, file_id)
-    if uploaded is None:
-        raise InvalidSpec(f"dataset.file_id: file {file_id} does not exist")
-    source = str(get_settings().data_dir.resolve() / uploaded.path)
-    return job_in.model_copy(update={"dataset": job_in.dataset.model_copy(update={"source": source})})
+def _with_uploaded_sources(*, session: Session, job_in: JobSpec) -> JobSpec:
+    """The spec with each file_id's source set to the uploaded file's path, so the trainer reads
+    it as any local file; the stored spec keeps file_id too."""
+    update: dict[str, object] = {}
+    for field in ("dataset", "validation"):
+        part = getattr(job_in, field)
+        if part is None or part.file_id is None or part.source:
+            continue
+        uploaded = session.get(UploadedFile, part.file_id)
+        if uploaded is None:
+            raise InvalidSpec(f"{field}.file_id: file {part.file_id} does not exist")
+        source = str(get_settings().data_dir.resolve() / uploaded.path)
+        update[field] = part.model_copy(update={"source": source})
+    return job_in.model_copy(update=update) if update else job_in
 
 
 def create_file(*, session: Session, upload: BinaryIO, filename: str | None) -> UploadedFile:
@@ -192,13 +198,14 @@ def create_file(*, session: Session, upload: BinaryIO, filename: str | None) -> 
     ext = uploads.extension(name)
     files_dir = settings.files_dir()
     files_dir.mkdir(parents=True, exist_ok=True)
-    incoming = files_dir / f".incoming-{uuid.uuid4().hex}"
+    incoming = files_dir / f".incoming-{uuid.uuid4().hex}.{ext}"
     final = None
     try:
         size, sha256 = uploads.receive(upload, incoming, limit=settings.max_upload_bytes)
-        row_format, rows = uploads.inspect(incoming, ext)
+        check = uploads.inspect(incoming, name)
         uploaded = UploadedFile(filename=name, path=f"files/{incoming.name}", size_bytes=size, sha256=sha256,
-                                row_format=row_format, rows=rows)
+                                row_format=check.row_format, columns=check.columns, rows=check.rows,
+                                bad_rows=check.bad_rows, bad_row_examples=check.problems)
         session.add(uploaded)
         session.flush()
         uploaded.path = f"files/{uploaded.id}.{ext}"
@@ -231,7 +238,8 @@ def delete_file(*, session: Session, file_id: int) -> None:
     active = session.exec(
         select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
     ).all()
-    users = [str(job.id) for job in active if (job.spec.get("dataset") or {}).get("file_id") == file_id]
+    users = [str(job.id) for job in active
+             if file_id in {(job.spec.get(part) or {}).get("file_id") for part in ("dataset", "validation")}]
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued or running")
     session.delete(uploaded)

@@ -54,6 +54,13 @@ class InvalidFile(AppError):
     status_code = 422
 
 
+class InvalidDataset(AppError):
+    """A job whose dataset was read before queuing and cannot train: no row format fits, too many
+    malformed rows (listed with their row numbers), options that do not suit the rows."""
+
+    status_code = 422
+
+
 class InvalidSpec(AppError):
     """A spec that validates but names something that does not exist (an unknown file id)."""
 

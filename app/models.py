@@ -74,6 +74,8 @@ class Job(SQLModel, table=True):
     total_steps: int | None = None
     epoch: float | None = None
     eta_seconds: float | None = None
+    # What a running job is doing: checking_data, loading_model, preparing, training, evaluating, saving.
+    phase: str | None = None
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     vram: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # What the trainer found in the dataset before training (rows, token lengths, steps).
@@ -104,6 +106,7 @@ class StepLog(SQLModel, table=True):
     grad_norm: float | None = None
     tokens_per_second: float | None = None
     num_tokens: int | None = None
+    eval_loss: float | None = None  # set on the steps where the validation set was evaluated
     vram_allocated: int | None = None
     vram_reserved: int | None = None
     vram_peak_allocated: int | None = None
@@ -153,5 +156,10 @@ class UploadedFile(SQLModel, table=True):
     path: str  # relative to DATA_DIR, e.g. "files/3.jsonl"
     size_bytes: int = Field(sa_column=Column(BigInteger(), nullable=False))
     sha256: str
-    row_format: str  # messages, prompt_completion or text
+    # messages, prompt_completion or text; None when no format fits the columns as uploaded (a
+    # job's dataset.columns can still map them).
+    row_format: str | None = None
+    columns: list[str] | None = Field(default=None, sa_column=Column(JSON))
     rows: int = Field(sa_column=Column(BigInteger(), nullable=False))
+    bad_rows: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False, server_default="0"))
+    bad_row_examples: list[str] | None = Field(default=None, sa_column=Column(JSON))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from app.models import Checkpoint, Job, JobEvent, StepLog, UploadedFile
+from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 from app.schemas import (
     CheckpointFile,
     CheckpointPublic,
@@ -46,6 +46,7 @@ def job_public(job: Job) -> JobPublic:
         backend=job.backend,
         versions=job.versions,
         attempts=job.attempts,
+        phase=job.phase if job.status == JobStatus.running else None,
         cancel_requested=job.cancel_requested_at is not None,
         progress=Progress(step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent,
                           eta_seconds=job.eta_seconds),
@@ -62,7 +63,7 @@ def step_log_public(row: StepLog) -> StepLogPublic:
     return StepLogPublic(
         step=row.step, epoch=row.epoch, created_at=row.created_at, loss=row.loss,
         learning_rate=row.learning_rate, grad_norm=row.grad_norm, tokens_per_second=row.tokens_per_second,
-        num_tokens=row.num_tokens,
+        num_tokens=row.num_tokens, eval_loss=row.eval_loss,
         vram=vram({"allocated": row.vram_allocated, "reserved": row.vram_reserved,
                    "peak_allocated": row.vram_peak_allocated, "device_used": row.device_used,
                    "device_total": row.device_total}),
@@ -87,4 +88,5 @@ def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
 def file_public(row: UploadedFile) -> FilePublic:
     assert row.id is not None
     return FilePublic(id=row.id, created_at=row.created_at, filename=row.filename, size=row.size_bytes,
-                      sha256=row.sha256, row_format=row.row_format, rows=row.rows)  # type: ignore[arg-type]
+                      sha256=row.sha256, row_format=row.row_format, columns=row.columns or [],  # type: ignore[arg-type]
+                      rows=row.rows, bad_rows=row.bad_rows, bad_row_examples=row.bad_row_examples or [])

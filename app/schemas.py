@@ -11,9 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.config import get_settings
 from app.models import CheckpointStatus, JobStatus
+from app.rows import COLUMN_NAMES
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+SPLIT_PATTERN = r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$"
 
 Backend = Literal["auto", "unsloth", "transformers"]
 Optimizer = Literal[
@@ -56,6 +58,15 @@ def check_source(value: str, what: str) -> str:
     return value
 
 
+def _stored_file_source(source: str, file_id: int | None, what: str) -> None:
+    """A spec names data by source or by file_id; both only in the stored form, where source is
+    that uploaded file's own path (the trainer reads source)."""
+    if source and file_id is not None:
+        path = Path(source)
+        if path.parent != get_settings().files_dir() or path.stem != str(file_id):
+            raise ValueError(f"give either {what}.source or {what}.file_id, not both")
+
+
 class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,22 +75,64 @@ class DatasetSpec(BaseModel):
                         "or a folder saved by `datasets`")
     file_id: int | None = Field(default=None, ge=1, description="a file uploaded with POST /files, instead of "
                                 "source; the stored spec then holds both")
-    split: str = Field(default="train", pattern=r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$")
+    split: str = Field(default="train", pattern=SPLIT_PATTERN)
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="our column name -> the dataset's, for datasets whose fields have "
+        "other names, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}; applies to the validation set too")
 
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        return check_source(value, "dataset source")
+        return check_source(value, "dataset source") if value else value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        for ours, theirs in value.items():
+            if ours not in COLUMN_NAMES:
+                raise ValueError(f"columns: {ours!r} is not one of our column names {sorted(COLUMN_NAMES)}; "
+                                 "map each of ours to the dataset's, e.g. {\"prompt\": \"question\"}")
+            if not theirs.strip():
+                raise ValueError(f"columns.{ours} must name a column of the dataset")
+        if len(set(value.values())) != len(value):
+            raise ValueError("columns maps two of our names onto the same dataset column")
+        return value
 
     @model_validator(mode="after")
     def _one_of_source_and_file(self) -> DatasetSpec:
         if not self.source and self.file_id is None:
             raise ValueError("give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)")
-        # Both only in the stored form, where source is that uploaded file's own path.
-        if self.source and self.file_id is not None:
-            path = Path(self.source)
-            if path.parent != get_settings().files_dir() or path.stem != str(self.file_id):
-                raise ValueError("give either dataset.source or dataset.file_id, not both")
+        _stored_file_source(self.source, self.file_id, "dataset")
+        return self
+
+
+class ValidationSpec(BaseModel):
+    """Where the validation set comes from: a fraction of the training rows held out with the
+    job's seed, another split of the dataset's source, or another file or source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float | None = Field(default=None, gt=0, le=0.5, description="hold out this share of the training "
+                                   "rows (after the checks), chosen with hyperparameters.seed")
+    source: str = Field(default="", description="a Hub dataset id or local file, like dataset.source")
+    file_id: int | None = Field(default=None, ge=1, description="an uploaded file")
+    split: str | None = Field(default=None, pattern=SPLIT_PATTERN, description="alone: this split of "
+                              "dataset.source; with source: that source's split (default 'train')")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return check_source(value, "validation source") if value else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ValidationSpec:
+        named = bool(self.source) or self.file_id is not None
+        if self.fraction is not None and (named or self.split):
+            raise ValueError("validation takes a fraction of the training rows, or a split, source or file_id; "
+                             "not both")
+        if self.fraction is None and not named and not self.split:
+            raise ValueError("give validation.fraction, validation.split, validation.source or validation.file_id")
+        _stored_file_source(self.source, self.file_id, "validation")
         return self
 
 
@@ -103,6 +156,18 @@ class Hyperparameters(BaseModel):
     logging_steps: int = Field(default=25, ge=1)
     save_steps: int = Field(default=10000, ge=1)
     save_total_limit: int | None = Field(default=None, ge=1)
+    # What the loss is computed on (TRL's names and defaults).
+    completion_only_loss: bool | None = Field(
+        default=None, description="prompt/completion rows: train on the completion only (null: yes, as TRL does)")
+    assistant_only_loss: bool = Field(
+        default=False, description="chat rows: train on the assistant turns only (the chat template needs "
+        "{% generation %} markers; TRL adds them for the templates it knows)")
+    packing: bool = Field(default=False, description="pack several rows into each max_seq_length sequence "
+                          "(TRL's best-fit decreasing packing)")
+    eval_steps: int | None = Field(default=None, ge=1, description="evaluate the validation set every this many "
+                                   "steps (null: every logging_steps)")
+    per_device_eval_batch_size: int | None = Field(default=None, ge=1, le=1024,
+                                                   description="null: per_device_train_batch_size")
 
 
 class JobSpec(BaseModel):
@@ -126,8 +191,21 @@ class JobSpec(BaseModel):
     chat_template_from: str | None = Field(
         default=None, description="take the chat template from this tokenizer instead of the model's"
     )
+    validation: ValidationSpec | None = Field(default=None, description="a validation set, evaluated every "
+                                              "eval_steps; its loss is eval_loss in the step logs")
     backend: Backend = "auto"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> JobSpec:
+        hp = self.hyperparameters
+        if hp.assistant_only_loss and hp.completion_only_loss:
+            raise ValueError("hyperparameters: assistant_only_loss is for chat rows and completion_only_loss for "
+                             "prompt/completion rows; set one of them")
+        if self.validation is None and (hp.eval_steps or hp.per_device_eval_batch_size):
+            raise ValueError("hyperparameters.eval_steps and per_device_eval_batch_size need a validation set "
+                             "(validation: {\"fraction\": 0.02}, a split, a source or a file_id)")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -162,6 +240,8 @@ class Metrics(BaseModel):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
+    eval_loss: float | None = Field(default=None, description="the validation set's loss at its latest evaluation")
+    eval_step: int | None = Field(default=None, description="the step of that evaluation")
 
 
 class Vram(BaseModel):
@@ -196,13 +276,17 @@ class JobPublic(BaseModel):
     backend: str | None
     versions: dict[str, Any] | None
     attempts: int
+    phase: str | None = Field(description="while running: checking_data, loading_model, preparing, training, "
+                              "evaluating or saving")
     cancel_requested: bool
     progress: Progress
     metrics: Metrics
     vram: Vram
     data_report: dict[str, Any] | None = Field(
-        description="rows, tokens per row (min, median, p95, max), rows_truncated, tokens_cut_by_truncation, "
-                    "tokens_per_epoch, optimizer_steps, tokens_to_train; set before the model is loaded")
+        description="rows, bad_rows with examples, tokens per row (min, median, p95, max), rows_truncated, "
+                    "tokens_cut_by_truncation, tokens_per_epoch, loss_tokens_per_epoch, optimizer_steps, "
+                    "tokens_to_train, validation; rows are checked before queuing for local files, token figures "
+                    "come from the job's first phase, before the model is loaded (docs/datasets.md)")
     error: JobError | None
     links: dict[str, str]
 
@@ -221,6 +305,7 @@ class StepLogPublic(BaseModel):
     grad_norm: float | None
     tokens_per_second: float | None
     num_tokens: int | None
+    eval_loss: float | None = Field(description="set on steps where the validation set was evaluated")
     vram: Vram
 
 
@@ -266,8 +351,13 @@ class FilePublic(BaseModel):
     filename: str = Field(description="the name the client uploaded it under")
     size: int
     sha256: str
-    row_format: Literal["messages", "prompt_completion", "text"]
-    rows: int
+    row_format: Literal["messages", "prompt_completion", "text"] | None = Field(
+        description="null when no format fits the columns as uploaded; a job's dataset.columns can map them")
+    columns: list[str]
+    rows: int = Field(description="every row, good or bad")
+    bad_rows: int = Field(description="rows that are not valid JSON objects or not of the row format; a job "
+                          "skips them, or is refused when they are more than MAX_BAD_ROW_FRACTION of the rows")
+    bad_row_examples: list[str] = Field(description="the first few, with line (JSON Lines) or row numbers")
 
 
 class FileList(BaseModel):

@@ -1,19 +1,18 @@
 """Receiving dataset uploads: stream to a temporary file with a size limit and a sha256, then
-check the rows (format and count) without torch or datasets, which only the trainer imports."""
+read and check every row (app.rows) without torch or datasets, which only the trainer imports."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from app.errors import InvalidFile, PayloadTooLarge
+from app.rows import DataError, RowCheck, check_file
 
 CHUNK_BYTES = 1024 * 1024
 # The uploaded name's extension -> the stored file's (.json is read as JSON Lines, as `datasets` does).
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-NEEDED = "a row needs 'messages' (chat), 'prompt' and 'completion', or 'text'"
 
 
 def clean_name(filename: str | None) -> str:
@@ -43,50 +42,17 @@ def receive(source: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def row_format(keys: list[str]) -> str:
-    if "messages" in keys:
-        return "messages"
-    if "prompt" in keys and "completion" in keys:
-        return "prompt_completion"
-    if "text" in keys:
-        return "text"
-    raise InvalidFile(f"the rows have columns {sorted(keys)}; {NEEDED}")
-
-
-def inspect(path: Path, ext: str) -> tuple[str, int]:
-    """The row format (from the first row's keys) and the number of rows."""
-    if ext == "parquet":
-        return _inspect_parquet(path)
-    found, rows = None, 0
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                raise InvalidFile(f"line {number} is not valid JSON ({reason})") from None
-            if not isinstance(row, dict):
-                raise InvalidFile(f"line {number} is not a JSON object (one row per line)")
-            if found is None:
-                found = row_format(list(row))
-            rows += 1
-    if found is None:
-        raise InvalidFile("the file has no rows")
-    return found, rows
-
-
-def _inspect_parquet(path: Path) -> tuple[str, int]:
-    import pyarrow.parquet as pq
-
+def inspect(path: Path, name: str) -> RowCheck:
+    """Read and check every row. A file with no readable row is refused; one whose columns fit no
+    row format is kept (a job's dataset.columns can map them), as are bad rows, which are
+    counted and shown with the file."""
     try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow.ArrowInvalid and friends
-        raise InvalidFile(f"not a readable Parquet file ({exc})") from None
-    with parquet:
-        rows = parquet.metadata.num_rows
-        found = row_format(list(parquet.schema_arrow.names))
-    if rows == 0:
+        check = check_file(path)
+    except DataError as exc:  # named after the temporary file: show the client's name
+        raise InvalidFile(str(exc).replace(path.name, repr(name))) from None
+    if check.rows == 0:
         raise InvalidFile("the file has no rows")
-    return found, rows
+    if not check.columns:  # columns come from the first readable row
+        shown = "; ".join(check.problems[:5])
+        raise InvalidFile(f"no row of the file could be read: {shown}")
+    return check

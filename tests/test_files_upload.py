@@ -42,7 +42,8 @@ def test_upload_jsonl_chat_file(client: httpx.Client, env: Env) -> None:
     record = response.json()
     assert record == {"id": record["id"], "created_at": record["created_at"], "filename": "chat.jsonl",
                       "size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                      "row_format": "messages", "rows": 5}
+                      "row_format": "messages", "columns": ["messages"], "rows": 5, "bad_rows": 0,
+                      "bad_row_examples": []}
     assert (env.data_dir / "files" / f"{record['id']}.jsonl").read_bytes() == content
     assert files_on_disk(env) == [f"{record['id']}.jsonl"]
     assert client.get(f"/files/{record['id']}").json() == record
@@ -64,14 +65,26 @@ def test_text_rows_in_a_json_file(client: httpx.Client, env: Env) -> None:
     assert files_on_disk(env) == [f"{record['id']}.jsonl"]
 
 
+def test_upload_counts_bad_rows_with_line_numbers(client: httpx.Client, env: Env) -> None:
+    content = b'{"text": "a"}\n\n{"text": oops}\n[1, 2]\n{"text": ""}\n{"text": "b"}\n'
+    record = upload(client, "mixed.jsonl", content).json()
+    assert (record["row_format"], record["rows"], record["bad_rows"]) == ("text", 5, 3)
+    assert record["bad_row_examples"] == ["line 3: not valid JSON (Expecting value)",
+                                          "line 4: not a JSON object (one row per line)",
+                                          "line 5: 'text' must be a non-empty string"]
+    assert files_on_disk(env) == [f"{record['id']}.jsonl"]  # kept: a job skips bad rows, or is refused
+
+
+def test_upload_with_columns_of_other_names_is_kept_for_a_mapping(client: httpx.Client, env: Env) -> None:
+    record = upload(client, "qa.jsonl", jsonl_bytes([{"question": "q", "answer": "a"}] * 3)).json()
+    assert (record["row_format"], record["columns"], record["rows"]) == (None, ["question", "answer"], 3)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "detail"),
     [
-        ("chat.jsonl", b'{"text": "a"}\n\n{"text": oops}\n', "line 3 is not valid JSON (Expecting value)"),
-        ("chat.jsonl", b'{"text": "a"}\n[1, 2]\n', "line 2 is not a JSON object (one row per line)"),
-        ("odd.jsonl", b'{"question": "q", "answer": "a"}\n',
-         "the rows have columns ['answer', 'question']; a row needs 'messages' (chat), "
-         "'prompt' and 'completion', or 'text'"),
+        ("broken.jsonl", b'{"text": oops}\n[1]\n', "no row of the file could be read: line 1: not valid JSON "
+         "(Expecting value); line 2: not a JSON object (one row per line)"),
         ("empty.jsonl", b"\n\n", "the file has no rows"),
         ("chat.csv", b"text\nhello\n", "'chat.csv' is not a .jsonl, .json (JSON Lines) or .parquet file"),
     ],
@@ -88,7 +101,7 @@ def test_bad_upload_is_422_and_leaves_nothing(client: httpx.Client, env: Env, na
 def test_bad_parquet_is_422(client: httpx.Client, env: Env) -> None:
     response = upload(client, "broken.parquet", b"not parquet at all")
     assert response.status_code == 422
-    assert response.json()["detail"].startswith("not a readable Parquet file (")
+    assert response.json()["detail"].startswith("'broken.parquet' is not a readable Parquet file (")
     assert files_on_disk(env) == []
 
 
@@ -133,7 +146,7 @@ def test_job_naming_a_file_and_delete_while_in_use(client: httpx.Client, env: En
         assert response.status_code == 201, response.text
         jobs.append(response.json())
     stored = env.data_dir.resolve() / "files" / f"{file_id}.jsonl"
-    assert jobs[0]["spec"]["dataset"] == {"source": str(stored), "file_id": file_id, "split": "train"}
+    assert jobs[0]["spec"]["dataset"] == {"source": str(stored), "file_id": file_id, "split": "train", "columns": {}}
 
     refused = client.delete(f"/files/{file_id}")
     assert refused.status_code == 409

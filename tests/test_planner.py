@@ -57,6 +57,22 @@ def test_estimate_is_within_15_percent_of_the_measured_nvml_peak(shape: dict[str
     assert abs(plan.total_bytes - peak_bytes) / peak_bytes < 0.15, (where, plan.total_bytes / GIB, peak_bytes / GIB)
 
 
+POINTS = json.loads((RESULTS / "2026-11-28-nvidia-h100-80gb-hbm3-planner-points.json").read_text())["points"]
+SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "small": SMALL}
+
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: "{shape}-mb{micro_batch}-seq{seq_len}".format(**p["settings"]))
+def test_estimate_is_within_15_percent_at_the_points_measured_for_the_planner(point: dict) -> None:
+    """bench/planner_points, 2026-11-28, H100: larger micro-batches and longer sequences than the
+    fit used; none of these points were fitted."""
+    s = point["settings"]
+    hp = Hyperparameters(per_device_train_batch_size=s["micro_batch"], gradient_accumulation_steps=s["grad_accum"],
+                         max_seq_length=s["seq_len"])
+    plan = plan_memory(shape_from_config(dict(SHAPES[s["shape"]])), hp, gpu_memory_bytes=None)
+    peak = point["nvml_device_used_peak_bytes"]
+    assert abs(plan.total_bytes - peak) / peak < 0.15, (s, plan.total_bytes / GIB, peak / GIB)
+
+
 def test_parts_of_an_8b_plan() -> None:
     plan = plan_memory(shape_from_config(dict(LLAMA_3_1_8B)), Hyperparameters(), gpu_memory_bytes=80 * 10**9)
     p = 8_030_261_248

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from app.crud import add_event
@@ -64,6 +64,10 @@ class JobReporter(TrainerCallback):
         self.first_step_seconds: float | None = None
         self.overhead_s = 0.0
         self._train_start = 0.0
+        self._eval_steps: set[int] = set()
+
+    def evaluated_at(self, step: int) -> bool:
+        return step in self._eval_steps
 
     # --- helpers ----------------------------------------------------------------------
     def _eta_seconds(self, state: TrainerState) -> float | None:
@@ -115,6 +119,11 @@ class JobReporter(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         logs = logs or {}
+        if "eval_loss" in logs:
+            self._eval_steps.add(state.global_step)
+            with session_scope() as session:
+                self._write_eval(session, state, _finite(logs["eval_loss"]))
+            return
         if "loss" not in logs:
             return  # the end-of-training summary (train_runtime, ...) is not a step log
         now = time.monotonic()
@@ -128,6 +137,23 @@ class JobReporter(TrainerCallback):
         metrics["tokens_per_second"] = tokens_per_second
         with session_scope() as session:
             self._write_log(session, state, metrics, vram, tokens)
+
+    def _write_eval(self, session: Session, state: TrainerState, eval_loss: float | None) -> None:
+        """The eval loss joins the step's log row (the Trainer logs training first, then evaluates),
+        or gets a row of its own when eval_steps is not a multiple of logging_steps."""
+        row = session.exec(select(StepLog).where(StepLog.job_id == self.job_id, StepLog.step == state.global_step)
+                           .order_by(col(StepLog.id).desc())).first()
+        if row is None:
+            row = StepLog(job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch))
+        row.eval_loss = eval_loss
+        session.add(row)
+        job = session.get(Job, self.job_id)
+        assert job is not None
+        job.metrics = {**(job.metrics or {}), "eval_loss": eval_loss, "eval_step": state.global_step}
+        session.add(job)
+        add_event(session=session, job_id=self.job_id, kind="evaluated",
+                  message=f"validation loss {eval_loss if eval_loss is None else round(eval_loss, 4)} "
+                          f"at step {state.global_step}")
 
     def _write_log(self, session: Session, state: TrainerState, metrics: dict[str, float | None],
                    vram: dict[str, int | None], tokens: float) -> None:
@@ -143,7 +169,8 @@ class JobReporter(TrainerCallback):
         assert job is not None
         job.step, job.epoch = state.global_step, _finite(state.epoch)  # total_steps: on_train_begin
         job.eta_seconds = self._eta_seconds(state)
-        job.metrics = metrics
+        earlier = job.metrics or {}
+        job.metrics = {**metrics, **{k: earlier[k] for k in ("eval_loss", "eval_step") if k in earlier}}
         if vram:
             job.vram = vram
         session.add(job)

@@ -1,159 +1,235 @@
-"""Loading a job's dataset and bringing its rows into one of the shapes TRL's SFTTrainer takes."""
+"""A job's dataset and validation set: loaded, every row checked (app.rows, the rules the API
+applies before queuing), bad rows skipped or the job refused, and the rows measured in tokens."""
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from app.rows import (
+    FORMATS,
+    SHAREGPT_ROLES,
+    DataError,
+    RowCheck,
+    check_file,
+    detect_format,
+    is_conversational,
+    map_row,
+    mapped_columns,
+    read_rows,
+    row_problem,
+)
 from worker.failures import JobFailure
 
-# Which columns a row format needs, in the order they are recognised.
-FORMATS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-ROLES = {"system", "user", "assistant", "tool"}
-# Rows checked for shape before training; the rest are checked by TRL as it tokenizes.
-CHECK_ROWS = 1000
+# Parallel workers for row checks and token counts pay off from this many rows.
+PARALLEL_FROM_ROWS = 20_000
 
 
-def load_rows(source: str, split: str) -> Dataset:
+def _num_proc(rows: int) -> int | None:
+    return min(8, os.cpu_count() or 1) if rows >= PARALLEL_FROM_ROWS else None
+
+
+def normalized(row: dict[str, Any], row_format: str) -> dict[str, Any]:
+    """ShareGPT turns ({"from": "gpt", "value": ...}) as chat messages ({"role", "content"})."""
+    def turns(value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+            return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in value]
+        return value
+
+    return {column: turns(row[column]) for column in FORMATS[row_format]}
+
+
+def _good_file_rows(path: str, mapping: dict[str, str], row_format: str, stamp: str) -> Iterator[dict[str, Any]]:
+    """The rows of a local file that pass the checks. `stamp` (size and mtime) is only there so
+    that `datasets`' generator cache, keyed on these arguments, never serves a changed file."""
+    for _where, row, _problem in read_rows(Path(path)):
+        if row is None:
+            continue
+        mapped = map_row(row, mapping)
+        if all(c in mapped for c in FORMATS[row_format]) and row_problem(mapped, row_format) is None:
+            yield normalized(mapped, row_format)
+
+
+def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
+    if check.row_format is None:
+        try:
+            detect_format(check.columns)
+        except DataError as exc:
+            raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+    reason = check.refusal(max_bad_fraction, what)
+    if reason:
+        raise JobFailure("dataset_invalid", reason)
+
+
+def _load_file(path: Path, mapping: dict[str, str], what: str, max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+    try:
+        check = check_file(path, mapping)
+    except DataError as exc:
+        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+    _refuse(check, what, max_bad_fraction)
+    assert check.row_format is not None
+    stat = path.stat()
+    dataset = Dataset.from_generator(_good_file_rows, gen_kwargs={
+        "path": str(path), "mapping": mapping, "row_format": check.row_format,
+        "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+    assert isinstance(dataset, Dataset)
+    return dataset, check
+
+
+def _load_other(source: str, split: str) -> Dataset:
+    """A Hub dataset, or a folder saved by `datasets` (save_to_disk)."""
     path = Path(source)
-    if path.is_absolute():
-        return _load_local(path, split)
-    loaded = load_dataset(source, split=split)
-    assert isinstance(loaded, Dataset)
-    return loaded
-
-
-def _load_local(path: Path, split: str) -> Dataset:
-    if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-            raise JobFailure(
-                "dataset_invalid",
-                f"{path} is a folder but not one saved by `datasets` (save_to_disk); give a .jsonl, .json "
-                "or .parquet file, or such a folder",
-            )
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise JobFailure("dataset_invalid", f"{path} has no split {split!r}; it has {sorted(loaded)}")
-            return loaded[split]
+    if not path.is_absolute():
+        loaded = load_dataset(source, split=split)
+        assert isinstance(loaded, Dataset)
         return loaded
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise JobFailure(
-            "dataset_invalid", f"{path.name}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet"
-        )
-    loaded = load_dataset(builder, data_files=str(path), split="train")
-    assert isinstance(loaded, Dataset)
-    return loaded
+    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise JobFailure("dataset_invalid", f"{path} is a folder but not one saved by `datasets` (save_to_disk); "
+                         "give a .jsonl, .json or .parquet file, or such a folder")
+    folder = load_from_disk(str(path))
+    if isinstance(folder, DatasetDict):
+        if split not in folder:
+            raise JobFailure("dataset_invalid", f"{path} has no split {split!r}; it has {sorted(folder)}")
+        return folder[split]
+    return folder
 
 
-def detect_format(dataset: Dataset) -> str:
-    columns = set(dataset.column_names)
-    for name, needed in FORMATS.items():
-        if set(needed) <= columns:
-            return name
-    raise JobFailure(
-        "dataset_invalid",
-        f"the dataset's rows have columns {sorted(columns)}; a row needs 'messages' (chat), "
-        "'prompt' and 'completion', or 'text'",
-    )
+def _problems(batch: dict[str, list[Any]], indices: list[int], *, row_format: str) -> dict[str, list[Any]]:
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    return {"problem": [row_problem(row, row_format) for row in rows], "index": indices}
 
 
-def _check_row(row: dict[str, Any], row_format: str) -> str | None:
-    if row_format == "messages":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list"
-        for turn in messages:
-            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-                return "each message needs 'role' and 'content'"
-            if turn["role"] not in ROLES:
-                return f"unknown role {turn['role']!r} (expected one of {sorted(ROLES)})"
-        if not any(turn["role"] == "assistant" for turn in messages):
-            return "no assistant turn to learn from"
-        return None
-    for column in FORMATS[row_format]:
-        value = row[column]
-        if not isinstance(value, (str, list)) or not value:
-            return f"{column!r} must be a non-empty string"
-    return None
-
-
-def prepare_dataset(dataset: Dataset, *, has_chat_template: bool) -> tuple[Dataset, str]:
-    """Keep only the columns TRL needs, after checking the first rows' shape."""
-    if len(dataset) == 0:
-        raise JobFailure("dataset_invalid", "the dataset has no rows")
-    row_format = detect_format(dataset)
-    problems = []
-    for index, row in enumerate(dataset.select(range(min(CHECK_ROWS, len(dataset))))):
-        problem = _check_row(row, row_format)
+def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
+                   max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+    try:
+        columns = mapped_columns(dataset.column_names, mapping)
+    except DataError as exc:
+        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+    shadowed = [c for c in mapping if c in dataset.column_names and c not in mapping.values()]
+    dataset = dataset.remove_columns(shadowed).rename_columns({theirs: ours for ours, theirs in mapping.items()})
+    check = RowCheck(row_format=None, columns=columns)
+    try:
+        row_format = check.row_format = detect_format(columns)
+    except DataError as exc:
+        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+    dataset = dataset.select_columns(list(FORMATS[row_format]))
+    found = dataset.map(_problems, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                        fn_kwargs={"row_format": row_format}, num_proc=_num_proc(len(dataset)),
+                        desc=f"Checking every row of {what}")
+    bad = set()
+    for index, problem in zip(found["index"], found["problem"], strict=True):
+        check.add(f"row {index}", problem)
         if problem:
-            problems.append(f"row {index}: {problem}")
-    if problems:
-        shown = "; ".join(problems[:5])
-        raise JobFailure("dataset_invalid", f"{len(problems)} malformed row(s) among the first checked: {shown}")
-    is_chat = row_format == "messages" or (
-        row_format == "prompt_completion" and isinstance(dataset[0]["prompt"], list)
-    )
-    if is_chat and not has_chat_template:
-        raise JobFailure(
-            "chat_template_missing",
-            "the dataset holds chat messages but the model's tokenizer has no chat template; set "
-            "chat_template_from to a tokenizer that has one (e.g. the model's instruct version)",
-        )
-    keep = set(FORMATS[row_format])
-    dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
-    return dataset, row_format
+            bad.add(index)
+    _refuse(check, what, max_bad_fraction)
+    if bad:
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
+    first = dataset[0]
+    check.conversational = is_conversational(first, row_format)
+    if any(isinstance(first[c], list) and first[c] and "from" in first[c][0] for c in FORMATS[row_format]):
+        dataset = dataset.map(normalized, fn_kwargs={"row_format": row_format}, desc="Reading ShareGPT turns")
+    return dataset, check
 
 
-def _token_counts(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any) -> dict[str, list[int]]:
-    if row_format == "messages":
-        ids = tokenizer.apply_chat_template(batch["messages"], tokenize=True, return_dict=False)
-    elif row_format == "prompt_completion" and isinstance(batch["prompt"][0], list):
-        conversations = [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
-        ids = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=False)
+def load_checked(source: str, split: str, mapping: Mapping[str, str], *, what: str,
+                 max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+    """The rows that pass the checks, under our column names and only the format's columns, and
+    the check itself. Raises JobFailure("dataset_invalid") with row numbers when the rows cannot
+    train: no format fits, or more than `max_bad_fraction` of them are malformed."""
+    path = Path(source)
+    if path.is_absolute() and path.is_file():
+        dataset, check = _load_file(path, dict(mapping), what, max_bad_fraction)
+        if check.conversational is None and len(dataset):
+            check.conversational = is_conversational(dataset[0], check.row_format or "")
+        return dataset, check
+    return _check_dataset(_load_other(source, split), dict(mapping), what, max_bad_fraction)
+
+
+# ---- tokens -----------------------------------------------------------------------------------
+
+
+def _with_eos(text: str, eos: str | None) -> str:
+    """TRL ends plain text and completions with the EOS token, so the counts do too."""
+    return text + eos if eos and not text.endswith(eos) else text
+
+
+def _count(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any, max_length: int,
+           assistant_only: bool, completion_only: bool, template: str | None) -> dict[str, list[int]]:
+    """Tokens per row, and tokens in the loss after truncation, as TRL's SFTTrainer makes them."""
+    kwargs: dict[str, Any] = {"chat_template": template} if template else {}
+    if row_format == "messages" or (row_format == "prompt_completion" and isinstance(batch["prompt"][0], list)):
+        chats = batch["messages"] if row_format == "messages" else [
+            p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
+        out = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=assistant_only, **kwargs)
+        lengths = [len(ids) for ids in out["input_ids"]]
+        if assistant_only:
+            loss = [sum(mask[:max_length]) for mask in out["assistant_masks"]]
+        elif row_format == "prompt_completion" and completion_only:
+            prompts = tokenizer.apply_chat_template(batch["prompt"], tokenize=True, return_dict=True,
+                                                    add_generation_prompt=True, **kwargs)["input_ids"]
+            loss = [max(min(n, max_length) - len(p), 0) for n, p in zip(lengths, prompts, strict=True)]
+        else:
+            loss = [min(n, max_length) for n in lengths]
     elif row_format == "prompt_completion":
-        ids = tokenizer([p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)])["input_ids"]
+        completions = [_with_eos(c, tokenizer.eos_token) for c in batch["completion"]]
+        full = tokenizer([p + c for p, c in zip(batch["prompt"], completions, strict=True)])["input_ids"]
+        lengths = [len(ids) for ids in full]
+        if completion_only:
+            prompts = tokenizer(batch["prompt"])["input_ids"]
+            loss = [max(min(n, max_length) - len(p), 0) for n, p in zip(lengths, prompts, strict=True)]
+        else:
+            loss = [min(n, max_length) for n in lengths]
     else:
-        ids = tokenizer(batch["text"])["input_ids"]
-    return {"tokens": [len(row) for row in ids]}
+        texts = [_with_eos(t, tokenizer.eos_token) for t in batch["text"]]
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        loss = [min(n, max_length) for n in lengths]
+    return {"tokens": lengths, "loss_tokens": loss}
 
 
-def data_report(dataset: Dataset, *, row_format: str, tokenizer: Any, max_seq_length: int,
-                micro_batch: int, grad_accum: int, epochs: float, max_steps: int | None) -> dict[str, Any]:
-    """Rows, tokens per row, what max_seq_length cuts, and the optimizer steps and tokens that
-    follow: computed on the CPU before the model is loaded, so a surprise costs no GPU time."""
-    import math
-    import os
-
+def token_counts(dataset: Dataset, *, row_format: str, tokenizer: Any, max_length: int, assistant_only: bool,
+                 completion_only: bool, template: str | None, what: str) -> tuple[Any, Any]:
+    """(tokens per row, loss tokens per row) as numpy arrays."""
     import numpy as np
 
     counted = dataset.map(
-        _token_counts, batched=True, remove_columns=dataset.column_names,
-        fn_kwargs={"row_format": row_format, "tokenizer": tokenizer},
-        num_proc=min(8, os.cpu_count() or 1) if len(dataset) >= 20_000 else None,
-        desc="Counting tokens",
+        _count, batched=True, remove_columns=dataset.column_names,
+        fn_kwargs={"row_format": row_format, "tokenizer": tokenizer, "max_length": max_length,
+                   "assistant_only": assistant_only, "completion_only": completion_only, "template": template},
+        num_proc=_num_proc(len(dataset)), desc=f"Counting tokens of {what}",
     )
-    lengths = np.asarray(counted["tokens"], dtype=np.int64)
+    return np.asarray(counted["tokens"], dtype=np.int64), np.asarray(counted["loss_tokens"], dtype=np.int64)
+
+
+def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, max_seq_length: int, packing: bool,
+                micro_batch: int, grad_accum: int, epochs: float, max_steps: int | None) -> dict[str, Any]:
+    """Rows, tokens per row, what max_seq_length cuts, tokens in the loss, and the optimizer
+    steps and tokens that follow: computed on the CPU before the model is loaded, so a surprise
+    costs no GPU time. With packing, sequences are estimated as the trained tokens over
+    max_seq_length; the trainer corrects them once TRL has packed the rows."""
+    import numpy as np
+
     trained = np.minimum(lengths, max_seq_length)
-    steps_per_epoch = max(math.ceil(math.ceil(len(dataset) / micro_batch) / grad_accum), 1)
+    sequences = math.ceil(int(trained.sum()) / max_seq_length) if packing else len(lengths)
+    steps_per_epoch = max(math.ceil(math.ceil(sequences / micro_batch) / grad_accum), 1)
     steps = max_steps or math.ceil(steps_per_epoch * epochs)
     epochs_run = steps / steps_per_epoch
     return {
-        "rows": int(len(lengths)),
-        "row_format": row_format,
+        **check.summary(),
+        "rows_used": int(len(lengths)),
         "tokens_per_row": {"min": int(lengths.min()), "median": int(np.median(lengths)),
                            "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
         "rows_truncated": int((lengths > max_seq_length).sum()),
         "tokens_cut_by_truncation": int((lengths - trained).sum()),
         "tokens_per_epoch": int(trained.sum()),
+        "loss_tokens_per_epoch": int(loss_tokens.sum()),
+        "sequences_per_epoch": int(sequences),
+        "sequences_estimated": packing,
         "optimizer_steps": int(steps),
         "tokens_to_train": int(trained.sum() * epochs_run),
     }

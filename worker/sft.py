@@ -10,16 +10,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from trl import SFTTrainer
 
 
 class JobSFTTrainer(SFTTrainer):
-    def __init__(self, *args: Any, max_shard_size: str = "4GB", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_shard_size: str = "4GB", on_phase: Callable[[str], None] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_shard_size = max_shard_size
+        self.on_phase = on_phase
         self._tokens: Any = 0
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        # The job record shows "evaluating" while the validation set runs (minutes on a big one).
+        if self.on_phase:
+            self.on_phase("evaluating")
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            if self.on_phase:
+                self.on_phase("training")
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         mask = inputs.get("attention_mask")

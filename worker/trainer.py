@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,6 +30,10 @@ from worker.stopflag import StopFlag
 logger = logging.getLogger("worker.trainer")
 
 RESULT_FILE = "result.json"
+# The trainer's phases, as the job record shows them while the job runs.
+PUBLIC_PHASES = {"starting": "starting", "importing": "starting", "loading_tokenizer": "checking_data",
+                 "loading_dataset": "checking_data", "loading_model": "loading_model", "preparing": "preparing",
+                 "training": "training", "evaluating": "evaluating", "saving": "saving"}
 VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
                     "bitsandbytes")
 
@@ -63,7 +68,7 @@ class Run:
         self.settings = get_settings()
         self.job_dir = self.settings.job_dir(job_id)
         self.checkpoints_dir = self.settings.checkpoints_dir(job_id)
-        self.phase = "starting"
+        self._phase = "starting"
         self.stop = StopFlag()
         self.reporter: Any = None
         self.trainer: Any = None
@@ -73,6 +78,22 @@ class Run:
                 raise JobFailure("job_missing", f"job {job_id} is not in the database")
             self.spec = JobSpec.model_validate(job.spec)
             self.attempt = job.attempts
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, name: str) -> None:
+        """What the run is doing; written to the job record when its public name changes."""
+        changed = PUBLIC_PHASES[name] != PUBLIC_PHASES[self._phase]
+        self._phase = name
+        if changed:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                if job is not None:
+                    job.phase = PUBLIC_PHASES[name]
+                    session.add(job)
 
     def install_signal_handlers(self) -> None:
         # The worker sends SIGUSR1 to cancel; SIGTERM (docker stop, a shutdown) also stops at
@@ -131,32 +152,116 @@ class Run:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def check_data(self, tokenizer: Any) -> Any:
-        """Open, check and measure the dataset before the model takes the GPU."""
-        from worker.data import data_report, load_rows, prepare_dataset
+    def training_chat_template(self, tokenizer: Any) -> str | None:
+        """For assistant_only_loss: the chat template with {% generation %} markers that TRL will
+        use (None: the tokenizer's own has them). Asked here, before the model is loaded."""
+        if not self.spec.hyperparameters.assistant_only_loss:
+            return None
+        from trl.chat_template_utils import get_training_chat_template
+
+        try:
+            return get_training_chat_template(tokenizer)
+        except ValueError as exc:
+            raise JobFailure(
+                "chat_template_unsuitable",
+                "assistant_only_loss needs a chat template that marks the assistant's tokens ({% generation %}); "
+                f"TRL adds the marks to the templates it knows, but not to this one ({exc}). Set chat_template_from "
+                "to a tokenizer whose template TRL knows (Llama 3, Qwen 2.5/3, Gemma, Phi-3, ...), add the marks "
+                "to the template, or train on whole conversations (assistant_only_loss false).",
+            ) from None
+
+    def check_data(self, tokenizer: Any) -> tuple[Any, Any]:
+        """Open, check and measure the dataset (and validation set) before the model takes the GPU."""
+        from app.rows import loss_option_problem
+        from worker.data import data_report, load_checked, token_counts
 
         self.phase = "loading_dataset"
-        hp = self.spec.hyperparameters
-        dataset, row_format = prepare_dataset(
-            load_rows(self.spec.dataset.source, self.spec.dataset.split),
-            has_chat_template=bool(tokenizer.chat_template),
-        )
-        report = data_report(dataset, row_format=row_format, tokenizer=tokenizer,
-                             max_seq_length=hp.max_seq_length, micro_batch=hp.per_device_train_batch_size,
+        spec, hp = self.spec, self.spec.hyperparameters
+        limit = self.settings.max_bad_row_fraction
+        dataset, check = load_checked(spec.dataset.source, spec.dataset.split, spec.dataset.columns,
+                                      what="the dataset", max_bad_fraction=limit)
+        row_format = check.row_format
+        assert row_format is not None
+        problem = loss_option_problem(row_format, bool(check.conversational),
+                                      assistant_only_loss=hp.assistant_only_loss,
+                                      completion_only_loss=hp.completion_only_loss)
+        if problem:
+            raise JobFailure("dataset_invalid", problem)
+        if check.conversational and not tokenizer.chat_template:
+            raise JobFailure(
+                "chat_template_missing",
+                "the dataset holds chat messages but the model's tokenizer has no chat template; set "
+                "chat_template_from to a tokenizer that has one (e.g. the model's instruct version)",
+            )
+        eval_dataset, eval_check = self.validation_set(dataset, row_format)
+        held_out = spec.validation.fraction if spec.validation is not None else None
+        if held_out is not None:
+            split = dataset.train_test_split(test_size=held_out, seed=hp.seed)
+            dataset, eval_dataset = split["train"], split["test"]
+        counting = {"row_format": row_format, "tokenizer": tokenizer, "max_length": hp.max_seq_length,
+                    "assistant_only": hp.assistant_only_loss,
+                    "completion_only": hp.completion_only_loss is not False and row_format == "prompt_completion",
+                    "template": self.training_chat_template(tokenizer)}
+        lengths, loss_tokens = token_counts(dataset, what="the dataset", **counting)
+        report = data_report(lengths, loss_tokens, check=check, max_seq_length=hp.max_seq_length,
+                             packing=hp.packing, micro_batch=hp.per_device_train_batch_size,
                              grad_accum=hp.gradient_accumulation_steps, epochs=hp.num_train_epochs,
                              max_steps=hp.max_steps)
+        if eval_dataset is not None:
+            eval_lengths, eval_loss_tokens = token_counts(eval_dataset, what="the validation set", **counting)
+            report["validation"] = {
+                **(eval_check.summary() if eval_check is not None else {"fraction": held_out}),
+                "rows_used": len(eval_dataset), "tokens": int(eval_lengths.clip(max=hp.max_seq_length).sum()),
+                "loss_tokens": int(eval_loss_tokens.sum())}
+        self.save_report(report)
+        lengths_summary = report["tokens_per_row"]
+        skipped = f" ({check.bad_rows} malformed row(s) skipped)" if check.bad_rows else ""
+        held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
+        event(self.job_id, "dataset_loaded",
+              f"{report['rows_used']} rows in {row_format!r} format{skipped}{held}; tokens per row median "
+              f"{lengths_summary['median']}, max {lengths_summary['max']}; {report['rows_truncated']} row(s) longer "
+              f"than max_seq_length {hp.max_seq_length}; {report['loss_tokens_per_epoch']} tokens in the loss per "
+              f"epoch; {report['optimizer_steps']} optimizer steps, {report['tokens_to_train']} tokens to train")
+        return dataset, eval_dataset
+
+    def validation_set(self, dataset: Any, row_format: str) -> tuple[Any, Any]:
+        """(validation rows, their check): another split or source, checked as the dataset is; for a
+        held-out fraction, (the dataset itself, None) and the caller splits it."""
+        from worker.data import load_checked
+
+        validation = self.spec.validation
+        if validation is None:
+            return None, None
+        if validation.fraction is not None:
+            return dataset, None
+        source = validation.source or self.spec.dataset.source
+        rows, check = load_checked(source, validation.split or "train", self.spec.dataset.columns,
+                                   what="the validation set", max_bad_fraction=self.settings.max_bad_row_fraction)
+        if check.row_format != row_format:
+            raise JobFailure("dataset_invalid", f"the validation set's rows are {check.row_format!r} but the "
+                             f"dataset's are {row_format!r}; both need the same format")
+        return rows, check
+
+    def save_report(self, report: dict[str, Any]) -> None:
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
             job.data_report = report
             session.add(job)
-        lengths = report["tokens_per_row"]
-        event(self.job_id, "dataset_loaded",
-              f"{report['rows']} rows in {row_format!r} format; tokens per row median {lengths['median']}, "
-              f"max {lengths['max']}; {report['rows_truncated']} row(s) longer than max_seq_length "
-              f"{hp.max_seq_length}; {report['optimizer_steps']} optimizer steps, "
-              f"{report['tokens_to_train']} tokens to train")
-        return dataset
+
+    def refine_report(self, trainer: Any) -> None:
+        """Sequences and steps as TRL actually prepared them (packing, rows it dropped)."""
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None and job.data_report is not None
+            hp = self.spec.hyperparameters
+            sequences = len(trainer.train_dataset)
+            steps_per_epoch = max(math.ceil(math.ceil(sequences / hp.per_device_train_batch_size)
+                                            / hp.gradient_accumulation_steps), 1)
+            job.data_report = {**job.data_report, "sequences_per_epoch": sequences, "sequences_estimated": False,
+                               "optimizer_steps": hp.max_steps or math.ceil(steps_per_epoch * hp.num_train_epochs),
+                               "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset)}
+            session.add(job)
 
     def load_model(self, backend: str, tokenizer: Any) -> tuple[Any, Any]:
         """The model, and the tokenizer to train with (Unsloth brings its own, patched)."""
@@ -177,7 +282,7 @@ class Run:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype), tokenizer
 
-    def sft_config(self, backend: str) -> Any:
+    def sft_config(self, backend: str, *, evaluate: bool) -> Any:
         import torch
         from trl import SFTConfig
 
@@ -207,6 +312,14 @@ class Run:
             save_total_limit=hp.save_total_limit,
             max_length=hp.max_seq_length,
             dataset_text_field="text",
+            completion_only_loss=hp.completion_only_loss,
+            assistant_only_loss=hp.assistant_only_loss,
+            packing=hp.packing,
+            eval_strategy="steps" if evaluate else "no",
+            eval_steps=hp.eval_steps or hp.logging_steps,
+            per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.per_device_train_batch_size,
+            # Only the loss: gathering logits (vocabulary x sequence per row) would fill the GPU.
+            prediction_loss_only=True,
             bf16=on_gpu,
             use_cpu=not on_gpu,
             # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's.
@@ -226,7 +339,7 @@ class Run:
             job.backend, job.versions = backend, versions()
             session.add(job)
         tokenizer = self.load_tokenizer()
-        dataset = self.check_data(tokenizer)
+        dataset, eval_dataset = self.check_data(tokenizer)
         if self.stop.should_stop():
             return
         model, tokenizer = self.load_model(backend, tokenizer)
@@ -238,10 +351,13 @@ class Run:
         from worker.gpu import MemoryProbe
         from worker.sft import JobSFTTrainer
 
+        evaluate = eval_dataset is not None
         trainer = self.trainer = JobSFTTrainer(
-            model=model, args=self.sft_config(backend), train_dataset=dataset, processing_class=tokenizer,
-            max_shard_size=self.settings.max_shard_size,
+            model=model, args=self.sft_config(backend, evaluate=evaluate), train_dataset=dataset,
+            eval_dataset=eval_dataset, processing_class=tokenizer, max_shard_size=self.settings.max_shard_size,
+            on_phase=self.set_phase_from_trainer,
         )
+        self.refine_report(trainer)
         self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
                                     checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained)
         trainer.add_callback(self.reporter)
@@ -252,6 +368,8 @@ class Run:
         trainer.train(resume_from_checkpoint=True if resume else None)
         if self.stop.should_stop():
             return
+        if evaluate and not self.reporter.evaluated_at(trainer.state.global_step):
+            trainer.evaluate()  # the final model's eval loss, when the last step was not an eval step
         self.phase = "saving"
         final = self.checkpoints_dir / "final"
         trainer.save_model(str(final))
@@ -259,6 +377,21 @@ class Run:
 
         with session_scope() as session:
             record_checkpoint(session=session, job_id=job_id, folder=final, step=trainer.state.global_step)
+
+    def set_phase_from_trainer(self, name: str) -> None:
+        self.phase = name
+
+
+def prepared_loss_tokens(dataset: Any) -> int | None:
+    """Tokens whose labels count in the loss, as the trainer prepared them (None when it keeps no
+    labels column): the check that the report's loss_tokens_per_epoch is what trains."""
+    if "labels" not in getattr(dataset, "column_names", ()):
+        return None
+    import pyarrow.compute as pc
+
+    # Through the arrow format, which honours a selection (dataset.data would be the whole table).
+    labels = pc.list_flatten(dataset.with_format("arrow")["labels"])
+    return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
 def main(argv: list[str]) -> int:

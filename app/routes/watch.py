@@ -137,7 +137,8 @@ ul{padding-left:1.2em} #events{max-height:280px;overflow:auto;font:12px monospac
 <div class="bar"><div id="bar"></div></div><div id="progress" class="muted"></div>
 <div id="error" class="failed"></div>
 <div class="grid">
-  <div>loss<b id="loss">–</b></div><div>learning rate<b id="lr">–</b></div>
+  <div>loss<b id="loss">–</b></div><div>eval loss<b id="eval">–</b></div>
+  <div>learning rate<b id="lr">–</b></div>
   <div>grad norm<b id="gn">–</b></div><div>tokens/s<b id="tps">–</b></div>
   <div>VRAM allocated<b id="alloc">–</b></div><div>VRAM peak<b id="peak">–</b></div>
   <div>device used / total<b id="device">– / –</b></div>
@@ -181,7 +182,8 @@ const svgNode = (tag, attrs, text) => node(tag, attrs, text, NS);
 function showJob(job) {
   const p = job.progress, m = job.metrics, v = job.vram;
   const cancelling = job.cancel_requested && job.status === "running";
-  $("status").textContent = job.status + (cancelling ? " (cancelling)" : "");
+  const phase = job.phase && job.phase !== "training" ? `: ${job.phase.replace("_", " ")}` : "";
+  $("status").textContent = job.status + phase + (cancelling ? " (cancelling)" : "");
   $("status").className = job.status;
   $("model").textContent = `${job.spec.model} on ${job.spec.dataset.source}`
     + (job.backend ? ` · ${job.backend}` : "");
@@ -193,6 +195,7 @@ function showJob(job) {
   $("progress").textContent = parts.join(" · ");
   $("error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
   $("loss").textContent = num(m.loss);
+  $("eval").textContent = m.eval_loss == null ? "–" : `${num(m.eval_loss)} (step ${m.eval_step})`;
   $("lr").textContent = num(m.learning_rate);
   $("gn").textContent = num(m.grad_norm);
   $("tps").textContent = m.tokens_per_second == null ? "–" : Math.round(m.tokens_per_second);
@@ -206,7 +209,7 @@ function showJob(job) {
   }
 }
 
-// series: [{label, color, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
+// series: [{label, color, dots?, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
 function chart(svg, series, fromZero, emptyText) {
   const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
   svg.replaceChildren();
@@ -229,6 +232,9 @@ function chart(svg, series, fromZero, emptyText) {
   series.forEach((s, i) => {
     const line = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
     svg.append(svgNode("polyline", {points: line, fill: "none", stroke: s.color, "stroke-width": 1.5}));
+    // Sparse series (an evaluation every few hundred steps) also get a dot per point.
+    if (s.dots) s.points.forEach((p) => svg.append(svgNode("circle", {cx: sx(p[0]).toFixed(1),
+      cy: sy(p[1]).toFixed(1), r: 3, fill: s.color})));
     const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
     svg.append(svgNode("text", legend, s.label));
   });
@@ -242,7 +248,10 @@ function scheduleDraw() {
   requestAnimationFrame(() => {
     drawPending = false;
     const empty = finished ? "no data" : "no data yet";
-    chart($("loss-chart"), [{label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)}], false, empty);
+    chart($("loss-chart"), [
+      {label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)},
+      {label: "eval loss", color: "#f59e0b", dots: true, points: pointsOf((r) => r.eval_loss)},
+    ], false, empty);
     // Step logs without memory figures come from a run on the CPU: say so, not "yet".
     chart($("vram-chart"), [
       {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},

@@ -1,0 +1,106 @@
+"""The dataset check POST /jobs makes before a job is queued: every row of an uploaded or local
+file is read, and a job whose data cannot train is refused with row numbers, in seconds rather
+than after its wait in the queue. Hub datasets and `datasets` folders are checked by the
+trainer as its first phase, with the same rules (app.rows)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import Session
+
+from app.config import get_settings
+from app.errors import InvalidDataset
+from app.models import UploadedFile
+from app.rows import DataError, RowCheck, check_file, detect_format, loss_option_problem
+from app.schemas import JobSpec
+
+
+@dataclass
+class DataCheck:
+    report: dict[str, Any] | None  # the job's first data_report; the trainer adds token figures
+    note: str  # for the "queued" event
+
+
+def _stored_check(uploaded: UploadedFile) -> RowCheck:
+    return RowCheck(row_format=uploaded.row_format, columns=uploaded.columns or [], rows=uploaded.rows,
+                    bad_rows=uploaded.bad_rows, problems=list(uploaded.bad_row_examples or []))
+
+
+def _check_source(session: Session, source: str, file_id: int | None, mapping: Mapping[str, str],
+                  what: str) -> RowCheck | None:
+    """Every row of a local file, checked; None for sources the API does not read (Hub
+    datasets, `datasets` folders)."""
+    path = Path(source)
+    if not path.is_absolute() or not path.is_file():
+        return None
+    if file_id is not None and not mapping:
+        uploaded = session.get(UploadedFile, file_id)
+        # Uploads checked before row_format could be null (0003) hold no columns: read again.
+        if uploaded is not None and uploaded.columns:
+            return _stored_check(uploaded)
+    try:
+        return check_file(path, mapping)
+    except DataError as exc:
+        raise InvalidDataset(f"{what}: {exc}") from None
+
+
+def _refuse_unusable(check: RowCheck, what: str) -> None:
+    if check.row_format is None:
+        try:
+            detect_format(check.columns)
+        except DataError as exc:
+            raise InvalidDataset(f"{what}: {exc}") from None
+    reason = check.refusal(get_settings().max_bad_row_fraction, what)
+    if reason:
+        raise InvalidDataset(reason)
+
+
+def check_before_queuing(*, session: Session, job_in: JobSpec) -> DataCheck:
+    """Raises InvalidDataset (422) for data that cannot train; else the report to start from."""
+    dataset, validation, hp = job_in.dataset, job_in.validation, job_in.hyperparameters
+    train = _check_source(session, dataset.source, dataset.file_id, dataset.columns, "the dataset")
+    if train is None:
+        if validation is not None and validation.source:
+            _check_source(session, validation.source, validation.file_id, dataset.columns, "the validation set")
+        return DataCheck(None, "the dataset is read and checked when the job starts")
+    _refuse_unusable(train, "the dataset")
+    assert train.row_format is not None
+    problem = loss_option_problem(train.row_format, bool(train.conversational),
+                                  assistant_only_loss=hp.assistant_only_loss,
+                                  completion_only_loss=hp.completion_only_loss)
+    if problem:
+        raise InvalidDataset(problem)
+    report: dict[str, Any] = {"checked_before_queuing": True, **train.summary()}
+    good = train.rows - train.bad_rows
+    if validation is not None:
+        report["validation"] = _check_validation(session, job_in, train, good)
+    skipped = f", {train.bad_rows} malformed row(s) will be skipped" if train.bad_rows else ""
+    return DataCheck(report, f"dataset checked: {train.rows} rows in {train.row_format!r} format{skipped}")
+
+
+def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: int) -> dict[str, Any]:
+    validation = job_in.validation
+    assert validation is not None
+    if validation.fraction is not None:
+        held_out = math.ceil(validation.fraction * good)  # as datasets' train_test_split rounds
+        if held_out < 1 or good - held_out < 1:
+            raise InvalidDataset(f"validation.fraction {validation.fraction} of {good} good rows leaves "
+                                 f"{held_out} for validation and {good - held_out} for training; each needs one")
+        return {"fraction": validation.fraction, "rows": held_out}
+    if not validation.source:
+        raise InvalidDataset(f"validation.split {validation.split!r} names a split of dataset.source, but a file "
+                             "has no splits; use validation.fraction, or a file of its own (validation.file_id)")
+    check = _check_source(session, validation.source, validation.file_id, job_in.dataset.columns,
+                          "the validation set")
+    if check is None:
+        return {"checked_before_queuing": False}
+    _refuse_unusable(check, "the validation set")
+    if check.row_format != train.row_format:
+        raise InvalidDataset(f"the validation set's rows are {check.row_format!r} but the dataset's are "
+                             f"{train.row_format!r}; both need the same format")
+    return {"checked_before_queuing": True, **check.summary()}
