@@ -135,7 +135,8 @@ def main() -> int:
 
     import torch
 
-    summary = {"card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "date": time.strftime("%Y-%m-%d"),
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    summary = {"card": card, "date": time.strftime("%Y-%m-%d"),
                "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks], "jobs": figures}
     (out / "gpu-datasets.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{summary['card']}, {summary['date']}")
