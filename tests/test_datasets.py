@@ -228,6 +228,13 @@ def test_validation_fraction_is_evaluated_every_eval_steps(client: httpx.Client,
     assert (report["rows_used"], report["validation"]["rows_used"]) == (48, 16)  # 64 rows, seed-fixed split
     events = [e["kind"] for e in client.get(f"/jobs/{record['id']}/events").json()["items"]]
     assert events.count("evaluated") == 3
+    from app.db import session_scope
+    from app.models import Job
+
+    with session_scope() as session:
+        job = session.get(Job, record["id"])
+        assert job is not None and job.phase == "saving"  # the trainer's last phase was written
+    assert record["phase"] is None  # and is shown only while the job runs
 
 
 @pytest.mark.slow

@@ -168,14 +168,17 @@ def _count(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any, max_
         out = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=assistant_only, **kwargs)
         lengths = [len(ids) for ids in out["input_ids"]]
-        if assistant_only:
-            loss = [sum(mask[:max_length]) for mask in out["assistant_masks"]]
-        elif row_format == "prompt_completion" and completion_only:
+        # TRL masks with every mask that applies: the completion's (when completion_only_loss)
+        # and the assistant turns' (when assistant_only_loss).
+        starts = [0] * len(lengths)
+        if row_format == "prompt_completion" and completion_only:
             prompts = tokenizer.apply_chat_template(batch["prompt"], tokenize=True, return_dict=True,
                                                     add_generation_prompt=True, **kwargs)["input_ids"]
-            loss = [max(min(n, max_length) - len(p), 0) for n, p in zip(lengths, prompts, strict=True)]
+            starts = [len(p) for p in prompts]
+        if assistant_only:
+            loss = [sum(mask[start:max_length]) for mask, start in zip(out["assistant_masks"], starts, strict=True)]
         else:
-            loss = [min(n, max_length) for n in lengths]
+            loss = [max(min(n, max_length) - start, 0) for n, start in zip(lengths, starts, strict=True)]
     elif row_format == "prompt_completion":
         completions = [_with_eos(c, tokenizer.eos_token) for c in batch["completion"]]
         full = tokenizer([p + c for p, c in zip(batch["prompt"], completions, strict=True)])["input_ids"]
