@@ -53,14 +53,17 @@ def _finite(value: Any) -> float | None:
 
 class JobReporter(TrainerCallback):
     def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path,
-                 tokens_trained: Callable[[], float]) -> None:
+                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float] = lambda: 0.0) -> None:
         self.job_id = job_id
         self.stop = stop
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
         self.tokens_trained = tokens_trained
+        self.eval_seconds = eval_seconds
         self._first_step_end: tuple[int, float] | None = None
-        self._last_log: tuple[float, float] | None = None  # (wall time, tokens seen)
+        # (wall time, tokens seen, seconds spent evaluating) at the start of the tokens/s window:
+        # it opens after the first step (which compiles) and leaves out evaluations.
+        self._last_log: tuple[float, float, float] | None = None
         self.first_step_seconds: float | None = None
         self.overhead_s = 0.0
         self._train_start = 0.0
@@ -87,7 +90,7 @@ class JobReporter(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._train_start = time.monotonic()
-        self._last_log = (self._train_start, 0.0)
+        self._last_log = None
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
@@ -108,6 +111,7 @@ class JobReporter(TrainerCallback):
             now = time.monotonic()
             self._first_step_end = (state.global_step, now)
             self.first_step_seconds = now - self._train_start
+            self._last_log = (now, self.tokens_trained(), self.eval_seconds())
         if self.stop.should_stop():
             control.should_training_stop = True
         if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
@@ -128,10 +132,14 @@ class JobReporter(TrainerCallback):
             return  # the end-of-training summary (train_runtime, ...) is not a step log
         now = time.monotonic()
         tokens = self.tokens_trained()
+        evaluating = self.eval_seconds()
         tokens_per_second = None
-        if self._last_log is not None and now > self._last_log[0]:
-            tokens_per_second = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)
-            self._last_log = (now, tokens)
+        if self._last_log is not None:
+            started, tokens_then, evaluating_then = self._last_log
+            training = (now - started) - (evaluating - evaluating_then)
+            if training > 0 and tokens > tokens_then:
+                tokens_per_second = round((tokens - tokens_then) / training, 1)
+        self._last_log = (now, tokens, evaluating)
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
         metrics["tokens_per_second"] = tokens_per_second

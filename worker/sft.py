@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,14 +24,17 @@ class JobSFTTrainer(SFTTrainer):
         self.max_shard_size = max_shard_size
         self.on_phase = on_phase
         self._tokens: Any = 0
+        self.eval_seconds = 0.0  # time spent evaluating, which tokens/s must leave out
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         # The job record shows "evaluating" while the validation set runs (minutes on a big one).
         if self.on_phase:
             self.on_phase("evaluating")
+        started = time.monotonic()
         try:
             return super().evaluate(*args, **kwargs)
         finally:
+            self.eval_seconds += time.monotonic() - started
             if self.on_phase:
                 self.on_phase("training")
 

@@ -359,7 +359,8 @@ class Run:
         )
         self.refine_report(trainer)
         self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
-                                    checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained)
+                                    checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained,
+                                    eval_seconds=lambda: trainer.eval_seconds)
         trainer.add_callback(self.reporter)
         resume = self.attempt > 1 and any(self.checkpoints_dir.glob("checkpoint-*"))
         if resume:

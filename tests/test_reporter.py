@@ -1,0 +1,83 @@
+"""JobReporter's arithmetic with a controlled clock: tokens/s leaves out the first step (it
+compiles) and evaluations, and eval losses join the step rows. Real SQLite through the
+migrations; the Trainer is replaced by the state and logs it would pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from tests.conftest import Env
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NoMemory:
+    def read(self) -> dict[str, int | None]:
+        return {}
+
+
+@pytest.fixture
+def job_id(env: Env) -> int:
+    from app.db import session_scope
+    from app.models import Job
+
+    with session_scope() as session:
+        job = Job(spec={"model": "m", "dataset": {"source": "d"}})
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        return job.id
+
+
+def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, job_id: int, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.db import session_scope
+    from app.models import Job, StepLog
+    from worker import callbacks
+    from worker.stopflag import StopFlag
+
+    clock, tokens, evaluating = Clock(), [0.0], [0.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
+    reporter = callbacks.JobReporter(job_id=job_id, stop=StopFlag(), memory=NoMemory(),  # type: ignore[arg-type]
+                                     checkpoints_dir=tmp_path, tokens_trained=lambda: tokens[0],
+                                     eval_seconds=lambda: evaluating[0])
+    args = TrainingArguments(output_dir=str(tmp_path), save_steps=1000, report_to="none", use_cpu=True)
+    state, control = TrainerState(max_steps=10), TrainerControl()
+    reporter.on_train_begin(args, state, control)
+
+    def step(seconds: float, step_tokens: float) -> None:
+        clock.now += seconds
+        tokens[0] += step_tokens
+        state.global_step += 1
+        reporter.on_step_end(args, state, control)
+
+    step(40.0, 1000)  # the first step compiles: 40 s
+    step(1.0, 1000)
+    reporter.on_log(args, state, control, logs={"loss": 2.0})  # step 2: one 1 s step since the first
+    clock.now += 9.0  # an evaluation of 9 s
+    evaluating[0] += 9.0
+    reporter.on_log(args, state, control, logs={"eval_loss": 1.5})
+    step(1.0, 1000)
+    step(1.0, 1000)
+    reporter.on_log(args, state, control, logs={"loss": 1.8})  # step 4: 2 s of training, 11 s of wall time
+    step(1.0, 1000)
+    reporter.on_log(args, state, control, logs={"eval_loss": 1.4})  # an eval step without a training log
+
+    with session_scope() as session:
+        rows = session.query(StepLog).filter(StepLog.job_id == job_id).order_by(StepLog.step).all()
+        assert [(r.step, r.loss, r.eval_loss, r.tokens_per_second) for r in rows] == [
+            (2, 2.0, 1.5, 1000.0), (4, 1.8, None, 1000.0), (5, None, 1.4, None)]
+        job = session.get(Job, job_id)
+        assert job is not None and job.metrics is not None
+        assert (job.metrics["loss"], job.metrics["eval_loss"], job.metrics["eval_step"]) == (1.8, 1.4, 5)
+    assert reporter.first_step_seconds == 40.0
+    assert reporter.evaluated_at(2) and reporter.evaluated_at(5) and not reporter.evaluated_at(4)
