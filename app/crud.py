@@ -6,14 +6,16 @@ import logging
 import os
 import uuid
 from collections.abc import Sequence
-from typing import BinaryIO
+from pathlib import Path
 
 from sqlalchemy import update
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from app import datacheck, uploads
 from app.config import get_settings
-from app.errors import Conflict, DoesNotFit, InvalidFile, InvalidSpec, NotFound
+from app.errors import Conflict, DoesNotFit, InvalidSpec, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from app.planner import (
     DiskPlan,
@@ -36,10 +38,11 @@ def add_event(*, session: Session, job_id: int, kind: str, message: str) -> None
     session.add(JobEvent(job_id=job_id, kind=kind, message=message))
 
 
-def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None,
-             allow_network: bool = True) -> tuple[MemoryPlan, DiskPlan]:
+def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None, allow_network: bool = True,
+             training_rows: int | None = None) -> tuple[MemoryPlan, DiskPlan]:
     """Plan a spec's GPU memory and disk. The GPU: the one asked for, else the operator's
-    GPU_MEMORY_BYTES, else the smallest a live worker reported."""
+    GPU_MEMORY_BYTES, else the smallest a live worker reported. `training_rows`, when the data
+    was counted, bounds the number of checkpoints."""
     settings = get_settings()
     shape = shape_from_config(read_config(job_in.model, allow_network=allow_network))
     if gpu_memory_bytes is None:
@@ -50,14 +53,14 @@ def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None,
         except Exception as exc:  # Redis away: plan without a card
             logger.warning("no worker GPU sizes (%s)", exc)
     return (plan_memory(shape, job_in.hyperparameters, gpu_memory_bytes),
-            plan_disk(shape, job_in.hyperparameters, settings.data_dir))
+            plan_disk(shape, job_in.hyperparameters, settings.data_dir, rows=training_rows))
 
 
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
     job_in = _with_uploaded_sources(session=session, job_in=job_in)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
-        memory, disk = estimate(job_in=job_in, allow_network=False)
+        memory, disk = estimate(job_in=job_in, allow_network=False, training_rows=data_check.training_rows)
     except PlanError as exc:
         plan_note = f"not planned before queuing: {exc}"
     else:
@@ -188,33 +191,44 @@ def _with_uploaded_sources(*, session: Session, job_in: JobSpec) -> JobSpec:
     return job_in.model_copy(update=update) if update else job_in
 
 
-def create_file(*, session: Session, upload: BinaryIO, filename: str | None) -> UploadedFile:
-    """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256, its rows
-    checked and counted, then renamed. Anything that fails leaves neither a file nor a row."""
+async def create_file(*, session: Session, request: Request) -> UploadedFile:
+    """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256 (the
+    size limit enforced as bytes arrive), every row checked, then renamed. Anything that fails,
+    a client that goes away included, leaves neither a file nor a row."""
     settings = get_settings()
-    name = uploads.clean_name(filename)
-    if not name:
-        raise InvalidFile("the upload has no file name (send it as multipart field 'file' with a name)")
-    ext = uploads.extension(name)
     files_dir = settings.files_dir()
     files_dir.mkdir(parents=True, exist_ok=True)
-    incoming = files_dir / f".incoming-{uuid.uuid4().hex}.{ext}"
+    incoming: list[Path] = []
+
+    def temporary(filename: str) -> Path:
+        incoming.append(files_dir / f".incoming-{uuid.uuid4().hex}.{uploads.extension(filename)}")
+        return incoming[-1]
+
+    try:
+        name, path, size, sha256 = await uploads.receive(request, temporary, limit=settings.max_upload_bytes)
+        # Reading every row and the database work are blocking: off the event loop.
+        return await run_in_threadpool(_store_file, session=session, path=path, name=name, size=size, sha256=sha256)
+    finally:
+        for path in incoming:
+            path.unlink(missing_ok=True)  # gone already when stored: renamed
+
+
+def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: str) -> UploadedFile:
+    check = uploads.inspect(path, name)
+    ext = path.suffix.lstrip(".")
     final = None
     try:
-        size, sha256 = uploads.receive(upload, incoming, limit=settings.max_upload_bytes)
-        check = uploads.inspect(incoming, name)
-        uploaded = UploadedFile(filename=name, path=f"files/{incoming.name}", size_bytes=size, sha256=sha256,
+        uploaded = UploadedFile(filename=name, path=f"files/{path.name}", size_bytes=size, sha256=sha256,
                                 row_format=check.row_format, columns=check.columns, rows=check.rows,
                                 bad_rows=check.bad_rows, bad_row_examples=check.problems)
         session.add(uploaded)
         session.flush()
         uploaded.path = f"files/{uploaded.id}.{ext}"
-        final = files_dir / f"{uploaded.id}.{ext}"
-        os.replace(incoming, final)
+        final = path.parent / f"{uploaded.id}.{ext}"
+        os.replace(path, final)
         session.commit()
     except BaseException:
         session.rollback()
-        incoming.unlink(missing_ok=True)
         if final is not None:
             final.unlink(missing_ok=True)
         raise

@@ -25,6 +25,15 @@ class DataCheck:
     report: dict[str, Any] | None  # the job's first data_report; the trainer adds token figures
     note: str  # for the "queued" event
 
+    @property
+    def training_rows(self) -> int | None:
+        """Good rows left for training (after a held-out fraction), when the file was read."""
+        if self.report is None:
+            return None
+        held_out = (self.report.get("validation") or {}).get("rows", 0) \
+            if "fraction" in (self.report.get("validation") or {}) else 0
+        return int(self.report["rows"] - self.report["bad_rows"] - held_out)
+
 
 def _stored_check(uploaded: UploadedFile) -> RowCheck:
     return RowCheck(row_format=uploaded.row_format, columns=uploaded.columns or [], rows=uploaded.rows,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +160,24 @@ class DiskPlan:
     fits: bool | None
 
 
-def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path) -> DiskPlan:
+def steps_per_epoch(hp: Hyperparameters, sequences: int) -> int:
+    return max(math.ceil(math.ceil(sequences / hp.per_device_train_batch_size) / hp.gradient_accumulation_steps), 1)
+
+
+def optimizer_steps(hp: Hyperparameters, sequences: int) -> int:
+    """The steps a run over `sequences` training sequences (rows, unless packed) takes."""
+    return hp.max_steps or math.ceil(steps_per_epoch(hp, sequences) * hp.num_train_epochs)
+
+
+def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path, rows: int | None = None) -> DiskPlan:
     """An intermediate checkpoint holds the bf16 weights and the optimizer states; the final
     model the weights alone. How many are kept at once: save_total_limit, or every save when
-    max_steps bounds them; with neither, the count is unknown until the data is read."""
+    the steps are known (max_steps, or `rows` counted before queuing, without packing); else the
+    count is unknown until the data is read."""
     weights = 2 * shape.parameters
     checkpoint = weights + OPTIMIZER_BYTES_PER_PARAM[hp.optim] * shape.parameters
-    saves = hp.max_steps // hp.save_steps if hp.max_steps else None
+    steps = hp.max_steps or (optimizer_steps(hp, rows) if rows and not hp.packing else None)
+    saves = steps // hp.save_steps if steps else None
     kept = min(x for x in (hp.save_total_limit, saves) if x is not None) \
         if (hp.save_total_limit is not None or saves is not None) else None
     data_dir.mkdir(parents=True, exist_ok=True)

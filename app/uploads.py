@@ -1,16 +1,26 @@
-"""Receiving dataset uploads: stream to a temporary file with a size limit and a sha256, then
-read and check every row (app.rows) without torch or datasets, which only the trainer imports."""
+"""Receiving dataset uploads: the multipart body is parsed as it streams in (python-multipart),
+the file part written to a temporary name with its sha256 and the size limit enforced as bytes
+arrive; then every row is read and checked (app.rows) without torch or datasets."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
 
 from app.errors import InvalidFile, PayloadTooLarge
 from app.rows import DataError, RowCheck, check_file
 
-CHUNK_BYTES = 1024 * 1024
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+# Room for the multipart framing around the file when a declared Content-Length is judged.
+MULTIPART_OVERHEAD = 64 * 1024
 # The uploaded name's extension -> the stored file's (.json is read as JSON Lines, as `datasets` does).
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -27,19 +37,107 @@ def extension(filename: str) -> str:
     return ext
 
 
-def receive(source: BinaryIO, dest: Path, *, limit: int) -> tuple[int, str]:
-    """Copy `source` to `dest` in chunks, hashing as it goes; its size and sha256. The caller
-    deletes `dest` when this raises."""
-    digest, size = hashlib.sha256(), 0
-    with open(dest, "wb") as out:
-        while chunk := source.read(CHUNK_BYTES):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the file is larger than this server's upload limit of {limit} bytes "
-                                      "(MAX_UPLOAD_BYTES)")
-            digest.update(chunk)
-            out.write(chunk)
-    return size, digest.hexdigest()
+class _FilePart:
+    """The multipart body's `file` part, written to disk with its size and sha256 as it arrives.
+    Other parts are ignored; the part's file name decides the stored extension."""
+
+    def __init__(self, dest_for: Callable[[str], Path], limit: int) -> None:
+        self.dest_for, self.limit = dest_for, limit
+        self.headers: dict[bytes, bytes] = {}
+        self._field, self._value = b"", b""
+        self.out: BinaryIO | None = None
+        self.dest: Path | None = None
+        self.filename = ""
+        self.size = 0
+        self.digest = hashlib.sha256()
+        self.ended = False
+        self._in_file = False
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+            "on_header_value": self._header_value, "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+            "on_part_end": self._part_end, "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self.headers, self._in_file = {}, False
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self.headers[self._field.lower()] = self._value
+        self._field, self._value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        if options.get(b"name") != b"file" or self.out is not None:
+            return
+        self.filename = clean_name(options.get(b"filename", b"").decode("utf-8", "replace"))
+        if not self.filename:
+            raise InvalidFile("the 'file' part has no file name (send it as a file: curl -F file=@data.jsonl)")
+        self.dest = self.dest_for(self.filename)  # refuses an unknown extension before any data
+        self.out = open(self.dest, "wb")  # noqa: SIM115  (closed in close())
+        self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._in_file or self.out is None:
+            return
+        self.size += end - start
+        if self.size > self.limit:
+            raise PayloadTooLarge(too_large(self.limit))
+        chunk = data[start:end]
+        self.digest.update(chunk)
+        self.out.write(chunk)  # small writes to the page cache; the event loop barely notices
+
+    def _part_end(self) -> None:
+        self._in_file = False
+
+    def _end(self) -> None:
+        self.ended = True
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+
+
+def too_large(limit: int) -> str:
+    return f"the file is larger than this server's upload limit of {limit} bytes (MAX_UPLOAD_BYTES)"
+
+
+async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: int) -> tuple[str, Path, int, str]:
+    """Stream a multipart/form-data body's `file` part to `dest_for(filename)`, checking the size
+    limit as bytes arrive: (file name, path, size, sha256). A body that breaks off before its
+    closing boundary is refused; the caller deletes the path when this raises."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise InvalidFile("send the dataset as multipart/form-data with the file in field 'file' "
+                          "(curl -F file=@data.jsonl)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise PayloadTooLarge(too_large(limit))  # before reading a byte
+    part = _FilePart(dest_for, limit)
+    parser = MultipartParser(boundary, part.callbacks())
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidFile(f"the multipart body is malformed ({exc})") from None
+    finally:
+        part.close()
+    if part.dest is None:
+        raise InvalidFile("the body has no multipart field 'file' with a file (curl -F file=@data.jsonl)")
+    if not part.ended:
+        raise InvalidFile(f"the upload of {part.filename!r} ended after {part.size} bytes, before the multipart "
+                          "body was complete (a broken-off upload?); nothing was stored")
+    return part.filename, part.dest, part.size, part.digest.hexdigest()
 
 
 def inspect(path: Path, name: str) -> RowCheck:

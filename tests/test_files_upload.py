@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -119,6 +120,61 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(client: httpx.Clie
     assert files_on_disk(env) == []
     assert client.get("/files").json() == {"items": []}
     assert upload(client, "small.jsonl", jsonl_bytes([{"text": "x" * 80}])).status_code == 201  # 93 bytes
+
+
+def multipart(name: str, content: bytes, *, close: bool = True) -> tuple[bytes, dict[str, str]]:
+    """A multipart/form-data body by hand, optionally without its closing boundary."""
+    head = (f'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + content + (b"\r\n--XyZ--\r\n" if close else b""), {
+        "Content-Type": "multipart/form-data; boundary=XyZ"}
+
+
+def test_upload_that_breaks_off_is_refused_and_leaves_nothing(client: httpx.Client, env: Env) -> None:
+    rows = jsonl_bytes([{"text": f"row {i}"} for i in range(50)])
+    body, headers = multipart("chat.jsonl", rows[:300], close=False)  # the client went away mid-file
+    response = client.post("/files", content=body, headers=headers)
+    assert response.status_code == 422
+    assert response.json()["detail"] == ("the upload of 'chat.jsonl' ended after 300 bytes, before the multipart "
+                                         "body was complete (a broken-off upload?); nothing was stored")
+    assert files_on_disk(env) == []
+    body, headers = multipart("chat.jsonl", rows)  # the same body, complete
+    assert client.post("/files", content=body, headers=headers).json()["rows"] == 50
+
+
+def test_size_limit_holds_as_bytes_arrive_without_a_content_length(client: httpx.Client, env: Env,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.config import get_settings
+
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "1000")
+    get_settings.cache_clear()
+    body, headers = multipart("big.jsonl", jsonl_bytes([{"text": "x" * 100}] * 50))
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to judge up front
+        for start in range(0, len(body), 256):
+            yield body[start:start + 256]
+
+    response = client.post("/files", content=chunks(), headers=headers)
+    assert response.status_code == 413
+    assert files_on_disk(env) == []
+    # A declared length far over the limit is refused before the body is read.
+    huge, headers = multipart("huge.jsonl", jsonl_bytes([{"text": "x" * 1000}] * 100))
+    assert client.post("/files", content=huge, headers=headers).status_code == 413
+
+
+@pytest.mark.parametrize(("body", "content_type", "detail"), [
+    (b"text\nhello\n", "text/csv", "send the dataset as multipart/form-data with the file in field 'file'"),
+    (b'--XyZ\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--XyZ--\r\n',
+     "multipart/form-data; boundary=XyZ", "the body has no multipart field 'file' with a file"),
+    (b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--XyZ--\r\n',
+     "multipart/form-data; boundary=XyZ", "the 'file' part has no file name"),
+])
+def test_bodies_that_are_not_a_file_upload_are_422(client: httpx.Client, env: Env, body: bytes, content_type: str,
+                                                   detail: str) -> None:
+    response = client.post("/files", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(detail)
+    assert files_on_disk(env) == []
 
 
 def test_list_get_delete(client: httpx.Client, env: Env) -> None:

@@ -153,7 +153,8 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
     record = response.json()
     job_id = record["id"]
     assert record["status"] == "queued"
-    assert record["spec"]["dataset"] == {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]"}
+    assert record["spec"]["dataset"] == {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]",
+                                         "columns": {}}
     assert record["spec"]["chat_template_from"] == "allenai/Llama-3.1-Tulu-3-8B"
     assert record["spec"]["hyperparameters"]["learning_rate"] == 5e-6
     assert record["spec"]["hyperparameters"]["max_steps"] is None
@@ -180,8 +181,9 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
         "error": "Conflict", "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"})
     events = api.get(f"/jobs/{job_id}/events").json()["items"]
     assert [(e["kind"], e["message"]) for e in events] == [
-        ("queued", "job accepted and queued; not planned before queuing: config.json of "
-                   "'meta-llama/Llama-3.1-8B' could not be fetched: LocalEntryNotFoundError"),
+        ("queued", "job accepted and queued; the dataset is read and checked when the job starts; not planned "
+                   "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
+                   "LocalEntryNotFoundError"),
         ("cancelled", "cancelled before it started")]
     assert all(aware(e["created_at"]) >= created_at for e in events)
 

@@ -120,7 +120,8 @@ def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(client: httpx.C
     fits = client.post("/jobs", json=job_spec(tiny_model, chat_dataset))
     assert fits.status_code == 201
     queued = client.get(f"/jobs/{fits.json()['id']}/events").json()["items"][0]["message"]
-    assert queued.startswith("job accepted and queued; planned peak GPU memory ")
+    assert queued.startswith("job accepted and queued; dataset checked: 64 rows in 'messages' format; planned peak "
+                             "GPU memory ")
     assert queued.endswith(" of 24.0 GiB (fits)")
 
 
@@ -143,6 +144,24 @@ def test_job_whose_checkpoints_cannot_fit_the_disk_is_refused(client: httpx.Clie
     assert disk["required_bytes"] == 10 * disk["checkpoint_bytes"] + disk["final_bytes"]
 
 
+def test_rows_counted_before_queuing_bound_the_checkpoints(client: httpx.Client, env: Env, tiny_model: Path,
+                                                           chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No max_steps and no save_total_limit: the 64 rows the API read give the step count (64
+    rows / micro-batch 2 / accumulation 2 = 16 steps an epoch, 2 epochs), so 32 // 4 = 8 saves."""
+    from app.config import get_settings
+
+    monkeypatch.setenv("GPU_MEMORY_BYTES", str(100_000 * GIB))  # planning the disk alone
+    get_settings.cache_clear()
+    seventy_b = config_only_model(tiny_model.parent / "llama-70b-config", LLAMA_70B)
+    spec = job_spec(seventy_b, chat_dataset, max_steps=None, num_train_epochs=2, save_steps=4)
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 422
+    assert "(8 checkpoint(s) of " in response.json()["detail"]
+    # With a tenth held out for validation, 57 rows are left: 15 steps an epoch, 30 steps, 7 saves.
+    spec["validation"] = {"fraction": 0.1}
+    assert "(7 checkpoint(s) of " in client.post("/jobs", json=spec).json()["detail"]
+
+
 def test_hub_model_without_reachable_config_cannot_be_estimated(client: httpx.Client, env: Env,
                                                                chat_dataset: Path) -> None:
     spec = job_spec(Path("x"), chat_dataset)
@@ -154,7 +173,8 @@ def test_hub_model_without_reachable_config_cannot_be_estimated(client: httpx.Cl
     # Submitting does not wait on the Hub: the job is queued unplanned, and the event says so.
     job = client.post("/jobs", json=spec).json()
     event = client.get(f"/jobs/{job['id']}/events").json()["items"][0]["message"]
-    assert event.startswith("job accepted and queued; not planned before queuing: config.json of ")
+    assert event.startswith("job accepted and queued; dataset checked: 64 rows in 'messages' format; not planned "
+                            "before queuing: config.json of ")
 
 
 def test_refusal_names_the_largest_micro_batch_and_sequence_that_fit(client: httpx.Client, env: Env,

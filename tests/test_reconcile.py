@@ -27,9 +27,11 @@ from tests.conftest import Env
 SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
 NOTHING_DONE = {"requeued_lost_queued": 0, "recovered_stale_running": 0}
 LOST_QUEUED_MESSAGE = "the queue had lost this job (Redis restarted?); enqueued it again"
-# The Hub is offline in tests, so a Hub model is queued unplanned, and its first event says so.
-QUEUED_MESSAGE = ("job accepted and queued; not planned before queuing: config.json of 'meta-llama/Llama-3.1-8B' "
-                  "could not be fetched: LocalEntryNotFoundError")
+# The Hub is offline in tests, so a Hub model is queued unplanned and a Hub dataset unchecked, and
+# its first event says so.
+QUEUED_MESSAGE = ("job accepted and queued; the dataset is read and checked when the job starts; not planned "
+                  "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
+                  "LocalEntryNotFoundError")
 ABANDONED = "the worker running this job stopped (RQ reported it abandoned)"
 STALE = "its worker has not reported for over 5 s"
 RESUMING = "resuming from its last checkpoint if it has one"

@@ -11,6 +11,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from app.planner import optimizer_steps, steps_per_epoch
 from app.rows import (
     FORMATS,
     SHAREGPT_ROLES,
@@ -24,6 +25,7 @@ from app.rows import (
     read_rows,
     row_problem,
 )
+from app.schemas import Hyperparameters
 from worker.failures import JobFailure
 
 # Parallel workers for row checks and token counts pay off from this many rows.
@@ -209,30 +211,28 @@ def token_counts(dataset: Dataset, *, row_format: str, tokenizer: Any, max_lengt
     return np.asarray(counted["tokens"], dtype=np.int64), np.asarray(counted["loss_tokens"], dtype=np.int64)
 
 
-def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, max_seq_length: int, packing: bool,
-                micro_batch: int, grad_accum: int, epochs: float, max_steps: int | None) -> dict[str, Any]:
+def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperparameters) -> dict[str, Any]:
     """Rows, tokens per row, what max_seq_length cuts, tokens in the loss, and the optimizer
     steps and tokens that follow: computed on the CPU before the model is loaded, so a surprise
     costs no GPU time. With packing, sequences are estimated as the trained tokens over
     max_seq_length; the trainer corrects them once TRL has packed the rows."""
     import numpy as np
 
-    trained = np.minimum(lengths, max_seq_length)
-    sequences = math.ceil(int(trained.sum()) / max_seq_length) if packing else len(lengths)
-    steps_per_epoch = max(math.ceil(math.ceil(sequences / micro_batch) / grad_accum), 1)
-    steps = max_steps or math.ceil(steps_per_epoch * epochs)
-    epochs_run = steps / steps_per_epoch
+    trained = np.minimum(lengths, hp.max_seq_length)
+    sequences = math.ceil(int(trained.sum()) / hp.max_seq_length) if hp.packing else len(lengths)
+    steps = optimizer_steps(hp, sequences)
+    epochs_run = steps / steps_per_epoch(hp, sequences)
     return {
         **check.summary(),
         "rows_used": int(len(lengths)),
         "tokens_per_row": {"min": int(lengths.min()), "median": int(np.median(lengths)),
                            "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
-        "rows_truncated": int((lengths > max_seq_length).sum()),
+        "rows_truncated": int((lengths > hp.max_seq_length).sum()),
         "tokens_cut_by_truncation": int((lengths - trained).sum()),
         "tokens_per_epoch": int(trained.sum()),
         "loss_tokens_per_epoch": int(loss_tokens.sum()),
         "sequences_per_epoch": int(sequences),
-        "sequences_estimated": packing,
+        "sequences_estimated": hp.packing,
         "optimizer_steps": int(steps),
         "tokens_to_train": int(trained.sum() * epochs_run),
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -203,10 +202,7 @@ class Run:
                     "completion_only": hp.completion_only_loss is not False and row_format == "prompt_completion",
                     "template": self.training_chat_template(tokenizer)}
         lengths, loss_tokens = token_counts(dataset, what="the dataset", **counting)
-        report = data_report(lengths, loss_tokens, check=check, max_seq_length=hp.max_seq_length,
-                             packing=hp.packing, micro_batch=hp.per_device_train_batch_size,
-                             grad_accum=hp.gradient_accumulation_steps, epochs=hp.num_train_epochs,
-                             max_steps=hp.max_steps)
+        report = data_report(lengths, loss_tokens, check=check, hp=hp)
         if eval_dataset is not None:
             eval_lengths, eval_loss_tokens = token_counts(eval_dataset, what="the validation set", **counting)
             report["validation"] = {
@@ -251,15 +247,14 @@ class Run:
 
     def refine_report(self, trainer: Any) -> None:
         """Sequences and steps as TRL actually prepared them (packing, rows it dropped)."""
+        from app.planner import optimizer_steps
+
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None and job.data_report is not None
-            hp = self.spec.hyperparameters
             sequences = len(trainer.train_dataset)
-            steps_per_epoch = max(math.ceil(math.ceil(sequences / hp.per_device_train_batch_size)
-                                            / hp.gradient_accumulation_steps), 1)
             job.data_report = {**job.data_report, "sequences_per_epoch": sequences, "sequences_estimated": False,
-                               "optimizer_steps": hp.max_steps or math.ceil(steps_per_epoch * hp.num_train_epochs),
+                               "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
                                "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset)}
             session.add(job)
 

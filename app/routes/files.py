@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Response, UploadFile, status
+from fastapi import APIRouter, Depends, Path, Request, Response, status
 
 from app import crud
 from app.db import SessionDep
@@ -18,15 +18,23 @@ FileId = Annotated[int, Path(ge=1, description="the file's id")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such file"}}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic,
+UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "a .jsonl, .json (JSON Lines or an array) or .parquet dataset"}}}}}}}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic, openapi_extra=UPLOAD_BODY,
              responses={413: {"description": "larger than MAX_UPLOAD_BYTES"},
-                        422: {"description": "not a .jsonl/.json/.parquet file, a line that is not JSON, "
-                                             "or rows in no known format"}})
-def upload_file(file: UploadFile, session: SessionDep) -> FilePublic:
-    """Store a JSON Lines or Parquet dataset (multipart field `file`): its row format
-    (`messages`, `prompt_completion` or `text`), row count and sha256 are checked and kept.
-    A job names it with `"dataset": {"file_id": <id>}`."""
-    return file_public(crud.create_file(session=session, upload=file.file, filename=file.filename))
+                        422: {"description": "not a .jsonl/.json/.parquet file, no readable row, or a body that "
+                                             "is not multipart or broke off"}})
+async def upload_file(request: Request, session: SessionDep) -> FilePublic:
+    """Store a JSON Lines or Parquet dataset (multipart field `file`), streamed to disk as it
+    arrives: every row is read and checked, and the record keeps its row format (`messages`,
+    `prompt_completion`, `text`, or null when its columns need a job's `dataset.columns`), columns,
+    row count, malformed rows with line numbers, and sha256. A job names it with
+    `"dataset": {"file_id": <id>}` or `"validation": {"file_id": <id>}`."""
+    return file_public(await crud.create_file(session=session, request=request))
 
 
 @router.get("", response_model=FileList)
