@@ -59,14 +59,20 @@ def detect_format(columns: list[str]) -> str:
                     "onto these, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"})")
 
 
+def is_sharegpt_turn(turn: Mapping[str, Any]) -> bool:
+    """A {"from", "value"} turn. Arrow gives every turn of a column the union of the keys seen,
+    so a missing key reads as None: look at values, not keys."""
+    return turn.get("role") is None and turn.get("from") is not None
+
+
 def _turn_problem(turn: Any) -> str | None:
     if not isinstance(turn, dict):
         return "each message must be an object with 'role' and 'content'"
-    if "role" in turn:
+    if not is_sharegpt_turn(turn) and "role" in turn:
         role, content = turn["role"], turn.get("content")
         if not isinstance(role, str) or role not in ROLES:  # a list or object would not hash
             return f"unknown role {role!r} (expected one of {sorted(ROLES)})"
-    elif "from" in turn:
+    elif is_sharegpt_turn(turn):
         role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         content = turn.get("value")
         if role is None:
@@ -85,7 +91,7 @@ def _conversation_problem(turns: Any, what: str, *, needs_assistant: bool) -> st
         problem = _turn_problem(turn)
         if problem:
             return problem
-    roles = [turn.get("role") or SHAREGPT_ROLES.get(turn.get("from", "")) for turn in turns]
+    roles = [SHAREGPT_ROLES.get(turn["from"]) if is_sharegpt_turn(turn) else turn.get("role") for turn in turns]
     if needs_assistant and "assistant" not in roles:
         return "no assistant turn to learn from"
     return None

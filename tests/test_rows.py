@@ -552,3 +552,15 @@ def test_check_file_reports_a_role_that_is_not_a_string_instead_of_crashing(tmp_
         f"line 2: unknown role ['user'] (expected one of {ROLES_LISTED})",
         f"line 3: unknown speaker ['human'] (expected one of {SPEAKERS_LISTED})",
     ]
+
+
+def test_turns_with_the_union_of_keys_arrow_gives_are_read_by_their_values() -> None:
+    """Arrow gives every turn of a column all the keys seen, missing ones as None."""
+    row = {"messages": [
+        {"role": None, "content": None, "from": "human", "value": "hi"},
+        {"role": "assistant", "content": "hello", "from": None, "value": None},
+    ]}
+    assert row_problem(row, "messages") is None
+    bad = {"messages": [{"role": None, "content": None, "from": "narrator", "value": "x"}]}
+    assert row_problem(bad, "messages") == (
+        "unknown speaker 'narrator' (expected one of ['assistant', 'gpt', 'human', 'system', 'tool', 'user'])")

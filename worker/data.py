@@ -20,6 +20,7 @@ from app.rows import (
     check_file,
     detect_format,
     is_conversational,
+    is_sharegpt_turn,
     map_row,
     mapped_columns,
     read_rows,
@@ -39,11 +40,19 @@ def _num_proc(rows: int) -> int | None:
 def normalized(row: dict[str, Any], row_format: str) -> dict[str, Any]:
     """ShareGPT turns ({"from": "gpt", "value": ...}) as chat messages ({"role", "content"})."""
     def turns(value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
-            return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in value]
-        return value
+        if not isinstance(value, list):
+            return value
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} if is_sharegpt_turn(t)
+                else {k: v for k, v in t.items() if k not in ("from", "value")} for t in value]
 
     return {column: turns(row[column]) for column in FORMATS[row_format]}
+
+
+def _may_hold_sharegpt_turns(dataset: Dataset, column: str) -> bool:
+    """Whether the column's schema has a turn field named `from` (read once, not row by row)."""
+    feature = dataset.features[column]
+    inner = feature[0] if isinstance(feature, list) else getattr(feature, "feature", None)
+    return isinstance(inner, dict) and "from" in inner
 
 
 def _good_file_rows(path: str, mapping: dict[str, str], row_format: str, stamp: str) -> Iterator[dict[str, Any]]:
@@ -131,9 +140,8 @@ def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
     _refuse(check, what, max_bad_fraction)
     if bad:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
-    first = dataset[0]
-    check.conversational = is_conversational(first, row_format)
-    if any(isinstance(first[c], list) and first[c] and "from" in first[c][0] for c in FORMATS[row_format]):
+    check.conversational = is_conversational(dataset[0], row_format)
+    if any(_may_hold_sharegpt_turns(dataset, c) for c in FORMATS[row_format]):
         dataset = dataset.map(normalized, fn_kwargs={"row_format": row_format}, desc="Reading ShareGPT turns")
     return dataset, check
 
