@@ -61,7 +61,11 @@ POINTS = json.loads((RESULTS / "2026-11-28-nvidia-h100-80gb-hbm3-planner-points.
 SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "small": SMALL}
 
 
-@pytest.mark.parametrize("point", POINTS, ids=lambda p: "{shape}-mb{micro_batch}-seq{seq_len}-ga{grad_accum}".format(**p["settings"]))
+def point_id(point: dict) -> str:
+    return "{shape}-mb{micro_batch}-seq{seq_len}-ga{grad_accum}".format(**point["settings"])
+
+
+@pytest.mark.parametrize("point", POINTS, ids=point_id)
 def test_estimate_is_within_15_percent_at_the_points_measured_for_the_planner(point: dict) -> None:
     """bench/planner_points, 2026-11-28, H100: larger micro-batches and longer sequences than the
     fit used; none of these points were fitted."""
