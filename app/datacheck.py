@@ -30,14 +30,21 @@ class DataCheck:
         """Good rows left for training (after a held-out fraction), when the file was read."""
         if self.report is None:
             return None
-        held_out = (self.report.get("validation") or {}).get("rows", 0) \
-            if "fraction" in (self.report.get("validation") or {}) else 0
+        validation = self.report.get("validation") or {}
+        held_out = validation.get("rows", 0) if "fraction" in validation else 0
         return int(self.report["rows"] - self.report["bad_rows"] - held_out)
 
 
-def _stored_check(uploaded: UploadedFile) -> RowCheck:
-    return RowCheck(row_format=uploaded.row_format, columns=uploaded.columns or [], rows=uploaded.rows,
-                    bad_rows=uploaded.bad_rows, problems=list(uploaded.bad_row_examples or []))
+def _stored_check(session: Session, file_id: int | None, mapping: Mapping[str, str]) -> RowCheck | None:
+    """The check made when the file was uploaded, when it still answers: no column mapping, and
+    the row format alone says whether the rows are chat (prompt/completion rows may or may not
+    be lists of messages). Uploads made before 0004 recorded no columns."""
+    uploaded = session.get(UploadedFile, file_id) if file_id is not None and not mapping else None
+    if uploaded is None or not uploaded.columns or uploaded.row_format == "prompt_completion":
+        return None
+    return RowCheck(row_format=uploaded.row_format, columns=uploaded.columns, rows=uploaded.rows,
+                    conversational=uploaded.row_format == "messages", bad_rows=uploaded.bad_rows,
+                    problems=list(uploaded.bad_row_examples or []))
 
 
 def _check_source(session: Session, source: str, file_id: int | None, mapping: Mapping[str, str],
@@ -47,11 +54,9 @@ def _check_source(session: Session, source: str, file_id: int | None, mapping: M
     path = Path(source)
     if not path.is_absolute() or not path.is_file():
         return None
-    if file_id is not None and not mapping:
-        uploaded = session.get(UploadedFile, file_id)
-        # Uploads checked before row_format could be null (0003) hold no columns: read again.
-        if uploaded is not None and uploaded.columns:
-            return _stored_check(uploaded)
+    stored = _stored_check(session, file_id, mapping)
+    if stored is not None:
+        return stored
     try:
         return check_file(path, mapping)
     except DataError as exc:

@@ -4,6 +4,7 @@ check of sources the API does not read (`datasets` folders, like Hub datasets)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -160,7 +161,7 @@ def test_validation_that_cannot_work_with_the_files_is_refused(client: httpx.Cli
 
 def test_uploaded_file_as_validation_set_is_kept_while_the_job_waits(client: httpx.Client, env: Env,
                                                                      tiny_model: Path, chat_dataset: Path) -> None:
-    content = "".join(__import__("json").dumps(row) + "\n" for row in chat_rows(4, seed=3)).encode()
+    content = "".join(json.dumps(row) + "\n" for row in chat_rows(4, seed=3)).encode()
     file_id = client.post("/files", files={"file": ("val.jsonl", content)}).json()["id"]
     spec = job_spec(tiny_model, chat_dataset)
     spec["validation"] = {"file_id": file_id}
@@ -172,6 +173,17 @@ def test_uploaded_file_as_validation_set_is_kept_while_the_job_waits(client: htt
     conflict = client.delete(f"/files/{file_id}")
     assert conflict.status_code == 409
     assert f"file {file_id} is used by job(s) {response.json()['id']}" in conflict.text
+
+
+def test_assistant_only_loss_on_an_uploaded_chat_file_is_accepted(client: httpx.Client, env: Env,
+                                                                   tiny_model: Path) -> None:
+    content = "".join(json.dumps(row) + "\n" for row in chat_rows(8)).encode()
+    file_id = client.post("/files", files={"file": ("chat.jsonl", content)}).json()["id"]
+    spec = job_spec(tiny_model, Path("unused"), assistant_only_loss=True)
+    spec["dataset"] = {"file_id": file_id}
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    assert response.json()["data_report"]["rows"] == 8  # the upload's own check, reused
 
 
 # ---- through the trainer ----------------------------------------------------------------------
