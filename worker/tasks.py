@@ -69,7 +69,7 @@ def claim(job_id: int) -> int | None:
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
             .values(status=JobStatus.running, attempts=Job.attempts + 1, worker_name=worker_name(),
-                    heartbeat_at=now, cancel_requested_at=None)
+                    heartbeat_at=now, cancel_requested_at=None, phase="starting")
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             return None
