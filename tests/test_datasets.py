@@ -328,3 +328,23 @@ def test_trainer_skips_a_few_bad_rows_and_reads_sharegpt_turns(client: httpx.Cli
     assert (report["rows"], report["bad_rows"], report["rows_used"]) == (10, 1, 9)
     assert report["bad_row_examples"] == ["row 9: unknown speaker 'narrator' (expected one of ['assistant', 'gpt', "
                                           "'human', 'system', 'tool', 'user'])"]
+
+
+@pytest.mark.slow
+def test_validation_split_of_a_datasets_folder_is_checked_and_evaluated(client: httpx.Client, env: Env,
+                                                                        tiny_model: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    folder = env.datasets_dir / "with-splits"
+    DatasetDict({"train": Dataset.from_list(chat_rows(16)), "test": Dataset.from_list(chat_rows(6, seed=1))}
+                ).save_to_disk(str(folder))
+    spec = job_spec(tiny_model, folder, max_steps=2, eval_steps=2, save_steps=100)
+    spec["validation"] = {"split": "test"}
+    record = run_to_end(client, spec)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["data_report"]["validation"]["rows_used"] == 6
+    assert record["metrics"]["eval_step"] == 2 and record["metrics"]["eval_loss"] > 0
+    spec["validation"] = {"split": "dev"}
+    failed = run_to_end(client, spec)
+    assert failed["error"] == {"code": "dataset_invalid",
+                               "message": f"{folder.resolve()} has no split 'dev'; it has ['test', 'train']"}
