@@ -13,7 +13,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,6 +36,27 @@ GIB = 1024**3
 def qa_rows(count: int) -> list[dict[str, str]]:
     return [{"question": f"what number comes after {i} and why is it so", "answer": f" {i + 1}, by counting"}
             for i in range(count)]
+
+
+def run_job(http: Any, spec: dict, name: str, backend: str,
+            check: Callable[[str, bool, object], None]) -> tuple[dict, list[dict], dict, dict[int, float]]:
+    """Submit, wait, and check it succeeded on the backend: (record, step logs, data report,
+    eval loss by step)."""
+    response = http.post("/jobs", json=spec)
+    check(f"{name} job accepted", response.status_code == 201, response.text[:300])
+    record = wait_for(http, response.json()["id"], timeout_s=400)
+    logs = http.get(f"/jobs/{record['id']}/logs").json()["items"]
+    check(f"{name} job succeeded on {backend}", record["status"] == "succeeded" and record["backend"] == backend,
+          f"{record['status']} {record['backend']} {record['error']}")
+    evaluated = {row["step"]: row["eval_loss"] for row in logs if row["eval_loss"] is not None}
+    return record, logs, record["data_report"] or {}, evaluated
+
+
+def figures_of(record: dict, logs: list[dict], report: dict, evaluated: dict[int, float]) -> dict:
+    return {"tokens_per_second": [row["tokens_per_second"] for row in logs if row["tokens_per_second"]],
+            "train_loss": [row["loss"] for row in logs if row["loss"] is not None],
+            "eval_loss": evaluated, "nvml_peak_gib": round((record["vram"].get("device_used_peak") or 0) / GIB, 2),
+            "data_report": report}
 
 
 def main() -> int:
@@ -75,14 +98,7 @@ def main() -> int:
                                 "logging_steps": 5, "eval_steps": 5, "save_steps": 1000,
                                 "assistant_only_loss": True},
         }
-        response = http.post("/jobs", json=spec)
-        check("chat job accepted", response.status_code == 201, response.text[:300])
-        record = wait_for(http, response.json()["id"], timeout_s=400)
-        logs = http.get(f"/jobs/{record['id']}/logs").json()["items"]
-        report = record["data_report"] or {}
-        evaluated = {row["step"]: row["eval_loss"] for row in logs if row["eval_loss"] is not None}
-        check(f"chat job succeeded on {backend}", record["status"] == "succeeded" and record["backend"] == backend,
-              f"{record['status']} {record['backend']} {record['error']}")
+        record, logs, report, evaluated = run_job(http, spec, "chat", backend, check)
         check("eval loss at every eval_steps", sorted(evaluated) == list(range(5, args.steps + 1, 5))
               and all(math.isfinite(v) and v > 0 for v in evaluated.values()), evaluated)
         check("record's eval_loss is the last one", record["metrics"].get("eval_loss") == evaluated.get(args.steps),
@@ -93,12 +109,7 @@ def main() -> int:
         check("the trainer's prepared labels hold the reported loss tokens",
               report.get("loss_tokens_prepared") in (None, report.get("loss_tokens_per_epoch")),
               f"prepared {report.get('loss_tokens_prepared')} vs report {report.get('loss_tokens_per_epoch')}")
-        figures["chat_assistant_only_eval"] = {
-            "tokens_per_second": [row["tokens_per_second"] for row in logs if row["tokens_per_second"]],
-            "train_loss": [row["loss"] for row in logs if row["loss"] is not None],
-            "eval_loss": evaluated, "nvml_peak_gib": round((record["vram"].get("device_used_peak") or 0) / GIB, 2),
-            "data_report": report,
-        }
+        figures["chat_assistant_only_eval"] = figures_of(record, logs, report, evaluated)
 
         # 2. Mapped question/answer rows: completion-only loss by default, packing, an uploaded validation file.
         file_id = http.post("/files", files={"file": ("qa-validation.jsonl", qa_validation)}).json()["id"]
@@ -110,14 +121,7 @@ def main() -> int:
                                 "max_seq_length": 512, "learning_rate": 1e-4, "max_steps": args.steps,
                                 "logging_steps": 5, "eval_steps": 10, "save_steps": 1000, "packing": True},
         }
-        response = http.post("/jobs", json=spec)
-        check("packed job accepted", response.status_code == 201, response.text[:300])
-        record = wait_for(http, response.json()["id"], timeout_s=400)
-        logs = http.get(f"/jobs/{record['id']}/logs").json()["items"]
-        report = record["data_report"] or {}
-        evaluated = {row["step"]: row["eval_loss"] for row in logs if row["eval_loss"] is not None}
-        check(f"packed job succeeded on {backend}", record["status"] == "succeeded" and record["backend"] == backend,
-              f"{record['status']} {record['backend']} {record['error']}")
+        record, logs, report, evaluated = run_job(http, spec, "packed", backend, check)
         check("packing: TRL's sequence count replaced the estimate",
               report.get("sequences_estimated") is False and report.get("sequences_per_epoch", 3000) < 3000 / 4,
               f"{report.get('sequences_per_epoch')} sequences from {report.get('rows_used')} rows")
@@ -126,12 +130,7 @@ def main() -> int:
               f"{report.get('loss_tokens_per_epoch')} of {report.get('tokens_per_epoch')}")
         check("uploaded validation file evaluated", sorted(evaluated) == list(range(10, args.steps + 1, 10))
               and report.get("validation", {}).get("rows_used") == 100, evaluated)
-        figures["qa_packed_completion_only"] = {
-            "tokens_per_second": [row["tokens_per_second"] for row in logs if row["tokens_per_second"]],
-            "train_loss": [row["loss"] for row in logs if row["loss"] is not None],
-            "eval_loss": evaluated, "nvml_peak_gib": round((record["vram"].get("device_used_peak") or 0) / GIB, 2),
-            "data_report": report,
-        }
+        figures["qa_packed_completion_only"] = figures_of(record, logs, report, evaluated)
 
     import torch
 
