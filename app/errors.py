@@ -13,9 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 class AppError(Exception):
     status_code = 400
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers
 
     @property
     def name(self) -> str:
@@ -52,6 +53,18 @@ class InvalidFile(AppError):
     """An upload that is not a dataset the trainer can read (format, rows, extension)."""
 
     status_code = 422
+
+
+class BadRange(AppError):
+    """A Range header that cannot be parsed."""
+
+    status_code = 400
+
+
+class RangeNotSatisfiable(AppError):
+    """A Range that starts past the end of the file; Content-Range gives its size."""
+
+    status_code = 416
 
 
 class InvalidDataset(AppError):
@@ -97,7 +110,8 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse({"error": exc.name, "detail": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.name, "detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

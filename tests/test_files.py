@@ -229,7 +229,12 @@ def test_listed_file_is_served_with_checksum_and_ranges(api: TestClient, stored:
     beyond = api.get(f"{base}/model.safetensors", headers={"Range": "bytes=999999-"})
     assert beyond.status_code == 416
     assert beyond.headers["content-range"] == f"bytes */{len(data)}"
-    assert beyond.content == b""
+    assert beyond.json() == {"error": "RangeNotSatisfiable", "detail": "Range 'bytes=999999-' starts past the end "
+                                                                      f"of the file ({len(data)} bytes)"}
+    malformed = api.get(f"{base}/model.safetensors", headers={"Range": "items=0-3"})
+    assert malformed.status_code == 400
+    assert malformed.json() == {"error": "BadRange",
+                                "detail": "malformed Range header 'items=0-3': Only support bytes range"}
 
 
 def test_unknown_file_and_checkpoint_are_404(api: TestClient, stored: Stored) -> None:

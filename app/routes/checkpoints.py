@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.responses import MalformedRangeHeader
+from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app import crud
 from app.db import SessionDep
 from app.deps import SettingsDep, require_token
-from app.errors import NotFound
+from app.errors import BadRange, NotFound, RangeNotSatisfiable
 from app.files import resolve_inside, stream_tar, tar_length, tar_members
 from app.presenters import checkpoint_public
 from app.schemas import CheckpointPublic
@@ -53,7 +56,8 @@ def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: S
 
 
 @router.get("/{name}/files/{path:path}", response_class=FileResponse)
-def download_file(job_id: JobId, name: Name, path: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+def download_file(job_id: JobId, name: Name, path: str, request: Request, session: SessionDep,
+                  settings: SettingsDep) -> FileResponse:
     """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""
     checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
     if path not in {f["path"] for f in checkpoint.files}:
@@ -61,4 +65,23 @@ def download_file(job_id: JobId, name: Name, path: str, session: SessionDep, set
     real = resolve_inside(settings.checkpoints_dir(job_id) / checkpoint.name, path)
     sha = next((f.get("sha256") for f in checkpoint.files if f["path"] == path), None)
     headers = {"X-Checksum-SHA256": sha} if sha else None
+    check_range(request, real)
     return FileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream")
+
+
+def check_range(request: Request, real: pathlib.Path) -> None:
+    """Judge a Range header before FileResponse does, so a bad one gets our JSON error body
+    (FileResponse answers 400 and 416 with plain text or nothing). With If-Range, FileResponse
+    may ignore the range, so it decides."""
+    http_range = request.headers.get("range")
+    if http_range is None or "if-range" in request.headers:
+        return
+    size = real.stat().st_size
+    try:
+        # FileResponse's own parser (private, pinned with starlette): the same rules it applies.
+        FileResponse._parse_range_header(http_range, size)
+    except MalformedRangeHeader as exc:
+        raise BadRange(f"malformed Range header {http_range!r}: {exc.content}") from None
+    except StarletteRangeNotSatisfiable:
+        raise RangeNotSatisfiable(f"Range {http_range!r} starts past the end of the file ({size} bytes)",
+                                  headers={"Content-Range": f"bytes */{size}"}) from None
