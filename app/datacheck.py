@@ -16,7 +16,7 @@ from sqlmodel import Session
 from app.config import get_settings
 from app.errors import InvalidDataset
 from app.models import UploadedFile
-from app.rows import DataError, RowCheck, check_file, detect_format, loss_option_problem
+from app.rows import DataError, RowCheck, check_file, loss_option_problem
 from app.schemas import JobSpec
 
 
@@ -64,12 +64,7 @@ def _check_source(session: Session, source: str, file_id: int | None, mapping: M
 
 
 def _refuse_unusable(check: RowCheck, what: str) -> None:
-    if check.row_format is None:
-        try:
-            detect_format(check.columns)
-        except DataError as exc:
-            raise InvalidDataset(f"{what}: {exc}") from None
-    reason = check.refusal(get_settings().max_bad_row_fraction, what)
+    reason = check.unusable(get_settings().max_bad_row_fraction, what)
     if reason:
         raise InvalidDataset(reason)
 
@@ -80,7 +75,10 @@ def check_before_queuing(*, session: Session, job_in: JobSpec) -> DataCheck:
     train = _check_source(session, dataset.source, dataset.file_id, dataset.columns, "the dataset")
     if train is None:
         if validation is not None and validation.source:
-            _check_source(session, validation.source, validation.file_id, dataset.columns, "the validation set")
+            check = _check_source(session, validation.source, validation.file_id, dataset.columns,
+                                  "the validation set")
+            if check is not None:
+                _refuse_unusable(check, "the validation set")
         return DataCheck(None, "the dataset is read and checked when the job starts")
     _refuse_unusable(train, "the dataset")
     assert train.row_format is not None

@@ -169,6 +169,15 @@ class RowCheck:
                     f"the {max_bad_fraction:.2%} this server skips (MAX_BAD_ROW_FRACTION): {shown}{more}")
         return None
 
+    def unusable(self, max_bad_fraction: float, what: str = "the dataset") -> str | None:
+        """Why the rows cannot train, or None: no row format fits the columns, or `refusal`."""
+        if self.row_format is None:
+            try:
+                detect_format(self.columns)
+            except DataError as exc:
+                return f"{what}: {exc}"
+        return self.refusal(max_bad_fraction, what)
+
     def summary(self) -> dict[str, Any]:
         return {"rows": self.rows, "row_format": self.row_format, "bad_rows": self.bad_rows,
                 "bad_row_examples": self.problems}

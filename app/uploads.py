@@ -14,15 +14,13 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.errors import InvalidFile, PayloadTooLarge
-from app.rows import DataError, RowCheck, check_file
+from app.rows import DataError, RowCheck, check_file, file_kind
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
 # Room for the multipart framing around the file when a declared Content-Length is judged.
 MULTIPART_OVERHEAD = 64 * 1024
-# The uploaded name's extension -> the stored file's (.json is read as JSON Lines, as `datasets` does).
-EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
 def clean_name(filename: str | None) -> str:
@@ -31,10 +29,11 @@ def clean_name(filename: str | None) -> str:
 
 
 def extension(filename: str) -> str:
-    ext = EXTENSIONS.get(PurePosixPath(filename).suffix.lower())
-    if ext is None:
-        raise InvalidFile(f"{filename!r} is not a .jsonl, .json (JSON Lines) or .parquet file")
-    return ext
+    """The stored file's extension: jsonl (for .jsonl and .json) or parquet (app.rows.file_kind)."""
+    try:
+        return file_kind(Path(PurePosixPath(filename).name))
+    except DataError:
+        raise InvalidFile(f"{filename!r} is not a .jsonl, .json (JSON Lines) or .parquet file") from None
 
 
 class _FilePart:

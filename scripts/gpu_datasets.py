@@ -20,22 +20,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.service_harness import Service, wait_for
-from tests.builders import build_llama, chat_rows, write_jsonl
+from tests.builders import MARKED_TEMPLATE, build_llama, chat_rows, qa_rows, write_jsonl
 
 SMALL_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
                "intermediate_size": 4096, "vocab_size": 32000}
-# The test tokenizer's chat template with {% generation %} marks around the assistant's tokens.
-MARKED_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}"
-    "<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 GIB = 1024**3
-
-
-def qa_rows(count: int) -> list[dict[str, str]]:
-    return [{"question": f"what number comes after {i} and why is it so", "answer": f" {i + 1}, by counting"}
-            for i in range(count)]
 
 
 def run_job(http: Any, spec: dict, name: str, backend: str,

@@ -20,6 +20,12 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# CHAT_TEMPLATE with {% generation %} marks around the assistant's tokens, for assistant_only_loss.
+MARKED_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}"
+    "<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 # Shapes of public models, used by the benchmarks (random weights measure the same speed).
 LLAMA_3_1_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
                 "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
@@ -87,6 +93,12 @@ def chat_rows(count: int, *, seed: int = 0, words: int = 12, system: bool = Fals
                      {"role": "assistant", "content": sentence(rng, words)}]
         rows.append({"messages": messages})
     return rows
+
+
+def qa_rows(count: int) -> list[dict[str, str]]:
+    """Question/answer rows under column names no format knows (a job maps them)."""
+    return [{"question": f"what number comes after {i} and why is it so", "answer": f" {i + 1}, by counting"}
+            for i in range(count)]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -167,6 +168,17 @@ def job_spec(model: Path, dataset: Path, **hyperparameters: object) -> dict[str,
                             "max_seq_length": 64, "learning_rate": 1e-3, "max_steps": 6,
                             "logging_steps": 2, "save_steps": 3, **hyperparameters},
     }
+
+
+def run_to_end(client: httpx.Client, spec: dict[str, object]) -> dict[str, Any]:
+    """Submit a spec and run its task in this process (claim, trainer child, finish): no RQ worker."""
+    from worker.tasks import run_job
+
+    response = client.post("/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    job_id = response.json()["id"]
+    run_job(job_id)
+    return dict(client.get(f"/jobs/{job_id}").json())
 
 
 @dataclass

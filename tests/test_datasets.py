@@ -10,22 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.builders import chat_rows, write_jsonl
-from tests.conftest import Env, job_spec
+from tests.builders import MARKED_TEMPLATE, chat_rows, qa_rows, write_jsonl
+from tests.conftest import Env, job_spec, run_to_end
 
 GOOD_CHAT = chat_rows(1)[0]
-# The tiny tokenizer's template with {% generation %} marks around the assistant's tokens.
-MARKED_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}"
-    "<|end|>{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def qa_rows(count: int) -> list[dict[str, str]]:
-    return [{"question": f"what is {i} plus one", "answer": f" it is {i + 1}"} for i in range(count)]
-
-
 def refused(client: httpx.Client, spec: dict) -> str:
     response = client.post("/jobs", json=spec)
     assert response.status_code == 422, response.text
@@ -159,6 +147,15 @@ def test_validation_that_cannot_work_with_the_files_is_refused(client: httpx.Cli
                                      "need the same format")
 
 
+def test_a_local_validation_file_beside_a_hub_dataset_is_checked_before_queuing(
+        client: httpx.Client, env: Env, tiny_model: Path) -> None:
+    validation = write_jsonl(env.datasets_dir / "qa.jsonl", qa_rows(3))
+    spec = job_spec(tiny_model, Path("unused"))
+    spec["dataset"] = {"source": "some-org/some-dataset"}  # the API does not read Hub datasets
+    spec["validation"] = {"source": str(validation)}
+    assert refused(client, spec).startswith("the validation set: the rows have columns ['answer', 'question']")
+
+
 def test_uploaded_file_as_validation_set_is_kept_while_the_job_waits(client: httpx.Client, env: Env,
                                                                      tiny_model: Path, chat_dataset: Path) -> None:
     content = "".join(json.dumps(row) + "\n" for row in chat_rows(4, seed=3)).encode()
@@ -187,15 +184,6 @@ def test_assistant_only_loss_on_an_uploaded_chat_file_is_accepted(client: httpx.
 
 
 # ---- through the trainer ----------------------------------------------------------------------
-
-
-def run_to_end(client: httpx.Client, spec: dict) -> dict:
-    from worker.tasks import run_job
-
-    response = client.post("/jobs", json=spec)
-    assert response.status_code == 201, response.text
-    run_job(response.json()["id"])
-    return client.get(f"/jobs/{response.json()['id']}").json()
 
 
 @pytest.mark.slow

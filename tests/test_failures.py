@@ -13,19 +13,9 @@ import httpx
 import pytest
 
 from tests.builders import write_jsonl
-from tests.conftest import Env, job_spec, wait_until
+from tests.conftest import Env, job_spec, run_to_end, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def run_to_end(client: httpx.Client, spec: dict) -> dict:
-    from worker.tasks import run_job
-
-    response = client.post("/jobs", json=spec)
-    assert response.status_code == 201, response.text
-    job_id = response.json()["id"]
-    run_job(job_id)
-    return client.get(f"/jobs/{job_id}").json()
 
 
 def test_model_that_cannot_be_loaded_is_model_not_found(client: httpx.Client, env: Env, chat_dataset: Path) -> None:

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.builders import chat_rows
-from tests.conftest import Env, job_spec
+from tests.conftest import Env, job_spec, run_to_end
 
 
 def jsonl_bytes(rows: list[dict]) -> bytes:
@@ -256,15 +256,10 @@ def test_files_routes_need_a_token_when_configured(client: httpx.Client, env: En
 
 @pytest.mark.slow
 def test_job_on_an_uploaded_file_trains(client: httpx.Client, env: Env, tiny_model: Path) -> None:
-    from worker.tasks import run_job
-
     file_id = upload(client, "chat.jsonl", jsonl_bytes(chat_rows(16))).json()["id"]
     spec = file_spec(tiny_model, file_id, max_steps=2, save_steps=100, per_device_train_batch_size=2,
                      gradient_accumulation_steps=1, max_seq_length=64)
-    response = client.post("/jobs", json=spec)
-    assert response.status_code == 201, response.text
-    run_job(response.json()["id"])
-    record = client.get(f"/jobs/{response.json()['id']}").json()
+    record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
     assert record["spec"]["dataset"]["file_id"] == file_id
     events = client.get(f"/jobs/{record['id']}/events").json()["items"]

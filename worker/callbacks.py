@@ -53,7 +53,7 @@ def _finite(value: Any) -> float | None:
 
 class JobReporter(TrainerCallback):
     def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path,
-                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float] = lambda: 0.0) -> None:
+                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float]) -> None:
         self.job_id = job_id
         self.stop = stop
         self.memory = memory

@@ -67,12 +67,7 @@ def _good_file_rows(path: str, mapping: dict[str, str], row_format: str, stamp: 
 
 
 def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
-    if check.row_format is None:
-        try:
-            detect_format(check.columns)
-        except DataError as exc:
-            raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
-    reason = check.refusal(max_bad_fraction, what)
+    reason = check.unusable(max_bad_fraction, what)
     if reason:
         raise JobFailure("dataset_invalid", reason)
 
@@ -153,10 +148,7 @@ def load_checked(source: str, split: str, mapping: Mapping[str, str], *, what: s
     train: no format fits, or more than `max_bad_fraction` of them are malformed."""
     path = Path(source)
     if path.is_absolute() and path.is_file():
-        dataset, check = _load_file(path, dict(mapping), what, max_bad_fraction)
-        if check.conversational is None and len(dataset):
-            check.conversational = is_conversational(dataset[0], check.row_format or "")
-        return dataset, check
+        return _load_file(path, dict(mapping), what, max_bad_fraction)
     return _check_dataset(_load_other(source, split), dict(mapping), what, max_bad_fraction)
 
 
