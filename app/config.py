@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Local model and dataset paths are accepted only under these roots (comma-separated).
     allowed_local_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Space kept free under DATA_DIR for the job database and logs: a checkpoint that would eat
+    # into it is not started (the job fails as disk_full with the figures), and /healthz reports
+    # "degraded" below it.
+    min_free_disk_bytes: int = Field(default=1024**3, ge=0)
+    # A file of this size held under DATA_DIR and deleted when the job database cannot be written
+    # for lack of space, so that a job's final status still lands on a full disk.
+    disk_reserve_bytes: int = Field(default=64 * 1024**2, ge=0)
 
     # --- queue ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -29,6 +36,9 @@ class Settings(BaseSettings):
     # A job whose worker died is started again (resuming from its last checkpoint) this many times.
     max_attempts: int = Field(default=2, ge=1)
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # A queued job younger than this may sit between its commit and its enqueue: the reconciler
+    # leaves it alone.
+    enqueue_grace_s: float = Field(default=30.0, ge=0)
 
     # --- trainer -------------------------------------------------------------------------
     # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few
@@ -81,6 +91,17 @@ class Settings(BaseSettings):
 
     def resolved_local_roots(self) -> list[Path]:
         return [root.expanduser().resolve() for root in self.allowed_local_roots]
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as environment variables, paths made absolute, for a child process
+        that runs in another working directory and must not read a different `.env`."""
+        env = {"DATA_DIR": str(self.data_dir.resolve()), "DATABASE_URL": self.sqlalchemy_url,
+               "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots()),
+               "API_TOKENS": ",".join(token.get_secret_value() for token in self.api_tokens)}
+        for name, value in self.model_dump().items():
+            if name.upper() not in env and value is not None:
+                env[name.upper()] = str(value)
+        return env
 
 
 @lru_cache

@@ -201,7 +201,7 @@ async def create_file(*, session: Session, request: Request) -> UploadedFile:
     incoming: list[Path] = []
 
     def temporary(filename: str) -> Path:
-        incoming.append(files_dir / f".incoming-{uuid.uuid4().hex}.{uploads.extension(filename)}")
+        incoming.append(files_dir / f"{uploads.INCOMING_PREFIX}{uuid.uuid4().hex}.{uploads.extension(filename)}")
         return incoming[-1]
 
     try:

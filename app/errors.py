@@ -2,12 +2,61 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from app.diskspace import is_disk_full_error
+
+logger = logging.getLogger(__name__)
+
+
+# ---- the bodies, as the OpenAPI document declares them -----------------------------------------
+
+
+class ErrorBody(BaseModel):
+    """Every error the API answers with."""
+
+    error: str = Field(description="a stable name: NotFound, Conflict, Unauthorized, ValidationError, ...")
+    detail: str = Field(description="what was wrong, in words")
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the field's path in the request, e.g. hyperparameters.learning_rate")
+    message: str
+
+
+class ValidationErrorBody(ErrorBody):
+    """A 422 for a request that does not validate: every bad field, by name."""
+
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+ERROR_DESCRIPTIONS = {
+    400: "a malformed Range header",
+    401: "API_TOKENS is set and the request has no valid 'Authorization: Bearer <token>'",
+    404: "no such job, checkpoint, file or route",
+    405: "the path exists but not with this method (the Allow header lists those it has)",
+    409: "the request conflicts with the job's or file's state",
+    413: "the upload is larger than MAX_UPLOAD_BYTES",
+    416: "the Range starts past the end of the file (Content-Range gives its size)",
+    422: "a request that does not validate, or a job this server cannot run (the detail says why)",
+    503: "the job database cannot be read or written right now (retry later)",
+    507: "the disk under DATA_DIR is full",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with the bodies the handlers below send."""
+    return {code: {"model": ValidationErrorBody if code == 422 else ErrorBody,
+                   "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 class AppError(Exception):
@@ -33,6 +82,10 @@ class Conflict(AppError):
 
 class Unauthorized(AppError):
     status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        # RFC 6750: say which scheme the server wants.
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="finetune"'})
 
 
 class DoesNotFit(AppError):
@@ -80,6 +133,22 @@ class InvalidSpec(AppError):
     status_code = 422
 
 
+class MethodNotAllowed(AppError):
+    status_code = 405
+
+
+class DatabaseUnavailable(AppError):
+    """The job database refused a read or write (locked for too long, restarting, disk full)."""
+
+    status_code = 503
+
+
+class InsufficientStorage(AppError):
+    """The disk under DATA_DIR is full (an upload could not be written)."""
+
+    status_code = 507
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     # FastAPI prefixes "body"/"query"/"path"; people think in the spec's own field names.
     parts = [str(p) for p in loc]
@@ -107,6 +176,17 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     return errors
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# What FastAPI (0.165) raises, as a 400, for a JSON body it cannot decode.
+FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    return [method for method in HTTP_METHODS if any(
+        route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
@@ -122,10 +202,36 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         names = {404: "NotFound", 405: "MethodNotAllowed", 401: "Unauthorized"}
+        detail = str(exc.detail)
+        if exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
+            # A body that is not even text: the same 422 as a body that is not valid JSON.
+            message = "the body could not be read as JSON (it is not UTF-8 text)"
+            return JSONResponse({"error": "ValidationError", "detail": f"body: {message}",
+                                 "errors": [{"field": "body", "message": message}]}, status_code=422)
+        if exc.status_code == 404 and detail == "Not Found":  # no route matched
+            detail = f"no route {request.method} {request.url.path} (the routes are listed at /docs)"
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route that matched the path; a path served
+            # by several routes (GET and DELETE /files/{id}) takes the methods of them all.
+            headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
+            detail = f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
         return JSONResponse(
-            {"error": names.get(exc.status_code, "HTTPError"), "detail": str(exc.detail)},
+            {"error": names.get(exc.status_code, "HTTPError"), "detail": detail},
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
+
+    @app.exception_handler(OperationalError)
+    async def _database(_request: Request, exc: OperationalError) -> JSONResponse:
+        # A database that cannot answer now is not the client's fault, nor a bug to hide behind a
+        # 500: say so, and that a retry may work.
+        logger.warning("database error: %s", exc)
+        if is_disk_full_error(exc):
+            detail = "the job database cannot be written: the disk under DATA_DIR is full; retry once space is freed"
+        else:
+            detail = f"the job database cannot answer right now ({type(exc.orig).__name__}); retry shortly"
+        return JSONResponse({"error": "DatabaseUnavailable", "detail": detail}, status_code=503,
+                            headers={"Retry-After": "5"})

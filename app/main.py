@@ -6,19 +6,45 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
 
+from app import uploads
+from app.checkpoint_store import sweep_finished_jobs
 from app.config import get_settings
+from app.db import session_scope
+from app.deps import reject_unknown_query
+from app.diskspace import Reserve
 from app.errors import install_error_handlers
 from app.reconcile import reconcile
 from app.routes import checkpoints, files, health, jobs, watch
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = """Queue, run and watch full fine-tuning jobs (Unsloth + TRL) on your own GPU hosts.
 
-async def _reconcile_forever(interval_s: float) -> None:
-    # The API reconciles too, so jobs of a host whose only worker died still end.
+When the server sets `API_TOKENS`, every `/jobs` and `/files` call needs
+`Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
+call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
+without a token: they show what the API is, not what it holds."""
+
+
+def sweep_leftovers() -> None:
+    """What stopped processes left behind: unfinished uploads, unfinished checkpoint folders of
+    jobs that have ended."""
+    settings = get_settings()
+    uploads.sweep_unfinished(settings.files_dir())
+    with session_scope() as session:
+        for job_id, name, size in sweep_finished_jobs(session=session, jobs_dir=settings.data_dir.resolve() / "jobs"):
+            logger.warning("job %s: removed %s, an unfinished checkpoint its stopped trainer left (%d bytes)",
+                           job_id, name, size)
+
+
+async def _maintain_forever(interval_s: float) -> None:
+    # The API reconciles too, so jobs of a host whose only worker died still end; and it sweeps
+    # what a killed API process left (another API process may have been killed mid-upload).
     while True:
         try:
             counts = await asyncio.to_thread(reconcile)
@@ -26,6 +52,11 @@ async def _reconcile_forever(interval_s: float) -> None:
                 logger.info("reconcile: %s", counts)
         except Exception as exc:  # Redis or the database away: report and try again later
             logger.warning("reconcile failed: %s", exc)
+        try:
+            await asyncio.to_thread(uploads.sweep_unfinished, get_settings().files_dir())
+            await asyncio.to_thread(Reserve.for_settings().ensure)
+        except Exception as exc:
+            logger.warning("sweeping unfinished uploads failed: %s", exc)
         await asyncio.sleep(interval_s)
 
 
@@ -33,7 +64,11 @@ async def _reconcile_forever(interval_s: float) -> None:
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    task = asyncio.create_task(_reconcile_forever(settings.reconcile_interval_s))
+    try:
+        await asyncio.to_thread(sweep_leftovers)
+    except Exception as exc:  # the database may not be migrated yet, or away: the loop sweeps uploads later
+        logger.warning("sweeping leftovers at start-up failed: %s", exc)
+    task = asyncio.create_task(_maintain_forever(settings.reconcile_interval_s))
     try:
         yield
     finally:
@@ -42,13 +77,37 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             await task
 
 
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document as this server behaves: the bearer scheme is declared only when
+    API_TOKENS is set (without tokens no route asks for one)."""
+    with_tokens = bool(get_settings().api_tokens)
+    cached: dict[bool, dict[str, Any]] = app.state.openapi_documents
+    if with_tokens not in cached:
+        document = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                               description=app.description, routes=app.routes)
+        if not with_tokens:
+            document.get("components", {}).pop("securitySchemes", None)
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+        cached[with_tokens] = document
+    return cached[with_tokens]
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Fine-tuning job service",
         version="1",
         summary="Queue, run and watch full fine-tuning jobs (Unsloth + TRL) on your own GPU hosts.",
+        description=DESCRIPTION,
         lifespan=lifespan,
+        # Swagger UI keeps the token across page reloads, so a person authorizes once.
+        swagger_ui_parameters={"persistAuthorization": True},
+        dependencies=[Depends(reject_unknown_query)],
     )
+    app.state.openapi_documents = {}
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

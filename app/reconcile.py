@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from redis import Redis
+from rq import Queue
 from rq.exceptions import AbandonedJobError, NoSuchJobError
 from rq.job import Job as RQJob
 from rq.job import JobStatus as RQStatus
@@ -19,6 +20,7 @@ from rq.timeouts import TimerDeathPenalty
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
+from app.checkpoint_store import sync_records
 from app.config import get_settings
 from app.crud import add_event
 from app.db import session_scope
@@ -27,8 +29,6 @@ from app.queue import enqueue_job, get_queue, parse_rq_job_id, rq_job_id
 
 logger = logging.getLogger(__name__)
 
-# A job row younger than this may sit between its commit and its enqueue: leave it alone.
-ENQUEUE_GRACE = timedelta(seconds=30)
 LIVE_RQ_STATES = {RQStatus.QUEUED, RQStatus.STARTED, RQStatus.SCHEDULED, RQStatus.DEFERRED}
 
 
@@ -68,6 +68,8 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return "nothing"
+    # Checkpoints the lost trainer finished but never recorded: listed, downloadable, resumable.
+    sync_records(session=session, job_id=job_id, checkpoints_dir=settings.checkpoints_dir(job_id))
     if outcome == "requeued":
         message = f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), " \
                   "resuming from its last checkpoint if it has one"
@@ -123,14 +125,14 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
             )
             counts["recovered_stale_running"] += outcome != "nothing"
 
+        # A job row younger than this may sit between its commit and its enqueue: leave it alone.
+        grace = timedelta(seconds=settings.enqueue_grace_s)
         queued = session.exec(
-            select(Job.id, Job.attempts).where(
-                Job.status == JobStatus.queued, col(Job.created_at) < now - ENQUEUE_GRACE
-            )
+            select(Job.id, Job.attempts).where(Job.status == JobStatus.queued, col(Job.created_at) < now - grace)
         ).all()
         for job_id, attempts in queued:
             assert job_id is not None
-            if _rq_has_live_job(rq_job_id(job_id, attempts + 1), queue.connection):
+            if _rq_has_live_job(rq_job_id(job_id, attempts + 1), queue):
                 continue
             enqueue_job(job_id, attempt=attempts + 1, connection=queue.connection)
             add_event(session=session, job_id=job_id, kind="requeued",
@@ -140,9 +142,13 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
     return counts
 
 
-def _rq_has_live_job(rq_id: str, connection: Redis) -> bool:
+def _rq_has_live_job(rq_id: str, queue: Queue) -> bool:
+    """Whether RQ will still run this job. A job whose hash says `queued` must also be on the
+    queue's list: a worker that popped it just as Redis went away never ran it."""
     try:
-        status = RQJob.fetch(rq_id, connection=connection).get_status()
+        status = RQJob.fetch(rq_id, connection=queue.connection).get_status()
     except NoSuchJobError:
         return False
+    if status == RQStatus.QUEUED:
+        return queue.connection.lpos(queue.key, rq_id) is not None
     return status in LIVE_RQ_STATES

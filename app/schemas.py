@@ -5,9 +5,17 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from app.config import get_settings
 from app.models import CheckpointStatus, JobStatus
@@ -16,6 +24,21 @@ from app.rows import COLUMN_NAMES
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 SPLIT_PATTERN = r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$"
+# The largest id, step or cursor the database holds (a signed 64-bit integer): anything larger is
+# a 422, not an overflow inside the database driver.
+MAX_DB_INT = 2**63 - 1
+
+
+def _written_in_digits(value: object) -> object:
+    # Pydantic reads " 3", "\v3", "+3" and "3_000" as numbers too; in a URL that is a typo or a
+    # probe, and the document says integer.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in digits (0-9)")
+    return value
+
+
+# An integer in a URL's path or query string.
+UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
 Backend = Literal["auto", "unsloth", "transformers"]
 Optimizer = Literal[
@@ -29,16 +52,28 @@ Scheduler = Literal[
 GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
 
 
-def check_source(value: str, what: str) -> str:
-    """A Hub id, or a local path under one of the operator's allowed roots; nothing else."""
+def check_source(value: str, what: str, *, on_disk: bool = True) -> str:
+    """A Hub id, or a local path under one of the operator's allowed roots; nothing else.
+
+    `on_disk=False` checks only the shape: a stored spec, re-read by the trainer, holds the
+    resolved path the API accepted, and whether it still exists is the trainer's question (a
+    folder deleted while the job waited is `model_not_found` or `dataset_invalid`, not a bad spec)."""
     value = value.strip()
     if not value:
         raise ValueError(f"{what} must not be empty")
     if value.startswith(LOCAL_PATH_PREFIXES):
-        roots = get_settings().resolved_local_roots()
-        resolved = Path(value).expanduser().resolve()
+        if not on_disk:
+            if not Path(value).is_absolute():
+                raise ValueError(f"{what} {value!r}: a stored local path must be absolute")
+            return value
+        settings = get_settings()
+        roots = settings.resolved_local_roots()
+        try:
+            resolved = Path(value).expanduser().resolve()
+        except RuntimeError:  # "~nosuchuser/...": a home folder this server does not have
+            raise ValueError(f"{what} {value!r} names a home folder that does not exist on the server") from None
         # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
-        uploaded = resolved.is_relative_to(get_settings().files_dir())
+        uploaded = resolved.is_relative_to(settings.files_dir())
         if not roots and not uploaded:
             raise ValueError(
                 f"{what} {value!r} is a local path, but this server accepts no local paths "
@@ -58,6 +93,12 @@ def check_source(value: str, what: str) -> str:
     return value
 
 
+def on_disk(info: ValidationInfo) -> bool:
+    """Whether to check local paths against the filesystem: yes, unless validating a stored spec
+    (`model_validate(spec, context={"stored": True})`)."""
+    return not (isinstance(info.context, dict) and info.context.get("stored"))
+
+
 def _stored_file_source(source: str, file_id: int | None, what: str) -> None:
     """A spec names data by source or by file_id; both only in the stored form, where source is
     that uploaded file's own path (the trainer reads source)."""
@@ -73,8 +114,8 @@ class DatasetSpec(BaseModel):
     # Left out when file_id names the data; the stored spec then has both (the trainer reads source).
     source: str = Field(default="", description="Hub dataset id, or a local JSON Lines / JSON / Parquet file "
                         "or a folder saved by `datasets`")
-    file_id: int | None = Field(default=None, ge=1, description="a file uploaded with POST /files, instead of "
-                                "source; the stored spec then holds both")
+    file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="a file uploaded with POST /files, "
+                                "instead of source; the stored spec then holds both")
     split: str = Field(default="train", pattern=SPLIT_PATTERN)
     columns: dict[str, str] = Field(
         default_factory=dict, description="our column name -> the dataset's, for datasets whose fields have "
@@ -82,8 +123,8 @@ class DatasetSpec(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, value: str) -> str:
-        return check_source(value, "dataset source") if value else value
+    def _source(cls, value: str, info: ValidationInfo) -> str:
+        return check_source(value, "dataset source", on_disk=on_disk(info)) if value else value
 
     @field_validator("columns")
     @classmethod
@@ -115,14 +156,14 @@ class ValidationSpec(BaseModel):
     fraction: float | None = Field(default=None, gt=0, le=0.5, description="hold out this share of the training "
                                    "rows (after the checks), chosen with hyperparameters.seed")
     source: str = Field(default="", description="a Hub dataset id or local file, like dataset.source")
-    file_id: int | None = Field(default=None, ge=1, description="an uploaded file")
+    file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="an uploaded file")
     split: str | None = Field(default=None, pattern=SPLIT_PATTERN, description="alone: this split of "
                               "dataset.source; with source: that source's split (default 'train')")
 
     @field_validator("source")
     @classmethod
-    def _source(cls, value: str) -> str:
-        return check_source(value, "validation source") if value else value
+    def _source(cls, value: str, info: ValidationInfo) -> str:
+        return check_source(value, "validation source", on_disk=on_disk(info)) if value else value
 
     @model_validator(mode="after")
     def _one_kind(self) -> ValidationSpec:
@@ -170,23 +211,24 @@ class Hyperparameters(BaseModel):
                                                    description="null: per_device_train_batch_size")
 
 
+# The standard recipe, shown in POST /jobs's description.
+JOB_SPEC_EXAMPLE: dict[str, Any] = {
+    "model": "meta-llama/Llama-3.1-8B",
+    "dataset": {"source": "allenai/tulu-3-sft-mixture", "split": "train"},
+    "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+    "backend": "auto",
+    "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64},
+}
+
+
 class JobSpec(BaseModel):
     """What a client sends to POST /jobs."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={
-            "example": {
-                "model": "meta-llama/Llama-3.1-8B",
-                "dataset": {"source": "allenai/tulu-3-sft-mixture", "split": "train"},
-                "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
-                "backend": "auto",
-                "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64},
-            }
-        },
     )
 
-    model: str = Field(description="Hub model id or a local Hugging Face model folder")
+    model: str = Field(min_length=1, description="Hub model id or a local Hugging Face model folder")
     dataset: DatasetSpec
     chat_template_from: str | None = Field(
         default=None, description="take the chat template from this tokenizer instead of the model's"
@@ -209,13 +251,13 @@ class JobSpec(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, value: str) -> str:
-        return check_source(value, "model")
+    def _model(cls, value: str, info: ValidationInfo) -> str:
+        return check_source(value, "model", on_disk=on_disk(info))
 
     @field_validator("chat_template_from")
     @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        return None if value is None else check_source(value, "chat_template_from")
+    def _template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else check_source(value, "chat_template_from", on_disk=on_disk(info))
 
 
 class EstimateRequest(JobSpec):
@@ -368,6 +410,9 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     database: str
     redis: str
+    disk: str = Field(description="ok, or low: the free space under DATA_DIR is below MIN_FREE_DISK_BYTES")
+    disk_free_bytes: int
+    disk_total_bytes: int
 
 
 class MemoryEstimate(BaseModel):

@@ -4,7 +4,10 @@ arrive; then every row is read and checked (app.rows) without torch or datasets.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
@@ -13,14 +16,21 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.errors import InvalidFile, PayloadTooLarge
+from app.diskspace import disk_space, is_disk_full_error
+from app.errors import InsufficientStorage, InvalidFile, PayloadTooLarge
 from app.rows import DataError, RowCheck, check_file, file_kind
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
+logger = logging.getLogger(__name__)
+
 # Room for the multipart framing around the file when a declared Content-Length is judged.
 MULTIPART_OVERHEAD = 64 * 1024
+INCOMING_PREFIX = ".incoming-"
+# An unfinished upload younger than this is left alone by the sweeper, even unlocked: its
+# receiver may be between creating the file and locking it.
+SWEEP_MIN_AGE_S = 1.0
 
 
 def clean_name(filename: str | None) -> str:
@@ -82,6 +92,9 @@ class _FilePart:
             raise InvalidFile("the 'file' part has no file name (send it as a file: curl -F file=@data.jsonl)")
         self.dest = self.dest_for(self.filename)  # refuses an unknown extension before any data
         self.out = open(self.dest, "wb")  # noqa: SIM115  (closed in close())
+        # Held while the upload streams: a file nobody holds is an upload whose API process died
+        # (the kernel drops the lock with the process), which the sweeper removes.
+        fcntl.flock(self.out.fileno(), fcntl.LOCK_EX)
         self._in_file = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -129,6 +142,11 @@ async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: i
         parser.finalize()
     except MultipartParseError as exc:
         raise InvalidFile(f"the multipart body is malformed ({exc})") from None
+    except OSError as exc:
+        if not is_disk_full_error(exc):
+            raise
+        raise InsufficientStorage(f"the upload could not be stored: the disk under DATA_DIR is full after "
+                                  f"{part.size} bytes ({disk_space(part.dest or Path('.')).describe()})") from None
     finally:
         part.close()
     if part.dest is None:
@@ -153,3 +171,30 @@ def inspect(path: Path, name: str) -> RowCheck:
         shown = "; ".join(check.problems[:5])
         raise InvalidFile(f"no row of the file could be read: {shown}")
     return check
+
+
+def sweep_unfinished(files_dir: Path) -> tuple[int, int]:
+    """Remove the temporary files of uploads whose API process died mid-upload (killed, crashed,
+    restarted). An upload in progress holds a lock on its file, so another API process running
+    beside this one never loses its upload. Returns (files, bytes) removed."""
+    removed = freed = 0
+    if not files_dir.is_dir():
+        return removed, freed
+    for path in files_dir.glob(f"{INCOMING_PREFIX}*"):
+        try:
+            with open(path, "rb") as handle:
+                stat = path.stat()
+                if time.time() - stat.st_mtime < SWEEP_MIN_AGE_S:
+                    continue
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # an upload in progress
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        removed, freed = removed + 1, freed + stat.st_size
+    if removed:
+        logger.warning("removed %d unfinished upload(s) left by a stopped API process (%d bytes) from %s",
+                       removed, freed, files_dir)
+    return removed, freed

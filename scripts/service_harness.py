@@ -16,6 +16,24 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (children of children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,8 +84,13 @@ class Service:
             time.sleep(0.3)
         raise SystemExit(f"the API did not become healthy; see {self.workdir}/api.log")
 
-    def start_worker(self) -> None:
-        self._start("worker", [sys.executable, "-m", "worker"])
+    def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
+        env, self.env = self.env, {**self.env, **extra_env}
+        try:
+            self._start("worker", [sys.executable, "-m", "worker"])
+        finally:
+            self.env = env
+        return self.procs[-1]
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)

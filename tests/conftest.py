@@ -20,6 +20,7 @@ from alembic import command
 from alembic.config import Config
 from redis import Redis
 
+from scripts.service_harness import process_tree  # noqa: F401  (the fault tests use it from here)
 from tests.builders import build_llama, chat_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,6 +237,33 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
         _stop(api)
         for name in ("api.log", "worker.log"):
             print(f"----- {name} -----\n{(tmp_path / name).read_text(errors='replace')[-4000:]}")
+
+
+def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
+    """Live trainer processes of this DATA_DIR (another test run on the machine has trainers for
+    job 1 too), of one job or of all."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z" or argv[-2:-1] != [b"worker.trainer"]:
+            continue
+        if (job_id is None or argv[-1] == str(job_id).encode()) and \
+                f"DATA_DIR={data_dir.resolve()}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def trainer_pid(job_id: int, data_dir: Path) -> int:
+    pids = trainer_pids(data_dir, job_id)
+    assert pids, f"no trainer process for job {job_id}"
+    return pids[0]
 
 
 def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = 180) -> dict:

@@ -202,7 +202,10 @@ def test_enqueue_failure_keeps_the_job_and_says_so(client: httpx.Client, env: En
 def test_healthz_ok_with_database_and_redis(client: httpx.Client, env: Env) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "database": "ok", "redis": "ok"}
+    body = response.json()
+    assert {k: body[k] for k in ("status", "database", "redis", "disk")} == \
+        {"status": "ok", "database": "ok", "redis": "ok", "disk": "ok"}
+    assert 0 < body["disk_free_bytes"] <= body["disk_total_bytes"]
 
 
 def test_api_tokens_guard_every_job_route(client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:

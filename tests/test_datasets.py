@@ -299,13 +299,17 @@ def test_trainer_checks_every_row_of_a_datasets_folder(client: httpx.Client, env
     assert record["status"] == "failed"
     assert record["error"] == {"code": "dataset_invalid", "message": (
         "1 of the dataset's 4 rows (25.00%) are malformed, more than the 1.00% this server skips "
-        "(MAX_BAD_ROW_FRACTION): row 3: no assistant turn to learn from")}
+        "(MAX_BAD_ROW_FRACTION): row 3: no assistant turn to learn from. Fix the rows, or the job's dataset "
+        "settings (source, split, columns, validation), then resubmit the job.")}
 
 
 @pytest.mark.slow
 def test_trainer_skips_a_few_bad_rows_and_reads_sharegpt_turns(client: httpx.Client, env: Env, tiny_model: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MAX_BAD_ROW_FRACTION", "0.2")  # read by the trainer process
+    from app.config import get_settings
+
+    monkeypatch.setenv("MAX_BAD_ROW_FRACTION", "0.2")
+    get_settings.cache_clear()  # the worker hands its settings to the trainer
     sharegpt = {"conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello"}]}
     rows = [sharegpt] * 9 + [{"conversations": [{"from": "narrator", "value": "x"}]}]
     spec = job_spec(tiny_model, save_to_disk(env, rows), max_steps=2, save_steps=100)
@@ -335,4 +339,6 @@ def test_validation_split_of_a_datasets_folder_is_checked_and_evaluated(client: 
     spec["validation"] = {"split": "dev"}
     failed = run_to_end(client, spec)
     assert failed["error"] == {"code": "dataset_invalid",
-                               "message": f"{folder.resolve()} has no split 'dev'; it has ['test', 'train']"}
+                               "message": f"{folder.resolve()} has no split 'dev'; it has ['test', 'train']. Fix the "
+                                          "rows, or the job's dataset settings (source, split, columns, validation), "
+                                          "then resubmit the job."}

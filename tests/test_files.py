@@ -201,7 +201,9 @@ def test_dot_segments_removed_by_the_client_reach_no_route(api: TestClient, stor
     # What a browser or httpx sends for .../files/../secret.txt: the path without the segment.
     response = api.get(f"/jobs/{stored.job_id}/checkpoints/final/files/../secret.txt")
     assert response.request.url.path == f"/jobs/{stored.job_id}/checkpoints/final/secret.txt"
-    assert (response.status_code, response.json()) == (404, {"error": "NotFound", "detail": "Not Found"})
+    assert (response.status_code, response.json()) == (404, {
+        "error": "NotFound",
+        "detail": f"no route GET /jobs/{stored.job_id}/checkpoints/final/secret.txt (the routes are listed at /docs)"})
 
 
 def test_listed_file_is_served_with_checksum_and_ranges(api: TestClient, stored: Stored) -> None:

@@ -111,11 +111,12 @@ def worker_dies(env: Env, rq_job: RQJob) -> None:
 
 
 def test_queued_job_lost_by_redis_is_enqueued_again(api: TestClient, env: Env) -> None:
-    from app.reconcile import ENQUEUE_GRACE, reconcile
+    from app.config import get_settings
+    from app.reconcile import reconcile
 
     job_id = submit(api)
     env.redis().flushdb()  # Redis restarted without persistence
-    set_job(job_id, created_at=ago(ENQUEUE_GRACE.total_seconds() + 5))
+    set_job(job_id, created_at=ago(get_settings().enqueue_grace_s + 5))
 
     assert reconcile() == {"requeued_lost_queued": 1, "recovered_stale_running": 0}
     assert queue_of(env).job_ids == [f"job-{job_id}-1"]
@@ -130,8 +131,25 @@ def test_queued_job_lost_by_redis_is_enqueued_again(api: TestClient, env: Env) -
     assert [kind for kind, _ in events(api, job_id)] == ["queued", "requeued"]
 
 
+def test_job_popped_from_the_queue_but_never_run_is_enqueued_again(api: TestClient, env: Env) -> None:
+    """A worker took the job off the queue's list as Redis went away, before RQ marked it
+    started: its hash still says `queued`, but nothing will ever run it."""
+    from app.config import get_settings
+    from app.reconcile import reconcile
+
+    job_id = submit(api)
+    queue = queue_of(env)
+    env.redis().lrem(queue.key, 0, f"job-{job_id}-1")
+    assert queue.fetch_job(f"job-{job_id}-1").get_status() == RQStatus.QUEUED  # type: ignore[union-attr]
+    set_job(job_id, created_at=ago(get_settings().enqueue_grace_s + 5))
+
+    assert reconcile() == {"requeued_lost_queued": 1, "recovered_stale_running": 0}
+    assert queue.job_ids == [f"job-{job_id}-1"]
+    assert reconcile() == NOTHING_DONE
+
+
 def test_fresh_queued_job_missing_from_redis_is_left_alone(api: TestClient, env: Env) -> None:
-    # Younger than ENQUEUE_GRACE: it may be between its commit and its enqueue.
+    # Younger than ENQUEUE_GRACE_S: it may be between its commit and its enqueue.
     from app.reconcile import reconcile
 
     job_id = submit(api)

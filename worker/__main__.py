@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Annotated
+import time
+from typing import Annotated, Any
 
+import redis.exceptions
 import typer
 from rq import Worker
 
 from app.config import get_settings
+from app.diskspace import Reserve
 from app.queue import get_queue, get_redis, register_gpu_memory
 from app.reconcile import reconcile
+from worker.checkpoints import hash_unfinished
 
 logger = logging.getLogger("worker")
 cli = typer.Typer(add_completion=False, help=__doc__)
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+RESTART_WAIT_MAX_S = 30.0
 
 
 def visible_gpu_memory() -> int | None:
@@ -36,10 +44,35 @@ def visible_gpu_memory() -> int | None:
 
 
 class FinetuneWorker(Worker):
-    """RQ's forking worker, with our reconcile pass added to its periodic maintenance, and a
-    note in Redis of its GPU's size so the API can refuse jobs that cannot fit it."""
+    """RQ's forking worker, with our reconcile pass added to its periodic maintenance, a note in
+    Redis of its GPU's size so the API can refuse jobs that cannot fit it, and the patience to
+    ride out a Redis that goes away.
+
+    RQ retries a lost connection only while it waits for a job; anywhere else (its bookkeeping
+    around a job, its heartbeats while a job runs, its maintenance) the error ends the worker
+    for good. Here those calls log the outage and carry on: the job's real state is in the
+    database, the trainer never needs Redis, and the dequeue that follows waits for Redis with
+    RQ's own backoff. A job Redis lost meanwhile is enqueued again by the reconciler."""
 
     gpu_memory_bytes: int | None = None
+    _redis_away_since: float | None = None
+    # SIGTERM or SIGINT arrived. RQ only remembers a stop asked for during a job; one asked for
+    # while idle ends its loop by an exception, which must not read as "start it again".
+    stop_asked = False
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stop_asked = True
+        super().request_stop(signum, frame)
+
+    def redis_away(self, where: str, exc: BaseException) -> None:
+        if self._redis_away_since is None:
+            self._redis_away_since = time.monotonic()
+            logger.warning("Redis is unreachable (%s: %s); carrying on and retrying", where, exc)
+
+    def redis_back(self) -> None:
+        if self._redis_away_since is not None:
+            logger.info("Redis answers again after %.0f s", time.monotonic() - self._redis_away_since)
+            self._redis_away_since = None
 
     def register_gpu(self) -> None:
         if self.gpu_memory_bytes:
@@ -47,14 +80,70 @@ class FinetuneWorker(Worker):
             register_gpu_memory(self.connection, self.name, self.gpu_memory_bytes, ttl)
 
     def run_maintenance_tasks(self) -> None:
-        super().run_maintenance_tasks()
-        self.register_gpu()
+        try:
+            super().run_maintenance_tasks()
+            self.register_gpu()
+        except REDIS_ERRORS as exc:
+            self.redis_away("maintenance", exc)
         try:
             counts = reconcile(self.connection)
             if any(counts.values()):
                 logger.info("reconcile: %s", counts)
         except Exception:
             logger.exception("reconcile failed; will try again at the next maintenance")
+        try:
+            hash_unfinished()
+            Reserve.for_settings().ensure()
+        except Exception:
+            logger.exception("checkpoint hashing or the disk reserve failed; will try again at the next maintenance")
+
+    def set_shutdown_requested_date(self) -> None:
+        # Called from the SIGTERM handler during a job: an error here would break the wait for
+        # the work horse and let the loop take another job while this one still trains.
+        try:
+            super().set_shutdown_requested_date()
+        except REDIS_ERRORS as exc:
+            self.redis_away("noting the shutdown request", exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except REDIS_ERRORS as exc:
+            self.redis_away("checking for suspension", exc)
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        try:
+            super().heartbeat(timeout, pipeline)
+        except REDIS_ERRORS as exc:
+            self.redis_away("heartbeat", exc)
+        else:
+            if pipeline is None:
+                self.redis_back()
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        try:
+            super().set_state(state, pipeline)
+        except REDIS_ERRORS as exc:
+            self._state = state
+            self.redis_away("setting the worker's state", exc)
+
+    def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+        # Called while a job's work horse runs: the training goes on whatever Redis does.
+        try:
+            super().maintain_heartbeats(job, execution)
+        except REDIS_ERRORS as exc:
+            self.redis_away("heartbeat while a job runs", exc)
+        else:
+            self.redis_back()
+
+    def execute_job(self, job: Any, queue: Any) -> None:
+        try:
+            super().execute_job(job, queue)
+        except REDIS_ERRORS as exc:
+            # RQ's bookkeeping before the horse was started or after it ended (monitoring returns
+            # only then). The database knows how the job went; a job that never started is still
+            # `queued` there and is enqueued again by the reconciler.
+            self.redis_away(f"bookkeeping of {job.id}", exc)
 
 
 @cli.command()
@@ -76,7 +165,26 @@ def main(
     logger.info("worker %s on queue %r (GPUs: %s, %s; data under %s)", worker.name, settings.queue_name, gpus,
                 f"{worker.gpu_memory_bytes / 2**30:.1f} GiB" if worker.gpu_memory_bytes else "no GPU memory known",
                 settings.data_dir.resolve())
-    worker.work(burst=burst, with_scheduler=False)
+    Reserve.for_settings().ensure()
+    work_until_stopped(worker, burst=burst)
+
+
+def work_until_stopped(worker: FinetuneWorker, *, burst: bool) -> None:
+    """RQ's work loop, started again whenever it ends for any reason but a stop request or an
+    empty queue in burst mode (Redis unreachable at start-up, or an error RQ does not handle)."""
+    wait = 1.0
+    while True:
+        try:
+            worker.work(burst=burst, with_scheduler=False)
+        except REDIS_ERRORS as exc:  # at start-up (registering), or while tearing down
+            worker.redis_away("starting or stopping the work loop", exc)
+        if burst or worker.stop_asked:
+            return
+        logger.warning("the RQ work loop ended unexpectedly; starting it again in %.0f s", wait)
+        time.sleep(wait)
+        wait = min(wait * 2, RESTART_WAIT_MAX_S)
+        with contextlib.suppress(*REDIS_ERRORS):
+            worker.register_death()  # so that registering again is not refused as a name clash
 
 
 if __name__ == "__main__":

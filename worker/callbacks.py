@@ -16,10 +16,10 @@ from sqlalchemy import delete
 from sqlmodel import Session, col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from app.checkpoint_store import mark_removed, record_checkpoint
 from app.crud import add_event
 from app.db import session_scope
 from app.models import Job, StepLog
-from worker.checkpoints import mark_removed, record_checkpoint
 from worker.gpu import MemoryProbe
 from worker.stopflag import StopFlag
 
@@ -53,13 +53,15 @@ def _finite(value: Any) -> float | None:
 
 class JobReporter(TrainerCallback):
     def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path,
-                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float]) -> None:
+                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float],
+                 publish_seconds: Callable[[], float] = lambda: 0.0) -> None:
         self.job_id = job_id
         self.stop = stop
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
         self.tokens_trained = tokens_trained
         self.eval_seconds = eval_seconds
+        self.publish_seconds = publish_seconds
         self._first_step_end: tuple[int, float] | None = None
         # (wall time, tokens seen, seconds spent evaluating) at the start of the tokens/s window:
         # it opens after the first step (which compiles) and leaves out evaluations.
@@ -189,6 +191,7 @@ class JobReporter(TrainerCallback):
         folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
         with session_scope() as session:
             if folder.is_dir():
-                record_checkpoint(session=session, job_id=self.job_id, folder=folder, step=state.global_step)
+                record_checkpoint(session=session, job_id=self.job_id, folder=folder, step=state.global_step,
+                                  note=f"; fsync and rename took {self.publish_seconds():.2f} s")
             # The trainer rotated old checkpoints (save_total_limit) before calling us.
             mark_removed(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)

@@ -1,58 +1,68 @@
-"""Checkpoint records: what the trainer saved, what rotation removed, and file hashes.
+"""Checkpoints made durable, and their files hashed.
 
-The trainer records a checkpoint right after saving it (names and sizes, cheap); the worker
-hashes its files afterwards in its own process, off the training path."""
+The trainer writes each checkpoint under a staging name and publishes it here: every file and
+folder is fsynced, then the folder is renamed to its real name and the parent fsynced, so a
+crash at any moment leaves either the complete folder or no folder of that name (and a staging
+folder that the next start removes). The worker hashes the files afterwards, in its own
+process, off the training path. Records live in app.checkpoint_store."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
-from typing import Any
 
-from sqlmodel import Session, select
+from sqlmodel import select
 
+from app.checkpoint_store import PARTIAL_PREFIX, mark_removed
 from app.config import get_settings
-from app.crud import add_event
 from app.db import session_scope
-from app.files import folder_files
-from app.models import Checkpoint, CheckpointStatus, utcnow
+from app.models import Checkpoint, CheckpointStatus, Job
 
 logger = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 
 
-def record_checkpoint(*, session: Session, job_id: int, folder: Path, step: int) -> Checkpoint:
-    files: list[dict[str, Any]] = [{"path": path, "size": size, "sha256": None} for path, size in folder_files(folder)]
-    checkpoint = session.exec(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == folder.name)
-    ).first()
-    if checkpoint is None:
-        checkpoint = Checkpoint(job_id=job_id, name=folder.name, step=step)
-    # A resumed job saves the same step again: the newer folder replaces the record.
-    checkpoint.step, checkpoint.files = step, files
-    checkpoint.size_bytes = sum(f["size"] for f in files)
-    checkpoint.status, checkpoint.removed_at, checkpoint.created_at = CheckpointStatus.hashing, None, utcnow()
-    session.add(checkpoint)
-    add_event(session=session, job_id=job_id, kind="checkpoint",
-              message=f"saved {folder.name} at step {step} ({checkpoint.size_bytes} bytes, {len(files)} files)")
-    return checkpoint
+def staging_path(final: Path) -> Path:
+    return final.with_name(f"{PARTIAL_PREFIX}{final.name}")
 
 
-def mark_removed(*, session: Session, job_id: int, checkpoints_dir: Path) -> list[str]:
-    """Records of checkpoints whose folder is gone (save_total_limit rotated them away)."""
-    removed = []
-    for checkpoint in session.exec(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.status != CheckpointStatus.removed)
-    ).all():
-        if not (checkpoints_dir / checkpoint.name).is_dir():
-            checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
-            session.add(checkpoint)
-            add_event(session=session, job_id=job_id, kind="checkpoint_removed",
-                      message=f"{checkpoint.name} removed from disk (save_total_limit keeps the newest)")
-            removed.append(checkpoint.name)
-    return removed
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to the disk."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_path(Path(root) / name)
+        _fsync_path(Path(root))
+
+
+def publish(staging: Path, final: Path) -> float:
+    """Make a fully written staging folder visible under its real name, durably. A folder of that
+    name from an earlier attempt is replaced. Returns the seconds spent (fsync is most of it)."""
+    started = time.monotonic()
+    fsync_tree(staging)
+    if final.exists():
+        # Renaming onto a non-empty folder fails: move the old one aside first.
+        old = final.with_name(f"{PARTIAL_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_path(final.parent)
+    return time.monotonic() - started
 
 
 def sha256_file(path: Path) -> str:
@@ -88,3 +98,18 @@ def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
         checkpoint.files, checkpoint.status = hashed, CheckpointStatus.ready
         session.add(checkpoint)
     logger.info("job %s: %s hashed (%d files)", job_id, name, len(hashed))
+
+
+def hash_unfinished(limit: int = 8) -> int:
+    """Hash checkpoints of finished jobs still waiting for their hashes (recorded by the
+    reconciler after their worker died, so no job's worker will). Returns how many were hashed."""
+    with session_scope() as session:
+        pending = session.exec(
+            select(Checkpoint.job_id, Checkpoint.id).join(Job, Job.id == Checkpoint.job_id)  # type: ignore[arg-type]
+            .where(Checkpoint.status == CheckpointStatus.hashing, Job.finished_at != None)  # noqa: E711
+            .limit(limit)
+        ).all()
+    for job_id, checkpoint_id in pending:
+        assert checkpoint_id is not None
+        hash_checkpoint(job_id, checkpoint_id)
+    return len(pending)

@@ -1,20 +1,39 @@
-"""Turning what went wrong into a stable `error.code` and a message a person can act on."""
+"""Turning what went wrong into a stable `error.code` and a message a person can act on: every
+message ends with what to do next."""
 
 from __future__ import annotations
 
-import errno
 import traceback
 
+from app.diskspace import DiskSpace, is_disk_full_error
+
 LOG_HINT = "The trainer's full output is in the job's trainer.log."
+RESUBMIT = "then resubmit the job."
+# What to do next, for failures whose message says only what happened.
+NEXT_STEP = {
+    "dataset_invalid": f"Fix the rows, or the job's dataset settings (source, split, columns, validation), {RESUBMIT}",
+    "model_not_found": "Check the Hub id or local folder, that this worker can reach the Hub or has the model in its "
+                       f"cache, and HF_TOKEN for gated models; {RESUBMIT}",
+    "chat_template_missing": f"Set chat_template_from to a tokenizer that has a chat template, {RESUBMIT}",
+    "disk_full": f"Free space on that disk (or lower save_total_limit, raise save_steps), {RESUBMIT}",
+    "disk_error": f"Check the disk under DATA_DIR (the system log names the device's errors), {RESUBMIT}",
+    "trainer_crashed": f"{LOG_HINT} Fix what its traceback names, {RESUBMIT}",
+}
 
 
 class JobFailure(Exception):
-    """A failure we understood: it carries the code and the message to show."""
+    """A failure we understood: its code, and a message that ends with what to do next
+    (`action`, or the code's usual next step when `action` is None; "" when `message` already
+    says what to do)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, code: str, message: str, action: str | None = None) -> None:
+        step = NEXT_STEP.get(code, "") if action is None else action
+        text = message.rstrip()
+        if step:
+            text = f"{text if text.endswith(('.', '!', '?')) else text + '.'} {step}"
+        super().__init__(text)
         self.code = code
-        self.message = message
+        self.message = text
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -22,41 +41,49 @@ def _is_oom(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
 
 
-def classify(exc: BaseException, *, phase: str, step: int | None = None) -> JobFailure:
-    """`phase` is what the trainer was doing: loading_model, loading_tokenizer, loading_dataset, training, saving."""
+def _detail(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def classify(exc: BaseException, *, phase: str, step: int | None = None, disk: DiskSpace | None = None) -> JobFailure:
+    """`phase` is what the trainer was doing: loading_model, loading_tokenizer, loading_dataset,
+    training, saving. `disk` is the free space under the job's folder when it failed."""
     if isinstance(exc, JobFailure):
         return exc
-    detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
-    if "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+    detail = _detail(exc)
+    doing = phase.replace("_", " ")
+    if is_disk_full_error(exc):
+        figures = f" There is {disk.describe()}." if disk is not None else ""
         return JobFailure(
             "disk_full",
-            f"The disk under DATA_DIR filled up while {phase.replace('_', ' ')}. A checkpoint of an N-billion "
-            "parameter model takes about 4N GB (weights and optimizer state), the final model 2N GB: free space, "
-            f"or set save_total_limit. ({detail})",
+            f"The disk under DATA_DIR filled up while {doing} ({detail}).{figures} A checkpoint of an N-billion "
+            "parameter model takes about 4N GB (weights and optimizer state), the final model 2N GB.",
         )
     if _is_oom(exc):
-        where = f" at step {step}" if step is not None else f" while {phase.replace('_', ' ')}"
+        where = f" at step {step}" if step is not None else f" while {doing}"
         return JobFailure(
             "cuda_oom",
-            f"The GPU ran out of memory{where}. Lower per_device_train_batch_size (and raise "
-            "gradient_accumulation_steps to keep the effective batch) or max_seq_length, or train a "
-            f"smaller model. ({detail}) {LOG_HINT}",
+            f"The GPU ran out of memory{where} ({detail}). {LOG_HINT}",
+            action="Lower per_device_train_batch_size (and raise gradient_accumulation_steps to keep the effective "
+                   f"batch) or max_seq_length, or train a smaller model; {RESUBMIT}",
         )
     if phase in ("loading_model", "loading_tokenizer") and isinstance(exc, (OSError, ValueError)):
-        return JobFailure(
-            "model_not_found",
-            f"Could not load the model or tokenizer: {detail}. Check the Hub id or local folder, that this "
-            "worker can reach the Hub or has the model in its cache, and HF_TOKEN for gated models.",
-        )
+        return JobFailure("model_not_found", f"Could not load the model or tokenizer: {detail}.")
     if phase == "loading_dataset":
-        return JobFailure(
-            "dataset_invalid",
-            f"Could not load the dataset: {detail}. Check the source and split, and that the worker can "
-            "reach it.",
-        )
+        return JobFailure("dataset_invalid", f"Could not load the dataset: {detail}.",
+                          action=f"Check the source and split, and that the worker can reach it; {RESUBMIT}")
     if phase == "saving" and isinstance(exc, OSError):
-        return JobFailure("disk_error", f"Saving a checkpoint failed: {detail}. Check free space under DATA_DIR.")
-    return JobFailure("trainer_crashed", f"The trainer failed while {phase.replace('_', ' ')}: {detail}. {LOG_HINT}")
+        free = f" There is {disk.describe()}." if disk is not None else ""
+        return JobFailure("disk_error", f"Saving a checkpoint failed: {detail}.{free}")
+    return JobFailure("trainer_crashed", f"The trainer failed while {doing}: {detail}.")
+
+
+def missing_source(what: str, path: str, code: str) -> JobFailure:
+    """A local model or dataset that was there when the job was submitted and is gone now."""
+    return JobFailure(code, f"{what} {path} no longer exists on this host: it was there when the job was submitted "
+                      "and has been moved or deleted since.",
+                      action="Put it back, or give its new path, and resubmit the job.")
 
 
 def format_traceback(exc: BaseException) -> str:

@@ -1,5 +1,10 @@
-"""TRL's SFTTrainer with the two things a job needs beyond the recipe.
+"""TRL's SFTTrainer with what a job needs beyond the recipe.
 
+- Checkpoints that appear only when complete: each is written under a staging name, fsynced
+  and renamed (worker/checkpoints.publish), so a crash mid-save never leaves a folder that a
+  resume would pick and fail on. Before writing, the free space is checked against the
+  checkpoint's size, so a full disk fails the job as `disk_full` with the figures instead of
+  filling the disk that also holds the job database.
 - Sharded saves: transformers 5 writes a model as one safetensors file of up to 50 GB unless
   told otherwise; a few GB per shard keeps downloads, hashes and Range requests file-sized.
 - A token count that costs no GPU sync: the Trainer's own count (include_num_input_tokens_seen)
@@ -10,21 +15,41 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
+
+from app.checkpoint_store import FINAL_NAME, newest_complete
+from app.diskspace import disk_space, gib, is_disk_full_error
+from app.files import folder_files
+from worker.checkpoints import publish, staging_path
+from worker.failpoints import failpoint
+from worker.failures import JobFailure
+
+# Scheduler, RNG and trainer state beside the weights and optimizer state.
+CHECKPOINT_EXTRA_BYTES = 1024**2
+# A save that fails with less than this free failed for lack of space, whatever its message says.
+FULL_BELOW_BYTES = 1024**2
 
 
 class JobSFTTrainer(SFTTrainer):
     def __init__(self, *args: Any, max_shard_size: str = "4GB", on_phase: Callable[[str], None] | None = None,
-                 **kwargs: Any) -> None:
+                 min_free_bytes: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_shard_size = max_shard_size
         self.on_phase = on_phase
+        self.min_free_bytes = min_free_bytes
+        self.last_publish_seconds = 0.0  # fsync and rename of the newest checkpoint
         self._tokens: Any = 0
         self.eval_seconds = 0.0  # time spent evaluating, which tokens/s must leave out
+        self._staging_root: str | None = None  # while a checkpoint is written: where it goes
+        self.checkpoints_dir = Path(str(self.args.output_dir))
+        self.job_dir = self.checkpoints_dir.parent
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         # The job record shows "evaluating" while the validation set runs (minutes on a big one).
@@ -46,6 +71,97 @@ class JobSFTTrainer(SFTTrainer):
 
     def tokens_trained(self) -> float:
         return float(self._tokens)
+
+    # ---- durable checkpoints ------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # The Trainer writes checkpoint-N under this folder: a staging folder while we save.
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = run_dir / name
+        needed = self.checkpoint_bytes(run_dir)
+        self.check_space(name, needed)
+        root = staging_path(final)
+        shutil.rmtree(root, ignore_errors=True)
+        self._staging_root = str(root)
+        try:
+            super()._save_checkpoint(model, trial)  # writes root/checkpoint-N; rotates nothing there
+            seconds = publish(root / name, final)
+        except Exception as exc:
+            raise self.save_failed(name, needed, root, exc) from exc
+        finally:
+            self._staging_root = None
+        shutil.rmtree(root, ignore_errors=True)
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(str(root)):
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+        failpoint("checkpoint_published", job_dir=self.job_dir, step=self.state.global_step)
+        self.last_publish_seconds = seconds
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        # The model's weights are on disk, its optimizer state not yet: a checkpoint half written.
+        failpoint("checkpoint_writing", job_dir=self.job_dir, step=self.state.global_step)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def save_final(self, final: Path) -> float:
+        """The trained model, weights only, as `final`: staged, then published like a checkpoint."""
+        needed = self.weights_bytes()
+        self.check_space(FINAL_NAME, needed)
+        staging = staging_path(final)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.save_model(str(staging))
+            return publish(staging, final)
+        except Exception as exc:
+            raise self.save_failed(FINAL_NAME, needed, staging, exc) from exc
+
+    def weights_bytes(self) -> int:
+        assert self.model is not None
+        return int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+
+    def checkpoint_bytes(self, run_dir: Path) -> int:
+        """What the next checkpoint will take: the last one's size when there is one, else the
+        weights plus the optimizer's state tensors as they are now."""
+        last, _skipped = newest_complete(run_dir)
+        if last is not None:
+            return sum(size for _path, size in folder_files(last))
+        optimizer_state = getattr(self.optimizer, "state", {}) if self.optimizer is not None else {}
+        states = sum(t.numel() * t.element_size() for per_param in optimizer_state.values()
+                     for t in per_param.values() if hasattr(t, "element_size"))
+        return self.weights_bytes() + states + CHECKPOINT_EXTRA_BYTES
+
+    def check_space(self, name: str, needed: int) -> None:
+        space = disk_space(self.checkpoints_dir)
+        if space.free_bytes - needed < self.min_free_bytes:
+            raise JobFailure(
+                "disk_full",
+                f"Not enough disk space to save {name}: it needs about {gib(needed)} and there is "
+                f"{space.describe()}, of which {gib(self.min_free_bytes)} stays free for the job database and logs "
+                "(MIN_FREE_DISK_BYTES); nothing was written. Free space on that disk (or lower save_total_limit, "
+                "raise save_steps), then resubmit the job.",
+            )
+
+    def save_failed(self, name: str, needed: int, staging: Path, exc: Exception) -> Exception:
+        """Remove what was written of a failed save (which also gives the disk its space back),
+        and say whether a full disk was the cause."""
+        full = disk_space(self.checkpoints_dir).free_bytes < max(self.min_free_bytes, FULL_BELOW_BYTES)
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, JobFailure) or not (full or is_disk_full_error(exc)):
+            return exc
+        space = disk_space(self.checkpoints_dir)
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        return JobFailure(
+            "disk_full",
+            f"The disk filled up while saving {name}, which needs about {gib(needed)} ({detail}). The unfinished "
+            f"folder was removed; there is now {space.describe()}. Free space on that disk (or lower "
+            "save_total_limit, raise save_steps), then resubmit the job.",
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = str(output_dir or self.args.output_dir)

@@ -9,39 +9,59 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from rq import get_current_job
 from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
+from app.checkpoint_store import sweep_partials, sync_records
 from app.config import get_settings
 from app.crud import add_event
 from app.db import get_engine, session_scope
+from app.diskspace import low_on_space, write_despite_full_disk
 from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from app.reconcile import recover_lost_job
 from worker.checkpoints import hash_checkpoint
-from worker.trainer import RESULT_FILE
+from worker.trainer import PARENT_PID_ENV, RESULT_FILE
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
+# Cache locations the trainer must find although it runs in an empty working directory.
+CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME")
 
 
 def worker_name() -> str:
-    """The RQ worker's own name (host, GPUs, pid: see worker/__main__.py) when run by RQ."""
-    rq_job = get_current_job()
-    if rq_job is not None and rq_job.worker_name:
-        return rq_job.worker_name
+    """The RQ worker's own name (host, GPUs, pid: see worker/__main__.py) when run by RQ, which
+    puts it in the work horse's environment (reading it from Redis would fail while Redis is away)."""
+    name = os.environ.get("RQ_WORKER_ID")
+    if name:
+        return name
     return f"{socket.gethostname()}-gpu{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}-{os.getpid()}"
+
+
+def trainer_environment(settings_env: dict[str, str], cache_env: dict[str, str]) -> dict[str, str]:
+    """The trainer's environment: ours, with the settings and cache folders as absolute paths
+    (it runs in another working directory), and the project importable from anywhere."""
+    env = {**cache_env, **os.environ, **settings_env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           PARENT_PID_ENV: str(os.getpid())}
+    for name in CACHE_VARIABLES:
+        if env.get(name) and not Path(env[name]).is_absolute():
+            env[name] = str(Path(env[name]).resolve())
+    project = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (project, env.get("PYTHONPATH"))))
+    return env
 
 
 def compile_cache_env(cache_dir: Path) -> dict[str, str]:
@@ -103,16 +123,21 @@ class TrainerWatch:
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.hashing: dict[int, Future[None]] = {}
         self.cancel_sent_at: float | None = None
+        self.database_trouble_since: float | None = None
+        # The trainer's working directory: empty, so that a model or dataset name shaped like a
+        # Hub id ("org/name") can only ever reach the Hub or its cache, never a local folder of
+        # that relative name (ALLOWED_LOCAL_ROOTS decides which local paths a job may use).
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"trainer-{job_id}-"))
 
     def start_child(self) -> subprocess.Popen[bytes]:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
-        env = {**compile_cache_env(self.settings.data_dir.resolve() / "cache"), **os.environ,
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = trainer_environment(self.settings.as_environment(),
+                                  compile_cache_env(self.settings.data_dir.resolve() / "cache"))
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
-            [sys.executable, "-m", "worker.trainer", str(self.job_id)],
+            [sys.executable, "-m", "worker.trainer", str(self.job_id)], cwd=self.workdir,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         log.close()
@@ -134,22 +159,47 @@ class TrainerWatch:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
             raise
-        self.hash_checkpoints(self.poll_database(heartbeat=False)[1])
-        for future in list(self.hashing.values()):
-            future.result()
-        self.hasher.shutdown()
-        return self.finish(child.returncode)
+        try:
+            return self.finish(child.returncode)
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def poll_database(self, *, heartbeat: bool) -> tuple[bool, list[int]]:
         """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
-        and the checkpoints the trainer saved that still need hashing."""
-        with session_scope() as session:
-            if heartbeat:
-                session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
-            cancel_requested_at = session.exec(select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
-            pending = session.exec(select(Checkpoint.id).where(
-                Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing)).all()
+        and the checkpoints the trainer saved that still need hashing. A database that cannot be
+        read or written for a while (a full disk, a long lock) does not stop the watch: the
+        trainer goes on, or fails on its own and says why."""
+        try:
+            with session_scope() as session:
+                if heartbeat:
+                    session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
+                cancel_requested_at = session.exec(
+                    select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
+                pending = session.exec(select(Checkpoint.id).where(
+                    Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing)).all()
+        except SQLAlchemyError as exc:
+            if self.database_trouble_since is None:
+                self.database_trouble_since = time.monotonic()
+                logger.warning("job %s: the job database cannot be reached (%s); the trainer goes on", self.job_id,
+                               exc)
+            return False, []
+        if self.database_trouble_since is not None:
+            logger.info("job %s: the job database answers again after %.0f s", self.job_id,
+                        time.monotonic() - self.database_trouble_since)
+            self.database_trouble_since = None
         return cancel_requested_at is not None, [cid for cid in pending if cid is not None]
+
+    def hash_remaining(self) -> None:
+        """Hash every recorded checkpoint of the job, once its final status is written. A hash
+        that cannot be recorded now (a full disk) is left to the workers' maintenance."""
+        self.hash_checkpoints(self.poll_database(heartbeat=False)[1])
+        for checkpoint_id, future in self.hashing.items():
+            try:
+                future.result()
+            except Exception as exc:
+                logger.warning("job %s: checkpoint %s not hashed yet (%s); a worker's maintenance will",
+                               self.job_id, checkpoint_id, exc)
+        self.hasher.shutdown()
 
     def carry_cancel(self, child: subprocess.Popen[bytes], requested: bool) -> None:
         if self.cancel_sent_at is None:
@@ -179,32 +229,53 @@ class TrainerWatch:
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
     def finish(self, returncode: int) -> str:
-        result = self.read_result()
-        if result is None:
-            if self.cancel_sent_at is not None:
-                result = {"status": "cancelled", "error_code": "cancelled",
-                          "error_message": "cancelled; the trainer did not stop in time and was killed"}
-            else:
-                result = {"status": "failed", "error_code": "trainer_crashed",
-                          "error_message": self.crash_message(returncode)}
-        status = result["status"]
-        if status == "interrupted":
+        """Record how the job ended. First the status, which must land even on a full disk (the
+        job must not stay `running`), with the checkpoints the trainer finished but did not record;
+        then the hashes, which can wait."""
+        result = self.read_result() or self.result_without_report(returncode)
+        checkpoints_dir = self.settings.checkpoints_dir(self.job_id)
+        for name, size in sweep_partials(checkpoints_dir):  # the trainer is gone: nobody writes them now
+            logger.info("job %s: removed %s, an unfinished checkpoint (%d bytes)", self.job_id, name, size)
+        status = str(result["status"])
+
+        def record() -> str:
             with session_scope() as session:
-                return recover_lost_job(session=session, job_id=self.job_id, reason=str(result["error_message"]))
-        with session_scope() as session:
-            job = session.get(Job, self.job_id)
-            assert job is not None
-            job.status, job.finished_at = JobStatus(status), utcnow()
-            job.error_code, job.error_message = result.get("error_code"), result.get("error_message")
-            # Progress is written at logging steps; the trainer's own last step is the truth.
-            job.step = max(job.step, int(result.get("step") or 0))
-            if status == "succeeded":
-                job.eta_seconds = 0.0
-            session.add(job)
-            message = status if status == "succeeded" else f"{status}: {job.error_message}"
-            add_event(session=session, job_id=self.job_id, kind=status, message=message)
-        logger.info("job %s %s", self.job_id, status)
-        return status
+                if status == "interrupted":  # stopped, not finished: queue it again (it resumes)
+                    return recover_lost_job(session=session, job_id=self.job_id, reason=str(result["error_message"]))
+                sync_records(session=session, job_id=self.job_id, checkpoints_dir=checkpoints_dir)
+                job = session.get(Job, self.job_id)
+                assert job is not None
+                job.status, job.finished_at = JobStatus(status), utcnow()
+                job.error_code, job.error_message = result.get("error_code"), result.get("error_message")
+                # Progress is written at logging steps; the trainer's own last step is the truth.
+                job.step = max(job.step, int(result.get("step") or 0))
+                if status == "succeeded":
+                    job.eta_seconds = 0.0
+                session.add(job)
+                message = status if status == "succeeded" else f"{status}: {job.error_message}"
+                add_event(session=session, job_id=self.job_id, kind=status, message=message)
+                return status
+
+        # On a full disk this gives up the reserve file, then waits for space rather than give up.
+        outcome = write_despite_full_disk(record, what=f"record how job {self.job_id} ended")
+        logger.info("job %s %s", self.job_id, outcome)
+        self.hash_remaining()
+        return outcome
+
+    def result_without_report(self, returncode: int) -> dict[str, Any]:
+        """How the job ended when the trainer wrote no result: cancelled and killed, stopped by
+        a full disk (it could not even write its result), or crashed."""
+        if self.cancel_sent_at is not None:
+            return {"status": "cancelled", "error_code": "cancelled",
+                    "error_message": "cancelled; the trainer did not stop in time and was killed"}
+        low = low_on_space(self.job_dir)
+        if low is not None:
+            return {"status": "failed", "error_code": "disk_full",
+                    "error_message": f"The trainer stopped without a report while the disk under DATA_DIR was full: "
+                                     f"there is {low.describe()}, less than the MIN_FREE_DISK_BYTES the job database "
+                                     "and logs need. Free space on that disk (or lower save_total_limit, raise "
+                                     "save_steps), then resubmit the job."}
+        return {"status": "failed", "error_code": "trainer_crashed", "error_message": self.crash_message(returncode)}
 
     def crash_message(self, returncode: int) -> str:
         if returncode < 0:
@@ -215,5 +286,7 @@ class TrainerWatch:
         else:
             what = f"exited with code {returncode} without reporting a result"
         tail = self.log_tail()
-        return f"The trainer process {what}. Last lines of trainer.log:\n{tail}" if tail else \
-            f"The trainer process {what}."
+        shown = f" Last lines of trainer.log:\n{tail}\n" if tail else " "
+        action = "Lower per_device_train_batch_size or max_seq_length, or give the host more RAM" \
+            if returncode == -signal.SIGKILL else "Read trainer.log in the job's folder and fix what it names"
+        return f"The trainer process {what}.{shown}{action}, then resubmit the job."

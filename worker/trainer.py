@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -18,17 +19,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from app.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
 from app.config import get_settings
 from app.crud import add_event
 from app.db import session_scope
+from app.diskspace import disk_space
 from app.models import Job
 from app.schemas import GPU_ONLY_OPTIMIZERS, JobSpec
-from worker.failures import JobFailure, classify, format_traceback
+from worker.failures import JobFailure, classify, format_traceback, missing_source
+from worker.lifeline import die_with_parent, take_job_lock
 from worker.stopflag import StopFlag
 
 logger = logging.getLogger("worker.trainer")
 
 RESULT_FILE = "result.json"
+# Set by the worker: the work horse's pid, whose death stops this trainer.
+PARENT_PID_ENV = "FINETUNE_PARENT_PID"
+# Phases during which a SIGTERM waits for the next step (the loop checks the flag); in the others
+# (imports, loading, preparing) nothing is worth finishing, so the trainer leaves at once.
+STEPPING_PHASES = frozenset({"training", "evaluating", "saving"})
 # The trainer's phases, as the job record shows them while the job runs.
 PUBLIC_PHASES = {"starting": "starting", "importing": "starting", "loading_tokenizer": "checking_data",
                  "loading_dataset": "checking_data", "loading_model": "loading_model", "preparing": "preparing",
@@ -37,11 +46,19 @@ VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "u
                     "bitsandbytes")
 
 
+class Interrupted(BaseException):
+    """Raised by the SIGTERM handler outside the training loop: leave now, the job runs again."""
+
+
 def write_result(job_dir: Path, status: str, code: str | None = None, message: str | None = None,
                  **extra: Any) -> None:
     tmp = job_dir / f"{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps({"status": status, "error_code": code, "error_message": message, **extra}))
-    tmp.replace(job_dir / RESULT_FILE)
+    try:
+        tmp.write_text(json.dumps({"status": status, "error_code": code, "error_message": message, **extra}))
+        tmp.replace(job_dir / RESULT_FILE)
+    except OSError as exc:  # a full disk: the worker finds no result and judges by the free space
+        logger.error("could not write %s: %s", RESULT_FILE, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def versions() -> dict[str, str]:
@@ -71,12 +88,33 @@ class Run:
         self.stop = StopFlag()
         self.reporter: Any = None
         self.trainer: Any = None
+        self.spec: JobSpec
+        self.attempt = 0
+        # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
+        # with the signal's default action (the worker would see a crash, not a stop).
+        self.install_signal_handlers()
+
+    def load_job(self) -> None:
         with session_scope() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, self.job_id)
             if job is None:
-                raise JobFailure("job_missing", f"job {job_id} is not in the database")
-            self.spec = JobSpec.model_validate(job.spec)
+                raise JobFailure("job_missing", f"job {self.job_id} is not in the database")
+            # Its shape only: the API checked the paths when the job was submitted, and what has
+            # happened to them since is a failure with its own code (check_sources), not a bad spec.
+            self.spec = JobSpec.model_validate(job.spec, context={"stored": True})
             self.attempt = job.attempts
+        self.check_sources()
+
+    def check_sources(self) -> None:
+        """Local models and datasets that were deleted or moved while the job waited."""
+        spec = self.spec
+        validation = spec.validation.source if spec.validation is not None else ""
+        for what, value, code in (("the model folder", spec.model, "model_not_found"),
+                                  ("chat_template_from's folder", spec.chat_template_from, "model_not_found"),
+                                  ("the dataset", spec.dataset.source, "dataset_invalid"),
+                                  ("the validation set", validation, "dataset_invalid")):
+            if value and Path(value).is_absolute() and not Path(value).exists():
+                raise missing_source(what, value, code)
 
     @property
     def phase(self) -> str:
@@ -95,10 +133,29 @@ class Run:
                     session.add(job)
 
     def install_signal_handlers(self) -> None:
-        # The worker sends SIGUSR1 to cancel; SIGTERM (docker stop, a shutdown) also stops at
-        # the next step instead of killing mid-write.
-        signal.signal(signal.SIGUSR1, lambda *_: self.stop.set("cancelled"))
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set("terminated"))
+        # The worker sends SIGUSR1 to cancel; SIGTERM (docker stop, a shutdown, the death of the
+        # work horse) stops at the next step instead of killing mid-write.
+        signal.signal(signal.SIGUSR1, lambda *_: self._stop("cancelled"))
+        signal.signal(signal.SIGTERM, lambda *_: self._stop("terminated"))
+
+    def _stop(self, reason: str) -> None:
+        self.stop.set(reason)
+        if self._phase not in STEPPING_PHASES:
+            raise Interrupted(f"{reason} while {self._phase.replace('_', ' ')}")
+
+    def prepare_checkpoints(self) -> Path | None:
+        """Clear what a stopped attempt left (unfinished staging folders, incomplete checkpoints),
+        record complete checkpoints it never recorded, and return the one to resume from."""
+        for name, size in sweep_partials(self.checkpoints_dir):
+            event(self.job_id, "checkpoint_discarded",
+                  f"removed {name}, a checkpoint an earlier attempt did not finish writing ({size} bytes)")
+        resume_from, incomplete = newest_complete(self.checkpoints_dir)
+        for folder, problem in incomplete:
+            shutil.rmtree(folder, ignore_errors=True)
+            event(self.job_id, "checkpoint_discarded", f"removed {folder.name}: it is incomplete ({problem})")
+        with session_scope() as session:
+            sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
+        return resume_from if self.attempt > 1 else None
 
     def resolve_backend(self) -> str:
         import torch
@@ -109,9 +166,9 @@ class Run:
             backend = "unsloth" if has_cuda else "transformers"
         if backend == "unsloth" and not has_cuda:
             raise JobFailure(
-                "gpu_unavailable",
-                "backend 'unsloth' needs a CUDA GPU and this worker sees none; check the worker's "
-                "CUDA_VISIBLE_DEVICES and driver, or submit with backend 'transformers'",
+                "gpu_unavailable", "backend 'unsloth' needs a CUDA GPU and this worker sees none.",
+                action="Check the worker's CUDA_VISIBLE_DEVICES and NVIDIA driver, or resubmit the job with "
+                       "backend 'transformers'.",
             )
         if backend == "unsloth":
             try:
@@ -119,8 +176,8 @@ class Run:
             except Exception as exc:  # never train silently on another backend
                 raise JobFailure(
                     "backend_unavailable",
-                    f"backend 'unsloth' was chosen but Unsloth failed to import: {type(exc).__name__}: {exc}. "
-                    "Install the gpu extra (pip install '.[gpu]') on this worker.",
+                    f"backend 'unsloth' was chosen but Unsloth failed to import: {type(exc).__name__}: {exc}.",
+                    action="Install the gpu extra (pip install '.[gpu]') on this worker, then resubmit the job.",
                 ) from exc
         return backend
 
@@ -141,7 +198,7 @@ class Run:
         donor = AutoTokenizer.from_pretrained(self.spec.chat_template_from)
         if not donor.chat_template:
             raise JobFailure("chat_template_missing",
-                             f"chat_template_from {self.spec.chat_template_from!r} has no chat template")
+                             f"chat_template_from {self.spec.chat_template_from!r} has no chat template.")
         return str(donor.chat_template)
 
     def apply_chat_template(self, tokenizer: Any) -> Any:
@@ -164,9 +221,10 @@ class Run:
             raise JobFailure(
                 "chat_template_unsuitable",
                 "assistant_only_loss needs a chat template that marks the assistant's tokens ({% generation %}); "
-                f"TRL adds the marks to the templates it knows, but not to this one ({exc}). Set chat_template_from "
-                "to a tokenizer whose template TRL knows (Llama 3, Qwen 2.5/3, Gemma, Phi-3, ...), add the marks "
-                "to the template, or train on whole conversations (assistant_only_loss false).",
+                f"TRL adds the marks to the templates it knows, but not to this one ({exc}).",
+                action="Set chat_template_from to a tokenizer whose template TRL knows (Llama 3, Qwen 2.5/3, Gemma, "
+                       "Phi-3, ...), add the marks to the template, or train on whole conversations "
+                       "(assistant_only_loss false); then resubmit the job.",
             ) from None
 
     def check_data(self, tokenizer: Any) -> tuple[Any, Any]:
@@ -189,8 +247,9 @@ class Run:
         if check.conversational and not tokenizer.chat_template:
             raise JobFailure(
                 "chat_template_missing",
-                "the dataset holds chat messages but the model's tokenizer has no chat template; set "
-                "chat_template_from to a tokenizer that has one (e.g. the model's instruct version)",
+                "The dataset holds chat messages but the model's tokenizer has no chat template.",
+                action="Set chat_template_from to a tokenizer that has one (e.g. the model's instruct version), "
+                       "then resubmit the job.",
             )
         eval_dataset, eval_check = self.validation_set(dataset, row_format)
         held_out = spec.validation.fraction if spec.validation is not None else None
@@ -325,7 +384,6 @@ class Run:
 
     def train(self) -> None:
         job_id = self.job_id
-        self.install_signal_handlers()
         self.phase = "importing"
         backend = self.resolve_backend()
         with session_scope() as session:
@@ -350,29 +408,31 @@ class Run:
         trainer = self.trainer = JobSFTTrainer(
             model=model, args=self.sft_config(backend, evaluate=evaluate), train_dataset=dataset,
             eval_dataset=eval_dataset, processing_class=tokenizer, max_shard_size=self.settings.max_shard_size,
-            on_phase=self.set_phase_from_trainer,
+            on_phase=self.set_phase_from_trainer, min_free_bytes=self.settings.min_free_disk_bytes,
         )
         self.refine_report(trainer)
         self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
                                     checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained,
-                                    eval_seconds=lambda: trainer.eval_seconds)
+                                    eval_seconds=lambda: trainer.eval_seconds,
+                                    publish_seconds=lambda: trainer.last_publish_seconds)
         trainer.add_callback(self.reporter)
-        resume = self.attempt > 1 and any(self.checkpoints_dir.glob("checkpoint-*"))
-        if resume:
-            event(job_id, "resumed", "resuming from the newest intermediate checkpoint")
+        resume_from = self.prepare_checkpoints()
+        if resume_from is not None:
+            event(job_id, "resumed", f"resuming from {resume_from.name}, the newest complete checkpoint")
         self.phase = "training"
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if self.stop.should_stop():
             return
         if evaluate and not self.reporter.evaluated_at(trainer.state.global_step):
             trainer.evaluate()  # the final model's eval loss, when the last step was not an eval step
         self.phase = "saving"
-        final = self.checkpoints_dir / "final"
-        trainer.save_model(str(final))
-        from worker.checkpoints import record_checkpoint
+        final = self.checkpoints_dir / FINAL_NAME
+        seconds = trainer.save_final(final)
+        from app.checkpoint_store import record_checkpoint
 
         with session_scope() as session:
-            record_checkpoint(session=session, job_id=job_id, folder=final, step=trainer.state.global_step)
+            record_checkpoint(session=session, job_id=job_id, folder=final, step=trainer.state.global_step,
+                              note=f"; fsync and rename took {seconds:.2f} s")
 
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
@@ -393,17 +453,30 @@ def prepared_loss_tokens(dataset: Any) -> int | None:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id = int(argv[1])
-    job_dir = get_settings().job_dir(job_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
+    job_dir = settings.job_dir(job_id)
+    parent = os.environ.get(PARENT_PID_ENV)
+    die_with_parent(int(parent) if parent and parent.isdigit() else None)
     started = time.monotonic()
     run: Run | None = None
     try:
         run = Run(job_id)
+        # Before anything touches the job's folder: no earlier trainer of this job still runs.
+        take_job_lock(job_dir, job_id, grace_s=settings.cancel_grace_s, on_wait=lambda pid: event(
+            job_id, "waiting", f"an earlier trainer of this job (pid {pid}) is still running; stopping it first"))
+        run.load_job()
         run.train()
+    except Interrupted as exc:
+        if run is not None and run.stop.reason == "cancelled":
+            write_result(job_dir, "cancelled", "cancelled", "cancelled by request before training started", step=0)
+        else:  # the job is not done: it should run again
+            write_result(job_dir, "interrupted", None, f"the trainer was stopped before training ({exc})", step=0)
+        return 0
     except BaseException as exc:
         logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
         step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
-        failure = classify(exc, phase=run.phase if run is not None else "starting", step=step)
+        failure = classify(exc, phase=run.phase if run is not None else "starting", step=step,
+                           disk=disk_space(job_dir))
         write_result(job_dir, "failed", failure.code, failure.message)
         return 1
     if run.stop.should_stop():

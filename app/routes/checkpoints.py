@@ -13,15 +13,15 @@ from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfia
 from app import crud
 from app.db import SessionDep
 from app.deps import SettingsDep, require_token
-from app.errors import BadRange, NotFound, RangeNotSatisfiable
+from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
 from app.files import resolve_inside, stream_tar, tar_length, tar_members
 from app.presenters import checkpoint_public
-from app.schemas import CheckpointPublic
+from app.schemas import MAX_DB_INT, CheckpointPublic, UrlInt
 
 router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"],
-                   dependencies=[Depends(require_token)])
+                   dependencies=[Depends(require_token)], responses=error_responses(401, 404, 422, 503))
 
-JobId = Annotated[int, Path(ge=1)]
+JobId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT)]
 Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="e.g. checkpoint-500 or final")]
 
 
@@ -55,7 +55,10 @@ def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: S
     )
 
 
-@router.get("/{name}/files/{path:path}", response_class=FileResponse)
+@router.get("/{name}/files/{path:path}", response_class=FileResponse,
+            responses={206: {"description": "the requested Range of the file",
+                             "content": {"application/octet-stream": {}}},
+                       200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 416)})
 def download_file(job_id: JobId, name: Name, path: str, request: Request, session: SessionDep,
                   settings: SettingsDep) -> FileResponse:
     """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""

@@ -9,13 +9,15 @@ from fastapi import APIRouter, Depends, Path, Request, Response, status
 from app import crud
 from app.db import SessionDep
 from app.deps import require_token
+from app.errors import error_responses
 from app.presenters import file_public
-from app.schemas import FileList, FilePublic
+from app.schemas import MAX_DB_INT, FileList, FilePublic, UrlInt
 
-router = APIRouter(prefix="/files", tags=["files"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/files", tags=["files"], dependencies=[Depends(require_token)],
+                   responses=error_responses(401, 503))
 
-FileId = Annotated[int, Path(ge=1, description="the file's id")]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "no such file"}}
+FileId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT, description="the file's id")]
+NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(404, 422)
 
 
 UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -25,9 +27,7 @@ UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"mu
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic, openapi_extra=UPLOAD_BODY,
-             responses={413: {"description": "larger than MAX_UPLOAD_BYTES"},
-                        422: {"description": "not a .jsonl/.json/.parquet file, no readable row, or a body that "
-                                             "is not multipart or broke off"}})
+             responses=error_responses(413, 422, 507))
 async def upload_file(request: Request, session: SessionDep) -> FilePublic:
     """Store a JSON Lines or Parquet dataset (multipart field `file`), streamed to disk as it
     arrives: every row is read and checked, and the record keeps its row format (`messages`,
@@ -49,7 +49,7 @@ def read_file(file_id: FileId, session: SessionDep) -> FilePublic:
 
 
 @router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
-               responses={**NOT_FOUND, 409: {"description": "a queued or running job uses it"}})
+               responses=error_responses(404, 409, 422))
 def delete_file(file_id: FileId, session: SessionDep) -> Response:
     """Remove the file and its record; refused while a queued or running job uses it."""
     crud.delete_file(session=session, file_id=file_id)

@@ -18,14 +18,15 @@ from sse_starlette.sse import EventSourceResponse
 from app import crud
 from app.db import SessionDep, get_engine
 from app.deps import require_token
-from app.errors import NotFound
+from app.errors import NotFound, error_responses
 from app.presenters import event_public, job_public, step_log_public
 from app.routes.jobs import NOT_FOUND, JobId
-from app.schemas import EventPublic, JobPublic, StepLogPublic
+from app.schemas import MAX_DB_INT, EventPublic, JobPublic, StepLogPublic, UrlInt
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs/{job_id}", tags=["watch"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/jobs/{job_id}", tags=["watch"], dependencies=[Depends(require_token)],
+                   responses=error_responses(401, 422, 503))
 
 POLL_INTERVAL_S = 1.0
 PING_INTERVAL_S = 15
@@ -93,8 +94,10 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
 def stream_job(
     job_id: JobId,
     session: SessionDep,
-    after_step: Annotated[int | None, Query(ge=0, description="only step logs after this step")] = None,
-    after_event_id: Annotated[int | None, Query(ge=0, description="only events after this id")] = None,
+    after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
+                                               description="only step logs after this step")] = None,
+    after_event_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
+                                                   description="only events after this id")] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: `job` (the job record, whenever it changes), `log` (each new step-log
     row) and `event` (each new event). The stream ends after the job's final `job` event; to
