@@ -144,7 +144,12 @@ class TrainerWatch:
         return child
 
     def run(self) -> str:
-        child = self.start_child()
+        try:
+            return self.watch(self.start_child())
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def watch(self, child: subprocess.Popen[bytes]) -> str:
         last_heartbeat = time.monotonic()
         try:
             while child.poll() is None:
@@ -159,10 +164,7 @@ class TrainerWatch:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
             raise
-        try:
-            return self.finish(child.returncode)
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        return self.finish(child.returncode)
 
     def poll_database(self, *, heartbeat: bool) -> tuple[bool, list[int]]:
         """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
