@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     gpu_memory_bytes: int | None = Field(default=None, gt=0)
 
     # --- api -----------------------------------------------------------------------------
+    # Threads for the API's blocking work (database reads and writes, routes that are not
+    # async). The database pool holds one connection per thread (and two for the background
+    # loops), so no request ever waits for a connection; with PostgreSQL keep API processes x
+    # (API_THREADS + 2) under the server's max_connections.
+    api_threads: int = Field(default=40, ge=1, le=1000)
+    # GET /jobs/{id} and GET /jobs serve a queued or running job's record as read at most this
+    # long ago (a poller sees a step within this delay); finished jobs never change and are
+    # served from memory. `Cache-Control: no-cache` on a request reads the database.
+    record_max_age_s: float = Field(default=0.5, ge=0)
+    # Job records (and pages of finished jobs' logs and events) kept in memory per API process.
+    record_cache_size: int = Field(default=5000, ge=0)
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     page_size_max: int = 500

@@ -6,11 +6,12 @@ committed before its id goes onto the queue); the worker and trainer commit thro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import Depends
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -19,6 +20,7 @@ from sqlmodel import Session, create_engine
 from app.config import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -32,19 +34,26 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+# Connections beyond API_THREADS: the API's background loops (reconcile, sweeps).
+BACKGROUND_CONNECTIONS = 2
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """`pool_size` connections at most and no overflow: the caller sizes it to the threads that
+    can use it at once, so a thread never waits for one (see Settings.api_threads)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=pool_size, max_overflow=0)
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
 
 
 @lru_cache
 def get_engine() -> Engine:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return make_engine(settings.sqlalchemy_url)
+    return make_engine(settings.sqlalchemy_url, pool_size=settings.api_threads + BACKGROUND_CONNECTIONS)
 
 
 def get_session() -> Iterator[Session]:
@@ -52,7 +61,15 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Closed when the route function returns, before the response is validated and sent: a
+# connection is never held by a request that has finished its work.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+async def run_db(function: Callable[..., T], *args: Any) -> T:
+    """Run blocking database work in the API's thread pool (API_THREADS threads, one pooled
+    connection each), so an async route never blocks the event loop."""
+    return await anyio.to_thread.run_sync(function, *args)
 
 
 @contextmanager

@@ -12,7 +12,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.config import Settings, get_settings
 from app.errors import Unauthorized
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+async def current_settings() -> Settings:
+    # async: FastAPI runs a plain function dependency in the thread pool, a hop per request.
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(current_settings)]
 
 # Declares the bearer scheme in the OpenAPI document, so /docs offers "Authorize" and sends the
 # token with every call it makes. auto_error=False: whether a token is needed is decided below.
@@ -20,7 +26,7 @@ bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
                     description="one of the server's API_TOKENS (needed only when the operator sets some)")
 
 
-def require_token(settings: SettingsDep,
+async def require_token(settings: SettingsDep,
                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None) -> None:
     """Bearer-token check, active only when the operator configured API_TOKENS."""
     if not settings.api_tokens:
@@ -41,7 +47,7 @@ def _query_names(dependant: Any) -> set[str]:
     return names
 
 
-def reject_unknown_query(request: Request) -> None:
+async def reject_unknown_query(request: Request) -> None:
     """A query parameter the route does not take is a 422 naming it, not silently ignored: a typo
     such as `?limt=10` would otherwise return something other than what was asked for."""
     dependant = getattr(request.scope.get("route"), "dependant", None)

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -64,6 +65,9 @@ async def _maintain_forever(interval_s: float) -> None:
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Blocking work (database calls, routes that are not async) runs on these threads, each
+    # with a pooled connection of its own (app/db.py sizes the pool to match).
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     try:
         await asyncio.to_thread(sweep_leftovers)
     except Exception as exc:  # the database may not be migrated yet, or away: the loop sweeps uploads later

@@ -108,6 +108,9 @@ def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.M
         "STALE_AFTER_S": "5",
         "RECONCILE_INTERVAL_S": "2",
         "API_TOKENS": "",
+        # Read-after-write: these tests change jobs behind the API's back and read them at once
+        # (the record cache's own tests set a max age).
+        "RECORD_MAX_AGE_S": "0",
         # The model hub is the one thing tests cannot reach: fail fast instead of waiting.
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

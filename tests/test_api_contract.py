@@ -80,7 +80,7 @@ def test_an_unknown_query_parameter_is_422_naming_it(client: httpx.Client, env: 
     response = client.get("/jobs", params={"limt": 10})
     assert response.status_code == 422
     assert response.json()["errors"] == [
-        {"field": "limt", "message": "unknown query parameter (this route takes: cursor, limit, status)"}]
+        {"field": "limt", "message": "unknown query parameter (this route takes: cursor, fields, limit, status)"}]
 
 
 def test_a_body_that_is_not_text_is_422_not_400(client: httpx.Client, env: Env) -> None:

@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.errors import NotFound
-from app.files import resolve_inside, stream_tar, tar_length, tar_members
+from app.files import CHUNK_BYTES, resolve_inside, stream_tar, tar_length, tar_members
 from tests.conftest import Env
 
 SECRET = b"the operator's secret, never to be served\n"
@@ -68,7 +68,7 @@ def test_stream_tar_has_announced_length_and_exact_contents(tmp_path: Path) -> N
     (base / "nested" / "dir").mkdir(parents=True)
     contents = {
         "empty.txt": b"",
-        "model.safetensors": bytes(range(256)) * 4096 + b"end",  # 1 MiB + 3 bytes: spans read chunks
+        "model.safetensors": bytes(range(256)) * 4096 * 5 + b"end",  # 5 MiB + 3 bytes: spans read chunks
         f"nested/dir/{LONG_NAME}": b'{"long": true}',
         "config.json": b'{"model_type": "llama"}',
     }
@@ -76,12 +76,16 @@ def test_stream_tar_has_announced_length_and_exact_contents(tmp_path: Path) -> N
         (base / relative).write_bytes(data)
 
     members = tar_members(base, "final", list(contents))
-    chunks = list(stream_tar(members))
+
+    async def read_all() -> list[bytes]:
+        return [chunk async for chunk in stream_tar(members)]
+
+    chunks = anyio.run(read_all)
     archive = b"".join(chunks)
 
     assert len(archive) == tar_length(members)
     assert len(archive) % tarfile.BLOCKSIZE == 0
-    assert max(len(c) for c in chunks) <= 1024 * 1024  # streamed in bounded pieces, never whole
+    assert max(len(c) for c in chunks) <= CHUNK_BYTES  # streamed in bounded pieces, never whole
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
         found = tar.getmembers()
         assert [m.name for m in found] == sorted(f"final/{r}" for r in contents)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -166,3 +168,58 @@ def test_stream_and_page_need_the_token_when_tokens_are_configured(
     assert client.get(f"/jobs/{job_id}/watch").status_code == 401
     authorized = client.get(f"/jobs/{job_id}/stream", headers={"Authorization": "Bearer s3cret"})
     assert [name for name, _ in parse_sse(authorized.text)] == ["job"]
+
+
+def test_many_watchers_of_a_running_job_share_one_read_per_interval(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50 watchers: each catches up once on its own, then all follow one reader that reads the
+    database once per interval, and every watcher gets every new row and the finish."""
+    job_id = add_job(JobStatus.running, logs=3)
+    monkeypatch.setattr(watch, "POLL_INTERVAL_S", 0.05)
+    reads: list[float] = []
+    read_snapshot = watch._read_snapshot
+
+    def counted(*args: Any) -> Any:
+        reads.append(time.monotonic())
+        return read_snapshot(*args)
+
+    monkeypatch.setattr(watch, "_read_snapshot", counted)
+
+    def write(step: int, finish: bool = False) -> None:
+        with Session(get_engine()) as session:
+            session.add(StepLog(job_id=job_id, step=step, loss=1.0))
+            if finish:
+                job = session.get(Job, job_id)
+                assert job is not None
+                job.status, job.finished_at = JobStatus.succeeded, utcnow()
+            session.commit()
+
+    async def watcher() -> list[tuple[str, Any]]:
+        seen = []
+        async for item in watch._job_events(job_id, None, None):
+            data = json.loads(item.data)
+            seen.append((item.event, data.get("step") if item.event == "log" else data.get("status")))
+        return seen
+
+    async def scenario() -> tuple[list[list[tuple[str, Any]]], int]:
+        tasks = [asyncio.create_task(watcher()) for _ in range(50)]
+        await asyncio.sleep(0.3)  # all caught up, following the feed
+        following_from = len(reads)
+        started = time.monotonic()
+        for step in (40, 50):
+            await asyncio.to_thread(write, step)
+            await asyncio.sleep(0.2)
+        await asyncio.to_thread(write, 60, True)
+        results = await asyncio.gather(*tasks)
+        intervals = (time.monotonic() - started) / watch.POLL_INTERVAL_S
+        feed_reads = len(reads) - following_from
+        assert feed_reads <= intervals + 3, (feed_reads, intervals)  # about one a poll, not fifty
+        return results, feed_reads
+
+    results, feed_reads = asyncio.run(scenario())
+    assert feed_reads >= 3
+    for seen in results:
+        assert [step for event, step in seen if event == "log"] == [10, 20, 30, 40, 50, 60]
+        assert [status for event, status in seen if event == "job"][-1] == "succeeded"
+    assert not watch.FEEDS  # the feed stopped with the job

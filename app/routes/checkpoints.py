@@ -14,7 +14,7 @@ from app import crud
 from app.db import SessionDep
 from app.deps import SettingsDep, require_token
 from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
-from app.files import resolve_inside, stream_tar, tar_length, tar_members
+from app.files import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
 from app.presenters import checkpoint_public
 from app.schemas import MAX_DB_INT, CheckpointPublic, UrlInt
 
@@ -69,7 +69,7 @@ def download_file(job_id: JobId, name: Name, path: str, request: Request, sessio
     sha = next((f.get("sha256") for f in checkpoint.files if f["path"] == path), None)
     headers = {"X-Checksum-SHA256": sha} if sha else None
     check_range(request, real)
-    return FileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream")
+    return CheckpointFileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream")
 
 
 def check_range(request: Request, real: pathlib.Path) -> None:

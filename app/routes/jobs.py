@@ -6,16 +6,17 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
-from app import crud
-from app.db import SessionDep
+from app import crud, pages, records
+from app.db import SessionDep, run_db
 from app.deps import SettingsDep, require_token
-from app.errors import CannotPlan, error_responses
+from app.errors import CannotPlan, NotFound, error_responses
 from app.models import JobStatus
 from app.planner import GIB, PlanError
-from app.presenters import event_public, job_public, step_log_public
+from app.presenters import job_public
 from app.schemas import (
     JOB_SPEC_EXAMPLE,
     MAX_DB_INT,
@@ -74,19 +75,53 @@ def estimate_job(request: EstimateRequest) -> Estimate:
     )
 
 
-@router.get("", response_model=JobPage)
-def list_jobs(
-    session: SessionDep,
+FieldsQuery = Annotated[str | None, Query(
+    description="only these top-level fields of each record, comma-separated (e.g. status,progress,metrics)",
+    pattern=r"^[a-z_]+(,[a-z_]+)*$", max_length=400)]
+CacheControl = Annotated[str | None, Header(description="`no-cache`: read the database, not this process's copy")]
+IfNoneMatch = Annotated[str | None, Header(description="an ETag from an earlier answer: 304 if nothing changed")]
+CONDITIONAL: dict[int | str, dict[str, Any]] = {304: {"description": "unchanged since the ETag in If-None-Match"}}
+
+
+def field_names(fields: str | None) -> list[str] | None:
+    if not fields:
+        return None
+    names = fields.split(",")
+    unknown = records.unknown_fields(names)
+    if unknown:
+        raise RequestValidationError([{
+            "type": "unknown_field", "loc": ("query", "fields"), "input": fields,
+            "msg": f"unknown field(s) {', '.join(unknown)}; a record has {', '.join(records.RECORD_FIELDS)}"}])
+    return names
+
+
+def conditional(body: bytes, etag: str, if_none_match: str | None) -> Response:
+    """The body with its ETag, or 304 when the client already has it. `no-cache`: a client or
+    proxy that keeps a copy must ask again (with If-None-Match) before using it."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if records.matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.get("", response_model=JobPage, responses=CONDITIONAL)
+async def list_jobs(
     settings: SettingsDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     cursor: Annotated[UrlInt | None, Query(ge=1, le=MAX_DB_INT, description="next_cursor of the previous page")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=500)] = 50,
-) -> JobPage:
-    """Jobs, newest first."""
-    jobs, next_cursor = crud.list_jobs(
-        session=session, status=status_, cursor=cursor, limit=min(limit, settings.page_size_max)
-    )
-    return JobPage(items=[job_public(j) for j in jobs], next_cursor=next_cursor)
+    fields: FieldsQuery = None,
+    cache_control: CacheControl = None,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """Jobs, newest first. Records of finished jobs come from memory; those of queued and
+    running jobs are at most RECORD_MAX_AGE_S old."""
+    names = field_names(fields)
+    ids, next_cursor = await run_db(crud.list_job_ids, status_, cursor, min(limit, settings.page_size_max))
+    found = await records.get_record_cache().get_many(ids, fresh=records.wants_fresh(cache_control))
+    bodies = [records.projection(found[job_id], names)[0] for job_id in ids if job_id in found]
+    body = records.page_body(bodies, "next_cursor", next_cursor)
+    return conditional(body, records.etag_of(body), if_none_match)
 
 
 class JobIdConvertor(Convertor[str]):
@@ -105,9 +140,18 @@ class JobIdConvertor(Convertor[str]):
 register_url_convertor("job_id", JobIdConvertor())
 
 
-@router.get("/{job_id:job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def read_job(job_id: JobId, session: SessionDep) -> JobPublic:
-    return job_public(crud.get_job(session=session, job_id=job_id))
+@router.get("/{job_id:job_id}", response_model=JobPublic, responses={**NOT_FOUND, **CONDITIONAL})
+async def read_job(job_id: JobId, fields: FieldsQuery = None, cache_control: CacheControl = None,
+                   if_none_match: IfNoneMatch = None) -> Response:
+    """The job record. A queued or running job's is at most RECORD_MAX_AGE_S old (0.5 s);
+    send `If-None-Match` with the last ETag to get a 304 when nothing changed, and `fields`
+    to get only what you show."""
+    names = field_names(fields)
+    record = await records.get_record_cache().get(job_id, fresh=records.wants_fresh(cache_control))
+    if record is None:
+        raise NotFound(f"job {job_id} not found")
+    body, etag = records.projection(record, names)
+    return conditional(body, etag, if_none_match)
 
 
 @router.post(
@@ -116,30 +160,44 @@ def read_job(job_id: JobId, session: SessionDep) -> JobPublic:
 )
 def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
     """A queued job never starts; a running one stops at its next step (watch `status`)."""
-    return job_public(crud.cancel_job(session=session, job_id=job_id))
+    job = crud.cancel_job(session=session, job_id=job_id)
+    records.get_record_cache().forget(job_id)  # this process's next read shows the cancel
+    return job_public(job)
 
 
-@router.get("/{job_id}/logs", response_model=StepLogPage, responses=NOT_FOUND)
-def read_logs(
+async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) -> tuple[bytes, str]:
+    """A page of the job's logs or events: from memory when the job has finished (it cannot
+    change any more), else read now. 404 when there is no such job."""
+    record = await records.get_record_cache().get(job_id)
+    if record is None:
+        raise NotFound(f"job {job_id} not found")
+    cache = pages.get_page_cache()
+    if record.finished and (page := cache.get(key)) is not None:
+        return page
+    body: bytes = await run_db(build, job_id, *args)
+    return cache.put(key, body) if record.finished else (body, records.etag_of(body))
+
+
+@router.get("/{job_id}/logs", response_model=StepLogPage, responses={**NOT_FOUND, **CONDITIONAL})
+async def read_logs(
     job_id: JobId,
-    session: SessionDep,
     after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only steps after this one")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
-) -> StepLogPage:
-    """Step logs, oldest first. Page on with `after_step=next_after_step`."""
-    rows = crud.list_logs(session=session, job_id=job_id, after_step=after_step, limit=limit)
-    return StepLogPage(items=[step_log_public(r) for r in rows],
-                       next_after_step=rows[-1].step if len(rows) == limit else None)
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """Step logs, oldest first. Page on with `after_step=next_after_step`; a poller of a running
+    job passes the last step it has and gets only the new rows."""
+    body, etag = await job_page(job_id, ("logs", job_id, after_step, limit), pages.log_page, after_step, limit)
+    return conditional(body, etag, if_none_match)
 
 
-@router.get("/{job_id}/events", response_model=EventPage, responses=NOT_FOUND)
-def read_events(
+@router.get("/{job_id}/events", response_model=EventPage, responses={**NOT_FOUND, **CONDITIONAL})
+async def read_events(
     job_id: JobId,
-    session: SessionDep,
     after_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only events after this id")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
-) -> EventPage:
-    """State changes and messages, oldest first."""
-    rows = crud.list_events(session=session, job_id=job_id, after_id=after_id, limit=limit)
-    return EventPage(items=[event_public(r) for r in rows],
-                     next_after_id=rows[-1].id if len(rows) == limit else None)
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    """State changes and messages, oldest first. Page on (or poll) with `after_id=next_after_id`."""
+    body, etag = await job_page(job_id, ("events", job_id, after_id, limit), pages.event_page, after_id, limit)
+    return conditional(body, etag, if_none_match)

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import HTMLResponse
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
-from app import crud
-from app.db import SessionDep, get_engine
+from app import crud, pages
+from app.db import SessionDep, get_engine, run_db
 from app.deps import require_token
 from app.errors import NotFound, error_responses
-from app.presenters import event_public, job_public, step_log_public
+from app.records import Record, get_record_cache, record_of
 from app.routes.jobs import NOT_FOUND, JobId
-from app.schemas import MAX_DB_INT, EventPublic, JobPublic, StepLogPublic, UrlInt
+from app.schemas import MAX_DB_INT, UrlInt
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +34,23 @@ POLL_INTERVAL_S = 1.0
 PING_INTERVAL_S = 15
 # Rows read per poll: a stream opened on a long job catches up in slices, without pausing between them.
 BATCH_ROWS = 1000
+# Snapshots a watcher may have unread before its stream is ended (it reconnects with its cursors).
+WATCHER_QUEUE = 64
 
 
 @dataclass
 class _Snapshot:
-    job: JobPublic
-    logs: list[StepLogPublic]
-    events: list[EventPublic]
+    job: Record
+    logs: list[dict[str, Any]]
+    events: list[dict[str, Any]]
 
     @property
     def caught_up(self) -> bool:
         return len(self.logs) < BATCH_ROWS and len(self.events) < BATCH_ROWS
+
+    @property
+    def finished(self) -> bool:
+        return self.job.finished
 
 
 def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | None) -> _Snapshot:
@@ -52,38 +60,140 @@ def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | No
         # The job first: logs and events read after it are at least as new, so once it reads
         # finished, everything written before the finish is in this snapshot too.
         job = crud.get_job(session=session, job_id=job_id)
-        logs = crud.list_logs(session=session, job_id=job_id, after_step=after_step, limit=BATCH_ROWS)
-        events = crud.list_events(session=session, job_id=job_id, after_id=after_event_id, limit=BATCH_ROWS)
-        return _Snapshot(job=job_public(job), logs=[step_log_public(r) for r in logs],
-                         events=[event_public(r) for r in events])
+        return _Snapshot(job=record_of(job), logs=pages.read_logs(session, job_id, after_step, BATCH_ROWS),
+                         events=pages.read_events(session, job_id, after_event_id, BATCH_ROWS))
+
+
+def _tail(job_id: int) -> tuple[int | None, int | None]:
+    """The job's newest step and event id: where a feed starts."""
+    with Session(get_engine()) as session:
+        step = session.execute(select(func.max(pages.LOGS.c.step)).where(pages.LOGS.c.job_id == job_id)).scalar()
+        event = session.execute(select(func.max(pages.EVENTS.c.id)).where(pages.EVENTS.c.job_id == job_id)).scalar()
+        return step, event
+
+
+class JobFeed:
+    """One reader per watched job in this process: a snapshot of what is new is read once per
+    POLL_INTERVAL_S and handed to every watcher of the job, so a thousand watchers cost the
+    database what one does. A watcher catches up alone first (its own cursors), then follows."""
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.watchers: set[asyncio.Queue[_Snapshot | None]] = set()
+        self.most_watchers = 0
+        self.reads = 0
+        self.started = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+
+    def join(self) -> asyncio.Queue[_Snapshot | None]:
+        queue: asyncio.Queue[_Snapshot | None] = asyncio.Queue(maxsize=WATCHER_QUEUE)
+        self.watchers.add(queue)
+        self.most_watchers = max(self.most_watchers, len(self.watchers))
+        if self.task is None:
+            self.task = asyncio.create_task(self._follow())
+        return queue
+
+    def leave(self, queue: asyncio.Queue[_Snapshot | None]) -> None:
+        self.watchers.discard(queue)
+        if not self.watchers and self.task is not None:
+            self.task.cancel()
+
+    def _hand_out(self, snapshot: _Snapshot | None) -> None:
+        for queue in list(self.watchers):
+            try:
+                queue.put_nowait(snapshot)
+            except asyncio.QueueFull:  # a watcher that stopped reading: end its stream, it reconnects
+                self.watchers.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(None)
+
+    async def _follow(self) -> None:
+        try:
+            after_step, after_event_id = await run_db(_tail, self.job_id)
+            while self.watchers:
+                try:
+                    snapshot = await run_db(_read_snapshot, self.job_id, after_step, after_event_id)
+                except OperationalError as exc:  # database restarting or locked: try again
+                    logger.warning("stream of job %s: database read failed, retrying: %s", self.job_id, exc)
+                    await asyncio.sleep(POLL_INTERVAL_S)
+                    continue
+                self.reads += 1
+                self._hand_out(snapshot)
+                after_step = snapshot.logs[-1]["step"] if snapshot.logs else after_step
+                after_event_id = snapshot.events[-1]["id"] if snapshot.events else after_event_id
+                if snapshot.caught_up:
+                    if snapshot.finished:
+                        break
+                    await asyncio.sleep(POLL_INTERVAL_S)
+        except NotFound:  # the job was deleted while someone watched it
+            pass
+        finally:
+            self._hand_out(None)
+            FEEDS.pop((asyncio.get_running_loop(), self.job_id), None)
+            logger.info("stream of job %s: %d database reads in %.0f s for up to %d watchers", self.job_id,
+                        self.reads, time.monotonic() - self.started, self.most_watchers)
+
+
+# The feeds of this process, by event loop and job.
+FEEDS: dict[tuple[asyncio.AbstractEventLoop, int], JobFeed] = {}
+
+
+def feed_of(job_id: int) -> JobFeed:
+    key = (asyncio.get_running_loop(), job_id)
+    if key not in FEEDS:
+        FEEDS[key] = JobFeed(job_id)
+    return FEEDS[key]
+
+
+def _events_of(snapshot: _Snapshot, after_step: int | None, after_event_id: int | None, sent_job: bytes | None
+               ) -> tuple[list[ServerSentEvent], int | None, int | None, bytes | None]:
+    """What this watcher has not seen of a snapshot, and its cursors after it."""
+    out = []
+    if snapshot.job.body != sent_job:
+        sent_job = snapshot.job.body
+        out.append(ServerSentEvent(data=sent_job.decode(), event="job"))
+    for log in snapshot.logs:
+        if after_step is None or log["step"] > after_step:
+            out.append(ServerSentEvent(data=pages.dumps(log).decode(), event="log"))
+            after_step = log["step"]
+    for event in snapshot.events:
+        if after_event_id is None or event["id"] > after_event_id:
+            out.append(ServerSentEvent(data=pages.dumps(event).decode(), event="event"))
+            after_event_id = event["id"]
+    return out, after_step, after_event_id, sent_job
 
 
 async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None
                       ) -> AsyncIterator[ServerSentEvent]:
-    last_job_json: str | None = None
-    while True:
-        try:
-            snapshot = await anyio.to_thread.run_sync(_read_snapshot, job_id, after_step, after_event_id)
-        except OperationalError as exc:  # database restarting or locked: keep the client, try again
-            logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
-            await anyio.sleep(POLL_INTERVAL_S)
-            continue
-        except NotFound:  # the job was deleted while someone watched it
-            return
-        job_json = snapshot.job.model_dump_json()
-        if job_json != last_job_json:
-            last_job_json = job_json
-            yield ServerSentEvent(data=job_json, event="job")
-        for log in snapshot.logs:
-            yield ServerSentEvent(data=log.model_dump_json(), event="log")
-            after_step = log.step
-        for ev in snapshot.events:
-            yield ServerSentEvent(data=ev.model_dump_json(), event="event")
-            after_event_id = ev.id
-        if snapshot.caught_up:
-            if snapshot.job.status.finished:
+    feed = feed_of(job_id)
+    queue = feed.join()  # before catching up: what the feed reads meanwhile is queued, not lost
+    sent_job: bytes | None = None
+    try:
+        while True:  # catch up alone, from this watcher's own cursors
+            try:
+                snapshot = await run_db(_read_snapshot, job_id, after_step, after_event_id)
+            except OperationalError as exc:  # database restarting or locked: keep the client, try again
+                logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
+                await asyncio.sleep(POLL_INTERVAL_S)
+                continue
+            except NotFound:  # the job was deleted while someone watched it
                 return
-            await anyio.sleep(POLL_INTERVAL_S)
+            out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id, sent_job)
+            for item in out:
+                yield item
+            if snapshot.caught_up:
+                if snapshot.finished:
+                    return
+                break
+        while (snapshot_or_end := await queue.get()) is not None:  # then follow the job's feed
+            out, after_step, after_event_id, sent_job = _events_of(snapshot_or_end, after_step, after_event_id,
+                                                                   sent_job)
+            for item in out:
+                yield item
+            if snapshot_or_end.finished and snapshot_or_end.caught_up:
+                return
+    finally:
+        feed.leave(queue)
 
 
 @router.get(
@@ -91,9 +201,8 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
     responses={**NOT_FOUND, 200: {"description": "a text/event-stream, open until the job ends",
                                   "content": {"text/event-stream": {}}}},
 )
-def stream_job(
+async def stream_job(
     job_id: JobId,
-    session: SessionDep,
     after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
                                                description="only step logs after this step")] = None,
     after_event_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
@@ -102,9 +211,8 @@ def stream_job(
     """Server-Sent Events: `job` (the job record, whenever it changes), `log` (each new step-log
     row) and `event` (each new event). The stream ends after the job's final `job` event; to
     resume after a dropped connection, pass the last step and event id seen."""
-    crud.get_job(session=session, job_id=job_id)
-    # The dependency would keep this session (and its connection) until the stream ends.
-    session.close()
+    if await get_record_cache().get(job_id) is None:
+        raise NotFound(f"job {job_id} not found")
     return EventSourceResponse(_job_events(job_id, after_step, after_event_id), ping=PING_INTERVAL_S)
 
 

@@ -1,0 +1,184 @@
+"""Job records as pollers read them: serialized once, kept in memory, answered with an ETag.
+
+Pollers ask for the same record many times a second; the record changes at most once per
+logged step. A finished job's record never changes again, so it is read from the database once
+and then served from memory; a queued or running job's record is read again when the copy in
+memory is older than RECORD_MAX_AGE_S, by one request while the others wait for it (not one
+read per poller). Writes made through this process (submit, cancel) replace the copy at once.
+`Cache-Control: no-cache` on a request reads the database.
+
+Each API process has its own cache; the database stays the source of truth."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlmodel import Session, col, select
+
+from app.config import get_settings
+from app.db import get_engine, run_db
+from app.models import Job, JobStatus
+from app.presenters import job_public
+
+# The record's top-level fields, for ?fields= (JobPublic's, in its order).
+RECORD_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "spec", "backend", "versions",
+                 "attempts", "phase", "cancel_requested", "progress", "metrics", "vram", "data_report", "error",
+                 "links")
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+@dataclass(frozen=True)
+class Record:
+    """One job's public record, serialized."""
+
+    job_id: int
+    body: bytes
+    etag: str
+    finished: bool
+    read_at: float  # time.monotonic() of the database read
+
+    def fields(self, names: Sequence[str]) -> bytes:
+        record = orjson.loads(self.body)
+        return orjson.dumps({name: record[name] for name in names})
+
+
+def record_of(job: Job) -> Record:
+    assert job.id is not None
+    body = job_public(job).model_dump_json().encode()
+    return Record(job.id, body, etag_of(body), JobStatus(job.status).finished, time.monotonic())
+
+
+def read_records(job_ids: Iterable[int]) -> dict[int, Record]:
+    """The records of these jobs from the database, in one query (blocking: run it in a thread)."""
+    ids = list(job_ids)
+    with Session(get_engine()) as session:
+        jobs = session.exec(select(Job).where(col(Job.id).in_(ids))).all() if ids else []
+        return {job.id: record_of(job) for job in jobs if job.id is not None}
+
+
+class RecordCache:
+    def __init__(self, capacity: int, max_age_s: float) -> None:
+        self.capacity = capacity
+        self.max_age_s = max_age_s
+        self._records: OrderedDict[int, Record] = OrderedDict()
+        self._reading: dict[int, asyncio.Future[Record | None]] = {}
+        self.database_reads = 0  # how many times records were read (tests and benchmarks watch it)
+
+    def _fresh(self, record: Record | None, now: float) -> bool:
+        return record is not None and (record.finished or now - record.read_at <= self.max_age_s)
+
+    def put(self, record: Record) -> Record:
+        if self.capacity:
+            self._records[record.job_id] = record
+            self._records.move_to_end(record.job_id)
+            while len(self._records) > self.capacity:
+                self._records.popitem(last=False)
+        return record
+
+    def forget(self, job_id: int) -> None:
+        self._records.pop(job_id, None)
+
+    async def get(self, job_id: int, *, fresh: bool = False) -> Record | None:
+        """The record (None: no such job). `fresh` reads the database whatever the copy's age."""
+        return (await self.get_many([job_id], fresh=fresh)).get(job_id)
+
+    async def get_many(self, job_ids: Sequence[int], *, fresh: bool = False) -> dict[int, Record]:
+        now = time.monotonic()
+        found: dict[int, Record] = {}
+        missing: list[int] = []
+        for job_id in job_ids:
+            record = self._records.get(job_id)
+            if not fresh and record is not None and self._fresh(record, now):
+                self._records.move_to_end(job_id)
+                found[job_id] = record
+            else:
+                missing.append(job_id)
+        if missing:
+            found.update(await self._read(missing))
+        return found
+
+    async def _read(self, job_ids: list[int]) -> dict[int, Record]:
+        """Read these records, sharing a read already under way for any of them."""
+        waiting = {job_id: self._reading[job_id] for job_id in job_ids if job_id in self._reading}
+        todo = [job_id for job_id in job_ids if job_id not in waiting]
+        if todo:
+            loop = asyncio.get_running_loop()
+            futures = {job_id: loop.create_future() for job_id in todo}
+            self._reading.update(futures)
+            try:
+                self.database_reads += 1
+                read = await run_db(read_records, todo)
+                for job_id, future in futures.items():
+                    record = read.get(job_id)
+                    if record is not None:
+                        self.put(record)
+                    future.set_result(record)
+            except BaseException as exc:
+                for future in futures.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                raise
+            finally:
+                for job_id in todo:
+                    self._reading.pop(job_id, None)
+            waiting.update(futures)
+        results = {job_id: await future for job_id, future in waiting.items()}
+        return {job_id: record for job_id, record in results.items() if record is not None}
+
+
+_caches: dict[tuple[str, int, float], RecordCache] = {}
+
+
+def get_record_cache() -> RecordCache:
+    """This process's cache for the configured database (tests switch databases and settings)."""
+    settings = get_settings()
+    key = (settings.sqlalchemy_url, settings.record_cache_size, settings.record_max_age_s)
+    if key not in _caches:
+        _caches.clear()
+        _caches[key] = RecordCache(settings.record_cache_size, settings.record_max_age_s)
+    return _caches[key]
+
+
+def wants_fresh(cache_control: str | None) -> bool:
+    return bool(cache_control) and any(part.strip().lower() in ("no-cache", "max-age=0")
+                                       for part in (cache_control or "").split(","))
+
+
+def matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of If-None-Match against our (strong) ETag."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
+
+
+def unknown_fields(names: Sequence[str]) -> list[str]:
+    return [name for name in names if name not in RECORD_FIELDS]
+
+
+def projection(record: Record, names: Sequence[str] | None) -> tuple[bytes, str]:
+    """The body to send, and its ETag: the whole record, or only the fields asked for."""
+    if not names:
+        return record.body, record.etag
+    body = record.fields(names)
+    return body, etag_of(body)
+
+
+def page_body(bodies: Sequence[bytes], cursor_name: str, cursor: int | None) -> bytes:
+    """`{"items": [...], "<cursor_name>": ...}` from items already serialized."""
+    return b'{"items":[' + b",".join(bodies) + b'],"' + cursor_name.encode() + b'":' + orjson.dumps(cursor) + b"}"
+
+
+def as_dict(body: bytes) -> Any:
+    return orjson.loads(body)

@@ -1,0 +1,191 @@
+"""What pollers get: records served from memory but never staler than RECORD_MAX_AGE_S for a
+running job, one database read however many poll at once, ETags and 304s, only the fields
+asked for, and pages built without ORM objects that match the declared schemas exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from sqlmodel import col
+
+from tests.conftest import Env
+
+SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+
+
+def submit(client: httpx.Client) -> int:
+    response = client.post("/jobs", json=SPEC)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+def set_job(job_id: int, **values: Any) -> None:
+    from app.db import session_scope
+    from app.models import Job
+
+    with session_scope() as session:
+        session.execute(update(Job).where(col(Job.id) == job_id).values(**values))
+
+
+def max_age(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    from app.config import get_settings
+
+    monkeypatch.setenv("RECORD_MAX_AGE_S", str(seconds))
+    get_settings.cache_clear()
+
+
+def test_a_running_jobs_record_is_served_from_memory_for_at_most_the_max_age(
+        client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    max_age(monkeypatch, 0.3)
+    job_id = submit(client)
+    set_job(job_id, status="running", step=1)
+    assert client.get(f"/jobs/{job_id}").json()["progress"]["step"] == 1
+    set_job(job_id, step=2)  # what the trainer's callback does at a logging step
+    assert client.get(f"/jobs/{job_id}").json()["progress"]["step"] == 1  # the copy in memory
+    assert client.get(f"/jobs/{job_id}", headers={"Cache-Control": "no-cache"}).json()["progress"]["step"] == 2
+    set_job(job_id, step=3)
+    import time
+
+    time.sleep(0.35)
+    assert client.get(f"/jobs/{job_id}").json()["progress"]["step"] == 3  # older than the max age: read again
+
+
+def test_a_finished_jobs_record_is_read_once(client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.records import get_record_cache
+
+    max_age(monkeypatch, 0)
+    job_id = submit(client)
+    set_job(job_id, status="succeeded")
+    client.get(f"/jobs/{job_id}")
+    reads = get_record_cache().database_reads
+    for _ in range(5):
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "succeeded"
+    assert get_record_cache().database_reads == reads
+
+
+def test_a_cancel_through_this_api_shows_at_once(client: httpx.Client, env: Env,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    max_age(monkeypatch, 60)
+    job_id = submit(client)
+    set_job(job_id, status="running")
+    assert client.get(f"/jobs/{job_id}", headers={"Cache-Control": "no-cache"}).json()["cancel_requested"] is False
+    assert client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+    assert client.get(f"/jobs/{job_id}").json()["cancel_requested"] is True
+
+
+def test_pollers_at_once_share_one_database_read(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.records import get_record_cache
+
+    max_age(monkeypatch, 0)
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as setup:
+        job_id = submit(setup)
+    cache = get_record_cache()
+
+    async def poll_together() -> list[int]:
+        before = cache.database_reads
+        records = await asyncio.gather(*(cache.get(job_id) for _ in range(200)))
+        assert all(r is not None and r.job_id == job_id for r in records)
+        return [cache.database_reads - before]
+
+    assert asyncio.run(poll_together()) == [1]
+
+
+def test_etag_and_if_none_match(client: httpx.Client, env: Env) -> None:
+    job_id = submit(client)
+    first = client.get(f"/jobs/{job_id}")
+    etag = first.headers["etag"]
+    assert first.headers["cache-control"] == "no-cache"
+    again = client.get(f"/jobs/{job_id}", headers={"If-None-Match": etag})
+    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", etag)
+    set_job(job_id, step=7)
+    changed = client.get(f"/jobs/{job_id}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["progress"]["step"] == 7
+    listed = client.get("/jobs")
+    assert client.get("/jobs", headers={"If-None-Match": listed.headers["etag"]}).status_code == 304
+
+
+def test_fields_select_what_a_poller_shows(client: httpx.Client, env: Env) -> None:
+    job_id = submit(client)
+    whole = client.get(f"/jobs/{job_id}").json()
+    some = client.get(f"/jobs/{job_id}", params={"fields": "status,progress"})
+    assert some.json() == {"status": whole["status"], "progress": whole["progress"]}
+    assert len(some.content) < len(client.get(f"/jobs/{job_id}").content) / 5
+    assert client.get("/jobs", params={"fields": "id,status"}).json()["items"] == [{"id": job_id, "status": "queued"}]
+    bad = client.get(f"/jobs/{job_id}", params={"fields": "status,nope"})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["field"] == "fields"
+    assert bad.json()["errors"][0]["message"].startswith("unknown field(s) nope; a record has id, status, ")
+
+
+def test_the_list_matches_the_records(client: httpx.Client, env: Env) -> None:
+    ids = [submit(client) for _ in range(3)]
+    set_job(ids[1], status="failed")
+    page = client.get("/jobs", params={"limit": 2}).json()
+    assert [item["id"] for item in page["items"]] == [ids[2], ids[1]]
+    assert page["next_cursor"] == ids[1]
+    assert page["items"][1] == client.get(f"/jobs/{ids[1]}").json()
+    assert [i["id"] for i in client.get("/jobs", params={"status": "failed"}).json()["items"]] == [ids[1]]
+
+
+def test_log_and_event_pages_match_the_declared_schemas(client: httpx.Client, env: Env) -> None:
+    """The pages are built from SQL rows with orjson; they must be what the pydantic models
+    (StepLogPublic, EventPublic) would have produced, value for value and in the same shape."""
+    from app.db import session_scope
+    from app.models import JobEvent, StepLog, utcnow
+    from app.presenters import event_public, step_log_public
+    from app.schemas import EventPage, StepLogPage
+
+    job_id = submit(client)
+    rng = random.Random(7)
+    rows = []
+    with session_scope() as session:
+        for step in range(1, 41):
+            maybe = lambda v: v if rng.random() > 0.2 else None  # noqa: E731
+            row = StepLog(job_id=job_id, step=step, epoch=maybe(step / 13), loss=maybe(rng.random() * 5),
+                          learning_rate=maybe(rng.random() * 1e-4), grad_norm=maybe(rng.random()),
+                          tokens_per_second=maybe(rng.random() * 1e4), num_tokens=maybe(step * 4096),
+                          eval_loss=maybe(rng.random()), vram_allocated=maybe(rng.randrange(2**36)),
+                          vram_reserved=maybe(rng.randrange(2**36)), vram_peak_allocated=maybe(rng.randrange(2**36)),
+                          device_used=maybe(rng.randrange(2**37)), device_total=maybe(85899345920),
+                          created_at=(utcnow() - timedelta(seconds=step)).replace(
+                              microsecond=0 if step % 5 == 0 else step))  # whole seconds print shorter
+            session.add(row)
+            session.add(JobEvent(job_id=job_id, kind="checkpoint", message=f"saved checkpoint-{step} \u2713"))
+            rows.append(row)
+    with session_scope() as session:
+        expected_logs = StepLogPage(items=[step_log_public(r) for r in session.query(StepLog).order_by(StepLog.step)
+                                           .filter(StepLog.job_id == job_id).limit(25)], next_after_step=25)
+        events = session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id).all()
+        expected_events = EventPage(items=[event_public(e) for e in events], next_after_id=None)
+    assert client.get(f"/jobs/{job_id}/logs", params={"limit": 25}).content == expected_logs.model_dump_json().encode()
+    assert client.get(f"/jobs/{job_id}/events").content == expected_events.model_dump_json().encode()
+
+
+def test_a_finished_jobs_pages_come_from_memory_and_a_running_jobs_do_not(client: httpx.Client, env: Env) -> None:
+    from app.db import session_scope
+    from app.models import StepLog
+
+    job_id = submit(client)
+    set_job(job_id, status="running")
+    with session_scope() as session:
+        session.add(StepLog(job_id=job_id, step=1))
+    assert len(client.get(f"/jobs/{job_id}/logs").json()["items"]) == 1
+    with session_scope() as session:
+        session.add(StepLog(job_id=job_id, step=2))
+    assert len(client.get(f"/jobs/{job_id}/logs").json()["items"]) == 2  # running: read every time
+    set_job(job_id, status="succeeded")
+    finished = client.get(f"/jobs/{job_id}/logs")
+    assert len(finished.json()["items"]) == 2
+    assert client.get(f"/jobs/{job_id}/logs", headers={"If-None-Match": finished.headers["etag"]}).status_code == 304
+    assert client.get("/jobs/999/logs").status_code == 404
