@@ -15,7 +15,6 @@ from starlette.requests import Request
 
 from app import datacheck, uploads
 from app.config import get_settings
-from app.db import get_engine
 from app.errors import Conflict, DoesNotFit, InvalidSpec, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from app.planner import (
@@ -112,18 +111,6 @@ def list_jobs(
     jobs = list(session.exec(query).all())
     next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
     return jobs[:limit], next_cursor
-
-
-def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
-    """Ids of a page of jobs, newest first, and the cursor of the next page (blocking)."""
-    query = select(Job.id).order_by(col(Job.id).desc()).limit(limit + 1)
-    if status is not None:
-        query = query.where(Job.status == status)
-    if cursor is not None:
-        query = query.where(col(Job.id) < cursor)
-    with Session(get_engine()) as session:
-        ids = [job_id for job_id in session.exec(query).all() if job_id is not None]
-    return ids[:limit], ids[limit - 1] if len(ids) > limit else None
 
 
 def cancel_job(*, session: Session, job_id: int) -> Job:

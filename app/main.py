@@ -9,16 +9,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app import uploads
 from app.checkpoint_store import sweep_finished_jobs
 from app.config import get_settings
 from app.db import session_scope
-from app.deps import reject_unknown_query
 from app.diskspace import Reserve
 from app.errors import install_error_handlers
+from app.hotpath import HotReads
 from app.reconcile import reconcile
 from app.routes import checkpoints, files, health, jobs, watch
 
@@ -30,6 +30,17 @@ When the server sets `API_TOKENS`, every `/jobs` and `/files` call needs
 `Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
 call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
 without a token: they show what the API is, not what it holds."""
+
+
+def show_own_logs() -> None:
+    """uvicorn sets up its own loggers only: without this, what the API says at INFO (reconcile
+    passes, sweeps, stream statistics) would go nowhere."""
+    own = logging.getLogger("app")
+    if not own.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        own.addHandler(handler)
+        own.setLevel(logging.INFO)
 
 
 def sweep_leftovers() -> None:
@@ -65,6 +76,7 @@ async def _maintain_forever(interval_s: float) -> None:
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    show_own_logs()
     # Blocking work (database calls, routes that are not async) runs on these threads, each
     # with a pooled connection of its own (app/db.py sizes the pool to match).
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
@@ -81,6 +93,12 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
             await task
 
 
+# Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
+GUARDED_PREFIXES = ("/jobs", "/files")
+BEARER_SCHEME = {"type": "http", "scheme": "bearer",
+                 "description": "one of the server's API_TOKENS (needed only when the operator sets some)"}
+
+
 def openapi_document(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document as this server behaves: the bearer scheme is declared only when
     API_TOKENS is set (without tokens no route asks for one)."""
@@ -89,12 +107,14 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     if with_tokens not in cached:
         document = get_openapi(title=app.title, version=app.version, summary=app.summary,
                                description=app.description, routes=app.routes)
-        if not with_tokens:
-            document.get("components", {}).pop("securitySchemes", None)
-            for operations in document.get("paths", {}).values():
-                for operation in operations.values():
-                    operation.pop("security", None)
+        for path, operations in document.get("paths", {}).items():
+            for operation in operations.values():
+                if with_tokens and path.startswith(GUARDED_PREFIXES):
+                    operation["security"] = [{"bearer": []}]
+                else:
                     operation.get("responses", {}).pop("401", None)
+        if with_tokens:
+            document.setdefault("components", {})["securitySchemes"] = {"bearer": BEARER_SCHEME}
         cached[with_tokens] = document
     return cached[with_tokens]
 
@@ -108,8 +128,8 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
         # Swagger UI keeps the token across page reloads, so a person authorizes once.
         swagger_ui_parameters={"persistAuthorization": True},
-        dependencies=[Depends(reject_unknown_query)],
     )
+    app.add_middleware(HotReads)
     app.state.openapi_documents = {}
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     install_error_handlers(app)

@@ -105,13 +105,13 @@ class StepLog(SQLModel, table=True):
     learning_rate: float | None = None
     grad_norm: float | None = None
     tokens_per_second: float | None = None
-    num_tokens: int | None = None
+    num_tokens: int | None = Field(default=None, sa_column=Column(BigInteger()))
     eval_loss: float | None = None  # set on the steps where the validation set was evaluated
-    vram_allocated: int | None = None
-    vram_reserved: int | None = None
-    vram_peak_allocated: int | None = None
-    device_used: int | None = None
-    device_total: int | None = None
+    vram_allocated: int | None = Field(default=None, sa_column=Column(BigInteger()))
+    vram_reserved: int | None = Field(default=None, sa_column=Column(BigInteger()))
+    vram_peak_allocated: int | None = Field(default=None, sa_column=Column(BigInteger()))
+    device_used: int | None = Field(default=None, sa_column=Column(BigInteger()))
+    device_total: int | None = Field(default=None, sa_column=Column(BigInteger()))
 
 
 class JobEvent(SQLModel, table=True):
@@ -139,7 +139,7 @@ class Checkpoint(SQLModel, table=True):
     step: int
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     status: CheckpointStatus = Field(default=CheckpointStatus.hashing)
-    size_bytes: int = 0
+    size_bytes: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
     # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null}, ...]
     files: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     removed_at: datetime | None = _ts()

@@ -21,12 +21,15 @@ from typing import Any
 
 import orjson
 from sqlmodel import Session, col, select
+from starlette.responses import Response
 
 from app.config import get_settings
 from app.db import get_engine, run_db
 from app.models import Job, JobStatus
 from app.presenters import job_public
 
+# Pages of job ids kept (GET /jobs with its filters and cursors).
+LISTS_KEPT = 256
 # The record's top-level fields, for ?fields= (JobPublic's, in its order).
 RECORD_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "spec", "backend", "versions",
                  "attempts", "phase", "cancel_requested", "progress", "metrics", "vram", "data_report", "error",
@@ -58,6 +61,18 @@ def record_of(job: Job) -> Record:
     return Record(job.id, body, etag_of(body), JobStatus(job.status).finished, time.monotonic())
 
 
+def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
+    """Ids of a page of jobs, newest first, and the cursor of the next page (blocking)."""
+    query = select(Job.id).order_by(col(Job.id).desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor is not None:
+        query = query.where(col(Job.id) < cursor)
+    with Session(get_engine()) as session:
+        ids = [job_id for job_id in session.exec(query).all() if job_id is not None]
+    return ids[:limit], ids[limit - 1] if len(ids) > limit else None
+
+
 def read_records(job_ids: Iterable[int]) -> dict[int, Record]:
     """The records of these jobs from the database, in one query (blocking: run it in a thread)."""
     ids = list(job_ids)
@@ -73,9 +88,23 @@ class RecordCache:
         self._records: OrderedDict[int, Record] = OrderedDict()
         self._reading: dict[int, asyncio.Future[Record | None]] = {}
         self.database_reads = 0  # how many times records were read (tests and benchmarks watch it)
+        # Pages of job ids (GET /jobs): (status, cursor, limit) -> (ids, next cursor, read at).
+        self._lists: OrderedDict[tuple[Any, ...], tuple[list[int], int | None, float]] = OrderedDict()
+        self._listing: dict[tuple[Any, ...], asyncio.Future[tuple[list[int], int | None]]] = {}
 
     def _fresh(self, record: Record | None, now: float) -> bool:
         return record is not None and (record.finished or now - record.read_at <= self.max_age_s)
+
+    def peek(self, job_id: int) -> Record | None:
+        """The copy in memory when it is fresh enough to answer with; None means: ask get()."""
+        record = self._records.get(job_id)
+        return record if record is not None and self._fresh(record, time.monotonic()) else None
+
+    def peek_ids(self, status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None] | None:
+        listed = self._lists.get((status, cursor, limit))
+        if listed is None or time.monotonic() - listed[2] > self.max_age_s:
+            return None
+        return listed[0], listed[1]
 
     def put(self, record: Record) -> Record:
         if self.capacity:
@@ -85,8 +114,36 @@ class RecordCache:
                 self._records.popitem(last=False)
         return record
 
-    def forget(self, job_id: int) -> None:
-        self._records.pop(job_id, None)
+    def forget(self, job_id: int | None = None) -> None:
+        """Drop a job's copy (and every list, which its change may reorder or refilter)."""
+        if job_id is not None:
+            self._records.pop(job_id, None)
+        self._lists.clear()
+
+    async def job_ids(self, status: JobStatus | None, cursor: int | None, limit: int, *,
+                      fresh: bool = False) -> tuple[list[int], int | None]:
+        """A page of job ids, newest first, as read at most RECORD_MAX_AGE_S ago."""
+        key = (status, cursor, limit)
+        listed = self._lists.get(key)
+        if not fresh and listed is not None and time.monotonic() - listed[2] <= self.max_age_s:
+            return listed[0], listed[1]
+        if key in self._listing:
+            return await self._listing[key]
+        future: asyncio.Future[tuple[list[int], int | None]] = asyncio.get_running_loop().create_future()
+        self._listing[key] = future
+        try:
+            ids, next_cursor = await run_db(list_job_ids, status, cursor, limit)
+            future.set_result((ids, next_cursor))
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            self._listing.pop(key, None)
+        if self.capacity:
+            self._lists[key] = (ids, next_cursor, time.monotonic())
+            while len(self._lists) > LISTS_KEPT:
+                self._lists.popitem(last=False)
+        return ids, next_cursor
 
     async def get(self, job_id: int, *, fresh: bool = False) -> Record | None:
         """The record (None: no such job). `fresh` reads the database whatever the copy's age."""
@@ -178,6 +235,25 @@ def projection(record: Record, names: Sequence[str] | None) -> tuple[bytes, str]
 def page_body(bodies: Sequence[bytes], cursor_name: str, cursor: int | None) -> bytes:
     """`{"items": [...], "<cursor_name>": ...}` from items already serialized."""
     return b'{"items":[' + b",".join(bodies) + b'],"' + cursor_name.encode() + b'":' + orjson.dumps(cursor) + b"}"
+
+
+def job_list(ids: Sequence[int], next_cursor: int | None, found: dict[int, Record],
+             names: Sequence[str] | None) -> tuple[bytes, str]:
+    """GET /jobs's body and ETag. The ETag comes from the records' own (a page is what its
+    records are), which costs far less than hashing a page of fifty records."""
+    listed = [found[job_id] for job_id in ids if job_id in found]
+    body = page_body([projection(record, names)[0] for record in listed], "next_cursor", next_cursor)
+    tag = ",".join([*(record.etag for record in listed), ",".join(names or ()), str(next_cursor)])
+    return body, etag_of(tag.encode())
+
+
+def conditional(body: bytes, etag: str, if_none_match: str | None) -> Response:
+    """The body with its ETag, or 304 when the client already has it. `no-cache`: a client or
+    proxy that keeps a copy must ask again (with If-None-Match) before using it."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 def as_dict(body: bytes) -> Any:

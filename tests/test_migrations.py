@@ -187,6 +187,23 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
         ("cancelled", "cancelled before it started")]
     assert all(aware(e["created_at"]) >= created_at for e in events)
 
+    # What a GPU job writes: an H100's memory in a step log, a checkpoint larger than 2 GiB (32-bit
+    # columns refused both on PostgreSQL before 0005).
+    from app.db import session_scope
+    from app.models import Checkpoint, StepLog
+
+    with session_scope() as session:
+        session.add(StepLog(job_id=job_id, step=1, num_tokens=5 * 2**31, vram_allocated=35 * 2**30,
+                            vram_reserved=40 * 2**30, vram_peak_allocated=36 * 2**30, device_used=53 * 2**30,
+                            device_total=80 * 2**30))
+        session.add(Checkpoint(job_id=job_id, name="checkpoint-1", step=1, size_bytes=32 * 2**30))
+    log = api.get(f"/jobs/{job_id}/logs").json()["items"][0]
+    assert (log["num_tokens"], log["vram"]["device_total"]) == (5 * 2**31, 80 * 2**30)
+    assert api.get(f"/jobs/{job_id}/checkpoints").json()[0]["size"] == 32 * 2**30
+    with session_scope() as session:  # 32-bit columns cannot hold them: the downgrade below would refuse
+        session.execute(sa.delete(StepLog))
+        session.execute(sa.delete(Checkpoint))
+
     # The column really keeps the zone (not a naive timestamp that happens to read back right).
     engine = current_engine()
     try:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.config import get_settings
 from app.db import get_engine
+from app.deps import query_guard
 from app.diskspace import disk_space, gib
 from app.queue import get_redis
 from app.schemas import Health
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], dependencies=[Depends(query_guard)])
 
 
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health, "description": "degraded"}})

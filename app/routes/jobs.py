@@ -6,13 +6,14 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from app import crud, pages, records
+from app.config import get_settings
 from app.db import SessionDep, run_db
-from app.deps import SettingsDep, require_token
+from app.deps import require_token
 from app.errors import CannotPlan, NotFound, error_responses
 from app.models import JobStatus
 from app.planner import GIB, PlanError
@@ -52,7 +53,9 @@ def submit_description() -> str:
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
              description=submit_description())
 def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
-    return job_public(crud.create_job(session=session, job_in=job_in))
+    job = crud.create_job(session=session, job_in=job_in)
+    records.get_record_cache().forget()  # lists read before it would miss it
+    return job_public(job)
 
 
 @router.post("/estimate", response_model=Estimate)
@@ -78,9 +81,14 @@ def estimate_job(request: EstimateRequest) -> Estimate:
 FieldsQuery = Annotated[str | None, Query(
     description="only these top-level fields of each record, comma-separated (e.g. status,progress,metrics)",
     pattern=r"^[a-z_]+(,[a-z_]+)*$", max_length=400)]
-CacheControl = Annotated[str | None, Header(description="`no-cache`: read the database, not this process's copy")]
-IfNoneMatch = Annotated[str | None, Header(description="an ETag from an earlier answer: 304 if nothing changed")]
 CONDITIONAL: dict[int | str, dict[str, Any]] = {304: {"description": "unchanged since the ETag in If-None-Match"}}
+# The request headers these routes read, for the OpenAPI document. They are read from the
+# request rather than declared as parameters: FastAPI's per-parameter work is a large share of
+# a poller's request once the record comes from memory.
+IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "an ETag from an earlier answer: 304 with no body when nothing changed"}
+CACHE_CONTROL = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
+                 "description": "`no-cache`: read the database, not this process's copy in memory"}
 
 
 def field_names(fields: str | None) -> list[str] | None:
@@ -95,33 +103,28 @@ def field_names(fields: str | None) -> list[str] | None:
     return names
 
 
-def conditional(body: bytes, etag: str, if_none_match: str | None) -> Response:
-    """The body with its ETag, or 304 when the client already has it. `no-cache`: a client or
-    proxy that keeps a copy must ask again (with If-None-Match) before using it."""
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if records.matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+def conditional(body: bytes, etag: str, request: Request) -> Response:
+    return records.conditional(body, etag, request.headers.get("if-none-match"))
 
 
-@router.get("", response_model=JobPage, responses=CONDITIONAL)
+@router.get("", response_model=JobPage, responses=CONDITIONAL,
+            openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]})
 async def list_jobs(
-    settings: SettingsDep,
+    request: Request,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     cursor: Annotated[UrlInt | None, Query(ge=1, le=MAX_DB_INT, description="next_cursor of the previous page")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=500)] = 50,
     fields: FieldsQuery = None,
-    cache_control: CacheControl = None,
-    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """Jobs, newest first. Records of finished jobs come from memory; those of queued and
     running jobs are at most RECORD_MAX_AGE_S old."""
     names = field_names(fields)
-    ids, next_cursor = await run_db(crud.list_job_ids, status_, cursor, min(limit, settings.page_size_max))
-    found = await records.get_record_cache().get_many(ids, fresh=records.wants_fresh(cache_control))
-    bodies = [records.projection(found[job_id], names)[0] for job_id in ids if job_id in found]
-    body = records.page_body(bodies, "next_cursor", next_cursor)
-    return conditional(body, records.etag_of(body), if_none_match)
+    fresh = records.wants_fresh(request.headers.get("cache-control"))
+    cache = records.get_record_cache()
+    ids, next_cursor = await cache.job_ids(status_, cursor, min(limit, get_settings().page_size_max), fresh=fresh)
+    found = await cache.get_many(ids, fresh=fresh)
+    body, etag = records.job_list(ids, next_cursor, found, names)
+    return conditional(body, etag, request)
 
 
 class JobIdConvertor(Convertor[str]):
@@ -140,18 +143,19 @@ class JobIdConvertor(Convertor[str]):
 register_url_convertor("job_id", JobIdConvertor())
 
 
-@router.get("/{job_id:job_id}", response_model=JobPublic, responses={**NOT_FOUND, **CONDITIONAL})
-async def read_job(job_id: JobId, fields: FieldsQuery = None, cache_control: CacheControl = None,
-                   if_none_match: IfNoneMatch = None) -> Response:
+@router.get("/{job_id:job_id}", response_model=JobPublic, responses={**NOT_FOUND, **CONDITIONAL},
+            openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]})
+async def read_job(request: Request, job_id: JobId, fields: FieldsQuery = None) -> Response:
     """The job record. A queued or running job's is at most RECORD_MAX_AGE_S old (0.5 s);
     send `If-None-Match` with the last ETag to get a 304 when nothing changed, and `fields`
     to get only what you show."""
     names = field_names(fields)
-    record = await records.get_record_cache().get(job_id, fresh=records.wants_fresh(cache_control))
+    fresh = records.wants_fresh(request.headers.get("cache-control"))
+    record = await records.get_record_cache().get(job_id, fresh=fresh)
     if record is None:
         raise NotFound(f"job {job_id} not found")
     body, etag = records.projection(record, names)
-    return conditional(body, etag, if_none_match)
+    return conditional(body, etag, request)
 
 
 @router.post(
@@ -178,26 +182,28 @@ async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) ->
     return cache.put(key, body) if record.finished else (body, records.etag_of(body))
 
 
-@router.get("/{job_id}/logs", response_model=StepLogPage, responses={**NOT_FOUND, **CONDITIONAL})
+@router.get("/{job_id}/logs", response_model=StepLogPage, responses={**NOT_FOUND, **CONDITIONAL},
+            openapi_extra={"parameters": [IF_NONE_MATCH]})
 async def read_logs(
+    request: Request,
     job_id: JobId,
     after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only steps after this one")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
-    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """Step logs, oldest first. Page on with `after_step=next_after_step`; a poller of a running
     job passes the last step it has and gets only the new rows."""
     body, etag = await job_page(job_id, ("logs", job_id, after_step, limit), pages.log_page, after_step, limit)
-    return conditional(body, etag, if_none_match)
+    return conditional(body, etag, request)
 
 
-@router.get("/{job_id}/events", response_model=EventPage, responses={**NOT_FOUND, **CONDITIONAL})
+@router.get("/{job_id}/events", response_model=EventPage, responses={**NOT_FOUND, **CONDITIONAL},
+            openapi_extra={"parameters": [IF_NONE_MATCH]})
 async def read_events(
+    request: Request,
     job_id: JobId,
     after_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only events after this id")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
-    if_none_match: IfNoneMatch = None,
 ) -> Response:
     """State changes and messages, oldest first. Page on (or poll) with `after_id=next_after_id`."""
     body, etag = await job_page(job_id, ("events", job_id, after_id, limit), pages.event_page, after_id, limit)
-    return conditional(body, etag, if_none_match)
+    return conditional(body, etag, request)
