@@ -43,6 +43,9 @@ class _Snapshot:
     job: Record
     logs: list[dict[str, Any]]
     events: list[dict[str, Any]]
+    # The cursors it was read after: a watcher behind them has rows to read on its own first.
+    after_step: int | None = None
+    after_event_id: int | None = None
 
     @property
     def caught_up(self) -> bool:
@@ -61,7 +64,8 @@ def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | No
         # finished, everything written before the finish is in this snapshot too.
         job = crud.get_job(session=session, job_id=job_id)
         return _Snapshot(job=record_of(job), logs=pages.read_logs(session, job_id, after_step, BATCH_ROWS),
-                         events=pages.read_events(session, job_id, after_event_id, BATCH_ROWS))
+                         events=pages.read_events(session, job_id, after_event_id, BATCH_ROWS),
+                         after_step=after_step, after_event_id=after_event_id)
 
 
 def _tail(job_id: int) -> tuple[int | None, int | None]:
@@ -163,35 +167,50 @@ def _events_of(snapshot: _Snapshot, after_step: int | None, after_event_id: int 
     return out, after_step, after_event_id, sent_job
 
 
+def _behind(cursor: int | None, start: int | None) -> bool:
+    """Whether a watcher at `cursor` misses rows a snapshot read after `start` does not hold."""
+    return start is not None and (cursor is None or cursor < start)
+
+
 async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None
                       ) -> AsyncIterator[ServerSentEvent]:
     feed = feed_of(job_id)
     queue = feed.join()  # before catching up: what the feed reads meanwhile is queued, not lost
     sent_job: bytes | None = None
     try:
-        while True:  # catch up alone, from this watcher's own cursors
-            try:
-                snapshot = await run_db(_read_snapshot, job_id, after_step, after_event_id)
-            except OperationalError as exc:  # database restarting or locked: keep the client, try again
-                logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
-                await asyncio.sleep(POLL_INTERVAL_S)
-                continue
-            except NotFound:  # the job was deleted while someone watched it
-                return
-            out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id, sent_job)
-            for item in out:
-                yield item
-            if snapshot.caught_up:
-                if snapshot.finished:
+        while True:
+            # Catch up alone, from this watcher's own cursors: when it starts, and whenever the
+            # feed's next snapshot begins past them (the feed started from the job's tail, or
+            # read while this watcher was catching up).
+            while True:
+                try:
+                    snapshot = await run_db(_read_snapshot, job_id, after_step, after_event_id)
+                except OperationalError as exc:  # database restarting or locked: keep the client, try again
+                    logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
+                    await asyncio.sleep(POLL_INTERVAL_S)
+                    continue
+                except NotFound:  # the job was deleted while someone watched it
                     return
-                break
-        while (snapshot_or_end := await queue.get()) is not None:  # then follow the job's feed
-            out, after_step, after_event_id, sent_job = _events_of(snapshot_or_end, after_step, after_event_id,
-                                                                   sent_job)
-            for item in out:
-                yield item
-            if snapshot_or_end.finished and snapshot_or_end.caught_up:
-                return
+                out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id,
+                                                                       sent_job)
+                for item in out:
+                    yield item
+                if snapshot.caught_up:
+                    if snapshot.finished:
+                        return
+                    break
+            # Then follow the job's feed, with the rest of its watchers.
+            while (shared := await queue.get()) is not None:
+                if _behind(after_step, shared.after_step) or _behind(after_event_id, shared.after_event_id):
+                    break  # rows between this watcher and the snapshot: read them alone first
+                out, after_step, after_event_id, sent_job = _events_of(shared, after_step, after_event_id,
+                                                                       sent_job)
+                for item in out:
+                    yield item
+                if shared.finished and shared.caught_up:
+                    return
+            else:
+                return  # the feed ended (the job was deleted) or dropped this slow watcher
     finally:
         feed.leave(queue)
 
