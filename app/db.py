@@ -66,10 +66,29 @@ def get_session() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-async def run_db(function: Callable[..., T], *args: Any) -> T:
+async def run_db(function: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> T:
     """Run blocking database work in the API's thread pool (API_THREADS threads, one pooled
-    connection each), so an async route never blocks the event loop."""
-    return await anyio.to_thread.run_sync(function, *args)
+    connection each), so an async route never blocks the event loop. A `limiter` of its own
+    bounds one kind of work further (it still runs on those threads)."""
+    if limiter is None:
+        return await anyio.to_thread.run_sync(function, *args)
+    async with limiter:
+        return await anyio.to_thread.run_sync(function, *args)
+
+
+_limiters: dict[tuple[object, str], anyio.CapacityLimiter] = {}
+
+
+def limiter_of(kind: str, tokens: int) -> anyio.CapacityLimiter:
+    """A capacity limiter for one kind of work, per event loop (tests run many loops)."""
+    from anyio.lowlevel import current_token
+
+    key = (current_token(), kind)
+    if key not in _limiters:
+        if len(_limiters) > 64:
+            _limiters.clear()
+        _limiters[key] = anyio.CapacityLimiter(tokens)
+    return _limiters[key]
 
 
 @contextmanager

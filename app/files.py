@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import mmap
 import os
 import stat
 import tarfile
@@ -15,56 +18,126 @@ import anyio
 import anyio.to_thread
 from starlette.responses import FileResponse
 
+from app.db import limiter_of
 from app.errors import NotFound
 
 # Read size for downloads: Starlette's 64 KiB means a thread hop per 64 KiB, a quarter of what
 # the disk gives; a few MiB per read runs at about sendfile's speed (docs/benchmarks.md).
 CHUNK_BYTES = 4 * 1024 * 1024
 TAR_BLOCK = tarfile.BLOCKSIZE  # 512
+PAGE_BYTES = mmap.PAGESIZE
 # Downloads read on threads of their own, never more than this many at once, so that many
 # downloads cannot take the threads the API's database work runs on.
 FILE_READ_THREADS = 8
-_file_readers: dict[object, anyio.CapacityLimiter] = {}
 
 
 def file_reader_limiter() -> anyio.CapacityLimiter:
-    """The limiter for download reads of the running event loop (one per loop: tests run many)."""
-    from anyio.lowlevel import current_token
-
-    token = current_token()
-    if token not in _file_readers:
-        _file_readers.clear()
-        _file_readers[token] = anyio.CapacityLimiter(FILE_READ_THREADS)
-    return _file_readers[token]
+    """Download reads run on threads of their own (never the API's database threads)."""
+    return limiter_of("file reads", FILE_READ_THREADS)
 
 
 class _ThreadedFile:
-    """The two calls FileResponse makes on a file, run on the download threads."""
+    """The two calls FileResponse makes on a file, run on the download threads, reading one chunk
+    ahead: the next chunk comes off the disk while this one goes out on the socket, instead of
+    the socket waiting for each read and the disk for each send."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
+        self._ahead: asyncio.Task[bytes] | None = None
+        self._left = b""  # read ahead but not asked for yet (a shorter last read of a range)
+
+    def _read_in_thread(self, size: int) -> asyncio.Task[bytes]:
+        return asyncio.ensure_future(anyio.to_thread.run_sync(self.handle.read, size, limiter=file_reader_limiter()))
 
     async def read(self, size: int) -> bytes:
-        return await anyio.to_thread.run_sync(self.handle.read, size, limiter=file_reader_limiter())
+        ahead, self._ahead = self._ahead, None
+        data = await ahead if ahead is not None else b""
+        if self._left:
+            data, self._left = self._left + data, b""
+        if len(data) < size:  # nothing read ahead, or less than asked (then only at the end of the file)
+            more = await self._read_in_thread(size - len(data))
+            data = data + more if data else more
+        chunk, self._left = (data, b"") if len(data) <= size else (data[:size], data[size:])
+        if len(chunk) == size and not self._left:  # more may follow: read it while this is sent
+            self._ahead = self._read_in_thread(size)
+        return chunk
 
     async def seek(self, offset: int) -> int:
+        await self.settle()
         return self.handle.seek(offset)  # no I/O: the next read goes there
+
+    async def settle(self) -> None:
+        """Wait for a read ahead to finish and drop it (it moves the file position, holds the file)."""
+        self._left = b""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await ahead
+
+
+class _MappedFile:
+    """A file mapped into memory and handed to the socket chunk by chunk, as views of the mapping:
+    the kernel copies each chunk from the page cache straight into the socket, with no read into
+    a buffer of our own first (half the copying; what nginx's sendfile avoids altogether). So that
+    a send never waits for the disk on the event loop, each chunk's pages are faulted in on a
+    download thread first, the next one while this one is sent."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        size = os.fstat(handle.fileno()).st_size
+        # The mapping keeps the file open on its own; the socket may still hold views of it after
+        # the response is done, so it is never closed here: it goes when the last view does.
+        self.view = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)) if size else memoryview(b"")
+        self.position = 0
+        self._ahead: tuple[int, int, asyncio.Task[None]] | None = None
+
+    def _fault_in(self, start: int, end: int) -> asyncio.Task[None]:
+        def touch() -> None:
+            for offset in range(start, end, PAGE_BYTES):
+                self.view[offset]  # a read of each page: the disk is read here, on this thread
+
+        return asyncio.ensure_future(anyio.to_thread.run_sync(touch, limiter=file_reader_limiter()))
+
+    async def read(self, size: int) -> memoryview:
+        start, end = self.position, min(self.position + size, len(self.view))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:2] == (start, end):
+            await ahead[2]
+        else:
+            if ahead is not None:
+                await ahead[2]
+            await self._fault_in(start, end)
+        self.position = end
+        if end < len(self.view):
+            following = min(end + size, len(self.view))
+            self._ahead = (end, following, self._fault_in(end, following))
+        return self.view[start:end]
+
+    async def seek(self, offset: int) -> int:
+        self.position = offset
+        return offset
+
+    async def settle(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await ahead[2]
 
 
 class CheckpointFileResponse(FileResponse):
-    """Starlette's FileResponse (Range, If-Range, multipart ranges, HEAD) reading CHUNK_BYTES at
-    a time on the download threads."""
+    """Starlette's FileResponse (Range, If-Range, multipart ranges, HEAD) sending CHUNK_BYTES at a
+    time from a memory mapping of the file (see _MappedFile)."""
 
     chunk_size = CHUNK_BYTES
 
     # Starlette's hook for opening the file (a private method of the pinned version).
     @asynccontextmanager
-    async def _open_file(self) -> AsyncIterator[_ThreadedFile]:  # type: ignore[override]
-        handle = open(self.path, "rb")  # noqa: SIM115  (closed below, even when cancelled)
+    async def _open_file(self) -> AsyncIterator[_MappedFile]:  # type: ignore[override]
+        with open(self.path, "rb") as handle:
+            mapped = _MappedFile(handle)
         try:
-            yield _ThreadedFile(handle)
+            yield mapped
         finally:
-            handle.close()
+            await mapped.settle()
 
 
 def resolve_inside(base: Path, relative: str) -> Path:
@@ -124,12 +197,16 @@ async def stream_tar(members: list[TarMember]) -> AsyncIterator[bytes]:
         remaining = member.size
         with open(member.path, "rb") as handle:
             reader = _ThreadedFile(handle)
-            while remaining > 0:
-                chunk = await reader.read(min(CHUNK_BYTES, remaining))
-                if not chunk:
-                    raise OSError(f"{member.path.name} shrank while being sent")
-                remaining -= len(chunk)
-                yield chunk
+            try:
+                while remaining > 0:
+                    chunk = await reader.read(CHUNK_BYTES)
+                    if not chunk:
+                        raise OSError(f"{member.path.name} shrank while being sent")
+                    chunk = chunk[:remaining]  # a file that grew: its size when the headers were made
+                    remaining -= len(chunk)
+                    yield chunk
+            finally:
+                await reader.settle()
         padding = -member.size % TAR_BLOCK
         if padding:
             yield b"\0" * padding

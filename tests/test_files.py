@@ -285,3 +285,30 @@ def test_archive_of_a_record_listing_paths_outside_is_refused_whole(api: TestCli
     assert (response.status_code, response.json()) == (404, {
         "error": "NotFound", "detail": "no file '../secret.txt' in this checkpoint"})
     assert SECRET not in response.content
+
+
+@pytest.mark.parametrize("sizes", [[7, 7, 7, 7], [7, 7, 3, 7], [3, 9, 9], [20], [7, 7]])
+def test_reading_ahead_returns_the_file_in_order(tmp_path: Path, sizes: list[int]) -> None:
+    """Downloads read the next chunk while sending this one; any sequence of reads (a range's
+    shorter last read included) and seeks must still give the file's bytes in order."""
+    from app.files import _ThreadedFile
+
+    data = bytes(range(256))[:19]
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+
+    async def read() -> list[bytes]:
+        with open(path, "rb") as handle:
+            reader = _ThreadedFile(handle)
+            got = [await reader.read(size) for size in sizes]
+            await reader.seek(2)
+            got.append(await reader.read(5))
+            await reader.settle()
+            return got
+
+    got = anyio.run(read)
+    expected, position = [], 0
+    for size in sizes:
+        expected.append(data[position:position + size])
+        position = min(position + size, len(data))
+    assert got == [*expected, data[2:7]]

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, StreamingResponse
+from sqlmodel import Session
 from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app import crud
-from app.db import SessionDep
+from app.config import get_settings
+from app.db import SessionDep, get_engine, run_db
 from app.deps import SettingsDep, require_token
 from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
 from app.files import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
+from app.models import CheckpointStatus, Job, JobStatus
 from app.presenters import checkpoint_public
 from app.schemas import MAX_DB_INT, CheckpointPublic, UrlInt
 
@@ -55,31 +59,59 @@ def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: S
     )
 
 
+# Where a finished job's ready checkpoint keeps each file and its sha256: neither changes any
+# more, and a download should not start with a database read (it is most of a small Range's time).
+_FILES: dict[tuple[str, int, str], dict[str, str | None]] = {}
+FILES_KEPT = 1024
+
+
+def _checkpoint_files(job_id: int, name: str) -> dict[str, str | None]:
+    """{relative path: sha256 or None} of a checkpoint (blocking). 404 for no such job or
+    checkpoint, or one rotated away."""
+    key = (get_settings().sqlalchemy_url, job_id, name)
+    files = _FILES.get(key)
+    if files is not None:
+        return files
+    with Session(get_engine()) as session:
+        checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
+        job = session.get(Job, job_id)
+        files = {f["path"]: f.get("sha256") for f in checkpoint.files}
+        if job is not None and JobStatus(job.status).finished and checkpoint.status == CheckpointStatus.ready:
+            if len(_FILES) >= FILES_KEPT:
+                _FILES.clear()
+            _FILES[key] = files
+    return files
+
+
+def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_result, str | None]:
+    """The file's real path, its stat and its sha256 (blocking: one thread hop for all of it)."""
+    files = _checkpoint_files(job_id, name)
+    if path not in files:
+        raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
+    real = resolve_inside(get_settings().checkpoints_dir(job_id) / name, path)
+    return real, real.stat(), files[path]
+
+
 @router.get("/{name}/files/{path:path}", response_class=FileResponse,
             responses={206: {"description": "the requested Range of the file",
                              "content": {"application/octet-stream": {}}},
                        200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 416)})
-def download_file(job_id: JobId, name: Name, path: str, request: Request, session: SessionDep,
-                  settings: SettingsDep) -> FileResponse:
+async def download_file(job_id: JobId, name: Name, path: str, request: Request) -> FileResponse:
     """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""
-    checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
-    if path not in {f["path"] for f in checkpoint.files}:
-        raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
-    real = resolve_inside(settings.checkpoints_dir(job_id) / checkpoint.name, path)
-    sha = next((f.get("sha256") for f in checkpoint.files if f["path"] == path), None)
+    real, stat, sha = await run_db(_locate, job_id, name, path)
     headers = {"X-Checksum-SHA256": sha} if sha else None
-    check_range(request, real)
-    return CheckpointFileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream")
+    check_range(request, stat.st_size)
+    return CheckpointFileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream",
+                                  stat_result=stat)
 
 
-def check_range(request: Request, real: pathlib.Path) -> None:
+def check_range(request: Request, size: int) -> None:
     """Judge a Range header before FileResponse does, so a bad one gets our JSON error body
     (FileResponse answers 400 and 416 with plain text or nothing). With If-Range, FileResponse
     may ignore the range, so it decides."""
     http_range = request.headers.get("range")
     if http_range is None or "if-range" in request.headers:
         return
-    size = real.stat().st_size
     try:
         # FileResponse's own parser (private, pinned with starlette): the same rules it applies.
         FileResponse._parse_range_header(http_range, size)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -18,7 +19,7 @@ from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
 
 from app import crud, pages
-from app.db import SessionDep, get_engine, run_db
+from app.db import SessionDep, get_engine, limiter_of, run_db
 from app.deps import require_token
 from app.errors import NotFound, error_responses
 from app.records import Record, get_record_cache, record_of
@@ -54,6 +55,23 @@ class _Snapshot:
     @property
     def finished(self) -> bool:
         return self.job.finished
+
+    @cached_property
+    def job_sse(self) -> bytes:
+        return ServerSentEvent(data=self.job.body.decode(), event="job").encode()
+
+    @cached_property
+    def rows_sse(self) -> bytes:
+        """Every row of the snapshot as SSE, encoded once for all the watchers that get it whole."""
+        return b"".join([*(_log_sse(log) for log in self.logs), *(_event_sse(event) for event in self.events)])
+
+
+def _log_sse(log: dict[str, Any]) -> bytes:
+    return ServerSentEvent(data=pages.dumps(log).decode(), event="log").encode()
+
+
+def _event_sse(event: dict[str, Any]) -> bytes:
+    return ServerSentEvent(data=pages.dumps(event).decode(), event="event").encode()
 
 
 def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | None) -> _Snapshot:
@@ -150,21 +168,47 @@ def feed_of(job_id: int) -> JobFeed:
 
 
 def _events_of(snapshot: _Snapshot, after_step: int | None, after_event_id: int | None, sent_job: bytes | None
-               ) -> tuple[list[ServerSentEvent], int | None, int | None, bytes | None]:
-    """What this watcher has not seen of a snapshot, and its cursors after it."""
+               ) -> tuple[bytes, int | None, int | None, bytes | None]:
+    """What this watcher has not seen of a snapshot, as SSE bytes, and its cursors after it. A
+    watcher exactly at the snapshot's cursors (every follower of the feed) gets the bytes the
+    snapshot encoded once for all."""
     out = []
     if snapshot.job.body != sent_job:
         sent_job = snapshot.job.body
-        out.append(ServerSentEvent(data=sent_job.decode(), event="job"))
-    for log in snapshot.logs:
-        if after_step is None or log["step"] > after_step:
-            out.append(ServerSentEvent(data=pages.dumps(log).decode(), event="log"))
-            after_step = log["step"]
-    for event in snapshot.events:
-        if after_event_id is None or event["id"] > after_event_id:
-            out.append(ServerSentEvent(data=pages.dumps(event).decode(), event="event"))
-            after_event_id = event["id"]
-    return out, after_step, after_event_id, sent_job
+        out.append(snapshot.job_sse)
+    if (after_step, after_event_id) == (snapshot.after_step, snapshot.after_event_id):
+        out.append(snapshot.rows_sse)
+        after_step = snapshot.logs[-1]["step"] if snapshot.logs else after_step
+        after_event_id = snapshot.events[-1]["id"] if snapshot.events else after_event_id
+    else:
+        for log in snapshot.logs:
+            if after_step is None or log["step"] > after_step:
+                out.append(_log_sse(log))
+                after_step = log["step"]
+        for event in snapshot.events:
+            if after_event_id is None or event["id"] > after_event_id:
+                out.append(_event_sse(event))
+                after_event_id = event["id"]
+    return b"".join(out), after_step, after_event_id, sent_job
+
+
+# Watchers catching up at once (a dashboard opened by many) with the same cursors share one read;
+# and catching up never takes more than this many of the API's threads, so pollers and the feeds
+# keep theirs.
+CATCH_UP_THREADS = 4
+_CATCH_UPS: dict[tuple[object, int, int | None, int | None], asyncio.Task[_Snapshot]] = {}
+
+
+async def _catch_up(job_id: int, after_step: int | None, after_event_id: int | None) -> _Snapshot:
+    key = (asyncio.get_running_loop(), job_id, after_step, after_event_id)
+    task = _CATCH_UPS.get(key)
+    if task is None:
+        task = asyncio.ensure_future(run_db(_read_snapshot, job_id, after_step, after_event_id,
+                                            limiter=limiter_of("catch-ups", CATCH_UP_THREADS)))
+        _CATCH_UPS[key] = task
+        task.add_done_callback(lambda _task: _CATCH_UPS.pop(key, None))
+    # shield: a watcher that disconnects must not cancel the read the others wait for
+    return await asyncio.shield(task)
 
 
 def _behind(cursor: int | None, start: int | None) -> bool:
@@ -173,7 +217,7 @@ def _behind(cursor: int | None, start: int | None) -> bool:
 
 
 async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None
-                      ) -> AsyncIterator[ServerSentEvent]:
+                      ) -> AsyncIterator[bytes]:
     feed = feed_of(job_id)
     queue = feed.join()  # before catching up: what the feed reads meanwhile is queued, not lost
     sent_job: bytes | None = None
@@ -184,7 +228,7 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
             # read while this watcher was catching up).
             while True:
                 try:
-                    snapshot = await run_db(_read_snapshot, job_id, after_step, after_event_id)
+                    snapshot = await _catch_up(job_id, after_step, after_event_id)
                 except OperationalError as exc:  # database restarting or locked: keep the client, try again
                     logger.warning("stream of job %s: database read failed, retrying: %s", job_id, exc)
                     await asyncio.sleep(POLL_INTERVAL_S)
@@ -193,8 +237,8 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
                     return
                 out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id,
                                                                        sent_job)
-                for item in out:
-                    yield item
+                if out:
+                    yield out
                 if snapshot.caught_up:
                     if snapshot.finished:
                         return
@@ -205,8 +249,8 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
                     break  # rows between this watcher and the snapshot: read them alone first
                 out, after_step, after_event_id, sent_job = _events_of(shared, after_step, after_event_id,
                                                                        sent_job)
-                for item in out:
-                    yield item
+                if out:
+                    yield out
                 if shared.finished and shared.caught_up:
                     return
             else:

@@ -3,14 +3,16 @@
 
     .venv/bin/python bench/load/generate.py [DATA_DIR] [--database-url postgresql+psycopg://...]
 
-The database is migrated with Alembic (as scripts/run does) and then filled with raw SQL
+The database is migrated with Alembic (`alembic upgrade head`, as scripts/run does, on SQLite
+and PostgreSQL alike) and then filled with raw SQL
 (sqlite3 executemany, or psycopg COPY for PostgreSQL), not the ORM, so a million rows take
 seconds: 10,000 jobs (finished ones of every kind, 20 queued, job 10000 running), 1,000,000
 step-log rows (100 jobs of 10,000 steps, the running job among them), 50,000 events, and job
 1's checkpoint `final` whose one file, model.safetensors, is 2 GiB of pseudo-random bytes under
 DATA_DIR/jobs/1/checkpoints/final. A marker file (DATA_DIR/load-data.json) records what was
-built: a second run with the same parameters reuses the SQLite database and the file as they are
-(the writer of a previous run will have added a few hundred step logs to the running job)."""
+built: a second run with the same parameters reuses the SQLite database (migrated to head again,
+should a migration have come since) and the file as they are (the writer of a previous run will
+have added a few hundred step logs to the running job)."""
 
 from __future__ import annotations
 
@@ -55,10 +57,6 @@ BLOCK = 64 * 1024**2
 STEP_SECONDS = 2.0  # wall time of one optimizer step in the generated logs
 GIB = 1024**3
 H100_TOTAL = 85_520_809_984  # what NVML reports for an 80 GB H100
-# Columns that hold byte or token counts: 32-bit in the PostgreSQL schema as migrated today.
-WIDE_COLUMNS = {"checkpoint": ["size_bytes"],
-                "step_log": ["num_tokens", "vram_allocated", "vram_reserved", "vram_peak_allocated",
-                             "device_used", "device_total"]}
 
 JOB_COLUMNS = ("id", "status", "created_at", "started_at", "finished_at", "spec", "backend", "versions", "step",
                "total_steps", "epoch", "eta_seconds", "phase", "metrics", "vram", "data_report", "error_code",
@@ -334,23 +332,7 @@ def to_pg(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, dict | list) else value
 
 
-def widen_columns(cursor: Any) -> list[str]:
-    """Make the byte and token count columns 64-bit where the migrated schema made them 32-bit:
-    a 2 GiB checkpoint, an 80 GB GPU's memory in bytes, and a long run's token count do not fit
-    in PostgreSQL's `integer`. Returns the columns changed ("table.column")."""
-    widened = []
-    for table, columns in WIDE_COLUMNS.items():
-        for column in columns:
-            cursor.execute("SELECT data_type FROM information_schema.columns WHERE table_name = %s "
-                           "AND column_name = %s", (table, column))
-            found = cursor.fetchone()
-            if found is not None and found[0] == "integer":
-                cursor.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE bigint")
-                widened.append(f"{table}.{column}")
-    return widened
-
-
-def load_postgres(database_url: str, built: Built) -> list[str]:
+def load_postgres(database_url: str, built: Built) -> None:
     import psycopg
 
     with psycopg.connect(postgres_conninfo(database_url)) as connection, connection.cursor() as cursor:
@@ -358,7 +340,6 @@ def load_postgres(database_url: str, built: Built) -> list[str]:
         existing = cursor.fetchone()
         if existing is not None and existing[0]:
             raise SystemExit(f"{database_url}: the job table already has rows; give a fresh database")
-        widened = widen_columns(cursor)
         tables = [("job", JOB_COLUMNS, iter(built.jobs)), ("job_event", EVENT_COLUMNS, iter(built.events)),
                   ("step_log", STEP_LOG_COLUMNS, built.step_logs()),
                   ("checkpoint", CHECKPOINT_COLUMNS, iter([built.checkpoint()]))]
@@ -370,13 +351,28 @@ def load_postgres(database_url: str, built: Built) -> list[str]:
         cursor.execute("SELECT setval(pg_get_serial_sequence('job', 'id'), (SELECT max(id) FROM job))")
         connection.commit()
         cursor.execute("ANALYZE")
-    return widened
 
 
-def migrate(data_dir: Path, database_url: str) -> None:
+def migrate(data_dir: Path, database_url: str) -> str:
+    """`alembic upgrade head`, as scripts/run and the image do (a no-op on a database already
+    there); returns the revision the database is at."""
     env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url}
-    subprocess.run([str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"], cwd=ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run([str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"alembic upgrade head failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    if database_url:
+        import psycopg
+
+        with psycopg.connect(postgres_conninfo(database_url)) as connection:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    else:
+        connection = sqlite3.connect(data_dir / "jobs.db")
+        try:
+            row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        finally:
+            connection.close()
+    return str(row[0]) if row else ""
 
 
 def generate(data_dir: Path, database_url: str = "") -> dict[str, Any]:
@@ -396,23 +392,31 @@ def generate(data_dir: Path, database_url: str = "") -> dict[str, Any]:
         sha256, file_reused = write_checkpoint_file(file_path), False
         marker_path.write_text(json.dumps({"params": PARAMS, "file_sha256": sha256}))
     db_path = data_dir / "jobs.db"
-    widened: list[str] = []
     if database_url:
-        migrate(data_dir, database_url)
-        widened = load_postgres(database_url, Built(datetime.now(UTC), sha256))
+        revision = migrate(data_dir, database_url)
+        load_postgres(database_url, Built(datetime.now(UTC), sha256))
         db_reused = False
     elif marker.get("sqlite_loaded") and db_path.exists():
+        revision = migrate(data_dir, "")  # a database built before the newest migration gets it
+        if revision != marker.get("alembic_revision"):  # tables rebuilt by batch migrations lose their statistics
+            connection = sqlite3.connect(db_path)
+            try:
+                connection.execute("ANALYZE")
+            finally:
+                connection.close()
+            marker_path.write_text(json.dumps({**marker, "alembic_revision": revision}))
         db_reused = True
     else:
         for leftover in (db_path, db_path.with_name("jobs.db-wal"), db_path.with_name("jobs.db-shm")):
             leftover.unlink(missing_ok=True)
-        migrate(data_dir, "")
+        revision = migrate(data_dir, "")
         load_sqlite(db_path, Built(datetime.now(UTC), sha256))
-        marker_path.write_text(json.dumps({"params": PARAMS, "file_sha256": sha256, "sqlite_loaded": True}))
+        marker_path.write_text(json.dumps({"params": PARAMS, "file_sha256": sha256, "sqlite_loaded": True,
+                                           "alembic_revision": revision}))
         db_reused = False
     return {"data_dir": str(data_dir), "database": "postgresql" if database_url else "sqlite",
             "file": str(file_path), "file_size": FILE_SIZE, "file_sha256": sha256, "file_reused": file_reused,
-            "database_reused": db_reused, "widened_columns": widened, "params": PARAMS,
+            "database_reused": db_reused, "alembic_revision": revision, "params": PARAMS,
             "seconds": round(time.monotonic() - started, 1)}
 
 

@@ -1,21 +1,23 @@
-"""The API load benchmark (issue 9): the service's read routes and downloads under wrk, each
-measured back to back against a reference that does no work of its own.
+"""The API load benchmark (issue 9): the service's read routes and downloads under wrk (and curl),
+its Server-Sent Events under a thousand watchers, each measured back to back against a reference
+that does no work of its own.
 
-    bench/load/run [--duration 15] [--uvicorn-args "--workers 2"] [--only logs-c20,download]
-                   [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres] [--out FILE]
+    bench/load/run [--duration 15] [--api-workers 2] [--uvicorn-args "..."] [--only logs-c20,download]
+                   [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres] [--label L]
 
 It builds (or reuses) the data with generate.py, then starts, each on a free port of 127.0.0.1:
 redis-server; the API as scripts/run starts it (`uvicorn app.main:app --host --port` plus
 --uvicorn-args); writer.py, which logs 5 steps a second to the running job through the trainer's
 code; the reference app (reference_app.py, the same uvicorn options) serving the API's own
 responses, fetched and stored before the load; and nginx (sendfile on) serving the checkpoint
-file. Each scenario runs wrk on the API, then the same wrk on its reference. The report (JSON)
-holds the machine's facts and, per scenario, both results and ours/reference ratios; a
-markdown table is printed last. Everything started is stopped, also on failure or Ctrl-C.
+file. Each scenario runs wrk (or curl, or sse_watchers.py) on the API, then the same on its
+reference. The report (JSON) holds the machine's facts and, per scenario, both results and
+ours/reference ratios; markdown tables are printed last. Everything started is stopped, also on
+failure or Ctrl-C.
 
 With --database-url, the API and the writer use a fresh PostgreSQL database created for the run
-on that server (the URL names the database to connect to for CREATE and DROP DATABASE) and
-dropped at the end; the checkpoint file stays under --data-dir."""
+on that server (the URL names the database to connect to for CREATE and DROP DATABASE), migrated
+with `alembic upgrade head` and dropped at the end; the checkpoint file stays under --data-dir."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +57,11 @@ MIB = 1024**2
 WRK_TIMEOUT = "10s"
 RANGE_BYTES = 100 * MIB
 BACKGROUND_DOWNLOADS = 8
+POLLER_DOWNLOADS = 16  # curl downloads looping in the background of pollers-under-downloads
+SSE_MIN_SECONDS = 20  # the watchers stay at least this long, whatever --duration says
+CURL_MAX_TIME_S = 300
+# The API's line when a job's shared stream reader stops (app.routes.watch.JobFeed).
+FEED_LINE = re.compile(r"stream of job (\d+): (\d+) database reads in (\d+) s for up to (\d+) watchers")
 FILE_URL_PATH = (f"/jobs/{generate.CHECKPOINT_JOB}/checkpoints/{generate.CHECKPOINT_NAME}/files/"
                  f"{generate.CHECKPOINT_FILE}")
 # The responses the reference app serves: path as wrk asks for it -> stored body's file name.
@@ -71,11 +79,15 @@ class Scenario:
     name: str
     path: str
     connections: int
-    # json: the reference app answers the same path; download: nginx serves the same file;
-    # healthz: ours while BACKGROUND_DOWNLOADS downloads run, the reference is ours without them.
+    # json: the reference app answers the same path; download: nginx serves the same file (wrk);
+    # curl: the same as download, `runs` curl downloads each, medians compared;
+    # healthz: ours while BACKGROUND_DOWNLOADS downloads run, the reference is ours without them;
+    # pollers: wrk while POLLER_DOWNLOADS curl downloads loop, the reference is the same wrk without;
+    # sse: `connections` watchers of the path (sse_watchers.py), the reference is one watcher.
     kind: str
     description: str
     range_last: int = 0  # with Range: bytes=<the last range_last bytes>
+    runs: int = 0  # curl: downloads from each server
 
     @property
     def threads(self) -> int:
@@ -83,7 +95,7 @@ class Scenario:
 
     @property
     def unit(self) -> str:
-        return "MiB/s" if self.kind == "download" else "req/s"
+        return {"download": "MiB/s wrk", "curl": "MiB/s curl", "sse": "logs/watcher"}.get(self.kind, "req/s")
 
 
 SCENARIOS = [
@@ -96,13 +108,25 @@ SCENARIOS = [
     Scenario("logs-c20", "/jobs/9000/logs?limit=1000", 20, "json",
              "GET 1,000 step logs of a job with 10,000, 20 connections"),
     Scenario("events-c20", "/jobs/9000/events", 20, "json", "GET a job's events, 20 connections"),
+    Scenario("sse-watchers-c1000", f"/jobs/{generate.RUNNING_JOB}/stream", 1000, "sse",
+             f"1,000 watchers of the running job's Server-Sent Events for --duration s (at least {SSE_MIN_SECONDS}), "
+             "with wrk polling its record at 100 connections meanwhile; reference: 1 watcher, and the same wrk "
+             "without watchers"),
     Scenario("download", FILE_URL_PATH, 1, "download",
-             "download the 2 GiB checkpoint file over and over, 1 connection; reference: nginx"),
+             "download the 2 GiB checkpoint file over and over with wrk, 1 connection; reference: nginx"),
     Scenario("download-range", FILE_URL_PATH, 1, "download",
-             "download its last 100 MiB with Range, 1 connection; reference: nginx", range_last=RANGE_BYTES),
+             "download its last 100 MiB with Range with wrk, 1 connection; reference: nginx", range_last=RANGE_BYTES),
+    Scenario("download-curl", FILE_URL_PATH, 1, "curl",
+             "download the 2 GiB file with curl, median of 3; reference: nginx", runs=3),
+    Scenario("download-range-curl", FILE_URL_PATH, 1, "curl",
+             "download its last 100 MiB with Range with curl, median of 15; reference: nginx",
+             range_last=RANGE_BYTES, runs=15),
     Scenario("healthz-under-downloads", "/healthz", 1, "healthz",
              f"GET /healthz, 1 connection, while {BACKGROUND_DOWNLOADS} downloads of the file run; "
              "reference: the same API with no downloads"),
+    Scenario("pollers-under-downloads", f"/jobs/{generate.RUNNING_JOB}", 100, "pollers",
+             f"GET the running job's record, 100 connections, while {POLLER_DOWNLOADS} curl downloads of the file "
+             "loop; reference: the same API with no downloads"),
 ]
 
 
@@ -293,11 +317,12 @@ class Bench:
         self.args = args
         self.run_dir = run_dir
         self.processes = processes
-        self.uvicorn_args = shlex.split(args.uvicorn_args)
+        self.uvicorn_args = uvicorn_options(args)
         self.data: dict[str, Any] = {}
         self.api = self.reference = self.nginx = ""
         self.writer_stats = run_dir / "writer-stats.json"
         self.checks: dict[str, Any] = {}
+        self.entries: dict[str, Any] = {}  # the scenarios measured so far in this run
 
     def environment(self, database_url: str, redis_port: int) -> dict[str, str]:
         data_dir = self.data["data_dir"]
@@ -315,12 +340,9 @@ class Bench:
 
         # The writer heartbeats the running job before the API's first reconcile pass looks at it.
         ready = self.run_dir / "writer-ready"
-        # On PostgreSQL the ORM's INSERT casts the byte counts to 32-bit INTEGER: an H100's overflow.
-        memory = "none" if database_url else "h100"
         self.processes.start("writer", [str(VENV_BIN / "python"), str(HERE / "writer.py"),
                                         "--job-id", str(generate.RUNNING_JOB), "--rate", str(self.args.writer_rate),
-                                        "--memory", memory, "--ready-file", str(ready),
-                                        "--stats", str(self.writer_stats)], env=env)
+                                        "--ready-file", str(ready), "--stats", str(self.writer_stats)], env=env)
         wait_until("writer", ready.exists, self.processes, 120)
 
         self.api = f"http://127.0.0.1:{api_port}"
@@ -414,6 +436,13 @@ class Bench:
         if scenario.kind == "healthz":
             entry["ours"], entry["downloads_during"] = self.under_downloads(scenario)
             entry["reference"] = {"target": "the API with no downloads running", **self.measure(self.api, scenario)}
+        elif scenario.kind == "pollers":
+            entry["ours"], entry["downloads_during"] = self.pollers_under_downloads(scenario)
+            entry["reference"] = {"target": "the API with no downloads running", **self.measure(self.api, scenario)}
+        elif scenario.kind == "curl":
+            entry["ours"], entry["reference"] = self.curl_downloads(scenario)
+        elif scenario.kind == "sse":
+            entry.update(self.sse_watchers(scenario))
         else:
             entry["ours"] = {"target": "the API", **self.measure(self.api, scenario)}
             reference = self.nginx if scenario.kind == "download" else self.reference
@@ -421,6 +450,7 @@ class Bench:
                 else "reference_app.py, same bytes, same uvicorn options"
             entry["reference"] = {"target": target, **self.measure(reference, scenario)}
         entry["ratio"] = ratios(entry["ours"], entry["reference"], scenario.unit)
+        self.entries[scenario.name] = entry
         return entry
 
     def under_downloads(self, scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -443,6 +473,141 @@ class Bench:
         time.sleep(1)
         return ours, background
 
+    # -- curl downloads --
+
+    def curl_downloads(self, scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
+        """scenario.runs curl downloads from the API and from nginx, taken in turns (so a drift in
+        the machine's speed touches both); each side's median MiB/s and time."""
+        settled = self.settle()
+        runs: dict[str, list[dict[str, Any]]] = {"api": [], "nginx": []}
+        for _ in range(scenario.runs):
+            for name, base in (("api", self.api), ("nginx", self.nginx)):
+                runs[name].append(curl_download(f"{base}{scenario.path}", scenario.range_last))
+        targets = {"api": "the API", "nginx": "nginx (sendfile on), same file"}
+        ours, reference = (curl_summary(runs[name], scenario.range_last, f"{base}{scenario.path}")
+                           for name, base in (("api", self.api), ("nginx", self.nginx)))
+        ours.update(target=targets["api"], settle_s=settled)
+        reference.update(target=targets["nginx"])
+        return ours, reference
+
+    # -- pollers while curl downloads loop --
+
+    def pollers_under_downloads(self, scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
+        settled = self.settle()
+        seconds = self.args.duration + 4
+        loops = start_download_loops(f"{self.api}{FILE_URL_PATH}", POLLER_DOWNLOADS, seconds)
+        try:
+            time.sleep(2)
+            ours = run_wrk(f"{self.api}{scenario.path}", connections=scenario.connections,
+                           threads=scenario.threads, duration=self.args.duration, headers=[])
+            output, _ = loops.communicate(timeout=seconds + CURL_MAX_TIME_S)
+        finally:
+            if loops.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(loops.pid, signal.SIGKILL)
+                loops.wait()
+        ours.update(target=f"the API, {POLLER_DOWNLOADS} curl downloads looping", settle_s=settled)
+        time.sleep(1)
+        return ours, download_loops_summary(output, POLLER_DOWNLOADS, seconds)
+
+    # -- Server-Sent Events watchers --
+
+    def sse_watchers(self, scenario: Scenario) -> dict[str, Any]:
+        """scenario.connections watchers for max(--duration, SSE_MIN_SECONDS) s with wrk polling the
+        job's record at 100 connections meanwhile; then 1 watcher as long; then that wrk without
+        watchers (job-running-c100's figures when this run measured them the same way)."""
+        hold = max(self.args.duration, SSE_MIN_SECONDS)
+        poll_seconds = min(self.args.duration, hold - 3)
+        poller = next(s for s in SCENARIOS if s.name == "job-running-c100")
+        settled = self.settle()
+        ours, during = self.watch(scenario.connections, hold, poller, poll_seconds)
+        ours.update(settle_s=settled)
+        reference, _ = self.watch(1, hold, None, 0)
+        reference.update(settle_s=self.settle())
+        argv = wrk_argv(f"{self.api}{poller.path}", connections=poller.connections, threads=poller.threads,
+                        duration=poll_seconds, headers=[])
+        measured = self.entries.get(poller.name, {}).get("ours", {})
+        if measured.get("command") == shlex.join(argv):
+            without = {**measured, "target": f"the API, no watchers: {poller.name}'s figures from this run"}
+        else:
+            settled = self.settle()
+            without = {**run_wrk(f"{self.api}{poller.path}", connections=poller.connections,
+                                 threads=poller.threads, duration=poll_seconds, headers=[]),
+                       "target": "the API, no watchers", "settle_s": settled}
+        pollers = {"path": poller.path, "connections": poller.connections, "during": during, "without": without,
+                   "ratio": ratios(during, without, "req/s") if during is not None
+                   else {"throughput": None, "p50": None, "p99": None}}
+        return {"watch_seconds": hold, "ours": ours, "reference": reference, "pollers": pollers}
+
+    def watch(self, watchers: int, hold: float, poller: Scenario | None, poll_seconds: float
+              ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Run sse_watchers.py (a lone poller while the API catches the watchers up, then, once every
+        watcher has had its first event, wrk with poller); then read the API's log for the line
+        each shared reader writes when its last watcher has gone."""
+        api_log = self.run_dir / "api.log"
+        offset = api_log.stat().st_size
+        ready, out = self.run_dir / f"sse-{watchers}-ready.json", self.run_dir / f"sse-{watchers}.json"
+        for leftover in (ready, out):
+            leftover.unlink(missing_ok=True)
+        argv = [".venv/bin/python", "bench/load/sse_watchers.py", "--url", self.api,  # from ROOT
+                "--job-id", str(generate.RUNNING_JOB), "--watchers", str(watchers), "--duration", f"{hold:g}",
+                "--ready-file", str(ready), "--out", str(out)]
+        with open(self.run_dir / f"sse-{watchers}.log", "ab") as log:
+            client = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        started = time.monotonic()
+        during = None
+        try:
+            # One poller meanwhile, a request at a time: how long the record takes while the API
+            # catches the watchers up.
+            probes: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 180
+            while not ready.exists() and client.poll() is None and time.monotonic() < deadline:
+                asked = time.monotonic()
+                try:
+                    status = http_get(f"{self.api}/jobs/{generate.RUNNING_JOB}", timeout=30)[0]
+                except OSError as exc:
+                    status = type(exc).__name__
+                probes.append({"at_s": round(asked - started, 2), "status": status,
+                               "ms": round(1000 * (time.monotonic() - asked), 1)})
+                time.sleep(0.25)
+            if poller is not None and ready.exists():
+                during = run_wrk(f"{self.api}{poller.path}", connections=poller.connections,
+                                 threads=poller.threads, duration=poll_seconds, headers=[])
+                during["target"] = f"the API, {watchers} watchers connected"
+            client.wait(timeout=hold + 120)
+        finally:
+            if client.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(client.pid, signal.SIGKILL)
+                client.wait()
+        if client.returncode != 0 or not out.exists():
+            raise RuntimeError(f"sse_watchers.py exited with code {client.returncode}; see "
+                               f"{self.run_dir}/sse-{watchers}.log")
+        result: dict[str, Any] = {"target": f"the API, {watchers} watcher{'s' if watchers > 1 else ''}",
+                                  "command": shlex.join(argv), **json.loads(out.read_text())}
+        times = sorted(probe["ms"] for probe in probes)
+        result["poller_while_catching_up"] = {
+            "path": f"/jobs/{generate.RUNNING_JOB}", "requests": len(probes),
+            "p50_ms": times[len(times) // 2] if times else None, "max_ms": times[-1] if times else None,
+            "not_200": sum(1 for probe in probes if probe["status"] != 200), "requests_made": probes}
+        gone = time.monotonic()
+        feeds: list[dict[str, Any]] = []
+        time.sleep(2)  # the readers stop once their last watcher is gone: give them the time to say so
+        while time.monotonic() - gone < 15:
+            feeds = feed_lines(api_log.read_bytes()[offset:].decode(errors="replace"))
+            if sum(feed["watchers"] for feed in feeds) >= result["connected"]:
+                break
+            time.sleep(0.5)
+        result["feeds"] = feeds
+        result["feed_reads_per_s"] = round(sum(feed["reads_per_s"] for feed in feeds), 2) if feeds else None
+        # As the table reads them: the steady state's median logs per watcher and delivery delay.
+        result["log_events_median"] = result["log_events_per_watcher_steady"]["median"]
+        result["latency_ms"] = {"p50": result["delay_ms_steady"]["p50"], "p99": result["delay_ms_steady"]["p99"]}
+        result["errors"] = {"connect": result["connection_errors"], "ended early": result["ended_early"]}
+        result["non_2xx_3xx"] = 0  # an HTTP error is a connection error (errors_by_kind names its status)
+        time.sleep(1)
+        return result, during
+
 
 def _redis_ping(port: int) -> bool:
     import redis
@@ -454,8 +619,103 @@ def range_header(last: int) -> str:
     return f"bytes={generate.FILE_SIZE - last}-{generate.FILE_SIZE - 1}"
 
 
+def uvicorn_options(args: argparse.Namespace) -> list[str]:
+    """The uvicorn options of the API and the reference app: --uvicorn-args, then --api-workers."""
+    return [*shlex.split(args.uvicorn_args), *(["--workers", str(args.api_workers)] if args.api_workers else [])]
+
+
+# ---- curl -----------------------------------------------------------------------------------
+
+CURL_FORMAT = "%{http_code} %{size_download} %{speed_download} %{time_total} %{exitcode}"
+
+
+def curl_argv(url: str, range_last: int) -> list[str]:
+    argv = ["curl", "-s", "-o", "/dev/null", "--max-time", str(CURL_MAX_TIME_S), "-w", CURL_FORMAT]
+    if range_last:
+        argv += ["-r", range_header(range_last).removeprefix("bytes=")]
+    return [*argv, url]
+
+
+def curl_download(url: str, range_last: int) -> dict[str, Any]:
+    """One curl download to /dev/null: status, bytes, curl's own average speed and total time."""
+    done = subprocess.run(curl_argv(url, range_last), capture_output=True, text=True, timeout=CURL_MAX_TIME_S + 30)
+    try:
+        status, size, speed, seconds, exit_code = done.stdout.split()
+        run = {"status": int(status), "bytes": int(size), "mib_per_s": round(float(speed) / MIB, 1),
+               "seconds": round(float(seconds), 3), "exit_code": int(exit_code)}
+    except ValueError:
+        return {"ok": False, "exit_code": done.returncode, "output": (done.stdout + done.stderr)[-300:]}
+    expected = (206, range_last) if range_last else (200, generate.FILE_SIZE)
+    run["ok"] = done.returncode == 0 and (run["status"], run["bytes"]) == expected
+    return run
+
+
+def curl_summary(runs: list[dict[str, Any]], range_last: int, url: str) -> dict[str, Any]:
+    """Runs as one result: the median MiB/s (curl's speed_download) and download time of those that
+    worked; "p50" is that median time, there is no p99 of a handful of runs."""
+    ok = [run for run in runs if run["ok"]]
+    speeds = [run["mib_per_s"] for run in ok]
+    times = [1000 * run["seconds"] for run in ok]
+    return {"command": shlex.join(curl_argv(url, range_last)), "runs": runs, "downloads": len(runs),
+            "mib_per_s": round(statistics.median(speeds), 1) if speeds else None,
+            "mib_per_s_min_max": [min(speeds), max(speeds)] if speeds else None,
+            "latency_ms": {"p50": round(statistics.median(times), 1) if times else None,
+                           "min": round(min(times), 1) if times else None,
+                           "max": round(max(times), 1) if times else None},
+            "errors": {"bad downloads": len(runs) - len(ok)},
+            "non_2xx_3xx": sum(1 for run in runs if run.get("status", 0) >= 400 or run.get("status") == 0)}
+
+
+def start_download_loops(url: str, count: int, seconds: float) -> subprocess.Popen[str]:
+    """count curl downloads of url, each started again as soon as it ends, for `seconds` (the
+    last cut by --max-time); one line per download: status, bytes, curl's exit code."""
+    script = ('end=$((SECONDS + $1)); for _ in $(seq "$2"); do (while [ "$SECONDS" -lt "$end" ]; do '
+              'curl -s -o /dev/null --max-time "$((end - SECONDS))" -w "%{http_code} %{size_download} %{exitcode}\\n" '
+              '"$0"; done) & done; wait')
+    return subprocess.Popen(["bash", "-c", script, url, f"{seconds:.0f}", str(count)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def download_loops_summary(output: str, count: int, seconds: float) -> dict[str, Any]:
+    complete = cut = 0
+    total = 0
+    bad: list[str] = []
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or not all(field.isdigit() for field in fields):
+            bad.append(line[:200])
+            continue
+        status, size, exit_code = map(int, fields)
+        total += size
+        if status == 200 and exit_code == 0 and size == generate.FILE_SIZE:
+            complete += 1
+        elif status == 200 and exit_code == 28:  # --max-time: the loop's end
+            cut += 1
+        else:
+            bad.append(line)
+    return {"downloads": count, "seconds": seconds, "completed": complete, "cut_at_the_end": cut,
+            "bad": len(bad), "bad_examples": bad[:5], "mib": round(total / MIB, 1),
+            "mib_per_s_all": round(total / MIB / seconds, 1)}
+
+
+def feed_lines(text: str) -> list[dict[str, Any]]:
+    """The API's `stream of job N: R database reads in T s for up to W watchers` lines of the running job."""
+    lines = []
+    for match in FEED_LINE.finditer(text):
+        job_id, reads, seconds, watchers = map(int, match.groups())
+        if job_id == generate.RUNNING_JOB:
+            lines.append({"reads": reads, "seconds": seconds, "watchers": watchers,
+                          "reads_per_s": round(reads / max(seconds, 1), 2), "line": match[0]})
+    return lines
+
+
+def value_key(unit: str) -> str:
+    return "mib_per_s" if unit.startswith("MiB/s") else "log_events_median" if unit == "logs/watcher" \
+        else "requests_per_s"
+
+
 def ratios(ours: dict[str, Any], reference: dict[str, Any], unit: str) -> dict[str, float | None]:
-    key = "mib_per_s" if unit == "MiB/s" else "requests_per_s"
+    key = value_key(unit)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
@@ -482,7 +742,9 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "memory_gib": round(int(total[1]) / 1024**2, 1) if total else None,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-        "uvicorn_args": args.uvicorn_args, "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "uvicorn_args": shlex.join(uvicorn_options(args)), "api_workers": args.api_workers or 1,
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        "curl": command_line(["curl", "--version"]),
         "wrk": command_line(["wrk", "--version"]), "nginx": command_line([nginx_binary(), "-v"]),
         "uvicorn": command_line([str(VENV_BIN / "uvicorn"), "--version"]),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -492,7 +754,7 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def throughput(result: dict[str, Any], unit: str) -> str:
-    value = result.get("mib_per_s" if unit == "MiB/s" else "requests_per_s")
+    value = result.get(value_key(unit))
     return "-" if value is None else f"{value:,.1f}"
 
 
@@ -513,25 +775,86 @@ def errors_text(result: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
+def table_row(name: str, connections: int, unit: str, ours: dict[str, Any], ref: dict[str, Any],
+              ratio: dict[str, float | None]) -> str:
+    ours_ms, ref_ms = ours["latency_ms"], ref["latency_ms"]
+    return (f"| {name} | {connections} | {unit} | {throughput(ours, unit)} | {throughput(ref, unit)} "
+            f"| {ratio_text(ratio['throughput'])} | {ms(ours_ms.get('p50'))} / {ms(ref_ms.get('p50'))} "
+            f"| {ms(ours_ms.get('p99'))} / {ms(ref_ms.get('p99'))} | {ratio_text(ratio['p99'])} "
+            f"| {errors_text(ours)} | {errors_text(ref)} |")
+
+
 def markdown_table(scenarios: dict[str, Any]) -> str:
+    """One row per scenario (two for sse-watchers: the watchers, then the pollers beside them).
+    The latency columns are: wrk's percentiles; for curl rows the median download time (no p99);
+    for watchers the delay from a step log's created_at to its arrival at the watcher, and their
+    "throughput" the median log events a watcher received, both in the steady state (once every
+    watcher had its first event; watchers_table has the whole run)."""
     lines = ["| scenario | conns | unit | ours | reference | ours/ref | p50 ms ours / ref | p99 ms ours / ref "
              "| p99 ours/ref | errors ours | errors ref |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, entry in scenarios.items():
-        ours, ref, unit, ratio = entry["ours"], entry["reference"], entry["unit"], entry["ratio"]
-        ours_ms, ref_ms = ours["latency_ms"], ref["latency_ms"]
-        lines.append(
-            f"| {name} | {entry['connections']} | {unit} | {throughput(ours, unit)} | {throughput(ref, unit)} "
-            f"| {ratio_text(ratio['throughput'])} | {ms(ours_ms.get('p50'))} / {ms(ref_ms.get('p50'))} "
-            f"| {ms(ours_ms.get('p99'))} / {ms(ref_ms.get('p99'))} | {ratio_text(ratio['p99'])} "
-            f"| {errors_text(ours)} | {errors_text(ref)} |")
+        lines.append(table_row(name, entry["connections"], entry["unit"], entry["ours"], entry["reference"],
+                               entry["ratio"]))
+        if pollers := entry.get("pollers"):
+            lines.append(table_row(f"{name}: GET {pollers['path']} beside them", pollers["connections"], "req/s",
+                                   pollers["during"] or {"latency_ms": {}, "errors": {}, "non_2xx_3xx": 0,
+                                                         "failed": "not run"},
+                                   pollers["without"], pollers["ratio"]))
+    return "\n".join(lines)
+
+
+def watchers_table(scenarios: dict[str, Any]) -> str:
+    """The Server-Sent Events scenarios: each side's watchers, how long until all had their first
+    event (and the slowest answer a lone poller got meanwhile), what they received, the delivery
+    delay over all live logs and in the steady state after, and the shared readers' database
+    reads (one line per API process that had watchers)."""
+    lines = ["| scenario | watchers | connected | conn. errors | ended early | all first events after s "
+             "| poller meanwhile max ms | log events per watcher min / median / max "
+             "| delay ms p50 / p99 / max, all | delay ms p50 / p99 / max, steady "
+             "| database reads (per API process) | reads/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, entry in scenarios.items():
+        if entry.get("unit") != "logs/watcher":
+            continue
+        for result in (entry["ours"], entry["reference"]):
+            logs, delay, steady = result["log_events_per_watcher"], result["delay_ms"], result["delay_ms_steady"]
+            feeds = "; ".join(f"{feed['reads']} in {feed['seconds']} s for {feed['watchers']}"
+                              for feed in result["feeds"]) or "no line logged"
+            poller = result["poller_while_catching_up"]
+            lines.append(f"| {name} | {result['watchers']} | {result['connected']} | {result['connection_errors']} "
+                         f"| {result['ended_early']} | {result['first_events_all_s']:.1f} "
+                         f"| {ms(poller['max_ms'])} ({poller['requests']} asked) "
+                         f"| {logs['min']} / {logs['median']} / {logs['max']} "
+                         f"| {ms(delay['p50'])} / {ms(delay['p99'])} / {ms(delay['max'])} "
+                         f"| {ms(steady['p50'])} / {ms(steady['p99'])} / {ms(steady['max'])} | {feeds} "
+                         f"| {ms(result['feed_reads_per_s'])} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def background_text(scenarios: dict[str, Any]) -> str:
+    lines = []
+    for name, entry in scenarios.items():
+        loops = entry.get("downloads_during")
+        if loops and "completed" in loops:
+            lines.append(f"{name}: {loops['downloads']} curl downloads looping for {loops['seconds']:g} s: "
+                         f"{loops['completed']} completed, {loops['cut_at_the_end']} cut at the end, "
+                         f"{loops['bad']} bad; {loops['mib_per_s_all']:,.1f} MiB/s in all")
+        elif loops:
+            lines.append(f"{name}: {BACKGROUND_DOWNLOADS} wrk downloads beside it: "
+                         f"{throughput(loops, 'MiB/s')} MiB/s in all ({errors_text(loops)})")
     return "\n".join(lines)
 
 
 def default_out(args: argparse.Namespace) -> Path:
-    engine = "postgresql" if args.database_url else "sqlite"
-    options = re.sub(r"[^A-Za-z0-9]+", "-", args.uvicorn_args).strip("-") or "uvicorn-default"
-    label = args.label or f"{engine}-{options}-{args.duration:g}s"
+    """results/<date>-<label>.json; the label defaults to <engine>-<N>worker[s], then the other
+    uvicorn options and the duration when it is not 15 s (sqlite-1worker, postgres-2workers-5s)."""
+    engine = "postgres" if args.database_url else "sqlite"
+    workers = args.api_workers or 1
+    options = re.sub(r"[^A-Za-z0-9]+", "-", args.uvicorn_args).strip("-")
+    label = args.label or "-".join(part for part in (
+        f"{engine}-{workers}worker{'s' if workers > 1 else ''}", options,
+        "" if args.duration == 15 else f"{args.duration:g}s") if part)
     return HERE / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{label}.json"
 
 
@@ -539,7 +862,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=15, help="seconds each wrk run lasts (default 15)")
     parser.add_argument("--uvicorn-args", default="", help='extra uvicorn options for the API and the reference, '
-                        'e.g. "--workers 2"')
+                        'e.g. "--loop uvloop"')
+    parser.add_argument("--api-workers", type=int, default=0,
+                        help="uvicorn --workers N for the API and the reference (default: uvicorn's, one process)")
     parser.add_argument("--only", default="", help="comma-separated scenarios to run: "
                         + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--data-dir", type=Path, default=generate.DEFAULT_DATA_DIR)
@@ -549,6 +874,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label", default="", help="names the report: results/<date>-<label>.json")
     parser.add_argument("--out", type=Path, help="the JSON report (default bench/load/results/<date>-<label>.json)")
     args = parser.parse_args()
+    if args.api_workers and "--workers" in shlex.split(args.uvicorn_args):
+        parser.error("give the workers once: --api-workers or --workers in --uvicorn-args")
     known = {s.name for s in SCENARIOS}
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     if unknown := sorted(set(chosen) - known):
@@ -581,9 +908,6 @@ def main() -> None:
         print("generating the data (or reusing it) ...", flush=True)
         bench.data = generate.generate(args.data_dir, database_url)
         report["data"] = bench.data
-        if bench.data["widened_columns"]:
-            print(f"warning: widened 32-bit columns to bigint for this run: {bench.data['widened_columns']}",
-                  flush=True)
         bench.start(database_url)
         report["checks"] = bench.checks
         for scenario in args.scenarios:
@@ -610,6 +934,9 @@ def main() -> None:
           f"{writer.get('write_ms', {}).get('p50')}/{writer.get('write_ms', {}).get('p99')}/"
           f"{writer.get('write_ms', {}).get('max')} ms\n")
     print(markdown_table(report["scenarios"]))
+    for extra in (watchers_table(report["scenarios"]), background_text(report["scenarios"])):
+        if extra:
+            print(f"\n{extra}")
 
 
 if __name__ == "__main__":

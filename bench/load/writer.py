@@ -6,9 +6,8 @@ while the API is under load, through the worker's and trainer's own code.
 Each step is what the trainer does per logged step: JobReporter.on_step_end, then
 JobReporter._write_log inside app.db.session_scope() (one step_log INSERT, the job's UPDATE).
 The memory figures come from a stand-in for worker.gpu.MemoryProbe that reads as an 80 GB H100
-would (this machine may have no GPU); with `--memory none` it reads nothing, as MemoryProbe does
-without CUDA (on PostgreSQL the ORM casts these figures to 32-bit INTEGER, which an H100's byte
-counts overflow). Every HEARTBEAT_INTERVAL_S the worker's watch loop
+would (this machine may have no GPU), on SQLite and PostgreSQL alike. Every HEARTBEAT_INTERVAL_S
+the worker's watch loop
 (worker.tasks.TrainerWatch.poll_database) heartbeats the job, as a live worker would, so the
 API's reconciler does not take the job for lost; it also polls once a second like the worker.
 DATA_DIR and DATABASE_URL select the database, as for the service. On SIGTERM or SIGINT it stops
@@ -61,16 +60,6 @@ class H100MemoryProbe:
         """Nothing to release: no sampler thread."""
 
 
-class NoGpuProbe(H100MemoryProbe):
-    """What worker.gpu.MemoryProbe reads on a machine without CUDA: nothing."""
-
-    def read(self) -> dict[str, int | None]:
-        return {}
-
-
-PROBES = {"h100": H100MemoryProbe, "none": NoGpuProbe}
-
-
 def percentile(sorted_values: list[float], share: float) -> float | None:
     if not sorted_values:
         return None
@@ -78,10 +67,9 @@ def percentile(sorted_values: list[float], share: float) -> float | None:
 
 
 class Writer:
-    def __init__(self, job_id: int, rate: float, memory: str) -> None:
+    def __init__(self, job_id: int, rate: float) -> None:
         self.job_id = job_id
         self.period = 1.0 / rate
-        self.memory = memory
         self.stopping = threading.Event()
         self.write_seconds: list[float] = []
         self.heartbeat_seconds: list[float] = []
@@ -93,7 +81,7 @@ class Writer:
             last = session.exec(select(func.max(StepLog.step)).where(StepLog.job_id == job_id)).one()
         self.step = int(last or job.step)
         self.reporter = JobReporter(
-            job_id=job_id, stop=StopFlag(), memory=PROBES[memory](),  # type: ignore[arg-type]
+            job_id=job_id, stop=StopFlag(), memory=H100MemoryProbe(),  # type: ignore[arg-type]
             checkpoints_dir=get_settings().checkpoints_dir(job_id),
             tokens_trained=lambda: float(self.step * TOKENS_PER_STEP), eval_seconds=lambda: 0.0)
         self.watch = TrainerWatch(job_id)
@@ -153,7 +141,7 @@ class Writer:
         def ms(value: float | None) -> float | None:
             return None if value is None else round(1000 * value, 2)
 
-        return {"job_id": self.job_id, "gpu_memory_figures": self.memory, "rows_written": len(writes),
+        return {"job_id": self.job_id, "gpu_memory_figures": "h100", "rows_written": len(writes),
                 "last_step": self.step,
                 "write_ms": {"p50": ms(percentile(writes, 0.5)), "p99": ms(percentile(writes, 0.99)),
                              "max": ms(writes[-1] if writes else None)},
@@ -168,11 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job-id", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=5.0, help="step-log rows a second")
-    parser.add_argument("--memory", choices=sorted(PROBES), default="h100", help="GPU memory figures to report")
     parser.add_argument("--ready-file", type=Path, help="written once the first heartbeat and row are committed")
     parser.add_argument("--stats", type=Path, help="where to write the write latencies (JSON) when stopped")
     args = parser.parse_args()
-    writer = Writer(args.job_id, args.rate, args.memory)
+    writer = Writer(args.job_id, args.rate)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         writer.stopping.set()
