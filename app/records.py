@@ -81,16 +81,26 @@ def read_records(job_ids: Iterable[int]) -> dict[int, Record]:
         return {job.id: record_of(job) for job in jobs if job.id is not None}
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a shared read's failure as seen when every request that waited for it has gone."""
+    if not task.cancelled():
+        task.exception()
+
+
 class RecordCache:
+    """Shared reads run as tasks of their own that each waiting request awaits through
+    asyncio.shield: a client that disconnects cancels its own request, never the read that
+    other requests are waiting for."""
+
     def __init__(self, capacity: int, max_age_s: float) -> None:
         self.capacity = capacity
         self.max_age_s = max_age_s
         self._records: OrderedDict[int, Record] = OrderedDict()
-        self._reading: dict[int, asyncio.Future[Record | None]] = {}
+        self._reading: dict[int, asyncio.Task[dict[int, Record]]] = {}
         self.database_reads = 0  # how many times records were read (tests and benchmarks watch it)
         # Pages of job ids (GET /jobs): (status, cursor, limit) -> (ids, next cursor, read at).
         self._lists: OrderedDict[tuple[Any, ...], tuple[list[int], int | None, float]] = OrderedDict()
-        self._listing: dict[tuple[Any, ...], asyncio.Future[tuple[list[int], int | None]]] = {}
+        self._listing: dict[tuple[Any, ...], asyncio.Task[tuple[list[int], int | None]]] = {}
 
     def _fresh(self, record: Record | None, now: float) -> bool:
         return record is not None and (record.finished or now - record.read_at <= self.max_age_s)
@@ -127,16 +137,16 @@ class RecordCache:
         listed = self._lists.get(key)
         if not fresh and listed is not None and time.monotonic() - listed[2] <= self.max_age_s:
             return listed[0], listed[1]
-        if key in self._listing:
-            return await self._listing[key]
-        future: asyncio.Future[tuple[list[int], int | None]] = asyncio.get_running_loop().create_future()
-        self._listing[key] = future
+        task = self._listing.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._list_now(key))
+            task.add_done_callback(_retrieve)
+            self._listing[key] = task
+        return await asyncio.shield(task)
+
+    async def _list_now(self, key: tuple[Any, ...]) -> tuple[list[int], int | None]:
         try:
-            ids, next_cursor = await run_db(list_job_ids, status, cursor, limit)
-            future.set_result((ids, next_cursor))
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
+            ids, next_cursor = await run_db(list_job_ids, *key)
         finally:
             self._listing.pop(key, None)
         if self.capacity:
@@ -166,31 +176,28 @@ class RecordCache:
 
     async def _read(self, job_ids: list[int]) -> dict[int, Record]:
         """Read these records, sharing a read already under way for any of them."""
-        waiting = {job_id: self._reading[job_id] for job_id in job_ids if job_id in self._reading}
-        todo = [job_id for job_id in job_ids if job_id not in waiting]
+        tasks = {self._reading[job_id] for job_id in job_ids if job_id in self._reading}
+        todo = [job_id for job_id in job_ids if job_id not in self._reading]
         if todo:
-            loop = asyncio.get_running_loop()
-            futures = {job_id: loop.create_future() for job_id in todo}
-            self._reading.update(futures)
-            try:
-                self.database_reads += 1
-                read = await run_db(read_records, todo)
-                for job_id, future in futures.items():
-                    record = read.get(job_id)
-                    if record is not None:
-                        self.put(record)
-                    future.set_result(record)
-            except BaseException as exc:
-                for future in futures.values():
-                    if not future.done():
-                        future.set_exception(exc)
-                raise
-            finally:
-                for job_id in todo:
-                    self._reading.pop(job_id, None)
-            waiting.update(futures)
-        results = {job_id: await future for job_id, future in waiting.items()}
-        return {job_id: record for job_id, record in results.items() if record is not None}
+            task = asyncio.get_running_loop().create_task(self._read_now(todo))
+            task.add_done_callback(_retrieve)
+            self._reading.update(dict.fromkeys(todo, task))
+            tasks.add(task)
+        read: dict[int, Record] = {}
+        for task in tasks:
+            read.update(await asyncio.shield(task))
+        return {job_id: read[job_id] for job_id in job_ids if job_id in read}
+
+    async def _read_now(self, job_ids: list[int]) -> dict[int, Record]:
+        try:
+            self.database_reads += 1
+            read = await run_db(read_records, job_ids)
+        finally:
+            for job_id in job_ids:
+                self._reading.pop(job_id, None)
+        for record in read.values():
+            self.put(record)
+        return read
 
 
 _caches: dict[tuple[str, int, float], RecordCache] = {}

@@ -100,6 +100,51 @@ def test_pollers_at_once_share_one_database_read(env: Env, monkeypatch: pytest.M
     assert asyncio.run(poll_together()) == [1]
 
 
+def test_a_poller_that_goes_away_does_not_cancel_the_read_others_wait_for(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first request starts the shared read, then its client disconnects (the request's
+    task is cancelled): the requests waiting for the same read still get the record."""
+    import threading
+
+    import app.records as records
+    from app.records import get_record_cache
+
+    max_age(monkeypatch, 0)
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as setup:
+        job_id = submit(setup)
+    cache = get_record_cache()
+    release = threading.Event()
+    real_read = records.read_records
+
+    def slow_read(job_ids: Any) -> Any:
+        release.wait(5)
+        return real_read(job_ids)
+
+    monkeypatch.setattr(records, "read_records", slow_read)
+
+    async def scenario() -> tuple[bool, list[Any], Any]:
+        first = asyncio.create_task(cache.get(job_id))
+        await asyncio.sleep(0.05)  # the first request's read is under way in a thread
+        others = [asyncio.create_task(cache.get(job_id)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        first.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        got = await asyncio.gather(*others)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return first.cancelled(), got, await cache.job_ids(None, None, 10)
+
+    cancelled, got, listed = asyncio.run(scenario())
+    assert cancelled
+    assert [record is not None and record.job_id for record in got] == [job_id] * 3
+    assert listed[0] == [job_id]
+
+
 def test_etag_and_if_none_match(client: httpx.Client, env: Env) -> None:
     job_id = submit(client)
     first = client.get(f"/jobs/{job_id}")

@@ -4,6 +4,7 @@ that does no work of its own.
 
     bench/load/run [--duration 15] [--api-workers 2] [--uvicorn-args "..."] [--only logs-c20,download]
                    [--database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres] [--label L]
+                   [--pin [--server-cpus 0] [--client-cpus 1]]
 
 It builds (or reuses) the data with generate.py, then starts, each on a free port of 127.0.0.1:
 redis-server; the API as scripts/run starts it (`uvicorn app.main:app --host --port` plus
@@ -17,7 +18,20 @@ failure or Ctrl-C.
 
 With --database-url, the API and the writer use a fresh PostgreSQL database created for the run
 on that server (the URL names the database to connect to for CREATE and DROP DATABASE), migrated
-with `alembic upgrade head` and dropped at the end; the checkpoint file stays under --data-dir."""
+with `alembic upgrade head` and dropped at the end; the checkpoint file stays under --data-dir.
+
+With --pin, every server the runner starts (redis-server, the writer, the API's uvicorn, the
+reference app's uvicorn, nginx) runs under `taskset -c <--server-cpus>` (default 0) and every
+client (wrk, curl, sse_watchers.py, the background download loops) under `taskset -c
+<--client-cpus>` (default 1); the runner itself, whose own requests (the settle check, the lone
+poller while watchers catch up) are a client's, moves to the client CPUs once the data is ready.
+On a 2-core machine client and server otherwise fight for the same cores, and the scheduler's
+fairness, not the server, decides the latency tail. With --api-workers 2 both API workers (and
+both of the reference's) share the server CPUs: the workers compete with nginx, redis and the
+writer there, not with the clients. A PostgreSQL server named by --database-url is not started
+by the runner and is not pinned. The report's machine.pinning and checks.cpu_affinity (read back
+from each started process and its children) say what ran where; the printed tables' heading
+says it too. --server-cpus or --client-cpus alone imply --pin."""
 
 from __future__ import annotations
 
@@ -74,6 +88,103 @@ REFERENCE_BODIES = {
 }
 
 
+def parse_cpu_list(text: str) -> set[int]:
+    """A taskset CPU list ("0", "0-3", "0,2-3") as a set of CPU numbers; ValueError when malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        first, last = int(low), int(high or low)
+        if first > last:
+            raise ValueError(f"{part!r}: the range goes down")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def cpu_list_text(cpus: set[int]) -> str:
+    """The inverse of parse_cpu_list, runs collapsed: {0, 1, 2, 5} -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
+
+
+class Pinning:
+    """--pin: the taskset prefix of the servers' and of the clients' command lines (none when not
+    pinned). One instance, PIN, configured by main() before anything starts."""
+
+    SERVERS = ("redis-server", "writer.py", "the API's uvicorn", "the reference app's uvicorn", "nginx")
+    CLIENTS = ("wrk", "curl", "sse_watchers.py", "the background download loops (bash + curl)",
+               "this runner (its settle check and lone poller)")
+
+    def __init__(self) -> None:
+        self.server_cpus = self.client_cpus = ""
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.server_cpus)
+
+    def configure(self, server_cpus: str, client_cpus: str) -> None:
+        self.server_cpus, self.client_cpus = server_cpus, client_cpus
+
+    def server(self, argv: list[str]) -> list[str]:
+        return ["taskset", "-c", self.server_cpus, *argv] if self.pinned else argv
+
+    def client(self, argv: list[str]) -> list[str]:
+        return ["taskset", "-c", self.client_cpus, *argv] if self.pinned else argv
+
+    def pin_this_runner(self) -> None:
+        if self.pinned:
+            os.sched_setaffinity(0, parse_cpu_list(self.client_cpus))
+
+    def heading(self, api_workers: int, postgres: bool) -> str:
+        """The printed tables' line on where the processes ran."""
+        if not self.pinned:
+            return (f"not pinned: servers and clients share the machine's {os.cpu_count()} CPUs "
+                    "(the scheduler decides who runs)")
+        parts = [f"pinned (taskset): servers ({', '.join(self.SERVERS)}) on CPU {self.server_cpus}",
+                 f"clients ({', '.join(self.CLIENTS)}) on CPU {self.client_cpus}"]
+        if api_workers > 1:
+            parts.append(f"the API's {api_workers} workers (and the reference's) share CPU {self.server_cpus}")
+        if postgres:
+            parts.append("the PostgreSQL server is not pinned (the runner does not start it)")
+        return "; ".join(parts)
+
+    def facts(self, api_workers: int, database_url: str) -> dict[str, Any]:
+        if not self.pinned:
+            return {"pinned": False, "note": "servers and clients share all the machine's CPUs"}
+        facts: dict[str, Any] = {
+            "pinned": True, "tool": "taskset -c", "server_cpus": self.server_cpus, "client_cpus": self.client_cpus,
+            "servers": list(self.SERVERS), "clients": list(self.CLIENTS),
+            "api_workers_share_server_cpus": api_workers > 1,
+        }
+        if database_url:
+            facts["postgresql_server"] = "not pinned: not started by the runner, it runs wherever the scheduler puts it"
+        return facts
+
+
+PIN = Pinning()
+
+
+def affinity_of_tree(pid: int) -> dict[str, Any]:
+    """The CPUs each process of pid's tree (pid and its descendants) may run on, as taskset lists."""
+    pids, seen = [pid], []
+    while pids:
+        current = pids.pop()
+        seen.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+    lists: dict[str, int] = {}
+    for current in seen:
+        with contextlib.suppress(OSError):
+            text = cpu_list_text(os.sched_getaffinity(current))
+            lists[text] = lists.get(text, 0) + 1
+    return {"processes": sum(lists.values()), "cpus": lists}
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -117,10 +228,10 @@ SCENARIOS = [
     Scenario("download-range", FILE_URL_PATH, 1, "download",
              "download its last 100 MiB with Range with wrk, 1 connection; reference: nginx", range_last=RANGE_BYTES),
     Scenario("download-curl", FILE_URL_PATH, 1, "curl",
-             "download the 2 GiB file with curl, median of 3; reference: nginx", runs=3),
+             "download the 2 GiB file with curl, median of 5; reference: nginx", runs=5),
     Scenario("download-range-curl", FILE_URL_PATH, 1, "curl",
-             "download its last 100 MiB with Range with curl, median of 15; reference: nginx",
-             range_last=RANGE_BYTES, runs=15),
+             "download its last 100 MiB with Range with curl, median of 21; reference: nginx",
+             range_last=RANGE_BYTES, runs=21),
     Scenario("healthz-under-downloads", "/healthz", 1, "healthz",
              f"GET /healthz, 1 connection, while {BACKGROUND_DOWNLOADS} downloads of the file run; "
              "reference: the same API with no downloads"),
@@ -134,7 +245,8 @@ SCENARIOS = [
 
 
 class Processes:
-    """The processes this run started, each in its own process group, stopped in reverse order."""
+    """The processes this run started (the servers: under PIN.server), each in its own process
+    group, stopped in reverse order."""
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
@@ -142,7 +254,7 @@ class Processes:
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen(PIN.server(argv), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         self.started.append((name, process))
         return process
@@ -296,7 +408,7 @@ def wrk_argv(url: str, *, connections: int, threads: int, duration: float, heade
             "--timeout", WRK_TIMEOUT]
     for header in headers:
         argv += ["-H", header]
-    return [*argv, url]
+    return PIN.client([*argv, url])
 
 
 def run_wrk(url: str, *, connections: int, threads: int, duration: float, headers: list[str]) -> dict[str, Any]:
@@ -364,6 +476,9 @@ class Bench:
                                        "-e", str(self.run_dir / "nginx-error.log")])
         wait_until("nginx", lambda: answers(f"{self.nginx}{FILE_URL_PATH}", 206, {"Range": "bytes=0-0"}),
                    self.processes, 20)
+        self.checks["cpu_affinity"] = {name: affinity_of_tree(process.pid) for name, process in self.processes.started}
+        self.checks["cpu_affinity"]["runner"] = {"processes": 1,
+                                                 "cpus": {cpu_list_text(os.sched_getaffinity(0)): 1}}
         self.check_downloads()
 
     def store_reference_bodies(self) -> Path:
@@ -549,9 +664,9 @@ class Bench:
         ready, out = self.run_dir / f"sse-{watchers}-ready.json", self.run_dir / f"sse-{watchers}.json"
         for leftover in (ready, out):
             leftover.unlink(missing_ok=True)
-        argv = [".venv/bin/python", "bench/load/sse_watchers.py", "--url", self.api,  # from ROOT
-                "--job-id", str(generate.RUNNING_JOB), "--watchers", str(watchers), "--duration", f"{hold:g}",
-                "--ready-file", str(ready), "--out", str(out)]
+        argv = PIN.client([".venv/bin/python", "bench/load/sse_watchers.py", "--url", self.api,  # from ROOT
+                           "--job-id", str(generate.RUNNING_JOB), "--watchers", str(watchers),
+                           "--duration", f"{hold:g}", "--ready-file", str(ready), "--out", str(out)])
         with open(self.run_dir / f"sse-{watchers}.log", "ab") as log:
             client = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         started = time.monotonic()
@@ -633,7 +748,7 @@ def curl_argv(url: str, range_last: int) -> list[str]:
     argv = ["curl", "-s", "-o", "/dev/null", "--max-time", str(CURL_MAX_TIME_S), "-w", CURL_FORMAT]
     if range_last:
         argv += ["-r", range_header(range_last).removeprefix("bytes=")]
-    return [*argv, url]
+    return PIN.client([*argv, url])
 
 
 def curl_download(url: str, range_last: int) -> dict[str, Any]:
@@ -672,7 +787,8 @@ def start_download_loops(url: str, count: int, seconds: float) -> subprocess.Pop
     script = ('end=$((SECONDS + $1)); for _ in $(seq "$2"); do (while [ "$SECONDS" -lt "$end" ]; do '
               'curl -s -o /dev/null --max-time "$((end - SECONDS))" -w "%{http_code} %{size_download} %{exitcode}\\n" '
               '"$0"; done) & done; wait')
-    return subprocess.Popen(["bash", "-c", script, url, f"{seconds:.0f}", str(count)], stdout=subprocess.PIPE,
+    return subprocess.Popen(PIN.client(["bash", "-c", script, url, f"{seconds:.0f}", str(count)]),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -743,6 +859,7 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
         "uvicorn_args": shlex.join(uvicorn_options(args)), "api_workers": args.api_workers or 1,
+        "pinning": PIN.facts(args.api_workers or 1, args.database_url),
         "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "curl": command_line(["curl", "--version"]),
         "wrk": command_line(["wrk", "--version"]), "nginx": command_line([nginx_binary(), "-v"]),
@@ -848,12 +965,13 @@ def background_text(scenarios: dict[str, Any]) -> str:
 
 def default_out(args: argparse.Namespace) -> Path:
     """results/<date>-<label>.json; the label defaults to <engine>-<N>worker[s], then the other
-    uvicorn options and the duration when it is not 15 s (sqlite-1worker, postgres-2workers-5s)."""
+    uvicorn options, "pinned" with --pin and the duration when it is not 15 s (sqlite-1worker,
+    postgres-2workers-5s, sqlite-1worker-pinned)."""
     engine = "postgres" if args.database_url else "sqlite"
     workers = args.api_workers or 1
     options = re.sub(r"[^A-Za-z0-9]+", "-", args.uvicorn_args).strip("-")
     label = args.label or "-".join(part for part in (
-        f"{engine}-{workers}worker{'s' if workers > 1 else ''}", options,
+        f"{engine}-{workers}worker{'s' if workers > 1 else ''}", options, "pinned" if args.pin else "",
         "" if args.duration == 15 else f"{args.duration:g}s") if part)
     return HERE / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{label}.json"
 
@@ -873,7 +991,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--writer-rate", type=float, default=5.0, help="step logs a second for the running job")
     parser.add_argument("--label", default="", help="names the report: results/<date>-<label>.json")
     parser.add_argument("--out", type=Path, help="the JSON report (default bench/load/results/<date>-<label>.json)")
+    parser.add_argument("--pin", action="store_true", help="run the servers under taskset -c SERVER_CPUS and the "
+                        "clients under taskset -c CLIENT_CPUS, so that they do not compete for the same cores")
+    parser.add_argument("--server-cpus", help="with --pin: the CPU list (taskset -c) of redis-server, the writer, "
+                        "the API, the reference app and nginx (default 0; implies --pin)")
+    parser.add_argument("--client-cpus", help="with --pin: the CPU list of wrk, curl, sse_watchers.py, the download "
+                        "loops and the runner itself (default 1; implies --pin)")
     args = parser.parse_args()
+    args.pin = args.pin or args.server_cpus is not None or args.client_cpus is not None
+    args.server_cpus = args.server_cpus or "0"
+    args.client_cpus = args.client_cpus or "1"
+    if args.pin:
+        if shutil.which("taskset") is None:
+            parser.error("--pin needs taskset (util-linux)")
+        available = os.sched_getaffinity(0)
+        for option, text in (("--server-cpus", args.server_cpus), ("--client-cpus", args.client_cpus)):
+            try:
+                cpus = parse_cpu_list(text)
+            except ValueError as exc:
+                parser.error(f"{option} {text!r} is not a CPU list like 0, 0-3 or 0,2: {exc}")
+            if not cpus or not cpus <= available:
+                parser.error(f"{option} {text}: this process may run on CPUs {cpu_list_text(available)} only")
+        if overlap := parse_cpu_list(args.server_cpus) & parse_cpu_list(args.client_cpus):
+            print(f"warning: --server-cpus and --client-cpus share CPU(s) {cpu_list_text(overlap)}", flush=True)
+        PIN.configure(args.server_cpus, args.client_cpus)
     if args.api_workers and "--workers" in shlex.split(args.uvicorn_args):
         parser.error("give the workers once: --api-workers or --workers in --uvicorn-args")
     known = {s.name for s in SCENARIOS}
@@ -908,6 +1049,7 @@ def main() -> None:
         print("generating the data (or reusing it) ...", flush=True)
         bench.data = generate.generate(args.data_dir, database_url)
         report["data"] = bench.data
+        PIN.pin_this_runner()  # from here on the runner is a client like the others
         bench.start(database_url)
         report["checks"] = bench.checks
         for scenario in args.scenarios:
@@ -932,7 +1074,13 @@ def main() -> None:
     print(f"\nreport: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
           f"({report['wall_s']} s); writer: {writer.get('rows_written')} step logs, write p50/p99/max "
           f"{writer.get('write_ms', {}).get('p50')}/{writer.get('write_ms', {}).get('p99')}/"
-          f"{writer.get('write_ms', {}).get('max')} ms\n")
+          f"{writer.get('write_ms', {}).get('max')} ms")
+    machine = report["machine"]
+    print(f"machine: {machine['cpu_count']} CPUs, {machine['memory_gib']} GiB; load average at start "
+          f"{'/'.join(map(str, machine['load_average_start']))}, at the end "
+          f"{'/'.join(map(str, machine['load_average_end']))}; API workers {machine['api_workers']}; "
+          f"{'PostgreSQL' if args.database_url else 'SQLite'}")
+    print(f"{PIN.heading(machine['api_workers'], bool(args.database_url))}\n")
     print(markdown_table(report["scenarios"]))
     for extra in (watchers_table(report["scenarios"]), background_text(report["scenarios"])):
         if extra:
