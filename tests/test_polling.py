@@ -145,6 +145,85 @@ def test_a_poller_that_goes_away_does_not_cancel_the_read_others_wait_for(
     assert listed[0] == [job_id]
 
 
+def test_an_aging_copy_is_read_again_while_it_is_still_served(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past half its max age, a running job's copy is still the answer, and a read starts in the
+    background; the next poll after that read finishes gets the new record, no poll waited."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.records import get_record_cache
+
+    max_age(monkeypatch, 0.4)
+    with TestClient(create_app()) as setup:
+        job_id = submit(setup)
+    set_job(job_id, status="running", step=1)
+    cache = get_record_cache()
+
+    async def scenario() -> list[Any]:
+        first = await cache.get(job_id)
+        reads = cache.database_reads
+        set_job(job_id, step=2)
+        young = cache.peek(job_id)  # age < 0.2 s: served, nothing read
+        await asyncio.sleep(0.25)
+        aging = cache.peek(job_id)  # age > 0.2 s: served, and read again meanwhile
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if (now := cache.peek(job_id)) is not None and now is not aging:
+                break
+        assert first is not None and young is first and aging is first
+        # one read in the background, however many polls saw the aging copy
+        return [cache.database_reads - reads, orjson.loads(now.body)["progress"]["step"] if now else None]
+
+    import orjson
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_a_cancel_is_not_undone_by_a_read_that_began_before_it(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import app.records as records
+    from app.models import utcnow
+
+    max_age(monkeypatch, 60)
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as setup:
+        job_id = submit(setup)
+    set_job(job_id, status="running")
+    cache = records.get_record_cache()
+    read_done, release = threading.Event(), threading.Event()
+    real_read = records.read_records
+
+    def read_then_wait(job_ids: Any) -> Any:
+        found = real_read(job_ids)  # read before the cancel below
+        read_done.set()
+        release.wait(5)
+        return found
+
+    monkeypatch.setattr(records, "read_records", read_then_wait)
+
+    async def scenario() -> bool:
+        old_read = asyncio.create_task(cache.get(job_id, fresh=True))
+        while not read_done.is_set():
+            await asyncio.sleep(0.01)
+        set_job(job_id, cancel_requested_at=utcnow())  # what POST /jobs/{id}/cancel does, then forget()
+        cache.forget(job_id)
+        release.set()
+        await old_read
+        monkeypatch.setattr(records, "read_records", real_read)
+        record = await cache.get(job_id)
+        assert record is not None
+        return bool(orjson.loads(record.body)["cancel_requested"])
+
+    import orjson
+
+    assert asyncio.run(scenario()) is True
+
+
 def test_etag_and_if_none_match(client: httpx.Client, env: Env) -> None:
     job_id = submit(client)
     first = client.get(f"/jobs/{job_id}")

@@ -7,8 +7,8 @@ that does no work of its own.
                    [--pin [--server-cpus 0] [--client-cpus 1]]
 
 It builds (or reuses) the data with generate.py, then starts, each on a free port of 127.0.0.1:
-redis-server; the API as scripts/run starts it (`uvicorn app.main:app --host --port` plus
---uvicorn-args); writer.py, which logs 5 steps a second to the running job through the trainer's
+redis-server; the API as scripts/run starts it (`uvicorn app.main:app --host --port --loop
+asyncio` plus --uvicorn-args); writer.py, which logs 5 steps a second to the running job through the trainer's
 code; the reference app (reference_app.py, the same uvicorn options) serving the API's own
 responses, fetched and stored before the load; and nginx (sendfile on) serving the checkpoint
 file. Each scenario runs wrk (or curl, or sse_watchers.py) on the API, then the same on its
@@ -734,9 +734,16 @@ def range_header(last: int) -> str:
     return f"bytes={generate.FILE_SIZE - last}-{generate.FILE_SIZE - 1}"
 
 
+# What scripts/run gives uvicorn besides --host and --port (the last of an option given twice wins,
+# so --uvicorn-args "--loop uvloop" measures the other loop).
+SERVICE_UVICORN_OPTIONS = ["--loop", "asyncio"]
+
+
 def uvicorn_options(args: argparse.Namespace) -> list[str]:
-    """The uvicorn options of the API and the reference app: --uvicorn-args, then --api-workers."""
-    return [*shlex.split(args.uvicorn_args), *(["--workers", str(args.api_workers)] if args.api_workers else [])]
+    """The uvicorn options of the API and the reference app: scripts/run's, --uvicorn-args, then
+    --api-workers."""
+    return [*SERVICE_UVICORN_OPTIONS, *shlex.split(args.uvicorn_args),
+            *(["--workers", str(args.api_workers)] if args.api_workers else [])]
 
 
 # ---- curl -----------------------------------------------------------------------------------
