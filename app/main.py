@@ -14,7 +14,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app import uploads
+from app import tcp_nodelay, uploads
 from app.checkpoint_store import sweep_finished_jobs
 from app.config import get_settings
 from app.db import session_scope
@@ -25,9 +25,10 @@ from app.reconcile import reconcile
 from app.routes import checkpoints, files, health, jobs, watch
 
 logger = logging.getLogger(__name__)
+tcp_nodelay.install()  # before uvicorn accepts a connection in this process
 
 # A thread that gives the GIL up (every database call does) waits up to this long to get it back
-# from a busy event loop. Python's 5 ms made one record read take about 100 ms with 1,000 pollers
+# from a busy event loop. Python's 5 ms made one record read take 100-300 ms with 1,000 pollers
 # on one core (convoys: a read makes a dozen calls), and pollers waited for it; at 0.5 ms it takes
 # about 2 ms (bench/load, docs/benchmarks.md#the-api-under-load).
 GIL_SWITCH_INTERVAL_S = 0.0005

@@ -19,6 +19,12 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from app import tcp_nodelay
+
+# The API's work-around for uvicorn --workers leaving Nagle's algorithm on (app/tcp_nodelay.py):
+# a server-level fix, so the reference gets it too and the ratios compare like with like.
+tcp_nodelay.install()
+
 BODIES_ENV = "LOAD_REFERENCE_BODIES"
 
 
