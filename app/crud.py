@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from app import datacheck, uploads
 from app.config import get_settings
-from app.errors import Conflict, DoesNotFit, InvalidSpec, NotFound
+from app.errors import Conflict, DoesNotFit, NotFound
 from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from app.planner import (
     DiskPlan,
@@ -30,6 +30,7 @@ from app.planner import (
 )
 from app.queue import enqueue_job, smallest_worker_gpu
 from app.schemas import JobSpec
+from app.sources import checked_sources
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None, allow_netw
 
 
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
-    job_in = _with_uploaded_sources(session=session, job_in=job_in)
+    job_in = checked_sources(job_in, session=session)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
         memory, disk = estimate(job_in=job_in, allow_network=False, training_rows=data_check.training_rows)
@@ -173,22 +174,6 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     if checkpoint.status == "removed":
         raise NotFound(f"checkpoint {name!r} of job {job_id} was removed (rotated away by save_total_limit)")
     return checkpoint
-
-
-def _with_uploaded_sources(*, session: Session, job_in: JobSpec) -> JobSpec:
-    """The spec with each file_id's source set to the uploaded file's path, so the trainer reads
-    it as any local file; the stored spec keeps file_id too."""
-    update: dict[str, object] = {}
-    for field in ("dataset", "validation"):
-        part = getattr(job_in, field)
-        if part is None or part.file_id is None or part.source:
-            continue
-        uploaded = session.get(UploadedFile, part.file_id)
-        if uploaded is None:
-            raise InvalidSpec(f"{field}.file_id: file {part.file_id} does not exist")
-        source = str(get_settings().data_dir.resolve() / uploaded.path)
-        update[field] = part.model_copy(update={"source": source})
-    return job_in.model_copy(update=update) if update else job_in
 
 
 async def create_file(*, session: Session, request: Request) -> UploadedFile:

@@ -71,6 +71,9 @@ class AppError(Exception):
     def name(self) -> str:
         return type(self).__name__
 
+    def body(self) -> dict[str, Any]:
+        return {"error": self.name, "detail": self.detail}
+
 
 class NotFound(AppError):
     status_code = 404
@@ -133,6 +136,24 @@ class InvalidSpec(AppError):
     status_code = 422
 
 
+class InvalidFields(AppError):
+    """Fields of a request that have the right shape but cannot be used on this server (a local
+    path outside the allowed roots, say): the same 422 body as a request that does not validate."""
+
+    status_code = 422
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+        self.errors = errors
+
+    @property
+    def name(self) -> str:
+        return "ValidationError"
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "errors": self.errors}
+
+
 class MethodNotAllowed(AppError):
     status_code = 405
 
@@ -190,8 +211,7 @@ def allowed_methods(request: Request) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse({"error": exc.name, "detail": exc.detail}, status_code=exc.status_code,
-                            headers=exc.headers)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

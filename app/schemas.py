@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -12,12 +11,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from app.config import get_settings
 from app.models import CheckpointStatus, JobStatus
 from app.rows import COLUMN_NAMES
 
@@ -52,60 +49,20 @@ Scheduler = Literal[
 GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
 
 
-def check_source(value: str, what: str, *, on_disk: bool = True) -> str:
-    """A Hub id, or a local path under one of the operator's allowed roots; nothing else.
-
-    `on_disk=False` checks only the shape: a stored spec, re-read by the trainer, holds the
-    resolved path the API accepted, and whether it still exists is the trainer's question (a
-    folder deleted while the job waited is `model_not_found` or `dataset_invalid`, not a bad spec)."""
+def source_shape(value: str, what: str) -> str:
+    """A Hub id, or a local path (starting with /, ./, ../ or ~): the shape only. Whether a local
+    path may be used on this server is checked once, at submit (app/sources.py)."""
     value = value.strip()
     if not value:
         raise ValueError(f"{what} must not be empty")
     if value.startswith(LOCAL_PATH_PREFIXES):
-        if not on_disk:
-            if not Path(value).is_absolute():
-                raise ValueError(f"{what} {value!r}: a stored local path must be absolute")
-            return value
-        settings = get_settings()
-        roots = settings.resolved_local_roots()
-        try:
-            resolved = Path(value).expanduser().resolve()
-        except RuntimeError:  # "~nosuchuser/...": a home folder this server does not have
-            raise ValueError(f"{what} {value!r} names a home folder that does not exist on the server") from None
-        # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
-        uploaded = resolved.is_relative_to(settings.files_dir())
-        if not roots and not uploaded:
-            raise ValueError(
-                f"{what} {value!r} is a local path, but this server accepts no local paths "
-                "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)"
-            )
-        if not uploaded and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-            allowed = ", ".join(str(r) for r in roots)
-            raise ValueError(f"{what} {value!r} is outside the allowed local roots ({allowed})")
-        if not resolved.exists():
-            raise ValueError(f"{what} {value!r} does not exist on the server")
-        return str(resolved)
+        return value
     if ".." in value or not HUB_ID_RE.match(value):
         raise ValueError(
             f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') "
             "nor a local path (starting with '/')"
         )
     return value
-
-
-def on_disk(info: ValidationInfo) -> bool:
-    """Whether to check local paths against the filesystem: yes, unless validating a stored spec
-    (`model_validate(spec, context={"stored": True})`)."""
-    return not (isinstance(info.context, dict) and info.context.get("stored"))
-
-
-def _stored_file_source(source: str, file_id: int | None, what: str) -> None:
-    """A spec names data by source or by file_id; both only in the stored form, where source is
-    that uploaded file's own path (the trainer reads source)."""
-    if source and file_id is not None:
-        path = Path(source)
-        if path.parent != get_settings().files_dir() or path.stem != str(file_id):
-            raise ValueError(f"give either {what}.source or {what}.file_id, not both")
 
 
 class DatasetSpec(BaseModel):
@@ -123,8 +80,8 @@ class DatasetSpec(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, value: str, info: ValidationInfo) -> str:
-        return check_source(value, "dataset source", on_disk=on_disk(info)) if value else value
+    def _source(cls, value: str) -> str:
+        return source_shape(value, "dataset source") if value else value
 
     @field_validator("columns")
     @classmethod
@@ -143,7 +100,6 @@ class DatasetSpec(BaseModel):
     def _one_of_source_and_file(self) -> DatasetSpec:
         if not self.source and self.file_id is None:
             raise ValueError("give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)")
-        _stored_file_source(self.source, self.file_id, "dataset")
         return self
 
 
@@ -162,8 +118,8 @@ class ValidationSpec(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, value: str, info: ValidationInfo) -> str:
-        return check_source(value, "validation source", on_disk=on_disk(info)) if value else value
+    def _source(cls, value: str) -> str:
+        return source_shape(value, "validation source") if value else value
 
     @model_validator(mode="after")
     def _one_kind(self) -> ValidationSpec:
@@ -173,7 +129,6 @@ class ValidationSpec(BaseModel):
                              "not both")
         if self.fraction is None and not named and not self.split:
             raise ValueError("give validation.fraction, validation.split, validation.source or validation.file_id")
-        _stored_file_source(self.source, self.file_id, "validation")
         return self
 
 
@@ -251,13 +206,13 @@ class JobSpec(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, value: str, info: ValidationInfo) -> str:
-        return check_source(value, "model", on_disk=on_disk(info))
+    def _model(cls, value: str) -> str:
+        return source_shape(value, "model")
 
     @field_validator("chat_template_from")
     @classmethod
-    def _template(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return None if value is None else check_source(value, "chat_template_from", on_disk=on_disk(info))
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else source_shape(value, "chat_template_from")
 
 
 class EstimateRequest(JobSpec):

@@ -99,9 +99,9 @@ class Run:
             job = session.get(Job, self.job_id)
             if job is None:
                 raise JobFailure("job_missing", f"job {self.job_id} is not in the database")
-            # Its shape only: the API checked the paths when the job was submitted, and what has
-            # happened to them since is a failure with its own code (check_sources), not a bad spec.
-            self.spec = JobSpec.model_validate(job.spec, context={"stored": True})
+            # The spec checks shapes only: the API checked the paths on submit (app/sources.py), and
+            # what has happened to them since is a failure with its own code (check_sources).
+            self.spec = JobSpec.model_validate(job.spec)
             self.attempt = job.attempts
         self.check_sources()
 

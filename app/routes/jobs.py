@@ -32,6 +32,7 @@ from app.schemas import (
     StepLogPage,
     UrlInt,
 )
+from app.sources import checked_sources
 
 # Every route here may answer these: no token, a parameter that does not validate, a database
 # that cannot answer.
@@ -63,7 +64,7 @@ def estimate_job(request: EstimateRequest) -> Estimate:
     """Expected peak GPU memory (as nvidia-smi shows it) and disk for a spec, from the model's
     config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
     length that fit. Nothing is stored or queued."""
-    job_in = JobSpec.model_validate(request.model_dump(exclude={"gpu_memory_bytes"}))
+    job_in = checked_sources(JobSpec.model_validate(request.model_dump(exclude={"gpu_memory_bytes"})))
     try:
         memory, disk = crud.estimate(job_in=job_in, gpu_memory_bytes=request.gpu_memory_bytes)
     except PlanError as exc:

@@ -1,0 +1,75 @@
+"""Where a submitted spec's model and data come from, checked against this host: the one place
+(POST /jobs and POST /jobs/estimate) that reads the settings and the filesystem for a spec.
+
+The spec itself (app/schemas.py) checks only shapes: a Hub id, or a local path. Here, at submit,
+each local path is resolved and must lie under ALLOWED_LOCAL_ROOTS (or be an upload) and exist;
+each `file_id` is resolved to its uploaded file's path. The stored spec holds the result, so the
+trainer reads it as it is, on its own host, without checking it again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlmodel import Session
+
+from app.config import Settings, get_settings
+from app.errors import InvalidFields, InvalidSpec
+from app.models import UploadedFile
+from app.schemas import LOCAL_PATH_PREFIXES, JobSpec
+
+
+def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, str | None]:
+    """(the resolved path, None), or (value, why it cannot be used) for a local path."""
+    roots = settings.resolved_local_roots()
+    try:
+        resolved = Path(value).expanduser().resolve()
+    except RuntimeError:  # "~nosuchuser/...": a home folder this server does not have
+        return value, f"{what} {value!r} names a home folder that does not exist on the server"
+    # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
+    uploaded = resolved.is_relative_to(settings.files_dir())
+    if not roots and not uploaded:
+        return value, (f"{what} {value!r} is a local path, but this server accepts no local paths "
+                       "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)")
+    if not uploaded and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        allowed = ", ".join(str(r) for r in roots)
+        return value, f"{what} {value!r} is outside the allowed local roots ({allowed})"
+    if not resolved.exists():
+        return value, f"{what} {value!r} does not exist on the server"
+    return str(resolved), None
+
+
+def checked_sources(job_in: JobSpec, *, session: Session | None = None) -> JobSpec:
+    """The spec with its local paths resolved and checked, and (given a session) each file_id's
+    source set to the uploaded file's path; the stored spec keeps file_id too. Every problem at
+    once, as a 422 naming each field (InvalidFields); an unknown file id is InvalidSpec."""
+    settings = get_settings()
+    problems: list[dict[str, str]] = []
+
+    def checked(value: str | None, field: str, what: str) -> str | None:
+        if not value or not value.startswith(LOCAL_PATH_PREFIXES):
+            return value
+        resolved, problem = local_path_problem(value, what, settings)
+        if problem:
+            problems.append({"field": field, "message": problem})
+        return resolved
+
+    update: dict[str, object] = {"model": checked(job_in.model, "model", "model"),
+                                 "chat_template_from": checked(job_in.chat_template_from, "chat_template_from",
+                                                               "chat_template_from")}
+    for field in ("dataset", "validation"):
+        part = getattr(job_in, field)
+        if part is None:
+            continue
+        if part.source and part.file_id is not None:
+            problems.append({"field": field, "message": f"give either {field}.source or {field}.file_id, not both"})
+            continue
+        source = checked(part.source, f"{field}.source", f"{field} source")
+        if part.file_id is not None and session is not None:
+            uploaded = session.get(UploadedFile, part.file_id)
+            if uploaded is None:
+                raise InvalidSpec(f"{field}.file_id: file {part.file_id} does not exist")
+            source = str(settings.data_dir.resolve() / uploaded.path)
+        update[field] = part.model_copy(update={"source": source})
+    if problems:
+        raise InvalidFields(problems)
+    return job_in.model_copy(update=update)
