@@ -153,6 +153,8 @@ def create_app() -> FastAPI:
     app.include_router(checkpoints.router)
     app.include_router(files.router)
     app.include_router(watch.router)
+    # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).
+    app.mount(watch.STATIC_URL, watch.static_assets(), name="static")
     return app
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
+from starlette.types import Message
 
 from app.config import get_settings
 from app.db import get_engine
@@ -146,17 +149,146 @@ def test_unknown_job_is_404_before_anything_streams(client: TestClient, path: st
     assert response.json() == {"error": "NotFound", "detail": "job 999 not found"}
 
 
+def page_assets(page_url: str, html: str) -> list[str]:
+    """The URLs a page loads (stylesheets, scripts), resolved against the page's own URL as a browser does."""
+    return [urljoin(page_url, ref) for ref in re.findall(r'(?:href|src)="([^"]+)"', html)
+            if not ref.startswith("data:")]
+
+
 def test_watch_page_is_html_that_opens_the_stream(client: TestClient) -> None:
     job_id = add_job(JobStatus.queued)
 
     response = client.get(f"/jobs/{job_id}/watch")
 
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/html")
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    assert "cache-control" not in response.headers and "etag" not in response.headers  # asked again each time
     assert f"<title>Job {job_id}</title>" in response.text
-    assert f"const JOB_ID = {job_id}," in response.text
-    assert "new EventSource(" in response.text
-    assert "{{JOB_ID}}" not in response.text
+    assert f'data-job-id="{job_id}"' in response.text
+    assert "{{" not in response.text
+    assets = page_assets(str(response.url), response.text)
+    # Relative to the page: served by this app, under a path prefix too, and from no CDN.
+    assert assets == ["http://testserver/static/watch/watch.css", "http://testserver/static/watch/watch.js"]
+    assert 'href="../../static/watch/watch.css"' in response.text
+    script = client.get(assets[1])
+    assert script.status_code == 200
+    assert "const JOB_ID = Number(document.documentElement.dataset.jobId)," in script.text
+    assert 'new EventSource("stream"' in script.text
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg\b)", script.text)  # no CDN: only the SVG namespace
+    assert "{{" not in script.text
+
+
+@pytest.mark.parametrize(("path", "content_type", "holds"), [
+    ("/static/watch/watch.css", "text/css; charset=utf-8", "#events{"),
+    ("/static/watch/watch.js", "text/javascript; charset=utf-8", "function connect()"),
+])
+def test_static_assets_are_served_and_cached_until_they_change(client: TestClient, path: str, content_type: str,
+                                                                holds: str) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == content_type
+    assert holds in response.text
+    assert response.headers["cache-control"] == "no-cache"  # kept, but checked before each use
+    etag, last_modified = response.headers["etag"], response.headers["last-modified"]
+    for asked in ({"If-None-Match": etag}, {"If-Modified-Since": last_modified}):
+        again = client.get(path, headers=asked)
+        assert again.status_code == 304, asked
+        assert again.content == b""
+        assert again.headers["etag"] == etag and again.headers["cache-control"] == "no-cache"
+    assert client.get(path, headers={"If-None-Match": '"stale"'}).status_code == 200
+    head = client.head(path)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(response.content))
+
+
+def test_static_assets_need_no_token_when_the_page_does(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = add_job(JobStatus.queued)
+    monkeypatch.setenv("API_TOKENS", "s3cret")
+    get_settings.cache_clear()
+
+    assert client.get(f"/jobs/{job_id}/watch").status_code == 401
+    page = client.get(f"/jobs/{job_id}/watch", headers={"Authorization": "Bearer s3cret"})
+    assert page.status_code == 200
+    for url in page_assets(str(page.url), page.text):
+        assert client.get(url).status_code == 200, url
+
+
+@pytest.mark.parametrize("path", ["/static/watch/nosuch.js", "/static/watch/", "/static/watch", "/static/",
+                                  "/static/nosuch/watch.js", "/static/watch/watch.js/x"])
+def test_an_unknown_asset_is_404(client: TestClient, path: str) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 404
+    assert response.json()["error"] == "NotFound"
+
+
+def test_static_assets_take_get_and_head_only(client: TestClient) -> None:
+    response = client.post("/static/watch/watch.js")
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.json() == {"error": "MethodNotAllowed",
+                               "detail": "/static/watch/watch.js does not take POST; it takes GET, HEAD"}
+
+
+def raw_get(path: str) -> tuple[int, bytes]:
+    """GET a path exactly as written: an HTTP client would resolve its ../ before sending it."""
+    sent: list[Message] = []
+    asked: list[bool] = []
+
+    async def receive() -> Message:
+        if asked:  # a response listening for the client's disconnect: the client stays
+            await asyncio.Event().wait()
+        asked.append(True)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
+
+
+# What files next to and above the static folder hold (app/main.py, app/config.py, the page's
+# template, pyproject.toml): none may come out of /static.
+SECRETS = (b"def create_app", b"class Settings", b"{{JOB_ID}}", b"[project]")
+
+
+@pytest.mark.parametrize("path", [
+    "/static/watch/..%2f..%2fmain.py", "/static/watch/..%2F..%2Fconfig.py", "/static/..%2fmain.py",
+    "/static/..%2ftemplates%2fwatch.html", "/static/watch/%2e%2e%2f%2e%2e%2fmain.py",
+    "/static/watch/..%5c..%5cmain.py", "/static/%2fetc%2fpasswd", "/static//etc/passwd",
+    "/static/watch/..%2f..%2f..%2fpyproject.toml", "/static/watch/%00.js",
+])
+def test_a_traversal_through_the_client_leaks_nothing(client: TestClient, path: str) -> None:
+    response = client.get(path)
+
+    assert response.status_code == 404, (path, response.status_code)
+    assert not any(marker in response.content for marker in SECRETS)
+
+
+@pytest.mark.parametrize("path", [
+    "/static/watch/../../main.py", "/static/../main.py", "/static/../templates/watch.html",
+    "/static/watch/../../../pyproject.toml", "/static/./watch/../../config.py", "/static/watch/..\\..\\main.py",
+])
+def test_a_raw_traversal_leaks_nothing(client: TestClient, path: str) -> None:
+    status, body = raw_get(path)
+
+    assert status == 404, (path, status)
+    assert not any(marker in body for marker in SECRETS)
+    assert raw_get("/static/watch/./watch.js")[0] == 200  # the same path handling does serve what is there
+
+
+def test_the_page_and_assets_stay_out_of_the_openapi_document(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+
+    assert "/jobs/{job_id}/stream" in paths
+    assert "/jobs/{job_id}/watch" not in paths
+    assert not [path for path in paths if "static" in path]
 
 
 def test_stream_and_page_need_the_token_when_tokens_are_configured(

@@ -1,13 +1,16 @@
-"""/jobs/{id}/stream and /jobs/{id}/watch: follow a job live, as Server-Sent Events or as a web page."""
+"""/jobs/{id}/stream and /jobs/{id}/watch: follow a job live, as Server-Sent Events or as a web page
+(app/templates/watch.html, its CSS and JavaScript served from app/static/watch/ under /static)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
@@ -17,11 +20,15 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from sse_starlette.event import ServerSentEvent
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.staticfiles import PathLike, StaticFiles
+from starlette.types import Scope
 
 from app import crud, pages
 from app.db import SessionDep, get_engine, limiter_of, run_db
 from app.deps import require_token
-from app.errors import NotFound, error_responses
+from app.errors import MethodNotAllowed, NotFound, error_responses
 from app.records import Record, get_record_cache, record_of
 from app.routes.jobs import NOT_FOUND, JobId
 from app.schemas import MAX_DB_INT, UrlInt
@@ -286,204 +293,50 @@ def watch_page(job_id: JobId, session: SessionDep) -> HTMLResponse:
     return HTMLResponse(WATCH_PAGE_HTML.replace("{{JOB_ID}}", str(int(job_id))))
 
 
-# Self-contained (no CDN: the server may be offline). Relative URLs ("stream", "checkpoints")
-# resolve against /jobs/<id>/watch, so the page works behind a path prefix too.
+# The page is app/templates/watch.html, with the job id filled in; its CSS and JavaScript are
+# app/static/watch/, served under STATIC_URL (app.main mounts static_assets() there) and
+# referenced by the page with relative URLs ("../../static/watch/watch.js" from
+# /jobs/<id>/watch), as are "stream" and "checkpoints" by the script: the page works behind a
+# path prefix too. Self-contained (no CDN: the server may be offline).
 # EventSource and a plain page load cannot send an Authorization header: where API_TOKENS is
-# set, open the page through a proxy that adds the header, or it answers 401.
-WATCH_PAGE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1">
-<title>Job {{JOB_ID}}</title><link rel="icon" href="data:,">
-<style>
-body{font:14px system-ui,sans-serif;color:#222;max-width:960px;margin:1.5em auto;padding:0 1em}
-h1{font-size:1.4em;margin:0} h2{font-size:1.05em;margin:1.4em 0 .4em} .muted{color:#777}
-.bar{background:#eee;border-radius:4px;height:14px;overflow:hidden;margin:.8em 0 .3em}
-.bar div{background:#3b82f6;height:100%;width:0;transition:width .5s}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(165px,1fr));gap:.5em;margin-top:1em}
-.grid div{background:#f4f4f5;border-radius:4px;padding:.4em .6em} .grid b{display:block;font-size:1.15em}
-svg{width:100%;height:auto;background:#fafafa;border:1px solid #ddd;border-radius:4px}
-svg text{font-size:11px;fill:#666}
-ul{padding-left:1.2em} #events{max-height:280px;overflow:auto;font:12px monospace}
-.succeeded{color:#15803d} .failed{color:#b91c1c} .cancelled{color:#a16207} .running{color:#1d4ed8}
-</style></head><body>
-<h1>Job {{JOB_ID}} <span id="status" class="muted">connecting…</span></h1>
-<div id="model" class="muted"></div>
-<div class="bar"><div id="bar"></div></div><div id="progress" class="muted"></div>
-<div id="error" class="failed"></div>
-<div class="grid">
-  <div>loss<b id="loss">–</b></div><div>eval loss<b id="eval">–</b></div>
-  <div>learning rate<b id="lr">–</b></div>
-  <div>grad norm<b id="gn">–</b></div><div>tokens/s<b id="tps">–</b></div>
-  <div>VRAM allocated<b id="alloc">–</b></div><div>VRAM peak<b id="peak">–</b></div>
-  <div>device used / total<b id="device">– / –</b></div>
-</div>
-<h2>Loss</h2><svg id="loss-chart" viewBox="0 0 600 180"></svg>
-<h2>VRAM (GiB)</h2><svg id="vram-chart" viewBox="0 0 600 180"></svg>
-<h2>Checkpoints</h2><ul id="checkpoints"><li class="muted">none yet</li></ul>
-<h2>Events</h2><ul id="events"></ul>
-<script>
-"use strict";
-const JOB_ID = {{JOB_ID}}, NS = "http://www.w3.org/2000/svg", FINISHED = ["succeeded", "failed", "cancelled"];
-const $ = (id) => document.getElementById(id);
-const logs = [];
-let lastStep = null, lastEventId = null, finished = false, drawPending = false;
+# set, open the page through a proxy that adds the header, or it answers 401. The static files
+# need no token (like /docs, they show what the API is, not what it holds).
+APP_DIR = Path(__file__).resolve().parent.parent
+STATIC_DIR = APP_DIR / "static"
+STATIC_URL = "/static"
+WATCH_PAGE_HTML = (APP_DIR / "templates" / "watch.html").read_text(encoding="utf-8")
+# Whatever the host's mimetypes table says (older ones call .js application/javascript, without
+# a charset; the script holds non-ASCII text).
+STATIC_MEDIA_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
 
-function num(v) {
-  if (v == null) return "–";
-  const a = Math.abs(v);
-  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
-}
-const gib = (v) => (v == null ? "–" : v.toFixed(1) + " GiB");
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  for (; n >= 1024 && i < units.length - 1; i++) n /= 1024;
-  return (i ? n.toFixed(1) : n) + " " + units[i];
-}
-function duration(s) {
-  s = Math.round(s);
-  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
-}
-function node(tag, attrs, text, ns) {
-  const e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
-  for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
-  if (text != null) e.textContent = text;
-  return e;
-}
-const svgNode = (tag, attrs, text) => node(tag, attrs, text, NS);
 
-function showJob(job) {
-  const p = job.progress, m = job.metrics, v = job.vram;
-  const cancelling = job.cancel_requested && job.status === "running";
-  const phase = job.phase && job.phase !== "training" ? `: ${job.phase.replace("_", " ")}` : "";
-  $("status").textContent = job.status + phase + (cancelling ? " (cancelling)" : "");
-  $("status").className = job.status;
-  $("model").textContent = `${job.spec.model} on ${job.spec.dataset.source}`
-    + (job.backend ? ` · ${job.backend}` : "");
-  $("bar").style.width = (p.percent || 0) + "%";
-  const parts = [`step ${p.step}` + (p.total_steps ? ` / ${p.total_steps}` : "")];
-  if (p.percent != null) parts.push(p.percent.toFixed(1) + " %");
-  if (p.epoch != null) parts.push(`epoch ${p.epoch.toFixed(2)}`);
-  if (p.eta_seconds != null && job.status === "running") parts.push(`ETA ${duration(p.eta_seconds)}`);
-  $("progress").textContent = parts.join(" · ");
-  $("error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
-  $("loss").textContent = num(m.loss);
-  $("eval").textContent = m.eval_loss == null ? "–" : `${num(m.eval_loss)} (step ${m.eval_step})`;
-  $("lr").textContent = num(m.learning_rate);
-  $("gn").textContent = num(m.grad_norm);
-  $("tps").textContent = m.tokens_per_second == null ? "–" : Math.round(m.tokens_per_second);
-  $("alloc").textContent = gib(v.allocated_gib);
-  $("peak").textContent = gib(v.peak_allocated_gib);
-  $("device").textContent = `${gib(v.device_used_gib)} / ${gib(v.device_total_gib)}`;
-  if (FINISHED.includes(job.status) && !finished) {
-    finished = true;  // the server ends the stream itself, after this poll's logs and events
-    loadCheckpoints();
-    scheduleDraw();  // empty charts now say "no data", not "yet"
-  }
-}
+class StaticAssets(StaticFiles):
+    """StaticFiles (ETag and Last-Modified, a 304 for a browser that has the file, nothing outside
+    its directory) that answers `Cache-Control: no-cache`: a browser keeps the files and asks
+    whether they changed before using them, so a page served by an upgraded server never runs
+    the old script, and an unchanged file costs a 304. Errors in the API's own words: the 405
+    handler would list every method for a mount, which matches them all."""
 
-// series: [{label, color, dots?, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
-function chart(svg, series, fromZero, emptyText) {
-  const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
-  svg.replaceChildren();
-  const pts = series.flatMap((s) => s.points);
-  const middle = {x: W / 2, y: H / 2, "text-anchor": "middle"};
-  if (!pts.length) return svg.append(svgNode("text", middle, emptyText));
-  const lo = (i) => pts.reduce((a, p) => Math.min(a, p[i]), Infinity);
-  const hi = (i) => pts.reduce((a, p) => Math.max(a, p[i]), -Infinity);
-  const x0 = lo(0), x1 = Math.max(hi(0), x0 + 1);
-  let y0 = fromZero ? 0 : lo(1), y1 = hi(1);
-  if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
-  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
-  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
-  const axes = `${L},${T} ${L},${H - B} ${W - R},${H - B}`;
-  svg.append(svgNode("polyline", {points: axes, fill: "none", stroke: "#aaa"}));
-  svg.append(svgNode("text", {x: L - 4, y: T + 8, "text-anchor": "end"}, num(y1)));
-  svg.append(svgNode("text", {x: L - 4, y: H - B, "text-anchor": "end"}, num(y0)));
-  svg.append(svgNode("text", {x: L, y: H - 6}, `step ${x0}`));
-  svg.append(svgNode("text", {x: W - R, y: H - 6, "text-anchor": "end"}, `step ${hi(0)}`));
-  series.forEach((s, i) => {
-    const line = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
-    svg.append(svgNode("polyline", {points: line, fill: "none", stroke: s.color, "stroke-width": 1.5}));
-    // Sparse series (an evaluation every few hundred steps) also get a dot per point.
-    if (s.dots) s.points.forEach((p) => svg.append(svgNode("circle", {cx: sx(p[0]).toFixed(1),
-      cy: sy(p[1]).toFixed(1), r: 3, fill: s.color})));
-    const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
-    svg.append(svgNode("text", legend, s.label));
-  });
-}
-function pointsOf(pick) {
-  return logs.filter((r) => pick(r) != null).map((r) => [r.step, pick(r)]);
-}
-function scheduleDraw() {
-  if (drawPending) return;
-  drawPending = true;
-  requestAnimationFrame(() => {
-    drawPending = false;
-    const empty = finished ? "no data" : "no data yet";
-    chart($("loss-chart"), [
-      {label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)},
-      {label: "eval loss", color: "#f59e0b", dots: true, points: pointsOf((r) => r.eval_loss)},
-    ], false, empty);
-    // Step logs without memory figures come from a run on the CPU: say so, not "yet".
-    chart($("vram-chart"), [
-      {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},
-      {label: "allocated (torch)", color: "#16a34a", points: pointsOf((r) => r.vram.allocated_gib)},
-    ], true, logs.length ? "no GPU memory figures: this job trains on the CPU" : empty);
-  });
-}
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"{scope['path']} does not take {scope['method']}; it takes GET, HEAD",
+                                   headers={"Allow": "GET, HEAD"})
+        try:
+            return await super().get_response(path, scope)
+        except HTTPException as exc:
+            if exc.status_code == 404:
+                raise NotFound(f"no static file {scope['path']}") from None
+            raise
 
-function addEvent(ev) {
-  const li = node("li", {}, `${new Date(ev.created_at).toLocaleString()}  ${ev.kind}: ${ev.message}`);
-  $("events").prepend(li);
-}
-async function loadCheckpoints() {
-  const r = await fetch("checkpoints");
-  if (!r.ok) return;
-  const items = (await r.json()).map((cp) => {
-    const li = node("li", {}, `${cp.name} (step ${cp.step}, ${bytes(cp.size)}, ${cp.status}) `);
-    li.append(node("a", {href: cp.archive_url}, "download .tar"));
-    const files = node("details");
-    files.append(node("summary", {}, `files (${cp.files.length})`));
-    for (const f of cp.files) {
-      const row = node("div");
-      row.append(node("a", {href: f.url}, f.path), ` ${bytes(f.size)}`);
-      files.append(row);
-    }
-    li.append(files);
-    return li;
-  });
-  $("checkpoints").replaceChildren(...(items.length ? items : [node("li", {class: "muted"}, "none yet")]));
-}
+    def file_response(self, full_path: PathLike, stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        media_type = STATIC_MEDIA_TYPES.get(os.path.splitext(full_path)[1])
+        if media_type is not None and response.status_code != 304:
+            response.headers["Content-Type"] = media_type
+        return response
 
-// Reconnects itself with after_step / after_event_id, so nothing is shown twice.
-function connect() {
-  const q = new URLSearchParams();
-  if (lastStep != null) q.set("after_step", lastStep);
-  if (lastEventId != null) q.set("after_event_id", lastEventId);
-  const source = new EventSource("stream" + (q.toString() ? "?" + q : ""));
-  source.addEventListener("job", (e) => showJob(JSON.parse(e.data)));
-  source.addEventListener("log", (e) => {
-    const row = JSON.parse(e.data);
-    lastStep = row.step;
-    logs.push(row);
-    scheduleDraw();
-  });
-  source.addEventListener("event", (e) => {
-    const ev = JSON.parse(e.data);
-    lastEventId = ev.id;
-    addEvent(ev);
-    if (ev.kind.startsWith("checkpoint")) loadCheckpoints();
-  });
-  source.onerror = () => {
-    source.close();  // the browser would otherwise reconnect by itself and replay everything
-    if (!finished) setTimeout(connect, 3000);
-  };
-}
-scheduleDraw();
-loadCheckpoints();
-connect();
-</script>
-</body></html>
-"""
+
+def static_assets() -> StaticAssets:
+    return StaticAssets(directory=STATIC_DIR)

@@ -1,0 +1,166 @@
+// The watch page's script (app/templates/watch.html, served at /jobs/<id>/watch; this file at
+// /static/watch/watch.js). Self-contained: no CDN, the server may be offline. The relative URLs
+// ("stream", "checkpoints") resolve against the page, /jobs/<id>/watch, not against this file, so
+// the page works behind a path prefix too.
+"use strict";
+const JOB_ID = Number(document.documentElement.dataset.jobId), NS = "http://www.w3.org/2000/svg", FINISHED = ["succeeded", "failed", "cancelled"];
+const $ = (id) => document.getElementById(id);
+const logs = [];
+let lastStep = null, lastEventId = null, finished = false, drawPending = false;
+
+function num(v) {
+  if (v == null) return "–";
+  const a = Math.abs(v);
+  return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : String(+v.toPrecision(4));
+}
+const gib = (v) => (v == null ? "–" : v.toFixed(1) + " GiB");
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  for (; n >= 1024 && i < units.length - 1; i++) n /= 1024;
+  return (i ? n.toFixed(1) : n) + " " + units[i];
+}
+function duration(s) {
+  s = Math.round(s);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  return d ? `${d} d ${h} h` : h ? `${h} h ${m} min` : m ? `${m} min ${s % 60} s` : `${s} s`;
+}
+function node(tag, attrs, text, ns) {
+  const e = ns ? document.createElementNS(ns, tag) : document.createElement(tag);
+  for (const k in attrs || {}) e.setAttribute(k, attrs[k]);
+  if (text != null) e.textContent = text;
+  return e;
+}
+const svgNode = (tag, attrs, text) => node(tag, attrs, text, NS);
+
+function showJob(job) {
+  const p = job.progress, m = job.metrics, v = job.vram;
+  const cancelling = job.cancel_requested && job.status === "running";
+  const phase = job.phase && job.phase !== "training" ? `: ${job.phase.replace("_", " ")}` : "";
+  $("status").textContent = job.status + phase + (cancelling ? " (cancelling)" : "");
+  $("status").className = job.status;
+  $("model").textContent = `${job.spec.model} on ${job.spec.dataset.source}`
+    + (job.backend ? ` · ${job.backend}` : "");
+  $("bar").style.width = (p.percent || 0) + "%";
+  const parts = [`step ${p.step}` + (p.total_steps ? ` / ${p.total_steps}` : "")];
+  if (p.percent != null) parts.push(p.percent.toFixed(1) + " %");
+  if (p.epoch != null) parts.push(`epoch ${p.epoch.toFixed(2)}`);
+  if (p.eta_seconds != null && job.status === "running") parts.push(`ETA ${duration(p.eta_seconds)}`);
+  $("progress").textContent = parts.join(" · ");
+  $("error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+  $("loss").textContent = num(m.loss);
+  $("eval").textContent = m.eval_loss == null ? "–" : `${num(m.eval_loss)} (step ${m.eval_step})`;
+  $("lr").textContent = num(m.learning_rate);
+  $("gn").textContent = num(m.grad_norm);
+  $("tps").textContent = m.tokens_per_second == null ? "–" : Math.round(m.tokens_per_second);
+  $("alloc").textContent = gib(v.allocated_gib);
+  $("peak").textContent = gib(v.peak_allocated_gib);
+  $("device").textContent = `${gib(v.device_used_gib)} / ${gib(v.device_total_gib)}`;
+  if (FINISHED.includes(job.status) && !finished) {
+    finished = true;  // the server ends the stream itself, after this poll's logs and events
+    loadCheckpoints();
+    scheduleDraw();  // empty charts now say "no data", not "yet"
+  }
+}
+
+// series: [{label, color, dots?, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
+function chart(svg, series, fromZero, emptyText) {
+  const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
+  svg.replaceChildren();
+  const pts = series.flatMap((s) => s.points);
+  const middle = {x: W / 2, y: H / 2, "text-anchor": "middle"};
+  if (!pts.length) return svg.append(svgNode("text", middle, emptyText));
+  const lo = (i) => pts.reduce((a, p) => Math.min(a, p[i]), Infinity);
+  const hi = (i) => pts.reduce((a, p) => Math.max(a, p[i]), -Infinity);
+  const x0 = lo(0), x1 = Math.max(hi(0), x0 + 1);
+  let y0 = fromZero ? 0 : lo(1), y1 = hi(1);
+  if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
+  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  const axes = `${L},${T} ${L},${H - B} ${W - R},${H - B}`;
+  svg.append(svgNode("polyline", {points: axes, fill: "none", stroke: "#aaa"}));
+  svg.append(svgNode("text", {x: L - 4, y: T + 8, "text-anchor": "end"}, num(y1)));
+  svg.append(svgNode("text", {x: L - 4, y: H - B, "text-anchor": "end"}, num(y0)));
+  svg.append(svgNode("text", {x: L, y: H - 6}, `step ${x0}`));
+  svg.append(svgNode("text", {x: W - R, y: H - 6, "text-anchor": "end"}, `step ${hi(0)}`));
+  series.forEach((s, i) => {
+    const line = s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
+    svg.append(svgNode("polyline", {points: line, fill: "none", stroke: s.color, "stroke-width": 1.5}));
+    // Sparse series (an evaluation every few hundred steps) also get a dot per point.
+    if (s.dots) s.points.forEach((p) => svg.append(svgNode("circle", {cx: sx(p[0]).toFixed(1),
+      cy: sy(p[1]).toFixed(1), r: 3, fill: s.color})));
+    const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
+    svg.append(svgNode("text", legend, s.label));
+  });
+}
+function pointsOf(pick) {
+  return logs.filter((r) => pick(r) != null).map((r) => [r.step, pick(r)]);
+}
+function scheduleDraw() {
+  if (drawPending) return;
+  drawPending = true;
+  requestAnimationFrame(() => {
+    drawPending = false;
+    const empty = finished ? "no data" : "no data yet";
+    chart($("loss-chart"), [
+      {label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)},
+      {label: "eval loss", color: "#f59e0b", dots: true, points: pointsOf((r) => r.eval_loss)},
+    ], false, empty);
+    // Step logs without memory figures come from a run on the CPU: say so, not "yet".
+    chart($("vram-chart"), [
+      {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},
+      {label: "allocated (torch)", color: "#16a34a", points: pointsOf((r) => r.vram.allocated_gib)},
+    ], true, logs.length ? "no GPU memory figures: this job trains on the CPU" : empty);
+  });
+}
+
+function addEvent(ev) {
+  const li = node("li", {}, `${new Date(ev.created_at).toLocaleString()}  ${ev.kind}: ${ev.message}`);
+  $("events").prepend(li);
+}
+async function loadCheckpoints() {
+  const r = await fetch("checkpoints");
+  if (!r.ok) return;
+  const items = (await r.json()).map((cp) => {
+    const li = node("li", {}, `${cp.name} (step ${cp.step}, ${bytes(cp.size)}, ${cp.status}) `);
+    li.append(node("a", {href: cp.archive_url}, "download .tar"));
+    const files = node("details");
+    files.append(node("summary", {}, `files (${cp.files.length})`));
+    for (const f of cp.files) {
+      const row = node("div");
+      row.append(node("a", {href: f.url}, f.path), ` ${bytes(f.size)}`);
+      files.append(row);
+    }
+    li.append(files);
+    return li;
+  });
+  $("checkpoints").replaceChildren(...(items.length ? items : [node("li", {class: "muted"}, "none yet")]));
+}
+
+// Reconnects itself with after_step / after_event_id, so nothing is shown twice.
+function connect() {
+  const q = new URLSearchParams();
+  if (lastStep != null) q.set("after_step", lastStep);
+  if (lastEventId != null) q.set("after_event_id", lastEventId);
+  const source = new EventSource("stream" + (q.toString() ? "?" + q : ""));
+  source.addEventListener("job", (e) => showJob(JSON.parse(e.data)));
+  source.addEventListener("log", (e) => {
+    const row = JSON.parse(e.data);
+    lastStep = row.step;
+    logs.push(row);
+    scheduleDraw();
+  });
+  source.addEventListener("event", (e) => {
+    const ev = JSON.parse(e.data);
+    lastEventId = ev.id;
+    addEvent(ev);
+    if (ev.kind.startsWith("checkpoint")) loadCheckpoints();
+  });
+  source.onerror = () => {
+    source.close();  // the browser would otherwise reconnect by itself and replay everything
+    if (!finished) setTimeout(connect, 3000);
+  };
+}
+scheduleDraw();
+loadCheckpoints();
+connect();
