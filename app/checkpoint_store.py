@@ -22,6 +22,7 @@ from sqlmodel import Session, col, select
 from app.crud import add_event
 from app.files import folder_files
 from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
+from core.contract import EventKind
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def record_checkpoint(*, session: Session, job_id: int, folder: Path, step: int,
     checkpoint.size_bytes = sum(f["size"] for f in files)
     checkpoint.status, checkpoint.removed_at, checkpoint.created_at = CheckpointStatus.hashing, None, utcnow()
     session.add(checkpoint)
-    add_event(session=session, job_id=job_id, kind="checkpoint",
+    add_event(session=session, job_id=job_id, kind=EventKind.checkpoint,
               message=f"saved {folder.name} at step {step} ({checkpoint.size_bytes} bytes, {len(files)} files){note}")
     return checkpoint
 
@@ -136,7 +137,7 @@ def mark_removed(*, session: Session, job_id: int, checkpoints_dir: Path,
         if not (checkpoints_dir / checkpoint.name).is_dir():
             checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
             session.add(checkpoint)
-            add_event(session=session, job_id=job_id, kind="checkpoint_removed",
+            add_event(session=session, job_id=job_id, kind=EventKind.checkpoint_removed,
                       message=f"{checkpoint.name} removed from disk ({why})")
             removed.append(checkpoint.name)
     return removed

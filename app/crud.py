@@ -31,11 +31,12 @@ from app.planner import (
 from app.queue import enqueue_job, smallest_worker_gpu
 from app.schemas import JobSpec
 from app.sources import checked_sources
+from core.contract import ErrorCode, EventKind
 
 logger = logging.getLogger(__name__)
 
 
-def add_event(*, session: Session, job_id: int, kind: str, message: str) -> None:
+def add_event(*, session: Session, job_id: int, kind: EventKind, message: str) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message))
 
 
@@ -77,7 +78,7 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     session.add(job)
     session.flush()
     assert job.id is not None
-    add_event(session=session, job_id=job.id, kind="queued",
+    add_event(session=session, job_id=job.id, kind=EventKind.queued,
               message=f"job accepted and queued; {data_check.note}; {plan_note}")
     session.commit()
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
@@ -87,7 +88,7 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     except Exception as exc:  # redis.ConnectionError and friends
         logger.warning("job %s stored but not enqueued yet: %s", job.id, exc)
         add_event(
-            session=session, job_id=job.id, kind="enqueue_delayed",
+            session=session, job_id=job.id, kind=EventKind.enqueue_delayed,
             message=f"the queue could not be reached ({exc}); the job will be enqueued when it is back",
         )
         session.commit()
@@ -125,17 +126,17 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
             .values(status=JobStatus.cancelled, finished_at=now, cancel_requested_at=now,
-                    error_code="cancelled", error_message="cancelled before it started")
+                    error_code=ErrorCode.cancelled, error_message="cancelled before it started")
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
-            add_event(session=session, job_id=job_id, kind="cancelled", message="cancelled before it started")
+            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled before it started")
             session.commit()
             session.refresh(job)
             return job
         session.refresh(job)
     if job.status == JobStatus.running and job.cancel_requested_at is None:
         job.cancel_requested_at = now
-        add_event(session=session, job_id=job_id, kind="cancel_requested",
+        add_event(session=session, job_id=job_id, kind=EventKind.cancel_requested,
                   message="cancel requested; training stops at the next step")
         session.commit()
     return job

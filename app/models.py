@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
+
+from core.contract import CheckpointStatus as CheckpointStatus
+from core.contract import JobStatus as JobStatus
 
 
 def utcnow() -> datetime:
@@ -34,24 +36,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _ts(*, nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
-
-
-class JobStatus(StrEnum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
-
-
-class CheckpointStatus(StrEnum):
-    hashing = "hashing"  # on disk, sizes known, sha256 still being computed off the training path
-    ready = "ready"
-    removed = "removed"  # rotated away by save_total_limit, or lost from disk
 
 
 class Job(SQLModel, table=True):

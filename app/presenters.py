@@ -18,6 +18,7 @@ from app.schemas import (
     StepLogPublic,
     Vram,
 )
+from core.contract import ErrorCode, EventKind, Phase
 
 GIB = 1024**3
 
@@ -46,14 +47,14 @@ def job_public(job: Job) -> JobPublic:
         backend=job.backend,
         versions=job.versions,
         attempts=job.attempts,
-        phase=job.phase if job.status == JobStatus.running else None,
+        phase=Phase(job.phase) if job.status == JobStatus.running and job.phase else None,
         cancel_requested=job.cancel_requested_at is not None,
         progress=Progress(step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent,
                           eta_seconds=job.eta_seconds),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram),
         data_report=job.data_report,
-        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,
         links={"self": base, "logs": f"{base}/logs", "events": f"{base}/events",
                "checkpoints": f"{base}/checkpoints", "cancel": f"{base}/cancel", "watch": f"{base}/watch"},
     )
@@ -72,7 +73,7 @@ def step_log_public(row: StepLog) -> StepLogPublic:
 
 def event_public(row: JobEvent) -> EventPublic:
     assert row.id is not None
-    return EventPublic(id=row.id, created_at=row.created_at, kind=row.kind, message=row.message)
+    return EventPublic(id=row.id, created_at=row.created_at, kind=EventKind(row.kind), message=row.message)
 
 
 def checkpoint_public(row: Checkpoint) -> CheckpointPublic:

@@ -26,6 +26,7 @@ from app.crud import add_event
 from app.db import session_scope
 from app.models import Job, JobStatus, utcnow
 from app.queue import enqueue_job, get_queue, parse_rq_job_id, rq_job_id
+from core.contract import ErrorCode, EventKind
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,14 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
     values: dict[str, Any]
     if job.status == JobStatus.running and job.cancel_requested_at is not None:
         outcome, values = "cancelled", {
-            "status": JobStatus.cancelled, "error_code": "cancelled",
+            "status": JobStatus.cancelled, "error_code": ErrorCode.cancelled,
             "error_message": f"cancelled; its worker stopped before confirming ({reason})",
         }
     elif job.attempts < settings.max_attempts:
         outcome, values = "requeued", {"status": JobStatus.queued, "heartbeat_at": None, "worker_name": None}
     else:
         outcome, values = "failed", {
-            "status": JobStatus.failed, "error_code": "worker_lost",
+            "status": JobStatus.failed, "error_code": ErrorCode.worker_lost,
             "error_message": (
                 f"{reason}. The job was tried {job.attempts} time(s), the most allowed (MAX_ATTEMPTS); "
                 "check the worker's log and resubmit."
@@ -73,9 +74,9 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
     if outcome == "requeued":
         message = f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), " \
                   "resuming from its last checkpoint if it has one"
-        add_event(session=session, job_id=job_id, kind="retried", message=message)
+        add_event(session=session, job_id=job_id, kind=EventKind.retried, message=message)
     else:
-        add_event(session=session, job_id=job_id, kind=outcome, message=str(values["error_message"]))
+        add_event(session=session, job_id=job_id, kind=EventKind(outcome), message=str(values["error_message"]))
     session.commit()
     if outcome == "requeued":
         enqueue_job(job_id, attempt=job.attempts + 1, connection=connection)
@@ -135,7 +136,7 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
             if _rq_has_live_job(rq_job_id(job_id, attempts + 1), queue):
                 continue
             enqueue_job(job_id, attempt=attempts + 1, connection=queue.connection)
-            add_event(session=session, job_id=job_id, kind="requeued",
+            add_event(session=session, job_id=job_id, kind=EventKind.requeued,
                       message="the queue had lost this job (Redis restarted?); enqueued it again")
             session.commit()
             counts["requeued_lost_queued"] += 1

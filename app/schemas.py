@@ -15,8 +15,8 @@ from pydantic import (
     model_validator,
 )
 
-from app.models import CheckpointStatus, JobStatus
 from app.rows import COLUMN_NAMES
+from core.contract import CheckpointStatus, ErrorCode, EventKind, JobStatus, Phase
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
@@ -257,7 +257,7 @@ class Vram(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -273,8 +273,7 @@ class JobPublic(BaseModel):
     backend: str | None
     versions: dict[str, Any] | None
     attempts: int
-    phase: str | None = Field(description="while running: checking_data, loading_model, preparing, training, "
-                              "evaluating or saving")
+    phase: Phase | None = Field(description="what a running job is doing (null once it has ended)")
     cancel_requested: bool
     progress: Progress
     metrics: Metrics
@@ -314,7 +313,7 @@ class StepLogPage(BaseModel):
 class EventPublic(BaseModel):
     id: int
     created_at: datetime
-    kind: str
+    kind: EventKind
     message: str
 
 

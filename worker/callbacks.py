@@ -20,6 +20,7 @@ from app.checkpoint_store import mark_removed, record_checkpoint
 from app.crud import add_event
 from app.db import session_scope
 from app.models import Job, StepLog
+from core.contract import EventKind
 from worker.gpu import MemoryProbe
 from worker.stopflag import StopFlag
 
@@ -103,7 +104,7 @@ class JobReporter(TrainerCallback):
                 session.execute(delete(StepLog).where(col(StepLog.job_id) == self.job_id,
                                                       col(StepLog.step) > state.global_step))
             resumed = f", resuming at step {state.global_step}" if state.global_step else ""
-            add_event(session=session, job_id=self.job_id, kind="training_started",
+            add_event(session=session, job_id=self.job_id, kind=EventKind.training_started,
                       message=f"training started: {state.max_steps} optimizer steps{resumed}")
 
     @_timed
@@ -161,7 +162,7 @@ class JobReporter(TrainerCallback):
         assert job is not None
         job.metrics = {**(job.metrics or {}), "eval_loss": eval_loss, "eval_step": state.global_step}
         session.add(job)
-        add_event(session=session, job_id=self.job_id, kind="evaluated",
+        add_event(session=session, job_id=self.job_id, kind=EventKind.evaluated,
                   message=f"validation loss {eval_loss if eval_loss is None else round(eval_loss, 4)} "
                           f"at step {state.global_step}")
 

@@ -27,6 +27,7 @@ from app.rows import (
     row_problem,
 )
 from app.schemas import Hyperparameters
+from core.contract import ErrorCode
 from worker.failures import JobFailure
 
 # Parallel workers for row checks and token counts pay off from this many rows.
@@ -69,14 +70,14 @@ def _good_file_rows(path: str, mapping: dict[str, str], row_format: str, stamp: 
 def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
     reason = check.unusable(max_bad_fraction, what)
     if reason:
-        raise JobFailure("dataset_invalid", reason)
+        raise JobFailure(ErrorCode.dataset_invalid, reason)
 
 
 def _load_file(path: Path, mapping: dict[str, str], what: str, max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
     try:
         check = check_file(path, mapping)
     except DataError as exc:
-        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+        raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     _refuse(check, what, max_bad_fraction)
     assert check.row_format is not None
     stat = path.stat()
@@ -95,12 +96,13 @@ def _load_other(source: str, split: str) -> Dataset:
         assert isinstance(loaded, Dataset)
         return loaded
     if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        raise JobFailure("dataset_invalid", f"{path} is a folder but not one saved by `datasets` (save_to_disk); "
+        raise JobFailure(ErrorCode.dataset_invalid,
+                         f"{path} is a folder but not one saved by `datasets` (save_to_disk); "
                          "give a .jsonl, .json or .parquet file, or such a folder")
     folder = load_from_disk(str(path))
     if isinstance(folder, DatasetDict):
         if split not in folder:
-            raise JobFailure("dataset_invalid", f"{path} has no split {split!r}; it has {sorted(folder)}")
+            raise JobFailure(ErrorCode.dataset_invalid, f"{path} has no split {split!r}; it has {sorted(folder)}")
         return folder[split]
     return folder
 
@@ -115,14 +117,14 @@ def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
     try:
         columns = mapped_columns(dataset.column_names, mapping)
     except DataError as exc:
-        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+        raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     shadowed = [c for c in mapping if c in dataset.column_names and c not in mapping.values()]
     dataset = dataset.remove_columns(shadowed).rename_columns({theirs: ours for ours, theirs in mapping.items()})
     check = RowCheck(row_format=None, columns=columns)
     try:
         row_format = check.row_format = detect_format(columns)
     except DataError as exc:
-        raise JobFailure("dataset_invalid", f"{what}: {exc}") from None
+        raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     dataset = dataset.select_columns(list(FORMATS[row_format]))
     found = dataset.map(_problems, batched=True, with_indices=True, remove_columns=dataset.column_names,
                         fn_kwargs={"row_format": row_format}, num_proc=_num_proc(len(dataset)),
@@ -144,7 +146,7 @@ def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
 def load_checked(source: str, split: str, mapping: Mapping[str, str], *, what: str,
                  max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
     """The rows that pass the checks, under our column names and only the format's columns, and
-    the check itself. Raises JobFailure("dataset_invalid") with row numbers when the rows cannot
+    the check itself. Raises JobFailure(ErrorCode.dataset_invalid) with row numbers when the rows cannot
     train: no format fits, or more than `max_bad_fraction` of them are malformed."""
     path = Path(source)
     if path.is_absolute() and path.is_file():

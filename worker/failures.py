@@ -6,18 +6,20 @@ from __future__ import annotations
 import traceback
 
 from app.diskspace import DiskSpace, is_disk_full_error
+from core.contract import ErrorCode
 
 LOG_HINT = "The trainer's full output is in the job's trainer.log."
 RESUBMIT = "then resubmit the job."
 # What to do next, for failures whose message says only what happened.
-NEXT_STEP = {
-    "dataset_invalid": f"Fix the rows, or the job's dataset settings (source, split, columns, validation), {RESUBMIT}",
-    "model_not_found": "Check the Hub id or local folder, that this worker can reach the Hub or has the model in its "
-                       f"cache, and HF_TOKEN for gated models; {RESUBMIT}",
-    "chat_template_missing": f"Set chat_template_from to a tokenizer that has a chat template, {RESUBMIT}",
-    "disk_full": f"Free space on that disk (or lower save_total_limit, raise save_steps), {RESUBMIT}",
-    "disk_error": f"Check the disk under DATA_DIR (the system log names the device's errors), {RESUBMIT}",
-    "trainer_crashed": f"{LOG_HINT} Fix what its traceback names, {RESUBMIT}",
+NEXT_STEP: dict[ErrorCode, str] = {
+    ErrorCode.dataset_invalid: "Fix the rows, or the job's dataset settings (source, split, columns, validation), "
+                               f"{RESUBMIT}",
+    ErrorCode.model_not_found: "Check the Hub id or local folder, that this worker can reach the Hub or has the model "
+                               f"in its cache, and HF_TOKEN for gated models; {RESUBMIT}",
+    ErrorCode.chat_template_missing: f"Set chat_template_from to a tokenizer that has a chat template, {RESUBMIT}",
+    ErrorCode.disk_full: f"Free space on that disk (or lower save_total_limit, raise save_steps), {RESUBMIT}",
+    ErrorCode.disk_error: f"Check the disk under DATA_DIR (the system log names the device's errors), {RESUBMIT}",
+    ErrorCode.trainer_crashed: f"{LOG_HINT} Fix what its traceback names, {RESUBMIT}",
 }
 
 
@@ -26,7 +28,7 @@ class JobFailure(Exception):
     (`action`, or the code's usual next step when `action` is None; "" when `message` already
     says what to do)."""
 
-    def __init__(self, code: str, message: str, action: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, action: str | None = None) -> None:
         step = NEXT_STEP.get(code, "") if action is None else action
         text = message.rstrip()
         if step:
@@ -56,30 +58,30 @@ def classify(exc: BaseException, *, phase: str, step: int | None = None, disk: D
     if is_disk_full_error(exc):
         figures = f" There is {disk.describe()}." if disk is not None else ""
         return JobFailure(
-            "disk_full",
+            ErrorCode.disk_full,
             f"The disk under DATA_DIR filled up while {doing} ({detail}).{figures} A checkpoint of an N-billion "
             "parameter model takes about 4N GB (weights and optimizer state), the final model 2N GB.",
         )
     if _is_oom(exc):
         where = f" at step {step}" if step is not None else f" while {doing}"
         return JobFailure(
-            "cuda_oom",
+            ErrorCode.cuda_oom,
             f"The GPU ran out of memory{where} ({detail}). {LOG_HINT}",
             action="Lower per_device_train_batch_size (and raise gradient_accumulation_steps to keep the effective "
                    f"batch) or max_seq_length, or train a smaller model; {RESUBMIT}",
         )
     if phase in ("loading_model", "loading_tokenizer") and isinstance(exc, (OSError, ValueError)):
-        return JobFailure("model_not_found", f"Could not load the model or tokenizer: {detail}.")
+        return JobFailure(ErrorCode.model_not_found, f"Could not load the model or tokenizer: {detail}.")
     if phase == "loading_dataset":
-        return JobFailure("dataset_invalid", f"Could not load the dataset: {detail}.",
+        return JobFailure(ErrorCode.dataset_invalid, f"Could not load the dataset: {detail}.",
                           action=f"Check the source and split, and that the worker can reach it; {RESUBMIT}")
     if phase == "saving" and isinstance(exc, OSError):
         free = f" There is {disk.describe()}." if disk is not None else ""
-        return JobFailure("disk_error", f"Saving a checkpoint failed: {detail}.{free}")
-    return JobFailure("trainer_crashed", f"The trainer failed while {doing}: {detail}.")
+        return JobFailure(ErrorCode.disk_error, f"Saving a checkpoint failed: {detail}.{free}")
+    return JobFailure(ErrorCode.trainer_crashed, f"The trainer failed while {doing}: {detail}.")
 
 
-def missing_source(what: str, path: str, code: str) -> JobFailure:
+def missing_source(what: str, path: str, code: ErrorCode) -> JobFailure:
     """A local model or dataset that was there when the job was submitted and is gone now."""
     return JobFailure(code, f"{what} {path} no longer exists on this host: it was there when the job was submitted "
                       "and has been moved or deleted since.",

@@ -27,6 +27,7 @@ from trl import SFTTrainer
 from app.checkpoint_store import FINAL_NAME, newest_complete
 from app.diskspace import disk_space, gib, is_disk_full_error
 from app.files import folder_files
+from core.contract import ErrorCode
 from worker.checkpoints import publish, staging_path
 from worker.failpoints import failpoint
 from worker.failures import JobFailure
@@ -132,7 +133,7 @@ class JobSFTTrainer(SFTTrainer):
         if last is not None:
             return sum(size for _path, size in folder_files(last))
         optimizer_state = getattr(self.optimizer, "state", {}) if self.optimizer is not None else {}
-        states = sum(t.numel() * t.element_size() for per_param in optimizer_state.values()
+        states: int = sum(t.numel() * t.element_size() for per_param in optimizer_state.values()
                      for t in per_param.values() if hasattr(t, "element_size"))
         return self.weights_bytes() + states + CHECKPOINT_EXTRA_BYTES
 
@@ -140,7 +141,7 @@ class JobSFTTrainer(SFTTrainer):
         space = disk_space(self.checkpoints_dir)
         if space.free_bytes - needed < self.min_free_bytes:
             raise JobFailure(
-                "disk_full",
+                ErrorCode.disk_full,
                 f"Not enough disk space to save {name}: it needs about {gib(needed)} and there is "
                 f"{space.describe()}, of which {gib(self.min_free_bytes)} stays free for the job database and logs "
                 "(MIN_FREE_DISK_BYTES); nothing was written. Free space on that disk (or lower save_total_limit, "
@@ -157,13 +158,13 @@ class JobSFTTrainer(SFTTrainer):
         space = disk_space(self.checkpoints_dir)
         detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         return JobFailure(
-            "disk_full",
+            ErrorCode.disk_full,
             f"The disk filled up while saving {name}, which needs about {gib(needed)} ({detail}). The unfinished "
             f"folder was removed; there is now {space.describe()}. Free space on that disk (or lower "
             "save_total_limit, raise save_steps), then resubmit the job.",
         )
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         output_dir = str(output_dir or self.args.output_dir)
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

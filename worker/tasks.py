@@ -6,7 +6,6 @@ the child exits."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,8 +17,8 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
@@ -31,6 +30,7 @@ from app.db import get_engine, session_scope
 from app.diskspace import low_on_space, write_despite_full_disk
 from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from app.reconcile import recover_lost_job
+from core.contract import ErrorCode, EventKind, TrainerOutcome, TrainerResult
 from worker.checkpoints import hash_checkpoint
 from worker.trainer import PARENT_PID_ENV, RESULT_FILE
 
@@ -98,7 +98,7 @@ def claim(job_id: int) -> int | None:
         if job.started_at is None:
             job.started_at = now
         session.add(job)
-        add_event(session=session, job_id=job_id, kind="started",
+        add_event(session=session, job_id=job_id, kind=EventKind.started,
                   message=f"started on {job.worker_name} (attempt {job.attempts})")
         return job.attempts
 
@@ -217,10 +217,10 @@ class TrainerWatch:
             if checkpoint_id not in self.hashing or self.hashing[checkpoint_id].done():
                 self.hashing[checkpoint_id] = self.hasher.submit(hash_checkpoint, self.job_id, checkpoint_id)
 
-    def read_result(self) -> dict[str, Any] | None:
+    def read_result(self) -> TrainerResult | None:
         try:
-            return dict(json.loads((self.job_dir / RESULT_FILE).read_text()))
-        except (FileNotFoundError, json.JSONDecodeError):
+            return TrainerResult.model_validate_json((self.job_dir / RESULT_FILE).read_bytes())
+        except (FileNotFoundError, ValidationError):
             return None
 
     def log_tail(self) -> str:
@@ -238,24 +238,24 @@ class TrainerWatch:
         checkpoints_dir = self.settings.checkpoints_dir(self.job_id)
         for name, size in sweep_partials(checkpoints_dir):  # the trainer is gone: nobody writes them now
             logger.info("job %s: removed %s, an unfinished checkpoint (%d bytes)", self.job_id, name, size)
-        status = str(result["status"])
+        status = result.status
 
         def record() -> str:
             with session_scope() as session:
-                if status == "interrupted":  # stopped, not finished: queue it again (it resumes)
-                    return recover_lost_job(session=session, job_id=self.job_id, reason=str(result["error_message"]))
+                if status == TrainerOutcome.interrupted:  # stopped, not finished: queue it again (it resumes)
+                    return recover_lost_job(session=session, job_id=self.job_id, reason=str(result.error_message))
                 sync_records(session=session, job_id=self.job_id, checkpoints_dir=checkpoints_dir)
                 job = session.get(Job, self.job_id)
                 assert job is not None
                 job.status, job.finished_at = JobStatus(status), utcnow()
-                job.error_code, job.error_message = result.get("error_code"), result.get("error_message")
+                job.error_code, job.error_message = result.error_code, result.error_message
                 # Progress is written at logging steps; the trainer's own last step is the truth.
-                job.step = max(job.step, int(result.get("step") or 0))
-                if status == "succeeded":
+                job.step = max(job.step, result.step or 0)
+                if status == TrainerOutcome.succeeded:
                     job.eta_seconds = 0.0
                 session.add(job)
-                message = status if status == "succeeded" else f"{status}: {job.error_message}"
-                add_event(session=session, job_id=self.job_id, kind=status, message=message)
+                message = str(status) if status == TrainerOutcome.succeeded else f"{status}: {job.error_message}"
+                add_event(session=session, job_id=self.job_id, kind=EventKind(status), message=message)
                 return status
 
         # On a full disk this gives up the reserve file, then waits for space rather than give up.
@@ -264,20 +264,22 @@ class TrainerWatch:
         self.hash_remaining()
         return outcome
 
-    def result_without_report(self, returncode: int) -> dict[str, Any]:
+    def result_without_report(self, returncode: int) -> TrainerResult:
         """How the job ended when the trainer wrote no result: cancelled and killed, stopped by
         a full disk (it could not even write its result), or crashed."""
         if self.cancel_sent_at is not None:
-            return {"status": "cancelled", "error_code": "cancelled",
-                    "error_message": "cancelled; the trainer did not stop in time and was killed"}
+            return TrainerResult(status=TrainerOutcome.cancelled, error_code=ErrorCode.cancelled,
+                                 error_message="cancelled; the trainer did not stop in time and was killed")
         low = low_on_space(self.job_dir)
         if low is not None:
-            return {"status": "failed", "error_code": "disk_full",
-                    "error_message": f"The trainer stopped without a report while the disk under DATA_DIR was full: "
-                                     f"there is {low.describe()}, less than the MIN_FREE_DISK_BYTES the job database "
-                                     "and logs need. Free space on that disk (or lower save_total_limit, raise "
-                                     "save_steps), then resubmit the job."}
-        return {"status": "failed", "error_code": "trainer_crashed", "error_message": self.crash_message(returncode)}
+            return TrainerResult(
+                status=TrainerOutcome.failed, error_code=ErrorCode.disk_full,
+                error_message=f"The trainer stopped without a report while the disk under DATA_DIR was full: "
+                              f"there is {low.describe()}, less than the MIN_FREE_DISK_BYTES the job database and "
+                              "logs need. Free space on that disk (or lower save_total_limit, raise save_steps), "
+                              "then resubmit the job.")
+        return TrainerResult(status=TrainerOutcome.failed, error_code=ErrorCode.trainer_crashed,
+                             error_message=self.crash_message(returncode))
 
     def crash_message(self, returncode: int) -> str:
         if returncode < 0:

@@ -8,7 +8,6 @@ Importing this module imports nothing heavy: the backend decides what is importe
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from app.db import session_scope
 from app.diskspace import disk_space
 from app.models import Job
 from app.schemas import GPU_ONLY_OPTIMIZERS, JobSpec
+from core.contract import ErrorCode, EventKind, Phase, TrainerOutcome, TrainerResult
 from worker.failures import JobFailure, classify, format_traceback, missing_source
 from worker.lifeline import die_with_parent, take_job_lock
 from worker.stopflag import StopFlag
@@ -39,9 +39,10 @@ PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 # (imports, loading, preparing) nothing is worth finishing, so the trainer leaves at once.
 STEPPING_PHASES = frozenset({"training", "evaluating", "saving"})
 # The trainer's phases, as the job record shows them while the job runs.
-PUBLIC_PHASES = {"starting": "starting", "importing": "starting", "loading_tokenizer": "checking_data",
-                 "loading_dataset": "checking_data", "loading_model": "loading_model", "preparing": "preparing",
-                 "training": "training", "evaluating": "evaluating", "saving": "saving"}
+PUBLIC_PHASES = {"starting": Phase.starting, "importing": Phase.starting, "loading_tokenizer": Phase.checking_data,
+                 "loading_dataset": Phase.checking_data, "loading_model": Phase.loading_model,
+                 "preparing": Phase.preparing, "training": Phase.training, "evaluating": Phase.evaluating,
+                 "saving": Phase.saving}
 VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
                     "bitsandbytes")
 
@@ -50,11 +51,12 @@ class Interrupted(BaseException):
     """Raised by the SIGTERM handler outside the training loop: leave now, the job runs again."""
 
 
-def write_result(job_dir: Path, status: str, code: str | None = None, message: str | None = None,
+def write_result(job_dir: Path, status: TrainerOutcome, code: ErrorCode | None = None, message: str | None = None,
                  **extra: Any) -> None:
     tmp = job_dir / f"{RESULT_FILE}.tmp"
+    result = TrainerResult(status=status, error_code=code, error_message=message, **extra)
     try:
-        tmp.write_text(json.dumps({"status": status, "error_code": code, "error_message": message, **extra}))
+        tmp.write_text(result.model_dump_json())
         tmp.replace(job_dir / RESULT_FILE)
     except OSError as exc:  # a full disk: the worker finds no result and judges by the free space
         logger.error("could not write %s: %s", RESULT_FILE, exc)
@@ -71,7 +73,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def event(job_id: int, kind: str, message: str) -> None:
+def event(job_id: int, kind: EventKind, message: str) -> None:
     with session_scope() as session:
         add_event(session=session, job_id=job_id, kind=kind, message=message)
 
@@ -98,7 +100,7 @@ class Run:
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             if job is None:
-                raise JobFailure("job_missing", f"job {self.job_id} is not in the database")
+                raise JobFailure(ErrorCode.job_missing, f"job {self.job_id} is not in the database")
             # The spec checks shapes only: the API checked the paths on submit (app/sources.py), and
             # what has happened to them since is a failure with its own code (check_sources).
             self.spec = JobSpec.model_validate(job.spec)
@@ -109,10 +111,10 @@ class Run:
         """Local models and datasets that were deleted or moved while the job waited."""
         spec = self.spec
         validation = spec.validation.source if spec.validation is not None else ""
-        for what, value, code in (("the model folder", spec.model, "model_not_found"),
-                                  ("chat_template_from's folder", spec.chat_template_from, "model_not_found"),
-                                  ("the dataset", spec.dataset.source, "dataset_invalid"),
-                                  ("the validation set", validation, "dataset_invalid")):
+        for what, value, code in (("the model folder", spec.model, ErrorCode.model_not_found),
+                                  ("chat_template_from's folder", spec.chat_template_from, ErrorCode.model_not_found),
+                                  ("the dataset", spec.dataset.source, ErrorCode.dataset_invalid),
+                                  ("the validation set", validation, ErrorCode.dataset_invalid)):
             if value and Path(value).is_absolute() and not Path(value).exists():
                 raise missing_source(what, value, code)
 
@@ -147,12 +149,12 @@ class Run:
         """Clear what a stopped attempt left (unfinished staging folders, incomplete checkpoints),
         record complete checkpoints it never recorded, and return the one to resume from."""
         for name, size in sweep_partials(self.checkpoints_dir):
-            event(self.job_id, "checkpoint_discarded",
+            event(self.job_id, EventKind.checkpoint_discarded,
                   f"removed {name}, a checkpoint an earlier attempt did not finish writing ({size} bytes)")
         resume_from, incomplete = newest_complete(self.checkpoints_dir)
         for folder, problem in incomplete:
             shutil.rmtree(folder, ignore_errors=True)
-            event(self.job_id, "checkpoint_discarded", f"removed {folder.name}: it is incomplete ({problem})")
+            event(self.job_id, EventKind.checkpoint_discarded, f"removed {folder.name}: it is incomplete ({problem})")
         with session_scope() as session:
             sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
         return resume_from if self.attempt > 1 else None
@@ -166,7 +168,7 @@ class Run:
             backend = "unsloth" if has_cuda else "transformers"
         if backend == "unsloth" and not has_cuda:
             raise JobFailure(
-                "gpu_unavailable", "backend 'unsloth' needs a CUDA GPU and this worker sees none.",
+                ErrorCode.gpu_unavailable, "backend 'unsloth' needs a CUDA GPU and this worker sees none.",
                 action="Check the worker's CUDA_VISIBLE_DEVICES and NVIDIA driver, or resubmit the job with "
                        "backend 'transformers'.",
             )
@@ -175,7 +177,7 @@ class Run:
                 import unsloth  # noqa: F401  (patches transformers and trl: must come first)
             except Exception as exc:  # never train silently on another backend
                 raise JobFailure(
-                    "backend_unavailable",
+                    ErrorCode.backend_unavailable,
                     f"backend 'unsloth' was chosen but Unsloth failed to import: {type(exc).__name__}: {exc}.",
                     action="Install the gpu extra (pip install '.[gpu]') on this worker, then resubmit the job.",
                 ) from exc
@@ -197,7 +199,7 @@ class Run:
 
         donor = AutoTokenizer.from_pretrained(self.spec.chat_template_from)
         if not donor.chat_template:
-            raise JobFailure("chat_template_missing",
+            raise JobFailure(ErrorCode.chat_template_missing,
                              f"chat_template_from {self.spec.chat_template_from!r} has no chat template.")
         return str(donor.chat_template)
 
@@ -219,7 +221,7 @@ class Run:
             return get_training_chat_template(tokenizer)
         except ValueError as exc:
             raise JobFailure(
-                "chat_template_unsuitable",
+                ErrorCode.chat_template_unsuitable,
                 "assistant_only_loss needs a chat template that marks the assistant's tokens ({% generation %}); "
                 f"TRL adds the marks to the templates it knows, but not to this one ({exc}).",
                 action="Set chat_template_from to a tokenizer whose template TRL knows (Llama 3, Qwen 2.5/3, Gemma, "
@@ -243,10 +245,10 @@ class Run:
                                       assistant_only_loss=hp.assistant_only_loss,
                                       completion_only_loss=hp.completion_only_loss)
         if problem:
-            raise JobFailure("dataset_invalid", problem)
+            raise JobFailure(ErrorCode.dataset_invalid, problem)
         if check.conversational and not tokenizer.chat_template:
             raise JobFailure(
-                "chat_template_missing",
+                ErrorCode.chat_template_missing,
                 "The dataset holds chat messages but the model's tokenizer has no chat template.",
                 action="Set chat_template_from to a tokenizer that has one (e.g. the model's instruct version), "
                        "then resubmit the job.",
@@ -272,7 +274,7 @@ class Run:
         lengths_summary = report["tokens_per_row"]
         skipped = f" ({check.bad_rows} malformed row(s) skipped)" if check.bad_rows else ""
         held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
-        event(self.job_id, "dataset_loaded",
+        event(self.job_id, EventKind.dataset_loaded,
               f"{report['rows_used']} rows in {row_format!r} format{skipped}{held}; tokens per row median "
               f"{lengths_summary['median']}, max {lengths_summary['max']}; {report['rows_truncated']} row(s) longer "
               f"than max_seq_length {hp.max_seq_length}; {report['loss_tokens_per_epoch']} tokens in the loss per "
@@ -293,7 +295,7 @@ class Run:
         rows, check = load_checked(source, validation.split or "train", self.spec.dataset.columns,
                                    what="the validation set", max_bad_fraction=self.settings.max_bad_row_fraction)
         if check.row_format != row_format:
-            raise JobFailure("dataset_invalid", f"the validation set's rows are {check.row_format!r} but the "
+            raise JobFailure(ErrorCode.dataset_invalid, f"the validation set's rows are {check.row_format!r} but the "
                              f"dataset's are {row_format!r}; both need the same format")
         return rows, check
 
@@ -345,7 +347,7 @@ class Run:
         optim = hp.optim
         if not on_gpu and optim in GPU_ONLY_OPTIMIZERS:
             optim = "adamw_torch"
-            event(self.job_id, "optimizer_replaced",
+            event(self.job_id, EventKind.optimizer_replaced,
                   f"optimizer {hp.optim!r} needs a CUDA GPU; this worker has none, so adamw_torch is used")
         return SFTConfig(
             output_dir=str(self.checkpoints_dir),
@@ -418,7 +420,7 @@ class Run:
         trainer.add_callback(self.reporter)
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
-            event(job_id, "resumed", f"resuming from {resume_from.name}, the newest complete checkpoint")
+            event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
         self.phase = "training"
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if self.stop.should_stop():
@@ -463,38 +465,43 @@ def main(argv: list[str]) -> int:
         run = Run(job_id)
         # Before anything touches the job's folder: no earlier trainer of this job still runs.
         take_job_lock(job_dir, job_id, grace_s=settings.cancel_grace_s, on_wait=lambda pid: event(
-            job_id, "waiting", f"an earlier trainer of this job (pid {pid}) is still running; stopping it first"))
+            job_id, EventKind.waiting,
+            f"an earlier trainer of this job (pid {pid}) is still running; stopping it first"))
         run.load_job()
         run.train()
     except Interrupted as exc:
         if run is not None and run.stop.reason == "cancelled":
-            write_result(job_dir, "cancelled", "cancelled", "cancelled by request before training started", step=0)
+            write_result(job_dir, TrainerOutcome.cancelled, ErrorCode.cancelled,
+                         "cancelled by request before training started", step=0)
         else:  # the job is not done: it should run again
-            write_result(job_dir, "interrupted", None, f"the trainer was stopped before training ({exc})", step=0)
+            write_result(job_dir, TrainerOutcome.interrupted, None, f"the trainer was stopped before training ({exc})",
+                         step=0)
         return 0
     except BaseException as exc:
         logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
         step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
         failure = classify(exc, phase=run.phase if run is not None else "starting", step=step,
                            disk=disk_space(job_dir))
-        write_result(job_dir, "failed", failure.code, failure.message)
+        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message)
         return 1
     if run.stop.should_stop():
         step = run.trainer.state.global_step if run.trainer is not None else 0
         if run.stop.reason == "cancelled":
-            write_result(job_dir, "cancelled", "cancelled", f"cancelled by request at step {step}", step=step)
-        else:  # SIGTERM or the worker vanished: the job is not done, it should run again
-            write_result(job_dir, "interrupted", None, f"the trainer was stopped at step {step} ({run.stop.reason})",
+            write_result(job_dir, TrainerOutcome.cancelled, ErrorCode.cancelled, f"cancelled by request at step {step}",
                          step=step)
+        else:  # SIGTERM or the worker vanished: the job is not done, it should run again
+            write_result(job_dir, TrainerOutcome.interrupted, None,
+                         f"the trainer was stopped at step {step} ({run.stop.reason})", step=step)
         return 0
     reporter, state = run.reporter, run.trainer.state
     train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
     share = f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)" \
         if train_seconds else ""
-    event(job_id, "reporting_overhead",
+    event(job_id, EventKind.reporting_overhead,
           f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}")
     first_step = reporter.first_step_seconds
-    write_result(job_dir, "succeeded", step=state.global_step, seconds=round(time.monotonic() - started, 3),
+    write_result(job_dir, TrainerOutcome.succeeded, step=state.global_step,
+                 seconds=round(time.monotonic() - started, 3),
                  first_step_seconds=round(first_step, 3) if first_step is not None else None,
                  train_seconds=train_seconds, callback_overhead_seconds=round(reporter.overhead_s, 4))
     return 0

@@ -1,0 +1,109 @@
+"""The words the service's processes and its clients share, as types: a job's status and phase,
+its events' kinds, its failures' codes, and what the trainer reports to the worker when it ends.
+
+The API's OpenAPI document is generated from these (its enums are these members), the README's
+tables are checked against them (tests/test_contract.py), and the worker and the trainer write
+nothing else."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class CheckpointStatus(StrEnum):
+    hashing = "hashing"  # on disk, sizes known, sha256 still being computed off the training path
+    ready = "ready"
+    removed = "removed"  # rotated away by save_total_limit, or lost from disk
+
+
+class Phase(StrEnum):
+    """What a running job is doing, as its record shows it."""
+
+    starting = "starting"  # the trainer process imports its libraries
+    checking_data = "checking_data"
+    loading_model = "loading_model"
+    preparing = "preparing"  # TRL tokenizes (and packs) the rows
+    training = "training"
+    evaluating = "evaluating"
+    saving = "saving"
+
+
+class ErrorCode(StrEnum):
+    """`error.code` of a job that did not succeed: a stable word a client may branch on."""
+
+    model_not_found = "model_not_found"
+    dataset_invalid = "dataset_invalid"
+    chat_template_missing = "chat_template_missing"
+    chat_template_unsuitable = "chat_template_unsuitable"
+    cuda_oom = "cuda_oom"
+    disk_full = "disk_full"
+    disk_error = "disk_error"
+    gpu_unavailable = "gpu_unavailable"
+    backend_unavailable = "backend_unavailable"
+    trainer_crashed = "trainer_crashed"
+    worker_lost = "worker_lost"
+    job_missing = "job_missing"
+    cancelled = "cancelled"
+
+
+class EventKind(StrEnum):
+    """The kinds of a job's events (GET /jobs/{id}/events), roughly in the order a job meets them."""
+
+    queued = "queued"
+    enqueue_delayed = "enqueue_delayed"  # Redis was away at submit; the reconciler enqueues it later
+    started = "started"
+    waiting = "waiting"  # for an earlier attempt's trainer to let go of the job's folder
+    resumed = "resumed"
+    checkpoint_discarded = "checkpoint_discarded"
+    dataset_loaded = "dataset_loaded"
+    optimizer_replaced = "optimizer_replaced"
+    training_started = "training_started"
+    evaluated = "evaluated"
+    checkpoint = "checkpoint"
+    checkpoint_removed = "checkpoint_removed"
+    reporting_overhead = "reporting_overhead"
+    cancel_requested = "cancel_requested"
+    retried = "retried"
+    requeued = "requeued"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class TrainerOutcome(StrEnum):
+    """How a trainer process ended, in its result file. `interrupted`: stopped by the worker's
+    SIGTERM before it finished; the job is queued again and resumes from its last checkpoint."""
+
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"
+
+
+class TrainerResult(BaseModel):
+    """`result.json`, which the trainer writes in the job's folder as it ends, for the worker."""
+
+    model_config = ConfigDict(extra="allow")  # figures of its own (step, tokens) ride along
+
+    status: TrainerOutcome
+    error_code: ErrorCode | None = None
+    error_message: str | None = None
+    step: int | None = Field(default=None, ge=0, description="the last optimizer step the trainer finished")
+
+    def extra_fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
