@@ -14,10 +14,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from app import datacheck, uploads
-from app.config import get_settings
 from app.errors import Conflict, DoesNotFit, NotFound
-from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
-from app.planner import (
+from app.sources import checked_sources
+from core.config import get_settings
+from core.contract import ErrorCode, EventKind
+from core.events import add_event
+from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
+from core.planner import (
     DiskPlan,
     MemoryPlan,
     PlanError,
@@ -28,16 +31,10 @@ from app.planner import (
     refusal,
     shape_from_config,
 )
-from app.queue import enqueue_job, smallest_worker_gpu
-from app.schemas import JobSpec
-from app.sources import checked_sources
-from core.contract import ErrorCode, EventKind
+from core.queue import enqueue_job, smallest_worker_gpu
+from core.spec import JobSpec
 
 logger = logging.getLogger(__name__)
-
-
-def add_event(*, session: Session, job_id: int, kind: EventKind, message: str) -> None:
-    session.add(JobEvent(job_id=job_id, kind=kind, message=message))
 
 
 def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None, allow_network: bool = True,

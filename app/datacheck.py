@@ -1,7 +1,7 @@
 """The dataset check POST /jobs makes before a job is queued: every row of an uploaded or local
 file is read, and a job whose data cannot train is refused with row numbers, in seconds rather
 than after its wait in the queue. Hub datasets and `datasets` folders are checked by the
-trainer as its first phase, with the same rules (app.rows)."""
+trainer as its first phase, with the same rules (core.rows)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlmodel import Session
 
-from app.config import get_settings
 from app.errors import InvalidDataset
-from app.models import UploadedFile
-from app.rows import DataError, RowCheck, check_file, loss_option_problem
-from app.schemas import JobSpec
+from core.config import get_settings
+from core.models import UploadedFile
+from core.rows import DataError, RowCheck, check_file, loss_option_problem
+from core.spec import JobSpec
 
 
 @dataclass

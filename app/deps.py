@@ -13,8 +13,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
-from app.config import Settings, get_settings
 from app.errors import Unauthorized
+from core.config import Settings, get_settings
 
 
 async def current_settings() -> Settings:

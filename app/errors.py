@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from app.diskspace import is_disk_full_error
+from core.diskspace import is_disk_full_error
 
 logger = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from app import pages, records
-from app.config import get_settings
 from app.deps import check_token
 from app.errors import AppError
-from app.models import JobStatus
-from app.schemas import MAX_DB_INT
+from core.config import get_settings
+from core.models import JobStatus
+from core.spec import MAX_DB_INT
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -15,14 +15,14 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app import tcp_nodelay, uploads
-from app.checkpoint_store import sweep_finished_jobs
-from app.config import get_settings
-from app.db import session_scope
-from app.diskspace import Reserve
 from app.errors import install_error_handlers
 from app.hotpath import HotReads
-from app.reconcile import reconcile
 from app.routes import checkpoints, files, health, jobs, watch
+from core.checkpoint_store import sweep_finished_jobs
+from core.config import get_settings
+from core.db import session_scope
+from core.diskspace import Reserve
+from core.reconcile import reconcile
 
 logger = logging.getLogger(__name__)
 tcp_nodelay.install()  # before uvicorn accepts a connection in this process

@@ -17,10 +17,10 @@ import orjson
 from sqlalchemy import Table, select
 from sqlmodel import Session
 
-from app.config import get_settings
-from app.db import get_engine
-from app.models import JobEvent, StepLog
 from app.records import etag_of
+from core.config import get_settings
+from core.db import get_engine
+from core.models import JobEvent, StepLog
 
 GIB = 1024**3
 VRAM_KEYS = ("allocated", "reserved", "peak_allocated", "device_used", "device_total")

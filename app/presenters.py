@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from app.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 from app.schemas import (
     CheckpointFile,
     CheckpointPublic,
@@ -19,6 +18,7 @@ from app.schemas import (
     Vram,
 )
 from core.contract import ErrorCode, EventKind, Phase
+from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 
 GIB = 1024**3
 

@@ -25,10 +25,11 @@ import orjson
 from sqlmodel import Session, col, select
 from starlette.responses import Response
 
-from app.config import get_settings
-from app.db import get_engine, run_db
-from app.models import Job, JobStatus
+from app.db import run_db
 from app.presenters import job_public
+from core.config import get_settings
+from core.db import get_engine
+from core.models import Job, JobStatus
 
 # Pages of job ids kept (GET /jobs with its filters and cursors).
 LISTS_KEPT = 256

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from sqlmodel import Session
 
-from app.config import Settings, get_settings
 from app.errors import InvalidFields, InvalidSpec
-from app.models import UploadedFile
-from app.schemas import LOCAL_PATH_PREFIXES, JobSpec
+from core.config import Settings, get_settings
+from core.models import UploadedFile
+from core.spec import LOCAL_PATH_PREFIXES, JobSpec
 
 
 def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, str | None]:

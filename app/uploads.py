@@ -1,6 +1,6 @@
 """Receiving dataset uploads: the multipart body is parsed as it streams in (python-multipart),
 the file part written to a temporary name with its sha256 and the size limit enforced as bytes
-arrive; then every row is read and checked (app.rows) without torch or datasets."""
+arrive; then every row is read and checked (core.rows) without torch or datasets."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.diskspace import disk_space, is_disk_full_error
 from app.errors import InsufficientStorage, InvalidFile, PayloadTooLarge
-from app.rows import DataError, RowCheck, check_file, file_kind
+from core.diskspace import disk_space, is_disk_full_error
+from core.rows import DataError, RowCheck, check_file, file_kind
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -39,7 +39,7 @@ def clean_name(filename: str | None) -> str:
 
 
 def extension(filename: str) -> str:
-    """The stored file's extension: jsonl (for .jsonl and .json) or parquet (app.rows.file_kind)."""
+    """The stored file's extension: jsonl (for .jsonl and .json) or parquet (core.rows.file_kind)."""
     try:
         return file_kind(Path(PurePosixPath(filename).name))
     except DataError:

@@ -41,7 +41,7 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from worker.gpu import MemoryProbe  # noqa: E402  (the same NVML sampler the service uses)
+from trainer.gpu import MemoryProbe  # noqa: E402  (the same NVML sampler the service uses)
 
 
 class StepClock(TrainerCallback):

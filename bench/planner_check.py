@@ -11,8 +11,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHAPES
 
-from app.planner import GIB, plan_memory, shape_from_config
-from app.schemas import Hyperparameters
+from core.planner import GIB, plan_memory, shape_from_config
+from core.spec import Hyperparameters
 
 
 def rows(folders: list[Path]) -> list[str]:

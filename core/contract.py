@@ -85,6 +85,12 @@ class EventKind(StrEnum):
     cancelled = "cancelled"
 
 
+# The trainer's result file, in the job's folder (DATA_DIR/jobs/<id>/), read by the worker.
+RESULT_FILE = "result.json"
+# Set by the worker for the trainer: the work horse's pid, whose death stops the trainer.
+PARENT_PID_ENV = "FINETUNE_PARENT_PID"
+
+
 class TrainerOutcome(StrEnum):
     """How a trainer process ended, in its result file. `interrupted`: stopped by the worker's
     SIGTERM before it finished; the job is queued again and resumes from its last checkpoint."""

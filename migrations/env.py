@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the app's settings, the schema from app.models."""
+"""Alembic environment: the URL comes from the app's settings, the schema from core.models."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlmodel import SQLModel
 
-import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from app.config import get_settings
-from app.db import make_engine
+import core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from core.config import get_settings
+from core.db import make_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -130,9 +130,9 @@ def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.M
 
 
 def clear_caches() -> None:
-    from app.config import get_settings
-    from app.db import get_engine
-    from app.queue import get_redis
+    from core.config import get_settings
+    from core.db import get_engine
+    from core.queue import get_redis
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
@@ -255,7 +255,7 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state == "Z" or argv[-2:-1] != [b"worker.trainer"]:
+        if state == "Z" or argv[-2:-1] != [b"trainer"]:
             continue
         if (job_id is None or argv[-1] == str(job_id).encode()) and \
                 f"DATA_DIR={data_dir.resolve()}".encode() in environ:

@@ -16,7 +16,7 @@ SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-
 
 
 def with_tokens(monkeypatch: pytest.MonkeyPatch, tokens: str) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", tokens)
     get_settings.cache_clear()
@@ -92,8 +92,8 @@ def test_a_body_that_is_not_text_is_422_not_400(client: httpx.Client, env: Env) 
 
 def test_a_database_that_cannot_answer_is_503_not_500(client: httpx.Client, env: Env, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
-    from app.db import get_engine
+    from core.config import get_settings
+    from core.db import get_engine
 
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/no/such/folder/jobs.db")
     get_settings.cache_clear()
@@ -107,7 +107,7 @@ def test_a_database_that_cannot_answer_is_503_not_500(client: httpx.Client, env:
 
 def test_healthz_is_degraded_when_the_disk_is_low(client: httpx.Client, env: Env,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("MIN_FREE_DISK_BYTES", str(2**62))  # more than any disk has
     get_settings.cache_clear()

@@ -96,7 +96,7 @@ def test_symlink_out_of_allowed_root_is_422(client: httpx.Client, env: Env, tiny
 
 def test_no_local_paths_when_no_roots_are_allowed(client: httpx.Client, env: Env, tiny_model: Path,
                                                   chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("ALLOWED_LOCAL_ROOTS", "")
     get_settings.cache_clear()
@@ -183,11 +183,11 @@ def test_list_is_newest_first_with_status_filter_and_cursor(client: httpx.Client
 
 def test_enqueue_failure_keeps_the_job_and_says_so(client: httpx.Client, env: Env, tiny_model: Path,
                                                   chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.queue import get_redis
+    from core.queue import get_redis
 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
     get_redis.cache_clear()
-    from app.config import get_settings
+    from core.config import get_settings
 
     get_settings.cache_clear()
     response = submit(client, job_spec(tiny_model, chat_dataset))
@@ -209,7 +209,7 @@ def test_healthz_ok_with_database_and_redis(client: httpx.Client, env: Env) -> N
 
 
 def test_api_tokens_guard_every_job_route(client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", "s3cret,other")
     get_settings.cache_clear()

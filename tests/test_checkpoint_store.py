@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.checkpoint_store import checkpoint_problem, newest_complete, sweep_partials
-from worker.checkpoints import publish, staging_path
+from core.checkpoint_files import publish, staging_path
+from core.checkpoint_store import checkpoint_problem, newest_complete, sweep_partials
 
 
 def write_checkpoint(folder: Path, step: int, *, shards: int = 0, optimizer: bool = True,

@@ -80,7 +80,7 @@ def test_too_many_malformed_rows_are_refused_with_line_numbers(client: httpx.Cli
 
 def test_a_few_malformed_rows_are_skipped_and_reported(client: httpx.Client, env: Env, tiny_model: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("MAX_BAD_ROW_FRACTION", "0.25")
     get_settings.cache_clear()
@@ -228,8 +228,8 @@ def test_validation_fraction_is_evaluated_every_eval_steps(client: httpx.Client,
     assert (report["rows_used"], report["validation"]["rows_used"]) == (48, 16)  # 64 rows, seed-fixed split
     events = [e["kind"] for e in client.get(f"/jobs/{record['id']}/events").json()["items"]]
     assert events.count("evaluated") == 3
-    from app.db import session_scope
-    from app.models import Job
+    from core.db import session_scope
+    from core.models import Job
 
     with session_scope() as session:
         job = session.get(Job, record["id"])
@@ -306,7 +306,7 @@ def test_trainer_checks_every_row_of_a_datasets_folder(client: httpx.Client, env
 @pytest.mark.slow
 def test_trainer_skips_a_few_bad_rows_and_reads_sharegpt_turns(client: httpx.Client, env: Env, tiny_model: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("MAX_BAD_ROW_FRACTION", "0.2")
     get_settings.cache_clear()  # the worker hands its settings to the trainer

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from app.diskspace import Reserve, is_disk_full_error, write_despite_full_disk
+from core.diskspace import Reserve, is_disk_full_error, write_despite_full_disk
 from tests.conftest import Env
 
 
@@ -49,7 +49,7 @@ def test_other_errors_are_not_a_full_disk(exc: BaseException) -> None:
 
 
 def test_the_reserve_is_real_blocks_and_is_given_up_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("DISK_RESERVE_BYTES", str(1024 * 1024))
     monkeypatch.setenv("MIN_FREE_DISK_BYTES", "0")
@@ -63,7 +63,7 @@ def test_the_reserve_is_real_blocks_and_is_given_up_once(env: Env, monkeypatch: 
 
 def test_a_record_on_a_full_disk_gives_up_the_reserve_then_waits_for_space(env: Env,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("DISK_RESERVE_BYTES", str(1024 * 1024))
     monkeypatch.setenv("MIN_FREE_DISK_BYTES", "0")

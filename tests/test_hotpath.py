@@ -19,9 +19,9 @@ SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-
 @pytest.fixture
 def jobs(client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Three jobs (one running, two finished) with step logs and events; records kept a minute."""
-    from app.config import get_settings
-    from app.db import session_scope
-    from app.models import Job, JobEvent, StepLog
+    from core.config import get_settings
+    from core.db import session_scope
+    from core.models import Job, JobEvent, StepLog
 
     monkeypatch.setenv("RECORD_MAX_AGE_S", "60")
     get_settings.cache_clear()
@@ -68,7 +68,7 @@ def test_answers_what_the_route_answers(client: httpx.Client, jobs: list[int], p
 
 def test_with_tokens_it_answers_only_a_valid_token(client: httpx.Client, jobs: list[int],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", "s3cret")
     get_settings.cache_clear()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from app.checkpoint_store import trainer_running
-from worker.lifeline import take_job_lock
+from core.checkpoint_store import trainer_running
+from trainer.lifeline import take_job_lock
 
-# A stand-in for an earlier attempt's trainer: its command line ends in `worker.trainer <job id>`
+# A stand-in for an earlier attempt's trainer: its command line ends in `trainer <job id>`
 # as a real one's does, it holds the job lock, and it stops on SIGTERM (or, with "stubborn",
 # ignores it).
 HOLDER = """
@@ -30,7 +30,7 @@ time.sleep(60)
 
 def start_holder(job_dir: Path, job_id: int, mode: str) -> subprocess.Popen[str]:
     job_dir.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(job_dir / "trainer.lock"), mode, "worker.trainer",
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(job_dir / "trainer.lock"), mode, "trainer",
                                str(job_id)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
     return holder
@@ -40,7 +40,7 @@ def test_the_lock_is_free_when_no_trainer_runs(tmp_path: Path) -> None:
     assert not trainer_running(tmp_path)
     take_job_lock(tmp_path, 7, grace_s=1)
     # Held by this process now; another process sees it taken, and a probe does not take it.
-    probe = subprocess.run([sys.executable, "-c", "from pathlib import Path; from app.checkpoint_store import "
+    probe = subprocess.run([sys.executable, "-c", "from pathlib import Path; from core.checkpoint_store import "
                             f"trainer_running; print(trainer_running(Path({str(tmp_path)!r})))"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "True"

@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the schema app.models describes, on SQLite and on
+"""The Alembic migrations build exactly the schema core.models describes, on SQLite and on
 PostgreSQL, and the API works on a database they built."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def head_revision() -> str:
 
 
 def schema_differences(engine: Engine) -> list[object]:
-    import app.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+    import core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
     with engine.connect() as connection:
         context = MigrationContext.configure(
@@ -54,8 +54,8 @@ def schema_differences(engine: Engine) -> list[object]:
 
 
 def current_engine() -> Engine:
-    from app.config import get_settings
-    from app.db import make_engine
+    from core.config import get_settings
+    from core.db import make_engine
 
     return make_engine(get_settings().sqlalchemy_url)
 
@@ -189,8 +189,8 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
 
     # What a GPU job writes: an H100's memory in a step log, a checkpoint larger than 2 GiB (32-bit
     # columns refused both on PostgreSQL before 0005).
-    from app.db import session_scope
-    from app.models import Checkpoint, StepLog
+    from core.db import session_scope
+    from core.models import Checkpoint, StepLog
 
     with session_scope() as session:
         session.add(StepLog(job_id=job_id, step=1, num_tokens=5 * 2**31, vram_allocated=35 * 2**30,

@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.planner import GIB, plan_memory, shape_from_config
-from app.schemas import Hyperparameters
+from core.planner import GIB, plan_memory, shape_from_config
+from core.spec import Hyperparameters
 from tests.builders import LLAMA_3_1_8B, PHI_4_14B
 from tests.conftest import Env, job_spec
 
@@ -105,7 +105,7 @@ def test_estimate_endpoint_gives_figures_and_verdicts(client: httpx.Client, env:
 
 def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(client: httpx.Client, env: Env, tiny_model: Path,
                                                                 chat_dataset: Path) -> None:
-    from app.queue import get_redis, register_gpu_memory, smallest_worker_gpu
+    from core.queue import get_redis, register_gpu_memory, smallest_worker_gpu
 
     # Two workers announce their cards; jobs are planned for the smaller one.
     register_gpu_memory(get_redis(), "worker-a", 80 * GIB, ttl_s=60)
@@ -132,7 +132,7 @@ def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(client: httpx.C
 def test_job_whose_checkpoints_cannot_fit_the_disk_is_refused(client: httpx.Client, env: Env, tiny_model: Path,
                                                              chat_dataset: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("GPU_MEMORY_BYTES", str(100_000 * GIB))  # planning the disk alone
     get_settings.cache_clear()
@@ -152,7 +152,7 @@ def test_rows_counted_before_queuing_bound_the_checkpoints(client: httpx.Client,
                                                            chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No max_steps and no save_total_limit: the 64 rows the API read give the step count (64
     rows / micro-batch 2 / accumulation 2 = 16 steps an epoch, 2 epochs), so 32 // 4 = 8 saves."""
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("GPU_MEMORY_BYTES", str(100_000 * GIB))  # planning the disk alone
     get_settings.cache_clear()
@@ -184,7 +184,7 @@ def test_hub_model_without_reachable_config_cannot_be_estimated(client: httpx.Cl
 def test_refusal_names_the_largest_micro_batch_and_sequence_that_fit(client: httpx.Client, env: Env,
                                                                      tiny_model: Path, chat_dataset: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("GPU_MEMORY_BYTES", str(80 * GIB))
     get_settings.cache_clear()

@@ -26,15 +26,15 @@ def submit(client: httpx.Client) -> int:
 
 
 def set_job(job_id: int, **values: Any) -> None:
-    from app.db import session_scope
-    from app.models import Job
+    from core.db import session_scope
+    from core.models import Job
 
     with session_scope() as session:
         session.execute(update(Job).where(col(Job.id) == job_id).values(**values))
 
 
 def max_age(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("RECORD_MAX_AGE_S", str(seconds))
     get_settings.cache_clear()
@@ -184,7 +184,7 @@ def test_a_cancel_is_not_undone_by_a_read_that_began_before_it(
     import threading
 
     import app.records as records
-    from app.models import utcnow
+    from core.models import utcnow
 
     max_age(monkeypatch, 60)
     from fastapi.testclient import TestClient
@@ -265,10 +265,10 @@ def test_the_list_matches_the_records(client: httpx.Client, env: Env) -> None:
 def test_log_and_event_pages_match_the_declared_schemas(client: httpx.Client, env: Env) -> None:
     """The pages are built from SQL rows with orjson; they must be what the pydantic models
     (StepLogPublic, EventPublic) would have produced, value for value and in the same shape."""
-    from app.db import session_scope
-    from app.models import JobEvent, StepLog, utcnow
     from app.presenters import event_public, step_log_public
     from app.schemas import EventPage, StepLogPage
+    from core.db import session_scope
+    from core.models import JobEvent, StepLog, utcnow
 
     job_id = submit(client)
     rng = random.Random(7)
@@ -297,8 +297,8 @@ def test_log_and_event_pages_match_the_declared_schemas(client: httpx.Client, en
 
 
 def test_a_finished_jobs_pages_come_from_memory_and_a_running_jobs_do_not(client: httpx.Client, env: Env) -> None:
-    from app.db import session_scope
-    from app.models import StepLog
+    from core.db import session_scope
+    from core.models import StepLog
 
     job_id = submit(client)
     set_job(job_id, status="running")

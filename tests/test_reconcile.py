@@ -59,15 +59,15 @@ def queue_of(env: Env) -> Queue:
 
 
 def set_job(job_id: int, **values: object) -> None:
-    from app.db import session_scope
-    from app.models import Job
+    from core.db import session_scope
+    from core.models import Job
 
     with session_scope() as session:
         session.execute(update(Job).where(col(Job.id) == job_id).values(**values))
 
 
 def ago(seconds: float) -> datetime:
-    from app.models import utcnow
+    from core.models import utcnow
 
     return utcnow() - timedelta(seconds=seconds)
 
@@ -111,8 +111,8 @@ def worker_dies(env: Env, rq_job: RQJob) -> None:
 
 
 def test_queued_job_lost_by_redis_is_enqueued_again(api: TestClient, env: Env) -> None:
-    from app.config import get_settings
-    from app.reconcile import reconcile
+    from core.config import get_settings
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     env.redis().flushdb()  # Redis restarted without persistence
@@ -134,8 +134,8 @@ def test_queued_job_lost_by_redis_is_enqueued_again(api: TestClient, env: Env) -
 def test_job_popped_from_the_queue_but_never_run_is_enqueued_again(api: TestClient, env: Env) -> None:
     """A worker took the job off the queue's list as Redis went away, before RQ marked it
     started: its hash still says `queued`, but nothing will ever run it."""
-    from app.config import get_settings
-    from app.reconcile import reconcile
+    from core.config import get_settings
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     queue = queue_of(env)
@@ -150,7 +150,7 @@ def test_job_popped_from_the_queue_but_never_run_is_enqueued_again(api: TestClie
 
 def test_fresh_queued_job_missing_from_redis_is_left_alone(api: TestClient, env: Env) -> None:
     # Younger than ENQUEUE_GRACE_S: it may be between its commit and its enqueue.
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     env.redis().flushdb()
@@ -161,13 +161,13 @@ def test_fresh_queued_job_missing_from_redis_is_left_alone(api: TestClient, env:
 
 
 def test_job_rq_reports_abandoned_is_requeued_then_failed(api: TestClient, env: Env) -> None:
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     first = worker_takes(env, job_id, attempt=1)
     worker_dies(env, first)
 
-    # RQ's cleanup calls app.reconcile.on_rq_failure, which resumes the job under a new RQ id.
+    # RQ's cleanup calls core.reconcile.on_rq_failure, which resumes the job under a new RQ id.
     assert reconcile() == NOTHING_DONE
     record = api.get(f"/jobs/{job_id}").json()
     assert (record["status"], record["attempts"], record["error"]) == ("queued", 1, None)
@@ -197,7 +197,7 @@ def test_job_rq_reports_abandoned_is_requeued_then_failed(api: TestClient, env: 
 
 
 def test_running_job_with_stale_heartbeat_is_recovered(api: TestClient, env: Env) -> None:
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     stale_id, fresh_id = submit(api), submit(api)
     env.redis().flushdb()  # RQ knows nothing of either job
@@ -228,7 +228,7 @@ def test_running_job_with_stale_heartbeat_is_recovered(api: TestClient, env: Env
 
 
 def test_stale_running_job_with_cancel_requested_ends_cancelled(api: TestClient, env: Env) -> None:
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     env.redis().flushdb()
@@ -251,7 +251,7 @@ def test_stale_running_job_with_cancel_requested_ends_cancelled(api: TestClient,
 
 def test_abandoned_job_is_recovered_when_reconcile_runs_off_the_main_thread(api: TestClient, env: Env) -> None:
     # The API's background loop reconciles in a worker thread, not the main one.
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     worker_dies(env, worker_takes(env, job_id, attempt=1))
@@ -266,7 +266,7 @@ def test_abandoned_job_is_recovered_when_reconcile_runs_off_the_main_thread(api:
 def test_late_abandoned_report_about_a_superseded_attempt_changes_nothing(api: TestClient, env: Env) -> None:
     """Attempt 1's worker died and the stale heartbeat already requeued the job; attempt 2 runs.
     When RQ's own registry entry for attempt 1 expires later, its report must not touch attempt 2."""
-    from app.reconcile import reconcile
+    from core.reconcile import reconcile
 
     job_id = submit(api)
     first = worker_takes(env, job_id, attempt=1)

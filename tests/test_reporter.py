@@ -27,8 +27,8 @@ class NoMemory:
 
 @pytest.fixture
 def job_id(env: Env) -> int:
-    from app.db import session_scope
-    from app.models import Job
+    from core.db import session_scope
+    from core.models import Job
 
     with session_scope() as session:
         job = Job(spec={"model": "m", "dataset": {"source": "d"}})
@@ -40,10 +40,10 @@ def job_id(env: Env) -> int:
 
 def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, job_id: int, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.db import session_scope
-    from app.models import Job, StepLog
-    from worker import callbacks
-    from worker.stopflag import StopFlag
+    from core.db import session_scope
+    from core.models import Job, StepLog
+    from trainer.stopflag import StopFlag
+    from trainer import callbacks
 
     clock, tokens, evaluating = Clock(), [0.0], [0.0]
     monkeypatch.setattr(callbacks.time, "monotonic", clock)

@@ -1,4 +1,4 @@
-"""Unit tests for app.rows: row formats, the column mapping, the per-row checks with their exact
+"""Unit tests for core.rows: row formats, the column mapping, the per-row checks with their exact
 words, RowCheck's refusal, and check_file over JSON Lines, JSON arrays and Parquet.
 
 Pure Python and fast: no server, no Redis, no torch."""
@@ -13,7 +13,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from app.rows import (
+from core.rows import (
     PROBLEMS_KEPT,
     DataError,
     RowCheck,

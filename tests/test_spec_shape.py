@@ -13,10 +13,10 @@ from tests.conftest import Env
 
 def test_a_spec_validates_without_reading_settings_or_the_filesystem() -> None:
     import app.schemas
-    from app.schemas import JobSpec
+    from core.spec import JobSpec
 
     # Nothing of the settings module within the spec's reach, and paths that exist nowhere pass.
-    assert not [name for name, value in vars(app.schemas).items() if getattr(value, "__module__", "") == "app.config"]
+    assert not [name for name, value in vars(app.schemas).items() if getattr(value, "__module__", "") == "core.config"]
     spec = JobSpec.model_validate({
         "model": "/nowhere/model", "chat_template_from": "~nosuchuser/tok",
         "dataset": {"source": "/srv/data/files/3.jsonl", "file_id": 3},  # a stored spec holds both

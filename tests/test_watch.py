@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 from sqlmodel import Session, SQLModel
 from starlette.types import Message
 
-from app.config import get_settings
-from app.db import get_engine
 from app.main import app
-from app.models import Job, JobEvent, JobStatus, StepLog, utcnow
 from app.routes import watch
+from core.config import get_settings
+from core.db import get_engine
+from core.models import Job, JobEvent, JobStatus, StepLog, utcnow
 
 GIB = 1024**3
 SPEC = {"model": "org/tiny-llama", "dataset": {"source": "org/tiny-data", "split": "train"}}
@@ -253,7 +253,7 @@ def raw_get(path: str) -> tuple[int, bytes]:
     return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
 
 
-# What files next to and above the static folder hold (app/main.py, app/config.py, the page's
+# What files next to and above the static folder hold (app/main.py, core/config.py, the page's
 # template, pyproject.toml): none may come out of /static.
 SECRETS = (b"def create_app", b"class Settings", b"{{JOB_ID}}", b"[project]")
 

@@ -1,4 +1,3 @@
-"""The worker process (an RQ worker bound to one GPU) and the trainer child it starts per job.
-
-Only worker/trainer.py and what it imports load torch; the worker process itself stays
-CUDA-free, because CUDA cannot be initialised before a fork."""
+"""The worker process: an RQ worker bound to one GPU (`python -m worker`). It claims a job,
+starts the trainer child process for it (`python -m trainer JOB_ID`, the trainer package),
+heartbeats it, carries cancels, and records how it ended. It imports core, never the API."""

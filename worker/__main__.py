@@ -12,11 +12,11 @@ import redis.exceptions
 import typer
 from rq import Worker
 
-from app.config import get_settings
-from app.diskspace import Reserve
-from app.queue import get_queue, get_redis, register_gpu_memory
-from app.reconcile import reconcile
-from worker.checkpoints import hash_unfinished
+from core.checkpoint_files import hash_unfinished
+from core.config import get_settings
+from core.diskspace import Reserve
+from core.queue import get_queue, get_redis, register_gpu_memory
+from core.reconcile import reconcile
 
 logger = logging.getLogger("worker")
 cli = typer.Typer(add_completion=False, help=__doc__)

@@ -23,16 +23,15 @@ from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
-from app.checkpoint_store import sweep_partials, sync_records
-from app.config import get_settings
-from app.crud import add_event
-from app.db import get_engine, session_scope
-from app.diskspace import low_on_space, write_despite_full_disk
-from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
-from app.reconcile import recover_lost_job
-from core.contract import ErrorCode, EventKind, TrainerOutcome, TrainerResult
-from worker.checkpoints import hash_checkpoint
-from worker.trainer import PARENT_PID_ENV, RESULT_FILE
+from core.checkpoint_files import hash_checkpoint
+from core.checkpoint_store import sweep_partials, sync_records
+from core.config import get_settings
+from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, TrainerOutcome, TrainerResult
+from core.db import get_engine, session_scope
+from core.diskspace import low_on_space, write_despite_full_disk
+from core.events import add_event
+from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
+from core.reconcile import recover_lost_job
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class TrainerWatch:
                                   compile_cache_env(self.settings.data_dir.resolve() / "cache"))
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
-            [sys.executable, "-m", "worker.trainer", str(self.job_id)], cwd=self.workdir,
+            [sys.executable, "-m", "trainer", str(self.job_id)], cwd=self.workdir,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         log.close()

@@ -13,14 +13,16 @@ from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app import crud
-from app.config import get_settings
-from app.db import SessionDep, get_engine, run_db
+from app.db import SessionDep, run_db
 from app.deps import SettingsDep, require_token
+from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
-from app.files import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
-from app.models import CheckpointStatus, Job, JobStatus
 from app.presenters import checkpoint_public
-from app.schemas import MAX_DB_INT, CheckpointPublic, UrlInt
+from app.schemas import CheckpointPublic
+from core.config import get_settings
+from core.db import get_engine
+from core.models import CheckpointStatus, Job, JobStatus
+from core.spec import MAX_DB_INT, UrlInt
 
 router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"],
                    dependencies=[Depends(require_token)], responses=error_responses(401, 404, 422, 503))

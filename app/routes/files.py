@@ -11,7 +11,8 @@ from app.db import SessionDep
 from app.deps import require_token
 from app.errors import error_responses
 from app.presenters import file_public
-from app.schemas import MAX_DB_INT, FileList, FilePublic, UrlInt
+from app.schemas import FileList, FilePublic
+from core.spec import MAX_DB_INT, UrlInt
 
 router = APIRouter(prefix="/files", tags=["files"], dependencies=[Depends(require_token)],
                    responses=error_responses(401, 503))

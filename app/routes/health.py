@@ -6,12 +6,12 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.config import get_settings
-from app.db import get_engine
 from app.deps import query_guard
-from app.diskspace import disk_space, gib
-from app.queue import get_redis
 from app.schemas import Health
+from core.config import get_settings
+from core.db import get_engine
+from core.diskspace import disk_space, gib
+from core.queue import get_redis
 
 router = APIRouter(tags=["health"], dependencies=[Depends(query_guard)])
 

@@ -11,28 +11,25 @@ from fastapi.exceptions import RequestValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from app import crud, pages, records
-from app.config import get_settings
 from app.db import SessionDep, run_db
 from app.deps import require_token
 from app.errors import CannotPlan, NotFound, error_responses
-from app.models import JobStatus
-from app.planner import GIB, PlanError
 from app.presenters import job_public
 from app.schemas import (
-    JOB_SPEC_EXAMPLE,
-    MAX_DB_INT,
     DiskEstimate,
     Estimate,
     EstimateRequest,
     EventPage,
     JobPage,
     JobPublic,
-    JobSpec,
     MemoryEstimate,
     StepLogPage,
-    UrlInt,
 )
 from app.sources import checked_sources
+from core.config import get_settings
+from core.models import JobStatus
+from core.planner import GIB, PlanError
+from core.spec import JOB_SPEC_EXAMPLE, MAX_DB_INT, JobSpec, UrlInt
 
 # Every route here may answer these: no token, a parameter that does not validate, a database
 # that cannot answer.

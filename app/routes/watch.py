@@ -26,12 +26,13 @@ from starlette.staticfiles import PathLike, StaticFiles
 from starlette.types import Scope
 
 from app import crud, pages
-from app.db import SessionDep, get_engine, limiter_of, run_db
+from app.db import SessionDep, limiter_of, run_db
 from app.deps import require_token
 from app.errors import MethodNotAllowed, NotFound, error_responses
 from app.records import Record, get_record_cache, record_of
 from app.routes.jobs import NOT_FOUND, JobId
-from app.schemas import MAX_DB_INT, UrlInt
+from core.db import get_engine
+from core.spec import MAX_DB_INT, UrlInt
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from app.schemas import JobSpec  # noqa: E402
+from core.spec import JobSpec  # noqa: E402
 
 DEFAULT_DATA_DIR = Path("/tmp/load-data")
 MARKER = "load-data.json"
@@ -105,7 +105,7 @@ def spec_templates() -> list[dict[str, Any]]:
 
 
 def data_report(rng: random.Random, steps: int, hp: dict[str, Any], *, validation: bool) -> dict[str, Any]:
-    """What the trainer reports about the data before training (worker.data.data_report)."""
+    """What the trainer reports about the data before training (trainer.data.data_report)."""
     sequences = steps * hp["per_device_train_batch_size"] * hp["gradient_accumulation_steps"]
     rows = sequences + rng.randrange(0, 500)
     median = rng.randrange(300, 1500)

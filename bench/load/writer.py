@@ -5,7 +5,7 @@ while the API is under load, through the worker's and trainer's own code.
 
 Each step is what the trainer does per logged step: JobReporter.on_step_end, then
 JobReporter._write_log inside app.db.session_scope() (one step_log INSERT, the job's UPDATE).
-The memory figures come from a stand-in for worker.gpu.MemoryProbe that reads as an 80 GB H100
+The memory figures come from a stand-in for trainer.gpu.MemoryProbe that reads as an 80 GB H100
 would (this machine may have no GPU), on SQLite and PostgreSQL alike. Every HEARTBEAT_INTERVAL_S
 the worker's watch loop
 (worker.tasks.TrainerWatch.poll_database) heartbeats the job, as a live worker would, so the
@@ -33,11 +33,11 @@ from sqlalchemy import func  # noqa: E402
 from sqlmodel import select  # noqa: E402
 from transformers import TrainerControl, TrainerState  # noqa: E402
 
-from app.config import get_settings  # noqa: E402
-from app.db import session_scope  # noqa: E402
-from app.models import Job, StepLog  # noqa: E402
-from worker.callbacks import JobReporter  # noqa: E402
-from worker.stopflag import StopFlag  # noqa: E402
+from core.config import get_settings  # noqa: E402
+from core.db import session_scope  # noqa: E402
+from core.models import Job, StepLog  # noqa: E402
+from trainer.callbacks import JobReporter  # noqa: E402
+from trainer.stopflag import StopFlag  # noqa: E402
 from worker.tasks import POLL_INTERVAL_S, TrainerWatch  # noqa: E402
 
 GIB = 1024**3
@@ -45,7 +45,7 @@ TOKENS_PER_STEP = 2 * 64 * 900
 
 
 class H100MemoryProbe:
-    """worker.gpu.MemoryProbe's interface with the figures of a training 8B model on an H100."""
+    """trainer.gpu.MemoryProbe's interface with the figures of a training 8B model on an H100."""
 
     def __init__(self) -> None:
         self.reads = 0

@@ -180,7 +180,7 @@ class Cluster:
         return self.data_dir / "jobs" / str(job_id)
 
     def wait_for_failpoint(self, job_id: int, name: str, timeout_s: float = 180) -> Path:
-        from worker.failpoints import marker
+        from trainer.failpoints import marker
 
         path = marker(self.job_dir(job_id), name)
         wait_until(path.exists, timeout_s, f"the trainer of job {job_id} to reach failpoint {name}", interval_s=0.1)

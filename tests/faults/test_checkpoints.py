@@ -1,7 +1,7 @@
 """Crashes around a checkpoint save: a checkpoint appears only when complete, a resume takes the
 newest complete one, and one completed just before a crash is recorded all the same.
 
-The trainer is held at the exact moment by a failpoint (worker/failpoints.py), then the test
+The trainer is held at the exact moment by a failpoint (trainer/failpoints.py), then the test
 kills the worker, its work horse and the trainer with SIGKILL."""
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_bad_parquet_is_422(client: httpx.Client, env: Env) -> None:
 
 def test_upload_over_the_size_limit_is_413_and_leaves_nothing(client: httpx.Client, env: Env,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "100")
     get_settings.cache_clear()
@@ -144,7 +144,7 @@ def test_upload_that_breaks_off_is_refused_and_leaves_nothing(client: httpx.Clie
 
 def test_size_limit_holds_as_bytes_arrive_without_a_content_length(client: httpx.Client, env: Env,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "1000")
     get_settings.cache_clear()
@@ -245,7 +245,7 @@ def test_dataset_needs_exactly_one_of_source_and_file_id(client: httpx.Client, e
 
 def test_files_routes_need_a_token_when_configured(client: httpx.Client, env: Env,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", "s3cret")
     get_settings.cache_clear()

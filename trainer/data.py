@@ -1,4 +1,4 @@
-"""A job's dataset and validation set: loaded, every row checked (app.rows, the rules the API
+"""A job's dataset and validation set: loaded, every row checked (core.rows, the rules the API
 applies before queuing), bad rows skipped or the job refused, and the rows measured in tokens."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from app.planner import optimizer_steps, steps_per_epoch
-from app.rows import (
+from core.contract import ErrorCode
+from core.planner import optimizer_steps, steps_per_epoch
+from core.rows import (
     FORMATS,
     SHAREGPT_ROLES,
     DataError,
@@ -26,9 +27,8 @@ from app.rows import (
     read_rows,
     row_problem,
 )
-from app.schemas import Hyperparameters
-from core.contract import ErrorCode
-from worker.failures import JobFailure
+from core.spec import Hyperparameters
+from trainer.failures import JobFailure
 
 # Parallel workers for row checks and token counts pay off from this many rows.
 PARALLEL_FROM_ROWS = 20_000

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from app.schemas import Hyperparameters, JobSpec
+from core.spec import Hyperparameters, JobSpec
 
 logger = logging.getLogger(__name__)
 

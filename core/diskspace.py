@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from app.config import get_settings
+from core.config import get_settings
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from app.checkpoint_store import TRAINER_LOCK
+from core.checkpoint_store import TRAINER_LOCK
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def _is_trainer_of(pid: int, job_id: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     except OSError:
         return False
-    return argv[-2:] == [b"worker.trainer", str(job_id).encode()]
+    # `python -m trainer <id>`; `worker.trainer` was its module before the trainer had its own package.
+    return argv[-1:] == [str(job_id).encode()] and argv[-2:-1] in ([b"trainer"], [b"worker.trainer"])
 
 
 def take_job_lock(job_dir: Path, job_id: int, *, grace_s: float,

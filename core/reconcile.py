@@ -20,13 +20,13 @@ from rq.timeouts import TimerDeathPenalty
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from app.checkpoint_store import sync_records
-from app.config import get_settings
-from app.crud import add_event
-from app.db import session_scope
-from app.models import Job, JobStatus, utcnow
-from app.queue import enqueue_job, get_queue, parse_rq_job_id, rq_job_id
+from core.checkpoint_store import sync_records
+from core.config import get_settings
 from core.contract import ErrorCode, EventKind
+from core.db import session_scope
+from core.events import add_event
+from core.models import Job, JobStatus, utcnow
+from core.queue import enqueue_job, get_queue, parse_rq_job_id, rq_job_id
 
 logger = logging.getLogger(__name__)
 

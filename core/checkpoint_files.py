@@ -4,7 +4,7 @@ The trainer writes each checkpoint under a staging name and publishes it here: e
 folder is fsynced, then the folder is renamed to its real name and the parent fsynced, so a
 crash at any moment leaves either the complete folder or no folder of that name (and a staging
 folder that the next start removes). The worker hashes the files afterwards, in its own
-process, off the training path. Records live in app.checkpoint_store."""
+process, off the training path. Records live in core.checkpoint_store."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from app.checkpoint_store import PARTIAL_PREFIX, mark_removed
-from app.config import get_settings
-from app.db import session_scope
-from app.models import Checkpoint, CheckpointStatus, Job
+from core.checkpoint_store import PARTIAL_PREFIX, mark_removed
+from core.config import get_settings
+from core.db import session_scope
+from core.models import Checkpoint, CheckpointStatus, Job
 
 logger = logging.getLogger(__name__)
 

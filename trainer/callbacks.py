@@ -16,13 +16,13 @@ from sqlalchemy import delete
 from sqlmodel import Session, col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from app.checkpoint_store import mark_removed, record_checkpoint
-from app.crud import add_event
-from app.db import session_scope
-from app.models import Job, StepLog
+from core.checkpoint_store import mark_removed, record_checkpoint
 from core.contract import EventKind
-from worker.gpu import MemoryProbe
-from worker.stopflag import StopFlag
+from core.db import session_scope
+from core.events import add_event
+from core.models import Job, StepLog
+from trainer.gpu import MemoryProbe
+from trainer.stopflag import StopFlag
 
 logger = logging.getLogger(__name__)
 

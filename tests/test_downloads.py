@@ -1,5 +1,5 @@
 """Checkpoint downloads never leave the checkpoint folder, and the streamed tar is a real tar of
-the announced length: app/files.py directly, then the HTTP routes against real SQLite."""
+the announced length: app/downloads.py directly, then the HTTP routes against real SQLite."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import anyio
 import pytest
 from fastapi.testclient import TestClient
 
+from app.downloads import CHUNK_BYTES, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import NotFound
-from app.files import CHUNK_BYTES, resolve_inside, stream_tar, tar_length, tar_members
 from tests.conftest import Env
 
 SECRET = b"the operator's secret, never to be served\n"
@@ -125,9 +125,9 @@ def stored(env: Env) -> Stored:
     """A finished job with two checkpoints on disk and in the database, and a secret in the
     job's folder beside them. `final` is honest; `checkpoint-3`'s record was tampered with: it
     lists a symlink that points at the secret and `../secret.txt` itself."""
-    from app.config import get_settings
-    from app.db import session_scope
-    from app.models import Checkpoint, CheckpointStatus, Job, JobStatus
+    from core.config import get_settings
+    from core.db import session_scope
+    from core.models import Checkpoint, CheckpointStatus, Job, JobStatus
 
     with session_scope() as session:
         job = Job(spec={"model": "org/model", "dataset": {"source": "org/data"}}, status=JobStatus.succeeded)
@@ -291,7 +291,7 @@ def test_archive_of_a_record_listing_paths_outside_is_refused_whole(api: TestCli
 def test_reading_ahead_returns_the_file_in_order(tmp_path: Path, sizes: list[int]) -> None:
     """Downloads read the next chunk while sending this one; any sequence of reads (a range's
     shorter last read included) and seeks must still give the file's bytes in order."""
-    from app.files import _ThreadedFile
+    from app.downloads import _ThreadedFile
 
     data = bytes(range(256))[:19]
     path = tmp_path / "f.bin"

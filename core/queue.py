@@ -9,10 +9,10 @@ from functools import lru_cache
 from redis import Redis
 from rq import Callback, Queue
 
-from app.config import get_settings
+from core.config import get_settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
-ON_FAILURE_CALLBACK = "app.reconcile.on_rq_failure"
+ON_FAILURE_CALLBACK = "core.reconcile.on_rq_failure"
 # Keep a finished RQ entry a day for debugging; the database keeps the job for good.
 RESULT_TTL_S = 24 * 3600
 
@@ -54,7 +54,7 @@ def enqueue_job(job_id: int, attempt: int, connection: Redis | None = None) -> N
         failure_ttl=7 * RESULT_TTL_S,
         description=f"fine-tuning job {job_id}",
         # An abandoned job (its worker died) is reported through this callback by RQ's own
-        # registry cleanup; app.reconcile decides between resuming and failing it.
+        # registry cleanup; core.reconcile decides between resuming and failing it.
         on_failure=Callback(ON_FAILURE_CALLBACK),
     )
 

@@ -24,13 +24,13 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
-from app.checkpoint_store import FINAL_NAME, newest_complete
-from app.diskspace import disk_space, gib, is_disk_full_error
-from app.files import folder_files
+from core.checkpoint_files import publish, staging_path
+from core.checkpoint_store import FINAL_NAME, newest_complete
 from core.contract import ErrorCode
-from worker.checkpoints import publish, staging_path
-from worker.failpoints import failpoint
-from worker.failures import JobFailure
+from core.diskspace import disk_space, gib, is_disk_full_error
+from core.folders import folder_files
+from trainer.failpoints import failpoint
+from trainer.failures import JobFailure
 
 # Scheduler, RNG and trainer state beside the weights and optimizer state.
 CHECKPOINT_EXTRA_BYTES = 1024**2

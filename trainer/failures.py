@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import traceback
 
-from app.diskspace import DiskSpace, is_disk_full_error
 from core.contract import ErrorCode
+from core.diskspace import DiskSpace, is_disk_full_error
 
 LOG_HINT = "The trainer's full output is in the job's trainer.log."
 RESUBMIT = "then resubmit the job."

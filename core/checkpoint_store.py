@@ -1,7 +1,7 @@
 """A job's checkpoint folders on disk and their records in the database.
 
 A checkpoint is written under a hidden staging name (`.partial-checkpoint-40`) and renamed to
-its real name only when every file is on disk (worker/checkpoints.py), so a folder with a real
+its real name only when every file is on disk (core/checkpoint_files.py), so a folder with a real
 name is complete. What is checked here covers what that cannot: folders written before staging
 existed, or damaged afterwards. Used by the trainer (which checkpoint to resume from), the
 worker (records after its trainer exits) and the reconciler (records of a job whose worker died)."""
@@ -19,10 +19,10 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from app.crud import add_event
-from app.files import folder_files
-from app.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.contract import EventKind
+from core.events import add_event
+from core.folders import folder_files
+from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ FINAL_NAME = "final"
 INTERMEDIATE_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# Held by a job's trainer for its whole life (worker/lifeline.py).
+# Held by a job's trainer for its whole life (trainer/lifeline.py).
 TRAINER_LOCK = "trainer.lock"
 
 

@@ -1,4 +1,4 @@
-"""The trainer child process: `python -m worker.trainer JOB_ID`, started by the worker per job.
+"""The trainer child process: `python -m trainer JOB_ID`, started by the worker per job.
 
 It loads the model and data, runs TRL's SFTTrainer (through Unsloth on a GPU), reports through
 JobReporter, and writes its outcome to `result.json` in the job folder for the worker to read.
@@ -18,23 +18,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from app.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
-from app.config import get_settings
-from app.crud import add_event
-from app.db import session_scope
-from app.diskspace import disk_space
-from app.models import Job
-from app.schemas import GPU_ONLY_OPTIMIZERS, JobSpec
-from core.contract import ErrorCode, EventKind, Phase, TrainerOutcome, TrainerResult
-from worker.failures import JobFailure, classify, format_traceback, missing_source
-from worker.lifeline import die_with_parent, take_job_lock
-from worker.stopflag import StopFlag
+from core.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
+from core.config import get_settings
+from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, Phase, TrainerOutcome, TrainerResult
+from core.db import session_scope
+from core.diskspace import disk_space
+from core.events import add_event
+from core.models import Job
+from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
+from trainer.failures import JobFailure, classify, format_traceback, missing_source
+from trainer.lifeline import die_with_parent, take_job_lock
+from trainer.stopflag import StopFlag
 
-logger = logging.getLogger("worker.trainer")
+logger = logging.getLogger("trainer")
 
-RESULT_FILE = "result.json"
-# Set by the worker: the work horse's pid, whose death stops this trainer.
-PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 # Phases during which a SIGTERM waits for the next step (the loop checks the flag); in the others
 # (imports, loading, preparing) nothing is worth finishing, so the trainer leaves at once.
 STEPPING_PHASES = frozenset({"training", "evaluating", "saving"})
@@ -231,8 +228,8 @@ class Run:
 
     def check_data(self, tokenizer: Any) -> tuple[Any, Any]:
         """Open, check and measure the dataset (and validation set) before the model takes the GPU."""
-        from app.rows import loss_option_problem
-        from worker.data import data_report, load_checked, token_counts
+        from core.rows import loss_option_problem
+        from trainer.data import data_report, load_checked, token_counts
 
         self.phase = "loading_dataset"
         spec, hp = self.spec, self.spec.hyperparameters
@@ -284,7 +281,7 @@ class Run:
     def validation_set(self, dataset: Any, row_format: str) -> tuple[Any, Any]:
         """(validation rows, their check): another split or source, checked as the dataset is; for a
         held-out fraction, (the dataset itself, None) and the caller splits it."""
-        from worker.data import load_checked
+        from trainer.data import load_checked
 
         validation = self.spec.validation
         if validation is None:
@@ -308,7 +305,7 @@ class Run:
 
     def refine_report(self, trainer: Any) -> None:
         """Sequences and steps as TRL actually prepared them (packing, rows it dropped)."""
-        from app.planner import optimizer_steps
+        from core.planner import optimizer_steps
 
         with session_scope() as session:
             job = session.get(Job, self.job_id)
@@ -402,9 +399,9 @@ class Run:
             return
 
         self.phase = "preparing"
-        from worker.callbacks import JobReporter
-        from worker.gpu import MemoryProbe
-        from worker.sft import JobSFTTrainer
+        from trainer.callbacks import JobReporter
+        from trainer.gpu import MemoryProbe
+        from trainer.sft import JobSFTTrainer
 
         evaluate = eval_dataset is not None
         trainer = self.trainer = JobSFTTrainer(
@@ -430,7 +427,7 @@ class Run:
         self.phase = "saving"
         final = self.checkpoints_dir / FINAL_NAME
         seconds = trainer.save_final(final)
-        from app.checkpoint_store import record_checkpoint
+        from core.checkpoint_store import record_checkpoint
 
         with session_scope() as session:
             record_checkpoint(session=session, job_id=job_id, folder=final, step=trainer.state.global_step,
@@ -505,8 +502,3 @@ def main(argv: list[str]) -> int:
                  first_step_seconds=round(first_step, 3) if first_step is not None else None,
                  train_seconds=train_seconds, callback_overhead_seconds=round(reporter.overhead_s, 4))
     return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main(sys.argv))

@@ -1,0 +1,208 @@
+"""The job spec: what a client sends to POST /jobs, as the API stores it and the trainer reads it.
+Names follow TRL's SFTConfig. Shapes only: whether a local path may be used on a host is
+checked once, at submit (app/sources.py)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from core.rows import COLUMN_NAMES
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+SPLIT_PATTERN = r"^[A-Za-z0-9_.\[\]:%+-]{1,64}$"
+# The largest id, step or cursor the database holds (a signed 64-bit integer): anything larger is
+# a 422, not an overflow inside the database driver.
+MAX_DB_INT = 2**63 - 1
+
+
+def _written_in_digits(value: object) -> object:
+    # Pydantic reads " 3", "\v3", "+3" and "3_000" as numbers too; in a URL that is a typo or a
+    # probe, and the document says integer.
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be a whole number written in digits (0-9)")
+    return value
+
+
+# An integer in a URL's path or query string.
+UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
+
+Backend = Literal["auto", "unsloth", "transformers"]
+Optimizer = Literal[
+    "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+Scheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+# Optimizers that bitsandbytes implements on CUDA only; a CPU run swaps them for adamw_torch.
+GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
+
+
+def source_shape(value: str, what: str) -> str:
+    """A Hub id, or a local path (starting with /, ./, ../ or ~): the shape only. Whether a local
+    path may be used on this server is checked once, at submit (app/sources.py)."""
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if value.startswith(LOCAL_PATH_PREFIXES):
+        return value
+    if ".." in value or not HUB_ID_RE.match(value):
+        raise ValueError(
+            f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') "
+            "nor a local path (starting with '/')"
+        )
+    return value
+
+
+class DatasetSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Left out when file_id names the data; the stored spec then has both (the trainer reads source).
+    source: str = Field(default="", description="Hub dataset id, or a local JSON Lines / JSON / Parquet file "
+                        "or a folder saved by `datasets`")
+    file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="a file uploaded with POST /files, "
+                                "instead of source; the stored spec then holds both")
+    split: str = Field(default="train", pattern=SPLIT_PATTERN)
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="our column name -> the dataset's, for datasets whose fields have "
+        "other names, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}; applies to the validation set too")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return source_shape(value, "dataset source") if value else value
+
+    @field_validator("columns")
+    @classmethod
+    def _columns(cls, value: dict[str, str]) -> dict[str, str]:
+        for ours, theirs in value.items():
+            if ours not in COLUMN_NAMES:
+                raise ValueError(f"columns: {ours!r} is not one of our column names {sorted(COLUMN_NAMES)}; "
+                                 "map each of ours to the dataset's, e.g. {\"prompt\": \"question\"}")
+            if not theirs.strip():
+                raise ValueError(f"columns.{ours} must name a column of the dataset")
+        if len(set(value.values())) != len(value):
+            raise ValueError("columns maps two of our names onto the same dataset column")
+        return value
+
+    @model_validator(mode="after")
+    def _one_of_source_and_file(self) -> DatasetSpec:
+        if not self.source and self.file_id is None:
+            raise ValueError("give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)")
+        return self
+
+
+class ValidationSpec(BaseModel):
+    """Where the validation set comes from: a fraction of the training rows held out with the
+    job's seed, another split of the dataset's source, or another file or source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float | None = Field(default=None, gt=0, le=0.5, description="hold out this share of the training "
+                                   "rows (after the checks), chosen with hyperparameters.seed")
+    source: str = Field(default="", description="a Hub dataset id or local file, like dataset.source")
+    file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="an uploaded file")
+    split: str | None = Field(default=None, pattern=SPLIT_PATTERN, description="alone: this split of "
+                              "dataset.source; with source: that source's split (default 'train')")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return source_shape(value, "validation source") if value else value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ValidationSpec:
+        named = bool(self.source) or self.file_id is not None
+        if self.fraction is not None and (named or self.split):
+            raise ValueError("validation takes a fraction of the training rows, or a split, source or file_id; "
+                             "not both")
+        if self.fraction is None and not named and not self.split:
+            raise ValueError("give validation.fraction, validation.split, validation.source or validation.file_id")
+        return self
+
+
+class Hyperparameters(BaseModel):
+    """The SFTConfig fields a job may set; the defaults are the standard Unsloth full fine-tune."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(default=64, ge=1, le=65536)
+    max_seq_length: int = Field(default=4096, ge=16, le=1_048_576)
+    learning_rate: float = Field(default=5e-6, gt=0, le=1)
+    num_train_epochs: float = Field(default=2, gt=0, le=1000)
+    max_steps: int | None = Field(default=None, ge=1, description="overrides num_train_epochs when set")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
+    lr_scheduler_type: Scheduler = "linear"
+    optim: Optimizer = "paged_adamw_8bit"
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    logging_steps: int = Field(default=25, ge=1)
+    save_steps: int = Field(default=10000, ge=1)
+    save_total_limit: int | None = Field(default=None, ge=1)
+    # What the loss is computed on (TRL's names and defaults).
+    completion_only_loss: bool | None = Field(
+        default=None, description="prompt/completion rows: train on the completion only (null: yes, as TRL does)")
+    assistant_only_loss: bool = Field(
+        default=False, description="chat rows: train on the assistant turns only (the chat template needs "
+        "{% generation %} markers; TRL adds them for the templates it knows)")
+    packing: bool = Field(default=False, description="pack several rows into each max_seq_length sequence "
+                          "(TRL's best-fit decreasing packing)")
+    eval_steps: int | None = Field(default=None, ge=1, description="evaluate the validation set every this many "
+                                   "steps (null: every logging_steps)")
+    per_device_eval_batch_size: int | None = Field(default=None, ge=1, le=1024,
+                                                   description="null: per_device_train_batch_size")
+
+
+# The standard recipe, shown in POST /jobs's description.
+JOB_SPEC_EXAMPLE: dict[str, Any] = {
+    "model": "meta-llama/Llama-3.1-8B",
+    "dataset": {"source": "allenai/tulu-3-sft-mixture", "split": "train"},
+    "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+    "backend": "auto",
+    "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64},
+}
+
+
+class JobSpec(BaseModel):
+    """What a client sends to POST /jobs."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+    )
+
+    model: str = Field(min_length=1, description="Hub model id or a local Hugging Face model folder")
+    dataset: DatasetSpec
+    chat_template_from: str | None = Field(
+        default=None, description="take the chat template from this tokenizer instead of the model's"
+    )
+    validation: ValidationSpec | None = Field(default=None, description="a validation set, evaluated every "
+                                              "eval_steps; its loss is eval_loss in the step logs")
+    backend: Backend = "auto"
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+    @model_validator(mode="after")
+    def _loss_options(self) -> JobSpec:
+        hp = self.hyperparameters
+        if hp.assistant_only_loss and hp.completion_only_loss:
+            raise ValueError("hyperparameters: assistant_only_loss is for chat rows and completion_only_loss for "
+                             "prompt/completion rows; set one of them")
+        if self.validation is None and (hp.eval_steps or hp.per_device_eval_batch_size):
+            raise ValueError("hyperparameters.eval_steps and per_device_eval_batch_size need a validation set "
+                             "(validation: {\"fraction\": 0.02}, a split, a source or a file_id)")
+        return self
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return source_shape(value, "model")
+
+    @field_validator("chat_template_from")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        return None if value is None else source_shape(value, "chat_template_from")
