@@ -12,11 +12,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.builders import LLAMA_3_1_8B, PHI_4_14B, build_llama, write_jsonl  # noqa: E402
+from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA, build_llama, write_jsonl  # noqa: E402
 
 SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "phi-4-14b": PHI_4_14B,
-          "small": {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
-                    "num_key_value_heads": 8, "intermediate_size": 4096, "vocab_size": 32000}}
+          "small": SMALL_LLAMA}
 # Every row is longer than the sequence length, so every sample is truncated to exactly
 # seq_len tokens and a step trains micro_batch * grad_accum * seq_len tokens: tokens/s is then
 # arithmetic, and the bare scripts need no token counting of their own.

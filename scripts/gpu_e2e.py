@@ -21,10 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts.service_harness import Service, wait_for
-from tests.builders import build_llama, chat_rows, write_jsonl
+from tests.builders import SMALL_LLAMA, build_llama, chat_rows, write_jsonl
 
-SMALL_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
-               "intermediate_size": 4096, "vocab_size": 32000}
 GIB = 1024**3
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.gpu_e2e import SMALL_LLAMA
 from scripts.service_harness import Service, process_tree, wait_for
-from tests.builders import build_llama, chat_rows, write_jsonl
+from tests.builders import SMALL_LLAMA, build_llama, chat_rows, write_jsonl
 
 GIB = 1024**3
 MIB = 1024**2

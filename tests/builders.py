@@ -31,6 +31,10 @@ LLAMA_3_1_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_hea
                 "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
 PHI_4_14B = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
              "num_key_value_heads": 10, "intermediate_size": 17920, "vocab_size": 100352}
+# A 317 M Llama: big enough for the GPU scripts to exercise Unsloth's kernels, small enough for
+# a minute's training (scripts/gpu-*, bench --shape small, the planner's tests).
+SMALL_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
+               "intermediate_size": 4096, "vocab_size": 32000}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128}
 

@@ -11,12 +11,10 @@ import pytest
 
 from core.planner import GIB, plan_memory, shape_from_config
 from core.spec import Hyperparameters
-from tests.builders import LLAMA_3_1_8B, PHI_4_14B
+from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA
 from tests.conftest import Env, job_spec
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-SMALL = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
-         "intermediate_size": 4096, "vocab_size": 32000}
 LLAMA_70B = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
              "intermediate_size": 28672, "vocab_size": 128256}
 
@@ -31,7 +29,7 @@ def config_only_model(folder: Path, shape: dict[str, int]) -> Path:
 
 @pytest.mark.parametrize(("shape", "parameters"), [
     # The counts Unsloth printed as "Trainable parameters" for these shapes on the GPU machine.
-    (LLAMA_3_1_8B, 8_030_261_248), (PHI_4_14B, 14_659_507_200), (SMALL, 317_228_032),
+    (LLAMA_3_1_8B, 8_030_261_248), (PHI_4_14B, 14_659_507_200), (SMALL_LLAMA, 317_228_032),
 ])
 def test_parameter_count_from_config_matches_the_trained_model(shape: dict[str, int], parameters: int) -> None:
     assert shape_from_config(dict(shape)).parameters == parameters
@@ -46,8 +44,8 @@ def measured(result_file: str) -> tuple[dict, int]:
 @pytest.mark.parametrize(("shape", "micro_batch", "seq_len", "peak_bytes", "where"), [
     (LLAMA_3_1_8B, 2, 4096, measured("2026-11-27-nvidia-h100-80gb-hbm3-llama-3.1-8b.json")[1], "H100, bench"),
     (PHI_4_14B, 2, 4096, measured("2026-11-27-nvidia-h200-phi-4-14b.json")[1], "H200, bench"),
-    (SMALL, 2, 1024, int(3.3 * GIB), "H100, bench --shape small"),
-    (SMALL, 4, 1024, int(3.694 * GIB), "H200, scripts/gpu-e2e"),
+    (SMALL_LLAMA, 2, 1024, int(3.3 * GIB), "H100, bench --shape small"),
+    (SMALL_LLAMA, 4, 1024, int(3.694 * GIB), "H200, scripts/gpu-e2e"),
 ])
 def test_estimate_is_within_15_percent_of_the_measured_nvml_peak(shape: dict[str, int], micro_batch: int,
                                                                  seq_len: int, peak_bytes: int, where: str) -> None:
@@ -58,7 +56,7 @@ def test_estimate_is_within_15_percent_of_the_measured_nvml_peak(shape: dict[str
 
 
 POINTS = json.loads((RESULTS / "2026-11-28-nvidia-h100-80gb-hbm3-planner-points.json").read_text())["points"]
-SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "small": SMALL}
+SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "small": SMALL_LLAMA}
 
 
 def point_id(point: dict) -> str:
