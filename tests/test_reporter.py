@@ -42,8 +42,8 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, j
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from core.db import session_scope
     from core.models import Job, StepLog
-    from trainer.stopflag import StopFlag
     from trainer import callbacks
+    from trainer.stopflag import StopFlag
 
     clock, tokens, evaluating = Clock(), [0.0], [0.0]
     monkeypatch.setattr(callbacks.time, "monotonic", clock)
