@@ -37,8 +37,13 @@ from core.spec import JobSpec
 logger = logging.getLogger(__name__)
 
 
-def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None, allow_network: bool = True,
-             training_rows: int | None = None) -> tuple[MemoryPlan, DiskPlan]:
+def estimate(
+    *,
+    job_in: JobSpec,
+    gpu_memory_bytes: int | None = None,
+    allow_network: bool = True,
+    training_rows: int | None = None,
+) -> tuple[MemoryPlan, DiskPlan]:
     """Plan a spec's GPU memory and disk. The GPU: the one asked for, else the operator's
     GPU_MEMORY_BYTES, else the smallest a live worker reported. `training_rows`, when the data
     was counted, bounds the number of checkpoints."""
@@ -51,8 +56,10 @@ def estimate(*, job_in: JobSpec, gpu_memory_bytes: int | None = None, allow_netw
             gpu_memory_bytes = smallest_worker_gpu()
         except Exception as exc:  # Redis away: plan without a card
             logger.warning("no worker GPU sizes (%s)", exc)
-    return (plan_memory(shape, job_in.hyperparameters, gpu_memory_bytes),
-            plan_disk(shape, job_in.hyperparameters, settings.data_dir, rows=training_rows))
+    return (
+        plan_memory(shape, job_in.hyperparameters, gpu_memory_bytes),
+        plan_disk(shape, job_in.hyperparameters, settings.data_dir, rows=training_rows),
+    )
 
 
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
@@ -67,7 +74,8 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
         if reason:
             raise DoesNotFit(reason)
         plan_note = f"planned peak GPU memory {gib(memory.total_bytes)}" + (
-            f" of {gib(memory.gpu_memory_bytes)} ({memory.verdict})" if memory.verdict else " (GPU size unknown)")
+            f" of {gib(memory.gpu_memory_bytes)} ({memory.verdict})" if memory.verdict else " (GPU size unknown)"
+        )
     spec = job_in.model_dump(mode="json")
     if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
         del spec["dataset"]["file_id"]
@@ -75,8 +83,12 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     session.add(job)
     session.flush()
     assert job.id is not None
-    add_event(session=session, job_id=job.id, kind=EventKind.queued,
-              message=f"job accepted and queued; {data_check.note}; {plan_note}")
+    add_event(
+        session=session,
+        job_id=job.id,
+        kind=EventKind.queued,
+        message=f"job accepted and queued; {data_check.note}; {plan_note}",
+    )
     session.commit()
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
     # down now, the row stays queued and the reconciler enqueues it once Redis is back.
@@ -85,7 +97,9 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     except Exception as exc:  # redis.ConnectionError and friends
         logger.warning("job %s stored but not enqueued yet: %s", job.id, exc)
         add_event(
-            session=session, job_id=job.id, kind=EventKind.enqueue_delayed,
+            session=session,
+            job_id=job.id,
+            kind=EventKind.enqueue_delayed,
             message=f"the queue could not be reached ({exc}); the job will be enqueued when it is back",
         )
         session.commit()
@@ -122,8 +136,13 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
         result = session.execute(
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
-            .values(status=JobStatus.cancelled, finished_at=now, cancel_requested_at=now,
-                    error_code=ErrorCode.cancelled, error_message="cancelled before it started")
+            .values(
+                status=JobStatus.cancelled,
+                finished_at=now,
+                cancel_requested_at=now,
+                error_code=ErrorCode.cancelled,
+                error_message="cancelled before it started",
+            )
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled before it started")
@@ -133,8 +152,12 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
         session.refresh(job)
     if job.status == JobStatus.running and job.cancel_requested_at is None:
         job.cancel_requested_at = now
-        add_event(session=session, job_id=job_id, kind=EventKind.cancel_requested,
-                  message="cancel requested; training stops at the next step")
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind=EventKind.cancel_requested,
+            message="cancel requested; training stops at the next step",
+        )
         session.commit()
     return job
 
@@ -164,9 +187,7 @@ def list_checkpoints(*, session: Session, job_id: int, include_removed: bool = F
 
 def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     get_job(session=session, job_id=job_id)
-    checkpoint = session.exec(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)
-    ).first()
+    checkpoint = session.exec(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)).first()
     if checkpoint is None:
         raise NotFound(f"job {job_id} has no checkpoint named {name!r}")
     if checkpoint.status == "removed":
@@ -201,9 +222,17 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
     ext = path.suffix.lstrip(".")
     final = None
     try:
-        uploaded = UploadedFile(filename=name, path=f"files/{path.name}", size_bytes=size, sha256=sha256,
-                                row_format=check.row_format, columns=check.columns, rows=check.rows,
-                                bad_rows=check.bad_rows, bad_row_examples=check.problems)
+        uploaded = UploadedFile(
+            filename=name,
+            path=f"files/{path.name}",
+            size_bytes=size,
+            sha256=sha256,
+            row_format=check.row_format,
+            columns=check.columns,
+            rows=check.rows,
+            bad_rows=check.bad_rows,
+            bad_row_examples=check.problems,
+        )
         session.add(uploaded)
         session.flush()
         uploaded.path = f"files/{uploaded.id}.{ext}"
@@ -235,8 +264,11 @@ def delete_file(*, session: Session, file_id: int) -> None:
     active = session.exec(
         select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
     ).all()
-    users = [str(job.id) for job in active
-             if file_id in {(job.spec.get(part) or {}).get("file_id") for part in ("dataset", "validation")}]
+    users = [
+        str(job.id)
+        for job in active
+        if file_id in {(job.spec.get(part) or {}).get("file_id") for part in ("dataset", "validation")}
+    ]
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued or running")
     session.delete(uploaded)

@@ -42,13 +42,19 @@ def _stored_check(session: Session, file_id: int | None, mapping: Mapping[str, s
     uploaded = session.get(UploadedFile, file_id) if file_id is not None and not mapping else None
     if uploaded is None or not uploaded.columns or uploaded.row_format == "prompt_completion":
         return None
-    return RowCheck(row_format=uploaded.row_format, columns=uploaded.columns, rows=uploaded.rows,
-                    conversational=uploaded.row_format == "messages", bad_rows=uploaded.bad_rows,
-                    problems=list(uploaded.bad_row_examples or []))
+    return RowCheck(
+        row_format=uploaded.row_format,
+        columns=uploaded.columns,
+        rows=uploaded.rows,
+        conversational=uploaded.row_format == "messages",
+        bad_rows=uploaded.bad_rows,
+        problems=list(uploaded.bad_row_examples or []),
+    )
 
 
-def _check_source(session: Session, source: str, file_id: int | None, mapping: Mapping[str, str],
-                  what: str) -> RowCheck | None:
+def _check_source(
+    session: Session, source: str, file_id: int | None, mapping: Mapping[str, str], what: str
+) -> RowCheck | None:
     """Every row of a local file, checked; None for sources the API does not read (Hub
     datasets, `datasets` folders)."""
     path = Path(source)
@@ -75,16 +81,18 @@ def check_before_queuing(*, session: Session, job_in: JobSpec) -> DataCheck:
     train = _check_source(session, dataset.source, dataset.file_id, dataset.columns, "the dataset")
     if train is None:
         if validation is not None and validation.source:
-            check = _check_source(session, validation.source, validation.file_id, dataset.columns,
-                                  "the validation set")
+            check = _check_source(session, validation.source, validation.file_id, dataset.columns, "the validation set")
             if check is not None:
                 _refuse_unusable(check, "the validation set")
         return DataCheck(None, "the dataset is read and checked when the job starts")
     _refuse_unusable(train, "the dataset")
     assert train.row_format is not None
-    problem = loss_option_problem(train.row_format, bool(train.conversational),
-                                  assistant_only_loss=hp.assistant_only_loss,
-                                  completion_only_loss=hp.completion_only_loss)
+    problem = loss_option_problem(
+        train.row_format,
+        bool(train.conversational),
+        assistant_only_loss=hp.assistant_only_loss,
+        completion_only_loss=hp.completion_only_loss,
+    )
     if problem:
         raise InvalidDataset(problem)
     report: dict[str, Any] = {"checked_before_queuing": True, **train.summary()}
@@ -101,18 +109,23 @@ def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: 
     if validation.fraction is not None:
         held_out = math.ceil(validation.fraction * good)  # as datasets' train_test_split rounds
         if held_out < 1 or good - held_out < 1:
-            raise InvalidDataset(f"validation.fraction {validation.fraction} of {good} good rows leaves "
-                                 f"{held_out} for validation and {good - held_out} for training; each needs one")
+            raise InvalidDataset(
+                f"validation.fraction {validation.fraction} of {good} good rows leaves "
+                f"{held_out} for validation and {good - held_out} for training; each needs one"
+            )
         return {"fraction": validation.fraction, "rows": held_out}
     if not validation.source:
-        raise InvalidDataset(f"validation.split {validation.split!r} names a split of dataset.source, but a file "
-                             "has no splits; use validation.fraction, or a file of its own (validation.file_id)")
-    check = _check_source(session, validation.source, validation.file_id, job_in.dataset.columns,
-                          "the validation set")
+        raise InvalidDataset(
+            f"validation.split {validation.split!r} names a split of dataset.source, but a file "
+            "has no splits; use validation.fraction, or a file of its own (validation.file_id)"
+        )
+    check = _check_source(session, validation.source, validation.file_id, job_in.dataset.columns, "the validation set")
     if check is None:
         return {"checked_before_queuing": False}
     _refuse_unusable(check, "the validation set")
     if check.row_format != train.row_format:
-        raise InvalidDataset(f"the validation set's rows are {check.row_format!r} but the dataset's are "
-                             f"{train.row_format!r}; both need the same format")
+        raise InvalidDataset(
+            f"the validation set's rows are {check.row_format!r} but the dataset's are "
+            f"{train.row_format!r}; both need the same format"
+        )
     return {"checked_before_queuing": True, **check.summary()}

@@ -71,9 +71,17 @@ def reject_unknown_query(request: Request) -> None:
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         takes = ", ".join(sorted(known)) or "none"
-        raise RequestValidationError([
-            {"type": "unknown_query_parameter", "loc": ("query", name), "input": request.query_params[name],
-             "msg": f"unknown query parameter (this route takes: {takes})"} for name in unknown])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "unknown_query_parameter",
+                    "loc": ("query", name),
+                    "input": request.query_params[name],
+                    "msg": f"unknown query parameter (this route takes: {takes})",
+                }
+                for name in unknown
+            ]
+        )
 
 
 async def query_guard(request: Request) -> None:

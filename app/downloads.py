@@ -211,5 +211,3 @@ async def stream_tar(members: list[TarMember]) -> AsyncIterator[bytes]:
         if padding:
             yield b"\0" * padding
     yield b"\0" * (2 * TAR_BLOCK)
-
-

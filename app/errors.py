@@ -55,8 +55,10 @@ ERROR_DESCRIPTIONS = {
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` for these error statuses, with the bodies the handlers below send."""
-    return {code: {"model": ValidationErrorBody if code == 422 else ErrorBody,
-                   "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+    return {
+        code: {"model": ValidationErrorBody if code == 422 else ErrorBody, "description": ERROR_DESCRIPTIONS[code]}
+        for code in codes
+    }
 
 
 class AppError(Exception):
@@ -204,8 +206,13 @@ FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
 
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this request's path."""
-    return [method for method in HTTP_METHODS if any(
-        route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes)]
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.router.routes
+        )
+    ]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -217,9 +224,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = validation_errors(exc)
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse(
-            {"error": "ValidationError", "detail": summary, "errors": errors}, status_code=422
-        )
+        return JSONResponse({"error": "ValidationError", "detail": summary, "errors": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -228,8 +233,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
             # A body that is not even text: the same 422 as a body that is not valid JSON.
             message = "the body could not be read as JSON (it is not UTF-8 text)"
-            return JSONResponse({"error": "ValidationError", "detail": f"body: {message}",
-                                 "errors": [{"field": "body", "message": message}]}, status_code=422)
+            return JSONResponse(
+                {
+                    "error": "ValidationError",
+                    "detail": f"body: {message}",
+                    "errors": [{"field": "body", "message": message}],
+                },
+                status_code=422,
+            )
         if exc.status_code == 404 and detail == "Not Found":  # no route matched
             detail = f"no route {request.method} {request.url.path} (the routes are listed at /docs)"
         headers = dict(getattr(exc, "headers", None) or {})
@@ -253,5 +264,6 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = "the job database cannot be written: the disk under DATA_DIR is full; retry once space is freed"
         else:
             detail = f"the job database cannot answer right now ({type(exc.orig).__name__}); retry shortly"
-        return JSONResponse({"error": "DatabaseUnavailable", "detail": detail}, status_code=503,
-                            headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"error": "DatabaseUnavailable", "detail": detail}, status_code=503, headers={"Retry-After": "5"}
+        )

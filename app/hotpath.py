@@ -78,8 +78,11 @@ class HotReads:
         path = scope["path"]
         if path != "/jobs" and not path.startswith("/jobs/"):
             return None
-        headers = {name: value for name, value in scope["headers"] if name in (b"authorization", b"if-none-match",
-                                                                              b"cache-control")}
+        headers = {
+            name: value
+            for name, value in scope["headers"]
+            if name in (b"authorization", b"if-none-match", b"cache-control")
+        }
         if records.wants_fresh(_text(headers.get(b"cache-control"))):
             return None
         try:

@@ -59,8 +59,9 @@ def sweep_leftovers() -> None:
     uploads.sweep_unfinished(settings.files_dir())
     with session_scope() as session:
         for job_id, name, size in sweep_finished_jobs(session=session, jobs_dir=settings.data_dir.resolve() / "jobs"):
-            logger.warning("job %s: removed %s, an unfinished checkpoint its stopped trainer left (%d bytes)",
-                           job_id, name, size)
+            logger.warning(
+                "job %s: removed %s, an unfinished checkpoint its stopped trainer left (%d bytes)", job_id, name, size
+            )
 
 
 async def _maintain_forever(interval_s: float) -> None:
@@ -110,8 +111,11 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 # Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
 GUARDED_PREFIXES = ("/jobs", "/files")
-BEARER_SCHEME = {"type": "http", "scheme": "bearer",
-                 "description": "one of the server's API_TOKENS (needed only when the operator sets some)"}
+BEARER_SCHEME = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "one of the server's API_TOKENS (needed only when the operator sets some)",
+}
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:
@@ -120,8 +124,9 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     with_tokens = bool(get_settings().api_tokens)
     cached: dict[bool, dict[str, Any]] = app.state.openapi_documents
     if with_tokens not in cached:
-        document = get_openapi(title=app.title, version=app.version, summary=app.summary,
-                               description=app.description, routes=app.routes)
+        document = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, description=app.description, routes=app.routes
+        )
         for path, operations in document.get("paths", {}).items():
             for operation in operations.values():
                 if with_tokens and path.startswith(GUARDED_PREFIXES):

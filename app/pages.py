@@ -26,9 +26,25 @@ GIB = 1024**3
 VRAM_KEYS = ("allocated", "reserved", "peak_allocated", "device_used", "device_total")
 LOGS: Table = StepLog.__table__  # type: ignore[attr-defined]
 EVENTS: Table = JobEvent.__table__  # type: ignore[attr-defined]
-LOG_COLUMNS = [LOGS.c[name] for name in (
-    "step", "epoch", "created_at", "loss", "learning_rate", "grad_norm", "tokens_per_second", "num_tokens",
-    "eval_loss", "vram_allocated", "vram_reserved", "vram_peak_allocated", "device_used", "device_total")]
+LOG_COLUMNS = [
+    LOGS.c[name]
+    for name in (
+        "step",
+        "epoch",
+        "created_at",
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+        "num_tokens",
+        "eval_loss",
+        "vram_allocated",
+        "vram_reserved",
+        "vram_peak_allocated",
+        "device_used",
+        "device_total",
+    )
+]
 EVENT_COLUMNS = [EVENTS.c[name] for name in ("id", "created_at", "kind", "message")]
 JSON_OPTIONS = orjson.OPT_UTC_Z  # datetimes as pydantic writes them: ...Z
 
@@ -49,9 +65,18 @@ def vram_item(values: tuple[int | None, ...]) -> dict[str, Any]:
 
 def log_item(row: Any) -> dict[str, Any]:
     created_at: datetime = row[2]
-    return {"step": row[0], "epoch": row[1], "created_at": created_at, "loss": row[3], "learning_rate": row[4],
-            "grad_norm": row[5], "tokens_per_second": row[6], "num_tokens": row[7], "eval_loss": row[8],
-            "vram": vram_item(tuple(row[9:14]))}
+    return {
+        "step": row[0],
+        "epoch": row[1],
+        "created_at": created_at,
+        "loss": row[3],
+        "learning_rate": row[4],
+        "grad_norm": row[5],
+        "tokens_per_second": row[6],
+        "num_tokens": row[7],
+        "eval_loss": row[8],
+        "vram": vram_item(tuple(row[9:14])),
+    }
 
 
 def event_item(row: Any) -> dict[str, Any]:

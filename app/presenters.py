@@ -49,25 +49,44 @@ def job_public(job: Job) -> JobPublic:
         attempts=job.attempts,
         phase=Phase(job.phase) if job.status == JobStatus.running and job.phase else None,
         cancel_requested=job.cancel_requested_at is not None,
-        progress=Progress(step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent,
-                          eta_seconds=job.eta_seconds),
+        progress=Progress(
+            step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent, eta_seconds=job.eta_seconds
+        ),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram),
         data_report=job.data_report,
         error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,
-        links={"self": base, "logs": f"{base}/logs", "events": f"{base}/events",
-               "checkpoints": f"{base}/checkpoints", "cancel": f"{base}/cancel", "watch": f"{base}/watch"},
+        links={
+            "self": base,
+            "logs": f"{base}/logs",
+            "events": f"{base}/events",
+            "checkpoints": f"{base}/checkpoints",
+            "cancel": f"{base}/cancel",
+            "watch": f"{base}/watch",
+        },
     )
 
 
 def step_log_public(row: StepLog) -> StepLogPublic:
     return StepLogPublic(
-        step=row.step, epoch=row.epoch, created_at=row.created_at, loss=row.loss,
-        learning_rate=row.learning_rate, grad_norm=row.grad_norm, tokens_per_second=row.tokens_per_second,
-        num_tokens=row.num_tokens, eval_loss=row.eval_loss,
-        vram=vram({"allocated": row.vram_allocated, "reserved": row.vram_reserved,
-                   "peak_allocated": row.vram_peak_allocated, "device_used": row.device_used,
-                   "device_total": row.device_total}),
+        step=row.step,
+        epoch=row.epoch,
+        created_at=row.created_at,
+        loss=row.loss,
+        learning_rate=row.learning_rate,
+        grad_norm=row.grad_norm,
+        tokens_per_second=row.tokens_per_second,
+        num_tokens=row.num_tokens,
+        eval_loss=row.eval_loss,
+        vram=vram(
+            {
+                "allocated": row.vram_allocated,
+                "reserved": row.vram_reserved,
+                "peak_allocated": row.vram_peak_allocated,
+                "device_used": row.device_used,
+                "device_total": row.device_total,
+            }
+        ),
     )
 
 
@@ -79,15 +98,32 @@ def event_public(row: JobEvent) -> EventPublic:
 def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
     base = f"/jobs/{row.job_id}/checkpoints/{quote(row.name)}"
     return CheckpointPublic(
-        name=row.name, step=row.step, created_at=row.created_at, status=row.status, size=row.size_bytes,
-        files=[CheckpointFile(path=f["path"], size=f["size"], sha256=f.get("sha256"),
-                              url=f"{base}/files/{quote(f['path'])}") for f in row.files],
+        name=row.name,
+        step=row.step,
+        created_at=row.created_at,
+        status=row.status,
+        size=row.size_bytes,
+        files=[
+            CheckpointFile(
+                path=f["path"], size=f["size"], sha256=f.get("sha256"), url=f"{base}/files/{quote(f['path'])}"
+            )
+            for f in row.files
+        ],
         archive_url=f"{base}/archive",
     )
 
 
 def file_public(row: UploadedFile) -> FilePublic:
     assert row.id is not None
-    return FilePublic(id=row.id, created_at=row.created_at, filename=row.filename, size=row.size_bytes,
-                      sha256=row.sha256, row_format=row.row_format, columns=row.columns or [],  # type: ignore[arg-type]
-                      rows=row.rows, bad_rows=row.bad_rows, bad_row_examples=row.bad_row_examples or [])
+    return FilePublic(
+        id=row.id,
+        created_at=row.created_at,
+        filename=row.filename,
+        size=row.size_bytes,
+        sha256=row.sha256,
+        row_format=row.row_format,  # type: ignore[arg-type]
+        columns=row.columns or [],
+        rows=row.rows,
+        bad_rows=row.bad_rows,
+        bad_row_examples=row.bad_row_examples or [],
+    )

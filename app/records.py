@@ -38,9 +38,25 @@ LISTS_KEPT = 256
 # pollers on one core), and pollers should not wait for it each time the copy expires.
 REFRESH_AHEAD = 0.5
 # The record's top-level fields, for ?fields= (JobPublic's, in its order).
-RECORD_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "spec", "backend", "versions",
-                 "attempts", "phase", "cancel_requested", "progress", "metrics", "vram", "data_report", "error",
-                 "links")
+RECORD_FIELDS = (
+    "id",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "spec",
+    "backend",
+    "versions",
+    "attempts",
+    "phase",
+    "cancel_requested",
+    "progress",
+    "metrics",
+    "vram",
+    "data_report",
+    "error",
+    "links",
+)
 
 
 def etag_of(body: bytes) -> str:
@@ -66,8 +82,9 @@ def record_of(job: Job, read_at: float | None = None) -> Record:
     """`read_at`: when the read of the job began (a copy is as old as the start of its read)."""
     assert job.id is not None
     body = job_public(job).model_dump_json().encode()
-    return Record(job.id, body, etag_of(body), JobStatus(job.status).finished,
-                  time.monotonic() if read_at is None else read_at)
+    return Record(
+        job.id, body, etag_of(body), JobStatus(job.status).finished, time.monotonic() if read_at is None else read_at
+    )
 
 
 def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
@@ -166,8 +183,9 @@ class RecordCache:
         self._lists.clear()
         self._listing.clear()
 
-    async def job_ids(self, status: JobStatus | None, cursor: int | None, limit: int, *,
-                      fresh: bool = False) -> tuple[list[int], int | None]:
+    async def job_ids(
+        self, status: JobStatus | None, cursor: int | None, limit: int, *, fresh: bool = False
+    ) -> tuple[list[int], int | None]:
         """A page of job ids, newest first, as read at most RECORD_MAX_AGE_S ago."""
         key = (status, cursor, limit)
         listed = self._lists.get(key)
@@ -260,8 +278,9 @@ def get_record_cache() -> RecordCache:
 
 
 def wants_fresh(cache_control: str | None) -> bool:
-    return bool(cache_control) and any(part.strip().lower() in ("no-cache", "max-age=0")
-                                       for part in (cache_control or "").split(","))
+    return bool(cache_control) and any(
+        part.strip().lower() in ("no-cache", "max-age=0") for part in (cache_control or "").split(",")
+    )
 
 
 def matches(if_none_match: str | None, etag: str) -> bool:
@@ -290,8 +309,9 @@ def page_body(bodies: Sequence[bytes], cursor_name: str, cursor: int | None) -> 
     return b'{"items":[' + b",".join(bodies) + b'],"' + cursor_name.encode() + b'":' + orjson.dumps(cursor) + b"}"
 
 
-def job_list(ids: Sequence[int], next_cursor: int | None, found: dict[int, Record],
-             names: Sequence[str] | None) -> tuple[bytes, str]:
+def job_list(
+    ids: Sequence[int], next_cursor: int | None, found: dict[int, Record], names: Sequence[str] | None
+) -> tuple[bytes, str]:
     """GET /jobs's body and ETag. The ETag comes from the records' own (a page is what its
     records are), which costs far less than hashing a page of fifty records."""
     listed = [found[job_id] for job_id in ids if job_id in found]

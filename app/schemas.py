@@ -79,9 +79,10 @@ class JobPublic(BaseModel):
     vram: Vram
     data_report: dict[str, Any] | None = Field(
         description="rows, bad_rows with examples, tokens per row (min, median, p95, max), rows_truncated, "
-                    "tokens_cut_by_truncation, tokens_per_epoch, loss_tokens_per_epoch, optimizer_steps, "
-                    "tokens_to_train, validation; rows are checked before queuing for local files, token figures "
-                    "come from the job's first phase, before the model is loaded (docs/datasets.md)")
+        "tokens_cut_by_truncation, tokens_per_epoch, loss_tokens_per_epoch, optimizer_steps, "
+        "tokens_to_train, validation; rows are checked before queuing for local files, token figures "
+        "come from the job's first phase, before the model is loaded (docs/datasets.md)"
+    )
     error: JobError | None
     links: dict[str, str]
 
@@ -147,11 +148,14 @@ class FilePublic(BaseModel):
     size: int
     sha256: str
     row_format: Literal["messages", "prompt_completion", "text"] | None = Field(
-        description="null when no format fits the columns as uploaded; a job's dataset.columns can map them")
+        description="null when no format fits the columns as uploaded; a job's dataset.columns can map them"
+    )
     columns: list[str]
     rows: int = Field(description="every row, good or bad")
-    bad_rows: int = Field(description="rows that are not valid JSON objects or not of the row format; a job "
-                          "skips them, or is refused when they are more than MAX_BAD_ROW_FRACTION of the rows")
+    bad_rows: int = Field(
+        description="rows that are not valid JSON objects or not of the row format; a job "
+        "skips them, or is refused when they are more than MAX_BAD_ROW_FRACTION of the rows"
+    )
     bad_row_examples: list[str] = Field(description="the first few, with line (JSON Lines) or row numbers")
 
 
@@ -171,8 +175,9 @@ class Health(BaseModel):
 class MemoryEstimate(BaseModel):
     total_bytes: int = Field(description="expected peak device memory, as nvidia-smi would show it")
     total_gib: float
-    parts: dict[str, int] = Field(description="weights, gradients, optimizer_states, activations, "
-                                  "cuda_context, allocator_overhead (bytes)")
+    parts: dict[str, int] = Field(
+        description="weights, gradients, optimizer_states, activations, cuda_context, allocator_overhead (bytes)"
+    )
     optimizer_paged: bool
     parameters: int
     gpu_memory_bytes: int | None = Field(description="the GPU planned for; null when unknown")

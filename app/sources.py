@@ -28,8 +28,10 @@ def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, 
     # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
     uploaded = resolved.is_relative_to(settings.files_dir())
     if not roots and not uploaded:
-        return value, (f"{what} {value!r} is a local path, but this server accepts no local paths "
-                       "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)")
+        return value, (
+            f"{what} {value!r} is a local path, but this server accepts no local paths "
+            "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)"
+        )
     if not uploaded and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         return value, f"{what} {value!r} is outside the allowed local roots ({allowed})"
@@ -53,9 +55,10 @@ def checked_sources(job_in: JobSpec, *, session: Session | None = None) -> JobSp
             problems.append({"field": field, "message": problem})
         return resolved
 
-    update: dict[str, object] = {"model": checked(job_in.model, "model", "model"),
-                                 "chat_template_from": checked(job_in.chat_template_from, "chat_template_from",
-                                                               "chat_template_from")}
+    update: dict[str, object] = {
+        "model": checked(job_in.model, "model", "model"),
+        "chat_template_from": checked(job_in.chat_template_from, "chat_template_from", "chat_template_from"),
+    }
     for field in ("dataset", "validation"):
         part = getattr(job_in, field)
         if part is None:

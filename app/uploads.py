@@ -64,10 +64,14 @@ class _FilePart:
 
     def callbacks(self) -> MultipartCallbacks:
         return {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-            "on_part_end": self._part_end, "on_end": self._end,
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -129,8 +133,9 @@ async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: i
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise InvalidFile("send the dataset as multipart/form-data with the file in field 'file' "
-                          "(curl -F file=@data.jsonl)")
+        raise InvalidFile(
+            "send the dataset as multipart/form-data with the file in field 'file' (curl -F file=@data.jsonl)"
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(too_large(limit))  # before reading a byte
@@ -145,15 +150,19 @@ async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: i
     except OSError as exc:
         if not is_disk_full_error(exc):
             raise
-        raise InsufficientStorage(f"the upload could not be stored: the disk under DATA_DIR is full after "
-                                  f"{part.size} bytes ({disk_space(part.dest or Path('.')).describe()})") from None
+        raise InsufficientStorage(
+            f"the upload could not be stored: the disk under DATA_DIR is full after "
+            f"{part.size} bytes ({disk_space(part.dest or Path('.')).describe()})"
+        ) from None
     finally:
         part.close()
     if part.dest is None:
         raise InvalidFile("the body has no multipart field 'file' with a file (curl -F file=@data.jsonl)")
     if not part.ended:
-        raise InvalidFile(f"the upload of {part.filename!r} ended after {part.size} bytes, before the multipart "
-                          "body was complete (a broken-off upload?); nothing was stored")
+        raise InvalidFile(
+            f"the upload of {part.filename!r} ended after {part.size} bytes, before the multipart "
+            "body was complete (a broken-off upload?); nothing was stored"
+        )
     return part.filename, part.dest, part.size, part.digest.hexdigest()
 
 
@@ -195,6 +204,10 @@ def sweep_unfinished(files_dir: Path) -> tuple[int, int]:
             continue
         removed, freed = removed + 1, freed + stat.st_size
     if removed:
-        logger.warning("removed %d unfinished upload(s) left by a stopped API process (%d bytes) from %s",
-                       removed, freed, files_dir)
+        logger.warning(
+            "removed %d unfinished upload(s) left by a stopped API process (%d bytes) from %s",
+            removed,
+            freed,
+            files_dir,
+        )
     return removed, freed

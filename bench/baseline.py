@@ -67,25 +67,43 @@ def main() -> None:
         from unsloth import FastLanguageModel
 
         model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=str(model_dir), max_seq_length=args.seq_len, dtype=torch.bfloat16,
-            load_in_4bit=False, full_finetuning=True)
+            model_name=str(model_dir),
+            max_seq_length=args.seq_len,
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+            full_finetuning=True,
+        )
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa").cuda()
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).cuda()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     load_s = time.perf_counter() - started
     dataset = load_dataset("json", data_files=str(dataset_path), split="train")
     clock = StepClock()
     trainer = SFTTrainer(
-        model=model, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock],
+        model=model,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
         args=SFTConfig(
-            output_dir=str(workdir / f"out-{args.backend}"), optim="paged_adamw_8bit",
-            per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.grad_accum,
-            learning_rate=5e-6, max_steps=args.steps, warmup_steps=0.03, lr_scheduler_type="linear",
-            bf16=True, logging_steps=1, save_strategy="no", max_length=args.seq_len,
-            dataset_text_field="text", report_to="none", seed=42,
+            output_dir=str(workdir / f"out-{args.backend}"),
+            optim="paged_adamw_8bit",
+            per_device_train_batch_size=args.micro_batch,
+            gradient_accumulation_steps=args.grad_accum,
+            learning_rate=5e-6,
+            max_steps=args.steps,
+            warmup_steps=0.03,
+            lr_scheduler_type="linear",
+            bf16=True,
+            logging_steps=1,
+            save_strategy="no",
+            max_length=args.seq_len,
+            dataset_text_field="text",
+            report_to="none",
+            seed=42,
             gradient_checkpointing=args.backend == "transformers",
         ),
     )
@@ -95,20 +113,29 @@ def main() -> None:
     config = json.loads((model_dir / "config.json").read_text())
     rate = step_rate(clock.step_ends, tokens_per_step(s))
     name = {"unsloth": "bare_unsloth", "transformers": "plain_trl"}[args.backend]
-    save(Path(args.out), f"{name}-{args.tag}" if args.tag else name, {
-        "variant": {"unsloth": "b: bare Unsloth recipe", "transformers": "c: plain transformers + TRL"}[args.backend],
-        "settings": s,
-        **rate,
-        "first_step_seconds": round(clock.step_ends[0][1] - clock.train_begin, 2),
-        "model_load_seconds": round(load_s, 2),
-        "flops_per_token": model_flops_per_token(config, args.seq_len),
-        "torch_peak_allocated_bytes": vram["peak_allocated"],
-        "nvml_device_used_peak_bytes": vram["device_used_peak"],
-        "device_total_bytes": vram["device_total"],
-        "card": torch.cuda.get_device_name(0),
-        "versions": {p: metadata.version(p) for p in ("torch", "transformers", "trl", "unsloth", "bitsandbytes")
-                     if _installed(p)},
-    })
+    save(
+        Path(args.out),
+        f"{name}-{args.tag}" if args.tag else name,
+        {
+            "variant": {"unsloth": "b: bare Unsloth recipe", "transformers": "c: plain transformers + TRL"}[
+                args.backend
+            ],
+            "settings": s,
+            **rate,
+            "first_step_seconds": round(clock.step_ends[0][1] - clock.train_begin, 2),
+            "model_load_seconds": round(load_s, 2),
+            "flops_per_token": model_flops_per_token(config, args.seq_len),
+            "torch_peak_allocated_bytes": vram["peak_allocated"],
+            "nvml_device_used_peak_bytes": vram["device_used_peak"],
+            "device_total_bytes": vram["device_total"],
+            "card": torch.cuda.get_device_name(0),
+            "versions": {
+                p: metadata.version(p)
+                for p in ("torch", "transformers", "trl", "unsloth", "bitsandbytes")
+                if _installed(p)
+            },
+        },
+    )
 
 
 def _installed(name: str) -> bool:

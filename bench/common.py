@@ -14,8 +14,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA, build_llama, write_jsonl  # noqa: E402
 
-SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "phi-4-14b": PHI_4_14B,
-          "small": SMALL_LLAMA}
+SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "phi-4-14b": PHI_4_14B, "small": SMALL_LLAMA}
 # Every row is longer than the sequence length, so every sample is truncated to exactly
 # seq_len tokens and a step trains micro_batch * grad_accum * seq_len tokens: tokens/s is then
 # arithmetic, and the bare scripts need no token counting of their own.
@@ -42,9 +41,15 @@ def dataset_rows(args: Any) -> int:
 
 
 def settings(args: Any) -> dict[str, Any]:
-    return {"shape": args.shape, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-            "grad_accum": args.grad_accum, "steps": args.steps, "optim": "paged_adamw_8bit",
-            "learning_rate": 5e-6}
+    return {
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum,
+        "steps": args.steps,
+        "optim": "paged_adamw_8bit",
+        "learning_rate": 5e-6,
+    }
 
 
 def tokens_per_step(s: dict[str, Any]) -> int:
@@ -57,8 +62,13 @@ def prepare(workdir: Path, shape: str, seq_len: int, rows: int) -> tuple[Path, P
     if not (model_dir / "config.json").exists():
         started = time.monotonic()
         # The real Llama-3.1 context, so one model serves every sequence length measured.
-        build_llama(model_dir, shape=dict(SHAPES[shape]), dtype="bfloat16", device="cuda",
-                    max_position_embeddings=max(seq_len, 131072))
+        build_llama(
+            model_dir,
+            shape=dict(SHAPES[shape]),
+            dtype="bfloat16",
+            device="cuda",
+            max_position_embeddings=max(seq_len, 131072),
+        )
         print(f"built {shape} in {time.monotonic() - started:.1f} s", flush=True)
     words = words_per_row(seq_len)
     dataset = workdir / "datasets" / f"long-chat-{rows}-{words}.jsonl"
@@ -68,10 +78,18 @@ def prepare(workdir: Path, shape: str, seq_len: int, rows: int) -> tuple[Path, P
         from tests.builders import WORDS
 
         rng = random.Random(0)
-        write_jsonl(dataset, [{"messages": [
-            {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(50))},
-            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(words))},
-        ]} for _ in range(rows)])
+        write_jsonl(
+            dataset,
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(50))},
+                        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(words))},
+                    ]
+                }
+                for _ in range(rows)
+            ],
+        )
     return model_dir, dataset
 
 

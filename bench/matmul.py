@@ -28,8 +28,11 @@ def main() -> None:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     median = sorted(times)[len(times) // 2]
-    save(Path(sys.argv[1]), "matmul", {"card": torch.cuda.get_device_name(0), "size": SIZE,
-                                       "bf16_tflops": round(2 * SIZE**3 / median / 1e12, 1)})
+    save(
+        Path(sys.argv[1]),
+        "matmul",
+        {"card": torch.cuda.get_device_name(0), "size": SIZE, "bf16_tflops": round(2 * SIZE**3 / median / 1e12, 1)},
+    )
 
 
 main()

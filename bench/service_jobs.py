@@ -38,8 +38,10 @@ def iso(value: str) -> float:
 def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) -> dict:
     http = service.http()
     smi_log = open(workdir / "nvidia-smi.csv", "w")  # noqa: SIM115
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0",
-                            "-lms", "100"], stdout=smi_log)
+    smi = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
+        stdout=smi_log,
+    )
     spec = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps}}
     posted = time.time()
     job_id = http.post("/jobs", json=spec).json()["id"]
@@ -74,7 +76,8 @@ def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) ->
         "callback_overhead_seconds": result.get("callback_overhead_seconds"),
         "train_seconds": result.get("train_seconds"),
         "callback_overhead_share": round(result["callback_overhead_seconds"] / result["train_seconds"], 5)
-        if result.get("train_seconds") else None,
+        if result.get("train_seconds")
+        else None,
         "versions": record["versions"],
     }
 
@@ -89,11 +92,20 @@ def main() -> None:
     workdir = Path(args.workdir)
     model_dir, dataset = prepare(workdir, args.shape, args.seq_len, dataset_rows(args))
     spec = {
-        "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": "unsloth",
-        "hyperparameters": {"per_device_train_batch_size": args.micro_batch,
-                            "gradient_accumulation_steps": args.grad_accum, "max_seq_length": args.seq_len,
-                            "learning_rate": 5e-6, "warmup_ratio": 0.03, "optim": "paged_adamw_8bit",
-                            "logging_steps": 1, "save_steps": 100_000, "seed": 42},
+        "model": str(model_dir),
+        "dataset": {"source": str(dataset)},
+        "backend": "unsloth",
+        "hyperparameters": {
+            "per_device_train_batch_size": args.micro_batch,
+            "gradient_accumulation_steps": args.grad_accum,
+            "max_seq_length": args.seq_len,
+            "learning_rate": 5e-6,
+            "warmup_ratio": 0.03,
+            "optim": "paged_adamw_8bit",
+            "logging_steps": 1,
+            "save_steps": 100_000,
+            "seed": 42,
+        },
     }
     shutil.rmtree(workdir / "service", ignore_errors=True)  # a cold compile cache for the first job
     with Service(workdir / "service", allowed_roots=[workdir / "models", workdir / "datasets"]) as service:
@@ -101,17 +113,34 @@ def main() -> None:
         config = json.loads((model_dir / "config.json").read_text())
         import torch
 
-        summary = {"variant": "a: job through the service", "settings": s, **first,
-                   "flops_per_token": model_flops_per_token(config, args.seq_len),
-                   "card": torch.cuda.get_device_name(0), "second_job": None}
+        summary = {
+            "variant": "a: job through the service",
+            "settings": s,
+            **first,
+            "flops_per_token": model_flops_per_token(config, args.seq_len),
+            "card": torch.cuda.get_device_name(0),
+            "second_job": None,
+        }
         save(Path(args.out), "service", summary)  # kept even if the second job fails
         second = run_job(service, spec, args.second_steps, s, workdir) if args.second_steps else None
-    save(Path(args.out), "service", {
-        **summary,
-        "second_job": None if second is None else {
-            k: second[k] for k in ("post_to_first_step_seconds", "post_to_started_seconds", "first_step_seconds",
-                                   "tokens_per_second")},
-    })
+    save(
+        Path(args.out),
+        "service",
+        {
+            **summary,
+            "second_job": None
+            if second is None
+            else {
+                k: second[k]
+                for k in (
+                    "post_to_first_step_seconds",
+                    "post_to_started_seconds",
+                    "first_step_seconds",
+                    "tokens_per_second",
+                )
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

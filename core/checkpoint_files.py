@@ -105,7 +105,8 @@ def hash_unfinished(limit: int = 8) -> int:
     reconciler after their worker died, so no job's worker will). Returns how many were hashed."""
     with session_scope() as session:
         pending = session.exec(
-            select(Checkpoint.job_id, Checkpoint.id).join(Job, Job.id == Checkpoint.job_id)  # type: ignore[arg-type]
+            select(Checkpoint.job_id, Checkpoint.id)
+            .join(Job, Job.id == Checkpoint.job_id)  # type: ignore[arg-type]
             .where(Checkpoint.status == CheckpointStatus.hashing, Job.finished_at != None)  # noqa: E711
             .limit(limit)
         ).all()

@@ -78,8 +78,11 @@ def intermediate_folders(checkpoints_dir: Path) -> list[Path]:
     """checkpoint-N folders, newest step first."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [(step, path) for path in checkpoints_dir.iterdir()
-             if (step := checkpoint_step(path.name)) is not None and path.is_dir()]
+    found = [
+        (step, path)
+        for path in checkpoints_dir.iterdir()
+        if (step := checkpoint_step(path.name)) is not None and path.is_dir()
+    ]
     return [path for _step, path in sorted(found, reverse=True)]
 
 
@@ -122,13 +125,18 @@ def record_checkpoint(*, session: Session, job_id: int, folder: Path, step: int,
     checkpoint.size_bytes = sum(f["size"] for f in files)
     checkpoint.status, checkpoint.removed_at, checkpoint.created_at = CheckpointStatus.hashing, None, utcnow()
     session.add(checkpoint)
-    add_event(session=session, job_id=job_id, kind=EventKind.checkpoint,
-              message=f"saved {folder.name} at step {step} ({checkpoint.size_bytes} bytes, {len(files)} files){note}")
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.checkpoint,
+        message=f"saved {folder.name} at step {step} ({checkpoint.size_bytes} bytes, {len(files)} files){note}",
+    )
     return checkpoint
 
 
-def mark_removed(*, session: Session, job_id: int, checkpoints_dir: Path,
-                 why: str = "save_total_limit keeps the newest") -> list[str]:
+def mark_removed(
+    *, session: Session, job_id: int, checkpoints_dir: Path, why: str = "save_total_limit keeps the newest"
+) -> list[str]:
     """Records of checkpoints whose folder is gone (save_total_limit rotated them away)."""
     removed = []
     for checkpoint in session.exec(
@@ -137,8 +145,12 @@ def mark_removed(*, session: Session, job_id: int, checkpoints_dir: Path,
         if not (checkpoints_dir / checkpoint.name).is_dir():
             checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
             session.add(checkpoint)
-            add_event(session=session, job_id=job_id, kind=EventKind.checkpoint_removed,
-                      message=f"{checkpoint.name} removed from disk ({why})")
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind=EventKind.checkpoint_removed,
+                message=f"{checkpoint.name} removed from disk ({why})",
+            )
             removed.append(checkpoint.name)
     return removed
 
@@ -146,8 +158,12 @@ def mark_removed(*, session: Session, job_id: int, checkpoints_dir: Path,
 def sync_records(*, session: Session, job_id: int, checkpoints_dir: Path) -> list[str]:
     """Record the complete folders on disk that have no live record: a checkpoint finished just
     before its trainer or worker died is listed (and downloadable) all the same. Returns their names."""
-    recorded = {c.name for c in session.exec(
-        select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.status != CheckpointStatus.removed)).all()}
+    recorded = {
+        c.name
+        for c in session.exec(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.status != CheckpointStatus.removed)
+        ).all()
+    }
     candidates = intermediate_folders(checkpoints_dir)
     if (checkpoints_dir / FINAL_NAME).is_dir():
         candidates.append(checkpoints_dir / FINAL_NAME)
@@ -159,8 +175,13 @@ def sync_records(*, session: Session, job_id: int, checkpoints_dir: Path) -> lis
         if step is None:  # final is saved after the last step, which no file of its own names
             job = session.get(Job, job_id)
             step = (job.total_steps or job.step) if job is not None else 0
-        record_checkpoint(session=session, job_id=job_id, folder=folder, step=step,
-                          note="; found complete on disk after its trainer stopped")
+        record_checkpoint(
+            session=session,
+            job_id=job_id,
+            folder=folder,
+            step=step,
+            note="; found complete on disk after its trainer stopped",
+        )
         added.append(folder.name)
     return added
 
@@ -191,9 +212,16 @@ def sweep_finished_jobs(*, session: Session, jobs_dir: Path) -> list[tuple[int, 
             found.setdefault(int(job_folder), []).append(partial)
     if not found:
         return []
-    finished = {job_id for job_id in session.exec(select(Job.id).where(
-        col(Job.id).in_(found), col(Job.status).in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled])))
-        if job_id is not None}
+    finished = {
+        job_id
+        for job_id in session.exec(
+            select(Job.id).where(
+                col(Job.id).in_(found),
+                col(Job.status).in_([JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled]),
+            )
+        )
+        if job_id is not None
+    }
     removed = []
     for job_id in sorted(finished):
         if trainer_running(jobs_dir / str(job_id)):

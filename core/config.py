@@ -107,8 +107,11 @@ class Settings(BaseSettings):
         """These settings as environment variables, paths made absolute, for a child process
         that runs in another working directory and must not read a different `.env`. The API's
         tokens are left out: the trainer has no use for them."""
-        env = {"DATA_DIR": str(self.data_dir.resolve()), "DATABASE_URL": self.sqlalchemy_url,
-               "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots())}
+        env = {
+            "DATA_DIR": str(self.data_dir.resolve()),
+            "DATABASE_URL": self.sqlalchemy_url,
+            "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots()),
+        }
         for name, value in self.model_dump(exclude={"api_tokens"}).items():
             if name.upper() not in env and value is not None:
                 env[name.upper()] = str(value)

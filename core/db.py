@@ -38,8 +38,9 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     """`pool_size` connections at most and no overflow: the caller sizes it to the threads that
     can use it at once, so a thread never waits for one (see Settings.api_threads)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=pool_size, max_overflow=0)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size, max_overflow=0
+        )
         event.listen(engine, "connect", _configure_sqlite)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)

@@ -26,8 +26,7 @@ RESERVE_NAME = ".disk-reserve"
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # How full-disk failures read when the errno is lost on the way: SQLite's SQLITE_FULL, the
 # OS's own text, and PyTorch's serializer, which reports a failed write without its errno.
-FULL_MESSAGES = ("database or disk is full", "no space left on device", "disk quota exceeded",
-                 "file write failed")
+FULL_MESSAGES = ("database or disk is full", "no space left on device", "disk quota exceeded", "file write failed")
 RETRY_MAX_WAIT_S = 30.0
 
 T = TypeVar("T")
@@ -122,8 +121,12 @@ class Reserve:
             self.path.unlink()
         except FileNotFoundError:
             return False
-        logger.warning("the disk under DATA_DIR is full: released the %s reserve (%s) so the job database "
-                       "can record what happened", gib(self.size), self.path)
+        logger.warning(
+            "the disk under DATA_DIR is full: released the %s reserve (%s) so the job database "
+            "can record what happened",
+            gib(self.size),
+            self.path,
+        )
         return True
 
 

@@ -36,8 +36,13 @@ OVERHEAD_SHARE = 0.078
 # Headroom left on the card: a paged optimizer that asks for more than is free can hang the GPU.
 SAFETY_SHARE = 0.05
 OPTIMIZER_BYTES_PER_PARAM = {
-    "paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8,
-    "adamw_torch_fused": 8, "adafactor": 4, "sgd": 0,
+    "paged_adamw_8bit": 2,
+    "adamw_8bit": 2,
+    "paged_adamw_32bit": 8,
+    "adamw_torch": 8,
+    "adamw_torch_fused": 8,
+    "adafactor": 4,
+    "sgd": 0,
 }
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 
@@ -74,8 +79,7 @@ def read_config(model: str, *, allow_network: bool = True) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(model, "config.json", local_files_only=not allow_network,
-                                etag_timeout=HUB_TIMEOUT_S)
+        local = hf_hub_download(model, "config.json", local_files_only=not allow_network, etag_timeout=HUB_TIMEOUT_S)
         return dict(json.loads(Path(local).read_text()))
     except Exception as exc:  # offline, gated, no such repo
         raise PlanError(f"config.json of {model!r} could not be fetched: {type(exc).__name__}") from exc
@@ -96,8 +100,7 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     attention = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
     per_layer = attention + 3 * d * ffn + 2 * d  # gated MLP, two norms
     embeddings = vocab * d * (1 if config.get("tie_word_embeddings") else 2)
-    return ModelShape(embeddings + layers * per_layer + d, d, ffn, layers, vocab,
-                      config.get("max_position_embeddings"))
+    return ModelShape(embeddings + layers * per_layer + d, d, ffn, layers, vocab, config.get("max_position_embeddings"))
 
 
 @dataclass(frozen=True)
@@ -178,8 +181,11 @@ def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path, rows: int 
     checkpoint = weights + OPTIMIZER_BYTES_PER_PARAM[hp.optim] * shape.parameters
     steps = hp.max_steps or (optimizer_steps(hp, rows) if rows and not hp.packing else None)
     saves = steps // hp.save_steps if steps else None
-    kept = min(x for x in (hp.save_total_limit, saves) if x is not None) \
-        if (hp.save_total_limit is not None or saves is not None) else None
+    kept = (
+        min(x for x in (hp.save_total_limit, saves) if x is not None)
+        if (hp.save_total_limit is not None or saves is not None)
+        else None
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(data_dir).free
     required = None if kept is None else kept * checkpoint + weights
@@ -194,14 +200,18 @@ def refusal(spec: JobSpec, memory: MemoryPlan | None, disk: DiskPlan | None) -> 
     """The 422 message for a job that cannot run here, or None."""
     if memory is not None and memory.verdict == "does_not_fit":
         parts = ", ".join(f"{name} {gib(size)}" for name, size in memory.parts.items())
-        head = (f"this job needs about {gib(memory.total_bytes)} of GPU memory ({parts}) and the GPU has "
-                f"{gib(memory.gpu_memory_bytes)}")
+        head = (
+            f"this job needs about {gib(memory.total_bytes)} of GPU memory ({parts}) and the GPU has "
+            f"{gib(memory.gpu_memory_bytes)}"
+        )
         hp = spec.hyperparameters
         if not memory.max_micro_batch and not memory.max_seq_length:
             return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU"
-        return (f"{head}; at max_seq_length {hp.max_seq_length} the largest micro-batch that fits is "
-                f"{memory.max_micro_batch}, and at micro-batch {hp.per_device_train_batch_size} the longest "
-                f"max_seq_length is {memory.max_seq_length}")
+        return (
+            f"{head}; at max_seq_length {hp.max_seq_length} the largest micro-batch that fits is "
+            f"{memory.max_micro_batch}, and at micro-batch {hp.per_device_train_batch_size} the longest "
+            f"max_seq_length is {memory.max_seq_length}"
+        )
     if disk is not None and disk.fits is False:
         return (
             f"the checkpoints would need {gib(disk.required_bytes)} under DATA_DIR ({disk.checkpoints_kept} "

@@ -59,7 +59,6 @@ def enqueue_job(job_id: int, attempt: int, connection: Redis | None = None) -> N
     )
 
 
-
 def gpu_key(worker_name: str) -> str:
     return f"{get_settings().queue_name}:gpu-memory:{worker_name}"
 

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 LIVE_RQ_STATES = {RQStatus.QUEUED, RQStatus.STARTED, RQStatus.SCHEDULED, RQStatus.DEFERRED}
 
 
-def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: Redis | None = None,
-                     attempt: int | None = None) -> str:
+def recover_lost_job(
+    *, session: Session, job_id: int, reason: str, connection: Redis | None = None, attempt: int | None = None
+) -> str:
     """A job whose worker is gone: queue it again (it resumes from its last checkpoint) while
     attempts remain, else fail it with `worker_lost`. With `attempt`, only that attempt is
     recovered: a report about an earlier, superseded attempt changes nothing. Returns what was done."""
@@ -47,33 +48,41 @@ def recover_lost_job(*, session: Session, job_id: int, reason: str, connection: 
         return "nothing"
     values: dict[str, Any]
     if job.status == JobStatus.running and job.cancel_requested_at is not None:
-        outcome, values = "cancelled", {
-            "status": JobStatus.cancelled, "error_code": ErrorCode.cancelled,
-            "error_message": f"cancelled; its worker stopped before confirming ({reason})",
-        }
+        outcome, values = (
+            "cancelled",
+            {
+                "status": JobStatus.cancelled,
+                "error_code": ErrorCode.cancelled,
+                "error_message": f"cancelled; its worker stopped before confirming ({reason})",
+            },
+        )
     elif job.attempts < settings.max_attempts:
         outcome, values = "requeued", {"status": JobStatus.queued, "heartbeat_at": None, "worker_name": None}
     else:
-        outcome, values = "failed", {
-            "status": JobStatus.failed, "error_code": ErrorCode.worker_lost,
-            "error_message": (
-                f"{reason}. The job was tried {job.attempts} time(s), the most allowed (MAX_ATTEMPTS); "
-                "check the worker's log and resubmit."
-            ),
-        }
+        outcome, values = (
+            "failed",
+            {
+                "status": JobStatus.failed,
+                "error_code": ErrorCode.worker_lost,
+                "error_message": (
+                    f"{reason}. The job was tried {job.attempts} time(s), the most allowed (MAX_ATTEMPTS); "
+                    "check the worker's log and resubmit."
+                ),
+            },
+        )
     if outcome != "requeued":
         values["finished_at"] = utcnow()
-    result = session.execute(
-        update(Job).where(col(Job.id) == job_id, col(Job.status) == job.status).values(**values)
-    )
+    result = session.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == job.status).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return "nothing"
     # Checkpoints the lost trainer finished but never recorded: listed, downloadable, resumable.
     sync_records(session=session, job_id=job_id, checkpoints_dir=settings.checkpoints_dir(job_id))
     if outcome == "requeued":
-        message = f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), " \
-                  "resuming from its last checkpoint if it has one"
+        message = (
+            f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), "
+            "resuming from its last checkpoint if it has one"
+        )
         add_event(session=session, job_id=job_id, kind=EventKind.retried, message=message)
     else:
         add_event(session=session, job_id=job_id, kind=EventKind(outcome), message=str(values["error_message"]))
@@ -121,7 +130,9 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
             assert job_id is not None
             seconds = int(settings.stale_after_s)
             outcome = recover_lost_job(
-                session=session, job_id=job_id, connection=queue.connection,
+                session=session,
+                job_id=job_id,
+                connection=queue.connection,
                 reason=f"its worker has not reported for over {seconds} s",
             )
             counts["recovered_stale_running"] += outcome != "nothing"
@@ -136,8 +147,12 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
             if _rq_has_live_job(rq_job_id(job_id, attempts + 1), queue):
                 continue
             enqueue_job(job_id, attempt=attempts + 1, connection=queue.connection)
-            add_event(session=session, job_id=job_id, kind=EventKind.requeued,
-                      message="the queue had lost this job (Redis restarted?); enqueued it again")
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind=EventKind.requeued,
+                message="the queue had lost this job (Redis restarted?); enqueued it again",
+            )
             session.commit()
             counts["requeued_lost_queued"] += 1
     return counts

@@ -21,8 +21,14 @@ FORMATS: dict[str, tuple[str, ...]] = {
 COLUMN_NAMES = frozenset(name for needed in FORMATS.values() for name in needed)
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 # ShareGPT-style turns ({"from": "human", "value": "..."}) are read as chat messages.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 NEEDED = "a row needs 'messages' (chat), 'prompt' and 'completion', or 'text'"
 PROBLEMS_KEPT = 20  # examples of bad rows kept in a report; the count covers all of them
 
@@ -55,8 +61,10 @@ def detect_format(columns: list[str]) -> str:
     for name, needed in FORMATS.items():
         if set(needed) <= present:
             return name
-    raise DataError(f"the rows have columns {sorted(present)}; {NEEDED} (dataset.columns maps other names "
-                    "onto these, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"})")
+    raise DataError(
+        f"the rows have columns {sorted(present)}; {NEEDED} (dataset.columns maps other names "
+        'onto these, e.g. {"prompt": "question", "completion": "answer"})'
+    )
 
 
 def is_sharegpt_turn(turn: Mapping[str, Any]) -> bool:
@@ -104,8 +112,9 @@ def row_problem(row: Mapping[str, Any], row_format: str) -> str | None:
     if row_format == "prompt_completion":
         prompt, completion = row.get("prompt"), row.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt/completion
-            return (_conversation_problem(prompt, "prompt", needs_assistant=False)
-                    or _conversation_problem(completion, "completion", needs_assistant=True))
+            return _conversation_problem(prompt, "prompt", needs_assistant=False) or _conversation_problem(
+                completion, "completion", needs_assistant=True
+            )
         for name, value in (("prompt", prompt), ("completion", completion)):
             if not isinstance(value, str) or not value:
                 return f"{name!r} must be a non-empty string (or, for chat, a list of messages)"
@@ -120,12 +129,15 @@ def is_conversational(row: Mapping[str, Any], row_format: str) -> bool:
     return row_format == "messages" or (row_format == "prompt_completion" and isinstance(row.get("prompt"), list))
 
 
-def loss_option_problem(row_format: str, conversational: bool, *, assistant_only_loss: bool,
-                        completion_only_loss: bool | None) -> str | None:
+def loss_option_problem(
+    row_format: str, conversational: bool, *, assistant_only_loss: bool, completion_only_loss: bool | None
+) -> str | None:
     """Why the loss options do not suit these rows (TRL would refuse or silently ignore them)."""
     if assistant_only_loss and not conversational:
-        return (f"hyperparameters.assistant_only_loss needs chat rows (messages, or prompt/completion as lists of "
-                f"messages); these rows are {row_format!r}")
+        return (
+            f"hyperparameters.assistant_only_loss needs chat rows (messages, or prompt/completion as lists of "
+            f"messages); these rows are {row_format!r}"
+        )
     if completion_only_loss and row_format != "prompt_completion":
         hint = "; for chat rows use assistant_only_loss" if row_format == "messages" else ""
         return f"hyperparameters.completion_only_loss needs prompt/completion rows; these rows are {row_format!r}{hint}"
@@ -165,8 +177,10 @@ class RowCheck:
         if self.bad_rows == self.rows:
             return f"every row of {what} is malformed ({self.rows}): {shown}{more}"
         if self.bad_fraction > max_bad_fraction:
-            return (f"{self.bad_rows} of {what}'s {self.rows} rows ({self.bad_fraction:.2%}) are malformed, more than "
-                    f"the {max_bad_fraction:.2%} this server skips (MAX_BAD_ROW_FRACTION): {shown}{more}")
+            return (
+                f"{self.bad_rows} of {what}'s {self.rows} rows ({self.bad_fraction:.2%}) are malformed, more than "
+                f"the {max_bad_fraction:.2%} this server skips (MAX_BAD_ROW_FRACTION): {shown}{more}"
+            )
         return None
 
     def unusable(self, max_bad_fraction: float, what: str = "the dataset") -> str | None:
@@ -179,8 +193,12 @@ class RowCheck:
         return self.refusal(max_bad_fraction, what)
 
     def summary(self) -> dict[str, Any]:
-        return {"rows": self.rows, "row_format": self.row_format, "bad_rows": self.bad_rows,
-                "bad_row_examples": self.problems}
+        return {
+            "rows": self.rows,
+            "row_format": self.row_format,
+            "bad_rows": self.bad_rows,
+            "bad_row_examples": self.problems,
+        }
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -218,8 +236,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | No
         except ValueError as exc:
             raise DataError(f"{path.name} is not valid JSON ({exc})") from None
         for index, item in enumerate(items):
-            yield (f"row {index}", item, None) if isinstance(item, dict) else (
-                f"row {index}", None, "not a JSON object")
+            yield (
+                (f"row {index}", item, None) if isinstance(item, dict) else (f"row {index}", None, "not a JSON object")
+            )
     else:
         yield from _json_lines(path)
 

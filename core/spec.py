@@ -35,8 +35,15 @@ Optimizer = Literal[
     "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
 ]
 Scheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
 ]
 # Optimizers that bitsandbytes implements on CUDA only; a CPU run swaps them for adamw_torch.
 GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
@@ -52,8 +59,7 @@ def source_shape(value: str, what: str) -> str:
         return value
     if ".." in value or not HUB_ID_RE.match(value):
         raise ValueError(
-            f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') "
-            "nor a local path (starting with '/')"
+            f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') nor a local path (starting with '/')"
         )
     return value
 
@@ -62,14 +68,22 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Left out when file_id names the data; the stored spec then has both (the trainer reads source).
-    source: str = Field(default="", description="Hub dataset id, or a local JSON Lines / JSON / Parquet file "
-                        "or a folder saved by `datasets`")
-    file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="a file uploaded with POST /files, "
-                                "instead of source; the stored spec then holds both")
+    source: str = Field(
+        default="",
+        description="Hub dataset id, or a local JSON Lines / JSON / Parquet file or a folder saved by `datasets`",
+    )
+    file_id: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_DB_INT,
+        description="a file uploaded with POST /files, instead of source; the stored spec then holds both",
+    )
     split: str = Field(default="train", pattern=SPLIT_PATTERN)
     columns: dict[str, str] = Field(
-        default_factory=dict, description="our column name -> the dataset's, for datasets whose fields have "
-        "other names, e.g. {\"prompt\": \"question\", \"completion\": \"answer\"}; applies to the validation set too")
+        default_factory=dict,
+        description="our column name -> the dataset's, for datasets whose fields have "
+        'other names, e.g. {"prompt": "question", "completion": "answer"}; applies to the validation set too',
+    )
 
     @field_validator("source")
     @classmethod
@@ -81,8 +95,10 @@ class DatasetSpec(BaseModel):
     def _columns(cls, value: dict[str, str]) -> dict[str, str]:
         for ours, theirs in value.items():
             if ours not in COLUMN_NAMES:
-                raise ValueError(f"columns: {ours!r} is not one of our column names {sorted(COLUMN_NAMES)}; "
-                                 "map each of ours to the dataset's, e.g. {\"prompt\": \"question\"}")
+                raise ValueError(
+                    f"columns: {ours!r} is not one of our column names {sorted(COLUMN_NAMES)}; "
+                    'map each of ours to the dataset\'s, e.g. {"prompt": "question"}'
+                )
             if not theirs.strip():
                 raise ValueError(f"columns.{ours} must name a column of the dataset")
         if len(set(value.values())) != len(value):
@@ -102,12 +118,19 @@ class ValidationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float | None = Field(default=None, gt=0, le=0.5, description="hold out this share of the training "
-                                   "rows (after the checks), chosen with hyperparameters.seed")
+    fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=0.5,
+        description="hold out this share of the training rows (after the checks), chosen with hyperparameters.seed",
+    )
     source: str = Field(default="", description="a Hub dataset id or local file, like dataset.source")
     file_id: int | None = Field(default=None, ge=1, le=MAX_DB_INT, description="an uploaded file")
-    split: str | None = Field(default=None, pattern=SPLIT_PATTERN, description="alone: this split of "
-                              "dataset.source; with source: that source's split (default 'train')")
+    split: str | None = Field(
+        default=None,
+        pattern=SPLIT_PATTERN,
+        description="alone: this split of dataset.source; with source: that source's split (default 'train')",
+    )
 
     @field_validator("source")
     @classmethod
@@ -118,8 +141,9 @@ class ValidationSpec(BaseModel):
     def _one_kind(self) -> ValidationSpec:
         named = bool(self.source) or self.file_id is not None
         if self.fraction is not None and (named or self.split):
-            raise ValueError("validation takes a fraction of the training rows, or a split, source or file_id; "
-                             "not both")
+            raise ValueError(
+                "validation takes a fraction of the training rows, or a split, source or file_id; not both"
+            )
         if self.fraction is None and not named and not self.split:
             raise ValueError("give validation.fraction, validation.split, validation.source or validation.file_id")
         return self
@@ -147,16 +171,23 @@ class Hyperparameters(BaseModel):
     save_total_limit: int | None = Field(default=None, ge=1)
     # What the loss is computed on (TRL's names and defaults).
     completion_only_loss: bool | None = Field(
-        default=None, description="prompt/completion rows: train on the completion only (null: yes, as TRL does)")
+        default=None, description="prompt/completion rows: train on the completion only (null: yes, as TRL does)"
+    )
     assistant_only_loss: bool = Field(
-        default=False, description="chat rows: train on the assistant turns only (the chat template needs "
-        "{% generation %} markers; TRL adds them for the templates it knows)")
-    packing: bool = Field(default=False, description="pack several rows into each max_seq_length sequence "
-                          "(TRL's best-fit decreasing packing)")
-    eval_steps: int | None = Field(default=None, ge=1, description="evaluate the validation set every this many "
-                                   "steps (null: every logging_steps)")
-    per_device_eval_batch_size: int | None = Field(default=None, ge=1, le=1024,
-                                                   description="null: per_device_train_batch_size")
+        default=False,
+        description="chat rows: train on the assistant turns only (the chat template needs "
+        "{% generation %} markers; TRL adds them for the templates it knows)",
+    )
+    packing: bool = Field(
+        default=False,
+        description="pack several rows into each max_seq_length sequence (TRL's best-fit decreasing packing)",
+    )
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="evaluate the validation set every this many steps (null: every logging_steps)"
+    )
+    per_device_eval_batch_size: int | None = Field(
+        default=None, ge=1, le=1024, description="null: per_device_train_batch_size"
+    )
 
 
 # The standard recipe, shown in POST /jobs's description.
@@ -181,8 +212,9 @@ class JobSpec(BaseModel):
     chat_template_from: str | None = Field(
         default=None, description="take the chat template from this tokenizer instead of the model's"
     )
-    validation: ValidationSpec | None = Field(default=None, description="a validation set, evaluated every "
-                                              "eval_steps; its loss is eval_loss in the step logs")
+    validation: ValidationSpec | None = Field(
+        default=None, description="a validation set, evaluated every eval_steps; its loss is eval_loss in the step logs"
+    )
     backend: Backend = "auto"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
@@ -190,11 +222,15 @@ class JobSpec(BaseModel):
     def _loss_options(self) -> JobSpec:
         hp = self.hyperparameters
         if hp.assistant_only_loss and hp.completion_only_loss:
-            raise ValueError("hyperparameters: assistant_only_loss is for chat rows and completion_only_loss for "
-                             "prompt/completion rows; set one of them")
+            raise ValueError(
+                "hyperparameters: assistant_only_loss is for chat rows and completion_only_loss for "
+                "prompt/completion rows; set one of them"
+            )
         if self.validation is None and (hp.eval_steps or hp.per_device_eval_batch_size):
-            raise ValueError("hyperparameters.eval_steps and per_device_eval_batch_size need a validation set "
-                             "(validation: {\"fraction\": 0.02}, a split, a source or a file_id)")
+            raise ValueError(
+                "hyperparameters.eval_steps and per_device_eval_batch_size need a validation set "
+                '(validation: {"fraction": 0.02}, a split, a source or a file_id)'
+            )
         return self
 
     @field_validator("model")

@@ -44,15 +44,26 @@ def main() -> int:
     print(f"built model and data in {time.monotonic() - t0:.1f} s", flush=True)
 
     spec = {
-        "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": "unsloth",
-        "hyperparameters": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                            "max_seq_length": 1024, "learning_rate": 1e-4, "max_steps": args.steps,
-                            "logging_steps": 5, "save_steps": args.steps // 2, "save_total_limit": 1},
+        "model": str(model_dir),
+        "dataset": {"source": str(dataset)},
+        "backend": "unsloth",
+        "hyperparameters": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_seq_length": 1024,
+            "learning_rate": 1e-4,
+            "max_steps": args.steps,
+            "logging_steps": 5,
+            "save_steps": args.steps // 2,
+            "save_total_limit": 1,
+        },
     }
     # nvidia-smi's own view, ten times a second, to hold the job record's figures against.
     smi_log = open(out / "nvidia-smi.csv", "w")  # noqa: SIM115
-    smi = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0",
-                            "-lms", "100"], stdout=smi_log)
+    smi = subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
+        stdout=smi_log,
+    )
     with Service(out / "service", allowed_roots=[out / "models", out / "datasets"]) as service:
         http = service.http()
         response = http.post("/jobs", json=spec)
@@ -66,28 +77,47 @@ def main() -> int:
         check("backend is unsloth", record["backend"] == "unsloth", record["backend"])
         check("versions name unsloth", "unsloth" in (record["versions"] or {}), record["versions"])
         logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
-        check("step logs every 5 steps", [r["step"] for r in logs] == list(range(5, args.steps + 1, 5)),
-              [r["step"] for r in logs])
-        complete = all(r["loss"] and r["learning_rate"] and r["tokens_per_second"] and r["vram"]["allocated"]
-                       and r["vram"]["device_used"] for r in logs)
+        check(
+            "step logs every 5 steps",
+            [r["step"] for r in logs] == list(range(5, args.steps + 1, 5)),
+            [r["step"] for r in logs],
+        )
+        complete = all(
+            r["loss"]
+            and r["learning_rate"]
+            and r["tokens_per_second"]
+            and r["vram"]["allocated"]
+            and r["vram"]["device_used"]
+            for r in logs
+        )
         check("logs carry loss, lr, tokens/s, VRAM", complete)
         above = all(r["vram"]["device_used"] > r["vram"]["allocated"] for r in logs)
-        check("NVML device-used above torch allocated", above,
-              [(r["vram"]["device_used_gib"], r["vram"]["allocated_gib"]) for r in logs])
+        check(
+            "NVML device-used above torch allocated",
+            above,
+            [(r["vram"]["device_used_gib"], r["vram"]["allocated_gib"]) for r in logs],
+        )
         record_peak = record["vram"]["device_used_peak"] or 0
         deviation = abs(record_peak - smi_peak) / smi_peak
-        check("record's device-used peak within 2% of nvidia-smi's", deviation <= 0.02,
-              f"record {record_peak / GIB:.3f} GiB, nvidia-smi {smi_peak / GIB:.3f} GiB ({deviation:.2%})")
+        check(
+            "record's device-used peak within 2% of nvidia-smi's",
+            deviation <= 0.02,
+            f"record {record_peak / GIB:.3f} GiB, nvidia-smi {smi_peak / GIB:.3f} GiB ({deviation:.2%})",
+        )
         events = http.get(f"/jobs/{job_id}/events").json()["items"]
         overhead = next((e["message"] for e in events if e["kind"] == "reporting_overhead"), "none reported")
         check("reporting overhead reported", overhead != "none reported", overhead)
 
         checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()}
-        check("checkpoints final + latest", set(checkpoints) == {"final", f"checkpoint-{args.steps}"},
-              sorted(checkpoints))
+        check(
+            "checkpoints final + latest", set(checkpoints) == {"final", f"checkpoint-{args.steps}"}, sorted(checkpoints)
+        )
         shards = [f for f in checkpoints["final"]["files"] if f["path"].endswith(".safetensors")]
-        check("final has safetensors, all hashed", shards and all(f["sha256"] for f in checkpoints["final"]["files"]),
-              [(f["path"], f["size"]) for f in shards])
+        check(
+            "final has safetensors, all hashed",
+            shards and all(f["sha256"] for f in checkpoints["final"]["files"]),
+            [(f["path"], f["size"]) for f in shards],
+        )
         t_dl = time.monotonic()
         archive = http.get(checkpoints["final"]["archive_url"])
         dl_s = time.monotonic() - t_dl
@@ -101,20 +131,32 @@ def main() -> int:
 
     model = AutoModelForCausalLM.from_pretrained(target / "final", dtype=torch.bfloat16).cuda()
     tokenizer = AutoTokenizer.from_pretrained(target / "final")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the quick fox"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True).to("cuda")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the quick fox"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    ).to("cuda")
     generated = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     new_tokens = generated.shape[1] - prompt["input_ids"].shape[1]
-    check("downloaded final loads and generates on the GPU", new_tokens > 0,
-          repr(tokenizer.decode(generated[0][prompt["input_ids"].shape[1]:])))
+    check(
+        "downloaded final loads and generates on the GPU",
+        new_tokens > 0,
+        repr(tokenizer.decode(generated[0][prompt["input_ids"].shape[1] :])),
+    )
 
     last = logs[-1] if logs else {}
     summary = {
-        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-        "job_id": job_id, "steps": args.steps, "tokens_per_second_last": last.get("tokens_per_second"),
+        "card": torch.cuda.get_device_name(0),
+        "date": time.strftime("%Y-%m-%d"),
+        "job_id": job_id,
+        "steps": args.steps,
+        "tokens_per_second_last": last.get("tokens_per_second"),
         "device_used_peak_gib": record["vram"].get("device_used_peak_gib"),
-        "nvidia_smi_peak_gib": round(smi_peak / GIB, 3), "reporting_overhead": overhead,
-        "peak_allocated_gib": record["vram"].get("peak_allocated_gib"), "versions": record["versions"],
+        "nvidia_smi_peak_gib": round(smi_peak / GIB, 3),
+        "reporting_overhead": overhead,
+        "peak_allocated_gib": record["vram"].get("peak_allocated_gib"),
+        "versions": record["versions"],
         "checks_failed": [c[0] for c in checks if not c[1]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -33,19 +33,27 @@ MIB = 1024**2
 def gpu_used_bytes(cpu_smoke: bool) -> int:
     if cpu_smoke:
         return 0
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(out.split()[0]) * MIB
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-faults"))
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="a tiny model on the CPU with the transformers backend: checks this script, not Unsloth")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="a tiny model on the CPU with the transformers backend: checks this script, not Unsloth",
+    )
     args = parser.parse_args()
-    backend, shape, device, dtype = ("transformers", None, "cpu", "float32") if args.cpu_smoke else \
-        ("unsloth", SMALL_LLAMA, "cuda", "bfloat16")
+    backend, shape, device, dtype = (
+        ("transformers", None, "cpu", "float32") if args.cpu_smoke else ("unsloth", SMALL_LLAMA, "cuda", "bfloat16")
+    )
     out: Path = args.out
     checks: list[tuple[str, bool, str]] = []
 
@@ -57,13 +65,24 @@ def main() -> int:
     dataset = write_jsonl(out / "datasets" / "chat.jsonl", chat_rows(4000, words=60, system=True))
     idle_used = gpu_used_bytes(args.cpu_smoke)
     spec = {
-        "model": str(model_dir), "dataset": {"source": str(dataset)}, "backend": backend,
-        "hyperparameters": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
-                            "max_seq_length": 64 if args.cpu_smoke else 1024, "learning_rate": 1e-4, "max_steps": 30,
-                            "logging_steps": 1, "save_steps": 10},
+        "model": str(model_dir),
+        "dataset": {"source": str(dataset)},
+        "backend": backend,
+        "hyperparameters": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_seq_length": 64 if args.cpu_smoke else 1024,
+            "learning_rate": 1e-4,
+            "max_steps": 30,
+            "logging_steps": 1,
+            "save_steps": 10,
+        },
     }
-    service = Service(out / "service", allowed_roots=[out / "models", out / "datasets"],
-                      extra_env={"STALE_AFTER_S": "10", "HEARTBEAT_INTERVAL_S": "2", "RECONCILE_INTERVAL_S": "3"})
+    service = Service(
+        out / "service",
+        allowed_roots=[out / "models", out / "datasets"],
+        extra_env={"STALE_AFTER_S": "10", "HEARTBEAT_INTERVAL_S": "2", "RECONCILE_INTERVAL_S": "3"},
+    )
     service.start(worker=False)
     try:
         worker = service.start_worker(FINETUNE_FAILPOINTS="checkpoint_writing@20=pause")
@@ -77,8 +96,9 @@ def main() -> int:
         check("trainer held while writing checkpoint-20", marker.exists())
         checkpoints = job_dir / "checkpoints"
         visible = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
-        check("half-written checkpoint-20 is not visible", visible == [".partial-checkpoint-20", "checkpoint-10"],
-              visible)
+        check(
+            "half-written checkpoint-20 is not visible", visible == [".partial-checkpoint-20", "checkpoint-10"], visible
+        )
         trainer = int(marker.read_text())
         for pid in process_tree(worker.pid):
             os.kill(pid, signal.SIGKILL)
@@ -86,8 +106,11 @@ def main() -> int:
         time.sleep(3)
         check("the killed trainer is gone", not Path(f"/proc/{trainer}").exists(), trainer)
         returned = gpu_used_bytes(args.cpu_smoke)
-        check("the GPU's memory is returned", returned <= idle_used + 512 * MIB,
-              f"{returned / GIB:.2f} GiB used (idle {idle_used / GIB:.2f} GiB)")
+        check(
+            "the GPU's memory is returned",
+            returned <= idle_used + 512 * MIB,
+            f"{returned / GIB:.2f} GiB used (idle {idle_used / GIB:.2f} GiB)",
+        )
 
         service.start_worker()
         record = wait_for(http, job_id, timeout_s=480)
@@ -95,21 +118,38 @@ def main() -> int:
         check("two attempts", record["attempts"] == 2, record["attempts"])
         events = http.get(f"/jobs/{job_id}/events").json()["items"]
         resumed = [e["message"] for e in events if e["kind"] == "resumed"]
-        check("resumed from checkpoint-10", resumed == ["resuming from checkpoint-10, the newest complete checkpoint"],
-              resumed)
+        check(
+            "resumed from checkpoint-10",
+            resumed == ["resuming from checkpoint-10, the newest complete checkpoint"],
+            resumed,
+        )
         discarded = [e["message"] for e in events if e["kind"] == "checkpoint_discarded"]
-        check("the unfinished checkpoint-20 was removed", len(discarded) == 1 and ".partial-checkpoint-20" in
-              discarded[0], discarded)
+        check(
+            "the unfinished checkpoint-20 was removed",
+            len(discarded) == 1 and ".partial-checkpoint-20" in discarded[0],
+            discarded,
+        )
         steps = [r["step"] for r in http.get(f"/jobs/{job_id}/logs").json()["items"]]
         check("every step logged once", steps == list(range(1, 31)), steps)
         names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()]
-        check("checkpoints 10, 20, 30 and final", names == ["checkpoint-10", "checkpoint-20", "checkpoint-30",
-                                                            "final"], names)
-        publish = [(m.group(1), float(m.group(3)), int(m.group(2))) for e in events if e["kind"] == "checkpoint"
-                   and (m := re.match(r"saved (\S+) at step \d+ \((\d+) bytes.*fsync and rename took ([\d.]+) s",
-                                      e["message"]))]
-        check("fsync and rename timed for every save", [n for n, _s, _b in publish] == [
-            "checkpoint-10", "checkpoint-20", "checkpoint-30", "final"], publish)
+        check(
+            "checkpoints 10, 20, 30 and final",
+            names == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "final"],
+            names,
+        )
+        publish = [
+            (m.group(1), float(m.group(3)), int(m.group(2)))
+            for e in events
+            if e["kind"] == "checkpoint"
+            and (
+                m := re.match(r"saved (\S+) at step \d+ \((\d+) bytes.*fsync and rename took ([\d.]+) s", e["message"])
+            )
+        ]
+        check(
+            "fsync and rename timed for every save",
+            [n for n, _s, _b in publish] == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "final"],
+            publish,
+        )
         check("no staging folder left", not list(checkpoints.glob(".partial-*")))
     finally:
         service.stop()
@@ -120,9 +160,13 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(checkpoints / "final", dtype=torch.bfloat16)
     check("final loads", model.num_parameters() > 0, f"{model.num_parameters():,} parameters")
     card = "cpu smoke" if args.cpu_smoke else torch.cuda.get_device_name(0)
-    summary = {"card": card, "backend": backend, "date": time.strftime("%Y-%m-%d"),
-               "publish_seconds": [{"name": n, "seconds": s, "bytes": b} for n, s, b in publish],
-               "checks_failed": [c[0] for c in checks if not c[1]]}
+    summary = {
+        "card": card,
+        "backend": backend,
+        "date": time.strftime("%Y-%m-%d"),
+        "publish_seconds": [{"name": n, "seconds": s, "bytes": b} for n, s, b in publish],
+        "checks_failed": [c[0] for c in checks if not c[1]],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n| check | result | detail |\n|---|---|---|")
     for name, ok, detail in checks:

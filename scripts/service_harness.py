@@ -65,13 +65,34 @@ class Service:
         redis = shutil.which("redis-server")
         if redis is None:
             raise SystemExit("redis-server not found on PATH")
-        self._start("redis", [redis, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(self.workdir)])
+        self._start(
+            "redis",
+            [
+                redis,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+        )
         time.sleep(0.5)
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=self.env, check=True,
-                       stdout=subprocess.DEVNULL)
-        self._start("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                            "--port", str(self.api_port)])
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+        )
         if worker:
             self.start_worker()
         deadline = time.monotonic() + 60
@@ -118,8 +139,11 @@ def wait_for(http: httpx.Client, job_id: int, *, timeout_s: float, echo: bool = 
         record = http.get(f"/jobs/{job_id}").json()
         progress = (record["status"], record["progress"]["step"])
         if echo and progress != last:
-            print(f"  job {job_id}: {record['status']} step {record['progress']['step']}/"
-                  f"{record['progress']['total_steps']} eta {record['progress']['eta_seconds']}", flush=True)
+            print(
+                f"  job {job_id}: {record['status']} step {record['progress']['step']}/"
+                f"{record['progress']['total_steps']} eta {record['progress']['eta_seconds']}",
+                flush=True,
+            )
             last = progress
         if record["status"] in ("succeeded", "failed", "cancelled"):
             return record

@@ -27,16 +27,39 @@ MARKED_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # Shapes of public models, used by the benchmarks (random weights measure the same speed).
-LLAMA_3_1_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
-PHI_4_14B = {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
-             "num_key_value_heads": 10, "intermediate_size": 17920, "vocab_size": 100352}
+LLAMA_3_1_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
+PHI_4_14B = {
+    "hidden_size": 5120,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 10,
+    "intermediate_size": 17920,
+    "vocab_size": 100352,
+}
 # A 317 M Llama: big enough for the GPU scripts to exercise Unsloth's kernels, small enough for
 # a minute's training (scripts/gpu-*, bench --shape small, the planner's tests).
-SMALL_LLAMA = {"hidden_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8,
-               "intermediate_size": 4096, "vocab_size": 32000}
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 128}
+SMALL_LLAMA = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "intermediate_size": 4096,
+    "vocab_size": 32000,
+}
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+}
 
 
 def sentence(rng: random.Random, words: int = 12) -> str:
@@ -52,17 +75,26 @@ def build_tokenizer(vocab_size: int = 512, *, seed: int = 0) -> Any:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tokenizer.train_from_iterator((sentence(rng) for _ in range(3000)), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin|>", eos_token="<|end|>",
-                                   pad_token="<|pad|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin|>", eos_token="<|end|>", pad_token="<|pad|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
-def build_llama(path: Path, *, shape: dict[str, int] | None = None, dtype: str = "float32",
-                max_position_embeddings: int = 4096, seed: int = 0, device: str = "cpu") -> Path:
+def build_llama(
+    path: Path,
+    *,
+    shape: dict[str, int] | None = None,
+    dtype: str = "float32",
+    max_position_embeddings: int = 4096,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Path:
     """Save a random-weight Llama and its tokenizer as a Hugging Face model folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,9 +104,13 @@ def build_llama(path: Path, *, shape: dict[str, int] | None = None, dtype: str =
     # Big vocabularies (real shapes) keep their size: the embedding and logits cost memory.
     vocab = max(shape.pop("vocab_size", len(tokenizer)), len(tokenizer))
     config = LlamaConfig(
-        vocab_size=vocab, max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **shape,
+        vocab_size=vocab,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **shape,
     )
     torch.manual_seed(seed)
     with torch.device(device):
@@ -93,16 +129,20 @@ def chat_rows(count: int, *, seed: int = 0, words: int = 12, system: bool = Fals
     rows = []
     for _ in range(count):
         messages = [{"role": "system", "content": "be brief"}] if system else []
-        messages += [{"role": "user", "content": sentence(rng, words)},
-                     {"role": "assistant", "content": sentence(rng, words)}]
+        messages += [
+            {"role": "user", "content": sentence(rng, words)},
+            {"role": "assistant", "content": sentence(rng, words)},
+        ]
         rows.append({"messages": messages})
     return rows
 
 
 def qa_rows(count: int) -> list[dict[str, str]]:
     """Question/answer rows under column names no format knows (a job maps them)."""
-    return [{"question": f"what number comes after {i} and why is it so", "answer": f" {i + 1}, by counting"}
-            for i in range(count)]
+    return [
+        {"question": f"what number comes after {i} and why is it so", "answer": f" {i + 1}, by counting"}
+        for i in range(count)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:

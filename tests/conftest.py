@@ -51,9 +51,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     client = Redis(port=port)
 
@@ -168,9 +168,16 @@ def job_spec(model: Path, dataset: Path, **hyperparameters: object) -> dict[str,
     return {
         "model": str(model),
         "dataset": {"source": str(dataset)},
-        "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
-                            "max_seq_length": 64, "learning_rate": 1e-3, "max_steps": 6,
-                            "logging_steps": 2, "save_steps": 3, **hyperparameters},
+        "hyperparameters": {
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-3,
+            "max_steps": 6,
+            "logging_steps": 2,
+            "save_steps": 3,
+            **hyperparameters,
+        },
     }
 
 
@@ -202,8 +209,7 @@ class Service:
 
 def _start(args: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as handle:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ, stdout=handle,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -221,8 +227,9 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
     """The API under uvicorn and one worker, as separate processes, as a user runs them."""
     port = free_port()
     environ = {**os.environ, **env.vars, "PYTHONUNBUFFERED": "1"}
-    api = _start(["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], environ,
-                 tmp_path / "api.log")
+    api = _start(
+        ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], environ, tmp_path / "api.log"
+    )
     worker = _start(["-m", "worker"], environ, tmp_path / "worker.log")
     svc = Service(f"http://127.0.0.1:{port}", api, worker, tmp_path, environ)
 
@@ -257,8 +264,9 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
             continue
         if state == "Z" or argv[-2:-1] != [b"trainer"]:
             continue
-        if (job_id is None or argv[-1] == str(job_id).encode()) and \
-                f"DATA_DIR={data_dir.resolve()}".encode() in environ:
+        if (
+            job_id is None or argv[-1] == str(job_id).encode()
+        ) and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
             found.append(int(entry.name))
     return found
 

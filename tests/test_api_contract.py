@@ -22,12 +22,24 @@ def with_tokens(monkeypatch: pytest.MonkeyPatch, tokens: str) -> None:
     get_settings.cache_clear()
 
 
-@pytest.mark.parametrize("path", [f"/jobs/{TOO_BIG}", f"/jobs/{TOO_BIG}/logs", f"/jobs/{TOO_BIG}/events",
-                                  f"/jobs/{TOO_BIG}/checkpoints", f"/jobs/{TOO_BIG}/checkpoints/final",
-                                  f"/files/{TOO_BIG}", f"/jobs?cursor={TOO_BIG}", f"/jobs/1/logs?after_step={TOO_BIG}",
-                                  f"/jobs/1/events?after_id={TOO_BIG}", f"/jobs/1/stream?after_step={TOO_BIG}"])
-def test_integers_past_the_database_range_are_422_naming_the_parameter(client: httpx.Client, env: Env,
-                                                                       path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/jobs/{TOO_BIG}",
+        f"/jobs/{TOO_BIG}/logs",
+        f"/jobs/{TOO_BIG}/events",
+        f"/jobs/{TOO_BIG}/checkpoints",
+        f"/jobs/{TOO_BIG}/checkpoints/final",
+        f"/files/{TOO_BIG}",
+        f"/jobs?cursor={TOO_BIG}",
+        f"/jobs/1/logs?after_step={TOO_BIG}",
+        f"/jobs/1/events?after_id={TOO_BIG}",
+        f"/jobs/1/stream?after_step={TOO_BIG}",
+    ],
+)
+def test_integers_past_the_database_range_are_422_naming_the_parameter(
+    client: httpx.Client, env: Env, path: str
+) -> None:
     response = client.get(path)
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["message"] == "Input should be less than or equal to 9223372036854775807"
@@ -52,15 +64,15 @@ def test_a_home_folder_that_does_not_exist_is_422(client: httpx.Client, env: Env
     response = client.post("/jobs", json=spec)
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["message"].endswith(
-        f"{value!r} names a home folder that does not exist on the server")
+        f"{value!r} names a home folder that does not exist on the server"
+    )
 
 
 def test_get_on_the_estimate_route_is_405_with_allow(client: httpx.Client, env: Env) -> None:
     response = client.get("/jobs/estimate")
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
-    assert response.json() == {"error": "MethodNotAllowed",
-                               "detail": "/jobs/estimate does not take GET; it takes POST"}
+    assert response.json() == {"error": "MethodNotAllowed", "detail": "/jobs/estimate does not take GET; it takes POST"}
 
 
 def test_405_lists_every_method_of_the_path(client: httpx.Client, env: Env) -> None:
@@ -80,18 +92,21 @@ def test_an_unknown_query_parameter_is_422_naming_it(client: httpx.Client, env: 
     response = client.get("/jobs", params={"limt": 10})
     assert response.status_code == 422
     assert response.json()["errors"] == [
-        {"field": "limt", "message": "unknown query parameter (this route takes: cursor, fields, limit, status)"}]
+        {"field": "limt", "message": "unknown query parameter (this route takes: cursor, fields, limit, status)"}
+    ]
 
 
 def test_a_body_that_is_not_text_is_422_not_400(client: httpx.Client, env: Env) -> None:
     response = client.post("/jobs", content=b"\x1f\x8b\xff\xfe", headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert response.json()["errors"] == [
-        {"field": "body", "message": "the body could not be read as JSON (it is not UTF-8 text)"}]
+        {"field": "body", "message": "the body could not be read as JSON (it is not UTF-8 text)"}
+    ]
 
 
-def test_a_database_that_cannot_answer_is_503_not_500(client: httpx.Client, env: Env, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_database_that_cannot_answer_is_503_not_500(
+    client: httpx.Client, env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
     from core.db import get_engine
 
@@ -101,12 +116,15 @@ def test_a_database_that_cannot_answer_is_503_not_500(client: httpx.Client, env:
     response = client.get("/jobs")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
-    assert response.json() == {"error": "DatabaseUnavailable",
-                               "detail": "the job database cannot answer right now (OperationalError); retry shortly"}
+    assert response.json() == {
+        "error": "DatabaseUnavailable",
+        "detail": "the job database cannot answer right now (OperationalError); retry shortly",
+    }
 
 
-def test_healthz_is_degraded_when_the_disk_is_low(client: httpx.Client, env: Env,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_healthz_is_degraded_when_the_disk_is_low(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("MIN_FREE_DISK_BYTES", str(2**62))  # more than any disk has
@@ -119,17 +137,22 @@ def test_healthz_is_degraded_when_the_disk_is_low(client: httpx.Client, env: Env
     assert body["disk"].endswith("under MIN_FREE_DISK_BYTES (4294967296.00 GiB)")
 
 
-def test_docs_stay_open_with_tokens_and_declare_the_bearer_scheme(client: httpx.Client, env: Env,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_docs_stay_open_with_tokens_and_declare_the_bearer_scheme(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with_tokens(monkeypatch, "s3cret")
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger-ui" in docs.text
     assert '"persistAuthorization": true' in docs.text  # a person authorizes once
     assert client.get("/redoc").status_code == 200
     document = client.get("/openapi.json").json()
-    assert document["components"]["securitySchemes"] == {"bearer": {
-        "type": "http", "scheme": "bearer",
-        "description": "one of the server's API_TOKENS (needed only when the operator sets some)"}}
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "one of the server's API_TOKENS (needed only when the operator sets some)",
+        }
+    }
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             guarded = operation.get("security") == [{"bearer": []}]
@@ -143,12 +166,16 @@ def test_docs_stay_open_with_tokens_and_declare_the_bearer_scheme(client: httpx.
 def test_without_tokens_the_document_asks_for_none(client: httpx.Client, env: Env) -> None:
     document = client.get("/openapi.json").json()
     assert "securitySchemes" not in document.get("components", {})
-    assert all("security" not in op and "401" not in op["responses"]
-               for operations in document["paths"].values() for op in operations.values())
+    assert all(
+        "security" not in op and "401" not in op["responses"]
+        for operations in document["paths"].values()
+        for op in operations.values()
+    )
 
 
-def test_401_says_which_scheme_and_odd_tokens_are_refused_not_crashed(client: httpx.Client, env: Env,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_401_says_which_scheme_and_odd_tokens_are_refused_not_crashed(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with_tokens(monkeypatch, "s3cret")
     missing = client.get("/jobs")
     assert missing.status_code == 401
@@ -169,5 +196,6 @@ def test_every_error_status_a_route_answers_is_in_the_document(client: httpx.Cli
     assert set(download) >= {"200", "206", "400", "404", "416", "422", "503"}
     assert set(paths["/jobs/{job_id}/cancel"]["post"]["responses"]) >= {"200", "404", "409", "422", "503"}
     assert paths["/jobs"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ValidationErrorBody"}
+        "$ref": "#/components/schemas/ValidationErrorBody"
+    }
     assert set(paths["/healthz"]["get"]["responses"]) == {"200", "503"}

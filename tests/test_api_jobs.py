@@ -15,8 +15,9 @@ def submit(client: httpx.Client, spec: dict) -> httpx.Response:
     return client.post("/jobs", json=spec)
 
 
-def test_submit_stores_job_and_enqueues_it_after_commit(client: httpx.Client, env: Env, tiny_model: Path,
-                                                        chat_dataset: Path) -> None:
+def test_submit_stores_job_and_enqueues_it_after_commit(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     response = submit(client, job_spec(tiny_model, chat_dataset))
     assert response.status_code == 201
     record = response.json()
@@ -24,8 +25,7 @@ def test_submit_stores_job_and_enqueues_it_after_commit(client: httpx.Client, en
     assert record["spec"]["model"] == str(tiny_model)
     assert record["spec"]["hyperparameters"]["optim"] == "paged_adamw_8bit"  # the default is filled in
     assert record["spec"]["backend"] == "auto"
-    assert record["progress"] == {"step": 0, "total_steps": None, "epoch": None, "percent": None,
-                                  "eta_seconds": None}
+    assert record["progress"] == {"step": 0, "total_steps": None, "epoch": None, "percent": None, "eta_seconds": None}
     assert record["error"] is None
     assert record["links"]["logs"] == f"/jobs/{record['id']}/logs"
     assert record["created_at"].endswith("Z") or record["created_at"].endswith("+00:00")
@@ -46,25 +46,41 @@ def test_submit_stores_job_and_enqueues_it_after_commit(client: httpx.Client, en
     ("change", "field", "message"),
     [
         (lambda s: s.pop("model"), "model", "Field required"),
-        (lambda s: s["hyperparameters"].update(learning_rate=0), "hyperparameters.learning_rate",
-         "Input should be greater than 0"),
-        (lambda s: s["hyperparameters"].update(per_device_train_batch_size="two"),
-         "hyperparameters.per_device_train_batch_size", "Input should be a valid integer"),
-        (lambda s: s["hyperparameters"].update(lr=1e-5), "hyperparameters.lr",
-         "unknown field (not part of the job spec)"),
+        (
+            lambda s: s["hyperparameters"].update(learning_rate=0),
+            "hyperparameters.learning_rate",
+            "Input should be greater than 0",
+        ),
+        (
+            lambda s: s["hyperparameters"].update(per_device_train_batch_size="two"),
+            "hyperparameters.per_device_train_batch_size",
+            "Input should be a valid integer",
+        ),
+        (
+            lambda s: s["hyperparameters"].update(lr=1e-5),
+            "hyperparameters.lr",
+            "unknown field (not part of the job spec)",
+        ),
         (lambda s: s["hyperparameters"].update(optim="lion"), "hyperparameters.optim", "Input should be"),
         (lambda s: s.update(backend="vllm"), "backend", "Input should be 'auto', 'unsloth' or 'transformers'"),
         (lambda s: s.update(model="/etc/passwd"), "model", "is outside the allowed local roots"),
-        (lambda s: s["dataset"].update(source="../../etc/shadow"), "dataset.source",
-         "is outside the allowed local roots"),
+        (
+            lambda s: s["dataset"].update(source="../../etc/shadow"),
+            "dataset.source",
+            "is outside the allowed local roots",
+        ),
         (lambda s: s.update(model="not a hub id!"), "model", "is neither a Hugging Face Hub id"),
         (lambda s: s.update(chat_template_from="org/../x"), "chat_template_from", "is neither a Hugging Face"),
-        (lambda s: s["hyperparameters"].update(warmup_ratio=1.5), "hyperparameters.warmup_ratio",
-         "Input should be less than 1"),
+        (
+            lambda s: s["hyperparameters"].update(warmup_ratio=1.5),
+            "hyperparameters.warmup_ratio",
+            "Input should be less than 1",
+        ),
     ],
 )
-def test_bad_spec_is_422_naming_the_field(client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path,
-                                          change, field: str, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_spec_is_422_naming_the_field(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, change, field: str, message: str
+) -> None:  # type: ignore[no-untyped-def]
     spec = job_spec(tiny_model, chat_dataset)
     change(spec)
     response = submit(client, spec)
@@ -80,9 +96,12 @@ def test_bad_spec_is_422_naming_the_field(client: httpx.Client, env: Env, tiny_m
 def test_local_path_that_does_not_exist_is_422(client: httpx.Client, env: Env, tiny_model: Path) -> None:
     spec = job_spec(tiny_model, env.datasets_dir / "missing.jsonl")
     body = submit(client, spec).json()
-    assert body["errors"] == [{"field": "dataset.source",
-                               "message": f"dataset source {str(env.datasets_dir / 'missing.jsonl')!r} "
-                                          "does not exist on the server"}]
+    assert body["errors"] == [
+        {
+            "field": "dataset.source",
+            "message": f"dataset source {str(env.datasets_dir / 'missing.jsonl')!r} does not exist on the server",
+        }
+    ]
 
 
 def test_symlink_out_of_allowed_root_is_422(client: httpx.Client, env: Env, tiny_model: Path, tmp_path: Path) -> None:
@@ -94,8 +113,9 @@ def test_symlink_out_of_allowed_root_is_422(client: httpx.Client, env: Env, tiny
     assert "is outside the allowed local roots" in body["errors"][0]["message"]
 
 
-def test_no_local_paths_when_no_roots_are_allowed(client: httpx.Client, env: Env, tiny_model: Path,
-                                                  chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_local_paths_when_no_roots_are_allowed(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("ALLOWED_LOCAL_ROOTS", "")
@@ -116,18 +136,26 @@ def test_body_that_is_not_a_spec_is_422(client: httpx.Client, env: Env, content:
 
 
 def test_hub_ids_are_accepted_without_a_local_check(client: httpx.Client, env: Env) -> None:
-    spec = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"},
-            "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B"}
+    spec = {
+        "model": "meta-llama/Llama-3.1-8B",
+        "dataset": {"source": "allenai/tulu-3-sft-mixture"},
+        "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+    }
     response = submit(client, spec)
     assert response.status_code == 201
     assert response.json()["spec"]["hyperparameters"]["gradient_accumulation_steps"] == 64
 
 
 def test_unknown_job_is_404_everywhere(client: httpx.Client, env: Env) -> None:
-    for method, path in [("GET", "/jobs/999"), ("POST", "/jobs/999/cancel"), ("GET", "/jobs/999/logs"),
-                         ("GET", "/jobs/999/events"), ("GET", "/jobs/999/checkpoints"),
-                         ("GET", "/jobs/999/checkpoints/final/archive"),
-                         ("GET", "/jobs/999/checkpoints/final/files/config.json")]:
+    for method, path in [
+        ("GET", "/jobs/999"),
+        ("POST", "/jobs/999/cancel"),
+        ("GET", "/jobs/999/logs"),
+        ("GET", "/jobs/999/events"),
+        ("GET", "/jobs/999/checkpoints"),
+        ("GET", "/jobs/999/checkpoints/final/archive"),
+        ("GET", "/jobs/999/checkpoints/final/files/config.json"),
+    ]:
         response = client.request(method, path)
         assert response.status_code == 404, path
         assert response.json() == {"error": "NotFound", "detail": "job 999 not found"}, path
@@ -139,8 +167,9 @@ def test_job_id_that_is_not_a_number_is_422(client: httpx.Client, env: Env) -> N
     assert response.json()["errors"][0]["field"] == "job_id"
 
 
-def test_cancel_queued_job_means_it_never_starts(client: httpx.Client, env: Env, tiny_model: Path,
-                                                chat_dataset: Path) -> None:
+def test_cancel_queued_job_means_it_never_starts(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     from worker.tasks import run_job
 
     job_id = submit(client, job_spec(tiny_model, chat_dataset)).json()["id"]
@@ -161,8 +190,9 @@ def test_cancel_queued_job_means_it_never_starts(client: httpx.Client, env: Env,
     assert conflict.json()["detail"] == f"job {job_id} has already finished (cancelled); there is nothing to cancel"
 
 
-def test_list_is_newest_first_with_status_filter_and_cursor(client: httpx.Client, env: Env, tiny_model: Path,
-                                                           chat_dataset: Path) -> None:
+def test_list_is_newest_first_with_status_filter_and_cursor(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     ids = [submit(client, job_spec(tiny_model, chat_dataset)).json()["id"] for _ in range(5)]
     client.post(f"/jobs/{ids[1]}/cancel")
 
@@ -181,8 +211,9 @@ def test_list_is_newest_first_with_status_filter_and_cursor(client: httpx.Client
     assert bad.json()["errors"][0]["field"] == "status"
 
 
-def test_enqueue_failure_keeps_the_job_and_says_so(client: httpx.Client, env: Env, tiny_model: Path,
-                                                  chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enqueue_failure_keeps_the_job_and_says_so(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.queue import get_redis
 
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
@@ -203,8 +234,12 @@ def test_healthz_ok_with_database_and_redis(client: httpx.Client, env: Env) -> N
     response = client.get("/healthz")
     assert response.status_code == 200
     body = response.json()
-    assert {k: body[k] for k in ("status", "database", "redis", "disk")} == \
-        {"status": "ok", "database": "ok", "redis": "ok", "disk": "ok"}
+    assert {k: body[k] for k in ("status", "database", "redis", "disk")} == {
+        "status": "ok",
+        "database": "ok",
+        "redis": "ok",
+        "disk": "ok",
+    }
     assert 0 < body["disk_free_bytes"] <= body["disk_total_bytes"]
 
 
@@ -215,8 +250,10 @@ def test_api_tokens_guard_every_job_route(client: httpx.Client, env: Env, monkey
     get_settings.cache_clear()
     missing = client.get("/jobs")
     assert missing.status_code == 401
-    assert missing.json() == {"error": "Unauthorized",
-                              "detail": "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS)"}
+    assert missing.json() == {
+        "error": "Unauthorized",
+        "detail": "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS)",
+    }
     assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/jobs", headers={"Authorization": "Bearer other"}).status_code == 200
     assert client.get("/healthz").status_code == 200  # liveness stays open for probes

@@ -12,14 +12,14 @@ from core.checkpoint_files import publish, staging_path
 from core.checkpoint_store import checkpoint_problem, newest_complete, sweep_partials
 
 
-def write_checkpoint(folder: Path, step: int, *, shards: int = 0, optimizer: bool = True,
-                     state: bool = True) -> Path:
+def write_checkpoint(folder: Path, step: int, *, shards: int = 0, optimizer: bool = True, state: bool = True) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     if shards:
         names = [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {f"w{i}": n for i, n in
-                                                                                        enumerate(names)}}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {f"w{i}": n for i, n in enumerate(names)}})
+        )
         for name in names:
             (folder / name).write_bytes(b"w")
     else:
@@ -37,10 +37,13 @@ def test_a_complete_checkpoint_has_weights_state_and_optimizer(tmp_path: Path) -
 
 
 def test_what_makes_a_checkpoint_incomplete(tmp_path: Path) -> None:
-    assert checkpoint_problem(write_checkpoint(tmp_path / "checkpoint-1", 1, optimizer=False)) == \
-        "optimizer.pt is missing"
-    assert checkpoint_problem(write_checkpoint(tmp_path / "checkpoint-2", 2, state=False)) == \
-        "trainer_state.json is missing or unreadable"
+    assert (
+        checkpoint_problem(write_checkpoint(tmp_path / "checkpoint-1", 1, optimizer=False)) == "optimizer.pt is missing"
+    )
+    assert (
+        checkpoint_problem(write_checkpoint(tmp_path / "checkpoint-2", 2, state=False))
+        == "trainer_state.json is missing or unreadable"
+    )
     assert checkpoint_problem(write_checkpoint(tmp_path / "checkpoint-3", 4)) == "trainer_state.json is for step 4"
     sharded = write_checkpoint(tmp_path / "checkpoint-5", 5, shards=2)
     (sharded / "model-00002-of-00002.safetensors").unlink()
@@ -86,8 +89,13 @@ def test_publish_makes_the_folder_appear_whole_and_replaces_an_earlier_one(tmp_p
     again = write_checkpoint(staging_path(final), 8, shards=2)
     publish(again, final)
     assert sorted(p.name for p in final.iterdir()) == [
-        "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json", "optimizer.pt", "trainer_state.json"]
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "optimizer.pt",
+        "trainer_state.json",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-8"]
 
 

@@ -37,8 +37,15 @@ def readme_event_kinds() -> set[str]:
     return words(re.sub(r"\([^)]*\)", "", text))  # the words in parentheses explain, they are not kinds
 
 
-@pytest.mark.parametrize(("enum", "documented"), [(ErrorCode, readme_error_codes), (Phase, readme_phases),
-                                                  (JobStatus, readme_statuses), (EventKind, readme_event_kinds)])
+@pytest.mark.parametrize(
+    ("enum", "documented"),
+    [
+        (ErrorCode, readme_error_codes),
+        (Phase, readme_phases),
+        (JobStatus, readme_statuses),
+        (EventKind, readme_event_kinds),
+    ],
+)
 def test_the_readme_lists_exactly_the_enums_members(enum: type[StrEnum], documented: object) -> None:
     assert callable(documented)
     assert documented() == {member.value for member in enum}
@@ -73,10 +80,16 @@ def test_no_bare_strings_where_the_contract_has_an_enum() -> None:
                 if name == "event" and len(node.args) > 1:
                     values.append(node.args[1])
             if isinstance(node, ast.Dict):
-                values += [v for k, v in zip(node.keys, node.values, strict=True)
-                           if isinstance(k, ast.Constant) and k.value == "error_code"]
-            bare += [f"{path.relative_to(root)}:{v.lineno}" for v in values
-                     if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+                values += [
+                    v
+                    for k, v in zip(node.keys, node.values, strict=True)
+                    if isinstance(k, ast.Constant) and k.value == "error_code"
+                ]
+            bare += [
+                f"{path.relative_to(root)}:{v.lineno}"
+                for v in values
+                if isinstance(v, ast.Constant) and isinstance(v.value, str)
+            ]
     assert bare == []
 
 
@@ -88,4 +101,5 @@ def test_the_trainers_result_takes_members_only() -> None:
     with pytest.raises(ValidationError):
         TrainerResult.model_validate({"status": "failed", "error_code": "not_a_code"})
     assert TrainerResult.model_validate({"status": "interrupted", "step": 3, "seconds": 1.5}).extra_fields() == {
-        "seconds": 1.5}
+        "seconds": 1.5
+    }

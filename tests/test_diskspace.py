@@ -21,13 +21,18 @@ def full_database() -> OperationalError:
     return OperationalError("COMMIT", {}, sqlite3.OperationalError("database or disk is full"))
 
 
-@pytest.mark.parametrize("exc", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    OSError(errno.EDQUOT, "Disk quota exceeded"),
-    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 0"
-                 " PytorchStreamWriter failed writing file data/0: file write failed"),
-    full_database(),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 0 vs 0"
+            " PytorchStreamWriter failed writing file data/0: file write failed"
+        ),
+        full_database(),
+    ],
+)
 def test_full_disk_errors_are_recognised(exc: BaseException) -> None:
     assert is_disk_full_error(exc)
 
@@ -42,8 +47,14 @@ def test_a_full_disk_is_recognised_through_the_cause_chain() -> None:
         assert is_disk_full_error(outer)
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.EIO, "Input/output error"), ValueError("bad value"),
-                                 OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked"))])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.EIO, "Input/output error"),
+        ValueError("bad value"),
+        OperationalError("SELECT", {}, sqlite3.OperationalError("database is locked")),
+    ],
+)
 def test_other_errors_are_not_a_full_disk(exc: BaseException) -> None:
     assert not is_disk_full_error(exc)
 
@@ -61,8 +72,9 @@ def test_the_reserve_is_real_blocks_and_is_given_up_once(env: Env, monkeypatch: 
     assert not reserve.release()
 
 
-def test_a_record_on_a_full_disk_gives_up_the_reserve_then_waits_for_space(env: Env,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_record_on_a_full_disk_gives_up_the_reserve_then_waits_for_space(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("DISK_RESERVE_BYTES", str(1024 * 1024))

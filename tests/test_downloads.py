@@ -36,10 +36,23 @@ def folder(tmp_path: Path) -> Path:
     return base
 
 
-@pytest.mark.parametrize("relative", [
-    "", "..", "../x", "../secret.txt", "sub/../../secret.txt", "./../secret.txt", "/etc/passwd",
-    "\\etc\\passwd", "config.json\x00.txt", "escape", "escape-dir/secret.txt", "missing.bin",
-])
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "",
+        "..",
+        "../x",
+        "../secret.txt",
+        "sub/../../secret.txt",
+        "./../secret.txt",
+        "/etc/passwd",
+        "\\etc\\passwd",
+        "config.json\x00.txt",
+        "escape",
+        "escape-dir/secret.txt",
+        "missing.bin",
+    ],
+)
 def test_resolve_inside_refuses_paths_that_leave_or_do_not_exist(folder: Path, relative: str) -> None:
     with pytest.raises(NotFound) as caught:
         resolve_inside(folder, relative)
@@ -51,8 +64,11 @@ def test_resolve_inside_refuses_paths_that_leave_or_do_not_exist(folder: Path, r
 def test_resolve_inside_refuses_directories(folder: Path, relative: str) -> None:
     with pytest.raises(NotFound) as caught:
         resolve_inside(folder, relative)
-    expected = f"no file {relative!r} in this checkpoint" if relative == "." else \
-        f"{relative!r} is not a file in this checkpoint"
+    expected = (
+        f"no file {relative!r} in this checkpoint"
+        if relative == "."
+        else f"{relative!r} is not a file in this checkpoint"
+    )
     assert caught.value.detail == expected
 
 
@@ -136,8 +152,11 @@ def stored(env: Env) -> Stored:
         assert job.id is not None
         job_id = job.id
 
-    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 64,
-             f"nested/{LONG_NAME}": b"{}"}
+    files = {
+        "config.json": b'{"model_type": "llama"}',
+        "model.safetensors": bytes(range(256)) * 64,
+        f"nested/{LONG_NAME}": b"{}",
+    }
     job_dir = get_settings().job_dir(job_id)
     (job_dir / "secret.txt").parent.mkdir(parents=True)
     (job_dir / "secret.txt").write_bytes(SECRET)
@@ -150,10 +169,20 @@ def stored(env: Env) -> Stored:
         (folder / "link.txt").symlink_to(job_dir / "secret.txt")
         listed = [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()]
         if name == "checkpoint-3":
-            listed += [{"path": "link.txt", "size": len(SECRET), "sha256": None},
-                       {"path": "../secret.txt", "size": len(SECRET), "sha256": None}]
-        records.append(Checkpoint(job_id=job_id, name=name, step=step, status=CheckpointStatus.ready,
-                                  size_bytes=sum(len(d) for d in files.values()), files=listed))
+            listed += [
+                {"path": "link.txt", "size": len(SECRET), "sha256": None},
+                {"path": "../secret.txt", "size": len(SECRET), "sha256": None},
+            ]
+        records.append(
+            Checkpoint(
+                job_id=job_id,
+                name=name,
+                step=step,
+                status=CheckpointStatus.ready,
+                size_bytes=sum(len(d) for d in files.values()),
+                files=listed,
+            )
+        )
     with session_scope() as session:
         session.add_all(records)
     return Stored(job_id, files)
@@ -170,10 +199,20 @@ def raw_get(app: object, path: str) -> tuple[int, bytes]:
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 50000),
-             "server": ("testserver", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
     anyio.run(app, scope, receive, send)  # type: ignore[arg-type]
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -182,6 +221,7 @@ def raw_get(app: object, path: str) -> tuple[int, bytes]:
 @pytest.mark.parametrize("name", ["final", "checkpoint-3"])
 def test_paths_leaving_the_checkpoint_are_404_and_never_leak(api: TestClient, stored: Stored, name: str) -> None:
     base = f"/jobs/{stored.job_id}/checkpoints/{name}/files"
+
     # `final` does not list them, so the record refuses; checkpoint-3 lists them, so resolve_inside must.
     def refusal(path: str) -> str:
         if name == "final":
@@ -189,8 +229,12 @@ def test_paths_leaving_the_checkpoint_are_404_and_never_leak(api: TestClient, st
         return f"no file {path!r} in this checkpoint"
 
     expected = {path: refusal(path) for path in ("../secret.txt", "link.txt")}
-    for url, path in ((f"{base}/%2e%2e/secret.txt", "../secret.txt"), (f"{base}/..%2Fsecret.txt", "../secret.txt"),
-                      (f"{base}/%2E%2E%2fsecret.txt", "../secret.txt"), (f"{base}/link.txt", "link.txt")):
+    for url, path in (
+        (f"{base}/%2e%2e/secret.txt", "../secret.txt"),
+        (f"{base}/..%2Fsecret.txt", "../secret.txt"),
+        (f"{base}/%2E%2E%2fsecret.txt", "../secret.txt"),
+        (f"{base}/link.txt", "link.txt"),
+    ):
         response = api.get(url)
         assert (response.status_code, response.json()) == (404, {"error": "NotFound", "detail": expected[path]}), url
         assert SECRET not in response.content
@@ -205,9 +249,14 @@ def test_dot_segments_removed_by_the_client_reach_no_route(api: TestClient, stor
     # What a browser or httpx sends for .../files/../secret.txt: the path without the segment.
     response = api.get(f"/jobs/{stored.job_id}/checkpoints/final/files/../secret.txt")
     assert response.request.url.path == f"/jobs/{stored.job_id}/checkpoints/final/secret.txt"
-    assert (response.status_code, response.json()) == (404, {
-        "error": "NotFound",
-        "detail": f"no route GET /jobs/{stored.job_id}/checkpoints/final/secret.txt (the routes are listed at /docs)"})
+    assert (response.status_code, response.json()) == (
+        404,
+        {
+            "error": "NotFound",
+            "detail": f"no route GET /jobs/{stored.job_id}/checkpoints/final/secret.txt "
+            "(the routes are listed at /docs)",
+        },
+    )
 
 
 def test_listed_file_is_served_with_checksum_and_ranges(api: TestClient, stored: Stored) -> None:
@@ -235,22 +284,30 @@ def test_listed_file_is_served_with_checksum_and_ranges(api: TestClient, stored:
     beyond = api.get(f"{base}/model.safetensors", headers={"Range": "bytes=999999-"})
     assert beyond.status_code == 416
     assert beyond.headers["content-range"] == f"bytes */{len(data)}"
-    assert beyond.json() == {"error": "RangeNotSatisfiable", "detail": "Range 'bytes=999999-' starts past the end "
-                                                                      f"of the file ({len(data)} bytes)"}
+    assert beyond.json() == {
+        "error": "RangeNotSatisfiable",
+        "detail": f"Range 'bytes=999999-' starts past the end of the file ({len(data)} bytes)",
+    }
     malformed = api.get(f"{base}/model.safetensors", headers={"Range": "items=0-3"})
     assert malformed.status_code == 400
-    assert malformed.json() == {"error": "BadRange",
-                                "detail": "malformed Range header 'items=0-3': Only support bytes range"}
+    assert malformed.json() == {
+        "error": "BadRange",
+        "detail": "malformed Range header 'items=0-3': Only support bytes range",
+    }
 
 
 def test_unknown_file_and_checkpoint_are_404(api: TestClient, stored: Stored) -> None:
     base = f"/jobs/{stored.job_id}/checkpoints"
     response = api.get(f"{base}/final/files/optimizer.pt")
-    assert (response.status_code, response.json()) == (404, {
-        "error": "NotFound", "detail": f"checkpoint 'final' of job {stored.job_id} has no file 'optimizer.pt'"})
+    assert (response.status_code, response.json()) == (
+        404,
+        {"error": "NotFound", "detail": f"checkpoint 'final' of job {stored.job_id} has no file 'optimizer.pt'"},
+    )
     response = api.get(f"{base}/checkpoint-9/files/config.json")
-    assert (response.status_code, response.json()) == (404, {
-        "error": "NotFound", "detail": f"job {stored.job_id} has no checkpoint named 'checkpoint-9'"})
+    assert (response.status_code, response.json()) == (
+        404,
+        {"error": "NotFound", "detail": f"job {stored.job_id} has no checkpoint named 'checkpoint-9'"},
+    )
     response = api.get("/jobs/999/checkpoints/final/files/config.json")
     assert (response.status_code, response.json()) == (404, {"error": "NotFound", "detail": "job 999 not found"})
 
@@ -260,12 +317,14 @@ def test_checkpoint_name_with_odd_characters_is_422(api: TestClient, stored: Sto
     for suffix in ("files/config.json", "archive"):
         response = api.get(f"/jobs/{stored.job_id}/checkpoints/final;rm/{suffix}")
         assert response.status_code == 422
-        assert response.json() == {"error": "ValidationError", "detail": f"name: {message}",
-                                   "errors": [{"field": "name", "message": message}]}
+        assert response.json() == {
+            "error": "ValidationError",
+            "detail": f"name: {message}",
+            "errors": [{"field": "name", "message": message}],
+        }
 
 
-def test_archive_streams_a_tar_of_the_listed_files_under_the_checkpoint_name(api: TestClient,
-                                                                            stored: Stored) -> None:
+def test_archive_streams_a_tar_of_the_listed_files_under_the_checkpoint_name(api: TestClient, stored: Stored) -> None:
     response = api.get(f"/jobs/{stored.job_id}/checkpoints/final/archive")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/x-tar"
@@ -282,8 +341,10 @@ def test_archive_streams_a_tar_of_the_listed_files_under_the_checkpoint_name(api
 
 def test_archive_of_a_record_listing_paths_outside_is_refused_whole(api: TestClient, stored: Stored) -> None:
     response = api.get(f"/jobs/{stored.job_id}/checkpoints/checkpoint-3/archive")
-    assert (response.status_code, response.json()) == (404, {
-        "error": "NotFound", "detail": "no file '../secret.txt' in this checkpoint"})
+    assert (response.status_code, response.json()) == (
+        404,
+        {"error": "NotFound", "detail": "no file '../secret.txt' in this checkpoint"},
+    )
     assert SECRET not in response.content
 
 
@@ -309,6 +370,6 @@ def test_reading_ahead_returns_the_file_in_order(tmp_path: Path, sizes: list[int
     got = anyio.run(read)
     expected, position = [], 0
     for size in sizes:
-        expected.append(data[position:position + size])
+        expected.append(data[position : position + size])
         position = min(position + size, len(data))
     assert got == [*expected, data[2:7]]

@@ -28,8 +28,13 @@ def test_submit_train_watch_and_download_final_checkpoint(
     assert record["backend"] == "transformers"
     assert record["versions"]["trl"] == "1.14.2"
     assert record["versions"]["transformers"] == "5.17.0"
-    assert record["progress"] == {"step": 6, "total_steps": 6, "epoch": record["progress"]["epoch"],
-                                  "percent": 100.0, "eta_seconds": 0.0}
+    assert record["progress"] == {
+        "step": 6,
+        "total_steps": 6,
+        "epoch": record["progress"]["epoch"],
+        "percent": 100.0,
+        "eta_seconds": 0.0,
+    }
     assert record["metrics"]["loss"] > 0
     assert record["metrics"]["tokens_per_second"] > 0
     assert record["error"] is None and record["finished_at"] is not None
@@ -74,8 +79,9 @@ def test_submit_train_watch_and_download_final_checkpoint(
 
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the cat"}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert output.shape[1] == prompt["input_ids"].shape[1] + 5
 
@@ -110,5 +116,7 @@ def test_cancel_running_job_stops_at_next_step(
 
     again = http.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 409
-    assert again.json() == {"error": "Conflict",
-                            "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"}
+    assert again.json() == {
+        "error": "Conflict",
+        "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel",
+    }

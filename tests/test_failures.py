@@ -28,8 +28,9 @@ def test_model_that_cannot_be_loaded_is_model_not_found(client: httpx.Client, en
     assert "Traceback" in log  # the full output is kept
 
 
-def test_unsloth_backend_without_gpu_fails_and_never_falls_back(client: httpx.Client, env: Env, tiny_model: Path,
-                                                                chat_dataset: Path) -> None:
+def test_unsloth_backend_without_gpu_fails_and_never_falls_back(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     spec = job_spec(tiny_model, chat_dataset)
     spec["backend"] = "unsloth"
     record = run_to_end(client, spec)
@@ -64,8 +65,16 @@ def test_data_report_counts_tokens_truncation_and_steps(client: httpx.Client, en
     assert lengths[3] > 64 > lengths[2]  # the last row is longer than max_seq_length
     dataset = write_jsonl(env.datasets_dir / "lengths.jsonl", [{"text": t} for t in texts])
     # 4 rows, micro-batch 2, accumulation 1: 2 optimizer steps an epoch, 3 epochs.
-    spec = job_spec(tiny_model, dataset, max_steps=None, num_train_epochs=3, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=1, max_seq_length=64, save_steps=100)
+    spec = job_spec(
+        tiny_model,
+        dataset,
+        max_steps=None,
+        num_train_epochs=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_seq_length=64,
+        save_steps=100,
+    )
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
     trained = [min(n, 64) for n in lengths]
@@ -75,8 +84,12 @@ def test_data_report_counts_tokens_truncation_and_steps(client: httpx.Client, en
         "bad_rows": 0,
         "bad_row_examples": [],
         "rows_used": 4,
-        "tokens_per_row": {"min": lengths[0], "median": (lengths[1] + lengths[2]) // 2,
-                           "p95": int(lengths[2] + 0.85 * (lengths[3] - lengths[2])), "max": lengths[3]},
+        "tokens_per_row": {
+            "min": lengths[0],
+            "median": (lengths[1] + lengths[2]) // 2,
+            "p95": int(lengths[2] + 0.85 * (lengths[3] - lengths[2])),
+            "max": lengths[3],
+        },
         "rows_truncated": 1,
         "tokens_cut_by_truncation": lengths[3] - 64,
         "tokens_per_epoch": sum(trained),
@@ -99,21 +112,21 @@ def model_without_template(models_root: Path) -> Path:
     return path
 
 
-def test_chat_rows_on_a_model_without_template_say_how_to_fix_it(client: httpx.Client, env: Env,
-                                                                  model_without_template: Path,
-                                                                  chat_dataset: Path) -> None:
+def test_chat_rows_on_a_model_without_template_say_how_to_fix_it(
+    client: httpx.Client, env: Env, model_without_template: Path, chat_dataset: Path
+) -> None:
     record = run_to_end(client, job_spec(model_without_template, chat_dataset))
     assert record["error"] == {
         "code": "chat_template_missing",
         "message": "The dataset holds chat messages but the model's tokenizer has no chat template. Set "
-                   "chat_template_from to a tokenizer that has one (e.g. the model's instruct version), then "
-                   "resubmit the job.",
+        "chat_template_from to a tokenizer that has one (e.g. the model's instruct version), then "
+        "resubmit the job.",
     }
 
 
-def test_chat_template_from_another_tokenizer_is_used_and_saved(client: httpx.Client, env: Env,
-                                                                 model_without_template: Path, tiny_model: Path,
-                                                                 chat_dataset: Path) -> None:
+def test_chat_template_from_another_tokenizer_is_used_and_saved(
+    client: httpx.Client, env: Env, model_without_template: Path, tiny_model: Path, chat_dataset: Path
+) -> None:
     spec = job_spec(model_without_template, chat_dataset, max_steps=2, save_steps=100)
     spec["chat_template_from"] = str(tiny_model)
     record = run_to_end(client, spec)

@@ -49,12 +49,25 @@ def same(a: httpx.Response, b: httpx.Response) -> None:
     assert a.headers.multi_items() == b.headers.multi_items()
 
 
-@pytest.mark.parametrize("path", [
-    "/jobs/{0}", "/jobs/{2}", "/jobs/{0}?fields=status,progress", "/jobs/00{0}",
-    "/jobs", "/jobs?limit=2", "/jobs?status=failed", "/jobs?cursor={2}&limit=1", "/jobs?fields=id,status",
-    "/jobs/{0}/logs", "/jobs/{0}/logs?after_step=1", "/jobs/{0}/logs?limit=2&after_step=0",
-    "/jobs/{1}/events", "/jobs/{1}/events?after_id=1&limit=5",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/jobs/{0}",
+        "/jobs/{2}",
+        "/jobs/{0}?fields=status,progress",
+        "/jobs/00{0}",
+        "/jobs",
+        "/jobs?limit=2",
+        "/jobs?status=failed",
+        "/jobs?cursor={2}&limit=1",
+        "/jobs?fields=id,status",
+        "/jobs/{0}/logs",
+        "/jobs/{0}/logs?after_step=1",
+        "/jobs/{0}/logs?limit=2&after_step=0",
+        "/jobs/{1}/events",
+        "/jobs/{1}/events?after_id=1&limit=5",
+    ],
+)
 def test_answers_what_the_route_answers(client: httpx.Client, jobs: list[int], path: str) -> None:
     first, second, served = twice(client, path.format(*jobs))
     assert first.status_code == 200
@@ -66,8 +79,9 @@ def test_answers_what_the_route_answers(client: httpx.Client, jobs: list[int], p
     same(conditional, again)
 
 
-def test_with_tokens_it_answers_only_a_valid_token(client: httpx.Client, jobs: list[int],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_tokens_it_answers_only_a_valid_token(
+    client: httpx.Client, jobs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", "s3cret")
@@ -81,13 +95,25 @@ def test_with_tokens_it_answers_only_a_valid_token(client: httpx.Client, jobs: l
         same(refused, refused_again)
 
 
-@pytest.mark.parametrize(("path", "status"), [
-    ("/jobs/{0}?fields=", 422), ("/jobs/{0}?fields=status,nope", 422), ("/jobs/{0}?feilds=status", 422),
-    ("/jobs/{0}?fields=status&fields=id", 200), ("/jobs?limit=0", 422), ("/jobs?limit=501", 422),
-    ("/jobs?status=bogus", 422), ("/jobs?cursor=abc", 422), ("/jobs/{0}/logs?limit=5001", 422),
-    ("/jobs/{0}/logs?after_id=1", 422), ("/jobs/{2}/logs", 200), ("/jobs/9223372036854775808", 422),
-    ("/jobs/0", 422), ("/jobs/999", 404),
-])
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/jobs/{0}?fields=", 422),
+        ("/jobs/{0}?fields=status,nope", 422),
+        ("/jobs/{0}?feilds=status", 422),
+        ("/jobs/{0}?fields=status&fields=id", 200),
+        ("/jobs?limit=0", 422),
+        ("/jobs?limit=501", 422),
+        ("/jobs?status=bogus", 422),
+        ("/jobs?cursor=abc", 422),
+        ("/jobs/{0}/logs?limit=5001", 422),
+        ("/jobs/{0}/logs?after_id=1", 422),
+        ("/jobs/{2}/logs", 200),
+        ("/jobs/9223372036854775808", 422),
+        ("/jobs/0", 422),
+        ("/jobs/999", 404),
+    ],
+)
 def test_leaves_everything_else_to_the_routes(client: httpx.Client, jobs: list[int], path: str, status: int) -> None:
     """Errors, duplicates, and pages of a running job (which change): FastAPI answers them."""
     first, second, served = twice(client, path.format(*jobs))

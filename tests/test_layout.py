@@ -13,10 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def modules_loaded_by(*modules: str) -> set[str]:
     """The top-level packages in sys.modules after a fresh interpreter imports `modules`."""
-    code = (f"import sys, json, importlib\nfor m in {list(modules)!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         check=True).stdout
+    code = (
+        f"import sys, json, importlib\nfor m in {list(modules)!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
     return set(json.loads(out.splitlines()[-1]))
 
 
@@ -27,15 +30,17 @@ def package_modules(package: str) -> list[str]:
 def test_the_trainer_loads_neither_the_api_nor_the_queue() -> None:
     loaded = modules_loaded_by(*package_modules("trainer"))
     assert "trl" in loaded  # the imports ran: the trainer's own libraries are there
-    assert loaded.isdisjoint({"app", "fastapi", "starlette", "rq", "redis", "sse_starlette", "python_multipart",
-                              "uvicorn", "worker"})
+    assert loaded.isdisjoint(
+        {"app", "fastapi", "starlette", "rq", "redis", "sse_starlette", "python_multipart", "uvicorn", "worker"}
+    )
 
 
 def test_the_worker_loads_the_queue_but_not_the_api() -> None:
     loaded = modules_loaded_by("worker.tasks", "worker.__main__")
     assert "rq" in loaded
-    assert loaded.isdisjoint({"app", "fastapi", "starlette", "sse_starlette", "python_multipart", "uvicorn",
-                              "torch"}), "the worker must stay CUDA-free and API-free"
+    assert loaded.isdisjoint(
+        {"app", "fastapi", "starlette", "sse_starlette", "python_multipart", "uvicorn", "torch"}
+    ), "the worker must stay CUDA-free and API-free"
 
 
 def test_core_needs_neither_fastapi_nor_the_processes() -> None:

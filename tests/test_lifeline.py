@@ -30,8 +30,11 @@ time.sleep(60)
 
 def start_holder(job_dir: Path, job_id: int, mode: str) -> subprocess.Popen[str]:
     job_dir.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(job_dir / "trainer.lock"), mode, "trainer",
-                               str(job_id)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(job_dir / "trainer.lock"), mode, "trainer", str(job_id)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
     return holder
 
@@ -40,9 +43,17 @@ def test_the_lock_is_free_when_no_trainer_runs(tmp_path: Path) -> None:
     assert not trainer_running(tmp_path)
     take_job_lock(tmp_path, 7, grace_s=1)
     # Held by this process now; another process sees it taken, and a probe does not take it.
-    probe = subprocess.run([sys.executable, "-c", "from pathlib import Path; from core.checkpoint_store import "
-                            f"trainer_running; print(trainer_running(Path({str(tmp_path)!r})))"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pathlib import Path; from core.checkpoint_store import "
+            f"trainer_running; print(trainer_running(Path({str(tmp_path)!r})))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "True"
 
 

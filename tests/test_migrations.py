@@ -48,8 +48,7 @@ def schema_differences(engine: Engine) -> list[object]:
     import core.models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
     with engine.connect() as connection:
-        context = MigrationContext.configure(
-            connection, opts={"compare_type": True, "compare_server_default": True})
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "compare_server_default": True})
         return list(compare_metadata(context, SQLModel.metadata))
 
 
@@ -79,8 +78,9 @@ def test_alembic_builds_schema_matching_models(empty_sqlite: Path) -> None:
         assert set(sa.inspect(engine).get_table_names()) == TABLES
         assert schema_differences(engine) == []
         with engine.connect() as connection:
-            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() \
-                == head_revision()
+            assert (
+                connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == head_revision()
+            )
         # The comparison is not blind: against no models at all it sees every table.
         with engine.connect() as connection:
             context = MigrationContext.configure(connection)
@@ -130,8 +130,9 @@ def aware(value: str) -> datetime:
 
 
 @pytest.mark.postgres
-def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_migrations_and_job_round_trip_on_postgresql(
+    env: Env, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.main import create_app
 
     monkeypatch.setenv("DATABASE_URL", postgres_database)
@@ -153,8 +154,7 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
     record = response.json()
     job_id = record["id"]
     assert record["status"] == "queued"
-    assert record["spec"]["dataset"] == {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]",
-                                         "columns": {}}
+    assert record["spec"]["dataset"] == {"source": "allenai/tulu-3-sft-mixture", "split": "train[:1%]", "columns": {}}
     assert record["spec"]["chat_template_from"] == "allenai/Llama-3.1-Tulu-3-8B"
     assert record["spec"]["hyperparameters"]["learning_rate"] == 5e-6
     assert record["spec"]["hyperparameters"]["max_steps"] is None
@@ -177,14 +177,20 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
     assert created_at <= aware(body["finished_at"]) <= datetime.now(UTC) + timedelta(seconds=1)
     assert api.get(f"/jobs/{job_id}").json() == body
     again = api.post(f"/jobs/{job_id}/cancel")
-    assert (again.status_code, again.json()) == (409, {
-        "error": "Conflict", "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"})
+    assert (again.status_code, again.json()) == (
+        409,
+        {"error": "Conflict", "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel"},
+    )
     events = api.get(f"/jobs/{job_id}/events").json()["items"]
     assert [(e["kind"], e["message"]) for e in events] == [
-        ("queued", "job accepted and queued; the dataset is read and checked when the job starts; not planned "
-                   "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
-                   "LocalEntryNotFoundError"),
-        ("cancelled", "cancelled before it started")]
+        (
+            "queued",
+            "job accepted and queued; the dataset is read and checked when the job starts; not planned "
+            "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
+            "LocalEntryNotFoundError",
+        ),
+        ("cancelled", "cancelled before it started"),
+    ]
     assert all(aware(e["created_at"]) >= created_at for e in events)
 
     # What a GPU job writes: an H100's memory in a step log, a checkpoint larger than 2 GiB (32-bit
@@ -193,9 +199,18 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
     from core.models import Checkpoint, StepLog
 
     with session_scope() as session:
-        session.add(StepLog(job_id=job_id, step=1, num_tokens=5 * 2**31, vram_allocated=35 * 2**30,
-                            vram_reserved=40 * 2**30, vram_peak_allocated=36 * 2**30, device_used=53 * 2**30,
-                            device_total=80 * 2**30))
+        session.add(
+            StepLog(
+                job_id=job_id,
+                step=1,
+                num_tokens=5 * 2**31,
+                vram_allocated=35 * 2**30,
+                vram_reserved=40 * 2**30,
+                vram_peak_allocated=36 * 2**30,
+                device_used=53 * 2**30,
+                device_total=80 * 2**30,
+            )
+        )
         session.add(Checkpoint(job_id=job_id, name="checkpoint-1", step=1, size_bytes=32 * 2**30))
     log = api.get(f"/jobs/{job_id}/logs").json()["items"][0]
     assert (log["num_tokens"], log["vram"]["device_total"]) == (5 * 2**31, 80 * 2**30)
@@ -222,8 +237,9 @@ def test_migrations_and_job_round_trip_on_postgresql(env: Env, postgres_database
 
 
 @pytest.mark.postgres
-def test_postgresql_can_upgrade_again_after_downgrade_to_base(env: Env, postgres_database: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postgresql_can_upgrade_again_after_downgrade_to_base(
+    env: Env, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DATABASE_URL", postgres_database)
     clear_caches()
     command.upgrade(alembic_config(), "head")

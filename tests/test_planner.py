@@ -15,22 +15,34 @@ from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA
 from tests.conftest import Env, job_spec
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
-LLAMA_70B = {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-             "intermediate_size": 28672, "vocab_size": 128256}
+LLAMA_70B = {
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "intermediate_size": 28672,
+    "vocab_size": 128256,
+}
 
 
 def config_only_model(folder: Path, shape: dict[str, int]) -> Path:
     """A model folder holding only config.json: the planner needs no weights."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 131072,
-                                                    "tie_word_embeddings": False, **shape}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 131072, "tie_word_embeddings": False, **shape})
+    )
     return folder
 
 
-@pytest.mark.parametrize(("shape", "parameters"), [
-    # The counts Unsloth printed as "Trainable parameters" for these shapes on the GPU machine.
-    (LLAMA_3_1_8B, 8_030_261_248), (PHI_4_14B, 14_659_507_200), (SMALL_LLAMA, 317_228_032),
-])
+@pytest.mark.parametrize(
+    ("shape", "parameters"),
+    [
+        # The counts Unsloth printed as "Trainable parameters" for these shapes on the GPU machine.
+        (LLAMA_3_1_8B, 8_030_261_248),
+        (PHI_4_14B, 14_659_507_200),
+        (SMALL_LLAMA, 317_228_032),
+    ],
+)
 def test_parameter_count_from_config_matches_the_trained_model(shape: dict[str, int], parameters: int) -> None:
     assert shape_from_config(dict(shape)).parameters == parameters
 
@@ -41,16 +53,19 @@ def measured(result_file: str) -> tuple[dict, int]:
     return data["settings"], data["variants"]["service"]["nvml_device_used_peak_bytes"]
 
 
-@pytest.mark.parametrize(("shape", "micro_batch", "seq_len", "peak_bytes", "where"), [
-    (LLAMA_3_1_8B, 2, 4096, measured("2026-11-27-nvidia-h100-80gb-hbm3-llama-3.1-8b.json")[1], "H100, bench"),
-    (PHI_4_14B, 2, 4096, measured("2026-11-27-nvidia-h200-phi-4-14b.json")[1], "H200, bench"),
-    (SMALL_LLAMA, 2, 1024, int(3.3 * GIB), "H100, bench --shape small"),
-    (SMALL_LLAMA, 4, 1024, int(3.694 * GIB), "H200, scripts/gpu-e2e"),
-])
-def test_estimate_is_within_15_percent_of_the_measured_nvml_peak(shape: dict[str, int], micro_batch: int,
-                                                                 seq_len: int, peak_bytes: int, where: str) -> None:
-    hp = Hyperparameters(per_device_train_batch_size=micro_batch, gradient_accumulation_steps=4,
-                         max_seq_length=seq_len)
+@pytest.mark.parametrize(
+    ("shape", "micro_batch", "seq_len", "peak_bytes", "where"),
+    [
+        (LLAMA_3_1_8B, 2, 4096, measured("2026-11-27-nvidia-h100-80gb-hbm3-llama-3.1-8b.json")[1], "H100, bench"),
+        (PHI_4_14B, 2, 4096, measured("2026-11-27-nvidia-h200-phi-4-14b.json")[1], "H200, bench"),
+        (SMALL_LLAMA, 2, 1024, int(3.3 * GIB), "H100, bench --shape small"),
+        (SMALL_LLAMA, 4, 1024, int(3.694 * GIB), "H200, scripts/gpu-e2e"),
+    ],
+)
+def test_estimate_is_within_15_percent_of_the_measured_nvml_peak(
+    shape: dict[str, int], micro_batch: int, seq_len: int, peak_bytes: int, where: str
+) -> None:
+    hp = Hyperparameters(per_device_train_batch_size=micro_batch, gradient_accumulation_steps=4, max_seq_length=seq_len)
     plan = plan_memory(shape_from_config(dict(shape)), hp, gpu_memory_bytes=None)
     assert abs(plan.total_bytes - peak_bytes) / peak_bytes < 0.15, (where, plan.total_bytes / GIB, peak_bytes / GIB)
 
@@ -68,8 +83,11 @@ def test_estimate_is_within_15_percent_at_the_points_measured_for_the_planner(po
     """bench/planner_points, 2026-11-28, H100: larger micro-batches and longer sequences than the
     fit used; none of these points were fitted."""
     s = point["settings"]
-    hp = Hyperparameters(per_device_train_batch_size=s["micro_batch"], gradient_accumulation_steps=s["grad_accum"],
-                         max_seq_length=s["seq_len"])
+    hp = Hyperparameters(
+        per_device_train_batch_size=s["micro_batch"],
+        gradient_accumulation_steps=s["grad_accum"],
+        max_seq_length=s["seq_len"],
+    )
     plan = plan_memory(shape_from_config(dict(SHAPES[s["shape"]])), hp, gpu_memory_bytes=None)
     peak = point["nvml_device_used_peak_bytes"]
     assert abs(plan.total_bytes - peak) / peak < 0.15, (s, plan.total_bytes / GIB, peak / GIB)
@@ -86,8 +104,9 @@ def test_parts_of_an_8b_plan() -> None:
     assert plan.max_micro_batch is not None and plan.max_micro_batch >= 2
 
 
-def test_estimate_endpoint_gives_figures_and_verdicts(client: httpx.Client, env: Env, tiny_model: Path,
-                                                     chat_dataset: Path) -> None:
+def test_estimate_endpoint_gives_figures_and_verdicts(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     eight_b = config_only_model(tiny_model.parent / "llama-8b-config", LLAMA_3_1_8B)
     spec = job_spec(eight_b, chat_dataset, per_device_train_batch_size=2, max_seq_length=4096)
     for card_gib, verdict in [(80, "fits"), (50, "fits_with_paging"), (24, "does_not_fit")]:
@@ -101,8 +120,9 @@ def test_estimate_endpoint_gives_figures_and_verdicts(client: httpx.Client, env:
     assert client.get("/jobs").json()["items"] == []  # estimating stores nothing
 
 
-def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(client: httpx.Client, env: Env, tiny_model: Path,
-                                                                chat_dataset: Path) -> None:
+def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     from core.queue import get_redis, register_gpu_memory, smallest_worker_gpu
 
     # Two workers announce their cards; jobs are planned for the smaller one.
@@ -113,23 +133,26 @@ def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(client: httpx.C
     response = client.post("/jobs", json=job_spec(eight_b, chat_dataset, max_seq_length=4096))
     assert response.status_code == 422
     assert response.json()["error"] == "DoesNotFit"
-    assert response.json()["detail"].startswith("this job needs about 52.2 GiB of GPU memory (weights 15.0 GiB, "
-                                                "gradients 15.0 GiB, optimizer_states 15.0 GiB, ")
+    assert response.json()["detail"].startswith(
+        "this job needs about 52.2 GiB of GPU memory (weights 15.0 GiB, gradients 15.0 GiB, optimizer_states 15.0 GiB, "
+    )
     assert response.json()["detail"].endswith(
-        "and the GPU has 24.0 GiB; the model alone does not fit this card: train a smaller model or use a larger GPU")
+        "and the GPU has 24.0 GiB; the model alone does not fit this card: train a smaller model or use a larger GPU"
+    )
     assert client.get("/jobs").json()["items"] == []
 
     fits = client.post("/jobs", json=job_spec(tiny_model, chat_dataset))
     assert fits.status_code == 201
     queued = client.get(f"/jobs/{fits.json()['id']}/events").json()["items"][0]["message"]
-    assert queued.startswith("job accepted and queued; dataset checked: 64 rows in 'messages' format; planned peak "
-                             "GPU memory ")
+    assert queued.startswith(
+        "job accepted and queued; dataset checked: 64 rows in 'messages' format; planned peak GPU memory "
+    )
     assert queued.endswith(" of 24.0 GiB (fits)")
 
 
-def test_job_whose_checkpoints_cannot_fit_the_disk_is_refused(client: httpx.Client, env: Env, tiny_model: Path,
-                                                             chat_dataset: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_whose_checkpoints_cannot_fit_the_disk_is_refused(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("GPU_MEMORY_BYTES", str(100_000 * GIB))  # planning the disk alone
@@ -140,14 +163,16 @@ def test_job_whose_checkpoints_cannot_fit_the_disk_is_refused(client: httpx.Clie
     detail = response.json()["detail"]
     assert detail.startswith("the checkpoints would need ")
     assert "(10 checkpoint(s) of " in detail and "set save_total_limit, raise save_steps or free space" in detail
-    disk = client.post("/jobs/estimate", json=job_spec(seventy_b, chat_dataset, max_steps=1000,
-                                                      save_steps=100)).json()["disk"]
+    disk = client.post("/jobs/estimate", json=job_spec(seventy_b, chat_dataset, max_steps=1000, save_steps=100)).json()[
+        "disk"
+    ]
     assert disk["checkpoints_kept"] == 10 and disk["fits"] is False
     assert disk["required_bytes"] == 10 * disk["checkpoint_bytes"] + disk["final_bytes"]
 
 
-def test_rows_counted_before_queuing_bound_the_checkpoints(client: httpx.Client, env: Env, tiny_model: Path,
-                                                           chat_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_counted_before_queuing_bound_the_checkpoints(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No max_steps and no save_total_limit: the 64 rows the API read give the step count (64
     rows / micro-batch 2 / accumulation 2 = 16 steps an epoch, 2 epochs), so 32 // 4 = 8 saves."""
     from core.config import get_settings
@@ -164,8 +189,9 @@ def test_rows_counted_before_queuing_bound_the_checkpoints(client: httpx.Client,
     assert "(7 checkpoint(s) of " in client.post("/jobs", json=spec).json()["detail"]
 
 
-def test_hub_model_without_reachable_config_cannot_be_estimated(client: httpx.Client, env: Env,
-                                                               chat_dataset: Path) -> None:
+def test_hub_model_without_reachable_config_cannot_be_estimated(
+    client: httpx.Client, env: Env, chat_dataset: Path
+) -> None:
     spec = job_spec(Path("x"), chat_dataset)
     spec["model"] = "no-such-org/no-such-model"
     response = client.post("/jobs/estimate", json=spec)
@@ -175,26 +201,31 @@ def test_hub_model_without_reachable_config_cannot_be_estimated(client: httpx.Cl
     # Submitting does not wait on the Hub: the job is queued unplanned, and the event says so.
     job = client.post("/jobs", json=spec).json()
     event = client.get(f"/jobs/{job['id']}/events").json()["items"][0]["message"]
-    assert event.startswith("job accepted and queued; dataset checked: 64 rows in 'messages' format; not planned "
-                            "before queuing: config.json of ")
+    assert event.startswith(
+        "job accepted and queued; dataset checked: 64 rows in 'messages' format; not planned "
+        "before queuing: config.json of "
+    )
 
 
-def test_refusal_names_the_largest_micro_batch_and_sequence_that_fit(client: httpx.Client, env: Env,
-                                                                     tiny_model: Path, chat_dataset: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refusal_names_the_largest_micro_batch_and_sequence_that_fit(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("GPU_MEMORY_BYTES", str(80 * GIB))
     get_settings.cache_clear()
     eight_b = config_only_model(tiny_model.parent / "llama-8b-config", LLAMA_3_1_8B)
     # 64 sequences of 4096 tokens at once: the activations alone would be ~90 GiB.
-    response = client.post("/jobs", json=job_spec(eight_b, chat_dataset, per_device_train_batch_size=64,
-                                                  max_seq_length=4096))
+    response = client.post(
+        "/jobs", json=job_spec(eight_b, chat_dataset, per_device_train_batch_size=64, max_seq_length=4096)
+    )
     assert response.status_code == 422
-    estimate = client.post("/jobs/estimate", json=job_spec(eight_b, chat_dataset, per_device_train_batch_size=64,
-                                                           max_seq_length=4096)).json()["memory"]
+    estimate = client.post(
+        "/jobs/estimate", json=job_spec(eight_b, chat_dataset, per_device_train_batch_size=64, max_seq_length=4096)
+    ).json()["memory"]
     assert estimate["verdict"] == "does_not_fit"
     assert 2 <= estimate["max_micro_batch"] < 64
     assert response.json()["detail"].endswith(
         f"at max_seq_length 4096 the largest micro-batch that fits is {estimate['max_micro_batch']}, and at "
-        f"micro-batch 64 the longest max_seq_length is {estimate['max_seq_length']}")
+        f"micro-batch 64 the longest max_seq_length is {estimate['max_seq_length']}"
+    )

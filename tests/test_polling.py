@@ -41,7 +41,8 @@ def max_age(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
 
 
 def test_a_running_jobs_record_is_served_from_memory_for_at_most_the_max_age(
-        client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     max_age(monkeypatch, 0.3)
     job_id = submit(client)
     set_job(job_id, status="running", step=1)
@@ -69,8 +70,9 @@ def test_a_finished_jobs_record_is_read_once(client: httpx.Client, env: Env, mon
     assert get_record_cache().database_reads == reads
 
 
-def test_a_cancel_through_this_api_shows_at_once(client: httpx.Client, env: Env,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cancel_through_this_api_shows_at_once(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     max_age(monkeypatch, 60)
     job_id = submit(client)
     set_job(job_id, status="running")
@@ -101,7 +103,8 @@ def test_pollers_at_once_share_one_database_read(env: Env, monkeypatch: pytest.M
 
 
 def test_a_poller_that_goes_away_does_not_cancel_the_read_others_wait_for(
-        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The first request starts the shared read, then its client disconnects (the request's
     task is cancelled): the requests waiting for the same read still get the record."""
     import threading
@@ -179,8 +182,7 @@ def test_an_aging_copy_is_read_again_while_it_is_still_served(env: Env, monkeypa
     assert asyncio.run(scenario()) == [1, 2]
 
 
-def test_a_cancel_is_not_undone_by_a_read_that_began_before_it(
-        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cancel_is_not_undone_by_a_read_that_began_before_it(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
     import app.records as records
@@ -276,20 +278,34 @@ def test_log_and_event_pages_match_the_declared_schemas(client: httpx.Client, en
     with session_scope() as session:
         for step in range(1, 41):
             maybe = lambda v: v if rng.random() > 0.2 else None  # noqa: E731
-            row = StepLog(job_id=job_id, step=step, epoch=maybe(step / 13), loss=maybe(rng.random() * 5),
-                          learning_rate=maybe(rng.random() * 1e-4), grad_norm=maybe(rng.random()),
-                          tokens_per_second=maybe(rng.random() * 1e4), num_tokens=maybe(step * 4096),
-                          eval_loss=maybe(rng.random()), vram_allocated=maybe(rng.randrange(2**36)),
-                          vram_reserved=maybe(rng.randrange(2**36)), vram_peak_allocated=maybe(rng.randrange(2**36)),
-                          device_used=maybe(rng.randrange(2**37)), device_total=maybe(85899345920),
-                          created_at=(utcnow() - timedelta(seconds=step)).replace(
-                              microsecond=0 if step % 5 == 0 else step))  # whole seconds print shorter
+            row = StepLog(
+                job_id=job_id,
+                step=step,
+                epoch=maybe(step / 13),
+                loss=maybe(rng.random() * 5),
+                learning_rate=maybe(rng.random() * 1e-4),
+                grad_norm=maybe(rng.random()),
+                tokens_per_second=maybe(rng.random() * 1e4),
+                num_tokens=maybe(step * 4096),
+                eval_loss=maybe(rng.random()),
+                vram_allocated=maybe(rng.randrange(2**36)),
+                vram_reserved=maybe(rng.randrange(2**36)),
+                vram_peak_allocated=maybe(rng.randrange(2**36)),
+                device_used=maybe(rng.randrange(2**37)),
+                device_total=maybe(85899345920),
+                created_at=(utcnow() - timedelta(seconds=step)).replace(microsecond=0 if step % 5 == 0 else step),
+            )  # whole seconds print shorter
             session.add(row)
             session.add(JobEvent(job_id=job_id, kind="checkpoint", message=f"saved checkpoint-{step} \u2713"))
             rows.append(row)
     with session_scope() as session:
-        expected_logs = StepLogPage(items=[step_log_public(r) for r in session.query(StepLog).order_by(StepLog.step)
-                                           .filter(StepLog.job_id == job_id).limit(25)], next_after_step=25)
+        expected_logs = StepLogPage(
+            items=[
+                step_log_public(r)
+                for r in session.query(StepLog).order_by(StepLog.step).filter(StepLog.job_id == job_id).limit(25)
+            ],
+            next_after_step=25,
+        )
         events = session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id).all()
         expected_events = EventPage(items=[event_public(e) for e in events], next_after_id=None)
     assert client.get(f"/jobs/{job_id}/logs", params={"limit": 25}).content == expected_logs.model_dump_json().encode()

@@ -29,9 +29,11 @@ NOTHING_DONE = {"requeued_lost_queued": 0, "recovered_stale_running": 0}
 LOST_QUEUED_MESSAGE = "the queue had lost this job (Redis restarted?); enqueued it again"
 # The Hub is offline in tests, so a Hub model is queued unplanned and a Hub dataset unchecked, and
 # its first event says so.
-QUEUED_MESSAGE = ("job accepted and queued; the dataset is read and checked when the job starts; not planned "
-                  "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
-                  "LocalEntryNotFoundError")
+QUEUED_MESSAGE = (
+    "job accepted and queued; the dataset is read and checked when the job starts; not planned "
+    "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
+    "LocalEntryNotFoundError"
+)
 ABANDONED = "the worker running this job stopped (RQ reported it abandoned)"
 STALE = "its worker has not reported for over 5 s"
 RESUMING = "resuming from its last checkpoint if it has one"
@@ -182,8 +184,10 @@ def test_job_rq_reports_abandoned_is_requeued_then_failed(api: TestClient, env: 
     worker_dies(env, second)
     assert reconcile() == NOTHING_DONE
     record = api.get(f"/jobs/{job_id}").json()
-    message = (f"{ABANDONED}. The job was tried 2 time(s), the most allowed (MAX_ATTEMPTS); "
-               "check the worker's log and resubmit.")
+    message = (
+        f"{ABANDONED}. The job was tried 2 time(s), the most allowed (MAX_ATTEMPTS); "
+        "check the worker's log and resubmit."
+    )
     assert record["status"] == "failed"
     assert record["error"] == {"code": "worker_lost", "message": message}
     assert record["finished_at"] is not None
@@ -219,8 +223,9 @@ def test_running_job_with_stale_heartbeat_is_recovered(api: TestClient, env: Env
     set_job(stale_id, heartbeat_at=ago(6))
     assert reconcile() == {"requeued_lost_queued": 0, "recovered_stale_running": 1}
     record = api.get(f"/jobs/{stale_id}").json()
-    message = (f"{STALE}. The job was tried 2 time(s), the most allowed (MAX_ATTEMPTS); "
-               "check the worker's log and resubmit.")
+    message = (
+        f"{STALE}. The job was tried 2 time(s), the most allowed (MAX_ATTEMPTS); check the worker's log and resubmit."
+    )
     assert record["status"] == "failed"
     assert record["error"] == {"code": "worker_lost", "message": message}
     assert queue_of(env).job_ids == []
@@ -246,7 +251,6 @@ def test_stale_running_job_with_cancel_requested_ends_cancelled(api: TestClient,
     assert record["finished_at"] is not None
     assert events(api, job_id)[-1] == ("cancelled", message)
     assert queue_of(env).job_ids == []  # not requeued
-
 
 
 def test_abandoned_job_is_recovered_when_reconcile_runs_off_the_main_thread(api: TestClient, env: Env) -> None:

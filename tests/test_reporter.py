@@ -38,8 +38,9 @@ def job_id(env: Env) -> int:
         return job.id
 
 
-def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, job_id: int, tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
+    env: Env, job_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.db import session_scope
     from core.models import Job, StepLog
     from trainer import callbacks
@@ -47,9 +48,14 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, j
 
     clock, tokens, evaluating = Clock(), [0.0], [0.0]
     monkeypatch.setattr(callbacks.time, "monotonic", clock)
-    reporter = callbacks.JobReporter(job_id=job_id, stop=StopFlag(), memory=NoMemory(),  # type: ignore[arg-type]
-                                     checkpoints_dir=tmp_path, tokens_trained=lambda: tokens[0],
-                                     eval_seconds=lambda: evaluating[0])
+    reporter = callbacks.JobReporter(
+        job_id=job_id,
+        stop=StopFlag(),
+        memory=NoMemory(),  # type: ignore[arg-type]
+        checkpoints_dir=tmp_path,
+        tokens_trained=lambda: tokens[0],
+        eval_seconds=lambda: evaluating[0],
+    )
     args = TrainingArguments(output_dir=str(tmp_path), save_steps=1000, report_to="none", use_cpu=True)
     state, control = TrainerState(max_steps=10), TrainerControl()
     reporter.on_train_begin(args, state, control)
@@ -75,7 +81,10 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(env: Env, j
     with session_scope() as session:
         rows = session.query(StepLog).filter(StepLog.job_id == job_id).order_by(StepLog.step).all()
         assert [(r.step, r.loss, r.eval_loss, r.tokens_per_second) for r in rows] == [
-            (2, 2.0, 1.5, 1000.0), (4, 1.8, None, 1000.0), (5, None, 1.4, None)]
+            (2, 2.0, 1.5, 1000.0),
+            (4, 1.8, None, 1000.0),
+            (5, None, 1.4, None),
+        ]
         job = session.get(Job, job_id)
         assert job is not None and job.metrics is not None
         assert (job.metrics["loss"], job.metrics["eval_loss"], job.metrics["eval_step"]) == (1.8, 1.4, 5)

@@ -61,15 +61,18 @@ def messages_problem(*turns: Any) -> str | None:
 # ---- formats ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("columns", "expected"), [
-    (["messages"], "messages"),
-    (["prompt", "completion"], "prompt_completion"),
-    (["text"], "text"),
-    (["id", "completion", "prompt", "source"], "prompt_completion"),
-    (["text", "messages"], "messages"),  # formats are tried in order: messages first
-    (["text", "prompt", "completion"], "prompt_completion"),
-    (["prompt", "text"], "text"),  # a prompt without a completion is not prompt/completion
-])
+@pytest.mark.parametrize(
+    ("columns", "expected"),
+    [
+        (["messages"], "messages"),
+        (["prompt", "completion"], "prompt_completion"),
+        (["text"], "text"),
+        (["id", "completion", "prompt", "source"], "prompt_completion"),
+        (["text", "messages"], "messages"),  # formats are tried in order: messages first
+        (["text", "prompt", "completion"], "prompt_completion"),
+        (["prompt", "text"], "text"),  # a prompt without a completion is not prompt/completion
+    ],
+)
 def test_detect_format(columns: list[str], expected: str) -> None:
     assert detect_format(columns) == expected
 
@@ -80,15 +83,19 @@ def test_detect_format_names_the_columns_and_what_a_row_needs() -> None:
     assert str(caught.value) == (
         "the rows have columns ['answer', 'id', 'question']; a row needs 'messages' (chat), 'prompt' and "
         "'completion', or 'text' (dataset.columns maps other names onto these, e.g. "
-        '{"prompt": "question", "completion": "answer"})')
+        '{"prompt": "question", "completion": "answer"})'
+    )
 
 
-@pytest.mark.parametrize(("row", "row_format", "expected"), [
-    ({"messages": CHAT}, "messages", True),
-    ({"prompt": "Hi", "completion": "Hello"}, "prompt_completion", False),
-    ({"prompt": [user("Hi")], "completion": [assistant("Hello")]}, "prompt_completion", True),
-    (GOOD_TEXT, "text", False),
-])
+@pytest.mark.parametrize(
+    ("row", "row_format", "expected"),
+    [
+        ({"messages": CHAT}, "messages", True),
+        ({"prompt": "Hi", "completion": "Hello"}, "prompt_completion", False),
+        ({"prompt": [user("Hi")], "completion": [assistant("Hello")]}, "prompt_completion", True),
+        (GOOD_TEXT, "text", False),
+    ],
+)
 def test_is_conversational(row: dict[str, Any], row_format: str, expected: bool) -> None:
     assert row_problem(row, row_format) is None
     assert is_conversational(row, row_format) is expected
@@ -133,7 +140,8 @@ def test_map_row_gives_none_for_a_source_column_the_row_lacks_and_the_row_check_
     mapped = map_row({"question": "2+2?"}, {"prompt": "question", "completion": "answer"})
     assert mapped == {"prompt": "2+2?", "completion": None}
     assert row_problem(mapped, "prompt_completion") == (
-        "'completion' must be a non-empty string (or, for chat, a list of messages)")
+        "'completion' must be a non-empty string (or, for chat, a list of messages)"
+    )
 
 
 # ---- row problems -------------------------------------------------------------------------------
@@ -150,7 +158,8 @@ def test_an_assistant_turn_with_tool_calls_may_have_no_content() -> None:
     result = {"role": "tool", "content": "42"}
     assert messages_problem(user("Use f"), call, result, assistant("42")) is None
     assert messages_problem(user("Use f"), {"role": "assistant", "content": None}) == (
-        "assistant turn: 'content' must be a string")
+        "assistant turn: 'content' must be a string"
+    )
 
 
 def test_sharegpt_turns_are_read_as_chat_messages() -> None:
@@ -159,24 +168,33 @@ def test_sharegpt_turns_are_read_as_chat_messages() -> None:
     assert is_conversational({"messages": turns}, "messages")
 
 
-@pytest.mark.parametrize(("turns", "expected"), [
-    ([], "'messages' must be a non-empty list of messages"),
-    (["Hi"], "each message must be an object with 'role' and 'content'"),
-    ([{"speaker": "user", "text": "Hi"}],
-     "each message needs 'role' and 'content' (or ShareGPT's 'from' and 'value')"),
-    ([{"role": "bot", "content": "Hi"}], f"unknown role 'bot' (expected one of {ROLES_LISTED})"),
-    ([{"role": ["user"], "content": "Hi"}], f"unknown role ['user'] (expected one of {ROLES_LISTED})"),
-    ([user("Hi"), {"from": "robot", "value": "Hi"}],
-     f"unknown speaker 'robot' (expected one of {SPEAKERS_LISTED})"),
-    ([{"from": {"name": "gpt"}, "value": "Hi"}],
-     f"unknown speaker {{'name': 'gpt'}} (expected one of {SPEAKERS_LISTED})"),
-    ([user("Hi"), {"role": "system", "content": "Be brief."}], "no assistant turn to learn from"),
-    ([{"from": "human", "value": "Hi"}], "no assistant turn to learn from"),
-    ([user(["Hi"]), assistant("Yo")], "user turn: 'content' must be a string"),
-    ([user("Hi"), assistant(None)], "assistant turn: 'content' must be a string"),
-    ([{"from": "human", "value": 3}, {"from": "gpt", "value": "Yo"}], "user turn: 'content' must be a string"),
-    ([{"role": "user"}, assistant("Yo")], "user turn: 'content' must be a string"),
-])
+@pytest.mark.parametrize(
+    ("turns", "expected"),
+    [
+        ([], "'messages' must be a non-empty list of messages"),
+        (["Hi"], "each message must be an object with 'role' and 'content'"),
+        (
+            [{"speaker": "user", "text": "Hi"}],
+            "each message needs 'role' and 'content' (or ShareGPT's 'from' and 'value')",
+        ),
+        ([{"role": "bot", "content": "Hi"}], f"unknown role 'bot' (expected one of {ROLES_LISTED})"),
+        ([{"role": ["user"], "content": "Hi"}], f"unknown role ['user'] (expected one of {ROLES_LISTED})"),
+        (
+            [user("Hi"), {"from": "robot", "value": "Hi"}],
+            f"unknown speaker 'robot' (expected one of {SPEAKERS_LISTED})",
+        ),
+        (
+            [{"from": {"name": "gpt"}, "value": "Hi"}],
+            f"unknown speaker {{'name': 'gpt'}} (expected one of {SPEAKERS_LISTED})",
+        ),
+        ([user("Hi"), {"role": "system", "content": "Be brief."}], "no assistant turn to learn from"),
+        ([{"from": "human", "value": "Hi"}], "no assistant turn to learn from"),
+        ([user(["Hi"]), assistant("Yo")], "user turn: 'content' must be a string"),
+        ([user("Hi"), assistant(None)], "assistant turn: 'content' must be a string"),
+        ([{"from": "human", "value": 3}, {"from": "gpt", "value": "Yo"}], "user turn: 'content' must be a string"),
+        ([{"role": "user"}, assistant("Yo")], "user turn: 'content' must be a string"),
+    ],
+)
 def test_chat_row_problems(turns: list[Any], expected: str) -> None:
     assert messages_problem(*turns) == expected
 
@@ -186,32 +204,45 @@ def test_messages_must_be_a_list(messages: Any) -> None:
     assert row_problem({"messages": messages}, "messages") == "'messages' must be a non-empty list of messages"
 
 
-@pytest.mark.parametrize(("row", "expected"), [
-    ({"prompt": "Q", "completion": "A"}, None),
-    ({"prompt": " ", "completion": "A"}, None),  # only the empty string is refused here, unlike 'text'
-    ({"prompt": "", "completion": "A"}, "'prompt' must be a non-empty string (or, for chat, a list of messages)"),
-    ({"prompt": "Q", "completion": 4}, "'completion' must be a non-empty string (or, for chat, a list of messages)"),
-    ({"prompt": None, "completion": None},
-     "'prompt' must be a non-empty string (or, for chat, a list of messages)"),
-    ({"prompt": [user("Q")], "completion": [assistant("A")]}, None),
-    ({"prompt": [user("Q")], "completion": "A"}, "'completion' must be a non-empty list of messages"),
-    ({"prompt": "Q", "completion": [assistant("A")]}, "'prompt' must be a non-empty list of messages"),
-    ({"prompt": [], "completion": [assistant("A")]}, "'prompt' must be a non-empty list of messages"),
-    ({"prompt": [user("Q")], "completion": [user("A")]}, "no assistant turn to learn from"),
-    ({"prompt": [{"role": "bot", "content": "Q"}], "completion": [assistant("A")]},
-     f"unknown role 'bot' (expected one of {ROLES_LISTED})"),
-])
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"prompt": "Q", "completion": "A"}, None),
+        ({"prompt": " ", "completion": "A"}, None),  # only the empty string is refused here, unlike 'text'
+        ({"prompt": "", "completion": "A"}, "'prompt' must be a non-empty string (or, for chat, a list of messages)"),
+        (
+            {"prompt": "Q", "completion": 4},
+            "'completion' must be a non-empty string (or, for chat, a list of messages)",
+        ),
+        (
+            {"prompt": None, "completion": None},
+            "'prompt' must be a non-empty string (or, for chat, a list of messages)",
+        ),
+        ({"prompt": [user("Q")], "completion": [assistant("A")]}, None),
+        ({"prompt": [user("Q")], "completion": "A"}, "'completion' must be a non-empty list of messages"),
+        ({"prompt": "Q", "completion": [assistant("A")]}, "'prompt' must be a non-empty list of messages"),
+        ({"prompt": [], "completion": [assistant("A")]}, "'prompt' must be a non-empty list of messages"),
+        ({"prompt": [user("Q")], "completion": [user("A")]}, "no assistant turn to learn from"),
+        (
+            {"prompt": [{"role": "bot", "content": "Q"}], "completion": [assistant("A")]},
+            f"unknown role 'bot' (expected one of {ROLES_LISTED})",
+        ),
+    ],
+)
 def test_prompt_completion_row_problems(row: dict[str, Any], expected: str | None) -> None:
     assert row_problem(row, "prompt_completion") == expected
 
 
-@pytest.mark.parametrize(("row", "expected"), [
-    ({"text": "x"}, None),
-    ({"text": ""}, "'text' must be a non-empty string"),
-    ({"text": " \n\t"}, "'text' must be a non-empty string"),
-    ({"text": 5}, "'text' must be a non-empty string"),
-    ({}, "'text' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"text": "x"}, None),
+        ({"text": ""}, "'text' must be a non-empty string"),
+        ({"text": " \n\t"}, "'text' must be a non-empty string"),
+        ({"text": 5}, "'text' must be a non-empty string"),
+        ({}, "'text' must be a non-empty string"),
+    ],
+)
 def test_text_row_problems(row: dict[str, Any], expected: str | None) -> None:
     assert row_problem(row, "text") == expected
 
@@ -219,37 +250,48 @@ def test_text_row_problems(row: dict[str, Any], expected: str | None) -> None:
 # ---- loss options -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("row_format", "conversational", "assistant_only", "completion_only"), [
-    ("messages", True, True, None),
-    ("messages", True, False, False),
-    ("prompt_completion", True, True, None),
-    ("prompt_completion", True, True, True),
-    ("prompt_completion", False, False, True),
-    ("text", False, False, None),
-    ("text", False, False, False),
-])
-def test_loss_options_that_suit_the_rows(row_format: str, conversational: bool, assistant_only: bool,
-                                         completion_only: bool | None) -> None:
-    assert loss_option_problem(row_format, conversational, assistant_only_loss=assistant_only,
-                               completion_only_loss=completion_only) is None
+@pytest.mark.parametrize(
+    ("row_format", "conversational", "assistant_only", "completion_only"),
+    [
+        ("messages", True, True, None),
+        ("messages", True, False, False),
+        ("prompt_completion", True, True, None),
+        ("prompt_completion", True, True, True),
+        ("prompt_completion", False, False, True),
+        ("text", False, False, None),
+        ("text", False, False, False),
+    ],
+)
+def test_loss_options_that_suit_the_rows(
+    row_format: str, conversational: bool, assistant_only: bool, completion_only: bool | None
+) -> None:
+    assert (
+        loss_option_problem(
+            row_format, conversational, assistant_only_loss=assistant_only, completion_only_loss=completion_only
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize("row_format", ["text", "prompt_completion"])
 def test_assistant_only_loss_needs_chat_rows(row_format: str) -> None:
     assert loss_option_problem(row_format, False, assistant_only_loss=True, completion_only_loss=None) == (
         "hyperparameters.assistant_only_loss needs chat rows (messages, or prompt/completion as lists of "
-        f"messages); these rows are {row_format!r}")
+        f"messages); these rows are {row_format!r}"
+    )
 
 
 def test_completion_only_loss_on_chat_messages_hints_at_assistant_only_loss() -> None:
     assert loss_option_problem("messages", True, assistant_only_loss=False, completion_only_loss=True) == (
         "hyperparameters.completion_only_loss needs prompt/completion rows; these rows are 'messages'; "
-        "for chat rows use assistant_only_loss")
+        "for chat rows use assistant_only_loss"
+    )
 
 
 def test_completion_only_loss_on_text() -> None:
     assert loss_option_problem("text", False, assistant_only_loss=False, completion_only_loss=True) == (
-        "hyperparameters.completion_only_loss needs prompt/completion rows; these rows are 'text'")
+        "hyperparameters.completion_only_loss needs prompt/completion rows; these rows are 'text'"
+    )
 
 
 # ---- RowCheck ------------------------------------------------------------------------------------
@@ -285,21 +327,25 @@ def test_refusal_above_the_limit_shows_count_share_and_the_first_five_problems()
     assert check.refusal(0.5) == (
         "7 of the dataset's 10 rows (70.00%) are malformed, more than the 50.00% this server skips "
         "(MAX_BAD_ROW_FRACTION): line 1: problem 1; line 2: problem 2; line 3: problem 3; line 4: problem 4; "
-        "line 5: problem 5 (and 2 more)")
+        "line 5: problem 5 (and 2 more)"
+    )
 
 
 def test_refusal_above_the_limit_with_few_problems_has_no_more_note() -> None:
     assert row_check(1, 2).refusal(0.25, "the validation set") == (
         "2 of the validation set's 3 rows (66.67%) are malformed, more than the 25.00% this server skips "
-        "(MAX_BAD_ROW_FRACTION): line 1: problem 1; line 2: problem 2")
+        "(MAX_BAD_ROW_FRACTION): line 1: problem 1; line 2: problem 2"
+    )
 
 
 def test_refusal_when_every_row_is_bad_whatever_the_limit() -> None:
     assert row_check(0, 2).refusal(1.0) == (
-        "every row of the dataset is malformed (2): line 1: problem 1; line 2: problem 2")
+        "every row of the dataset is malformed (2): line 1: problem 1; line 2: problem 2"
+    )
     assert row_check(0, 6).refusal(1.0, "the validation set") == (
         "every row of the validation set is malformed (6): line 1: problem 1; line 2: problem 2; "
-        "line 3: problem 3; line 4: problem 4; line 5: problem 5 (and 1 more)")
+        "line 3: problem 3; line 4: problem 4; line 5: problem 5 (and 1 more)"
+    )
 
 
 def test_only_the_first_problems_are_kept_but_every_bad_row_is_counted() -> None:
@@ -308,17 +354,22 @@ def test_only_the_first_problems_are_kept_but_every_bad_row_is_counted() -> None
     assert check.rows == 30
     assert check.bad_rows == 25
     assert check.problems == [f"line {n}: problem {n}" for n in range(1, 21)]
-    assert check.summary() == {"rows": 30, "row_format": "text", "bad_rows": 25,
-                               "bad_row_examples": check.problems}
+    assert check.summary() == {"rows": 30, "row_format": "text", "bad_rows": 25, "bad_row_examples": check.problems}
 
 
 # ---- files ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    ("train.jsonl", "jsonl"), ("train.json", "jsonl"), ("TRAIN.JSONL", "jsonl"),
-    ("train.parquet", "parquet"), ("train.Parquet", "parquet"),
-])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("train.jsonl", "jsonl"),
+        ("train.json", "jsonl"),
+        ("TRAIN.JSONL", "jsonl"),
+        ("train.parquet", "parquet"),
+        ("train.Parquet", "parquet"),
+    ],
+)
 def test_file_kind(name: str, kind: str) -> None:
     assert file_kind(Path(name)) == kind
 
@@ -330,14 +381,17 @@ def test_file_kind_refuses_other_files() -> None:
 
 
 def test_read_rows_of_json_lines_counts_blank_lines_and_reports_broken_ones(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "rows.jsonl", [
-        json.dumps(GOOD_TEXT),
-        "",
-        "{not json",
-        "   ",
-        '["a", "JSON", "array"]',
-        json.dumps({"text": "last"}),
-    ])
+    path = write_lines(
+        tmp_path / "rows.jsonl",
+        [
+            json.dumps(GOOD_TEXT),
+            "",
+            "{not json",
+            "   ",
+            '["a", "JSON", "array"]',
+            json.dumps({"text": "last"}),
+        ],
+    )
     assert list(read_rows(path)) == [
         ("line 1", GOOD_TEXT, None),
         ("line 3", None, "not valid JSON (Expecting property name enclosed in double quotes)"),
@@ -371,15 +425,18 @@ def test_a_broken_parquet_file_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_check_file_json_lines_counts_and_locates_every_problem(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "chat.jsonl", [
-        json.dumps({"messages": CHAT}),
-        "",
-        json.dumps({"messages": [user("Hi")]}),
-        "{broken",
-        json.dumps({"messages": [{"role": "bot", "content": "Hi"}]}),
-        json.dumps({"text": "no messages column"}),
-        json.dumps({"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}),
-    ])
+    path = write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            json.dumps({"messages": CHAT}),
+            "",
+            json.dumps({"messages": [user("Hi")]}),
+            "{broken",
+            json.dumps({"messages": [{"role": "bot", "content": "Hi"}]}),
+            json.dumps({"text": "no messages column"}),
+            json.dumps({"messages": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}),
+        ],
+    )
     check = check_file(path)
     assert (check.row_format, check.columns, check.conversational) == ("messages", ["messages"], True)
     assert (check.rows, check.bad_rows) == (6, 4)
@@ -395,8 +452,7 @@ def test_check_file_of_a_json_array_reports_rows_from_zero(tmp_path: Path) -> No
     path = tmp_path / "pc.json"
     path.write_text(json.dumps([{"prompt": "Q", "completion": "A"}, {"prompt": "Q", "completion": ""}, 3]))
     check = check_file(path)
-    assert (check.row_format, check.conversational, check.rows, check.bad_rows) == (
-        "prompt_completion", False, 3, 2)
+    assert (check.row_format, check.conversational, check.rows, check.bad_rows) == ("prompt_completion", False, 3, 2)
     assert check.problems == [
         "row 1: 'completion' must be a non-empty string (or, for chat, a list of messages)",
         "row 2: not a JSON object",
@@ -412,11 +468,14 @@ def test_check_file_parquet_reports_rows_from_zero(tmp_path: Path) -> None:
 
 
 def test_check_file_parquet_with_chat_rows(tmp_path: Path) -> None:
-    path = write_parquet(tmp_path / "chat.parquet", [
-        {"messages": CHAT},
-        {"messages": [user("Hi"), user("Anyone?")]},
-        {"messages": [user(None), assistant("Yo")]},
-    ])
+    path = write_parquet(
+        tmp_path / "chat.parquet",
+        [
+            {"messages": CHAT},
+            {"messages": [user("Hi"), user("Anyone?")]},
+            {"messages": [user(None), assistant("Yo")]},
+        ],
+    )
     check = check_file(path)
     assert (check.row_format, check.conversational, check.rows, check.bad_rows) == ("messages", True, 3, 2)
     assert check.problems == [
@@ -426,10 +485,13 @@ def test_check_file_parquet_with_chat_rows(tmp_path: Path) -> None:
 
 
 def test_check_file_parquet_with_a_mapping(tmp_path: Path) -> None:
-    path = write_parquet(tmp_path / "qa.parquet", [
-        {"question": "2+2?", "answer": "4", "prompt": "shadowed"},
-        {"question": "3+3?", "answer": None, "prompt": "shadowed"},
-    ])
+    path = write_parquet(
+        tmp_path / "qa.parquet",
+        [
+            {"question": "2+2?", "answer": "4", "prompt": "shadowed"},
+            {"question": "3+3?", "answer": None, "prompt": "shadowed"},
+        ],
+    )
     check = check_file(path, {"prompt": "question", "completion": "answer"})
     assert (check.row_format, check.columns) == ("prompt_completion", ["prompt", "completion"])
     assert (check.rows, check.bad_rows) == (2, 1)
@@ -444,13 +506,20 @@ def test_check_file_parquet_mapping_a_missing_column_is_a_data_error(tmp_path: P
 
 
 def test_check_file_json_lines_with_a_mapping_reports_a_row_lacking_the_source_column(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "qa.jsonl", [
-        json.dumps({"question": "2+2?", "answer": "4"}),
-        json.dumps({"question": "3+3?"}),
-    ])
+    path = write_lines(
+        tmp_path / "qa.jsonl",
+        [
+            json.dumps({"question": "2+2?", "answer": "4"}),
+            json.dumps({"question": "3+3?"}),
+        ],
+    )
     check = check_file(path, {"prompt": "question", "completion": "answer"})
     assert (check.row_format, check.columns, check.rows, check.bad_rows) == (
-        "prompt_completion", ["prompt", "completion"], 2, 1)
+        "prompt_completion",
+        ["prompt", "completion"],
+        2,
+        1,
+    )
     assert check.problems == ["line 2: 'completion' must be a non-empty string (or, for chat, a list of messages)"]
 
 
@@ -458,21 +527,30 @@ def test_check_file_json_lines_with_a_swap_mapping(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "swapped.jsonl", [json.dumps({"prompt": "A", "completion": "Q"})])
     check = check_file(path, {"prompt": "completion", "completion": "prompt"})
     assert (check.row_format, check.columns, check.rows, check.bad_rows) == (
-        "prompt_completion", ["completion", "prompt"], 1, 0)
+        "prompt_completion",
+        ["completion", "prompt"],
+        1,
+        0,
+    )
 
 
 def test_check_file_with_no_fitting_format_lists_columns_and_counts_only_unreadable_lines(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "qa.jsonl", [
-        json.dumps({"question": "2+2?", "answer": "4"}),
-        "not json",
-        json.dumps({"question": "3+3?"}),
-        "7",
-    ])
+    path = write_lines(
+        tmp_path / "qa.jsonl",
+        [
+            json.dumps({"question": "2+2?", "answer": "4"}),
+            "not json",
+            json.dumps({"question": "3+3?"}),
+            "7",
+        ],
+    )
     check = check_file(path)
     assert (check.row_format, check.columns, check.conversational) == (None, ["question", "answer"], None)
     assert (check.rows, check.bad_rows) == (4, 2)
-    assert check.problems == ["line 2: not valid JSON (Expecting value)",
-                              "line 4: not a JSON object (one row per line)"]
+    assert check.problems == [
+        "line 2: not valid JSON (Expecting value)",
+        "line 4: not a JSON object (one row per line)",
+    ]
 
 
 def test_check_file_parquet_with_no_fitting_format(tmp_path: Path) -> None:
@@ -498,7 +576,8 @@ def test_check_file_with_no_readable_row_at_all(tmp_path: Path) -> None:
     assert (check.row_format, check.columns, check.rows, check.bad_rows) == (None, [], 2, 2)
     assert check.refusal(0.5) == (
         "every row of the dataset is malformed (2): line 1: not valid JSON (Expecting value); "
-        "line 3: not a JSON object (one row per line)")
+        "line 3: not a JSON object (one row per line)"
+    )
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
@@ -520,17 +599,20 @@ def test_check_file_of_a_parquet_file_without_rows(tmp_path: Path) -> None:
 
 def test_conversational_comes_from_the_first_good_row(tmp_path: Path) -> None:
     chat = {"prompt": [user("Q")], "completion": [assistant("A")]}
-    path = write_lines(tmp_path / "mixed.jsonl", [
-        json.dumps({"prompt": [user("Q")], "completion": [user("A")]}),  # bad: skipped for the flag
-        json.dumps(chat),
-        json.dumps({"prompt": "Q", "completion": "A"}),
-    ])
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            json.dumps({"prompt": [user("Q")], "completion": [user("A")]}),  # bad: skipped for the flag
+            json.dumps(chat),
+            json.dumps({"prompt": "Q", "completion": "A"}),
+        ],
+    )
     check = check_file(path)
-    assert (check.row_format, check.conversational, check.rows, check.bad_rows) == (
-        "prompt_completion", True, 3, 1)
+    assert (check.row_format, check.conversational, check.rows, check.bad_rows) == ("prompt_completion", True, 3, 1)
 
-    plain_first = write_lines(tmp_path / "plain_first.jsonl", [
-        json.dumps({"prompt": "Q", "completion": "A"}), json.dumps(chat)])
+    plain_first = write_lines(
+        tmp_path / "plain_first.jsonl", [json.dumps({"prompt": "Q", "completion": "A"}), json.dumps(chat)]
+    )
     assert check_file(plain_first).conversational is False
 
 
@@ -541,11 +623,14 @@ def test_conversational_stays_unknown_when_no_row_is_good(tmp_path: Path) -> Non
 
 
 def test_check_file_reports_a_role_that_is_not_a_string_instead_of_crashing(tmp_path: Path) -> None:
-    path = write_lines(tmp_path / "odd.jsonl", [
-        json.dumps({"messages": CHAT}),
-        json.dumps({"messages": [{"role": ["user"], "content": "Hi"}, assistant("Yo")]}),
-        json.dumps({"messages": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}),
-    ])
+    path = write_lines(
+        tmp_path / "odd.jsonl",
+        [
+            json.dumps({"messages": CHAT}),
+            json.dumps({"messages": [{"role": ["user"], "content": "Hi"}, assistant("Yo")]}),
+            json.dumps({"messages": [{"from": ["human"], "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}),
+        ],
+    )
     check = check_file(path)
     assert (check.rows, check.bad_rows) == (3, 2)
     assert check.problems == [
@@ -556,11 +641,14 @@ def test_check_file_reports_a_role_that_is_not_a_string_instead_of_crashing(tmp_
 
 def test_turns_with_the_union_of_keys_arrow_gives_are_read_by_their_values() -> None:
     """Arrow gives every turn of a column all the keys seen, missing ones as None."""
-    row = {"messages": [
-        {"role": None, "content": None, "from": "human", "value": "hi"},
-        {"role": "assistant", "content": "hello", "from": None, "value": None},
-    ]}
+    row = {
+        "messages": [
+            {"role": None, "content": None, "from": "human", "value": "hi"},
+            {"role": "assistant", "content": "hello", "from": None, "value": None},
+        ]
+    }
     assert row_problem(row, "messages") is None
     bad = {"messages": [{"role": None, "content": None, "from": "narrator", "value": "x"}]}
     assert row_problem(bad, "messages") == (
-        "unknown speaker 'narrator' (expected one of ['assistant', 'gpt', 'human', 'system', 'tool', 'user'])")
+        "unknown speaker 'narrator' (expected one of ['assistant', 'gpt', 'human', 'system', 'tool', 'user'])"
+    )

@@ -19,9 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("field", ["model", "dataset", "validation", "chat_template_from"])
-def test_hub_shaped_names_never_read_a_relative_local_folder(field: str, client: httpx.Client, env: Env,
-                                                             tiny_model: Path, chat_dataset: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_shaped_names_never_read_a_relative_local_folder(
+    field: str,
+    client: httpx.Client,
+    env: Env,
+    tiny_model: Path,
+    chat_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """`x/m` passes the API as a Hub id. A folder `x/m` under the worker's working directory (here
     a copy of a model that trains, or of a dataset) must not be what the trainer loads."""
     workdir = tmp_path / "worker-cwd"
@@ -46,9 +52,9 @@ def test_hub_shaped_names_never_read_a_relative_local_folder(field: str, client:
     assert client.get(f"/jobs/{record['id']}/logs").json()["items"] == []
 
 
-def test_model_folder_deleted_while_queued_is_model_not_found_with_the_path(client: httpx.Client, env: Env,
-                                                                            tiny_model: Path, models_root: Path,
-                                                                            chat_dataset: Path) -> None:
+def test_model_folder_deleted_while_queued_is_model_not_found_with_the_path(
+    client: httpx.Client, env: Env, tiny_model: Path, models_root: Path, chat_dataset: Path
+) -> None:
     from worker.tasks import run_job
 
     doomed = shutil.copytree(tiny_model, models_root / "deleted-while-queued")
@@ -59,12 +65,14 @@ def test_model_folder_deleted_while_queued_is_model_not_found_with_the_path(clie
     assert record["error"] == {
         "code": "model_not_found",
         "message": f"the model folder {doomed} no longer exists on this host: it was there when the job was "
-                   "submitted and has been moved or deleted since. Put it back, or give its new path, and "
-                   "resubmit the job."}
+        "submitted and has been moved or deleted since. Put it back, or give its new path, and "
+        "resubmit the job.",
+    }
 
 
-def test_dataset_deleted_while_queued_is_dataset_invalid_with_the_path(client: httpx.Client, env: Env,
-                                                                       tiny_model: Path) -> None:
+def test_dataset_deleted_while_queued_is_dataset_invalid_with_the_path(
+    client: httpx.Client, env: Env, tiny_model: Path
+) -> None:
     from worker.tasks import run_job
 
     dataset = write_jsonl(env.datasets_dir / "deleted.jsonl", chat_rows(16))

@@ -17,22 +17,28 @@ def test_a_spec_validates_without_reading_settings_or_the_filesystem() -> None:
 
     # Nothing of the settings module within the spec's reach, and paths that exist nowhere pass.
     assert not [name for name, value in vars(app.schemas).items() if getattr(value, "__module__", "") == "core.config"]
-    spec = JobSpec.model_validate({
-        "model": "/nowhere/model", "chat_template_from": "~nosuchuser/tok",
-        "dataset": {"source": "/srv/data/files/3.jsonl", "file_id": 3},  # a stored spec holds both
-        "validation": {"source": "./relative.jsonl"},
-    })
+    spec = JobSpec.model_validate(
+        {
+            "model": "/nowhere/model",
+            "chat_template_from": "~nosuchuser/tok",
+            "dataset": {"source": "/srv/data/files/3.jsonl", "file_id": 3},  # a stored spec holds both
+            "validation": {"source": "./relative.jsonl"},
+        }
+    )
     assert spec.model == "/nowhere/model" and spec.dataset.file_id == 3
 
 
 def test_submit_names_every_unusable_path_at_once(client: httpx.Client, env: Env, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    response = client.post("/jobs", json={
-        "model": str(outside),
-        "chat_template_from": "~nosuchuser/tokenizer",
-        "dataset": {"source": "/nowhere/at/all.jsonl"},
-    })
+    response = client.post(
+        "/jobs",
+        json={
+            "model": str(outside),
+            "chat_template_from": "~nosuchuser/tokenizer",
+            "dataset": {"source": "/nowhere/at/all.jsonl"},
+        },
+    )
     assert response.status_code == 422, response.text
     body = response.json()
     assert body["error"] == "ValidationError"
@@ -45,8 +51,9 @@ def test_submit_names_every_unusable_path_at_once(client: httpx.Client, env: Env
 def test_a_source_and_a_file_id_together_are_refused_at_submit(client: httpx.Client, env: Env) -> None:
     response = client.post("/jobs", json={"model": "org/model", "dataset": {"source": "org/data", "file_id": 1}})
     assert response.status_code == 422, response.text
-    assert response.json()["errors"] == [{"field": "dataset",
-                                         "message": "give either dataset.source or dataset.file_id, not both"}]
+    assert response.json()["errors"] == [
+        {"field": "dataset", "message": "give either dataset.source or dataset.file_id, not both"}
+    ]
 
 
 def test_estimate_checks_the_model_path_the_same_way(client: httpx.Client, env: Env, tmp_path: Path) -> None:

@@ -41,10 +41,18 @@ def test_upload_jsonl_chat_file(client: httpx.Client, env: Env) -> None:
     response = upload(client, "chat.jsonl", content)
     assert response.status_code == 201, response.text
     record = response.json()
-    assert record == {"id": record["id"], "created_at": record["created_at"], "filename": "chat.jsonl",
-                      "size": len(content), "sha256": hashlib.sha256(content).hexdigest(),
-                      "row_format": "messages", "columns": ["messages"], "rows": 5, "bad_rows": 0,
-                      "bad_row_examples": []}
+    assert record == {
+        "id": record["id"],
+        "created_at": record["created_at"],
+        "filename": "chat.jsonl",
+        "size": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "row_format": "messages",
+        "columns": ["messages"],
+        "rows": 5,
+        "bad_rows": 0,
+        "bad_row_examples": [],
+    }
     assert (env.data_dir / "files" / f"{record['id']}.jsonl").read_bytes() == content
     assert files_on_disk(env) == [f"{record['id']}.jsonl"]
     assert client.get(f"/files/{record['id']}").json() == record
@@ -70,9 +78,11 @@ def test_upload_counts_bad_rows_with_line_numbers(client: httpx.Client, env: Env
     content = b'{"text": "a"}\n\n{"text": oops}\n[1, 2]\n{"text": ""}\n{"text": "b"}\n'
     record = upload(client, "mixed.jsonl", content).json()
     assert (record["row_format"], record["rows"], record["bad_rows"]) == ("text", 5, 3)
-    assert record["bad_row_examples"] == ["line 3: not valid JSON (Expecting value)",
-                                          "line 4: not a JSON object (one row per line)",
-                                          "line 5: 'text' must be a non-empty string"]
+    assert record["bad_row_examples"] == [
+        "line 3: not valid JSON (Expecting value)",
+        "line 4: not a JSON object (one row per line)",
+        "line 5: 'text' must be a non-empty string",
+    ]
     assert files_on_disk(env) == [f"{record['id']}.jsonl"]  # kept: a job skips bad rows, or is refused
 
 
@@ -84,14 +94,19 @@ def test_upload_with_columns_of_other_names_is_kept_for_a_mapping(client: httpx.
 @pytest.mark.parametrize(
     ("name", "content", "detail"),
     [
-        ("broken.jsonl", b'{"text": oops}\n[1]\n', "no row of the file could be read: line 1: not valid JSON "
-         "(Expecting value); line 2: not a JSON object (one row per line)"),
+        (
+            "broken.jsonl",
+            b'{"text": oops}\n[1]\n',
+            "no row of the file could be read: line 1: not valid JSON "
+            "(Expecting value); line 2: not a JSON object (one row per line)",
+        ),
         ("empty.jsonl", b"\n\n", "the file has no rows"),
         ("chat.csv", b"text\nhello\n", "'chat.csv' is not a .jsonl, .json (JSON Lines) or .parquet file"),
     ],
 )
-def test_bad_upload_is_422_and_leaves_nothing(client: httpx.Client, env: Env, name: str, content: bytes,
-                                              detail: str) -> None:
+def test_bad_upload_is_422_and_leaves_nothing(
+    client: httpx.Client, env: Env, name: str, content: bytes, detail: str
+) -> None:
     response = upload(client, name, content)
     assert response.status_code == 422
     assert response.json() == {"error": "InvalidFile", "detail": detail}
@@ -106,17 +121,19 @@ def test_bad_parquet_is_422(client: httpx.Client, env: Env) -> None:
     assert files_on_disk(env) == []
 
 
-def test_upload_over_the_size_limit_is_413_and_leaves_nothing(client: httpx.Client, env: Env,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_upload_over_the_size_limit_is_413_and_leaves_nothing(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "100")
     get_settings.cache_clear()
     response = upload(client, "chat.jsonl", jsonl_bytes([{"text": "x" * 200}]))
     assert response.status_code == 413
-    assert response.json() == {"error": "PayloadTooLarge",
-                               "detail": "the file is larger than this server's upload limit of 100 bytes "
-                                         "(MAX_UPLOAD_BYTES)"}
+    assert response.json() == {
+        "error": "PayloadTooLarge",
+        "detail": "the file is larger than this server's upload limit of 100 bytes (MAX_UPLOAD_BYTES)",
+    }
     assert files_on_disk(env) == []
     assert client.get("/files").json() == {"items": []}
     assert upload(client, "small.jsonl", jsonl_bytes([{"text": "x" * 80}])).status_code == 201  # 93 bytes
@@ -124,10 +141,13 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(client: httpx.Clie
 
 def multipart(name: str, content: bytes, *, close: bool = True) -> tuple[bytes, dict[str, str]]:
     """A multipart/form-data body by hand, optionally without its closing boundary."""
-    head = (f'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     return head + content + (b"\r\n--XyZ--\r\n" if close else b""), {
-        "Content-Type": "multipart/form-data; boundary=XyZ"}
+        "Content-Type": "multipart/form-data; boundary=XyZ"
+    }
 
 
 def test_upload_that_breaks_off_is_refused_and_leaves_nothing(client: httpx.Client, env: Env) -> None:
@@ -135,15 +155,18 @@ def test_upload_that_breaks_off_is_refused_and_leaves_nothing(client: httpx.Clie
     body, headers = multipart("chat.jsonl", rows[:300], close=False)  # the client went away mid-file
     response = client.post("/files", content=body, headers=headers)
     assert response.status_code == 422
-    assert response.json()["detail"] == ("the upload of 'chat.jsonl' ended after 300 bytes, before the multipart "
-                                         "body was complete (a broken-off upload?); nothing was stored")
+    assert response.json()["detail"] == (
+        "the upload of 'chat.jsonl' ended after 300 bytes, before the multipart "
+        "body was complete (a broken-off upload?); nothing was stored"
+    )
     assert files_on_disk(env) == []
     body, headers = multipart("chat.jsonl", rows)  # the same body, complete
     assert client.post("/files", content=body, headers=headers).json()["rows"] == 50
 
 
-def test_size_limit_holds_as_bytes_arrive_without_a_content_length(client: httpx.Client, env: Env,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_size_limit_holds_as_bytes_arrive_without_a_content_length(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("MAX_UPLOAD_BYTES", "1000")
@@ -152,7 +175,7 @@ def test_size_limit_holds_as_bytes_arrive_without_a_content_length(client: httpx
 
     def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to judge up front
         for start in range(0, len(body), 256):
-            yield body[start:start + 256]
+            yield body[start : start + 256]
 
     response = client.post("/files", content=chunks(), headers=headers)
     assert response.status_code == 413
@@ -162,15 +185,25 @@ def test_size_limit_holds_as_bytes_arrive_without_a_content_length(client: httpx
     assert client.post("/files", content=huge, headers=headers).status_code == 413
 
 
-@pytest.mark.parametrize(("body", "content_type", "detail"), [
-    (b"text\nhello\n", "text/csv", "send the dataset as multipart/form-data with the file in field 'file'"),
-    (b'--XyZ\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--XyZ--\r\n',
-     "multipart/form-data; boundary=XyZ", "the body has no multipart field 'file' with a file"),
-    (b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--XyZ--\r\n',
-     "multipart/form-data; boundary=XyZ", "the 'file' part has no file name"),
-])
-def test_bodies_that_are_not_a_file_upload_are_422(client: httpx.Client, env: Env, body: bytes, content_type: str,
-                                                   detail: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type", "detail"),
+    [
+        (b"text\nhello\n", "text/csv", "send the dataset as multipart/form-data with the file in field 'file'"),
+        (
+            b'--XyZ\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--XyZ--\r\n',
+            "multipart/form-data; boundary=XyZ",
+            "the body has no multipart field 'file' with a file",
+        ),
+        (
+            b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\n\r\nx\r\n--XyZ--\r\n',
+            "multipart/form-data; boundary=XyZ",
+            "the 'file' part has no file name",
+        ),
+    ],
+)
+def test_bodies_that_are_not_a_file_upload_are_422(
+    client: httpx.Client, env: Env, body: bytes, content_type: str, detail: str
+) -> None:
     response = client.post("/files", content=body, headers={"Content-Type": content_type})
     assert response.status_code == 422
     assert response.json()["detail"].startswith(detail)
@@ -206,9 +239,10 @@ def test_job_naming_a_file_and_delete_while_in_use(client: httpx.Client, env: En
 
     refused = client.delete(f"/files/{file_id}")
     assert refused.status_code == 409
-    assert refused.json() == {"error": "Conflict", "detail": f"file {file_id} is used by job(s) "
-                                                             f"{jobs[0]['id']}, {jobs[1]['id']} which are queued "
-                                                             "or running"}
+    assert refused.json() == {
+        "error": "Conflict",
+        "detail": f"file {file_id} is used by job(s) {jobs[0]['id']}, {jobs[1]['id']} which are queued or running",
+    }
     assert stored.is_file()
 
     for job in jobs:
@@ -228,13 +262,16 @@ def test_job_naming_an_unknown_file_is_422(client: httpx.Client, env: Env, tiny_
 @pytest.mark.parametrize(
     ("dataset", "message"),
     [
-        ({"source": "allenai/tulu-3-sft-mixture", "file_id": 1},
-         "give either dataset.source or dataset.file_id, not both"),
+        (
+            {"source": "allenai/tulu-3-sft-mixture", "file_id": 1},
+            "give either dataset.source or dataset.file_id, not both",
+        ),
         ({"split": "train"}, "give dataset.source (a Hub id or a local path) or dataset.file_id (an uploaded file)"),
     ],
 )
-def test_dataset_needs_exactly_one_of_source_and_file_id(client: httpx.Client, env: Env, tiny_model: Path,
-                                                         dataset: dict, message: str) -> None:
+def test_dataset_needs_exactly_one_of_source_and_file_id(
+    client: httpx.Client, env: Env, tiny_model: Path, dataset: dict, message: str
+) -> None:
     upload(client, "chat.jsonl", jsonl_bytes(chat_rows(2)))
     spec = file_spec(tiny_model, 1)
     spec["dataset"] = dataset
@@ -243,8 +280,9 @@ def test_dataset_needs_exactly_one_of_source_and_file_id(client: httpx.Client, e
     assert response.json()["errors"] == [{"field": "dataset", "message": message}]
 
 
-def test_files_routes_need_a_token_when_configured(client: httpx.Client, env: Env,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_files_routes_need_a_token_when_configured(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from core.config import get_settings
 
     monkeypatch.setenv("API_TOKENS", "s3cret")
@@ -257,8 +295,15 @@ def test_files_routes_need_a_token_when_configured(client: httpx.Client, env: En
 @pytest.mark.slow
 def test_job_on_an_uploaded_file_trains(client: httpx.Client, env: Env, tiny_model: Path) -> None:
     file_id = upload(client, "chat.jsonl", jsonl_bytes(chat_rows(16))).json()["id"]
-    spec = file_spec(tiny_model, file_id, max_steps=2, save_steps=100, per_device_train_batch_size=2,
-                     gradient_accumulation_steps=1, max_seq_length=64)
+    spec = file_spec(
+        tiny_model,
+        file_id,
+        max_steps=2,
+        save_steps=100,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_seq_length=64,
+    )
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
     assert record["spec"]["dataset"]["file_id"] == file_id

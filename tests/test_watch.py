@@ -44,14 +44,29 @@ def client(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClien
 
 def add_job(status: JobStatus, *, logs: int = 0, events: int = 0) -> int:
     with Session(get_engine()) as session:
-        job = Job(spec=SPEC, status=status, step=logs * 10, total_steps=100, eta_seconds=90.0,
-                  metrics={"loss": 2.5}, vram={"allocated": 2 * GIB, "device_total": 80 * GIB})
+        job = Job(
+            spec=SPEC,
+            status=status,
+            step=logs * 10,
+            total_steps=100,
+            eta_seconds=90.0,
+            metrics={"loss": 2.5},
+            vram={"allocated": 2 * GIB, "device_total": 80 * GIB},
+        )
         session.add(job)
         session.commit()
         assert job.id is not None
         for i in range(1, logs + 1):
-            session.add(StepLog(job_id=job.id, step=10 * i, loss=3.0 - i / 10, vram_allocated=2 * GIB,
-                                device_used=5 * GIB, device_total=80 * GIB))
+            session.add(
+                StepLog(
+                    job_id=job.id,
+                    step=10 * i,
+                    loss=3.0 - i / 10,
+                    vram_allocated=2 * GIB,
+                    device_used=5 * GIB,
+                    device_total=80 * GIB,
+                )
+            )
         for i in range(events):
             session.add(JobEvent(job_id=job.id, kind="started", message=f"message {i}"))
         session.commit()
@@ -102,9 +117,7 @@ def test_stream_resumes_after_step_and_event_id(client: TestClient) -> None:
     assert after_event[1][1]["message"] == "message 1"
 
 
-def test_stream_follows_a_running_job_until_it_finishes(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stream_follows_a_running_job_until_it_finishes(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = add_job(JobStatus.running, logs=1)
     monkeypatch.setattr(watch, "POLL_INTERVAL_S", 0.02)
     polled = threading.Event()
@@ -151,8 +164,9 @@ def test_unknown_job_is_404_before_anything_streams(client: TestClient, path: st
 
 def page_assets(page_url: str, html: str) -> list[str]:
     """The URLs a page loads (stylesheets, scripts), resolved against the page's own URL as a browser does."""
-    return [urljoin(page_url, ref) for ref in re.findall(r'(?:href|src)="([^"]+)"', html)
-            if not ref.startswith("data:")]
+    return [
+        urljoin(page_url, ref) for ref in re.findall(r'(?:href|src)="([^"]+)"', html) if not ref.startswith("data:")
+    ]
 
 
 def test_watch_page_is_html_that_opens_the_stream(client: TestClient) -> None:
@@ -178,12 +192,16 @@ def test_watch_page_is_html_that_opens_the_stream(client: TestClient) -> None:
     assert "{{" not in script.text
 
 
-@pytest.mark.parametrize(("path", "content_type", "holds"), [
-    ("/static/watch/watch.css", "text/css; charset=utf-8", "#events{"),
-    ("/static/watch/watch.js", "text/javascript; charset=utf-8", "function connect()"),
-])
-def test_static_assets_are_served_and_cached_until_they_change(client: TestClient, path: str, content_type: str,
-                                                                holds: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "content_type", "holds"),
+    [
+        ("/static/watch/watch.css", "text/css; charset=utf-8", "#events{"),
+        ("/static/watch/watch.js", "text/javascript; charset=utf-8", "function connect()"),
+    ],
+)
+def test_static_assets_are_served_and_cached_until_they_change(
+    client: TestClient, path: str, content_type: str, holds: str
+) -> None:
     response = client.get(path)
 
     assert response.status_code == 200
@@ -214,8 +232,17 @@ def test_static_assets_need_no_token_when_the_page_does(client: TestClient, monk
         assert client.get(url).status_code == 200, url
 
 
-@pytest.mark.parametrize("path", ["/static/watch/nosuch.js", "/static/watch/", "/static/watch", "/static/",
-                                  "/static/nosuch/watch.js", "/static/watch/watch.js/x"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/watch/nosuch.js",
+        "/static/watch/",
+        "/static/watch",
+        "/static/",
+        "/static/nosuch/watch.js",
+        "/static/watch/watch.js/x",
+    ],
+)
 def test_an_unknown_asset_is_404(client: TestClient, path: str) -> None:
     response = client.get(path)
 
@@ -228,8 +255,10 @@ def test_static_assets_take_get_and_head_only(client: TestClient) -> None:
 
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, HEAD"
-    assert response.json() == {"error": "MethodNotAllowed",
-                               "detail": "/static/watch/watch.js does not take POST; it takes GET, HEAD"}
+    assert response.json() == {
+        "error": "MethodNotAllowed",
+        "detail": "/static/watch/watch.js does not take POST; it takes GET, HEAD",
+    }
 
 
 def raw_get(path: str) -> tuple[int, bytes]:
@@ -246,9 +275,20 @@ def raw_get(path: str) -> tuple[int, bytes]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
 
@@ -258,12 +298,21 @@ def raw_get(path: str) -> tuple[int, bytes]:
 SECRETS = (b"def create_app", b"class Settings", b"{{JOB_ID}}", b"[project]")
 
 
-@pytest.mark.parametrize("path", [
-    "/static/watch/..%2f..%2fmain.py", "/static/watch/..%2F..%2Fconfig.py", "/static/..%2fmain.py",
-    "/static/..%2ftemplates%2fwatch.html", "/static/watch/%2e%2e%2f%2e%2e%2fmain.py",
-    "/static/watch/..%5c..%5cmain.py", "/static/%2fetc%2fpasswd", "/static//etc/passwd",
-    "/static/watch/..%2f..%2f..%2fpyproject.toml", "/static/watch/%00.js",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/watch/..%2f..%2fmain.py",
+        "/static/watch/..%2F..%2Fconfig.py",
+        "/static/..%2fmain.py",
+        "/static/..%2ftemplates%2fwatch.html",
+        "/static/watch/%2e%2e%2f%2e%2e%2fmain.py",
+        "/static/watch/..%5c..%5cmain.py",
+        "/static/%2fetc%2fpasswd",
+        "/static//etc/passwd",
+        "/static/watch/..%2f..%2f..%2fpyproject.toml",
+        "/static/watch/%00.js",
+    ],
+)
 def test_a_traversal_through_the_client_leaks_nothing(client: TestClient, path: str) -> None:
     response = client.get(path)
 
@@ -271,10 +320,17 @@ def test_a_traversal_through_the_client_leaks_nothing(client: TestClient, path: 
     assert not any(marker in response.content for marker in SECRETS)
 
 
-@pytest.mark.parametrize("path", [
-    "/static/watch/../../main.py", "/static/../main.py", "/static/../templates/watch.html",
-    "/static/watch/../../../pyproject.toml", "/static/./watch/../../config.py", "/static/watch/..\\..\\main.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/watch/../../main.py",
+        "/static/../main.py",
+        "/static/../templates/watch.html",
+        "/static/watch/../../../pyproject.toml",
+        "/static/./watch/../../config.py",
+        "/static/watch/..\\..\\main.py",
+    ],
+)
 def test_a_raw_traversal_leaks_nothing(client: TestClient, path: str) -> None:
     status, body = raw_get(path)
 
@@ -332,8 +388,9 @@ def test_many_watchers_of_a_running_job_share_one_read_per_interval(
 
     async def watcher() -> list[tuple[str, Any]]:
         body = b"".join([chunk async for chunk in watch._job_events(job_id, None, None)])
-        return [(name, data.get("step") if name == "log" else data.get("status"))
-                for name, data in parse_sse(body.decode())]
+        return [
+            (name, data.get("step") if name == "log" else data.get("status")) for name, data in parse_sse(body.decode())
+        ]
 
     async def scenario() -> tuple[list[list[tuple[str, Any]]], int]:
         tasks = [asyncio.create_task(watcher()) for _ in range(50)]

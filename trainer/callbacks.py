@@ -53,9 +53,17 @@ def _finite(value: Any) -> float | None:
 
 
 class JobReporter(TrainerCallback):
-    def __init__(self, *, job_id: int, stop: StopFlag, memory: MemoryProbe, checkpoints_dir: Path,
-                 tokens_trained: Callable[[], float], eval_seconds: Callable[[], float],
-                 publish_seconds: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        stop: StopFlag,
+        memory: MemoryProbe,
+        checkpoints_dir: Path,
+        tokens_trained: Callable[[], float],
+        eval_seconds: Callable[[], float],
+        publish_seconds: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.job_id = job_id
         self.stop = stop
         self.memory = memory
@@ -90,8 +98,9 @@ class JobReporter(TrainerCallback):
 
     # --- callback events --------------------------------------------------------------
     @_timed
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._train_start = time.monotonic()
         self._last_log = None
         with session_scope() as session:
@@ -101,15 +110,19 @@ class JobReporter(TrainerCallback):
             session.add(job)
             if state.global_step:
                 # Resumed from a checkpoint: the lost attempt's logs past it are superseded.
-                session.execute(delete(StepLog).where(col(StepLog.job_id) == self.job_id,
-                                                      col(StepLog.step) > state.global_step))
+                session.execute(
+                    delete(StepLog).where(col(StepLog.job_id) == self.job_id, col(StepLog.step) > state.global_step)
+                )
             resumed = f", resuming at step {state.global_step}" if state.global_step else ""
-            add_event(session=session, job_id=self.job_id, kind=EventKind.training_started,
-                      message=f"training started: {state.max_steps} optimizer steps{resumed}")
+            add_event(
+                session=session,
+                job_id=self.job_id,
+                kind=EventKind.training_started,
+                message=f"training started: {state.max_steps} optimizer steps{resumed}",
+            )
 
     @_timed
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._first_step_end is None:
             now = time.monotonic()
             self._first_step_end = (state.global_step, now)
@@ -123,8 +136,14 @@ class JobReporter(TrainerCallback):
             control.should_save = False
 
     @_timed
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         logs = logs or {}
         if "eval_loss" in logs:
             self._eval_steps.add(state.global_step)
@@ -152,8 +171,11 @@ class JobReporter(TrainerCallback):
     def _write_eval(self, session: Session, state: TrainerState, eval_loss: float | None) -> None:
         """The eval loss joins the step's log row (the Trainer logs training first, then evaluates),
         or gets a row of its own when eval_steps is not a multiple of logging_steps."""
-        row = session.exec(select(StepLog).where(StepLog.job_id == self.job_id, StepLog.step == state.global_step)
-                           .order_by(col(StepLog.id).desc())).first()
+        row = session.exec(
+            select(StepLog)
+            .where(StepLog.job_id == self.job_id, StepLog.step == state.global_step)
+            .order_by(col(StepLog.id).desc())
+        ).first()
         if row is None:
             row = StepLog(job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch))
         row.eval_loss = eval_loss
@@ -162,20 +184,39 @@ class JobReporter(TrainerCallback):
         assert job is not None
         job.metrics = {**(job.metrics or {}), "eval_loss": eval_loss, "eval_step": state.global_step}
         session.add(job)
-        add_event(session=session, job_id=self.job_id, kind=EventKind.evaluated,
-                  message=f"validation loss {eval_loss if eval_loss is None else round(eval_loss, 4)} "
-                          f"at step {state.global_step}")
+        add_event(
+            session=session,
+            job_id=self.job_id,
+            kind=EventKind.evaluated,
+            message=f"validation loss {eval_loss if eval_loss is None else round(eval_loss, 4)} "
+            f"at step {state.global_step}",
+        )
 
-    def _write_log(self, session: Session, state: TrainerState, metrics: dict[str, float | None],
-                   vram: dict[str, int | None], tokens: float) -> None:
-        session.add(StepLog(
-            job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch),
-            loss=metrics["loss"], learning_rate=metrics["learning_rate"], grad_norm=metrics["grad_norm"],
-            tokens_per_second=metrics["tokens_per_second"], num_tokens=int(tokens),
-            vram_allocated=vram.get("allocated"), vram_reserved=vram.get("reserved"),
-            vram_peak_allocated=vram.get("peak_allocated"), device_used=vram.get("device_used"),
-            device_total=vram.get("device_total"),
-        ))
+    def _write_log(
+        self,
+        session: Session,
+        state: TrainerState,
+        metrics: dict[str, float | None],
+        vram: dict[str, int | None],
+        tokens: float,
+    ) -> None:
+        session.add(
+            StepLog(
+                job_id=self.job_id,
+                step=state.global_step,
+                epoch=_finite(state.epoch),
+                loss=metrics["loss"],
+                learning_rate=metrics["learning_rate"],
+                grad_norm=metrics["grad_norm"],
+                tokens_per_second=metrics["tokens_per_second"],
+                num_tokens=int(tokens),
+                vram_allocated=vram.get("allocated"),
+                vram_reserved=vram.get("reserved"),
+                vram_peak_allocated=vram.get("peak_allocated"),
+                device_used=vram.get("device_used"),
+                device_total=vram.get("device_total"),
+            )
+        )
         job = session.get(Job, self.job_id)
         assert job is not None
         job.step, job.epoch = state.global_step, _finite(state.epoch)  # total_steps: on_train_begin
@@ -187,12 +228,16 @@ class JobReporter(TrainerCallback):
         session.add(job)
 
     @_timed
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
         with session_scope() as session:
             if folder.is_dir():
-                record_checkpoint(session=session, job_id=self.job_id, folder=folder, step=state.global_step,
-                                  note=f"; fsync and rename took {self.publish_seconds():.2f} s")
+                record_checkpoint(
+                    session=session,
+                    job_id=self.job_id,
+                    folder=folder,
+                    step=state.global_step,
+                    note=f"; fsync and rename took {self.publish_seconds():.2f} s",
+                )
             # The trainer rotated old checkpoints (save_total_limit) before calling us.
             mark_removed(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)

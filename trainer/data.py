@@ -40,11 +40,16 @@ def _num_proc(rows: int) -> int | None:
 
 def normalized(row: dict[str, Any], row_format: str) -> dict[str, Any]:
     """ShareGPT turns ({"from": "gpt", "value": ...}) as chat messages ({"role", "content"})."""
+
     def turns(value: Any) -> Any:
         if not isinstance(value, list):
             return value
-        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} if is_sharegpt_turn(t)
-                else {k: v for k, v in t.items() if k not in ("from", "value")} for t in value]
+        return [
+            {"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")}
+            if is_sharegpt_turn(t)
+            else {k: v for k, v in t.items() if k not in ("from", "value")}
+            for t in value
+        ]
 
     return {column: turns(row[column]) for column in FORMATS[row_format]}
 
@@ -81,9 +86,15 @@ def _load_file(path: Path, mapping: dict[str, str], what: str, max_bad_fraction:
     _refuse(check, what, max_bad_fraction)
     assert check.row_format is not None
     stat = path.stat()
-    dataset = Dataset.from_generator(_good_file_rows, gen_kwargs={
-        "path": str(path), "mapping": mapping, "row_format": check.row_format,
-        "stamp": f"{stat.st_size}-{stat.st_mtime_ns}"})
+    dataset = Dataset.from_generator(
+        _good_file_rows,
+        gen_kwargs={
+            "path": str(path),
+            "mapping": mapping,
+            "row_format": check.row_format,
+            "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+        },
+    )
     assert isinstance(dataset, Dataset)
     return dataset, check
 
@@ -96,9 +107,11 @@ def _load_other(source: str, split: str) -> Dataset:
         assert isinstance(loaded, Dataset)
         return loaded
     if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        raise JobFailure(ErrorCode.dataset_invalid,
-                         f"{path} is a folder but not one saved by `datasets` (save_to_disk); "
-                         "give a .jsonl, .json or .parquet file, or such a folder")
+        raise JobFailure(
+            ErrorCode.dataset_invalid,
+            f"{path} is a folder but not one saved by `datasets` (save_to_disk); "
+            "give a .jsonl, .json or .parquet file, or such a folder",
+        )
     folder = load_from_disk(str(path))
     if isinstance(folder, DatasetDict):
         if split not in folder:
@@ -112,8 +125,9 @@ def _problems(batch: dict[str, list[Any]], indices: list[int], *, row_format: st
     return {"problem": [row_problem(row, row_format) for row in rows], "index": indices}
 
 
-def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
-                   max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+def _check_dataset(
+    dataset: Dataset, mapping: dict[str, str], what: str, max_bad_fraction: float
+) -> tuple[Dataset, RowCheck]:
     try:
         columns = mapped_columns(dataset.column_names, mapping)
     except DataError as exc:
@@ -126,9 +140,15 @@ def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
     except DataError as exc:
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     dataset = dataset.select_columns(list(FORMATS[row_format]))
-    found = dataset.map(_problems, batched=True, with_indices=True, remove_columns=dataset.column_names,
-                        fn_kwargs={"row_format": row_format}, num_proc=_num_proc(len(dataset)),
-                        desc=f"Checking every row of {what}")
+    found = dataset.map(
+        _problems,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"row_format": row_format},
+        num_proc=_num_proc(len(dataset)),
+        desc=f"Checking every row of {what}",
+    )
     bad = set()
     for index, problem in zip(found["index"], found["problem"], strict=True):
         check.add(f"row {index}", problem)
@@ -143,8 +163,9 @@ def _check_dataset(dataset: Dataset, mapping: dict[str, str], what: str,
     return dataset, check
 
 
-def load_checked(source: str, split: str, mapping: Mapping[str, str], *, what: str,
-                 max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+def load_checked(
+    source: str, split: str, mapping: Mapping[str, str], *, what: str, max_bad_fraction: float
+) -> tuple[Dataset, RowCheck]:
     """The rows that pass the checks, under our column names and only the format's columns, and
     the check itself. Raises JobFailure(ErrorCode.dataset_invalid) with row numbers when the rows cannot
     train: no format fits, or more than `max_bad_fraction` of them are malformed."""
@@ -162,22 +183,35 @@ def _with_eos(text: str, eos: str | None) -> str:
     return text + eos if eos and not text.endswith(eos) else text
 
 
-def _count(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any, max_length: int,
-           assistant_only: bool, completion_only: bool, template: str | None) -> dict[str, list[int]]:
+def _count(
+    batch: dict[str, list[Any]],
+    *,
+    row_format: str,
+    tokenizer: Any,
+    max_length: int,
+    assistant_only: bool,
+    completion_only: bool,
+    template: str | None,
+) -> dict[str, list[int]]:
     """Tokens per row, and tokens in the loss after truncation, as TRL's SFTTrainer makes them."""
     kwargs: dict[str, Any] = {"chat_template": template} if template else {}
     if row_format == "messages" or (row_format == "prompt_completion" and isinstance(batch["prompt"][0], list)):
-        chats = batch["messages"] if row_format == "messages" else [
-            p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
-        out = tokenizer.apply_chat_template(chats, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=assistant_only, **kwargs)
+        chats = (
+            batch["messages"]
+            if row_format == "messages"
+            else [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]
+        )
+        out = tokenizer.apply_chat_template(
+            chats, tokenize=True, return_dict=True, return_assistant_tokens_mask=assistant_only, **kwargs
+        )
         lengths = [len(ids) for ids in out["input_ids"]]
         # TRL masks with every mask that applies: the completion's (when completion_only_loss)
         # and the assistant turns' (when assistant_only_loss).
         starts = [0] * len(lengths)
         if row_format == "prompt_completion" and completion_only:
-            prompts = tokenizer.apply_chat_template(batch["prompt"], tokenize=True, return_dict=True,
-                                                    add_generation_prompt=True, **kwargs)["input_ids"]
+            prompts = tokenizer.apply_chat_template(
+                batch["prompt"], tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
+            )["input_ids"]
             starts = [len(p) for p in prompts]
         if assistant_only:
             loss = [sum(mask[start:max_length]) for mask, start in zip(out["assistant_masks"], starts, strict=True)]
@@ -199,16 +233,34 @@ def _count(batch: dict[str, list[Any]], *, row_format: str, tokenizer: Any, max_
     return {"tokens": lengths, "loss_tokens": loss}
 
 
-def token_counts(dataset: Dataset, *, row_format: str, tokenizer: Any, max_length: int, assistant_only: bool,
-                 completion_only: bool, template: str | None, what: str) -> tuple[Any, Any]:
+def token_counts(
+    dataset: Dataset,
+    *,
+    row_format: str,
+    tokenizer: Any,
+    max_length: int,
+    assistant_only: bool,
+    completion_only: bool,
+    template: str | None,
+    what: str,
+) -> tuple[Any, Any]:
     """(tokens per row, loss tokens per row) as numpy arrays."""
     import numpy as np
 
     counted = dataset.map(
-        _count, batched=True, remove_columns=dataset.column_names,
-        fn_kwargs={"row_format": row_format, "tokenizer": tokenizer, "max_length": max_length,
-                   "assistant_only": assistant_only, "completion_only": completion_only, "template": template},
-        num_proc=_num_proc(len(dataset)), desc=f"Counting tokens of {what}",
+        _count,
+        batched=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={
+            "row_format": row_format,
+            "tokenizer": tokenizer,
+            "max_length": max_length,
+            "assistant_only": assistant_only,
+            "completion_only": completion_only,
+            "template": template,
+        },
+        num_proc=_num_proc(len(dataset)),
+        desc=f"Counting tokens of {what}",
     )
     return np.asarray(counted["tokens"], dtype=np.int64), np.asarray(counted["loss_tokens"], dtype=np.int64)
 
@@ -227,8 +279,12 @@ def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperpar
     return {
         **check.summary(),
         "rows_used": int(len(lengths)),
-        "tokens_per_row": {"min": int(lengths.min()), "median": int(np.median(lengths)),
-                           "p95": int(np.percentile(lengths, 95)), "max": int(lengths.max())},
+        "tokens_per_row": {
+            "min": int(lengths.min()),
+            "median": int(np.median(lengths)),
+            "p95": int(np.percentile(lengths, 95)),
+            "max": int(lengths.max()),
+        },
         "rows_truncated": int((lengths > hp.max_seq_length).sum()),
         "tokens_cut_by_truncation": int((lengths - trained).sum()),
         "tokens_per_epoch": int(trained.sum()),

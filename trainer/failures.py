@@ -13,9 +13,9 @@ RESUBMIT = "then resubmit the job."
 # What to do next, for failures whose message says only what happened.
 NEXT_STEP: dict[ErrorCode, str] = {
     ErrorCode.dataset_invalid: "Fix the rows, or the job's dataset settings (source, split, columns, validation), "
-                               f"{RESUBMIT}",
+    f"{RESUBMIT}",
     ErrorCode.model_not_found: "Check the Hub id or local folder, that this worker can reach the Hub or has the model "
-                               f"in its cache, and HF_TOKEN for gated models; {RESUBMIT}",
+    f"in its cache, and HF_TOKEN for gated models; {RESUBMIT}",
     ErrorCode.chat_template_missing: f"Set chat_template_from to a tokenizer that has a chat template, {RESUBMIT}",
     ErrorCode.disk_full: f"Free space on that disk (or lower save_total_limit, raise save_steps), {RESUBMIT}",
     ErrorCode.disk_error: f"Check the disk under DATA_DIR (the system log names the device's errors), {RESUBMIT}",
@@ -68,13 +68,16 @@ def classify(exc: BaseException, *, phase: str, step: int | None = None, disk: D
             ErrorCode.cuda_oom,
             f"The GPU ran out of memory{where} ({detail}). {LOG_HINT}",
             action="Lower per_device_train_batch_size (and raise gradient_accumulation_steps to keep the effective "
-                   f"batch) or max_seq_length, or train a smaller model; {RESUBMIT}",
+            f"batch) or max_seq_length, or train a smaller model; {RESUBMIT}",
         )
     if phase in ("loading_model", "loading_tokenizer") and isinstance(exc, (OSError, ValueError)):
         return JobFailure(ErrorCode.model_not_found, f"Could not load the model or tokenizer: {detail}.")
     if phase == "loading_dataset":
-        return JobFailure(ErrorCode.dataset_invalid, f"Could not load the dataset: {detail}.",
-                          action=f"Check the source and split, and that the worker can reach it; {RESUBMIT}")
+        return JobFailure(
+            ErrorCode.dataset_invalid,
+            f"Could not load the dataset: {detail}.",
+            action=f"Check the source and split, and that the worker can reach it; {RESUBMIT}",
+        )
     if phase == "saving" and isinstance(exc, OSError):
         free = f" There is {disk.describe()}." if disk is not None else ""
         return JobFailure(ErrorCode.disk_error, f"Saving a checkpoint failed: {detail}.{free}")
@@ -83,9 +86,12 @@ def classify(exc: BaseException, *, phase: str, step: int | None = None, disk: D
 
 def missing_source(what: str, path: str, code: ErrorCode) -> JobFailure:
     """A local model or dataset that was there when the job was submitted and is gone now."""
-    return JobFailure(code, f"{what} {path} no longer exists on this host: it was there when the job was submitted "
-                      "and has been moved or deleted since.",
-                      action="Put it back, or give its new path, and resubmit the job.")
+    return JobFailure(
+        code,
+        f"{what} {path} no longer exists on this host: it was there when the job was submitted "
+        "and has been moved or deleted since.",
+        action="Put it back, or give its new path, and resubmit the job.",
+    )
 
 
 def format_traceback(exc: BaseException) -> str:

@@ -49,8 +49,9 @@ def _is_trainer_of(pid: int, job_id: int) -> bool:
     return argv[-1:] == [str(job_id).encode()] and argv[-2:-1] in ([b"trainer"], [b"worker.trainer"])
 
 
-def take_job_lock(job_dir: Path, job_id: int, *, grace_s: float,
-                  on_wait: Callable[[int | None], None] | None = None) -> int:
+def take_job_lock(
+    job_dir: Path, job_id: int, *, grace_s: float, on_wait: Callable[[int | None], None] | None = None
+) -> int:
     """Hold the job's trainer lock for the life of this process; returns its file descriptor
     (never closed: closing would release the lock). An earlier trainer holding it is stopped."""
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,9 @@ def _stop_holder(fd: int, holder: int | None, job_id: int, grace_s: float) -> No
             pass
         if not killed and time.monotonic() > deadline and signalled:
             assert holder is not None
-            logger.warning("job %s: the earlier trainer (pid %s) did not stop in %.0f s; killing it",
-                           job_id, holder, grace_s)
+            logger.warning(
+                "job %s: the earlier trainer (pid %s) did not stop in %.0f s; killing it", job_id, holder, grace_s
+            )
             if _is_trainer_of(holder, job_id):
                 os.kill(holder, signal.SIGKILL)
             killed = True

@@ -36,20 +36,27 @@ logger = logging.getLogger("trainer")
 # (imports, loading, preparing) nothing is worth finishing, so the trainer leaves at once.
 STEPPING_PHASES = frozenset({"training", "evaluating", "saving"})
 # The trainer's phases, as the job record shows them while the job runs.
-PUBLIC_PHASES = {"starting": Phase.starting, "importing": Phase.starting, "loading_tokenizer": Phase.checking_data,
-                 "loading_dataset": Phase.checking_data, "loading_model": Phase.loading_model,
-                 "preparing": Phase.preparing, "training": Phase.training, "evaluating": Phase.evaluating,
-                 "saving": Phase.saving}
-VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo",
-                    "bitsandbytes")
+PUBLIC_PHASES = {
+    "starting": Phase.starting,
+    "importing": Phase.starting,
+    "loading_tokenizer": Phase.checking_data,
+    "loading_dataset": Phase.checking_data,
+    "loading_model": Phase.loading_model,
+    "preparing": Phase.preparing,
+    "training": Phase.training,
+    "evaluating": Phase.evaluating,
+    "saving": Phase.saving,
+}
+VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 
 
 class Interrupted(BaseException):
     """Raised by the SIGTERM handler outside the training loop: leave now, the job runs again."""
 
 
-def write_result(job_dir: Path, status: TrainerOutcome, code: ErrorCode | None = None, message: str | None = None,
-                 **extra: Any) -> None:
+def write_result(
+    job_dir: Path, status: TrainerOutcome, code: ErrorCode | None = None, message: str | None = None, **extra: Any
+) -> None:
     tmp = job_dir / f"{RESULT_FILE}.tmp"
     result = TrainerResult(status=status, error_code=code, error_message=message, **extra)
     try:
@@ -108,10 +115,12 @@ class Run:
         """Local models and datasets that were deleted or moved while the job waited."""
         spec = self.spec
         validation = spec.validation.source if spec.validation is not None else ""
-        for what, value, code in (("the model folder", spec.model, ErrorCode.model_not_found),
-                                  ("chat_template_from's folder", spec.chat_template_from, ErrorCode.model_not_found),
-                                  ("the dataset", spec.dataset.source, ErrorCode.dataset_invalid),
-                                  ("the validation set", validation, ErrorCode.dataset_invalid)):
+        for what, value, code in (
+            ("the model folder", spec.model, ErrorCode.model_not_found),
+            ("chat_template_from's folder", spec.chat_template_from, ErrorCode.model_not_found),
+            ("the dataset", spec.dataset.source, ErrorCode.dataset_invalid),
+            ("the validation set", validation, ErrorCode.dataset_invalid),
+        ):
             if value and Path(value).is_absolute() and not Path(value).exists():
                 raise missing_source(what, value, code)
 
@@ -146,8 +155,11 @@ class Run:
         """Clear what a stopped attempt left (unfinished staging folders, incomplete checkpoints),
         record complete checkpoints it never recorded, and return the one to resume from."""
         for name, size in sweep_partials(self.checkpoints_dir):
-            event(self.job_id, EventKind.checkpoint_discarded,
-                  f"removed {name}, a checkpoint an earlier attempt did not finish writing ({size} bytes)")
+            event(
+                self.job_id,
+                EventKind.checkpoint_discarded,
+                f"removed {name}, a checkpoint an earlier attempt did not finish writing ({size} bytes)",
+            )
         resume_from, incomplete = newest_complete(self.checkpoints_dir)
         for folder, problem in incomplete:
             shutil.rmtree(folder, ignore_errors=True)
@@ -165,9 +177,10 @@ class Run:
             backend = "unsloth" if has_cuda else "transformers"
         if backend == "unsloth" and not has_cuda:
             raise JobFailure(
-                ErrorCode.gpu_unavailable, "backend 'unsloth' needs a CUDA GPU and this worker sees none.",
+                ErrorCode.gpu_unavailable,
+                "backend 'unsloth' needs a CUDA GPU and this worker sees none.",
                 action="Check the worker's CUDA_VISIBLE_DEVICES and NVIDIA driver, or resubmit the job with "
-                       "backend 'transformers'.",
+                "backend 'transformers'.",
             )
         if backend == "unsloth":
             try:
@@ -196,8 +209,10 @@ class Run:
 
         donor = AutoTokenizer.from_pretrained(self.spec.chat_template_from)
         if not donor.chat_template:
-            raise JobFailure(ErrorCode.chat_template_missing,
-                             f"chat_template_from {self.spec.chat_template_from!r} has no chat template.")
+            raise JobFailure(
+                ErrorCode.chat_template_missing,
+                f"chat_template_from {self.spec.chat_template_from!r} has no chat template.",
+            )
         return str(donor.chat_template)
 
     def apply_chat_template(self, tokenizer: Any) -> Any:
@@ -222,8 +237,8 @@ class Run:
                 "assistant_only_loss needs a chat template that marks the assistant's tokens ({% generation %}); "
                 f"TRL adds the marks to the templates it knows, but not to this one ({exc}).",
                 action="Set chat_template_from to a tokenizer whose template TRL knows (Llama 3, Qwen 2.5/3, Gemma, "
-                       "Phi-3, ...), add the marks to the template, or train on whole conversations "
-                       "(assistant_only_loss false); then resubmit the job.",
+                "Phi-3, ...), add the marks to the template, or train on whole conversations "
+                "(assistant_only_loss false); then resubmit the job.",
             ) from None
 
     def check_data(self, tokenizer: Any) -> tuple[Any, Any]:
@@ -234,13 +249,17 @@ class Run:
         self.phase = "loading_dataset"
         spec, hp = self.spec, self.spec.hyperparameters
         limit = self.settings.max_bad_row_fraction
-        dataset, check = load_checked(spec.dataset.source, spec.dataset.split, spec.dataset.columns,
-                                      what="the dataset", max_bad_fraction=limit)
+        dataset, check = load_checked(
+            spec.dataset.source, spec.dataset.split, spec.dataset.columns, what="the dataset", max_bad_fraction=limit
+        )
         row_format = check.row_format
         assert row_format is not None
-        problem = loss_option_problem(row_format, bool(check.conversational),
-                                      assistant_only_loss=hp.assistant_only_loss,
-                                      completion_only_loss=hp.completion_only_loss)
+        problem = loss_option_problem(
+            row_format,
+            bool(check.conversational),
+            assistant_only_loss=hp.assistant_only_loss,
+            completion_only_loss=hp.completion_only_loss,
+        )
         if problem:
             raise JobFailure(ErrorCode.dataset_invalid, problem)
         if check.conversational and not tokenizer.chat_template:
@@ -248,34 +267,43 @@ class Run:
                 ErrorCode.chat_template_missing,
                 "The dataset holds chat messages but the model's tokenizer has no chat template.",
                 action="Set chat_template_from to a tokenizer that has one (e.g. the model's instruct version), "
-                       "then resubmit the job.",
+                "then resubmit the job.",
             )
         eval_dataset, eval_check = self.validation_set(dataset, row_format)
         held_out = spec.validation.fraction if spec.validation is not None else None
         if held_out is not None:
             split = dataset.train_test_split(test_size=held_out, seed=hp.seed)
             dataset, eval_dataset = split["train"], split["test"]
-        counting = {"row_format": row_format, "tokenizer": tokenizer, "max_length": hp.max_seq_length,
-                    "assistant_only": hp.assistant_only_loss,
-                    "completion_only": hp.completion_only_loss is not False and row_format == "prompt_completion",
-                    "template": self.training_chat_template(tokenizer)}
+        counting = {
+            "row_format": row_format,
+            "tokenizer": tokenizer,
+            "max_length": hp.max_seq_length,
+            "assistant_only": hp.assistant_only_loss,
+            "completion_only": hp.completion_only_loss is not False and row_format == "prompt_completion",
+            "template": self.training_chat_template(tokenizer),
+        }
         lengths, loss_tokens = token_counts(dataset, what="the dataset", **counting)
         report = data_report(lengths, loss_tokens, check=check, hp=hp)
         if eval_dataset is not None:
             eval_lengths, eval_loss_tokens = token_counts(eval_dataset, what="the validation set", **counting)
             report["validation"] = {
                 **(eval_check.summary() if eval_check is not None else {"fraction": held_out}),
-                "rows_used": len(eval_dataset), "tokens": int(eval_lengths.clip(max=hp.max_seq_length).sum()),
-                "loss_tokens": int(eval_loss_tokens.sum())}
+                "rows_used": len(eval_dataset),
+                "tokens": int(eval_lengths.clip(max=hp.max_seq_length).sum()),
+                "loss_tokens": int(eval_loss_tokens.sum()),
+            }
         self.save_report(report)
         lengths_summary = report["tokens_per_row"]
         skipped = f" ({check.bad_rows} malformed row(s) skipped)" if check.bad_rows else ""
         held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
-        event(self.job_id, EventKind.dataset_loaded,
-              f"{report['rows_used']} rows in {row_format!r} format{skipped}{held}; tokens per row median "
-              f"{lengths_summary['median']}, max {lengths_summary['max']}; {report['rows_truncated']} row(s) longer "
-              f"than max_seq_length {hp.max_seq_length}; {report['loss_tokens_per_epoch']} tokens in the loss per "
-              f"epoch; {report['optimizer_steps']} optimizer steps, {report['tokens_to_train']} tokens to train")
+        event(
+            self.job_id,
+            EventKind.dataset_loaded,
+            f"{report['rows_used']} rows in {row_format!r} format{skipped}{held}; tokens per row median "
+            f"{lengths_summary['median']}, max {lengths_summary['max']}; {report['rows_truncated']} row(s) longer "
+            f"than max_seq_length {hp.max_seq_length}; {report['loss_tokens_per_epoch']} tokens in the loss per "
+            f"epoch; {report['optimizer_steps']} optimizer steps, {report['tokens_to_train']} tokens to train",
+        )
         return dataset, eval_dataset
 
     def validation_set(self, dataset: Any, row_format: str) -> tuple[Any, Any]:
@@ -289,11 +317,19 @@ class Run:
         if validation.fraction is not None:
             return dataset, None
         source = validation.source or self.spec.dataset.source
-        rows, check = load_checked(source, validation.split or "train", self.spec.dataset.columns,
-                                   what="the validation set", max_bad_fraction=self.settings.max_bad_row_fraction)
+        rows, check = load_checked(
+            source,
+            validation.split or "train",
+            self.spec.dataset.columns,
+            what="the validation set",
+            max_bad_fraction=self.settings.max_bad_row_fraction,
+        )
         if check.row_format != row_format:
-            raise JobFailure(ErrorCode.dataset_invalid, f"the validation set's rows are {check.row_format!r} but the "
-                             f"dataset's are {row_format!r}; both need the same format")
+            raise JobFailure(
+                ErrorCode.dataset_invalid,
+                f"the validation set's rows are {check.row_format!r} but the "
+                f"dataset's are {row_format!r}; both need the same format",
+            )
         return rows, check
 
     def save_report(self, report: dict[str, Any]) -> None:
@@ -311,9 +347,13 @@ class Run:
             job = session.get(Job, self.job_id)
             assert job is not None and job.data_report is not None
             sequences = len(trainer.train_dataset)
-            job.data_report = {**job.data_report, "sequences_per_epoch": sequences, "sequences_estimated": False,
-                               "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
-                               "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset)}
+            job.data_report = {
+                **job.data_report,
+                "sequences_per_epoch": sequences,
+                "sequences_estimated": False,
+                "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
+                "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset),
+            }
             session.add(job)
 
     def load_model(self, backend: str, tokenizer: Any) -> tuple[Any, Any]:
@@ -326,8 +366,11 @@ class Run:
             from unsloth import FastLanguageModel
 
             model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
-                model_name=self.spec.model, max_seq_length=hp.max_seq_length, dtype=torch.bfloat16,
-                load_in_4bit=False, full_finetuning=True,  # gradient checkpointing "unsloth" is the default
+                model_name=self.spec.model,
+                max_seq_length=hp.max_seq_length,
+                dtype=torch.bfloat16,
+                load_in_4bit=False,
+                full_finetuning=True,  # gradient checkpointing "unsloth" is the default
             )
             return model, self.apply_chat_template(unsloth_tokenizer)
         from transformers import AutoModelForCausalLM
@@ -344,8 +387,11 @@ class Run:
         optim = hp.optim
         if not on_gpu and optim in GPU_ONLY_OPTIMIZERS:
             optim = "adamw_torch"
-            event(self.job_id, EventKind.optimizer_replaced,
-                  f"optimizer {hp.optim!r} needs a CUDA GPU; this worker has none, so adamw_torch is used")
+            event(
+                self.job_id,
+                EventKind.optimizer_replaced,
+                f"optimizer {hp.optim!r} needs a CUDA GPU; this worker has none, so adamw_torch is used",
+            )
         return SFTConfig(
             output_dir=str(self.checkpoints_dir),
             per_device_train_batch_size=hp.per_device_train_batch_size,
@@ -405,15 +451,25 @@ class Run:
 
         evaluate = eval_dataset is not None
         trainer = self.trainer = JobSFTTrainer(
-            model=model, args=self.sft_config(backend, evaluate=evaluate), train_dataset=dataset,
-            eval_dataset=eval_dataset, processing_class=tokenizer, max_shard_size=self.settings.max_shard_size,
-            on_phase=self.set_phase_from_trainer, min_free_bytes=self.settings.min_free_disk_bytes,
+            model=model,
+            args=self.sft_config(backend, evaluate=evaluate),
+            train_dataset=dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            max_shard_size=self.settings.max_shard_size,
+            on_phase=self.set_phase_from_trainer,
+            min_free_bytes=self.settings.min_free_disk_bytes,
         )
         self.refine_report(trainer)
-        self.reporter = JobReporter(job_id=job_id, stop=self.stop, memory=MemoryProbe(),
-                                    checkpoints_dir=self.checkpoints_dir, tokens_trained=trainer.tokens_trained,
-                                    eval_seconds=lambda: trainer.eval_seconds,
-                                    publish_seconds=lambda: trainer.last_publish_seconds)
+        self.reporter = JobReporter(
+            job_id=job_id,
+            stop=self.stop,
+            memory=MemoryProbe(),
+            checkpoints_dir=self.checkpoints_dir,
+            tokens_trained=trainer.tokens_trained,
+            eval_seconds=lambda: trainer.eval_seconds,
+            publish_seconds=lambda: trainer.last_publish_seconds,
+        )
         trainer.add_callback(self.reporter)
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
@@ -430,8 +486,13 @@ class Run:
         from core.checkpoint_store import record_checkpoint
 
         with session_scope() as session:
-            record_checkpoint(session=session, job_id=job_id, folder=final, step=trainer.state.global_step,
-                              note=f"; fsync and rename took {seconds:.2f} s")
+            record_checkpoint(
+                session=session,
+                job_id=job_id,
+                folder=final,
+                step=trainer.state.global_step,
+                note=f"; fsync and rename took {seconds:.2f} s",
+            )
 
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
@@ -461,44 +522,77 @@ def main(argv: list[str]) -> int:
     try:
         run = Run(job_id)
         # Before anything touches the job's folder: no earlier trainer of this job still runs.
-        take_job_lock(job_dir, job_id, grace_s=settings.cancel_grace_s, on_wait=lambda pid: event(
-            job_id, EventKind.waiting,
-            f"an earlier trainer of this job (pid {pid}) is still running; stopping it first"))
+        take_job_lock(
+            job_dir,
+            job_id,
+            grace_s=settings.cancel_grace_s,
+            on_wait=lambda pid: event(
+                job_id,
+                EventKind.waiting,
+                f"an earlier trainer of this job (pid {pid}) is still running; stopping it first",
+            ),
+        )
         run.load_job()
         run.train()
     except Interrupted as exc:
         if run is not None and run.stop.reason == "cancelled":
-            write_result(job_dir, TrainerOutcome.cancelled, ErrorCode.cancelled,
-                         "cancelled by request before training started", step=0)
+            write_result(
+                job_dir,
+                TrainerOutcome.cancelled,
+                ErrorCode.cancelled,
+                "cancelled by request before training started",
+                step=0,
+            )
         else:  # the job is not done: it should run again
-            write_result(job_dir, TrainerOutcome.interrupted, None, f"the trainer was stopped before training ({exc})",
-                         step=0)
+            write_result(
+                job_dir, TrainerOutcome.interrupted, None, f"the trainer was stopped before training ({exc})", step=0
+            )
         return 0
     except BaseException as exc:
         logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
         step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
-        failure = classify(exc, phase=run.phase if run is not None else "starting", step=step,
-                           disk=disk_space(job_dir))
+        failure = classify(exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir))
         write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message)
         return 1
     if run.stop.should_stop():
         step = run.trainer.state.global_step if run.trainer is not None else 0
         if run.stop.reason == "cancelled":
-            write_result(job_dir, TrainerOutcome.cancelled, ErrorCode.cancelled, f"cancelled by request at step {step}",
-                         step=step)
+            write_result(
+                job_dir,
+                TrainerOutcome.cancelled,
+                ErrorCode.cancelled,
+                f"cancelled by request at step {step}",
+                step=step,
+            )
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
-            write_result(job_dir, TrainerOutcome.interrupted, None,
-                         f"the trainer was stopped at step {step} ({run.stop.reason})", step=step)
+            write_result(
+                job_dir,
+                TrainerOutcome.interrupted,
+                None,
+                f"the trainer was stopped at step {step} ({run.stop.reason})",
+                step=step,
+            )
         return 0
     reporter, state = run.reporter, run.trainer.state
     train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
-    share = f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)" \
-        if train_seconds else ""
-    event(job_id, EventKind.reporting_overhead,
-          f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}")
+    share = (
+        f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)"
+        if train_seconds
+        else ""
+    )
+    event(
+        job_id,
+        EventKind.reporting_overhead,
+        f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}",
+    )
     first_step = reporter.first_step_seconds
-    write_result(job_dir, TrainerOutcome.succeeded, step=state.global_step,
-                 seconds=round(time.monotonic() - started, 3),
-                 first_step_seconds=round(first_step, 3) if first_step is not None else None,
-                 train_seconds=train_seconds, callback_overhead_seconds=round(reporter.overhead_s, 4))
+    write_result(
+        job_dir,
+        TrainerOutcome.succeeded,
+        step=state.global_step,
+        seconds=round(time.monotonic() - started, 3),
+        first_step_seconds=round(first_step, 3) if first_step is not None else None,
+        train_seconds=train_seconds,
+        callback_overhead_seconds=round(reporter.overhead_s, 4),
+    )
     return 0

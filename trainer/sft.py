@@ -39,8 +39,14 @@ FULL_BELOW_BYTES = 1024**2
 
 
 class JobSFTTrainer(SFTTrainer):
-    def __init__(self, *args: Any, max_shard_size: str = "4GB", on_phase: Callable[[str], None] | None = None,
-                 min_free_bytes: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_shard_size: str = "4GB",
+        on_phase: Callable[[str], None] | None = None,
+        min_free_bytes: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_shard_size = max_shard_size
         self.on_phase = on_phase
@@ -102,8 +108,12 @@ class JobSFTTrainer(SFTTrainer):
         failpoint("checkpoint_published", job_dir=self.job_dir, step=self.state.global_step)
         self.last_publish_seconds = seconds
         if self.args.should_save:
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The model's weights are on disk, its optimizer state not yet: a checkpoint half written.
@@ -133,8 +143,12 @@ class JobSFTTrainer(SFTTrainer):
         if last is not None:
             return sum(size for _path, size in folder_files(last))
         optimizer_state = getattr(self.optimizer, "state", {}) if self.optimizer is not None else {}
-        states: int = sum(t.numel() * t.element_size() for per_param in optimizer_state.values()
-                     for t in per_param.values() if hasattr(t, "element_size"))
+        states: int = sum(
+            t.numel() * t.element_size()
+            for per_param in optimizer_state.values()
+            for t in per_param.values()
+            if hasattr(t, "element_size")
+        )
         return self.weights_bytes() + states + CHECKPOINT_EXTRA_BYTES
 
     def check_space(self, name: str, needed: int) -> None:

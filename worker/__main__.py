@@ -157,14 +157,20 @@ def main(
     connection = get_redis()
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     worker = FinetuneWorker(
-        [get_queue(connection)], connection=connection,
+        [get_queue(connection)],
+        connection=connection,
         name=name or f"{os.uname().nodename}-gpu{gpus.replace(',', '_')}-{os.getpid()}",
         maintenance_interval=max(1, int(settings.reconcile_interval_s)),
     )
     worker.gpu_memory_bytes = visible_gpu_memory()
-    logger.info("worker %s on queue %r (GPUs: %s, %s; data under %s)", worker.name, settings.queue_name, gpus,
-                f"{worker.gpu_memory_bytes / 2**30:.1f} GiB" if worker.gpu_memory_bytes else "no GPU memory known",
-                settings.data_dir.resolve())
+    logger.info(
+        "worker %s on queue %r (GPUs: %s, %s; data under %s)",
+        worker.name,
+        settings.queue_name,
+        gpus,
+        f"{worker.gpu_memory_bytes / 2**30:.1f} GiB" if worker.gpu_memory_bytes else "no GPU memory known",
+        settings.data_dir.resolve(),
+    )
     Reserve.for_settings().ensure()
     work_until_stopped(worker, burst=burst)
 

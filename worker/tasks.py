@@ -53,8 +53,14 @@ def worker_name() -> str:
 def trainer_environment(settings_env: dict[str, str], cache_env: dict[str, str]) -> dict[str, str]:
     """The trainer's environment: ours, with the settings and cache folders as absolute paths
     (it runs in another working directory), and the project importable from anywhere."""
-    env = {**cache_env, **os.environ, **settings_env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           PARENT_PID_ENV: str(os.getpid())}
+    env = {
+        **cache_env,
+        **os.environ,
+        **settings_env,
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        PARENT_PID_ENV: str(os.getpid()),
+    }
     for name in CACHE_VARIABLES:
         if env.get(name) and not Path(env[name]).is_absolute():
             env[name] = str(Path(env[name]).resolve())
@@ -87,8 +93,14 @@ def claim(job_id: int) -> int | None:
         result = session.execute(
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
-            .values(status=JobStatus.running, attempts=Job.attempts + 1, worker_name=worker_name(),
-                    heartbeat_at=now, cancel_requested_at=None, phase="starting")
+            .values(
+                status=JobStatus.running,
+                attempts=Job.attempts + 1,
+                worker_name=worker_name(),
+                heartbeat_at=now,
+                cancel_requested_at=None,
+                phase="starting",
+            )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             return None
@@ -97,8 +109,12 @@ def claim(job_id: int) -> int | None:
         if job.started_at is None:
             job.started_at = now
         session.add(job)
-        add_event(session=session, job_id=job_id, kind=EventKind.started,
-                  message=f"started on {job.worker_name} (attempt {job.attempts})")
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind=EventKind.started,
+            message=f"started on {job.worker_name} (attempt {job.attempts})",
+        )
         return job.attempts
 
 
@@ -132,12 +148,18 @@ class TrainerWatch:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
-        env = trainer_environment(self.settings.as_environment(),
-                                  compile_cache_env(self.settings.data_dir.resolve() / "cache"))
+        env = trainer_environment(
+            self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
+        )
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
-            [sys.executable, "-m", "trainer", str(self.job_id)], cwd=self.workdir,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            [sys.executable, "-m", "trainer", str(self.job_id)],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         return child
@@ -174,19 +196,23 @@ class TrainerWatch:
             with session_scope() as session:
                 if heartbeat:
                     session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
-                cancel_requested_at = session.exec(
-                    select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
-                pending = session.exec(select(Checkpoint.id).where(
-                    Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing)).all()
+                cancel_requested_at = session.exec(select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
+                pending = session.exec(
+                    select(Checkpoint.id).where(
+                        Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing
+                    )
+                ).all()
         except SQLAlchemyError as exc:
             if self.database_trouble_since is None:
                 self.database_trouble_since = time.monotonic()
-                logger.warning("job %s: the job database cannot be reached (%s); the trainer goes on", self.job_id,
-                               exc)
+                logger.warning("job %s: the job database cannot be reached (%s); the trainer goes on", self.job_id, exc)
             return False, []
         if self.database_trouble_since is not None:
-            logger.info("job %s: the job database answers again after %.0f s", self.job_id,
-                        time.monotonic() - self.database_trouble_since)
+            logger.info(
+                "job %s: the job database answers again after %.0f s",
+                self.job_id,
+                time.monotonic() - self.database_trouble_since,
+            )
             self.database_trouble_since = None
         return cancel_requested_at is not None, [cid for cid in pending if cid is not None]
 
@@ -198,8 +224,12 @@ class TrainerWatch:
             try:
                 future.result()
             except Exception as exc:
-                logger.warning("job %s: checkpoint %s not hashed yet (%s); a worker's maintenance will",
-                               self.job_id, checkpoint_id, exc)
+                logger.warning(
+                    "job %s: checkpoint %s not hashed yet (%s); a worker's maintenance will",
+                    self.job_id,
+                    checkpoint_id,
+                    exc,
+                )
         self.hasher.shutdown()
 
     def carry_cancel(self, child: subprocess.Popen[bytes], requested: bool) -> None:
@@ -267,29 +297,43 @@ class TrainerWatch:
         """How the job ended when the trainer wrote no result: cancelled and killed, stopped by
         a full disk (it could not even write its result), or crashed."""
         if self.cancel_sent_at is not None:
-            return TrainerResult(status=TrainerOutcome.cancelled, error_code=ErrorCode.cancelled,
-                                 error_message="cancelled; the trainer did not stop in time and was killed")
+            return TrainerResult(
+                status=TrainerOutcome.cancelled,
+                error_code=ErrorCode.cancelled,
+                error_message="cancelled; the trainer did not stop in time and was killed",
+            )
         low = low_on_space(self.job_dir)
         if low is not None:
             return TrainerResult(
-                status=TrainerOutcome.failed, error_code=ErrorCode.disk_full,
+                status=TrainerOutcome.failed,
+                error_code=ErrorCode.disk_full,
                 error_message=f"The trainer stopped without a report while the disk under DATA_DIR was full: "
-                              f"there is {low.describe()}, less than the MIN_FREE_DISK_BYTES the job database and "
-                              "logs need. Free space on that disk (or lower save_total_limit, raise save_steps), "
-                              "then resubmit the job.")
-        return TrainerResult(status=TrainerOutcome.failed, error_code=ErrorCode.trainer_crashed,
-                             error_message=self.crash_message(returncode))
+                f"there is {low.describe()}, less than the MIN_FREE_DISK_BYTES the job database and "
+                "logs need. Free space on that disk (or lower save_total_limit, raise save_steps), "
+                "then resubmit the job.",
+            )
+        return TrainerResult(
+            status=TrainerOutcome.failed,
+            error_code=ErrorCode.trainer_crashed,
+            error_message=self.crash_message(returncode),
+        )
 
     def crash_message(self, returncode: int) -> str:
         if returncode < 0:
             name = signal.Signals(-returncode).name
-            cause = " (often the kernel's out-of-memory killer: the host ran out of RAM)" \
-                if returncode == -signal.SIGKILL else ""
+            cause = (
+                " (often the kernel's out-of-memory killer: the host ran out of RAM)"
+                if returncode == -signal.SIGKILL
+                else ""
+            )
             what = f"was killed by {name}{cause}"
         else:
             what = f"exited with code {returncode} without reporting a result"
         tail = self.log_tail()
         shown = f" Last lines of trainer.log:\n{tail}\n" if tail else " "
-        action = "Lower per_device_train_batch_size or max_seq_length, or give the host more RAM" \
-            if returncode == -signal.SIGKILL else "Read trainer.log in the job's folder and fix what it names"
+        action = (
+            "Lower per_device_train_batch_size or max_seq_length, or give the host more RAM"
+            if returncode == -signal.SIGKILL
+            else "Read trainer.log in the job's folder and fix what it names"
+        )
         return f"The trainer process {what}.{shown}{action}, then resubmit the job."

@@ -24,8 +24,12 @@ from core.db import get_engine
 from core.models import CheckpointStatus, Job, JobStatus
 from core.spec import MAX_DB_INT, UrlInt
 
-router = APIRouter(prefix="/jobs/{job_id}/checkpoints", tags=["checkpoints"],
-                   dependencies=[Depends(require_token)], responses=error_responses(401, 404, 422, 503))
+router = APIRouter(
+    prefix="/jobs/{job_id}/checkpoints",
+    tags=["checkpoints"],
+    dependencies=[Depends(require_token)],
+    responses=error_responses(401, 404, 422, 503),
+)
 
 JobId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT)]
 Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="e.g. checkpoint-500 or final")]
@@ -42,8 +46,9 @@ def read_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> Checkpoin
     return checkpoint_public(crud.get_checkpoint(session=session, job_id=job_id, name=name))
 
 
-@router.get("/{name}/archive", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}})
+@router.get(
+    "/{name}/archive", response_class=StreamingResponse, responses={200: {"content": {"application/x-tar": {}}}}
+)
 def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
     """The checkpoint folder as one tar, streamed as it is read (nothing is built on disk)."""
     checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
@@ -94,17 +99,23 @@ def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_re
     return real, real.stat(), files[path]
 
 
-@router.get("/{name}/files/{path:path}", response_class=FileResponse,
-            responses={206: {"description": "the requested Range of the file",
-                             "content": {"application/octet-stream": {}}},
-                       200: {"content": {"application/octet-stream": {}}}, **error_responses(400, 416)})
+@router.get(
+    "/{name}/files/{path:path}",
+    response_class=FileResponse,
+    responses={
+        206: {"description": "the requested Range of the file", "content": {"application/octet-stream": {}}},
+        200: {"content": {"application/octet-stream": {}}},
+        **error_responses(400, 416),
+    },
+)
 async def download_file(job_id: JobId, name: Name, path: str, request: Request) -> FileResponse:
     """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""
     real, stat, sha = await run_db(_locate, job_id, name, path)
     headers = {"X-Checksum-SHA256": sha} if sha else None
     check_range(request, stat.st_size)
-    return CheckpointFileResponse(real, filename=real.name, headers=headers, media_type="application/octet-stream",
-                                  stat_result=stat)
+    return CheckpointFileResponse(
+        real, filename=real.name, headers=headers, media_type="application/octet-stream", stat_result=stat
+    )
 
 
 def check_range(request: Request, size: int) -> None:
@@ -120,5 +131,7 @@ def check_range(request: Request, size: int) -> None:
     except MalformedRangeHeader as exc:
         raise BadRange(f"malformed Range header {http_range!r}: {exc.content}") from None
     except StarletteRangeNotSatisfiable:
-        raise RangeNotSatisfiable(f"Range {http_range!r} starts past the end of the file ({size} bytes)",
-                                  headers={"Content-Range": f"bytes */{size}"}) from None
+        raise RangeNotSatisfiable(
+            f"Range {http_range!r} starts past the end of the file ({size} bytes)",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None

@@ -14,21 +14,43 @@ from app.presenters import file_public
 from app.schemas import FileList, FilePublic
 from core.spec import MAX_DB_INT, UrlInt
 
-router = APIRouter(prefix="/files", tags=["files"], dependencies=[Depends(require_token)],
-                   responses=error_responses(401, 503))
+router = APIRouter(
+    prefix="/files", tags=["files"], dependencies=[Depends(require_token)], responses=error_responses(401, 503)
+)
 
 FileId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT, description="the file's id")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(404, 422)
 
 
-UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "a .jsonl, .json (JSON Lines or an array) or .parquet dataset"}}}}}}}
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a .jsonl, .json (JSON Lines or an array) or .parquet dataset",
+                        }
+                    },
+                }
+            }
+        },
+    }
+}
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic, openapi_extra=UPLOAD_BODY,
-             responses=error_responses(413, 422, 507))
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=FilePublic,
+    openapi_extra=UPLOAD_BODY,
+    responses=error_responses(413, 422, 507),
+)
 async def upload_file(request: Request, session: SessionDep) -> FilePublic:
     """Store a JSON Lines or Parquet dataset (multipart field `file`), streamed to disk as it
     arrives: every row is read and checked, and the record keeps its row format (`messages`,
@@ -49,8 +71,12 @@ def read_file(file_id: FileId, session: SessionDep) -> FilePublic:
     return file_public(crud.get_file(session=session, file_id=file_id))
 
 
-@router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
-               responses=error_responses(404, 409, 422))
+@router.delete(
+    "/{file_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(404, 409, 422),
+)
 def delete_file(file_id: FileId, session: SessionDep) -> Response:
     """Remove the file and its record; refused while a queued or running job uses it."""
     crud.delete_file(session=session, file_id=file_id)

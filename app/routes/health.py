@@ -38,6 +38,12 @@ def healthz() -> JSONResponse:
     else:
         disk = "ok"
     ok = database == "ok" and redis == "ok" and disk == "ok"
-    body = Health(status="ok" if ok else "degraded", database=database, redis=redis, disk=disk,
-                  disk_free_bytes=space.free_bytes, disk_total_bytes=space.total_bytes)
+    body = Health(
+        status="ok" if ok else "degraded",
+        database=database,
+        redis=redis,
+        disk=disk,
+        disk_free_bytes=space.free_bytes,
+        disk_total_bytes=space.total_bytes,
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)

@@ -33,8 +33,9 @@ from core.spec import JOB_SPEC_EXAMPLE, MAX_DB_INT, JobSpec, UrlInt
 
 # Every route here may answer these: no token, a parameter that does not validate, a database
 # that cannot answer.
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)],
-                   responses=error_responses(401, 422, 503))
+router = APIRouter(
+    prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)], responses=error_responses(401, 422, 503)
+)
 
 JobId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT, description="the job's id")]
 NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(404)
@@ -43,13 +44,14 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(404)
 def submit_description() -> str:
     # The example lives in the text, not as an OpenAPI `example`: schemathesis 4.32's coverage
     # phase takes an example's keys for required properties and reports false failures.
-    return ("Validate a job spec, store it and queue it. 422 names every bad field, or shows the figures when "
-            "the job cannot fit the GPU or the disk (see POST /jobs/estimate). The standard recipe:\n\n"
-            f"```json\n{json.dumps(JOB_SPEC_EXAMPLE, indent=2)}\n```")
+    return (
+        "Validate a job spec, store it and queue it. 422 names every bad field, or shows the figures when "
+        "the job cannot fit the GPU or the disk (see POST /jobs/estimate). The standard recipe:\n\n"
+        f"```json\n{json.dumps(JOB_SPEC_EXAMPLE, indent=2)}\n```"
+    )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
-             description=submit_description())
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, description=submit_description())
 def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
     job = crud.create_job(session=session, job_in=job_in)
     records.get_record_cache().forget()  # lists read before it would miss it
@@ -67,26 +69,47 @@ def estimate_job(request: EstimateRequest) -> Estimate:
     except PlanError as exc:
         raise CannotPlan(str(exc)) from exc
     return Estimate(
-        memory=MemoryEstimate(total_bytes=memory.total_bytes, total_gib=round(memory.total_bytes / GIB, 2),
-                              parts=memory.parts, optimizer_paged=memory.optimizer_paged,
-                              parameters=memory.parameters, gpu_memory_bytes=memory.gpu_memory_bytes,
-                              verdict=memory.verdict, max_micro_batch=memory.max_micro_batch,
-                              max_seq_length=memory.max_seq_length),
+        memory=MemoryEstimate(
+            total_bytes=memory.total_bytes,
+            total_gib=round(memory.total_bytes / GIB, 2),
+            parts=memory.parts,
+            optimizer_paged=memory.optimizer_paged,
+            parameters=memory.parameters,
+            gpu_memory_bytes=memory.gpu_memory_bytes,
+            verdict=memory.verdict,
+            max_micro_batch=memory.max_micro_batch,
+            max_seq_length=memory.max_seq_length,
+        ),
         disk=DiskEstimate(**dataclasses.asdict(disk)),
     )
 
 
-FieldsQuery = Annotated[str | None, Query(
-    description="only these top-level fields of each record, comma-separated (e.g. status,progress,metrics)",
-    pattern=r"^[a-z_]+(,[a-z_]+)*$", max_length=400)]
+FieldsQuery = Annotated[
+    str | None,
+    Query(
+        description="only these top-level fields of each record, comma-separated (e.g. status,progress,metrics)",
+        pattern=r"^[a-z_]+(,[a-z_]+)*$",
+        max_length=400,
+    ),
+]
 CONDITIONAL: dict[int | str, dict[str, Any]] = {304: {"description": "unchanged since the ETag in If-None-Match"}}
 # The request headers these routes read, for the OpenAPI document. They are read from the
 # request rather than declared as parameters: FastAPI's per-parameter work is a large share of
 # a poller's request once the record comes from memory.
-IF_NONE_MATCH = {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "an ETag from an earlier answer: 304 with no body when nothing changed"}
-CACHE_CONTROL = {"name": "Cache-Control", "in": "header", "required": False, "schema": {"type": "string"},
-                 "description": "`no-cache`: read the database, not this process's copy in memory"}
+IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "an ETag from an earlier answer: 304 with no body when nothing changed",
+}
+CACHE_CONTROL = {
+    "name": "Cache-Control",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "`no-cache`: read the database, not this process's copy in memory",
+}
 
 
 def field_names(fields: str | None) -> list[str] | None:
@@ -95,9 +118,16 @@ def field_names(fields: str | None) -> list[str] | None:
     names = fields.split(",")
     unknown = records.unknown_fields(names)
     if unknown:
-        raise RequestValidationError([{
-            "type": "unknown_field", "loc": ("query", "fields"), "input": fields,
-            "msg": f"unknown field(s) {', '.join(unknown)}; a record has {', '.join(records.RECORD_FIELDS)}"}])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "unknown_field",
+                    "loc": ("query", "fields"),
+                    "input": fields,
+                    "msg": f"unknown field(s) {', '.join(unknown)}; a record has {', '.join(records.RECORD_FIELDS)}",
+                }
+            ]
+        )
     return names
 
 
@@ -105,8 +135,9 @@ def conditional(body: bytes, etag: str, request: Request) -> Response:
     return records.conditional(body, etag, request.headers.get("if-none-match"))
 
 
-@router.get("", response_model=JobPage, responses=CONDITIONAL,
-            openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]})
+@router.get(
+    "", response_model=JobPage, responses=CONDITIONAL, openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]}
+)
 async def list_jobs(
     request: Request,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
@@ -141,8 +172,12 @@ class JobIdConvertor(Convertor[str]):
 register_url_convertor("job_id", JobIdConvertor())
 
 
-@router.get("/{job_id:job_id}", response_model=JobPublic, responses={**NOT_FOUND, **CONDITIONAL},
-            openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]})
+@router.get(
+    "/{job_id:job_id}",
+    response_model=JobPublic,
+    responses={**NOT_FOUND, **CONDITIONAL},
+    openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]},
+)
 async def read_job(request: Request, job_id: JobId, fields: FieldsQuery = None) -> Response:
     """The job record. A queued or running job's is at most RECORD_MAX_AGE_S old (0.5 s);
     send `If-None-Match` with the last ETag to get a 304 when nothing changed, and `fields`
@@ -157,7 +192,8 @@ async def read_job(request: Request, job_id: JobId, fields: FieldsQuery = None) 
 
 
 @router.post(
-    "/{job_id}/cancel", response_model=JobPublic,
+    "/{job_id}/cancel",
+    response_model=JobPublic,
     responses=error_responses(404, 409),
 )
 def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
@@ -180,8 +216,12 @@ async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) ->
     return cache.put(key, body) if record.finished else (body, records.etag_of(body))
 
 
-@router.get("/{job_id}/logs", response_model=StepLogPage, responses={**NOT_FOUND, **CONDITIONAL},
-            openapi_extra={"parameters": [IF_NONE_MATCH]})
+@router.get(
+    "/{job_id}/logs",
+    response_model=StepLogPage,
+    responses={**NOT_FOUND, **CONDITIONAL},
+    openapi_extra={"parameters": [IF_NONE_MATCH]},
+)
 async def read_logs(
     request: Request,
     job_id: JobId,
@@ -194,8 +234,12 @@ async def read_logs(
     return conditional(body, etag, request)
 
 
-@router.get("/{job_id}/events", response_model=EventPage, responses={**NOT_FOUND, **CONDITIONAL},
-            openapi_extra={"parameters": [IF_NONE_MATCH]})
+@router.get(
+    "/{job_id}/events",
+    response_model=EventPage,
+    responses={**NOT_FOUND, **CONDITIONAL},
+    openapi_extra={"parameters": [IF_NONE_MATCH]},
+)
 async def read_events(
     request: Request,
     job_id: JobId,

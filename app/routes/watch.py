@@ -36,8 +36,12 @@ from core.spec import MAX_DB_INT, UrlInt
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/jobs/{job_id}", tags=["watch"], dependencies=[Depends(require_token)],
-                   responses=error_responses(401, 422, 503))
+router = APIRouter(
+    prefix="/jobs/{job_id}",
+    tags=["watch"],
+    dependencies=[Depends(require_token)],
+    responses=error_responses(401, 422, 503),
+)
 
 POLL_INTERVAL_S = 1.0
 PING_INTERVAL_S = 15
@@ -89,9 +93,13 @@ def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | No
         # The job first: logs and events read after it are at least as new, so once it reads
         # finished, everything written before the finish is in this snapshot too.
         job = crud.get_job(session=session, job_id=job_id)
-        return _Snapshot(job=record_of(job), logs=pages.read_logs(session, job_id, after_step, BATCH_ROWS),
-                         events=pages.read_events(session, job_id, after_event_id, BATCH_ROWS),
-                         after_step=after_step, after_event_id=after_event_id)
+        return _Snapshot(
+            job=record_of(job),
+            logs=pages.read_logs(session, job_id, after_step, BATCH_ROWS),
+            events=pages.read_events(session, job_id, after_event_id, BATCH_ROWS),
+            after_step=after_step,
+            after_event_id=after_event_id,
+        )
 
 
 def _tail(job_id: int) -> tuple[int | None, int | None]:
@@ -160,8 +168,13 @@ class JobFeed:
         finally:
             self._hand_out(None)
             FEEDS.pop((asyncio.get_running_loop(), self.job_id), None)
-            logger.info("stream of job %s: %d database reads in %.0f s for up to %d watchers", self.job_id,
-                        self.reads, time.monotonic() - self.started, self.most_watchers)
+            logger.info(
+                "stream of job %s: %d database reads in %.0f s for up to %d watchers",
+                self.job_id,
+                self.reads,
+                time.monotonic() - self.started,
+                self.most_watchers,
+            )
 
 
 # The feeds of this process, by event loop and job.
@@ -175,8 +188,9 @@ def feed_of(job_id: int) -> JobFeed:
     return FEEDS[key]
 
 
-def _events_of(snapshot: _Snapshot, after_step: int | None, after_event_id: int | None, sent_job: bytes | None
-               ) -> tuple[bytes, int | None, int | None, bytes | None]:
+def _events_of(
+    snapshot: _Snapshot, after_step: int | None, after_event_id: int | None, sent_job: bytes | None
+) -> tuple[bytes, int | None, int | None, bytes | None]:
     """What this watcher has not seen of a snapshot, as SSE bytes, and its cursors after it. A
     watcher exactly at the snapshot's cursors (every follower of the feed) gets the bytes the
     snapshot encoded once for all."""
@@ -211,8 +225,11 @@ async def _catch_up(job_id: int, after_step: int | None, after_event_id: int | N
     key = (asyncio.get_running_loop(), job_id, after_step, after_event_id)
     task = _CATCH_UPS.get(key)
     if task is None:
-        task = asyncio.ensure_future(run_db(_read_snapshot, job_id, after_step, after_event_id,
-                                            limiter=limiter_of("catch-ups", CATCH_UP_THREADS)))
+        task = asyncio.ensure_future(
+            run_db(
+                _read_snapshot, job_id, after_step, after_event_id, limiter=limiter_of("catch-ups", CATCH_UP_THREADS)
+            )
+        )
         _CATCH_UPS[key] = task
         task.add_done_callback(lambda _task: _CATCH_UPS.pop(key, None))
     # shield: a watcher that disconnects must not cancel the read the others wait for
@@ -224,8 +241,7 @@ def _behind(cursor: int | None, start: int | None) -> bool:
     return start is not None and (cursor is None or cursor < start)
 
 
-async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None
-                      ) -> AsyncIterator[bytes]:
+async def _job_events(job_id: int, after_step: int | None, after_event_id: int | None) -> AsyncIterator[bytes]:
     feed = feed_of(job_id)
     queue = feed.join()  # before catching up: what the feed reads meanwhile is queued, not lost
     sent_job: bytes | None = None
@@ -243,8 +259,7 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
                     continue
                 except NotFound:  # the job was deleted while someone watched it
                     return
-                out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id,
-                                                                       sent_job)
+                out, after_step, after_event_id, sent_job = _events_of(snapshot, after_step, after_event_id, sent_job)
                 if out:
                     yield out
                 if snapshot.caught_up:
@@ -255,8 +270,7 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
             while (shared := await queue.get()) is not None:
                 if _behind(after_step, shared.after_step) or _behind(after_event_id, shared.after_event_id):
                     break  # rows between this watcher and the snapshot: read them alone first
-                out, after_step, after_event_id, sent_job = _events_of(shared, after_step, after_event_id,
-                                                                       sent_job)
+                out, after_step, after_event_id, sent_job = _events_of(shared, after_step, after_event_id, sent_job)
                 if out:
                     yield out
                 if shared.finished and shared.caught_up:
@@ -268,16 +282,21 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
 
 
 @router.get(
-    "/stream", response_class=EventSourceResponse,
-    responses={**NOT_FOUND, 200: {"description": "a text/event-stream, open until the job ends",
-                                  "content": {"text/event-stream": {}}}},
+    "/stream",
+    response_class=EventSourceResponse,
+    responses={
+        **NOT_FOUND,
+        200: {"description": "a text/event-stream, open until the job ends", "content": {"text/event-stream": {}}},
+    },
 )
 async def stream_job(
     job_id: JobId,
-    after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
-                                               description="only step logs after this step")] = None,
-    after_event_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT,
-                                                   description="only events after this id")] = None,
+    after_step: Annotated[
+        UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only step logs after this step")
+    ] = None,
+    after_event_id: Annotated[
+        UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only events after this id")
+    ] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: `job` (the job record, whenever it changes), `log` (each new step-log
     row) and `event` (each new event). The stream ends after the job's final `job` event; to
@@ -320,8 +339,9 @@ class StaticAssets(StaticFiles):
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         if scope["method"] not in ("GET", "HEAD"):
-            raise MethodNotAllowed(f"{scope['path']} does not take {scope['method']}; it takes GET, HEAD",
-                                   headers={"Allow": "GET, HEAD"})
+            raise MethodNotAllowed(
+                f"{scope['path']} does not take {scope['method']}; it takes GET, HEAD", headers={"Allow": "GET, HEAD"}
+            )
         try:
             return await super().get_response(path, scope)
         except HTTPException as exc:
@@ -329,8 +349,9 @@ class StaticAssets(StaticFiles):
                 raise NotFound(f"no static file {scope['path']}") from None
             raise
 
-    def file_response(self, full_path: PathLike, stat_result: os.stat_result, scope: Scope,
-                      status_code: int = 200) -> Response:
+    def file_response(
+        self, full_path: PathLike, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         response.headers["Cache-Control"] = "no-cache"
         media_type = STATIC_MEDIA_TYPES.get(os.path.splitext(full_path)[1])

@@ -50,51 +50,131 @@ CHECKPOINT_JOB, CHECKPOINT_NAME, CHECKPOINT_FILE = 1, "final", "model.safetensor
 FILE_SIZE = 2 * 1024**3
 SEED = 9
 # What a different value of changes the data: the marker keeps it, and a mismatch rebuilds.
-PARAMS = {"version": 1, "jobs": JOBS, "log_jobs": len(LOG_JOBS), "steps": STEPS, "events": EVENTS,
-          "file_size": FILE_SIZE, "seed": SEED}
+PARAMS = {
+    "version": 1,
+    "jobs": JOBS,
+    "log_jobs": len(LOG_JOBS),
+    "steps": STEPS,
+    "events": EVENTS,
+    "file_size": FILE_SIZE,
+    "seed": SEED,
+}
 
 BLOCK = 64 * 1024**2
 STEP_SECONDS = 2.0  # wall time of one optimizer step in the generated logs
 GIB = 1024**3
 H100_TOTAL = 85_520_809_984  # what NVML reports for an 80 GB H100
 
-JOB_COLUMNS = ("id", "status", "created_at", "started_at", "finished_at", "spec", "backend", "versions", "step",
-               "total_steps", "epoch", "eta_seconds", "phase", "metrics", "vram", "data_report", "error_code",
-               "error_message", "cancel_requested_at", "attempts", "worker_name", "heartbeat_at")
-STEP_LOG_COLUMNS = ("job_id", "created_at", "step", "epoch", "loss", "learning_rate", "grad_norm",
-                    "tokens_per_second", "num_tokens", "eval_loss", "vram_allocated", "vram_reserved",
-                    "vram_peak_allocated", "device_used", "device_total")
+JOB_COLUMNS = (
+    "id",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "spec",
+    "backend",
+    "versions",
+    "step",
+    "total_steps",
+    "epoch",
+    "eta_seconds",
+    "phase",
+    "metrics",
+    "vram",
+    "data_report",
+    "error_code",
+    "error_message",
+    "cancel_requested_at",
+    "attempts",
+    "worker_name",
+    "heartbeat_at",
+)
+STEP_LOG_COLUMNS = (
+    "job_id",
+    "created_at",
+    "step",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_second",
+    "num_tokens",
+    "eval_loss",
+    "vram_allocated",
+    "vram_reserved",
+    "vram_peak_allocated",
+    "device_used",
+    "device_total",
+)
 EVENT_COLUMNS = ("job_id", "created_at", "kind", "message")
 CHECKPOINT_COLUMNS = ("job_id", "name", "step", "created_at", "status", "size_bytes", "files", "removed_at")
 
-VERSIONS = {"python": "3.11.2", "torch": "2.11.0", "transformers": "5.17.0", "trl": "1.14.2", "datasets": "4.8.5",
-            "accelerate": "1.15.0", "unsloth": "2026.10.9", "unsloth_zoo": "2026.10.9", "bitsandbytes": "0.50.2"}
+VERSIONS = {
+    "python": "3.11.2",
+    "torch": "2.11.0",
+    "transformers": "5.17.0",
+    "trl": "1.14.2",
+    "datasets": "4.8.5",
+    "accelerate": "1.15.0",
+    "unsloth": "2026.10.9",
+    "unsloth_zoo": "2026.10.9",
+    "bitsandbytes": "0.50.2",
+}
 FAILURES = [
-    ("out_of_memory", "CUDA ran out of memory while training (OutOfMemoryError: CUDA out of memory. Tried to allocate "
-                      "1.96 GiB). Lower per_device_train_batch_size or max_seq_length, then resubmit the job."),
-    ("dataset_invalid", "1,204 of 61,000 rows are malformed (1.97%, over MAX_BAD_ROW_FRACTION 1%): line 17: "
-                        "'messages' is missing. Fix the rows, or the job's dataset settings, then resubmit the job."),
-    ("trainer_crashed", "The trainer exited with code -9 while training. The trainer's full output is in the job's "
-                        "trainer.log. Fix what its traceback names, then resubmit the job."),
+    (
+        "out_of_memory",
+        "CUDA ran out of memory while training (OutOfMemoryError: CUDA out of memory. Tried to allocate "
+        "1.96 GiB). Lower per_device_train_batch_size or max_seq_length, then resubmit the job.",
+    ),
+    (
+        "dataset_invalid",
+        "1,204 of 61,000 rows are malformed (1.97%, over MAX_BAD_ROW_FRACTION 1%): line 17: "
+        "'messages' is missing. Fix the rows, or the job's dataset settings, then resubmit the job.",
+    ),
+    (
+        "trainer_crashed",
+        "The trainer exited with code -9 while training. The trainer's full output is in the job's "
+        "trainer.log. Fix what its traceback names, then resubmit the job.",
+    ),
 ]
 
 
 def spec_templates() -> list[dict[str, Any]]:
     """Job specs as POST /jobs stores them: validated by the service's own JobSpec."""
     raw = [
-        {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"},
-         "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B", "validation": {"fraction": 0.02},
-         "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64}},
-        {"model": "Qwen/Qwen2.5-7B", "dataset": {"source": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
-         "validation": {"split": "test_sft"},
-         "hyperparameters": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 16,
-                             "max_seq_length": 2048, "learning_rate": 1e-5, "lr_scheduler_type": "cosine"}},
-        {"model": "mistralai/Mistral-7B-v0.3", "dataset": {"source": "teknium/OpenHermes-2.5",
-                                                           "columns": {"messages": "conversations"}},
-         "hyperparameters": {"gradient_accumulation_steps": 32, "packing": True, "save_total_limit": 3}},
-        {"model": "microsoft/phi-4", "dataset": {"source": "openai/gsm8k", "split": "train",
-                                                 "columns": {"prompt": "question", "completion": "answer"}},
-         "hyperparameters": {"per_device_train_batch_size": 1, "max_seq_length": 1024, "num_train_epochs": 3}},
+        {
+            "model": "meta-llama/Llama-3.1-8B",
+            "dataset": {"source": "allenai/tulu-3-sft-mixture"},
+            "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
+            "validation": {"fraction": 0.02},
+            "hyperparameters": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 64},
+        },
+        {
+            "model": "Qwen/Qwen2.5-7B",
+            "dataset": {"source": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
+            "validation": {"split": "test_sft"},
+            "hyperparameters": {
+                "per_device_train_batch_size": 4,
+                "gradient_accumulation_steps": 16,
+                "max_seq_length": 2048,
+                "learning_rate": 1e-5,
+                "lr_scheduler_type": "cosine",
+            },
+        },
+        {
+            "model": "mistralai/Mistral-7B-v0.3",
+            "dataset": {"source": "teknium/OpenHermes-2.5", "columns": {"messages": "conversations"}},
+            "hyperparameters": {"gradient_accumulation_steps": 32, "packing": True, "save_total_limit": 3},
+        },
+        {
+            "model": "microsoft/phi-4",
+            "dataset": {
+                "source": "openai/gsm8k",
+                "split": "train",
+                "columns": {"prompt": "question", "completion": "answer"},
+            },
+            "hyperparameters": {"per_device_train_batch_size": 1, "max_seq_length": 1024, "num_train_epochs": 3},
+        },
     ]
     specs = []
     for body in raw:
@@ -111,31 +191,54 @@ def data_report(rng: random.Random, steps: int, hp: dict[str, Any], *, validatio
     median = rng.randrange(300, 1500)
     tokens = rows * median
     report: dict[str, Any] = {
-        "checked_before_queuing": False, "rows": rows, "row_format": "messages", "bad_rows": 0,
-        "bad_row_examples": [], "rows_used": rows,
+        "checked_before_queuing": False,
+        "rows": rows,
+        "row_format": "messages",
+        "bad_rows": 0,
+        "bad_row_examples": [],
+        "rows_used": rows,
         "tokens_per_row": {"min": 12, "median": median, "p95": median * 3, "max": median * 9},
-        "rows_truncated": rows // 200, "tokens_cut_by_truncation": rows * 7, "tokens_per_epoch": tokens,
-        "loss_tokens_per_epoch": tokens * 2 // 3, "sequences_per_epoch": sequences, "sequences_estimated": False,
-        "optimizer_steps": steps, "tokens_to_train": tokens * 2,
+        "rows_truncated": rows // 200,
+        "tokens_cut_by_truncation": rows * 7,
+        "tokens_per_epoch": tokens,
+        "loss_tokens_per_epoch": tokens * 2 // 3,
+        "sequences_per_epoch": sequences,
+        "sequences_estimated": False,
+        "optimizer_steps": steps,
+        "tokens_to_train": tokens * 2,
     }
     if validation:
-        report["validation"] = {"fraction": 0.02, "rows_used": rows // 50, "tokens": tokens // 50,
-                                "loss_tokens": tokens // 75}
+        report["validation"] = {
+            "fraction": 0.02,
+            "rows_used": rows // 50,
+            "tokens": tokens // 50,
+            "loss_tokens": tokens // 75,
+        }
     return report
 
 
 def vram_figures(rng: random.Random) -> dict[str, int]:
     allocated = int(rng.uniform(52, 58) * GIB)
     used = allocated + int(rng.uniform(6, 9) * GIB)
-    return {"allocated": allocated, "reserved": allocated + 3 * GIB, "peak_allocated": allocated + 9 * GIB,
-            "device_used": used, "device_total": H100_TOTAL, "device_used_peak": used + 2 * GIB}
+    return {
+        "allocated": allocated,
+        "reserved": allocated + 3 * GIB,
+        "peak_allocated": allocated + 9 * GIB,
+        "device_used": used,
+        "device_total": H100_TOTAL,
+        "device_used_peak": used + 2 * GIB,
+    }
 
 
 def metrics_at(rng: random.Random, step: int, total: int, lr: float) -> dict[str, float | None]:
-    return {"loss": round(0.9 + 1.4 * math.exp(-4 * step / total) + rng.uniform(-0.05, 0.05), 4),
-            "learning_rate": lr * max(0.0, 1 - step / total), "grad_norm": round(rng.uniform(0.3, 1.6), 4),
-            "tokens_per_second": round(rng.uniform(8800, 9400), 1),
-            "eval_loss": round(1.0 + 1.3 * math.exp(-4 * step / total), 4), "eval_step": step - step % 500}
+    return {
+        "loss": round(0.9 + 1.4 * math.exp(-4 * step / total) + rng.uniform(-0.05, 0.05), 4),
+        "learning_rate": lr * max(0.0, 1 - step / total),
+        "grad_norm": round(rng.uniform(0.3, 1.6), 4),
+        "tokens_per_second": round(rng.uniform(8800, 9400), 1),
+        "eval_loss": round(1.0 + 1.3 * math.exp(-4 * step / total), 4),
+        "eval_step": step - step % 500,
+    }
 
 
 class Built:
@@ -184,12 +287,24 @@ class Built:
             return tuple(row[c] for c in JOB_COLUMNS)
         started = created + timedelta(seconds=rng.uniform(5, 120))
         report = data_report(rng, total, hp, validation=template.get("validation") is not None)
-        step = {"succeeded": total, "failed": rng.randrange(0, total), "cancelled": rng.randrange(1, total),
-                "running": STEPS}[status]
-        row.update(started_at=started, backend="unsloth", versions=VERSIONS, step=step, total_steps=total,
-                   epoch=round(2.0 * step / total, 4), attempts=1, data_report=report,
-                   worker_name=f"gpu-node-{job_id % 4}-gpu{job_id % 8}-{40000 + job_id}",
-                   heartbeat_at=started + timedelta(seconds=step * STEP_SECONDS))
+        step = {
+            "succeeded": total,
+            "failed": rng.randrange(0, total),
+            "cancelled": rng.randrange(1, total),
+            "running": STEPS,
+        }[status]
+        row.update(
+            started_at=started,
+            backend="unsloth",
+            versions=VERSIONS,
+            step=step,
+            total_steps=total,
+            epoch=round(2.0 * step / total, 4),
+            attempts=1,
+            data_report=report,
+            worker_name=f"gpu-node-{job_id % 4}-gpu{job_id % 8}-{40000 + job_id}",
+            heartbeat_at=started + timedelta(seconds=step * STEP_SECONDS),
+        )
         if step:
             row.update(metrics=metrics_at(rng, step, total, hp["learning_rate"]), vram=vram_figures(rng))
         if job_id in LOG_JOBS:
@@ -201,41 +316,67 @@ class Built:
         if status == "failed":
             row["error_code"], row["error_message"] = rng.choice(FAILURES)
         elif status == "cancelled":
-            row.update(error_code="cancelled", error_message=f"cancelled by request at step {step}",
-                       cancel_requested_at=row["finished_at"] - timedelta(seconds=20))
+            row.update(
+                error_code="cancelled",
+                error_message=f"cancelled by request at step {step}",
+                cancel_requested_at=row["finished_at"] - timedelta(seconds=20),
+            )
         return tuple(row[c] for c in JOB_COLUMNS)
 
     def all_events(self) -> Iterator[tuple[Any, ...]]:
         """The events of each job in order: queued, started, training_started, the ending; the
         jobs with step logs get `evaluated` and `checkpoint` events between, EVENTS in all."""
         index = {c: i for i, c in enumerate(JOB_COLUMNS)}
-        base = sum(1 if job[index["status"]] == "queued" else 3 if job[index["status"]] == "running" else 4
-                   for job in self.jobs)
+        base = sum(
+            1 if job[index["status"]] == "queued" else 3 if job[index["status"]] == "running" else 4
+            for job in self.jobs
+        )
         extra, spare = divmod(EVENTS - base, len(LOG_JOBS))
         for job in self.jobs:
             job_id, status, created = job[index["id"]], job[index["status"]], job[index["created_at"]]
-            yield (job_id, created, "queued", "job accepted and queued; dataset checked when the job starts; "
-                   "planned peak GPU memory 71.4 GiB of 79.6 GiB (fits)")
+            yield (
+                job_id,
+                created,
+                "queued",
+                "job accepted and queued; dataset checked when the job starts; "
+                "planned peak GPU memory 71.4 GiB of 79.6 GiB (fits)",
+            )
             if status == "queued":
                 continue
             started, step = job[index["started_at"]], job[index["step"]]
             yield (job_id, started, "started", f"started on {job[index['worker_name']]} (attempt 1)")
-            yield (job_id, started + timedelta(seconds=40), "training_started",
-                   f"training started: {job[index['total_steps']]} optimizer steps")
+            yield (
+                job_id,
+                started + timedelta(seconds=40),
+                "training_started",
+                f"training started: {job[index['total_steps']]} optimizer steps",
+            )
             if job_id in LOG_JOBS:
                 count = extra + (1 if LOG_JOBS.index(job_id) < spare else 0)
                 for n in range(1, count + 1):
                     at = min(n * step // (count + 1), step)
                     when = started + timedelta(seconds=at * STEP_SECONDS + 41)
                     if n % 5:
-                        yield (job_id, when, "evaluated", f"validation loss {1.0 + 1.3 * math.exp(-4 * n / count):.4f} "
-                               f"at step {at}")
+                        yield (
+                            job_id,
+                            when,
+                            "evaluated",
+                            f"validation loss {1.0 + 1.3 * math.exp(-4 * n / count):.4f} at step {at}",
+                        )
                     else:
-                        yield (job_id, when, "checkpoint", f"saved checkpoint-{at} at step {at} "
-                               f"(48200432117 bytes, 14 files); fsync and rename took 21.37 s")
+                        yield (
+                            job_id,
+                            when,
+                            "checkpoint",
+                            f"saved checkpoint-{at} at step {at} "
+                            f"(48200432117 bytes, 14 files); fsync and rename took 21.37 s",
+                        )
             if status != "running":
-                message = {"succeeded": "succeeded", "failed": f"failed: {job[index['error_message']]}",
-                           "cancelled": f"cancelled: {job[index['error_message']]}"}[status]
+                message = {
+                    "succeeded": "succeeded",
+                    "failed": f"failed: {job[index['error_message']]}",
+                    "cancelled": f"cancelled: {job[index['error_message']]}",
+                }[status]
                 yield (job_id, job[index["finished_at"]], status, message)
 
     def step_logs(self) -> Iterator[tuple[Any, ...]]:
@@ -248,18 +389,38 @@ class Built:
             for step in range(1, STEPS + 1):
                 loss = 0.9 + 1.4 * math.exp(-4 * step / total) + rng.uniform(-0.05, 0.05)
                 used = allocated + rng.randrange(6 * GIB, 9 * GIB)
-                yield (job_id, started + timedelta(seconds=step * STEP_SECONDS), step, 2.0 * step / total, loss,
-                       2e-5 * min(1.0, step / 300) * (1 - step / total), rng.uniform(0.3, 1.6),
-                       rng.uniform(8800, 9400), step * tokens_per_step,
-                       1.0 + 1.3 * math.exp(-4 * step / total) if step % 500 == 0 else None,
-                       allocated, allocated + 3 * GIB, allocated + 9 * GIB, used, H100_TOTAL)
+                yield (
+                    job_id,
+                    started + timedelta(seconds=step * STEP_SECONDS),
+                    step,
+                    2.0 * step / total,
+                    loss,
+                    2e-5 * min(1.0, step / 300) * (1 - step / total),
+                    rng.uniform(0.3, 1.6),
+                    rng.uniform(8800, 9400),
+                    step * tokens_per_step,
+                    1.0 + 1.3 * math.exp(-4 * step / total) if step % 500 == 0 else None,
+                    allocated,
+                    allocated + 3 * GIB,
+                    allocated + 9 * GIB,
+                    used,
+                    H100_TOTAL,
+                )
 
     def checkpoint(self) -> tuple[Any, ...]:
         job = self.jobs[CHECKPOINT_JOB - 1]
         index = {c: i for i, c in enumerate(JOB_COLUMNS)}
         files = [{"path": CHECKPOINT_FILE, "size": FILE_SIZE, "sha256": self.file_sha256}]
-        return (CHECKPOINT_JOB, CHECKPOINT_NAME, job[index["step"]], job[index["finished_at"]], "ready", FILE_SIZE,
-                files, None)
+        return (
+            CHECKPOINT_JOB,
+            CHECKPOINT_NAME,
+            job[index["step"]],
+            job[index["finished_at"]],
+            "ready",
+            FILE_SIZE,
+            files,
+            None,
+        )
 
 
 # ---- the checkpoint file --------------------------------------------------------------------
@@ -308,13 +469,15 @@ def load_sqlite(db_path: Path, built: Built) -> None:
     try:
         connection.execute("PRAGMA synchronous=OFF")
         with connection:
-            connection.executemany(insert_sql("job", JOB_COLUMNS),
-                                   (tuple(map(to_sql, row)) for row in built.jobs))
-            connection.executemany(insert_sql("job_event", EVENT_COLUMNS),
-                                   (tuple(map(to_sql, row)) for row in built.events))
+            connection.executemany(insert_sql("job", JOB_COLUMNS), (tuple(map(to_sql, row)) for row in built.jobs))
+            connection.executemany(
+                insert_sql("job_event", EVENT_COLUMNS), (tuple(map(to_sql, row)) for row in built.events)
+            )
             # The only datetime of a step log is its first column but one: format it alone.
-            connection.executemany(insert_sql("step_log", STEP_LOG_COLUMNS),
-                                   ((row[0], to_sql(row[1]), *row[2:]) for row in built.step_logs()))
+            connection.executemany(
+                insert_sql("step_log", STEP_LOG_COLUMNS),
+                ((row[0], to_sql(row[1]), *row[2:]) for row in built.step_logs()),
+            )
             connection.execute(insert_sql("checkpoint", CHECKPOINT_COLUMNS), tuple(map(to_sql, built.checkpoint())))
         connection.execute("ANALYZE")
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -340,9 +503,12 @@ def load_postgres(database_url: str, built: Built) -> None:
         existing = cursor.fetchone()
         if existing is not None and existing[0]:
             raise SystemExit(f"{database_url}: the job table already has rows; give a fresh database")
-        tables = [("job", JOB_COLUMNS, iter(built.jobs)), ("job_event", EVENT_COLUMNS, iter(built.events)),
-                  ("step_log", STEP_LOG_COLUMNS, built.step_logs()),
-                  ("checkpoint", CHECKPOINT_COLUMNS, iter([built.checkpoint()]))]
+        tables = [
+            ("job", JOB_COLUMNS, iter(built.jobs)),
+            ("job_event", EVENT_COLUMNS, iter(built.events)),
+            ("step_log", STEP_LOG_COLUMNS, built.step_logs()),
+            ("checkpoint", CHECKPOINT_COLUMNS, iter([built.checkpoint()])),
+        ]
         for table, columns, rows in tables:
             with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
                 for row in rows:
@@ -357,8 +523,14 @@ def migrate(data_dir: Path, database_url: str) -> str:
     """`alembic upgrade head`, as scripts/run and the image do (a no-op on a database already
     there); returns the revision the database is at."""
     env = {**os.environ, "DATA_DIR": str(data_dir), "DATABASE_URL": database_url}
-    done = subprocess.run([str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if done.returncode != 0:
         raise SystemExit(f"alembic upgrade head failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     if database_url:
@@ -411,20 +583,32 @@ def generate(data_dir: Path, database_url: str = "") -> dict[str, Any]:
             leftover.unlink(missing_ok=True)
         revision = migrate(data_dir, "")
         load_sqlite(db_path, Built(datetime.now(UTC), sha256))
-        marker_path.write_text(json.dumps({"params": PARAMS, "file_sha256": sha256, "sqlite_loaded": True,
-                                           "alembic_revision": revision}))
+        marker_path.write_text(
+            json.dumps({"params": PARAMS, "file_sha256": sha256, "sqlite_loaded": True, "alembic_revision": revision})
+        )
         db_reused = False
-    return {"data_dir": str(data_dir), "database": "postgresql" if database_url else "sqlite",
-            "file": str(file_path), "file_size": FILE_SIZE, "file_sha256": sha256, "file_reused": file_reused,
-            "database_reused": db_reused, "alembic_revision": revision, "params": PARAMS,
-            "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "data_dir": str(data_dir),
+        "database": "postgresql" if database_url else "sqlite",
+        "file": str(file_path),
+        "file_size": FILE_SIZE,
+        "file_sha256": sha256,
+        "file_reused": file_reused,
+        "database_reused": db_reused,
+        "alembic_revision": revision,
+        "params": PARAMS,
+        "seconds": round(time.monotonic() - started, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data_dir", nargs="?", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--database-url", default="",
-                        help="a fresh PostgreSQL database (postgresql+psycopg://...); default: SQLite in DATA_DIR")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="a fresh PostgreSQL database (postgresql+psycopg://...); default: SQLite in DATA_DIR",
+    )
     args = parser.parse_args()
     summary = generate(args.data_dir, args.database_url)
     print(json.dumps(summary, indent=2))

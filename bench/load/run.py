@@ -76,8 +76,9 @@ SSE_MIN_SECONDS = 20  # the watchers stay at least this long, whatever --duratio
 CURL_MAX_TIME_S = 300
 # The API's line when a job's shared stream reader stops (app.routes.watch.JobFeed).
 FEED_LINE = re.compile(r"stream of job (\d+): (\d+) database reads in (\d+) s for up to (\d+) watchers")
-FILE_URL_PATH = (f"/jobs/{generate.CHECKPOINT_JOB}/checkpoints/{generate.CHECKPOINT_NAME}/files/"
-                 f"{generate.CHECKPOINT_FILE}")
+FILE_URL_PATH = (
+    f"/jobs/{generate.CHECKPOINT_JOB}/checkpoints/{generate.CHECKPOINT_NAME}/files/{generate.CHECKPOINT_FILE}"
+)
 # The responses the reference app serves: path as wrk asks for it -> stored body's file name.
 REFERENCE_BODIES = {
     f"/jobs/{generate.RUNNING_JOB}": "job-running.json",
@@ -116,8 +117,13 @@ class Pinning:
     pinned). One instance, PIN, configured by main() before anything starts."""
 
     SERVERS = ("redis-server", "writer.py", "the API's uvicorn", "the reference app's uvicorn", "nginx")
-    CLIENTS = ("wrk", "curl", "sse_watchers.py", "the background download loops (bash + curl)",
-               "this runner (its settle check and lone poller)")
+    CLIENTS = (
+        "wrk",
+        "curl",
+        "sse_watchers.py",
+        "the background download loops (bash + curl)",
+        "this runner (its settle check and lone poller)",
+    )
 
     def __init__(self) -> None:
         self.server_cpus = self.client_cpus = ""
@@ -142,10 +148,14 @@ class Pinning:
     def heading(self, api_workers: int, postgres: bool) -> str:
         """The printed tables' line on where the processes ran."""
         if not self.pinned:
-            return (f"not pinned: servers and clients share the machine's {os.cpu_count()} CPUs "
-                    "(the scheduler decides who runs)")
-        parts = [f"pinned (taskset): servers ({', '.join(self.SERVERS)}) on CPU {self.server_cpus}",
-                 f"clients ({', '.join(self.CLIENTS)}) on CPU {self.client_cpus}"]
+            return (
+                f"not pinned: servers and clients share the machine's {os.cpu_count()} CPUs "
+                "(the scheduler decides who runs)"
+            )
+        parts = [
+            f"pinned (taskset): servers ({', '.join(self.SERVERS)}) on CPU {self.server_cpus}",
+            f"clients ({', '.join(self.CLIENTS)}) on CPU {self.client_cpus}",
+        ]
         if api_workers > 1:
             parts.append(f"the API's {api_workers} workers (and the reference's) share CPU {self.server_cpus}")
         if postgres:
@@ -156,8 +166,12 @@ class Pinning:
         if not self.pinned:
             return {"pinned": False, "note": "servers and clients share all the machine's CPUs"}
         facts: dict[str, Any] = {
-            "pinned": True, "tool": "taskset -c", "server_cpus": self.server_cpus, "client_cpus": self.client_cpus,
-            "servers": list(self.SERVERS), "clients": list(self.CLIENTS),
+            "pinned": True,
+            "tool": "taskset -c",
+            "server_cpus": self.server_cpus,
+            "client_cpus": self.client_cpus,
+            "servers": list(self.SERVERS),
+            "clients": list(self.CLIENTS),
             "api_workers_share_server_cpus": api_workers > 1,
         }
         if database_url:
@@ -210,34 +224,83 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("job-running-c100", f"/jobs/{generate.RUNNING_JOB}", 100, "json",
-             "GET the running job's record (the writer updates it 5 times a second), 100 connections"),
-    Scenario("job-running-c1000", f"/jobs/{generate.RUNNING_JOB}", 1000, "json",
-             "GET the running job's record, 1,000 connections"),
+    Scenario(
+        "job-running-c100",
+        f"/jobs/{generate.RUNNING_JOB}",
+        100,
+        "json",
+        "GET the running job's record (the writer updates it 5 times a second), 100 connections",
+    ),
+    Scenario(
+        "job-running-c1000",
+        f"/jobs/{generate.RUNNING_JOB}",
+        1000,
+        "json",
+        "GET the running job's record, 1,000 connections",
+    ),
     Scenario("job-finished-c100", "/jobs/5", 100, "json", "GET a finished job's record, 100 connections"),
     Scenario("jobs-list-c20", "/jobs?limit=50", 20, "json", "GET /jobs?limit=50 (newest first), 20 connections"),
-    Scenario("logs-c20", "/jobs/9000/logs?limit=1000", 20, "json",
-             "GET 1,000 step logs of a job with 10,000, 20 connections"),
+    Scenario(
+        "logs-c20", "/jobs/9000/logs?limit=1000", 20, "json", "GET 1,000 step logs of a job with 10,000, 20 connections"
+    ),
     Scenario("events-c20", "/jobs/9000/events", 20, "json", "GET a job's events, 20 connections"),
-    Scenario("sse-watchers-c1000", f"/jobs/{generate.RUNNING_JOB}/stream", 1000, "sse",
-             f"1,000 watchers of the running job's Server-Sent Events for --duration s (at least {SSE_MIN_SECONDS}), "
-             "with wrk polling its record at 100 connections meanwhile; reference: 1 watcher, and the same wrk "
-             "without watchers"),
-    Scenario("download", FILE_URL_PATH, 1, "download",
-             "download the 2 GiB checkpoint file over and over with wrk, 1 connection; reference: nginx"),
-    Scenario("download-range", FILE_URL_PATH, 1, "download",
-             "download its last 100 MiB with Range with wrk, 1 connection; reference: nginx", range_last=RANGE_BYTES),
-    Scenario("download-curl", FILE_URL_PATH, 1, "curl",
-             "download the 2 GiB file with curl, median of 5; reference: nginx", runs=5),
-    Scenario("download-range-curl", FILE_URL_PATH, 1, "curl",
-             "download its last 100 MiB with Range with curl, median of 21; reference: nginx",
-             range_last=RANGE_BYTES, runs=21),
-    Scenario("healthz-under-downloads", "/healthz", 1, "healthz",
-             f"GET /healthz, 1 connection, while {BACKGROUND_DOWNLOADS} downloads of the file run; "
-             "reference: the same API with no downloads"),
-    Scenario("pollers-under-downloads", f"/jobs/{generate.RUNNING_JOB}", 100, "pollers",
-             f"GET the running job's record, 100 connections, while {POLLER_DOWNLOADS} curl downloads of the file "
-             "loop; reference: the same API with no downloads"),
+    Scenario(
+        "sse-watchers-c1000",
+        f"/jobs/{generate.RUNNING_JOB}/stream",
+        1000,
+        "sse",
+        f"1,000 watchers of the running job's Server-Sent Events for --duration s (at least {SSE_MIN_SECONDS}), "
+        "with wrk polling its record at 100 connections meanwhile; reference: 1 watcher, and the same wrk "
+        "without watchers",
+    ),
+    Scenario(
+        "download",
+        FILE_URL_PATH,
+        1,
+        "download",
+        "download the 2 GiB checkpoint file over and over with wrk, 1 connection; reference: nginx",
+    ),
+    Scenario(
+        "download-range",
+        FILE_URL_PATH,
+        1,
+        "download",
+        "download its last 100 MiB with Range with wrk, 1 connection; reference: nginx",
+        range_last=RANGE_BYTES,
+    ),
+    Scenario(
+        "download-curl",
+        FILE_URL_PATH,
+        1,
+        "curl",
+        "download the 2 GiB file with curl, median of 5; reference: nginx",
+        runs=5,
+    ),
+    Scenario(
+        "download-range-curl",
+        FILE_URL_PATH,
+        1,
+        "curl",
+        "download its last 100 MiB with Range with curl, median of 21; reference: nginx",
+        range_last=RANGE_BYTES,
+        runs=21,
+    ),
+    Scenario(
+        "healthz-under-downloads",
+        "/healthz",
+        1,
+        "healthz",
+        f"GET /healthz, 1 connection, while {BACKGROUND_DOWNLOADS} downloads of the file run; "
+        "reference: the same API with no downloads",
+    ),
+    Scenario(
+        "pollers-under-downloads",
+        f"/jobs/{generate.RUNNING_JOB}",
+        100,
+        "pollers",
+        f"GET the running job's record, 100 connections, while {POLLER_DOWNLOADS} curl downloads of the file "
+        "loop; reference: the same API with no downloads",
+    ),
 ]
 
 
@@ -254,8 +317,15 @@ class Processes:
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.log_dir / f"{name}.log", "ab") as log:
-            process = subprocess.Popen(PIN.server(argv), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                PIN.server(argv),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started.append((name, process))
         return process
 
@@ -404,8 +474,18 @@ def parse_wrk(text: str) -> dict[str, Any]:
 
 
 def wrk_argv(url: str, *, connections: int, threads: int, duration: float, headers: list[str]) -> list[str]:
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--latency",
-            "--timeout", WRK_TIMEOUT]
+    argv = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration:g}s",
+        "--latency",
+        "--timeout",
+        WRK_TIMEOUT,
+    ]
     for header in headers:
         argv += ["-H", header]
     return PIN.client([*argv, url])
@@ -438,47 +518,101 @@ class Bench:
 
     def environment(self, database_url: str, redis_port: int) -> dict[str, str]:
         data_dir = self.data["data_dir"]
-        return {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                "DATA_DIR": data_dir, "DATABASE_URL": database_url,
-                "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                "ALLOWED_LOCAL_ROOTS": f"{data_dir}/models,{data_dir}/datasets"}
+        return {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "DATA_DIR": data_dir,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "ALLOWED_LOCAL_ROOTS": f"{data_dir}/models,{data_dir}/datasets",
+        }
 
     def start(self, database_url: str) -> None:
         redis_port, api_port, reference_port, nginx_port = (free_port() for _ in range(4))
         env = self.environment(database_url, redis_port)
-        self.processes.start("redis", ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no", "--dir", str(self.run_dir)])
+        self.processes.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.run_dir),
+            ],
+        )
         wait_until("redis", lambda: _redis_ping(redis_port), self.processes, 20)
 
         # The writer heartbeats the running job before the API's first reconcile pass looks at it.
         ready = self.run_dir / "writer-ready"
-        self.processes.start("writer", [str(VENV_BIN / "python"), str(HERE / "writer.py"),
-                                        "--job-id", str(generate.RUNNING_JOB), "--rate", str(self.args.writer_rate),
-                                        "--ready-file", str(ready), "--stats", str(self.writer_stats)], env=env)
+        self.processes.start(
+            "writer",
+            [
+                str(VENV_BIN / "python"),
+                str(HERE / "writer.py"),
+                "--job-id",
+                str(generate.RUNNING_JOB),
+                "--rate",
+                str(self.args.writer_rate),
+                "--ready-file",
+                str(ready),
+                "--stats",
+                str(self.writer_stats),
+            ],
+            env=env,
+        )
         wait_until("writer", ready.exists, self.processes, 120)
 
         self.api = f"http://127.0.0.1:{api_port}"
-        self.processes.start("api", [str(VENV_BIN / "uvicorn"), "app.main:app", "--host", "127.0.0.1",
-                                     "--port", str(api_port), *self.uvicorn_args], env=env)
+        self.processes.start(
+            "api",
+            [
+                str(VENV_BIN / "uvicorn"),
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(api_port),
+                *self.uvicorn_args,
+            ],
+            env=env,
+        )
         wait_until("the API", lambda: answers(f"{self.api}/healthz", 200), self.processes, 90)
 
         bodies = self.store_reference_bodies()
         self.reference = f"http://127.0.0.1:{reference_port}"
-        self.processes.start("reference", [str(VENV_BIN / "uvicorn"), "bench.load.reference_app:app",
-                                           "--host", "127.0.0.1", "--port", str(reference_port),
-                                           *self.uvicorn_args], env={**env, "LOAD_REFERENCE_BODIES": str(bodies)})
+        self.processes.start(
+            "reference",
+            [
+                str(VENV_BIN / "uvicorn"),
+                "bench.load.reference_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(reference_port),
+                *self.uvicorn_args,
+            ],
+            env={**env, "LOAD_REFERENCE_BODIES": str(bodies)},
+        )
         wait_until("the reference app", lambda: answers(f"{self.reference}/jobs/5", 200), self.processes, 90)
 
         self.nginx = f"http://127.0.0.1:{nginx_port}"
         conf = self.run_dir / "nginx.conf"
         conf.write_text(nginx_conf(self.run_dir, nginx_port, Path(self.data["file"])))
-        self.processes.start("nginx", [nginx_binary(), "-p", str(self.run_dir), "-c", str(conf),
-                                       "-e", str(self.run_dir / "nginx-error.log")])
-        wait_until("nginx", lambda: answers(f"{self.nginx}{FILE_URL_PATH}", 206, {"Range": "bytes=0-0"}),
-                   self.processes, 20)
+        self.processes.start(
+            "nginx",
+            [nginx_binary(), "-p", str(self.run_dir), "-c", str(conf), "-e", str(self.run_dir / "nginx-error.log")],
+        )
+        wait_until(
+            "nginx", lambda: answers(f"{self.nginx}{FILE_URL_PATH}", 206, {"Range": "bytes=0-0"}), self.processes, 20
+        )
         self.checks["cpu_affinity"] = {name: affinity_of_tree(process.pid) for name, process in self.processes.started}
-        self.checks["cpu_affinity"]["runner"] = {"processes": 1,
-                                                 "cpus": {cpu_list_text(os.sched_getaffinity(0)): 1}}
+        self.checks["cpu_affinity"]["runner"] = {"processes": 1, "cpus": {cpu_list_text(os.sched_getaffinity(0)): 1}}
         self.check_downloads()
 
     def store_reference_bodies(self) -> Path:
@@ -506,8 +640,10 @@ class Bench:
                 size += len(chunk)
         seconds = time.monotonic() - started
         if size != generate.FILE_SIZE or digest.hexdigest() != self.data["file_sha256"]:
-            raise RuntimeError(f"the API's download has {size} bytes, sha256 {digest.hexdigest()}; "
-                               f"expected {generate.FILE_SIZE}, {self.data['file_sha256']}")
+            raise RuntimeError(
+                f"the API's download has {size} bytes, sha256 {digest.hexdigest()}; "
+                f"expected {generate.FILE_SIZE}, {self.data['file_sha256']}"
+            )
         ranges = {}
         for name, base in (("api", self.api), ("nginx", self.nginx)):
             status, body = http_get(f"{base}{FILE_URL_PATH}", headers={"Range": range_header(RANGE_BYTES)})
@@ -536,16 +672,25 @@ class Bench:
     def measure(self, base: str, scenario: Scenario) -> dict[str, Any]:
         settled = self.settle()
         headers = [f"Range: {range_header(scenario.range_last)}"] if scenario.range_last else []
-        result = run_wrk(f"{base}{scenario.path}", connections=scenario.connections, threads=scenario.threads,
-                         duration=self.args.duration, headers=headers)
+        result = run_wrk(
+            f"{base}{scenario.path}",
+            connections=scenario.connections,
+            threads=scenario.threads,
+            duration=self.args.duration,
+            headers=headers,
+        )
         result["settle_s"] = settled
         time.sleep(1)
         return result
 
     def scenario(self, scenario: Scenario) -> dict[str, Any]:
-        entry: dict[str, Any] = {"description": scenario.description, "path": scenario.path,
-                                 "connections": scenario.connections, "threads": scenario.threads,
-                                 "unit": scenario.unit}
+        entry: dict[str, Any] = {
+            "description": scenario.description,
+            "path": scenario.path,
+            "connections": scenario.connections,
+            "threads": scenario.threads,
+            "unit": scenario.unit,
+        }
         if scenario.range_last:
             entry["range"] = range_header(scenario.range_last)
         if scenario.kind == "healthz":
@@ -561,8 +706,11 @@ class Bench:
         else:
             entry["ours"] = {"target": "the API", **self.measure(self.api, scenario)}
             reference = self.nginx if scenario.kind == "download" else self.reference
-            target = "nginx (sendfile on), same file" if scenario.kind == "download" \
+            target = (
+                "nginx (sendfile on), same file"
+                if scenario.kind == "download"
                 else "reference_app.py, same bytes, same uvicorn options"
+            )
             entry["reference"] = {"target": target, **self.measure(reference, scenario)}
         entry["ratio"] = ratios(entry["ours"], entry["reference"], scenario.unit)
         self.entries[scenario.name] = entry
@@ -570,13 +718,23 @@ class Bench:
 
     def under_downloads(self, scenario: Scenario) -> tuple[dict[str, Any], dict[str, Any]]:
         settled = self.settle()
-        argv = wrk_argv(f"{self.api}{FILE_URL_PATH}", connections=BACKGROUND_DOWNLOADS, threads=1,
-                        duration=self.args.duration + 3, headers=[])
+        argv = wrk_argv(
+            f"{self.api}{FILE_URL_PATH}",
+            connections=BACKGROUND_DOWNLOADS,
+            threads=1,
+            duration=self.args.duration + 3,
+            headers=[],
+        )
         downloads = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             time.sleep(2)
-            ours = run_wrk(f"{self.api}{scenario.path}", connections=scenario.connections,
-                           threads=scenario.threads, duration=self.args.duration, headers=[])
+            ours = run_wrk(
+                f"{self.api}{scenario.path}",
+                connections=scenario.connections,
+                threads=scenario.threads,
+                duration=self.args.duration,
+                headers=[],
+            )
             output, _ = downloads.communicate(timeout=self.args.duration + 60)
         finally:
             if downloads.poll() is None:
@@ -599,8 +757,10 @@ class Bench:
             for name, base in (("api", self.api), ("nginx", self.nginx)):
                 runs[name].append(curl_download(f"{base}{scenario.path}", scenario.range_last))
         targets = {"api": "the API", "nginx": "nginx (sendfile on), same file"}
-        ours, reference = (curl_summary(runs[name], scenario.range_last, f"{base}{scenario.path}")
-                           for name, base in (("api", self.api), ("nginx", self.nginx)))
+        ours, reference = (
+            curl_summary(runs[name], scenario.range_last, f"{base}{scenario.path}")
+            for name, base in (("api", self.api), ("nginx", self.nginx))
+        )
         ours.update(target=targets["api"], settle_s=settled)
         reference.update(target=targets["nginx"])
         return ours, reference
@@ -613,8 +773,13 @@ class Bench:
         loops = start_download_loops(f"{self.api}{FILE_URL_PATH}", POLLER_DOWNLOADS, seconds)
         try:
             time.sleep(2)
-            ours = run_wrk(f"{self.api}{scenario.path}", connections=scenario.connections,
-                           threads=scenario.threads, duration=self.args.duration, headers=[])
+            ours = run_wrk(
+                f"{self.api}{scenario.path}",
+                connections=scenario.connections,
+                threads=scenario.threads,
+                duration=self.args.duration,
+                headers=[],
+            )
             output, _ = loops.communicate(timeout=seconds + CURL_MAX_TIME_S)
         finally:
             if loops.poll() is None:
@@ -639,23 +804,43 @@ class Bench:
         ours.update(settle_s=settled)
         reference, _ = self.watch(1, hold, None, 0)
         reference.update(settle_s=self.settle())
-        argv = wrk_argv(f"{self.api}{poller.path}", connections=poller.connections, threads=poller.threads,
-                        duration=poll_seconds, headers=[])
+        argv = wrk_argv(
+            f"{self.api}{poller.path}",
+            connections=poller.connections,
+            threads=poller.threads,
+            duration=poll_seconds,
+            headers=[],
+        )
         measured = self.entries.get(poller.name, {}).get("ours", {})
         if measured.get("command") == shlex.join(argv):
             without = {**measured, "target": f"the API, no watchers: {poller.name}'s figures from this run"}
         else:
             settled = self.settle()
-            without = {**run_wrk(f"{self.api}{poller.path}", connections=poller.connections,
-                                 threads=poller.threads, duration=poll_seconds, headers=[]),
-                       "target": "the API, no watchers", "settle_s": settled}
-        pollers = {"path": poller.path, "connections": poller.connections, "during": during, "without": without,
-                   "ratio": ratios(during, without, "req/s") if during is not None
-                   else {"throughput": None, "p50": None, "p99": None}}
+            without = {
+                **run_wrk(
+                    f"{self.api}{poller.path}",
+                    connections=poller.connections,
+                    threads=poller.threads,
+                    duration=poll_seconds,
+                    headers=[],
+                ),
+                "target": "the API, no watchers",
+                "settle_s": settled,
+            }
+        pollers = {
+            "path": poller.path,
+            "connections": poller.connections,
+            "during": during,
+            "without": without,
+            "ratio": ratios(during, without, "req/s")
+            if during is not None
+            else {"throughput": None, "p50": None, "p99": None},
+        }
         return {"watch_seconds": hold, "ours": ours, "reference": reference, "pollers": pollers}
 
-    def watch(self, watchers: int, hold: float, poller: Scenario | None, poll_seconds: float
-              ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def watch(
+        self, watchers: int, hold: float, poller: Scenario | None, poll_seconds: float
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Run sse_watchers.py (a lone poller while the API catches the watchers up, then, once every
         watcher has had its first event, wrk with poller); then read the API's log for the line
         each shared reader writes when its last watcher has gone."""
@@ -664,9 +849,24 @@ class Bench:
         ready, out = self.run_dir / f"sse-{watchers}-ready.json", self.run_dir / f"sse-{watchers}.json"
         for leftover in (ready, out):
             leftover.unlink(missing_ok=True)
-        argv = PIN.client([".venv/bin/python", "bench/load/sse_watchers.py", "--url", self.api,  # from ROOT
-                           "--job-id", str(generate.RUNNING_JOB), "--watchers", str(watchers),
-                           "--duration", f"{hold:g}", "--ready-file", str(ready), "--out", str(out)])
+        argv = PIN.client(
+            [
+                ".venv/bin/python",
+                "bench/load/sse_watchers.py",
+                "--url",
+                self.api,  # from ROOT
+                "--job-id",
+                str(generate.RUNNING_JOB),
+                "--watchers",
+                str(watchers),
+                "--duration",
+                f"{hold:g}",
+                "--ready-file",
+                str(ready),
+                "--out",
+                str(out),
+            ]
+        )
         with open(self.run_dir / f"sse-{watchers}.log", "ab") as log:
             client = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         started = time.monotonic()
@@ -682,12 +882,22 @@ class Bench:
                     status = http_get(f"{self.api}/jobs/{generate.RUNNING_JOB}", timeout=30)[0]
                 except OSError as exc:
                     status = type(exc).__name__
-                probes.append({"at_s": round(asked - started, 2), "status": status,
-                               "ms": round(1000 * (time.monotonic() - asked), 1)})
+                probes.append(
+                    {
+                        "at_s": round(asked - started, 2),
+                        "status": status,
+                        "ms": round(1000 * (time.monotonic() - asked), 1),
+                    }
+                )
                 time.sleep(0.25)
             if poller is not None and ready.exists():
-                during = run_wrk(f"{self.api}{poller.path}", connections=poller.connections,
-                                 threads=poller.threads, duration=poll_seconds, headers=[])
+                during = run_wrk(
+                    f"{self.api}{poller.path}",
+                    connections=poller.connections,
+                    threads=poller.threads,
+                    duration=poll_seconds,
+                    headers=[],
+                )
                 during["target"] = f"the API, {watchers} watchers connected"
             client.wait(timeout=hold + 120)
         finally:
@@ -696,15 +906,23 @@ class Bench:
                     os.killpg(client.pid, signal.SIGKILL)
                 client.wait()
         if client.returncode != 0 or not out.exists():
-            raise RuntimeError(f"sse_watchers.py exited with code {client.returncode}; see "
-                               f"{self.run_dir}/sse-{watchers}.log")
-        result: dict[str, Any] = {"target": f"the API, {watchers} watcher{'s' if watchers > 1 else ''}",
-                                  "command": shlex.join(argv), **json.loads(out.read_text())}
+            raise RuntimeError(
+                f"sse_watchers.py exited with code {client.returncode}; see {self.run_dir}/sse-{watchers}.log"
+            )
+        result: dict[str, Any] = {
+            "target": f"the API, {watchers} watcher{'s' if watchers > 1 else ''}",
+            "command": shlex.join(argv),
+            **json.loads(out.read_text()),
+        }
         times = sorted(probe["ms"] for probe in probes)
         result["poller_while_catching_up"] = {
-            "path": f"/jobs/{generate.RUNNING_JOB}", "requests": len(probes),
-            "p50_ms": times[len(times) // 2] if times else None, "max_ms": times[-1] if times else None,
-            "not_200": sum(1 for probe in probes if probe["status"] != 200), "requests_made": probes}
+            "path": f"/jobs/{generate.RUNNING_JOB}",
+            "requests": len(probes),
+            "p50_ms": times[len(times) // 2] if times else None,
+            "max_ms": times[-1] if times else None,
+            "not_200": sum(1 for probe in probes if probe["status"] != 200),
+            "requests_made": probes,
+        }
         gone = time.monotonic()
         feeds: list[dict[str, Any]] = []
         time.sleep(2)  # the readers stop once their last watcher is gone: give them the time to say so
@@ -742,8 +960,11 @@ SERVICE_UVICORN_OPTIONS = ["--loop", "asyncio"]
 def uvicorn_options(args: argparse.Namespace) -> list[str]:
     """The uvicorn options of the API and the reference app: scripts/run's, --uvicorn-args, then
     --api-workers."""
-    return [*SERVICE_UVICORN_OPTIONS, *shlex.split(args.uvicorn_args),
-            *(["--workers", str(args.api_workers)] if args.api_workers else [])]
+    return [
+        *SERVICE_UVICORN_OPTIONS,
+        *shlex.split(args.uvicorn_args),
+        *(["--workers", str(args.api_workers)] if args.api_workers else []),
+    ]
 
 
 # ---- curl -----------------------------------------------------------------------------------
@@ -763,8 +984,13 @@ def curl_download(url: str, range_last: int) -> dict[str, Any]:
     done = subprocess.run(curl_argv(url, range_last), capture_output=True, text=True, timeout=CURL_MAX_TIME_S + 30)
     try:
         status, size, speed, seconds, exit_code = done.stdout.split()
-        run = {"status": int(status), "bytes": int(size), "mib_per_s": round(float(speed) / MIB, 1),
-               "seconds": round(float(seconds), 3), "exit_code": int(exit_code)}
+        run = {
+            "status": int(status),
+            "bytes": int(size),
+            "mib_per_s": round(float(speed) / MIB, 1),
+            "seconds": round(float(seconds), 3),
+            "exit_code": int(exit_code),
+        }
     except ValueError:
         return {"ok": False, "exit_code": done.returncode, "output": (done.stdout + done.stderr)[-300:]}
     expected = (206, range_last) if range_last else (200, generate.FILE_SIZE)
@@ -778,25 +1004,37 @@ def curl_summary(runs: list[dict[str, Any]], range_last: int, url: str) -> dict[
     ok = [run for run in runs if run["ok"]]
     speeds = [run["mib_per_s"] for run in ok]
     times = [1000 * run["seconds"] for run in ok]
-    return {"command": shlex.join(curl_argv(url, range_last)), "runs": runs, "downloads": len(runs),
-            "mib_per_s": round(statistics.median(speeds), 1) if speeds else None,
-            "mib_per_s_min_max": [min(speeds), max(speeds)] if speeds else None,
-            "latency_ms": {"p50": round(statistics.median(times), 1) if times else None,
-                           "min": round(min(times), 1) if times else None,
-                           "max": round(max(times), 1) if times else None},
-            "errors": {"bad downloads": len(runs) - len(ok)},
-            "non_2xx_3xx": sum(1 for run in runs if run.get("status", 0) >= 400 or run.get("status") == 0)}
+    return {
+        "command": shlex.join(curl_argv(url, range_last)),
+        "runs": runs,
+        "downloads": len(runs),
+        "mib_per_s": round(statistics.median(speeds), 1) if speeds else None,
+        "mib_per_s_min_max": [min(speeds), max(speeds)] if speeds else None,
+        "latency_ms": {
+            "p50": round(statistics.median(times), 1) if times else None,
+            "min": round(min(times), 1) if times else None,
+            "max": round(max(times), 1) if times else None,
+        },
+        "errors": {"bad downloads": len(runs) - len(ok)},
+        "non_2xx_3xx": sum(1 for run in runs if run.get("status", 0) >= 400 or run.get("status") == 0),
+    }
 
 
 def start_download_loops(url: str, count: int, seconds: float) -> subprocess.Popen[str]:
     """count curl downloads of url, each started again as soon as it ends, for `seconds` (the
     last cut by --max-time); one line per download: status, bytes, curl's exit code."""
-    script = ('end=$((SECONDS + $1)); for _ in $(seq "$2"); do (while [ "$SECONDS" -lt "$end" ]; do '
-              'curl -s -o /dev/null --max-time "$((end - SECONDS))" -w "%{http_code} %{size_download} %{exitcode}\\n" '
-              '"$0"; done) & done; wait')
-    return subprocess.Popen(PIN.client(["bash", "-c", script, url, f"{seconds:.0f}", str(count)]),
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    script = (
+        'end=$((SECONDS + $1)); for _ in $(seq "$2"); do (while [ "$SECONDS" -lt "$end" ]; do '
+        'curl -s -o /dev/null --max-time "$((end - SECONDS))" -w "%{http_code} %{size_download} %{exitcode}\\n" '
+        '"$0"; done) & done; wait'
+    )
+    return subprocess.Popen(
+        PIN.client(["bash", "-c", script, url, f"{seconds:.0f}", str(count)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def download_loops_summary(output: str, count: int, seconds: float) -> dict[str, Any]:
@@ -816,9 +1054,16 @@ def download_loops_summary(output: str, count: int, seconds: float) -> dict[str,
             cut += 1
         else:
             bad.append(line)
-    return {"downloads": count, "seconds": seconds, "completed": complete, "cut_at_the_end": cut,
-            "bad": len(bad), "bad_examples": bad[:5], "mib": round(total / MIB, 1),
-            "mib_per_s_all": round(total / MIB / seconds, 1)}
+    return {
+        "downloads": count,
+        "seconds": seconds,
+        "completed": complete,
+        "cut_at_the_end": cut,
+        "bad": len(bad),
+        "bad_examples": bad[:5],
+        "mib": round(total / MIB, 1),
+        "mib_per_s_all": round(total / MIB / seconds, 1),
+    }
 
 
 def feed_lines(text: str) -> list[dict[str, Any]]:
@@ -827,14 +1072,22 @@ def feed_lines(text: str) -> list[dict[str, Any]]:
     for match in FEED_LINE.finditer(text):
         job_id, reads, seconds, watchers = map(int, match.groups())
         if job_id == generate.RUNNING_JOB:
-            lines.append({"reads": reads, "seconds": seconds, "watchers": watchers,
-                          "reads_per_s": round(reads / max(seconds, 1), 2), "line": match[0]})
+            lines.append(
+                {
+                    "reads": reads,
+                    "seconds": seconds,
+                    "watchers": watchers,
+                    "reads_per_s": round(reads / max(seconds, 1), 2),
+                    "line": match[0],
+                }
+            )
     return lines
 
 
 def value_key(unit: str) -> str:
-    return "mib_per_s" if unit.startswith("MiB/s") else "log_events_median" if unit == "logs/watcher" \
-        else "requests_per_s"
+    return (
+        "mib_per_s" if unit.startswith("MiB/s") else "log_events_median" if unit == "logs/watcher" else "requests_per_s"
+    )
 
 
 def ratios(ours: dict[str, Any], reference: dict[str, Any], unit: str) -> dict[str, float | None]:
@@ -843,9 +1096,11 @@ def ratios(ours: dict[str, Any], reference: dict[str, Any], unit: str) -> dict[s
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a is not None and b else None
 
-    return {"throughput": ratio(ours.get(key), reference.get(key)),
-            "p50": ratio(ours["latency_ms"].get("p50"), reference["latency_ms"].get("p50")),
-            "p99": ratio(ours["latency_ms"].get("p99"), reference["latency_ms"].get("p99"))}
+    return {
+        "throughput": ratio(ours.get(key), reference.get(key)),
+        "p50": ratio(ours["latency_ms"].get("p50"), reference["latency_ms"].get("p50")),
+        "p99": ratio(ours["latency_ms"].get("p99"), reference["latency_ms"].get("p99")),
+    }
 
 
 # ---- the report -----------------------------------------------------------------------------
@@ -859,20 +1114,24 @@ def command_line(argv: list[str]) -> str:
 def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     total = re.search(r"MemTotal:\s+(\d+) kB", meminfo)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "worker", "migrations"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "app", "worker", "migrations"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return {
-        "cpu_count": os.cpu_count(), "memory_gib": round(int(total[1]) / 1024**2, 1) if total else None,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(int(total[1]) / 1024**2, 1) if total else None,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
-        "system": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
-        "uvicorn_args": shlex.join(uvicorn_options(args)), "api_workers": args.api_workers or 1,
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "uvicorn_args": shlex.join(uvicorn_options(args)),
+        "api_workers": args.api_workers or 1,
         "pinning": PIN.facts(args.api_workers or 1, args.database_url),
         "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "curl": command_line(["curl", "--version"]),
-        "wrk": command_line(["wrk", "--version"]), "nginx": command_line([nginx_binary(), "-v"]),
+        "wrk": command_line(["wrk", "--version"]),
+        "nginx": command_line([nginx_binary(), "-v"]),
         "uvicorn": command_line([str(VENV_BIN / "uvicorn"), "--version"]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "uncommitted_changes_in_app_worker_migrations": len(dirty.splitlines()),
     }
 
@@ -899,13 +1158,16 @@ def errors_text(result: dict[str, Any]) -> str:
     return ", ".join(parts) or "none"
 
 
-def table_row(name: str, connections: int, unit: str, ours: dict[str, Any], ref: dict[str, Any],
-              ratio: dict[str, float | None]) -> str:
+def table_row(
+    name: str, connections: int, unit: str, ours: dict[str, Any], ref: dict[str, Any], ratio: dict[str, float | None]
+) -> str:
     ours_ms, ref_ms = ours["latency_ms"], ref["latency_ms"]
-    return (f"| {name} | {connections} | {unit} | {throughput(ours, unit)} | {throughput(ref, unit)} "
-            f"| {ratio_text(ratio['throughput'])} | {ms(ours_ms.get('p50'))} / {ms(ref_ms.get('p50'))} "
-            f"| {ms(ours_ms.get('p99'))} / {ms(ref_ms.get('p99'))} | {ratio_text(ratio['p99'])} "
-            f"| {errors_text(ours)} | {errors_text(ref)} |")
+    return (
+        f"| {name} | {connections} | {unit} | {throughput(ours, unit)} | {throughput(ref, unit)} "
+        f"| {ratio_text(ratio['throughput'])} | {ms(ours_ms.get('p50'))} / {ms(ref_ms.get('p50'))} "
+        f"| {ms(ours_ms.get('p99'))} / {ms(ref_ms.get('p99'))} | {ratio_text(ratio['p99'])} "
+        f"| {errors_text(ours)} | {errors_text(ref)} |"
+    )
 
 
 def markdown_table(scenarios: dict[str, Any]) -> str:
@@ -914,17 +1176,26 @@ def markdown_table(scenarios: dict[str, Any]) -> str:
     for watchers the delay from a step log's created_at to its arrival at the watcher, and their
     "throughput" the median log events a watcher received, both in the steady state (once every
     watcher had its first event; watchers_table has the whole run)."""
-    lines = ["| scenario | conns | unit | ours | reference | ours/ref | p50 ms ours / ref | p99 ms ours / ref "
-             "| p99 ours/ref | errors ours | errors ref |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| scenario | conns | unit | ours | reference | ours/ref | p50 ms ours / ref | p99 ms ours / ref "
+        "| p99 ours/ref | errors ours | errors ref |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for name, entry in scenarios.items():
-        lines.append(table_row(name, entry["connections"], entry["unit"], entry["ours"], entry["reference"],
-                               entry["ratio"]))
+        lines.append(
+            table_row(name, entry["connections"], entry["unit"], entry["ours"], entry["reference"], entry["ratio"])
+        )
         if pollers := entry.get("pollers"):
-            lines.append(table_row(f"{name}: GET {pollers['path']} beside them", pollers["connections"], "req/s",
-                                   pollers["during"] or {"latency_ms": {}, "errors": {}, "non_2xx_3xx": 0,
-                                                         "failed": "not run"},
-                                   pollers["without"], pollers["ratio"]))
+            lines.append(
+                table_row(
+                    f"{name}: GET {pollers['path']} beside them",
+                    pollers["connections"],
+                    "req/s",
+                    pollers["during"] or {"latency_ms": {}, "errors": {}, "non_2xx_3xx": 0, "failed": "not run"},
+                    pollers["without"],
+                    pollers["ratio"],
+                )
+            )
     return "\n".join(lines)
 
 
@@ -933,26 +1204,32 @@ def watchers_table(scenarios: dict[str, Any]) -> str:
     event (and the slowest answer a lone poller got meanwhile), what they received, the delivery
     delay over all live logs and in the steady state after, and the shared readers' database
     reads (one line per API process that had watchers)."""
-    lines = ["| scenario | watchers | connected | conn. errors | ended early | all first events after s "
-             "| poller meanwhile max ms | log events per watcher min / median / max "
-             "| delay ms p50 / p99 / max, all | delay ms p50 / p99 / max, steady "
-             "| database reads (per API process) | reads/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "| scenario | watchers | connected | conn. errors | ended early | all first events after s "
+        "| poller meanwhile max ms | log events per watcher min / median / max "
+        "| delay ms p50 / p99 / max, all | delay ms p50 / p99 / max, steady "
+        "| database reads (per API process) | reads/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for name, entry in scenarios.items():
         if entry.get("unit") != "logs/watcher":
             continue
         for result in (entry["ours"], entry["reference"]):
             logs, delay, steady = result["log_events_per_watcher"], result["delay_ms"], result["delay_ms_steady"]
-            feeds = "; ".join(f"{feed['reads']} in {feed['seconds']} s for {feed['watchers']}"
-                              for feed in result["feeds"]) or "no line logged"
+            feeds = (
+                "; ".join(f"{feed['reads']} in {feed['seconds']} s for {feed['watchers']}" for feed in result["feeds"])
+                or "no line logged"
+            )
             poller = result["poller_while_catching_up"]
-            lines.append(f"| {name} | {result['watchers']} | {result['connected']} | {result['connection_errors']} "
-                         f"| {result['ended_early']} | {result['first_events_all_s']:.1f} "
-                         f"| {ms(poller['max_ms'])} ({poller['requests']} asked) "
-                         f"| {logs['min']} / {logs['median']} / {logs['max']} "
-                         f"| {ms(delay['p50'])} / {ms(delay['p99'])} / {ms(delay['max'])} "
-                         f"| {ms(steady['p50'])} / {ms(steady['p99'])} / {ms(steady['max'])} | {feeds} "
-                         f"| {ms(result['feed_reads_per_s'])} |")
+            lines.append(
+                f"| {name} | {result['watchers']} | {result['connected']} | {result['connection_errors']} "
+                f"| {result['ended_early']} | {result['first_events_all_s']:.1f} "
+                f"| {ms(poller['max_ms'])} ({poller['requests']} asked) "
+                f"| {logs['min']} / {logs['median']} / {logs['max']} "
+                f"| {ms(delay['p50'])} / {ms(delay['p99'])} / {ms(delay['max'])} "
+                f"| {ms(steady['p50'])} / {ms(steady['p99'])} / {ms(steady['max'])} | {feeds} "
+                f"| {ms(result['feed_reads_per_s'])} |"
+            )
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -961,12 +1238,16 @@ def background_text(scenarios: dict[str, Any]) -> str:
     for name, entry in scenarios.items():
         loops = entry.get("downloads_during")
         if loops and "completed" in loops:
-            lines.append(f"{name}: {loops['downloads']} curl downloads looping for {loops['seconds']:g} s: "
-                         f"{loops['completed']} completed, {loops['cut_at_the_end']} cut at the end, "
-                         f"{loops['bad']} bad; {loops['mib_per_s_all']:,.1f} MiB/s in all")
+            lines.append(
+                f"{name}: {loops['downloads']} curl downloads looping for {loops['seconds']:g} s: "
+                f"{loops['completed']} completed, {loops['cut_at_the_end']} cut at the end, "
+                f"{loops['bad']} bad; {loops['mib_per_s_all']:,.1f} MiB/s in all"
+            )
         elif loops:
-            lines.append(f"{name}: {BACKGROUND_DOWNLOADS} wrk downloads beside it: "
-                         f"{throughput(loops, 'MiB/s')} MiB/s in all ({errors_text(loops)})")
+            lines.append(
+                f"{name}: {BACKGROUND_DOWNLOADS} wrk downloads beside it: "
+                f"{throughput(loops, 'MiB/s')} MiB/s in all ({errors_text(loops)})"
+            )
     return "\n".join(lines)
 
 
@@ -977,33 +1258,60 @@ def default_out(args: argparse.Namespace) -> Path:
     engine = "postgres" if args.database_url else "sqlite"
     workers = args.api_workers or 1
     options = re.sub(r"[^A-Za-z0-9]+", "-", args.uvicorn_args).strip("-")
-    label = args.label or "-".join(part for part in (
-        f"{engine}-{workers}worker{'s' if workers > 1 else ''}", options, "pinned" if args.pin else "",
-        "" if args.duration == 15 else f"{args.duration:g}s") if part)
+    label = args.label or "-".join(
+        part
+        for part in (
+            f"{engine}-{workers}worker{'s' if workers > 1 else ''}",
+            options,
+            "pinned" if args.pin else "",
+            "" if args.duration == 15 else f"{args.duration:g}s",
+        )
+        if part
+    )
     return HERE / "results" / f"{datetime.now(UTC):%Y-%m-%d}-{label}.json"
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=15, help="seconds each wrk run lasts (default 15)")
-    parser.add_argument("--uvicorn-args", default="", help='extra uvicorn options for the API and the reference, '
-                        'e.g. "--loop uvloop"')
-    parser.add_argument("--api-workers", type=int, default=0,
-                        help="uvicorn --workers N for the API and the reference (default: uvicorn's, one process)")
-    parser.add_argument("--only", default="", help="comma-separated scenarios to run: "
-                        + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument(
+        "--uvicorn-args", default="", help='extra uvicorn options for the API and the reference, e.g. "--loop uvloop"'
+    )
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=0,
+        help="uvicorn --workers N for the API and the reference (default: uvicorn's, one process)",
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated scenarios to run: " + ", ".join(s.name for s in SCENARIOS)
+    )
     parser.add_argument("--data-dir", type=Path, default=generate.DEFAULT_DATA_DIR)
-    parser.add_argument("--database-url", default="", help="a PostgreSQL server to run against "
-                        "(postgresql+psycopg://postgres@127.0.0.1:5432/postgres): a fresh database is made there")
+    parser.add_argument(
+        "--database-url",
+        default="",
+        help="a PostgreSQL server to run against "
+        "(postgresql+psycopg://postgres@127.0.0.1:5432/postgres): a fresh database is made there",
+    )
     parser.add_argument("--writer-rate", type=float, default=5.0, help="step logs a second for the running job")
     parser.add_argument("--label", default="", help="names the report: results/<date>-<label>.json")
     parser.add_argument("--out", type=Path, help="the JSON report (default bench/load/results/<date>-<label>.json)")
-    parser.add_argument("--pin", action="store_true", help="run the servers under taskset -c SERVER_CPUS and the "
-                        "clients under taskset -c CLIENT_CPUS, so that they do not compete for the same cores")
-    parser.add_argument("--server-cpus", help="with --pin: the CPU list (taskset -c) of redis-server, the writer, "
-                        "the API, the reference app and nginx (default 0; implies --pin)")
-    parser.add_argument("--client-cpus", help="with --pin: the CPU list of wrk, curl, sse_watchers.py, the download "
-                        "loops and the runner itself (default 1; implies --pin)")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the servers under taskset -c SERVER_CPUS and the "
+        "clients under taskset -c CLIENT_CPUS, so that they do not compete for the same cores",
+    )
+    parser.add_argument(
+        "--server-cpus",
+        help="with --pin: the CPU list (taskset -c) of redis-server, the writer, "
+        "the API, the reference app and nginx (default 0; implies --pin)",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        help="with --pin: the CPU list of wrk, curl, sse_watchers.py, the download "
+        "loops and the runner itself (default 1; implies --pin)",
+    )
     args = parser.parse_args()
     args.pin = args.pin or args.server_cpus is not None or args.client_cpus is not None
     args.server_cpus = args.server_cpus or "0"
@@ -1039,16 +1347,24 @@ def main() -> None:
     started = time.monotonic()
     facts = machine_facts(args)
     if facts["open_files_limit"] < 2 * 1000 + 100:
-        print(f"warning: open files limit {facts['open_files_limit']} is low for 1,000 connections "
-              "(bench/load/run raises it)", flush=True)
+        print(
+            f"warning: open files limit {facts['open_files_limit']} is low for 1,000 connections "
+            "(bench/load/run raises it)",
+            flush=True,
+        )
     run_dir = Path(tempfile.mkdtemp(prefix="load-run-"))
     run_dir.chmod(0o755)  # nginx's workers may run as another user
     print(f"logs in {run_dir}", flush=True)
     processes = Processes(run_dir)
     bench = Bench(args, run_dir, processes)
     database_url = ""
-    report: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "machine": facts,
-                              "duration_s": args.duration, "wrk_timeout": WRK_TIMEOUT, "scenarios": {}}
+    report: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": facts,
+        "duration_s": args.duration,
+        "wrk_timeout": WRK_TIMEOUT,
+        "scenarios": {},
+    }
     try:
         if args.database_url:
             database_url = create_database(args.database_url)
@@ -1063,10 +1379,13 @@ def main() -> None:
             print(f"{scenario.name}: {scenario.description}", flush=True)
             entry = bench.scenario(scenario)
             report["scenarios"][scenario.name] = entry
-            print(f"  ours {throughput(entry['ours'], scenario.unit)} {scenario.unit}, p99 "
-                  f"{ms(entry['ours']['latency_ms'].get('p99'))} ms ({errors_text(entry['ours'])}); reference "
-                  f"{throughput(entry['reference'], scenario.unit)} {scenario.unit}, p99 "
-                  f"{ms(entry['reference']['latency_ms'].get('p99'))} ms", flush=True)
+            print(
+                f"  ours {throughput(entry['ours'], scenario.unit)} {scenario.unit}, p99 "
+                f"{ms(entry['ours']['latency_ms'].get('p99'))} ms ({errors_text(entry['ours'])}); reference "
+                f"{throughput(entry['reference'], scenario.unit)} {scenario.unit}, p99 "
+                f"{ms(entry['reference']['latency_ms'].get('p99'))} ms",
+                flush=True,
+            )
     finally:
         processes.stop_all()
         if database_url:
@@ -1078,15 +1397,19 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     writer = report.get("writer", {})
-    print(f"\nreport: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
-          f"({report['wall_s']} s); writer: {writer.get('rows_written')} step logs, write p50/p99/max "
-          f"{writer.get('write_ms', {}).get('p50')}/{writer.get('write_ms', {}).get('p99')}/"
-          f"{writer.get('write_ms', {}).get('max')} ms")
+    print(
+        f"\nreport: {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out} "
+        f"({report['wall_s']} s); writer: {writer.get('rows_written')} step logs, write p50/p99/max "
+        f"{writer.get('write_ms', {}).get('p50')}/{writer.get('write_ms', {}).get('p99')}/"
+        f"{writer.get('write_ms', {}).get('max')} ms"
+    )
     machine = report["machine"]
-    print(f"machine: {machine['cpu_count']} CPUs, {machine['memory_gib']} GiB; load average at start "
-          f"{'/'.join(map(str, machine['load_average_start']))}, at the end "
-          f"{'/'.join(map(str, machine['load_average_end']))}; API workers {machine['api_workers']}; "
-          f"{'PostgreSQL' if args.database_url else 'SQLite'}")
+    print(
+        f"machine: {machine['cpu_count']} CPUs, {machine['memory_gib']} GiB; load average at start "
+        f"{'/'.join(map(str, machine['load_average_start']))}, at the end "
+        f"{'/'.join(map(str, machine['load_average_end']))}; API workers {machine['api_workers']}; "
+        f"{'PostgreSQL' if args.database_url else 'SQLite'}"
+    )
     print(f"{PIN.heading(machine['api_workers'], bool(args.database_url))}\n")
     print(markdown_table(report["scenarios"]))
     for extra in (watchers_table(report["scenarios"]), background_text(report["scenarios"])):

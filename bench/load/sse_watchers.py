@@ -72,10 +72,10 @@ class ChunkedBody:
         out = []
         while self.buffer and not self.done:
             if self.remaining:
-                piece = self.buffer[:self.remaining]
+                piece = self.buffer[: self.remaining]
                 out.append(piece)
                 self.remaining -= len(piece)
-                self.buffer = self.buffer[len(piece):]
+                self.buffer = self.buffer[len(piece) :]
                 if not self.remaining:
                     self.need_crlf = True
                 continue
@@ -89,7 +89,7 @@ class ChunkedBody:
             if end < 0:
                 break
             size = int(self.buffer[:end].split(b";", 1)[0], 16)
-            self.buffer = self.buffer[end + 2:]
+            self.buffer = self.buffer[end + 2 :]
             if size == 0:
                 self.done = True
             else:
@@ -177,8 +177,10 @@ async def watch(watcher: Watcher, host: str, port: int, target: str, stop: async
         started = time.monotonic()
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
         watcher.sent_at = time.time()
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
-                     "Cache-Control: no-cache\r\n\r\n".encode())
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+            "Cache-Control: no-cache\r\n\r\n".encode()
+        )
         await writer.drain()
         status, headers, rest = await asyncio.wait_for(read_head(reader), CONNECT_TIMEOUT_S)
         if status != 200:
@@ -269,8 +271,14 @@ def by_second(watchers: list[Watcher], start: float) -> list[dict[str, Any]]:
     out = []
     for second in sorted(seconds):
         delays = sorted(seconds[second])
-        out.append({"second": second, "logs": len(delays), "p50_ms": round(1000 * delays[len(delays) // 2], 1),
-                    "max_ms": round(1000 * delays[-1], 1)})
+        out.append(
+            {
+                "second": second,
+                "logs": len(delays),
+                "p50_ms": round(1000 * delays[len(delays) // 2], 1),
+                "max_ms": round(1000 * delays[-1], 1),
+            }
+        )
     return out
 
 
@@ -280,13 +288,24 @@ def delay_percentiles(delays: list[float]) -> dict[str, float | None]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(1000 * value, 1)
 
-    return {"logs": len(delays), "p50": ms(percentile(delays, 0.5)), "p90": ms(percentile(delays, 0.9)),
-            "p99": ms(percentile(delays, 0.99)), "max": ms(delays[-1] if delays else None),
-            "min": ms(delays[0] if delays else None)}
+    return {
+        "logs": len(delays),
+        "p50": ms(percentile(delays, 0.5)),
+        "p90": ms(percentile(delays, 0.9)),
+        "p99": ms(percentile(delays, 0.99)),
+        "max": ms(delays[-1] if delays else None),
+        "min": ms(delays[0] if delays else None),
+    }
 
 
-def summary(watchers: list[Watcher], args: argparse.Namespace, target: str, phases: dict[str, float],
-            start: float, steady_from: float) -> dict[str, Any]:
+def summary(
+    watchers: list[Watcher],
+    args: argparse.Namespace,
+    target: str,
+    phases: dict[str, float],
+    start: float,
+    steady_from: float,
+) -> dict[str, Any]:
     connected = [w for w in watchers if w.connected]
     errors: dict[str, int] = {}
     for w in watchers:
@@ -297,8 +316,9 @@ def summary(watchers: list[Watcher], args: argparse.Namespace, target: str, phas
     logs = sorted(w.logs for w in connected)
     # The steady state's logs: created once every watcher had its first event (the backlog of the
     # catch-up, delivered after it, is not).
-    steady_logs = sorted(sum(1 for at, delay in zip(w.received, w.delays, strict=True) if at - delay >= steady_from)
-                         for w in connected)
+    steady_logs = sorted(
+        sum(1 for at, delay in zip(w.received, w.delays, strict=True) if at - delay >= steady_from) for w in connected
+    )
     heads = sorted(w.headers_s for w in connected if w.headers_s is not None)
     firsts = sorted(w.first_event_s for w in connected if w.first_event_s is not None)
 
@@ -307,25 +327,38 @@ def summary(watchers: list[Watcher], args: argparse.Namespace, target: str, phas
 
     return {
         "url": f"{args.url}{target}",
-        "watchers": len(watchers), "connected": len(connected), "connection_errors": sum(errors.values()),
-        "errors_by_kind": errors, "ended_early": len(ended),
+        "watchers": len(watchers),
+        "connected": len(connected),
+        "connection_errors": sum(errors.values()),
+        "errors_by_kind": errors,
+        "ended_early": len(ended),
         "ended_early_reasons": sorted({w.error or "" for w in ended})[:5],
         **{key: round(value, 2) for key, value in phases.items()},
         "headers_ms": {"p50": ms(percentile(heads, 0.5)), "max": ms(heads[-1] if heads else None)},
-        "first_event_ms": {"p50": ms(percentile(firsts, 0.5)), "max": ms(firsts[-1] if firsts else None),
-                           "watchers_without": len(connected) - len(firsts)},
-        "log_events_per_watcher": {"min": logs[0] if logs else None,
-                                   "median": statistics.median(logs) if logs else None,
-                                   "max": logs[-1] if logs else None},
-        "log_events_per_watcher_steady": {"min": steady_logs[0] if steady_logs else None,
-                                          "median": statistics.median(steady_logs) if steady_logs else None,
-                                          "max": steady_logs[-1] if steady_logs else None},
-        "log_events": sum(logs), "caught_up_log_events": sum(w.caught_up_logs for w in connected),
-        "job_events": sum(w.jobs for w in connected), "event_events": sum(w.events for w in connected),
+        "first_event_ms": {
+            "p50": ms(percentile(firsts, 0.5)),
+            "max": ms(firsts[-1] if firsts else None),
+            "watchers_without": len(connected) - len(firsts),
+        },
+        "log_events_per_watcher": {
+            "min": logs[0] if logs else None,
+            "median": statistics.median(logs) if logs else None,
+            "max": logs[-1] if logs else None,
+        },
+        "log_events_per_watcher_steady": {
+            "min": steady_logs[0] if steady_logs else None,
+            "median": statistics.median(steady_logs) if steady_logs else None,
+            "max": steady_logs[-1] if steady_logs else None,
+        },
+        "log_events": sum(logs),
+        "caught_up_log_events": sum(w.caught_up_logs for w in connected),
+        "job_events": sum(w.jobs for w in connected),
+        "event_events": sum(w.events for w in connected),
         "pings": sum(w.pings for w in connected),
         "delay_ms": delay_percentiles([d for w in connected for d in w.delays]),
-        "delay_ms_steady": delay_percentiles([d for w in connected for d, at in zip(w.delays, w.received, strict=True)
-                                              if at - d >= steady_from]),
+        "delay_ms_steady": delay_percentiles(
+            [d for w in connected for d, at in zip(w.delays, w.received, strict=True) if at - d >= steady_from]
+        ),
         "delay_by_second": by_second(connected, start),
     }
 
@@ -351,12 +384,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             break
         await asyncio.sleep(0.05)
     caught_up_s, steady_from = time.monotonic() - started, time.time()
-    ready = {"connected": sum(w.connected for w in watchers), "errors": sum(bool(w.error) for w in watchers),
-             "connect_s": round(connect_s, 2), "caught_up_s": round(caught_up_s, 2)}
+    ready = {
+        "connected": sum(w.connected for w in watchers),
+        "errors": sum(bool(w.error) for w in watchers),
+        "connect_s": round(connect_s, 2),
+        "caught_up_s": round(caught_up_s, 2),
+    }
     if args.ready_file is not None:
         args.ready_file.write_text(json.dumps(ready))
-    print(f"{ready['connected']} of {args.watchers} watchers connected in {connect_s:.1f} s, "
-          f"all had their first event after {caught_up_s:.1f} s", flush=True)
+    print(
+        f"{ready['connected']} of {args.watchers} watchers connected in {connect_s:.1f} s, "
+        f"all had their first event after {caught_up_s:.1f} s",
+        flush=True,
+    )
     held = time.monotonic()
     await asyncio.sleep(args.duration)
     stop.set()
@@ -374,8 +414,9 @@ def main() -> None:
     parser.add_argument("--job-id", type=int, default=10_000)
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=20, help="seconds the watchers stay once connected")
-    parser.add_argument("--from-start", action="store_true",
-                        help="no after_step: every watcher reads the job's whole history first")
+    parser.add_argument(
+        "--from-start", action="store_true", help="no after_step: every watcher reads the job's whole history first"
+    )
     parser.add_argument("--ready-file", type=Path, help="written once every watcher is connected or failed")
     parser.add_argument("--out", type=Path, help="the summary (JSON)")
     args = parser.parse_args()

@@ -53,8 +53,14 @@ class H100MemoryProbe:
     def read(self) -> dict[str, int | None]:
         self.reads += 1
         used = 63 * GIB + (self.reads % 7) * 64 * 1024**2
-        return {"allocated": 54 * GIB, "reserved": 57 * GIB, "peak_allocated": 63 * GIB, "device_used": used,
-                "device_total": 85_520_809_984, "device_used_peak": 64 * GIB}
+        return {
+            "allocated": 54 * GIB,
+            "reserved": 57 * GIB,
+            "peak_allocated": 63 * GIB,
+            "device_used": used,
+            "device_total": 85_520_809_984,
+            "device_used_peak": 64 * GIB,
+        }
 
     def close(self) -> None:
         """Nothing to release: no sampler thread."""
@@ -81,9 +87,13 @@ class Writer:
             last = session.exec(select(func.max(StepLog.step)).where(StepLog.job_id == job_id)).one()
         self.step = int(last or job.step)
         self.reporter = JobReporter(
-            job_id=job_id, stop=StopFlag(), memory=H100MemoryProbe(),  # type: ignore[arg-type]
+            job_id=job_id,
+            stop=StopFlag(),
+            memory=H100MemoryProbe(),  # type: ignore[arg-type]
             checkpoints_dir=get_settings().checkpoints_dir(job_id),
-            tokens_trained=lambda: float(self.step * TOKENS_PER_STEP), eval_seconds=lambda: 0.0)
+            tokens_trained=lambda: float(self.step * TOKENS_PER_STEP),
+            eval_seconds=lambda: 0.0,
+        )
         self.watch = TrainerWatch(job_id)
 
     def heartbeat(self) -> None:
@@ -94,20 +104,23 @@ class Writer:
     def write_step(self) -> None:
         """One logged step, as JobReporter.on_step_end and on_log write it."""
         self.step += 1
-        state = TrainerState(global_step=self.step, max_steps=self.total_steps,
-                             epoch=2.0 * self.step / self.total_steps)
+        state = TrainerState(
+            global_step=self.step, max_steps=self.total_steps, epoch=2.0 * self.step / self.total_steps
+        )
         args = SimpleNamespace(save_steps=self.total_steps)  # on_step_end reads only save_steps
         self.reporter.on_step_end(args, state, TrainerControl())  # type: ignore[arg-type]
         remaining = max(0.0, 1 - self.step / self.total_steps)
         metrics: dict[str, float | None] = {
             "loss": round(0.95 + 0.4 * remaining + 0.03 * ((self.step * 7919) % 13 - 6) / 6, 4),
-            "learning_rate": 2e-5 * remaining, "grad_norm": round(0.5 + (self.step % 11) / 10, 3),
+            "learning_rate": 2e-5 * remaining,
+            "grad_norm": round(0.5 + (self.step % 11) / 10, 3),
             "tokens_per_second": 9120.5,
         }
         started = time.perf_counter()
         with session_scope() as session:
-            self.reporter._write_log(session, state, metrics, self.reporter.memory.read(),
-                                     float(self.step * TOKENS_PER_STEP))
+            self.reporter._write_log(
+                session, state, metrics, self.reporter.memory.read(), float(self.step * TOKENS_PER_STEP)
+            )
         self.write_seconds.append(time.perf_counter() - started)
 
     def run(self, ready_file: Path | None) -> None:
@@ -141,11 +154,19 @@ class Writer:
         def ms(value: float | None) -> float | None:
             return None if value is None else round(1000 * value, 2)
 
-        return {"job_id": self.job_id, "gpu_memory_figures": "h100", "rows_written": len(writes),
-                "last_step": self.step,
-                "write_ms": {"p50": ms(percentile(writes, 0.5)), "p99": ms(percentile(writes, 0.99)),
-                             "max": ms(writes[-1] if writes else None)},
-                "heartbeats": len(beats), "heartbeat_ms_max": ms(beats[-1] if beats else None)}
+        return {
+            "job_id": self.job_id,
+            "gpu_memory_figures": "h100",
+            "rows_written": len(writes),
+            "last_step": self.step,
+            "write_ms": {
+                "p50": ms(percentile(writes, 0.5)),
+                "p99": ms(percentile(writes, 0.99)),
+                "max": ms(writes[-1] if writes else None),
+            },
+            "heartbeats": len(beats),
+            "heartbeat_ms_max": ms(beats[-1] if beats else None),
+        }
 
     def close(self) -> None:
         self.watch.hasher.shutdown()

@@ -31,8 +31,9 @@ def kill(pids: list[int], sig: signal.Signals = signal.SIGKILL) -> None:
 
 
 class Cluster:
-    def __init__(self, root: Path, models_root: Path, *, data_dir: Path | None = None,
-                 settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, models_root: Path, *, data_dir: Path | None = None, settings: dict[str, str] | None = None
+    ) -> None:
         self.root = root
         self.data_dir = data_dir or root / "data"
         self.datasets_dir = root / "datasets"
@@ -73,8 +74,22 @@ class Cluster:
         binary = shutil.which("redis-server")
         assert binary is not None, "redis-server is not installed (scripts/test installs it)"
         # No persistence: a restart loses every queued entry, the hardest case for the service.
-        self.redis = self._start("redis", [binary, "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                           "--save", "", "--appendonly", "no", "--dir", str(self.root)])
+        self.redis = self._start(
+            "redis",
+            [
+                binary,
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.root),
+            ],
+        )
 
         def answers() -> bool:
             result = subprocess.run(["redis-cli", "-p", str(self.redis_port), "ping"], capture_output=True)
@@ -88,12 +103,19 @@ class Cluster:
         self.redis.wait(10)
 
     def migrate(self) -> None:
-        subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=self.env, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
 
     def start_api(self) -> None:
-        self.api = self._start("api", [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                                       "--port", str(self.api_port)])
+        self.api = self._start(
+            "api",
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+        )
 
         def healthy() -> bool:
             try:
@@ -140,8 +162,10 @@ class Cluster:
                 process.wait(10)
 
     def logs(self) -> str:
-        return "".join(f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}\n"
-                       for path in sorted(self.root.glob("*.log")))
+        return "".join(
+            f"----- {path.name} -----\n{path.read_text(errors='replace')[-4000:]}\n"
+            for path in sorted(self.root.glob("*.log"))
+        )
 
     # ---- the API, as a client ---------------------------------------------------------------------
 
@@ -173,8 +197,12 @@ class Cluster:
         return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {statuses}", interval_s=0.3))
 
     def wait_for_step(self, job_id: int, step: int, timeout_s: float = 180) -> None:
-        wait_until(lambda: self.job(job_id)["progress"]["step"] >= step, timeout_s, f"job {job_id} at step {step}",
-                   interval_s=0.2)
+        wait_until(
+            lambda: self.job(job_id)["progress"]["step"] >= step,
+            timeout_s,
+            f"job {job_id} at step {step}",
+            interval_s=0.2,
+        )
 
     def job_dir(self, job_id: int) -> Path:
         return self.data_dir / "jobs" / str(job_id)
@@ -210,11 +238,14 @@ def tmpfs(tmp_path: Path) -> Iterator[Any]:
 
     def mount(path: Path, size: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); "
-                        "the full-disk faults need root or CAP_SYS_ADMIN")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); "
+                "the full-disk faults need root or CAP_SYS_ADMIN"
+            )
         mounted.append(path)
         return path
 

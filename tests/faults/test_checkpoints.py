@@ -17,8 +17,9 @@ from tests.faults.conftest import Cluster, kill
 pytestmark = pytest.mark.slow
 
 
-def test_crash_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(cluster: Cluster,
-                                                                               tiny_model: Path) -> None:
+def test_crash_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
+    cluster: Cluster, tiny_model: Path
+) -> None:
     worker = cluster.start(FINETUNE_FAILPOINTS="checkpoint_writing@8=pause").workers[0]
     spec = job_spec(tiny_model, cluster.chat_dataset(), max_steps=12, logging_steps=1, save_steps=4)
     job_id = cluster.submit(spec)
@@ -35,8 +36,11 @@ def test_crash_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
     assert record["status"] == "succeeded", record["error"]
     assert record["attempts"] == 2
     events = cluster.events(job_id)
-    assert ("checkpoint_discarded", "removed .partial-checkpoint-8, a checkpoint an earlier attempt did not finish "
-            "writing (" + events_bytes(events) + " bytes)") in events
+    assert (
+        "checkpoint_discarded",
+        "removed .partial-checkpoint-8, a checkpoint an earlier attempt did not finish "
+        "writing (" + events_bytes(events) + " bytes)",
+    ) in events
     assert ("resumed", "resuming from checkpoint-4, the newest complete checkpoint") in events
     with cluster.http() as http:
         steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
@@ -55,8 +59,9 @@ def events_bytes(events: list[tuple[str, str]]) -> str:
     return message.rsplit("(", 1)[1].split()[0]
 
 
-def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(cluster: Cluster,
-                                                                             tiny_model: Path) -> None:
+def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(
+    cluster: Cluster, tiny_model: Path
+) -> None:
     """Renamed into place, but the trainer died before recording it: the reconciler that fails
     the job (no attempts left) records it, and a worker hashes it."""
     cluster.env["MAX_ATTEMPTS"] = "1"

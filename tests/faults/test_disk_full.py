@@ -21,14 +21,17 @@ pytestmark = pytest.mark.slow
 MIB = 1024**2
 
 
-def test_full_disk_under_data_dir_with_the_database_fails_the_job_as_disk_full(tmpfs: Any, cluster: Cluster,
-                                                                              tiny_model: Path) -> None:
+def test_full_disk_under_data_dir_with_the_database_fails_the_job_as_disk_full(
+    tmpfs: Any, cluster: Cluster, tiny_model: Path
+) -> None:
     cluster.data_dir = tmpfs(cluster.root / "data", "64m")
-    cluster.env.update(DATA_DIR=str(cluster.data_dir), MIN_FREE_DISK_BYTES=str(8 * MIB),
-                       DISK_RESERVE_BYTES=str(2 * MIB))
+    cluster.env.update(
+        DATA_DIR=str(cluster.data_dir), MIN_FREE_DISK_BYTES=str(8 * MIB), DISK_RESERVE_BYTES=str(2 * MIB)
+    )
     cluster.start()
-    spec = job_spec(tiny_model, cluster.chat_dataset(), max_steps=100_000, logging_steps=1, save_steps=5,
-                    save_total_limit=2)
+    spec = job_spec(
+        tiny_model, cluster.chat_dataset(), max_steps=100_000, logging_steps=1, save_steps=5, save_total_limit=2
+    )
     job_id = cluster.submit(spec)
     cluster.wait_for_step(job_id, 3)
     assert (cluster.data_dir / ".disk-reserve").stat().st_size == 2 * MIB
@@ -54,7 +57,8 @@ def test_full_disk_under_data_dir_with_the_database_fails_the_job_as_disk_full(t
 
 
 def test_checkpoint_disk_that_fills_during_a_save_is_disk_full_not_a_serialization_error(
-        tmpfs: Any, cluster: Cluster, tiny_model: Path) -> None:
+    tmpfs: Any, cluster: Cluster, tiny_model: Path
+) -> None:
     """Only the job folders' disk fills, in the middle of writing checkpoint-8 (PyTorch reports
     that as "file write failed", without the errno)."""
     jobs = tmpfs(cluster.data_dir / "jobs", "48m")
@@ -78,8 +82,9 @@ def test_checkpoint_disk_that_fills_during_a_save_is_disk_full_not_a_serializati
         assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()] == ["checkpoint-4"]
 
 
-def test_checkpoint_that_would_eat_into_the_reserved_space_is_not_started(tmpfs: Any, cluster: Cluster,
-                                                                          tiny_model: Path) -> None:
+def test_checkpoint_that_would_eat_into_the_reserved_space_is_not_started(
+    tmpfs: Any, cluster: Cluster, tiny_model: Path
+) -> None:
     tmpfs(cluster.data_dir / "jobs", "16m")
     cluster.env["MIN_FREE_DISK_BYTES"] = str(15 * MIB)
     cluster.start()
@@ -90,7 +95,9 @@ def test_checkpoint_that_would_eat_into_the_reserved_space_is_not_started(tmpfs:
     message = record["error"]["message"]
     assert message.startswith("Not enough disk space to save checkpoint-4: it needs about ")
     assert " MiB free of 16.0 MiB on the disk holding " in message
-    assert "of which 15.0 MiB stays free for the job database and logs (MIN_FREE_DISK_BYTES); nothing was written" \
+    assert (
+        "of which 15.0 MiB stays free for the job database and logs (MIN_FREE_DISK_BYTES); nothing was written"
         in message
+    )
     assert [p for p in (cluster.job_dir(job_id) / "checkpoints").iterdir() if p.is_dir()] == []
     assert record["progress"]["step"] == 4

@@ -33,12 +33,28 @@ def test_fuzzed_requests_get_no_server_error_and_conform_to_the_document(cluster
     cluster.migrate()
     cluster.start_api()
     command = [
-        str(Path(sys.executable).with_name("st")), "run", f"{cluster.url}/openapi.json",
-        "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-        "--header", f"Authorization: Bearer {TOKEN}",
-        "--exclude-path-regex", "/stream$",
-        "--max-examples", "100", "--seed", "20261128", "--workers", "1",
-        "--request-timeout", "20", "--generation-database", "none", "--no-color",
+        str(Path(sys.executable).with_name("st")),
+        "run",
+        f"{cluster.url}/openapi.json",
+        "--checks",
+        "all",
+        "--exclude-checks",
+        "positive_data_acceptance",
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        "--exclude-path-regex",
+        "/stream$",
+        "--max-examples",
+        "100",
+        "--seed",
+        "20261128",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "20",
+        "--generation-database",
+        "none",
+        "--no-color",
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=TIME_LIMIT_S)
     output = result.stdout + result.stderr

@@ -19,8 +19,9 @@ from tests.faults.conftest import Cluster, kill
 pytestmark = pytest.mark.slow
 
 
-def test_killed_trainer_fails_the_job_as_trainer_crashed_not_running(client: httpx.Client, env: Env,
-                                                                      tiny_model: Path, chat_dataset: Path) -> None:
+def test_killed_trainer_fails_the_job_as_trainer_crashed_not_running(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
     from worker.tasks import run_job
 
     spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
@@ -35,10 +36,13 @@ def test_killed_trainer_fails_the_job_as_trainer_crashed_not_running(client: htt
     assert record["status"] == "failed"
     assert record["error"]["code"] == "trainer_crashed"
     message = record["error"]["message"]
-    assert message.startswith("The trainer process was killed by SIGKILL (often the kernel's out-of-memory killer: "
-                              "the host ran out of RAM). Last lines of trainer.log:\n")
-    assert message.endswith("\nLower per_device_train_batch_size or max_seq_length, or give the host more RAM, "
-                            "then resubmit the job.")
+    assert message.startswith(
+        "The trainer process was killed by SIGKILL (often the kernel's out-of-memory killer: "
+        "the host ran out of RAM). Last lines of trainer.log:\n"
+    )
+    assert message.endswith(
+        "\nLower per_device_train_batch_size or max_seq_length, or give the host more RAM, then resubmit the job."
+    )
 
 
 def test_job_of_a_worker_killed_mid_training_resumes_on_a_new_worker(
@@ -93,8 +97,7 @@ def test_every_process_killed_at_once_then_restarted_resumes_the_job(cluster: Cl
     assert steps == list(range(1, 41))
 
 
-def test_sigterm_twice_stops_the_worker_and_its_trainer_and_the_job_resumes(cluster: Cluster,
-                                                                            tiny_model: Path) -> None:
+def test_sigterm_twice_stops_the_worker_and_its_trainer_and_the_job_resumes(cluster: Cluster, tiny_model: Path) -> None:
     """The first SIGTERM asks RQ for a warm shutdown (finish the job), the second for a cold one:
     RQ kills the work horse. The trainer must not train on as an orphan: the kernel tells it its
     parent died, it stops at the next step, and the job is queued again and resumed."""
@@ -108,9 +111,14 @@ def test_sigterm_twice_stops_the_worker_and_its_trainer_and_the_job_resumes(clus
     time.sleep(1.5)  # RQ ignores a second signal within a second of the first
     worker.send_signal(signal.SIGTERM)
     worker.wait(30)
-    wait_until(lambda: not Path(f"/proc/{trainer}").exists() or
-               Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
-               30, "the orphaned trainer to stop")
+    wait_until(
+        lambda: (
+            not Path(f"/proc/{trainer}").exists()
+            or Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        ),
+        30,
+        "the orphaned trainer to stop",
+    )
     assert trainer_pids(cluster.data_dir) == []
     assert cluster.job(job_id)["status"] == "running"  # until the stale heartbeat is noticed
 

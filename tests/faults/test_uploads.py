@@ -19,12 +19,18 @@ BOUNDARY = "fault-test-boundary"
 
 def start_upload(port: int, total_bytes: int) -> socket.socket:
     """Open a multipart upload that announces `total_bytes` of rows, and send its headers."""
-    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{BOUNDARY}--\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall((f"POST /files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                  f"boundary={BOUNDARY}\r\nContent-Length: {len(head) + total_bytes + len(tail)}\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"POST /files HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+            f"boundary={BOUNDARY}\r\nContent-Length: {len(head) + total_bytes + len(tail)}\r\n\r\n"
+        ).encode()
+    )
     sock.sendall(head)
     return sock
 
