@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +199,12 @@ class Service:
     worker: subprocess.Popen[bytes]
     log_dir: Path
     environ: dict[str, str]
+    clients: list[httpx.Client] = field(default_factory=list)
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        """A client of the API, closed with the service (one left open is a ResourceWarning)."""
+        self.clients.append(httpx.Client(base_url=self.url, timeout=30))
+        return self.clients[-1]
 
     def start_worker(self) -> None:
         self.worker = _start(["-m", "worker"], self.environ, self.log_dir / "worker.log")
@@ -243,6 +246,8 @@ def service(env: Env, tmp_path: Path) -> Iterator[Service]:
         wait_until(healthy, START_TIMEOUT_S, "the API's /healthz")
         yield svc
     finally:
+        for http in svc.clients:
+            http.close()
         _stop(svc.worker)
         _stop(api)
         for name in ("api.log", "worker.log"):

@@ -36,6 +36,7 @@ def start_holder(job_dir: Path, job_id: int, mode: str) -> subprocess.Popen[str]
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    holder.stdout.close()  # nothing more comes; a pipe left open is a ResourceWarning
     return holder
 
 

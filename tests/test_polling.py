@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import update
-from sqlmodel import col
+from sqlmodel import col, select
 
 from tests.conftest import Env
 
@@ -302,11 +302,13 @@ def test_log_and_event_pages_match_the_declared_schemas(client: httpx.Client, en
         expected_logs = StepLogPage(
             items=[
                 step_log_public(r)
-                for r in session.query(StepLog).order_by(StepLog.step).filter(StepLog.job_id == job_id).limit(25)
+                for r in session.exec(
+                    select(StepLog).where(StepLog.job_id == job_id).order_by(col(StepLog.step)).limit(25)
+                )
             ],
             next_after_step=25,
         )
-        events = session.query(JobEvent).filter(JobEvent.job_id == job_id).order_by(JobEvent.id).all()
+        events = session.exec(select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))).all()
         expected_events = EventPage(items=[event_public(e) for e in events], next_after_id=None)
     assert client.get(f"/jobs/{job_id}/logs", params={"limit": 25}).content == expected_logs.model_dump_json().encode()
     assert client.get(f"/jobs/{job_id}/events").content == expected_events.model_dump_json().encode()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sqlmodel import col, select
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from tests.conftest import Env
@@ -79,7 +80,7 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
     reporter.on_log(args, state, control, logs={"eval_loss": 1.4})  # an eval step without a training log
 
     with session_scope() as session:
-        rows = session.query(StepLog).filter(StepLog.job_id == job_id).order_by(StepLog.step).all()
+        rows = session.exec(select(StepLog).where(StepLog.job_id == job_id).order_by(col(StepLog.step))).all()
         assert [(r.step, r.loss, r.eval_loss, r.tokens_per_second) for r in rows] == [
             (2, 2.0, 1.5, 1000.0),
             (4, 1.8, None, 1000.0),

@@ -63,12 +63,18 @@ class Cluster:
         self.redis: subprocess.Popen[bytes] | None = None
         self.api: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        # Every process started, restarted ones too: stop() reaps them all (a Popen dropped
+        # before its process is reaped is a ResourceWarning).
+        self.started: list[subprocess.Popen[bytes]] = []
 
     # ---- processes ------------------------------------------------------------------------------
 
     def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with open(self.root / f"{name}.log", "ab") as log:
-            return subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.started.append(
+                subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+            )
+        return self.started[-1]
 
     def start_redis(self) -> None:
         binary = shutil.which("redis-server")
@@ -156,10 +162,9 @@ class Cluster:
         process.wait(10)
 
     def stop(self) -> None:
-        kill(self.everything())
-        for process in (self.redis, self.api, *self.workers):
-            if process is not None:
-                process.wait(10)
+        kill(self.everything() + [p.pid for p in self.started if p.poll() is None])
+        for process in self.started:
+            process.wait(10)
 
     def logs(self) -> str:
         return "".join(

@@ -94,7 +94,8 @@ def test_worker_running_a_job_rides_out_a_redis_restart(cluster: Cluster, tiny_m
     record = cluster.wait_for(job_id, timeout_s=180)
     assert record["status"] == "succeeded", record["error"]
     assert record["attempts"] == 1  # the same trainer went on; nothing was retried
-    steps = [row["step"] for row in cluster.http().get(f"/jobs/{job_id}/logs").json()["items"]]
+    with cluster.http() as http:
+        steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
     assert steps == list(range(1, 31))
     assert_worker_alive(cluster)
     a_short_job_succeeds(cluster, tiny_model)
