@@ -27,6 +27,7 @@ from starlette.responses import Response
 
 from app.db import run_db
 from app.presenters import job_public
+from app.schemas import JobPublic
 from core.config import get_settings
 from core.db import get_engine
 from core.models import Job, JobStatus
@@ -38,25 +39,7 @@ LISTS_KEPT = 256
 # pollers on one core), and pollers should not wait for it each time the copy expires.
 REFRESH_AHEAD = 0.5
 # The record's top-level fields, for ?fields= (JobPublic's, in its order).
-RECORD_FIELDS = (
-    "id",
-    "status",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "spec",
-    "backend",
-    "versions",
-    "attempts",
-    "phase",
-    "cancel_requested",
-    "progress",
-    "metrics",
-    "vram",
-    "data_report",
-    "error",
-    "links",
-)
+RECORD_FIELDS = tuple(JobPublic.model_fields)
 
 
 def etag_of(body: bytes) -> str:

@@ -288,3 +288,22 @@ def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout
         return record if record["status"] in statuses else None
 
     return wait_until(finished, timeout_s, f"job {job_id} to reach {statuses}", interval_s=0.5)
+
+
+def raw_get_scope(path: str) -> dict[str, Any]:
+    """The ASGI scope of a plain GET of `path`, for tests that call an app directly (to send a path
+    no HTTP client would, or to watch the messages it sends)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }

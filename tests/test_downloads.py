@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from app.downloads import CHUNK_BYTES, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import NotFound
-from tests.conftest import Env
+from tests.conftest import Env, raw_get_scope
 
 SECRET = b"the operator's secret, never to be served\n"
 LONG_NAME = "tokenizer-" + "x" * 120 + ".json"  # past ustar's 100-character name field
@@ -199,20 +199,7 @@ def raw_get(app: object, path: str) -> tuple[int, bytes]:
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    scope = raw_get_scope(path)
     anyio.run(app, scope, receive, send)  # type: ignore[arg-type]
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

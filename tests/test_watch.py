@@ -21,6 +21,7 @@ from app.routes import watch
 from core.config import get_settings
 from core.db import get_engine
 from core.models import Job, JobEvent, JobStatus, StepLog, utcnow
+from tests.conftest import raw_get_scope
 
 GIB = 1024**3
 SPEC = {"model": "org/tiny-llama", "dataset": {"source": "org/tiny-data", "split": "train"}}
@@ -275,20 +276,7 @@ def raw_get(path: str) -> tuple[int, bytes]:
     async def send(message: Message) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 1),
-        "server": ("testserver", 80),
-    }
+    scope = raw_get_scope(path)
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], b"".join(message.get("body", b"") for message in sent[1:])
 
