@@ -79,7 +79,7 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     spec = job_in.model_dump(mode="json")
     if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
         del spec["dataset"]["file_id"]
-    job = Job(spec=spec, data_report=data_check.report)
+    job = Job(spec=spec, data_report=data_check.report.model_dump() if data_check.report else None)
     session.add(job)
     session.flush()
     assert job.id is not None

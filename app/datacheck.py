@@ -9,12 +9,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlmodel import Session
 
 from app.errors import InvalidDataset
 from core.config import get_settings
+from core.data_report import DataReport, ValidationReport
 from core.models import UploadedFile
 from core.rows import DataError, RowCheck, check_file, loss_option_problem
 from core.spec import JobSpec
@@ -22,7 +22,7 @@ from core.spec import JobSpec
 
 @dataclass
 class DataCheck:
-    report: dict[str, Any] | None  # the job's first data_report; the trainer adds token figures
+    report: DataReport | None  # the job's first data_report; the trainer adds token figures
     note: str  # for the "queued" event
 
     @property
@@ -30,9 +30,9 @@ class DataCheck:
         """Good rows left for training (after a held-out fraction), when the file was read."""
         if self.report is None:
             return None
-        validation = self.report.get("validation") or {}
-        held_out = validation.get("rows", 0) if "fraction" in validation else 0
-        return int(self.report["rows"] - self.report["bad_rows"] - held_out)
+        validation = self.report.validation
+        held_out = validation.rows or 0 if validation is not None and validation.fraction is not None else 0
+        return self.report.rows - self.report.bad_rows - held_out
 
 
 def _stored_check(session: Session, file_id: int | None, mapping: Mapping[str, str]) -> RowCheck | None:
@@ -95,15 +95,15 @@ def check_before_queuing(*, session: Session, job_in: JobSpec) -> DataCheck:
     )
     if problem:
         raise InvalidDataset(problem)
-    report: dict[str, Any] = {"checked_before_queuing": True, **train.summary()}
+    report = DataReport(checked_before_queuing=True, **train.summary())
     good = train.rows - train.bad_rows
     if validation is not None:
-        report["validation"] = _check_validation(session, job_in, train, good)
+        report.validation = _check_validation(session, job_in, train, good)
     skipped = f", {train.bad_rows} malformed row(s) will be skipped" if train.bad_rows else ""
     return DataCheck(report, f"dataset checked: {train.rows} rows in {train.row_format!r} format{skipped}")
 
 
-def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: int) -> dict[str, Any]:
+def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: int) -> ValidationReport:
     validation = job_in.validation
     assert validation is not None
     if validation.fraction is not None:
@@ -113,7 +113,7 @@ def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: 
                 f"validation.fraction {validation.fraction} of {good} good rows leaves "
                 f"{held_out} for validation and {good - held_out} for training; each needs one"
             )
-        return {"fraction": validation.fraction, "rows": held_out}
+        return ValidationReport(fraction=validation.fraction, rows=held_out)
     if not validation.source:
         raise InvalidDataset(
             f"validation.split {validation.split!r} names a split of dataset.source, but a file "
@@ -121,11 +121,11 @@ def _check_validation(session: Session, job_in: JobSpec, train: RowCheck, good: 
         )
     check = _check_source(session, validation.source, validation.file_id, job_in.dataset.columns, "the validation set")
     if check is None:
-        return {"checked_before_queuing": False}
+        return ValidationReport(checked_before_queuing=False)
     _refuse_unusable(check, "the validation set")
     if check.row_format != train.row_format:
         raise InvalidDataset(
             f"the validation set's rows are {check.row_format!r} but the dataset's are "
             f"{train.row_format!r}; both need the same format"
         )
-    return {"checked_before_queuing": True, **check.summary()}
+    return ValidationReport(checked_before_queuing=True, **check.summary())

@@ -18,6 +18,7 @@ from app.schemas import (
     Vram,
 )
 from core.contract import ErrorCode, EventKind, Phase
+from core.data_report import DataReport
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 
 GIB = 1024**3
@@ -54,7 +55,7 @@ def job_public(job: Job) -> JobPublic:
         ),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram),
-        data_report=job.data_report,
+        data_report=DataReport.model_validate(job.data_report) if job.data_report else None,
         error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,
         links={
             "self": base,

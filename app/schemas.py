@@ -11,6 +11,7 @@ from pydantic import (
 )
 
 from core.contract import CheckpointStatus, ErrorCode, EventKind, JobStatus, Phase
+from core.data_report import DataReport
 from core.spec import JobSpec
 
 
@@ -77,11 +78,9 @@ class JobPublic(BaseModel):
     progress: Progress
     metrics: Metrics
     vram: Vram
-    data_report: dict[str, Any] | None = Field(
-        description="rows, bad_rows with examples, tokens per row (min, median, p95, max), rows_truncated, "
-        "tokens_cut_by_truncation, tokens_per_epoch, loss_tokens_per_epoch, optimizer_steps, "
-        "tokens_to_train, validation; rows are checked before queuing for local files, token figures "
-        "come from the job's first phase, before the model is loaded (docs/datasets.md)"
+    data_report: DataReport | None = Field(
+        description="rows are checked before queuing for local files; token figures come from the job's "
+        "first phase, before the model is loaded; a figure not measured yet is absent (docs/datasets.md)"
     )
     error: JobError | None
     links: dict[str, str]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -28,7 +27,8 @@ from common import (
 )
 
 sys.path.insert(0, str(ROOT))
-from scripts.service_harness import Service, wait_for
+from scripts.nvidia_smi import MemorySampler
+from scripts.service_harness import Service
 
 
 def iso(value: str) -> float:
@@ -37,20 +37,14 @@ def iso(value: str) -> float:
 
 def run_job(service: Service, spec: dict, steps: int, s: dict, workdir: Path) -> dict:
     http = service.http()
-    smi_log = open(workdir / "nvidia-smi.csv", "w")  # noqa: SIM115
-    smi = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
-        stdout=smi_log,
-    )
     spec = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps}}
-    posted = time.time()
-    job_id = http.post("/jobs", json=spec).json()["id"]
-    record = wait_for(http, job_id, timeout_s=560)
-    smi.terminate()
-    smi_log.close()
+    with MemorySampler(workdir / "nvidia-smi.csv") as smi:
+        posted = time.time()
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        record = service.wait_for(job_id, timeout_s=560, echo=True)
     if record["status"] != "succeeded":
         raise SystemExit(f"job {job_id} {record['status']}: {record['error']}")
-    smi_peak = max(int(x) for x in (workdir / "nvidia-smi.csv").read_text().split() if x.isdigit()) * 2**20
+    smi_peak = smi.peak_bytes()
     logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
     events = http.get(f"/jobs/{job_id}/events").json()["items"]
     job_dir = workdir / "service" / "data" / "jobs" / str(job_id)

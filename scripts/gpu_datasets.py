@@ -15,24 +15,24 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.service_harness import Service, wait_for
+from scripts.service_harness import Service
 from tests.builders import MARKED_TEMPLATE, SMALL_LLAMA, build_llama, chat_rows, qa_rows, write_jsonl
 
 GIB = 1024**3
 
 
 def run_job(
-    http: Any, spec: dict, name: str, backend: str, check: Callable[[str, bool, object], None]
+    service: Service, spec: dict, name: str, backend: str, check: Callable[[str, bool, object], None]
 ) -> tuple[dict, list[dict], dict, dict[int, float]]:
     """Submit, wait, and check it succeeded on the backend: (record, step logs, data report,
     eval loss by step)."""
+    http = service.http()
     response = http.post("/jobs", json=spec)
     check(f"{name} job accepted", response.status_code == 201, response.text[:300])
-    record = wait_for(http, response.json()["id"], timeout_s=400)
+    record = service.wait_for(response.json()["id"], timeout_s=400, echo=True)
     logs = http.get(f"/jobs/{record['id']}/logs").json()["items"]
     check(
         f"{name} job succeeded on {backend}",
@@ -105,7 +105,7 @@ def main() -> int:
                 "assistant_only_loss": True,
             },
         }
-        record, logs, report, evaluated = run_job(http, spec, "chat", backend, check)
+        record, logs, report, evaluated = run_job(service, spec, "chat", backend, check)
         check(
             "eval loss at every eval_steps",
             sorted(evaluated) == list(range(5, args.steps + 1, 5))
@@ -148,7 +148,7 @@ def main() -> int:
                 "packing": True,
             },
         }
-        record, logs, report, evaluated = run_job(http, spec, "packed", backend, check)
+        record, logs, report, evaluated = run_job(service, spec, "packed", backend, check)
         check(
             "packing: TRL's sequence count replaced the estimate",
             report.get("sequences_estimated") is False and report.get("sequences_per_epoch", 3000) < 3000 / 4,

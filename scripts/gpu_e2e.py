@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import subprocess
 import sys
 import tarfile
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.service_harness import Service, wait_for
+from scripts.nvidia_smi import MemorySampler
+from scripts.service_harness import Service
 from tests.builders import SMALL_LLAMA, build_llama, chat_rows, write_jsonl
 
 GIB = 1024**3
@@ -59,20 +59,15 @@ def main() -> int:
         },
     }
     # nvidia-smi's own view, ten times a second, to hold the job record's figures against.
-    smi_log = open(out / "nvidia-smi.csv", "w")  # noqa: SIM115
-    smi = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0", "-lms", "100"],
-        stdout=smi_log,
-    )
-    with Service(out / "service", allowed_roots=[out / "models", out / "datasets"]) as service:
+    smi = MemorySampler(out / "nvidia-smi.csv")
+    with Service(out / "service", allowed_roots=[out / "models", out / "datasets"]) as service, smi:
         http = service.http()
         response = http.post("/jobs", json=spec)
         check("POST /jobs -> 201", response.status_code == 201, response.status_code)
         job_id = response.json()["id"]
-        record = wait_for(http, job_id, timeout_s=480)
-        smi.terminate()
-        smi_log.close()
-        smi_peak = max(int(line) for line in (out / "nvidia-smi.csv").read_text().split() if line.isdigit()) * 2**20
+        record = service.wait_for(job_id, timeout_s=480, echo=True)
+        smi.stop()
+        smi_peak = smi.peak_bytes()
         check("job succeeded", record["status"] == "succeeded", record["error"])
         check("backend is unsloth", record["backend"] == "unsloth", record["backend"])
         check("versions name unsloth", "unsloth" in (record["versions"] or {}), record["versions"])

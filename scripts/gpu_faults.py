@@ -16,14 +16,14 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.service_harness import Service, process_tree, wait_for
+from scripts import nvidia_smi
+from scripts.service_harness import Service, process_tree
 from tests.builders import SMALL_LLAMA, build_llama, chat_rows, write_jsonl
 
 GIB = 1024**3
@@ -33,13 +33,7 @@ MIB = 1024**2
 def gpu_used_bytes(cpu_smoke: bool) -> int:
     if cpu_smoke:
         return 0
-    out = subprocess.run(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(out.split()[0]) * MIB
+    return nvidia_smi.used_bytes(0)
 
 
 def main() -> int:
@@ -81,7 +75,7 @@ def main() -> int:
     service = Service(
         out / "service",
         allowed_roots=[out / "models", out / "datasets"],
-        extra_env={"STALE_AFTER_S": "10", "HEARTBEAT_INTERVAL_S": "2", "RECONCILE_INTERVAL_S": "3"},
+        settings={"STALE_AFTER_S": "10", "HEARTBEAT_INTERVAL_S": "2", "RECONCILE_INTERVAL_S": "3"},
     )
     service.start(worker=False)
     try:
@@ -113,7 +107,7 @@ def main() -> int:
         )
 
         service.start_worker()
-        record = wait_for(http, job_id, timeout_s=480)
+        record = service.wait_for(job_id, timeout_s=480, echo=True)
         check("job succeeded after the crash", record["status"] == "succeeded", record["error"])
         check("two attempts", record["attempts"] == 2, record["attempts"])
         events = http.get(f"/jobs/{job_id}/events").json()["items"]

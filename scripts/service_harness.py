@@ -1,19 +1,73 @@
-"""Start the service's real processes (redis-server, uvicorn, `python -m worker`) for scripts
-that exercise it as a user would: the GPU end-to-end check and the benchmark."""
+"""The service's real processes (redis-server, the API under uvicorn, `python -m worker` and the
+trainers its workers start), started the way a user starts them. One harness for everything
+that runs the whole service: the tests (`tests/conftest.py`'s `service`, the fault suite's
+`cluster`), the GPU scripts (`scripts/gpu_*.py`) and the service benchmark.
+
+Each piece can be started, killed and started again on its own, so a fault test can break one
+and watch the others; `stop()` reaps every process started, restarted ones too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 30.0
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+T = TypeVar("T")
+
+
+# ---- small tools ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
+    """predicate's first truthy value, polled every interval_s; AssertionError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def redis_server_command(port: int, workdir: Path, binary: str | None = None) -> list[str]:
+    """redis-server on loopback with no persistence: a restart loses every queued entry, the
+    hardest case for the service (and nothing is written to disk between runs)."""
+    binary = binary or shutil.which("redis-server")
+    if binary is None:
+        raise AssertionError("redis-server is not installed (scripts/test installs it)")
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
 
 
 def process_tree(pid: int) -> list[int]:
@@ -34,97 +88,187 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
+    """Live trainer processes of this DATA_DIR (another service on the machine has trainers for
+    job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so
+    it is found by its command line and environment."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z" or argv[-2:-1] != [b"trainer"]:
+            continue
+        if (
+            job_id is None or argv[-1] == str(job_id).encode()
+        ) and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def kill(pids: Iterable[int], sig: signal.Signals = signal.SIGKILL) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+# ---- the service ----------------------------------------------------------------------------------
 
 
 class Service:
-    def __init__(self, workdir: Path, *, allowed_roots: list[Path], extra_env: dict[str, str] | None = None):
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen[bytes]] = []
-        workdir.mkdir(parents=True, exist_ok=True)
-        redis_port, api_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{api_port}"
-        self.env = {
+    """The service's processes under `root` (logs: root/<name>.log). With `redis_url` the service
+    uses that Redis; without, it runs a redis-server of its own that start_redis() starts and
+    kill_redis() kills. `settings` are environment variables over the harness's defaults."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        allowed_roots: Iterable[Path] = (),
+        data_dir: Path | None = None,
+        redis_url: str | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir or root / "data"
+        self.own_redis = redis_url is None
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        self.env: dict[str, str] = {
             **os.environ,
-            "DATA_DIR": str(workdir / "data"),
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "ALLOWED_LOCAL_ROOTS": ",".join(str(r) for r in allowed_roots),
+            "DATA_DIR": str(self.data_dir),
+            "DATABASE_URL": "",  # SQLite under DATA_DIR unless a caller says otherwise
+            "REDIS_URL": redis_url or f"redis://127.0.0.1:{self.redis_port}/0",
+            "ALLOWED_LOCAL_ROOTS": ",".join(str(path) for path in allowed_roots),
             "PYTHONUNBUFFERED": "1",
-            **(extra_env or {}),
+            **(settings or {}),
         }
-        self.redis_port, self.api_port = redis_port, api_port
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.api: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        # Every process started, restarted ones too: stop() reaps them all (a Popen dropped
+        # before its process is reaped is a ResourceWarning).
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.clients: list[httpx.Client] = []
 
-    def _start(self, name: str, args: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 (the process owns it)
-        self.procs.append(subprocess.Popen(args, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        """The worker started last."""
+        return self.workers[-1]
 
-    def start(self, *, worker: bool = True) -> Service:
-        redis = shutil.which("redis-server")
-        if redis is None:
-            raise SystemExit("redis-server not found on PATH")
-        self._start(
-            "redis",
-            [
-                redis,
-                "--port",
-                str(self.redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-        )
-        time.sleep(0.5)
+    # ---- processes --------------------------------------------------------------------------------
+
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        with open(self.root / f"{name}.log", "ab") as log:
+            self.started.append(
+                subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)
+            )
+        return self.started[-1]
+
+    def start_redis(self) -> None:
+        assert self.own_redis, "this service uses a Redis it did not start"
+        self.redis = self._start("redis", redis_server_command(self.redis_port, self.root))
+
+        def answers() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.redis_port), 1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+            return False
+
+        wait_until(answers, START_TIMEOUT_S, "redis-server to answer")
+
+    def kill_redis(self) -> None:
+        assert self.redis is not None
+        self.redis.kill()
+        self.redis.wait(10)
+
+    def migrate(self) -> None:
         subprocess.run(
             [sys.executable, "-m", "alembic", "upgrade", "head"],
             cwd=ROOT,
             env=self.env,
             check=True,
-            stdout=subprocess.DEVNULL,
+            capture_output=True,
         )
-        self._start(
+
+    def start_api(self, *uvicorn_args: str, timeout_s: float = 60) -> subprocess.Popen[bytes]:
+        """uvicorn as scripts/run starts it; waits until /healthz answers (503 counts: a fault
+        test may start the API while Redis is down)."""
+        self.api = self._start(
             "api",
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)],
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.api_port)]
+            + list(uvicorn_args),
         )
-        if worker:
-            self.start_worker()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
+                return httpx.get(f"{self.url}/healthz", timeout=2).status_code in (200, 503)
             except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise SystemExit(f"the API did not become healthy; see {self.workdir}/api.log")
+                return False
+
+        wait_until(answers, timeout_s, f"the API to answer (see {self.root}/api.log)", interval_s=0.2)
+        return self.api
 
     def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
-        env, self.env = self.env, {**self.env, **extra_env}
-        try:
-            self._start("worker", [sys.executable, "-m", "worker"])
-        finally:
-            self.env = env
-        return self.procs[-1]
+        """Start a worker and wait until it listens on its queue (its signal handlers are set)."""
+        log = self.root / "worker.log"
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+        def listening() -> int:
+            return log.read_text(errors="replace").count("*** Listening on") if log.exists() else 0
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        before = listening()
+        worker = self._start("worker", [sys.executable, "-m", "worker"], {**self.env, **extra_env})
+        self.workers.append(worker)
+        wait_until(lambda: listening() > before, 60, f"the worker to listen on its queue (see {log})")
+        return worker
+
+    def start(self, *, worker: bool = True, **worker_env: str) -> Service:
+        if self.own_redis:
+            self.start_redis()
+        self.migrate()
+        self.start_api()
+        if worker:
+            self.start_worker(**worker_env)
+        return self
+
+    def everything(self) -> list[int]:
+        """Every live process of this service: redis, API, workers, their horses and trainers."""
+        roots = [p.pid for p in (self.redis, self.api, *self.workers) if p is not None and p.poll() is None]
+        found = {pid for root in roots for pid in process_tree(root)}
+        return sorted(found | set(trainer_pids(self.data_dir)))
+
+    def kill_tree(self, process: subprocess.Popen[bytes]) -> None:
+        kill(process_tree(process.pid))
+        process.wait(10)
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """graceful: SIGTERM to workers, then the API, then Redis, as `docker compose down` does
+        (their coverage data and logs get written); whatever is left after 15 s, and every
+        trainer, is killed."""
+        for http in self.clients:
+            http.close()
+        if graceful:
+            for process in reversed(self.started):
+                if process.poll() is None:
+                    process.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        process.wait(15)
+        kill(self.everything() + [p.pid for p in self.started if p.poll() is None])
+        for process in self.started:
+            process.wait(10)
+
+    def logs(self, tail_chars: int = 4000) -> str:
+        return "".join(
+            f"----- {path.name} -----\n{path.read_text(errors='replace')[-tail_chars:]}\n"
+            for path in sorted(self.root.glob("*.log"))
+        )
 
     def __enter__(self) -> Service:
         return self.start()
@@ -132,20 +276,59 @@ class Service:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # ---- the API, as a client ---------------------------------------------------------------------
 
-def wait_for(http: httpx.Client, job_id: int, *, timeout_s: float, echo: bool = True) -> dict:
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        record = http.get(f"/jobs/{job_id}").json()
-        progress = (record["status"], record["progress"]["step"])
-        if echo and progress != last:
-            print(
-                f"  job {job_id}: {record['status']} step {record['progress']['step']}/"
-                f"{record['progress']['total_steps']} eta {record['progress']['eta_seconds']}",
-                flush=True,
-            )
-            last = progress
-        if record["status"] in ("succeeded", "failed", "cancelled"):
-            return record
-        time.sleep(1)
-    raise SystemExit(f"job {job_id} did not finish within {timeout_s:.0f} s")
+    def http(self, timeout_s: float = 60) -> httpx.Client:
+        """A client of the API, closed with the service."""
+        self.clients.append(httpx.Client(base_url=self.url, timeout=timeout_s))
+        return self.clients[-1]
+
+    def submit(self, spec: dict[str, Any]) -> int:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            response = http.post("/jobs", json=spec)
+        assert response.status_code == 201, response.text
+        return int(response.json()["id"])
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            return dict(http.get(f"/jobs/{job_id}").json())
+
+    def events(self, job_id: int) -> list[tuple[str, str]]:
+        with httpx.Client(base_url=self.url, timeout=30) as http:
+            return [(e["kind"], e["message"]) for e in http.get(f"/jobs/{job_id}/events").json()["items"]]
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.data_dir / "jobs" / str(job_id)
+
+    def wait_for(
+        self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = 240, *, echo: bool = False
+    ) -> dict[str, Any]:
+        """The job's record once its status is one of `statuses`; with echo, each new status and
+        step is printed (the GPU scripts show their progress)."""
+        wanted, last = set(statuses), None
+
+        def reached() -> dict[str, Any] | None:
+            nonlocal last
+            try:
+                record = self.job(job_id)
+            except httpx.HTTPError:
+                return None
+            progress = record["progress"]
+            if echo and (record["status"], progress["step"]) != last:
+                last = (record["status"], progress["step"])
+                print(
+                    f"  job {job_id}: {record['status']} step {progress['step']}/{progress['total_steps']} "
+                    f"eta {progress['eta_seconds']}",
+                    flush=True,
+                )
+            return record if record["status"] in wanted else None
+
+        return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {wanted}", interval_s=0.3))
+
+    def wait_for_step(self, job_id: int, step: int, timeout_s: float = 180) -> None:
+        wait_until(
+            lambda: self.job(job_id)["progress"]["step"] >= step,
+            timeout_s,
+            f"job {job_id} at step {step}",
+            interval_s=0.2,
+        )

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +17,17 @@ from alembic import command
 from alembic.config import Config
 from redis import Redis
 
-from scripts.service_harness import process_tree  # noqa: F401  (the fault tests use it from here)
+from scripts.service_harness import (  # noqa: F401  (process_tree, trainer_pids: the tests take them from here)
+    ROOT,
+    START_TIMEOUT_S,
+    Service,
+    free_port,
+    process_tree,
+    redis_server_command,
+    trainer_pids,
+    wait_until,
+)
 from tests.builders import build_llama, chat_rows, write_jsonl
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +38,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        redis_server_command(port, workdir, binary),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -192,88 +179,16 @@ def run_to_end(client: httpx.Client, spec: dict[str, object]) -> dict[str, Any]:
     return dict(client.get(f"/jobs/{job_id}").json())
 
 
-@dataclass
-class Service:
-    url: str
-    api: subprocess.Popen[bytes]
-    worker: subprocess.Popen[bytes]
-    log_dir: Path
-    environ: dict[str, str]
-    clients: list[httpx.Client] = field(default_factory=list)
-
-    def http(self) -> httpx.Client:
-        """A client of the API, closed with the service (one left open is a ResourceWarning)."""
-        self.clients.append(httpx.Client(base_url=self.url, timeout=30))
-        return self.clients[-1]
-
-    def start_worker(self) -> None:
-        self.worker = _start(["-m", "worker"], self.environ, self.log_dir / "worker.log")
-
-
-def _start(args: list[str], environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as handle:
-        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=environ, stdout=handle, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
 def service(env: Env, tmp_path: Path) -> Iterator[Service]:
-    """The API under uvicorn and one worker, as separate processes, as a user runs them."""
-    port = free_port()
-    environ = {**os.environ, **env.vars, "PYTHONUNBUFFERED": "1"}
-    api = _start(
-        ["-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)], environ, tmp_path / "api.log"
-    )
-    worker = _start(["-m", "worker"], environ, tmp_path / "worker.log")
-    svc = Service(f"http://127.0.0.1:{port}", api, worker, tmp_path, environ)
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{svc.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    """The API under uvicorn and one worker, as separate processes, as a user runs them, on the
+    test's settings and the session's redis-server."""
+    running = Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=env.vars)
     try:
-        wait_until(healthy, START_TIMEOUT_S, "the API's /healthz")
-        yield svc
+        yield running.start()
     finally:
-        for http in svc.clients:
-            http.close()
-        _stop(svc.worker)
-        _stop(api)
-        for name in ("api.log", "worker.log"):
-            print(f"----- {name} -----\n{(tmp_path / name).read_text(errors='replace')[-4000:]}")
-
-
-def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
-    """Live trainer processes of this DATA_DIR (another test run on the machine has trainers for
-    job 1 too), of one job or of all."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state == "Z" or argv[-2:-1] != [b"trainer"]:
-            continue
-        if (
-            job_id is None or argv[-1] == str(job_id).encode()
-        ) and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
-            found.append(int(entry.name))
-    return found
+        running.stop()
+        print(running.logs())
 
 
 def trainer_pid(job_id: int, data_dir: Path) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from core.contract import ErrorCode
+from core.data_report import DataReport, TokensPerRow
 from core.planner import optimizer_steps, steps_per_epoch
 from core.rows import (
     FORMATS,
@@ -265,7 +266,7 @@ def token_counts(
     return np.asarray(counted["tokens"], dtype=np.int64), np.asarray(counted["loss_tokens"], dtype=np.int64)
 
 
-def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperparameters) -> dict[str, Any]:
+def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperparameters) -> DataReport:
     """Rows, tokens per row, what max_seq_length cuts, tokens in the loss, and the optimizer
     steps and tokens that follow: computed on the CPU before the model is loaded, so a surprise
     costs no GPU time. With packing, sequences are estimated as the trained tokens over
@@ -276,21 +277,21 @@ def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperpar
     sequences = math.ceil(int(trained.sum()) / hp.max_seq_length) if hp.packing else len(lengths)
     steps = optimizer_steps(hp, sequences)
     epochs_run = steps / steps_per_epoch(hp, sequences)
-    return {
+    return DataReport(
         **check.summary(),
-        "rows_used": int(len(lengths)),
-        "tokens_per_row": {
-            "min": int(lengths.min()),
-            "median": int(np.median(lengths)),
-            "p95": int(np.percentile(lengths, 95)),
-            "max": int(lengths.max()),
-        },
-        "rows_truncated": int((lengths > hp.max_seq_length).sum()),
-        "tokens_cut_by_truncation": int((lengths - trained).sum()),
-        "tokens_per_epoch": int(trained.sum()),
-        "loss_tokens_per_epoch": int(loss_tokens.sum()),
-        "sequences_per_epoch": int(sequences),
-        "sequences_estimated": hp.packing,
-        "optimizer_steps": int(steps),
-        "tokens_to_train": int(trained.sum() * epochs_run),
-    }
+        rows_used=int(len(lengths)),
+        tokens_per_row=TokensPerRow(
+            min=int(lengths.min()),
+            median=int(np.median(lengths)),
+            p95=int(np.percentile(lengths, 95)),
+            max=int(lengths.max()),
+        ),
+        rows_truncated=int((lengths > hp.max_seq_length).sum()),
+        tokens_cut_by_truncation=int((lengths - trained).sum()),
+        tokens_per_epoch=int(trained.sum()),
+        loss_tokens_per_epoch=int(loss_tokens.sum()),
+        sequences_per_epoch=int(sequences),
+        sequences_estimated=hp.packing,
+        optimizer_steps=int(steps),
+        tokens_to_train=int(trained.sum() * epochs_run),
+    )

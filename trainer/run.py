@@ -21,6 +21,7 @@ from typing import Any
 from core.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
 from core.config import get_settings
 from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, Phase, TrainerOutcome, TrainerResult
+from core.data_report import DataReport, ValidationReport
 from core.db import session_scope
 from core.diskspace import disk_space
 from core.events import add_event
@@ -286,23 +287,24 @@ class Run:
         report = data_report(lengths, loss_tokens, check=check, hp=hp)
         if eval_dataset is not None:
             eval_lengths, eval_loss_tokens = token_counts(eval_dataset, what="the validation set", **counting)
-            report["validation"] = {
+            report.validation = ValidationReport(
                 **(eval_check.summary() if eval_check is not None else {"fraction": held_out}),
-                "rows_used": len(eval_dataset),
-                "tokens": int(eval_lengths.clip(max=hp.max_seq_length).sum()),
-                "loss_tokens": int(eval_loss_tokens.sum()),
-            }
+                rows_used=len(eval_dataset),
+                tokens=int(eval_lengths.clip(max=hp.max_seq_length).sum()),
+                loss_tokens=int(eval_loss_tokens.sum()),
+            )
         self.save_report(report)
-        lengths_summary = report["tokens_per_row"]
+        lengths_summary = report.tokens_per_row
+        assert lengths_summary is not None
         skipped = f" ({check.bad_rows} malformed row(s) skipped)" if check.bad_rows else ""
         held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
         event(
             self.job_id,
             EventKind.dataset_loaded,
-            f"{report['rows_used']} rows in {row_format!r} format{skipped}{held}; tokens per row median "
-            f"{lengths_summary['median']}, max {lengths_summary['max']}; {report['rows_truncated']} row(s) longer "
-            f"than max_seq_length {hp.max_seq_length}; {report['loss_tokens_per_epoch']} tokens in the loss per "
-            f"epoch; {report['optimizer_steps']} optimizer steps, {report['tokens_to_train']} tokens to train",
+            f"{report.rows_used} rows in {row_format!r} format{skipped}{held}; tokens per row median "
+            f"{lengths_summary.median}, max {lengths_summary.max}; {report.rows_truncated} row(s) longer "
+            f"than max_seq_length {hp.max_seq_length}; {report.loss_tokens_per_epoch} tokens in the loss per "
+            f"epoch; {report.optimizer_steps} optimizer steps, {report.tokens_to_train} tokens to train",
         )
         return dataset, eval_dataset
 
@@ -332,11 +334,11 @@ class Run:
             )
         return rows, check
 
-    def save_report(self, report: dict[str, Any]) -> None:
+    def save_report(self, report: DataReport) -> None:
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
-            job.data_report = report
+            job.data_report = report.model_dump()
             session.add(job)
 
     def refine_report(self, trainer: Any) -> None:
@@ -347,13 +349,15 @@ class Run:
             job = session.get(Job, self.job_id)
             assert job is not None and job.data_report is not None
             sequences = len(trainer.train_dataset)
-            job.data_report = {
-                **job.data_report,
-                "sequences_per_epoch": sequences,
-                "sequences_estimated": False,
-                "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
-                "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset),
-            }
+            report = DataReport.model_validate(job.data_report).model_copy(
+                update={
+                    "sequences_per_epoch": sequences,
+                    "sequences_estimated": False,
+                    "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
+                    "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset),
+                }
+            )
+            job.data_report = report.model_dump()
             session.add(job)
 
     def load_model(self, backend: str, tokenizer: Any) -> tuple[Any, Any]:

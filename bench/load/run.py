@@ -46,7 +46,6 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,8 +63,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 VENV_BIN = ROOT / ".venv" / "bin"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
 
 import generate  # noqa: E402
+
+from scripts.service_harness import free_port, redis_server_command  # noqa: E402
 
 MIB = 1024**2
 WRK_TIMEOUT = "10s"
@@ -350,12 +352,6 @@ class Processes:
         self.started.clear()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -532,19 +528,7 @@ class Bench:
         env = self.environment(database_url, redis_port)
         self.processes.start(
             "redis",
-            [
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.run_dir),
-            ],
+            redis_server_command(redis_port, self.run_dir),
         )
         wait_until("redis", lambda: _redis_ping(redis_port), self.processes, 20)
 
