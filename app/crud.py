@@ -108,15 +108,15 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
 
 def get_job(*, session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
+    if job is None or job.deleted_at is not None:
+        raise NotFound(f"job {job_id} not found" if job is None else f"job {job_id} was deleted")
     return job
 
 
 def list_jobs(
     *, session: Session, status: JobStatus | None, cursor: int | None, limit: int
 ) -> tuple[Sequence[Job], int | None]:
-    query = select(Job).order_by(col(Job.id).desc()).limit(limit + 1)
+    query = select(Job).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
     if status is not None:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -131,18 +131,24 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
     if job.status.finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
     now = utcnow()
+    cancelled = {"finished_at": now, "cancel_requested_at": now, "error_code": ErrorCode.cancelled}
+    if job.status == JobStatus.paused:
+        result = session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.paused)
+            .values(status=JobStatus.cancelled, error_message="cancelled while paused", **cancelled)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled while paused")
+            session.commit()
+        session.refresh(job)
+        return job
     if job.status == JobStatus.queued:
         # Conditional, so a worker that claims the job at this very moment wins cleanly.
         result = session.execute(
             update(Job)
             .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
-            .values(
-                status=JobStatus.cancelled,
-                finished_at=now,
-                cancel_requested_at=now,
-                error_code=ErrorCode.cancelled,
-                error_message="cancelled before it started",
-            )
+            .values(status=JobStatus.cancelled, error_message="cancelled before it started", **cancelled)
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled before it started")

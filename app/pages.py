@@ -9,6 +9,7 @@ so they are kept in memory (bounded in bytes) and answered with an ETag."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
@@ -121,34 +122,48 @@ PAGE_CACHE_BYTES = 64 * 1024**2
 
 
 class PageCache:
-    """Serialized pages of finished jobs, least recently used first out, bounded in bytes."""
+    """Serialized pages of finished jobs, least recently used first out, bounded in bytes. A
+    finished job's events still grow when one of its checkpoints is deleted, and the job may be
+    deleted: a page is served for at most `max_age_s` (FINISHED_RECORD_MAX_AGE_S), so another
+    API process shows either within that time. Keys start (kind, job id, ...)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_age_s: float = 5.0) -> None:
         self.max_bytes = max_bytes
-        self._pages: OrderedDict[tuple[Any, ...], tuple[bytes, str]] = OrderedDict()
+        self.max_age_s = max_age_s
+        self._pages: OrderedDict[tuple[Any, ...], tuple[bytes, str, float]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: tuple[Any, ...]) -> tuple[bytes, str] | None:
         with self._lock:
             page = self._pages.get(key)
-            if page is not None:
-                self._pages.move_to_end(key)
-            return page
+            if page is None or time.monotonic() - page[2] > self.max_age_s:
+                return None
+            self._pages.move_to_end(key)
+            return page[0], page[1]
 
     def put(self, key: tuple[Any, ...], body: bytes) -> tuple[bytes, str]:
-        page = (body, etag_of(body))
+        etag = etag_of(body)
         if len(body) > self.max_bytes:
-            return page
+            return body, etag
         with self._lock:
-            old = self._pages.pop(key, None)
-            self._bytes -= len(old[0]) if old else 0
-            self._pages[key] = page
+            self._drop(key)
+            self._pages[key] = (body, etag, time.monotonic())
             self._bytes += len(body)
             while self._bytes > self.max_bytes:
-                _key, (evicted, _etag) = self._pages.popitem(last=False)
+                _key, (evicted, _etag, _at) = self._pages.popitem(last=False)
                 self._bytes -= len(evicted)
-        return page
+        return body, etag
+
+    def _drop(self, key: tuple[Any, ...]) -> None:
+        old = self._pages.pop(key, None)
+        self._bytes -= len(old[0]) if old else 0
+
+    def forget(self, job_id: int) -> None:
+        """Drop every page of this job (this process changed it)."""
+        with self._lock:
+            for key in [key for key in self._pages if key[1] == job_id]:
+                self._drop(key)
 
 
 _caches: dict[str, PageCache] = {}
@@ -156,8 +171,9 @@ _caches: dict[str, PageCache] = {}
 
 def get_page_cache() -> PageCache:
     """This process's cache of finished jobs' pages, for the configured database."""
-    url = get_settings().sqlalchemy_url
-    if url not in _caches:
+    settings = get_settings()
+    key = f"{settings.sqlalchemy_url} {settings.finished_record_max_age_s}"
+    if key not in _caches:
         _caches.clear()
-        _caches[url] = PageCache(PAGE_CACHE_BYTES)
-    return _caches[url]
+        _caches[key] = PageCache(PAGE_CACHE_BYTES, settings.finished_record_max_age_s)
+    return _caches[key]

@@ -63,6 +63,8 @@ def job_public(job: Job) -> JobPublic:
             "events": f"{base}/events",
             "checkpoints": f"{base}/checkpoints",
             "cancel": f"{base}/cancel",
+            "pause": f"{base}/pause",
+            "resume": f"{base}/resume",
             "watch": f"{base}/watch",
         },
     )

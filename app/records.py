@@ -1,9 +1,10 @@
 """Job records as pollers read them: serialized once, kept in memory, answered with an ETag.
 
 Pollers ask for the same record many times a second; the record changes at most once per
-logged step. A finished job's record never changes again, so it is read from the database once
-and then served from memory; a queued or running job's record is read again when the copy in
-memory is older than RECORD_MAX_AGE_S, by one request while the others wait for it (not one
+logged step. A finished job's record changes only when the job is deleted, so it is read from
+the database once every FINISHED_RECORD_MAX_AGE_S (5 s) whatever the number of pollers; a
+queued or running job's record is read again when the copy in memory is older than
+RECORD_MAX_AGE_S, by one request while the others wait for it (not one
 read per poller); a copy past half its max age is read again in the background while it is
 still served, so that pollers seldom wait for a read at all. Writes made through this process
 (submit, cancel) drop the copy and any read under way at once. `Cache-Control: no-cache` on a
@@ -72,7 +73,7 @@ def record_of(job: Job, read_at: float | None = None) -> Record:
 
 def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
     """Ids of a page of jobs, newest first, and the cursor of the next page (blocking)."""
-    query = select(Job.id).order_by(col(Job.id).desc()).limit(limit + 1)
+    query = select(Job.id).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
     if status is not None:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -86,7 +87,8 @@ def read_records(job_ids: Iterable[int]) -> dict[int, Record]:
     """The records of these jobs from the database, in one query (blocking: run it in a thread)."""
     ids, started = list(job_ids), time.monotonic()
     with Session(get_engine()) as session:
-        jobs = session.exec(select(Job).where(col(Job.id).in_(ids))).all() if ids else []
+        query = select(Job).where(col(Job.id).in_(ids), col(Job.deleted_at).is_(None))
+        jobs = session.exec(query).all() if ids else []
         return {job.id: record_of(job, started) for job in jobs if job.id is not None}
 
 
@@ -109,9 +111,10 @@ class RecordCache:
     asyncio.shield: a client that disconnects cancels its own request, never the read that
     other requests are waiting for."""
 
-    def __init__(self, capacity: int, max_age_s: float) -> None:
+    def __init__(self, capacity: int, max_age_s: float, finished_max_age_s: float | None = None) -> None:
         self.capacity = capacity
         self.max_age_s = max_age_s
+        self.finished_max_age_s = max(max_age_s, 5.0) if finished_max_age_s is None else finished_max_age_s
         self._records: OrderedDict[int, Record] = OrderedDict()
         self._reading: dict[int, asyncio.Task[dict[int, Record]]] = {}
         self.database_reads = 0  # how many times records were read (tests and benchmarks watch it)
@@ -119,19 +122,22 @@ class RecordCache:
         self._lists: OrderedDict[tuple[Any, ...], tuple[list[int], int | None, float]] = OrderedDict()
         self._listing: dict[tuple[Any, ...], asyncio.Task[tuple[list[int], int | None]]] = {}
 
+    def _max_age(self, record: Record) -> float:
+        return self.finished_max_age_s if record.finished else self.max_age_s
+
     def _fresh(self, record: Record | None, now: float) -> bool:
-        return record is not None and (record.finished or now - record.read_at <= self.max_age_s)
+        return record is not None and now - record.read_at <= self._max_age(record)
 
     def peek(self, job_id: int) -> Record | None:
         """The copy in memory when it is fresh enough to answer with; None means: ask get().
         A copy past REFRESH_AHEAD of its max age is still served, and read again meanwhile."""
         record = self._records.get(job_id)
-        if record is None or record.finished:
-            return record
-        age = time.monotonic() - record.read_at
-        if age > self.max_age_s:
+        if record is None:
             return None
-        if age > self.max_age_s * REFRESH_AHEAD and job_id not in self._reading and _in_event_loop():
+        age, max_age = time.monotonic() - record.read_at, self._max_age(record)
+        if age > max_age:
+            return None
+        if age > max_age * REFRESH_AHEAD and job_id not in self._reading and _in_event_loop():
             self._start_read([job_id])
         return record
 
@@ -244,19 +250,26 @@ class RecordCache:
         for job_id in kept:
             if job_id in read:
                 self.put(read[job_id])
+            else:  # deleted meanwhile
+                self._records.pop(job_id, None)
         return read
 
 
-_caches: dict[tuple[str, int, float], RecordCache] = {}
+_caches: dict[tuple[str, int, float, float], RecordCache] = {}
 
 
 def get_record_cache() -> RecordCache:
     """This process's cache for the configured database (tests switch databases and settings)."""
     settings = get_settings()
-    key = (settings.sqlalchemy_url, settings.record_cache_size, settings.record_max_age_s)
+    key = (
+        settings.sqlalchemy_url,
+        settings.record_cache_size,
+        settings.record_max_age_s,
+        settings.finished_record_max_age_s,
+    )
     if key not in _caches:
         _caches.clear()
-        _caches[key] = RecordCache(settings.record_cache_size, settings.record_max_age_s)
+        _caches[key] = RecordCache(*key[1:])
     return _caches[key]
 
 

@@ -128,6 +128,11 @@ class CheckpointFile(BaseModel):
     url: str
 
 
+class DeletedPublic(BaseModel):
+    freed_bytes: int = Field(description="bytes removed from the disk under DATA_DIR")
+    files: int = Field(description="files removed")
+
+
 class CheckpointPublic(BaseModel):
     name: str
     step: int

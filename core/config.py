@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     max_shard_size: str = "4GB"
     # How long a running job may take to stop after a cancel before its trainer is killed.
     cancel_grace_s: float = Field(default=300.0, gt=0)
+    # How long a worker asked to stop (SIGTERM) waits for its trainer to save a checkpoint and end
+    # before it kills it. Keep it below the stop_grace_period of compose.yaml (docker compose down).
+    stop_grace_s: float = Field(default=240.0, gt=0)
 
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
@@ -65,6 +68,9 @@ class Settings(BaseSettings):
     # long ago (a poller sees a step within this delay); finished jobs never change and are
     # served from memory. `Cache-Control: no-cache` on a request reads the database.
     record_max_age_s: float = Field(default=0.5, ge=0)
+    # A finished job's record changes only when it is deleted (DELETE /jobs/{id}): another API
+    # process learns of a deletion within this many seconds.
+    finished_record_max_age_s: float = Field(default=5.0, ge=0)
     # Job records (and pages of finished jobs' logs and events) kept in memory per API process.
     record_cache_size: int = Field(default=5000, ge=0)
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class JobStatus(StrEnum):
     queued = "queued"
     running = "running"
+    paused = "paused"  # by request, with a checkpoint to continue from; POST /jobs/{id}/resume
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
@@ -78,6 +79,14 @@ class EventKind(StrEnum):
     checkpoint_removed = "checkpoint_removed"
     reporting_overhead = "reporting_overhead"
     cancel_requested = "cancel_requested"
+    pause_requested = "pause_requested"
+    paused = "paused"
+    resume_requested = "resume_requested"
+    stopping = "stopping"  # the worker was asked to stop: a checkpoint at the next step, then queued again
+    batch_halved = "batch_halved"  # out of GPU memory: the same effective batch in smaller micro-batches
+    waiting_for_disk = "waiting_for_disk"
+    checkpoint_deleted = "checkpoint_deleted"
+    optimizer_state_dropped = "optimizer_state_dropped"
     retried = "retried"
     requeued = "requeued"
     succeeded = "succeeded"
@@ -93,12 +102,15 @@ PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 
 class TrainerOutcome(StrEnum):
     """How a trainer process ended, in its result file. `interrupted`: stopped by the worker's
-    SIGTERM before it finished; the job is queued again and resumes from its last checkpoint."""
+    SIGTERM before it finished (with a checkpoint when it was training); the job is queued again
+    and resumes from its last checkpoint. `paused`: stopped by POST /jobs/{id}/pause, likewise with
+    a checkpoint; the job waits for POST /jobs/{id}/resume."""
 
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
     interrupted = "interrupted"
+    paused = "paused"
 
 
 class TrainerResult(BaseModel):
@@ -110,6 +122,7 @@ class TrainerResult(BaseModel):
     error_code: ErrorCode | None = None
     error_message: str | None = None
     step: int | None = Field(default=None, ge=0, description="the last optimizer step the trainer finished")
+    checkpoint: str | None = Field(default=None, description="the checkpoint a stopped trainer saved to resume from")
 
     def extra_fields(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

@@ -69,6 +69,11 @@ class Job(SQLModel, table=True):
     error_message: str | None = None
 
     cancel_requested_at: datetime | None = _ts()
+    pause_requested_at: datetime | None = _ts()
+    # DELETE /jobs/{id} removes the job's logs, events, checkpoints and files and empties its spec;
+    # the row stays as a tombstone so that its id is never given to another job (SQLite reuses
+    # the largest rowid) and every API process's cache learns it is gone.
+    deleted_at: datetime | None = _ts()
     attempts: int = 0
     worker_name: str | None = None
     heartbeat_at: datetime | None = _ts()

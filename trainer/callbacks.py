@@ -21,6 +21,7 @@ from core.contract import EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.models import Job, StepLog
+from trainer.failpoints import out_of_memory_above
 from trainer.gpu import MemoryProbe
 from trainer.stopflag import StopFlag
 
@@ -66,6 +67,7 @@ class JobReporter(TrainerCallback):
     ) -> None:
         self.job_id = job_id
         self.stop = stop
+        self.stopped_with_checkpoint: str | None = None  # the checkpoint a pause or stop saved
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
         self.tokens_trained = tokens_trained
@@ -121,6 +123,11 @@ class JobReporter(TrainerCallback):
                 message=f"training started: {state.max_steps} optimizer steps{resumed}",
             )
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        out_of_memory_above(args.per_device_train_batch_size)  # inert outside the fault tests
+
     @_timed
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self._first_step_end is None:
@@ -130,6 +137,11 @@ class JobReporter(TrainerCallback):
             self._last_log = (now, self.tokens_trained(), self.eval_seconds())
         if self.stop.should_stop():
             control.should_training_stop = True
+            if self.stop.saves_checkpoint and state.global_step < state.max_steps:
+                # Paused, or the worker is stopping: this step's checkpoint is where the job goes on.
+                control.should_save = True
+                self.stopped_with_checkpoint = f"checkpoint-{state.global_step}"
+                return
         if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
             # The Trainer saves a full checkpoint at the last step (with optimizer state: 32 GB
             # for an 8B model); the final model is saved right after as `final`, so skip it.

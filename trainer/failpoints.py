@@ -5,7 +5,12 @@ environment variable FINETUNE_FAILPOINTS names them; nothing sets it outside the
     FINETUNE_FAILPOINTS="checkpoint_writing@40=pause,checkpoint_published=pause"
 
 `pause` writes the marker file `<job dir>/failpoint-<name>` (holding the trainer's pid) and waits
-until the test deletes it. `@40` limits the failpoint to the save of step 40."""
+until the test deletes it. `@40` limits the failpoint to the save of step 40.
+
+    FINETUNE_FAILPOINTS="training_step=oom>2"
+
+`oom>2` raises torch's OutOfMemoryError, with CUDA's message, at a training step whose
+micro-batch is larger than 2: a CPU test of what the service does when a job exceeds the card."""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 ENV = "FINETUNE_FAILPOINTS"
 POLL_S = 0.05
 # The places the trainer calls failpoint() with (tests/faults use them).
-NAMES = frozenset({"checkpoint_writing", "checkpoint_published"})
+NAMES = frozenset({"checkpoint_writing", "checkpoint_published", "training_step"})
 
 
 def _parse(value: str) -> dict[str, tuple[str, int | None]]:
@@ -24,14 +29,28 @@ def _parse(value: str) -> dict[str, tuple[str, int | None]]:
     for item in filter(None, (part.strip() for part in value.split(","))):
         where, _, action = item.partition("=")
         name, _, step = where.partition("@")
-        if name not in NAMES or action != "pause":
-            raise ValueError(f"{ENV}: cannot read {item!r} (known: {sorted(NAMES)}=pause)")
+        known = action == "pause" or (action.startswith("oom>") and action[4:].isdigit())
+        if name not in NAMES or not known:
+            raise ValueError(f"{ENV}: cannot read {item!r} (known: {sorted(NAMES)}=pause, training_step=oom>N)")
         points[name] = (action, int(step) if step else None)
     return points
 
 
 def marker(job_dir: Path, name: str) -> Path:
     return job_dir / f"failpoint-{name}"
+
+
+def out_of_memory_above(micro_batch: int) -> None:
+    """The `training_step=oom>N` failpoint: a CUDA OOM for any micro-batch above N."""
+    value = os.environ.get(ENV)
+    point = _parse(value).get("training_step") if value else None
+    if point is None or not point[0].startswith("oom>") or micro_batch <= int(point[0][4:]):
+        return
+    import torch
+
+    raise torch.OutOfMemoryError(
+        f"CUDA out of memory. Tried to allocate 2.00 GiB (failpoint: micro-batch {micro_batch} > {point[0][4:]})"
+    )
 
 
 def failpoint(name: str, *, job_dir: Path, step: int | None = None) -> None:

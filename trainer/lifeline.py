@@ -1,8 +1,9 @@
 """What ties a trainer process to its job and to the worker that started it, so that no trainer
 outlives its worker unnoticed and no two trainers of one job ever run at once.
 
-- The kernel sends the trainer SIGTERM when the work horse that started it dies
-  (PR_SET_PDEATHSIG), however it dies: a trainer never trains on for a worker that is gone.
+- The kernel sends the trainer SIGHUP when the work horse that started it dies
+  (PR_SET_PDEATHSIG), however it dies: a trainer never trains on for a worker that is gone. (Not
+  SIGTERM, which asks for a checkpoint first: a worker stopped the hard way wants no delay.)
 - The trainer holds an exclusive POSIX lock on `<job dir>/trainer.lock` for its whole life (the
   kernel releases it when the process ends, even by SIGKILL; unlike flock, processes the trainer
   forks, such as dataset workers, do not inherit it). The next attempt's trainer takes the lock
@@ -30,13 +31,13 @@ POLL_S = 0.2
 
 
 def die_with_parent(parent_pid: int | None) -> None:
-    """Ask the kernel for SIGTERM when our parent dies (Linux); if it already has, raise it now."""
+    """Ask the kernel for SIGHUP when our parent dies (Linux); if it already has, raise it now."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGHUP, 0, 0, 0) != 0:
             logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
     if parent_pid is not None and os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 def _is_trainer_of(pid: int, job_id: int) -> bool:

@@ -110,6 +110,9 @@ class Run:
             # what has happened to them since is a failure with its own code (check_sources).
             self.spec = JobSpec.model_validate(job.spec)
             self.attempt = job.attempts
+            requested = "cancelled" if job.cancel_requested_at else "paused" if job.pause_requested_at else None
+        if requested:  # asked for before this process could take the signal
+            self._stop(requested)
         self.check_sources()
 
     def check_sources(self) -> None:
@@ -142,10 +145,13 @@ class Run:
                     session.add(job)
 
     def install_signal_handlers(self) -> None:
-        # The worker sends SIGUSR1 to cancel; SIGTERM (docker stop, a shutdown, the death of the
-        # work horse) stops at the next step instead of killing mid-write.
+        # The worker sends SIGUSR1 to cancel and SIGUSR2 to pause; SIGTERM (the worker stopping,
+        # docker stop, the death of the work horse) stops at the next step instead of killing
+        # mid-write. Pause and SIGTERM save a checkpoint at that step to continue from.
         signal.signal(signal.SIGUSR1, lambda *_: self._stop("cancelled"))
+        signal.signal(signal.SIGUSR2, lambda *_: self._stop("paused"))
         signal.signal(signal.SIGTERM, lambda *_: self._stop("terminated"))
+        signal.signal(signal.SIGHUP, lambda *_: self._stop("worker_lost"))  # the kernel: our parent died
 
     def _stop(self, reason: str) -> None:
         self.stop.set(reason)
@@ -167,7 +173,7 @@ class Run:
             event(self.job_id, EventKind.checkpoint_discarded, f"removed {folder.name}: it is incomplete ({problem})")
         with session_scope() as session:
             sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
-        return resume_from if self.attempt > 1 else None
+        return resume_from
 
     def resolve_backend(self) -> str:
         import torch
@@ -480,7 +486,7 @@ class Run:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
         self.phase = "training"
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
-        if self.stop.should_stop():
+        if self.stopped_early():
             return
         if evaluate and not self.reporter.evaluated_at(trainer.state.global_step):
             trainer.evaluate()  # the final model's eval loss, when the last step was not an eval step
@@ -500,6 +506,14 @@ class Run:
 
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
+
+    def stopped_early(self) -> bool:
+        """A stop came before the job was done. One that arrives after the last step is too late
+        to pause or interrupt anything: the job saves `final` and succeeds (a cancel still wins)."""
+        if not self.stop.should_stop():
+            return False
+        state = self.trainer.state if self.trainer is not None else None
+        return self.stop.reason == "cancelled" or state is None or state.global_step < state.max_steps
 
 
 def prepared_loss_tokens(dataset: Any) -> int | None:
@@ -547,6 +561,8 @@ def main(argv: list[str]) -> int:
                 "cancelled by request before training started",
                 step=0,
             )
+        elif run is not None and run.stop.reason == "paused":
+            write_result(job_dir, TrainerOutcome.paused, None, f"paused before training ({exc})", step=0)
         else:  # the job is not done: it should run again
             write_result(
                 job_dir, TrainerOutcome.interrupted, None, f"the trainer was stopped before training ({exc})", step=0
@@ -558,8 +574,9 @@ def main(argv: list[str]) -> int:
         failure = classify(exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir))
         write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message)
         return 1
-    if run.stop.should_stop():
+    if run.stopped_early():
         step = run.trainer.state.global_step if run.trainer is not None else 0
+        saved = run.reporter.stopped_with_checkpoint if run.reporter is not None else None
         if run.stop.reason == "cancelled":
             write_result(
                 job_dir,
@@ -568,6 +585,8 @@ def main(argv: list[str]) -> int:
                 f"cancelled by request at step {step}",
                 step=step,
             )
+        elif run.stop.reason == "paused":
+            write_result(job_dir, TrainerOutcome.paused, None, f"paused at step {step}", step=step, checkpoint=saved)
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
             write_result(
                 job_dir,
@@ -575,6 +594,7 @@ def main(argv: list[str]) -> int:
                 None,
                 f"the trainer was stopped at step {step} ({run.stop.reason})",
                 step=step,
+                checkpoint=saved,
             )
         return 0
     reporter, state = run.reporter, run.trainer.state

@@ -8,7 +8,8 @@ import threading
 
 
 class StopFlag:
-    """Set from a signal handler (cancel) or when the worker that started us is gone."""
+    """Set from a signal handler (cancel, pause, SIGTERM) or when the worker that started us is
+    gone. Every reason but a cancel saves a checkpoint first, so the job continues from there."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -19,6 +20,10 @@ class StopFlag:
         if not self._event.is_set():
             self.reason = reason
             self._event.set()
+
+    @property
+    def saves_checkpoint(self) -> bool:
+        return self._event.is_set() and self.reason in ("paused", "terminated")
 
     def should_stop(self) -> bool:
         if not self._event.is_set() and os.getppid() != self._parent_pid:

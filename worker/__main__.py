@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from typing import Annotated, Any
 
@@ -61,8 +62,16 @@ class FinetuneWorker(Worker):
     stop_asked = False
 
     def request_stop(self, signum: Any, frame: Any) -> None:
+        """The first SIGTERM or SIGINT: RQ's warm shutdown, which waits for the job, and word to
+        the work horse (SIGUSR2) that its trainer should save a checkpoint at the next step and
+        end, so the job goes back to the queue instead of holding the stop for days. A second
+        signal is RQ's cold shutdown: the horse is killed, and the trainer stops with it."""
         self.stop_asked = True
         super().request_stop(signum, frame)
+        horse = getattr(self, "horse_pid", 0)
+        if horse:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(horse, signal.SIGUSR2)
 
     def redis_away(self, where: str, exc: BaseException) -> None:
         if self._redis_away_since is None:
@@ -172,6 +181,9 @@ def main(
         settings.data_dir.resolve(),
     )
     Reserve.for_settings().ensure()
+    # Inherited by each work horse until its task sets its own handler (worker.tasks): a stop
+    # that arrives in between must not kill the horse with SIGUSR2's default action.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     work_until_stopped(worker, burst=burst)
 
 

@@ -32,6 +32,7 @@ from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.reconcile import recover_lost_job
+from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def claim(job_id: int) -> int | None:
                 worker_name=worker_name(),
                 heartbeat_at=now,
                 cancel_requested_at=None,
+                pause_requested_at=None,
                 phase="starting",
             )
         )
@@ -138,6 +140,11 @@ class TrainerWatch:
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.hashing: dict[int, Future[None]] = {}
         self.cancel_sent_at: float | None = None
+        self.pause_sent = False
+        # The worker was asked to stop (its SIGTERM, passed on as SIGUSR2): when, and whether the
+        # trainer has been told to save a checkpoint and end.
+        self.stop_asked_at: float | None = None
+        self.stop_sent = False
         self.database_trouble_since: float | None = None
         # The trainer's working directory: empty, so that a model or dataset name shaped like a
         # Hub id ("org/name") can only ever reach the Hub or its cache, never a local folder of
@@ -165,10 +172,18 @@ class TrainerWatch:
         return child
 
     def run(self) -> str:
+        previous = signal.signal(signal.SIGUSR2, self.worker_stopping)
         try:
             return self.watch(self.start_child())
         finally:
+            signal.signal(signal.SIGUSR2, previous)
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def worker_stopping(self, *_: object) -> None:
+        """The worker got SIGTERM (a warm shutdown): the trainer saves a checkpoint at its next
+        step and ends, and the job goes back to the queue to continue on another worker."""
+        if self.stop_asked_at is None:
+            self.stop_asked_at = time.monotonic()
 
     def watch(self, child: subprocess.Popen[bytes]) -> str:
         last_heartbeat = time.monotonic()
@@ -178,8 +193,10 @@ class TrainerWatch:
                 beat = time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s
                 if beat:
                     last_heartbeat = time.monotonic()
-                cancel_requested, pending = self.poll_database(heartbeat=beat)
+                cancel_requested, pause_requested, pending = self.poll_database(heartbeat=beat)
                 self.carry_cancel(child, cancel_requested)
+                self.carry_pause(child, pause_requested)
+                self.carry_stop(child)
                 self.hash_checkpoints(pending)
         except BaseException:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
@@ -187,7 +204,7 @@ class TrainerWatch:
             raise
         return self.finish(child.returncode)
 
-    def poll_database(self, *, heartbeat: bool) -> tuple[bool, list[int]]:
+    def poll_database(self, *, heartbeat: bool) -> tuple[bool, bool, list[int]]:
         """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
         and the checkpoints the trainer saved that still need hashing. A database that cannot be
         read or written for a while (a full disk, a long lock) does not stop the watch: the
@@ -196,7 +213,9 @@ class TrainerWatch:
             with session_scope() as session:
                 if heartbeat:
                     session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
-                cancel_requested_at = session.exec(select(Job.cancel_requested_at).where(Job.id == self.job_id)).first()
+                requests = session.exec(
+                    select(Job.cancel_requested_at, Job.pause_requested_at).where(Job.id == self.job_id)
+                ).first()
                 pending = session.exec(
                     select(Checkpoint.id).where(
                         Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing
@@ -206,7 +225,7 @@ class TrainerWatch:
             if self.database_trouble_since is None:
                 self.database_trouble_since = time.monotonic()
                 logger.warning("job %s: the job database cannot be reached (%s); the trainer goes on", self.job_id, exc)
-            return False, []
+            return False, False, []
         if self.database_trouble_since is not None:
             logger.info(
                 "job %s: the job database answers again after %.0f s",
@@ -214,12 +233,17 @@ class TrainerWatch:
                 time.monotonic() - self.database_trouble_since,
             )
             self.database_trouble_since = None
-        return cancel_requested_at is not None, [cid for cid in pending if cid is not None]
+        cancel_requested_at, pause_requested_at = requests if requests is not None else (None, None)
+        return (
+            cancel_requested_at is not None,
+            pause_requested_at is not None,
+            [cid for cid in pending if cid is not None],
+        )
 
     def hash_remaining(self) -> None:
         """Hash every recorded checkpoint of the job, once its final status is written. A hash
         that cannot be recorded now (a full disk) is left to the workers' maintenance."""
-        self.hash_checkpoints(self.poll_database(heartbeat=False)[1])
+        self.hash_checkpoints(self.poll_database(heartbeat=False)[2])
         for checkpoint_id, future in self.hashing.items():
             try:
                 future.result()
@@ -240,6 +264,37 @@ class TrainerWatch:
         elif time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace_s:
             logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
             child.kill()
+
+    def carry_pause(self, child: subprocess.Popen[bytes], requested: bool) -> None:
+        if requested and not self.pause_sent and self.cancel_sent_at is None:
+            child.send_signal(signal.SIGUSR2)
+            self.pause_sent = True
+
+    def carry_stop(self, child: subprocess.Popen[bytes]) -> None:
+        if self.stop_asked_at is None:
+            return
+        if not self.stop_sent:
+            child.send_signal(signal.SIGTERM)
+            self.stop_sent = True
+            self.event(
+                EventKind.stopping,
+                "the worker is stopping: the trainer saves a checkpoint at its next step, then the job "
+                "is queued again to continue from it",
+            )
+        elif time.monotonic() - self.stop_asked_at > self.settings.stop_grace_s:
+            logger.warning(
+                "job %s: the trainer did not stop within STOP_GRACE_S=%.0f s; killing it",
+                self.job_id,
+                self.settings.stop_grace_s,
+            )
+            child.kill()
+
+    def event(self, kind: EventKind, message: str) -> None:
+        try:
+            with session_scope() as session:
+                add_event(session=session, job_id=self.job_id, kind=kind, message=message)
+        except SQLAlchemyError as exc:
+            logger.warning("job %s: could not record the event %r (%s)", self.job_id, message, exc)
 
     def hash_checkpoints(self, checkpoint_ids: list[int]) -> None:
         for checkpoint_id in checkpoint_ids:
@@ -271,8 +326,16 @@ class TrainerWatch:
 
         def record() -> str:
             with session_scope() as session:
+                if status == TrainerOutcome.interrupted and self.stop_asked_at is not None:
+                    return requeue_after_stop(session=session, job_id=self.job_id, result=result)
                 if status == TrainerOutcome.interrupted:  # stopped, not finished: queue it again (it resumes)
                     return recover_lost_job(session=session, job_id=self.job_id, reason=str(result.error_message))
+                if status == TrainerOutcome.paused:
+                    return record_pause(session=session, job_id=self.job_id, result=result)
+                if result.error_code == ErrorCode.cuda_oom:
+                    retried = retry_with_smaller_batch(session=session, job_id=self.job_id, result=result)
+                    if retried is not None:
+                        return retried
                 sync_records(session=session, job_id=self.job_id, checkpoints_dir=checkpoints_dir)
                 job = session.get(Job, self.job_id)
                 assert job is not None

@@ -12,13 +12,13 @@ from sqlmodel import Session
 from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
-from app import crud
+from app import crud, lifecycle, pages
 from app.db import SessionDep, run_db
 from app.deps import SettingsDep, require_token
 from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
 from app.presenters import checkpoint_public
-from app.schemas import CheckpointPublic
+from app.schemas import CheckpointPublic, DeletedPublic
 from core.config import get_settings
 from core.db import get_engine
 from core.models import CheckpointStatus, Job, JobStatus
@@ -44,6 +44,17 @@ def list_checkpoints(job_id: JobId, session: SessionDep) -> list[CheckpointPubli
 @router.get("/{name}", response_model=CheckpointPublic)
 def read_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> CheckpointPublic:
     return checkpoint_public(crud.get_checkpoint(session=session, job_id=job_id, name=name))
+
+
+@router.delete("/{name}", response_model=DeletedPublic, responses=error_responses(409))
+def delete_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> DeletedPublic:
+    """Remove a checkpoint (`final` included) from the disk and the list, with an event saying
+    how many bytes it freed. A running job's newest checkpoint is kept (409): it is what the job
+    resumes from."""
+    deleted = lifecycle.delete_checkpoint(session=session, job_id=job_id, name=name)
+    _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
+    pages.get_page_cache().forget(job_id)
+    return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
 
 
 @router.get(
@@ -95,8 +106,12 @@ def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_re
     files = _checkpoint_files(job_id, name)
     if path not in files:
         raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
-    real = resolve_inside(get_settings().checkpoints_dir(job_id) / name, path)
-    return real, real.stat(), files[path]
+    try:
+        real = resolve_inside(get_settings().checkpoints_dir(job_id) / name, path)
+        return real, real.stat(), files[path]
+    except FileNotFoundError:  # deleted through another API process, whose deletion this one's copy predates
+        _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
+        raise NotFound(f"checkpoint {name!r} of job {job_id} has been deleted") from None
 
 
 @router.get(

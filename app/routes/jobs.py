@@ -10,12 +10,13 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
-from app import crud, pages, records
+from app import crud, lifecycle, pages, records
 from app.db import SessionDep, run_db
 from app.deps import require_token
 from app.errors import CannotPlan, NotFound, error_responses
 from app.presenters import job_public
 from app.schemas import (
+    DeletedPublic,
     DiskEstimate,
     Estimate,
     EstimateRequest,
@@ -201,6 +202,36 @@ def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
     job = crud.cancel_job(session=session, job_id=job_id)
     records.get_record_cache().forget(job_id)  # this process's next read shows the cancel
     return job_public(job)
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic, responses=error_responses(404, 409))
+def pause_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    """A queued job stays out of the queue until resumed. A running job saves a checkpoint at its
+    next step and its trainer ends, which frees the GPU; its status becomes `paused` then (watch
+    `status`). Resume, cancel or delete a paused job."""
+    job = lifecycle.pause_job(session=session, job_id=job_id)
+    records.get_record_cache().forget(job_id)
+    return job_public(job)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic, responses=error_responses(404, 409))
+def resume_job(job_id: JobId, session: SessionDep) -> JobPublic:
+    """Queue a paused job again. It continues from the checkpoint its pause saved: the same step,
+    learning rate and data order, and no step logged twice."""
+    job = lifecycle.resume_job(session=session, job_id=job_id)
+    records.get_record_cache().forget(job_id)
+    return job_public(job)
+
+
+@router.delete("/{job_id:job_id}", response_model=DeletedPublic, responses={**NOT_FOUND, **error_responses(409)})
+def delete_job(job_id: JobId, session: SessionDep) -> DeletedPublic:
+    """A finished or paused job: its record, logs, events, checkpoints and folder. 409 while it is
+    queued or running (cancel or pause it first). Other API processes answer 404 for it within
+    FINISHED_RECORD_MAX_AGE_S."""
+    deleted = lifecycle.delete_job(session=session, job_id=job_id)
+    records.get_record_cache().forget(job_id)
+    pages.get_page_cache().forget(job_id)
+    return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
 
 
 async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) -> tuple[bytes, str]:

@@ -1,0 +1,157 @@
+"""Pause, resume and delete: what a team needs once jobs outlive a week. Each is a conditional
+update, so a worker that claims or finishes the job at the same moment wins cleanly."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import delete, update
+from sqlmodel import Session, col, select
+
+from app.crud import get_job
+from app.errors import Conflict, NotFound
+from core.checkpoint_store import trainer_running
+from core.config import get_settings
+from core.contract import CheckpointStatus, EventKind
+from core.events import add_event
+from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
+from core.queue import enqueue_job
+
+logger = logging.getLogger(__name__)
+
+
+def _conditional(session: Session, job_id: int, was: JobStatus, **values: object) -> bool:
+    result = session.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == was).values(**values))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def pause_job(*, session: Session, job_id: int) -> Job:
+    """A queued job leaves the queue until resumed; a running one saves a checkpoint at its next
+    step and its trainer ends (the GPU is freed). Pausing a paused job changes nothing."""
+    job = get_job(session=session, job_id=job_id)
+    if job.status.finished:
+        raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to pause")
+    if job.status == JobStatus.queued and _conditional(session, job_id, JobStatus.queued, status=JobStatus.paused):
+        add_event(
+            session=session,
+            job_id=job_id,
+            kind=EventKind.paused,
+            message=f"paused before it started; POST /jobs/{job_id}/resume queues it again",
+        )
+        session.commit()
+        session.refresh(job)
+        return job
+    session.refresh(job)
+    if job.status == JobStatus.running:
+        if job.cancel_requested_at is not None:
+            raise Conflict(f"job {job_id} is being cancelled; it cannot be paused")
+        if job.pause_requested_at is None:
+            job.pause_requested_at = utcnow()
+            add_event(
+                session=session,
+                job_id=job_id,
+                kind=EventKind.pause_requested,
+                message="pause requested; the trainer saves a checkpoint at the next step and ends",
+            )
+            session.add(job)
+            session.commit()
+    return job
+
+
+def resume_job(*, session: Session, job_id: int) -> Job:
+    """A paused job goes back to the queue; it continues from the checkpoint its pause saved."""
+    job = get_job(session=session, job_id=job_id)
+    if job.status != JobStatus.paused:
+        pausing = " (it is still pausing: resume it once its status is paused)" if job.pause_requested_at else ""
+        raise Conflict(f"job {job_id} is {job.status}, not paused{pausing}; only a paused job can be resumed")
+    if not _conditional(session, job_id, JobStatus.paused, status=JobStatus.queued, pause_requested_at=None):
+        session.rollback()
+        raise Conflict(f"job {job_id} changed while it was being resumed; read it and try again")
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.resume_requested,
+        message="resumed: queued again; it continues from its newest checkpoint"
+        if job.step
+        else "resumed: queued again",
+    )
+    session.commit()
+    session.refresh(job)
+    try:
+        enqueue_job(job_id, attempt=job.attempts + 1)
+    except Exception as exc:  # Redis away: the reconciler enqueues queued jobs the queue lacks
+        logger.warning("job %s resumed but not enqueued yet: %s", job_id, exc)
+    return job
+
+
+@dataclass(frozen=True)
+class Deleted:
+    freed_bytes: int
+    files: int
+
+
+def _folder_size(folder: Path) -> tuple[int, int]:
+    sizes = [path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+    return sum(sizes), len(sizes)
+
+
+def delete_job(*, session: Session, job_id: int) -> Deleted:
+    """A finished or paused job: its logs, events, checkpoints and folder go; its row stays as a
+    tombstone (the id is never reused, and every API process learns the job is gone)."""
+    job = get_job(session=session, job_id=job_id)
+    if not (job.status.finished or job.status == JobStatus.paused):
+        raise Conflict(
+            f"job {job_id} is {job.status}; cancel or pause it first (POST /jobs/{job_id}/cancel), "
+            "then delete it once it has stopped"
+        )
+    job_dir = get_settings().job_dir(job_id)
+    if trainer_running(job_dir):
+        raise Conflict(f"a trainer of job {job_id} is still running; try again once it has stopped")
+    for table in (StepLog, JobEvent, Checkpoint):
+        session.execute(delete(table).where(col(table.job_id) == job_id))
+    job.deleted_at = utcnow()
+    job.spec, job.data_report, job.metrics, job.vram, job.versions = {}, None, None, None, None
+    job.error_message = None
+    session.add(job)
+    session.commit()
+    freed, files = _folder_size(job_dir) if job_dir.is_dir() else (0, 0)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    logger.info("job %s deleted: %d file(s), %d bytes freed", job_id, files, freed)
+    return Deleted(freed, files)
+
+
+def delete_checkpoint(*, session: Session, job_id: int, name: str) -> Deleted:
+    """Any checkpoint, `final` included, leaves the list and the disk. A running job's newest
+    checkpoint stays: its trainer may be reading it to resume."""
+    job = get_job(session=session, job_id=job_id)
+    checkpoint = session.exec(
+        select(Checkpoint).where(
+            Checkpoint.job_id == job_id, Checkpoint.name == name, Checkpoint.status != CheckpointStatus.removed
+        )
+    ).first()
+    if checkpoint is None:
+        raise NotFound(f"job {job_id} has no checkpoint named {name!r}")
+    if job.status == JobStatus.running:
+        newest = session.exec(
+            select(Checkpoint.name)
+            .where(Checkpoint.job_id == job_id, Checkpoint.status != CheckpointStatus.removed)
+            .order_by(col(Checkpoint.step).desc(), col(Checkpoint.id).desc())
+        ).first()
+        if newest == name:
+            raise Conflict(f"{name} is the newest checkpoint of running job {job_id}; it may be resumed from")
+    folder = get_settings().checkpoints_dir(job_id) / checkpoint.name
+    freed, files = _folder_size(folder) if folder.is_dir() else (0, 0)
+    checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
+    session.add(checkpoint)
+    add_event(
+        session=session,
+        job_id=job_id,
+        kind=EventKind.checkpoint_deleted,
+        message=f"{name} deleted by request ({files} file(s), {freed} bytes freed)",
+    )
+    session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    return Deleted(freed, files)
