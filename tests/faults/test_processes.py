@@ -137,3 +137,44 @@ def test_sigterm_twice_stops_the_worker_and_its_trainer_and_the_job_resumes(clus
         assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
     record = cluster.wait_for(job_id)
     assert (record["status"], record["attempts"]) == ("cancelled", 2)
+
+
+def test_one_sigterm_saves_a_checkpoint_and_queues_the_job_to_continue_elsewhere(
+    cluster: Cluster, tiny_model: Path
+) -> None:
+    """`docker compose down`: the worker's first SIGTERM lets the running step finish, the trainer
+    saves a checkpoint there and ends, the job goes back to the queue (not counted as a lost
+    attempt) and the worker exits. The next worker continues from that very step."""
+    worker = cluster.start().workers[0]
+    steps = 400
+    spec = job_spec(tiny_model, cluster.chat_dataset(), max_steps=steps, logging_steps=1, save_steps=100_000)
+    job_id = cluster.submit(spec)
+    cluster.wait_for_step(job_id, 5)
+
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    assert trainer_pids(cluster.data_dir) == []
+    record = cluster.job(job_id)
+    stopped_at = record["progress"]["step"]
+    assert record["status"] == "queued" and 5 <= stopped_at < steps
+    events = cluster.events(job_id)
+    assert (
+        "stopping",
+        "the worker is stopping: the trainer saves a checkpoint at its next step, then the job "
+        "is queued again to continue from it",
+    ) in events
+    assert (
+        "requeued",
+        f"its worker was stopped; the trainer stopped at step {stopped_at}; it continues from "
+        f"checkpoint-{stopped_at}. Queued again",
+    ) in events
+
+    cluster.start_worker()
+    record = cluster.wait_for(job_id)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["attempts"] == 2
+    resumed = [message for kind, message in cluster.events(job_id) if kind == "resumed"]
+    assert resumed == [f"resuming from checkpoint-{stopped_at}, the newest complete checkpoint"]
+    with cluster.http() as http:
+        logged = [row["step"] for row in http.get(f"/jobs/{job_id}/logs", params={"limit": 5000}).json()["items"]]
+    assert logged == list(range(1, steps + 1))

@@ -1,0 +1,71 @@
+"""DELETE /jobs/{id} and DELETE /jobs/{id}/checkpoints/{name}: what a disk of 30 GB checkpoints
+needs. A deleted job's logs, events, checkpoints and folder are gone, its id is never reused,
+and a running or queued job cannot be deleted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Env, job_spec, run_to_end
+
+
+def test_deleting_a_finished_job_removes_its_record_logs_checkpoints_and_folder(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    record = run_to_end(client, job_spec(tiny_model, chat_dataset))
+    job_id = record["id"]
+    assert record["status"] == "succeeded"
+    job_dir = env.data_dir / "jobs" / str(job_id)
+    on_disk = sum(p.stat().st_size for p in job_dir.rglob("*") if p.is_file())
+
+    deleted = client.delete(f"/jobs/{job_id}")
+    assert deleted.status_code == 200, deleted.text
+    assert deleted.json()["freed_bytes"] == on_disk > 0
+    assert not job_dir.exists()
+    for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/logs", f"/jobs/{job_id}/events", f"/jobs/{job_id}/checkpoints"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["detail"] == f"job {job_id} was deleted" or "not found" in response.json()["detail"]
+    assert job_id not in [job["id"] for job in client.get("/jobs").json()["items"]]
+    assert client.delete(f"/jobs/{job_id}").status_code == 404
+
+    # SQLite gives a new row the largest rowid + 1: the tombstone keeps the id from coming back.
+    again = client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).json()["id"]
+    assert again > job_id
+
+
+def test_a_queued_job_cannot_be_deleted(client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path) -> None:
+    job_id = client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).json()["id"]
+    response = client.delete(f"/jobs/{job_id}")
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        f"job {job_id} is queued; cancel or pause it first (POST /jobs/{job_id}/cancel), "
+        "then delete it once it has stopped"
+    )
+    assert client.get(f"/jobs/{job_id}").status_code == 200
+
+
+def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    record = run_to_end(client, job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3))
+    job_id = record["id"]
+    listed = {c["name"]: c for c in client.get(f"/jobs/{job_id}/checkpoints").json()}
+    assert sorted(listed) == ["checkpoint-3", "checkpoint-6", "final"]
+    folder = env.data_dir / "jobs" / str(job_id) / "checkpoints" / "checkpoint-3"
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    a_file = listed["checkpoint-3"]["files"][0]["path"]
+    assert client.get(f"/jobs/{job_id}/checkpoints/checkpoint-3/files/{a_file}").status_code == 200
+
+    for name in ("checkpoint-3", "checkpoint-6", "final"):
+        response = client.delete(f"/jobs/{job_id}/checkpoints/{name}")
+        assert response.status_code == 200, response.text
+    assert response.json()["files"] > 0
+    assert client.get(f"/jobs/{job_id}/checkpoints").json() == []
+    assert not folder.exists()
+    assert client.get(f"/jobs/{job_id}/checkpoints/checkpoint-3/files/{a_file}").status_code == 404
+    assert client.delete(f"/jobs/{job_id}/checkpoints/final").status_code == 404
+    messages = [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
+    assert any(m.startswith("checkpoint-3 deleted by request (") and f"{size} bytes freed" in m for m in messages)
