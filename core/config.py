@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # How long a worker asked to stop (SIGTERM) waits for its trainer to save a checkpoint and end
     # before it kills it. Keep it below the stop_grace_period of compose.yaml (docker compose down).
     stop_grace_s: float = Field(default=240.0, gt=0)
+    # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
+    # this often.
+    disk_wait_poll_s: float = Field(default=30.0, gt=0)
 
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.

@@ -217,6 +217,11 @@ class JobSpec(BaseModel):
     )
     backend: Backend = "auto"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    drop_optimizer_state_on_success: bool = Field(
+        default=False,
+        description="once the job succeeds, delete optimizer.pt from its intermediate checkpoints (for an 8B "
+        "model about 16 of their 32 GB each): their weights stay downloadable, they can no longer be resumed from",
+    )
 
     @model_validator(mode="after")
     def _loss_options(self) -> JobSpec:

@@ -69,3 +69,34 @@ def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
     assert client.delete(f"/jobs/{job_id}/checkpoints/final").status_code == 404
     messages = [e["message"] for e in client.get(f"/jobs/{job_id}/events").json()["items"]]
     assert any(m.startswith("checkpoint-3 deleted by request (") and f"{size} bytes freed" in m for m in messages)
+
+
+def test_optimizer_state_is_dropped_from_intermediate_checkpoints_once_the_job_succeeds(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    spec = {**job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3), "drop_optimizer_state_on_success": True}
+    record = run_to_end(client, spec)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["spec"]["drop_optimizer_state_on_success"] is True
+    checkpoints_dir = env.data_dir / "jobs" / str(record["id"]) / "checkpoints"
+    listed = {c["name"]: c for c in client.get(f"/jobs/{record['id']}/checkpoints").json()}
+    assert sorted(listed) == ["checkpoint-3", "checkpoint-6", "final"]
+    for name in ("checkpoint-3", "checkpoint-6"):
+        assert not (checkpoints_dir / name / "optimizer.pt").exists()
+        paths = [f["path"] for f in listed[name]["files"]]
+        assert "optimizer.pt" not in paths and "model.safetensors" in paths
+        on_disk = sum(p.stat().st_size for p in (checkpoints_dir / name).rglob("*") if p.is_file())
+        assert listed[name]["size"] == on_disk
+        weights = client.get(f"/jobs/{record['id']}/checkpoints/{name}/files/model.safetensors")
+        assert weights.status_code == 200
+    events = client.get(f"/jobs/{record['id']}/events").json()["items"]
+    dropped = [e["message"] for e in events if e["kind"] == "optimizer_state_dropped"]
+    assert len(dropped) == 1 and dropped[0].startswith("dropped the optimizer state of checkpoint-3, checkpoint-6: ")
+
+
+def test_optimizer_state_is_kept_by_default(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    record = run_to_end(client, job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3))
+    assert "drop_optimizer_state_on_success" not in record["spec"]
+    assert (env.data_dir / "jobs" / str(record["id"]) / "checkpoints" / "checkpoint-3" / "optimizer.pt").exists()

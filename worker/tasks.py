@@ -32,7 +32,9 @@ from core.db import get_engine, session_scope
 from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
+from core.optimizer_state import drop_optimizer_state
 from core.reconcile import recover_lost_job
+from worker.diskguard import wait_for_disk
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
@@ -124,6 +126,9 @@ def claim(job_id: int) -> int | None:
 def run_job(job_id: int) -> str:
     # The work horse is forked from the worker: never reuse the parent's database connections.
     get_engine().dispose(close=False)
+    if not wait_for_disk(job_id):
+        logger.info("job %s is not queued any more; nothing to do", job_id)
+        return "skipped"
     attempt = claim(job_id)
     if attempt is None:
         logger.info("job %s is not queued any more; nothing to do", job_id)
@@ -358,7 +363,21 @@ class TrainerWatch:
         outcome = write_despite_full_disk(record, what=f"record how job {self.job_id} ended")
         logger.info("job %s %s", self.job_id, outcome)
         self.hash_remaining()
+        if outcome == TrainerOutcome.succeeded:
+            self.drop_optimizer_state_if_asked()
         return outcome
+
+    def drop_optimizer_state_if_asked(self) -> None:
+        """After the hashes (which read every file): the spec's drop_optimizer_state_on_success."""
+        try:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                if job is not None and job.spec.get("drop_optimizer_state_on_success"):
+                    drop_optimizer_state(
+                        session=session, job_id=self.job_id, checkpoints_dir=self.settings.checkpoints_dir(self.job_id)
+                    )
+        except (OSError, SQLAlchemyError) as exc:
+            logger.warning("job %s: could not drop its checkpoints' optimizer state: %s", self.job_id, exc)
 
     def result_without_report(self, returncode: int) -> TrainerResult:
         """How the job ended when the trainer wrote no result: cancelled and killed, stopped by
