@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from app import tcp_nodelay, uploads
 from app.errors import install_error_handlers
 from app.hotpath import HotReads
-from app.routes import checkpoints, files, health, jobs, watch
+from app.routes import checkpoints, files, health, jobs, storage, watch
 from core.checkpoint_store import sweep_finished_jobs
 from core.config import get_settings
 from core.db import session_scope
@@ -157,6 +157,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(checkpoints.router)
     app.include_router(files.router)
+    app.include_router(storage.router)
     app.include_router(watch.router)
     # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).
     app.mount(watch.STATIC_URL, watch.static_assets(), name="static")

@@ -133,6 +133,21 @@ class DeletedPublic(BaseModel):
     files: int = Field(description="files removed")
 
 
+class OrphanPublic(BaseModel):
+    path: str = Field(description="relative to DATA_DIR")
+    bytes: int
+    reason: str
+
+
+class StoragePublic(BaseModel):
+    free_bytes: int
+    total_bytes: int
+    jobs_bytes: int = Field(description="job folders: checkpoints, trainer logs")
+    files_bytes: int = Field(description="uploaded datasets")
+    cache_bytes: int = Field(description="compile caches of Unsloth, torch.compile and Triton")
+    orphans: list[OrphanPublic] = Field(description="files on disk that no record names")
+
+
 class CheckpointPublic(BaseModel):
     name: str
     step: int

@@ -100,3 +100,37 @@ def test_optimizer_state_is_kept_by_default(
     record = run_to_end(client, job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3))
     assert "drop_optimizer_state_on_success" not in record["spec"]
     assert (env.data_dir / "jobs" / str(record["id"]) / "checkpoints" / "checkpoint-3" / "optimizer.pt").exists()
+
+
+def test_storage_reports_the_disk_and_the_files_no_record_names(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    record = run_to_end(client, job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3))
+    jobs_dir = env.data_dir / "jobs"
+    # What crashes and restored backups leave: a job folder the database does not know, a
+    # checkpoint folder without a record, an upload without a row.
+    (jobs_dir / "999" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (jobs_dir / "999" / "checkpoints" / "checkpoint-5" / "model.safetensors").write_bytes(b"\0" * 1000)
+    stray = jobs_dir / str(record["id"]) / "checkpoints" / "checkpoint-9"
+    stray.mkdir()
+    (stray / "config.json").write_text("{}")
+    files_dir = env.data_dir / "files"
+    files_dir.mkdir(exist_ok=True)
+    (files_dir / "77.jsonl").write_text('{"text": "x"}\n')
+
+    response = client.get("/storage")
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["free_bytes"] > 0 and report["total_bytes"] >= report["free_bytes"]
+    assert report["jobs_bytes"] > 1000 and report["files_bytes"] == 14
+    assert report["orphans"] == [
+        {
+            "path": f"jobs/{record['id']}/checkpoints/checkpoint-9",
+            "bytes": 2,
+            "reason": "a checkpoint folder with no record (deleted or rotated away while its trainer ran?)",
+        },
+        {"path": "jobs/999", "bytes": 1000, "reason": "no job of this id in the database"},
+        {"path": "files/77.jsonl", "bytes": 14, "reason": "an uploaded file with no record"},
+    ]
+    assert client.delete(f"/jobs/{record['id']}").status_code == 200
+    assert [o["path"] for o in client.get("/storage").json()["orphans"]] == ["jobs/999", "files/77.jsonl"]
