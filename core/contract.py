@@ -72,12 +72,15 @@ class EventKind(StrEnum):
     resumed = "resumed"
     checkpoint_discarded = "checkpoint_discarded"
     dataset_loaded = "dataset_loaded"
+    gpu_shared = "gpu_shared"  # other processes hold memory on the job's GPU
+    startup = "startup"  # seconds from the trainer's start to training, phase by phase
     optimizer_replaced = "optimizer_replaced"
     training_started = "training_started"
     evaluated = "evaluated"
     checkpoint = "checkpoint"
     checkpoint_removed = "checkpoint_removed"
     reporting_overhead = "reporting_overhead"
+    slowdown = "slowdown"  # tokens/s fell, with the cause when one is known
     cancel_requested = "cancel_requested"
     pause_requested = "pause_requested"
     paused = "paused"

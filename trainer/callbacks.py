@@ -23,6 +23,7 @@ from core.events import add_event
 from core.models import Job, StepLog
 from trainer.failpoints import out_of_memory_above
 from trainer.gpu import MemoryProbe
+from trainer.neighbours import SlowdownWatch
 from trainer.stopflag import StopFlag
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class JobReporter(TrainerCallback):
         self.job_id = job_id
         self.stop = stop
         self.stopped_with_checkpoint: str | None = None  # the checkpoint a pause or stop saved
+        self.slowdowns = SlowdownWatch()
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
         self.tokens_trained = tokens_trained
@@ -177,8 +179,16 @@ class JobReporter(TrainerCallback):
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
         metrics["tokens_per_second"] = tokens_per_second
+        slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:
             self._write_log(session, state, metrics, vram, tokens)
+            if slowdown is not None:
+                add_event(
+                    session=session,
+                    job_id=self.job_id,
+                    kind=EventKind.slowdown,
+                    message=f"{slowdown} (step {state.global_step})",
+                )
 
     def _write_eval(self, session: Session, state: TrainerState, eval_loss: float | None) -> None:
         """The eval loss joins the step's log row (the Trainer logs training first, then evaluates),

@@ -86,12 +86,16 @@ def event(job_id: int, kind: EventKind, message: str) -> None:
 class Run:
     """One training run of one job, phase by phase, so a failure knows what it interrupted."""
 
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, started: float | None = None) -> None:
+        started = time.monotonic() if started is None else started
         self.job_id = job_id
         self.settings = get_settings()
         self.job_dir = self.settings.job_dir(job_id)
         self.checkpoints_dir = self.settings.checkpoints_dir(job_id)
         self._phase = "starting"
+        # "starting" counts from the process's start (the interpreter and this module's imports).
+        self._phase_since = started
+        self.phase_seconds: dict[str, float] = {}
         self.stop = StopFlag()
         self.reporter: Any = None
         self.trainer: Any = None
@@ -134,7 +138,11 @@ class Run:
 
     @phase.setter
     def phase(self, name: str) -> None:
-        """What the run is doing; written to the job record when its public name changes."""
+        """What the run is doing; written to the job record when its public name changes. Each
+        phase's seconds are kept for the startup event (where a job's first minutes go)."""
+        now = time.monotonic()
+        self.phase_seconds[self._phase] = self.phase_seconds.get(self._phase, 0.0) + now - self._phase_since
+        self._phase_since = now
         changed = PUBLIC_PHASES[name] != PUBLIC_PHASES[self._phase]
         self._phase = name
         if changed:
@@ -439,6 +447,7 @@ class Run:
 
     def train(self) -> None:
         job_id = self.job_id
+        self.report_neighbours()  # before this process has a CUDA context of its own
         self.phase = "importing"
         backend = self.resolve_backend()
         with session_scope() as session:
@@ -485,6 +494,7 @@ class Run:
         if resume_from is not None:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
         self.phase = "training"
+        self.report_startup()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if self.stopped_early():
             return
@@ -507,6 +517,47 @@ class Run:
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
 
+    def report_neighbours(self) -> None:
+        """An event when other processes hold memory on the job's GPU, with the plan's verdict for
+        the memory actually free (not the card's size)."""
+        from trainer.neighbours import GIB, card_state
+
+        state = card_state()
+        if state is None or not state.neighbours:
+            return
+        verdict = ""
+        try:
+            from core.planner import plan_memory, read_config, shape_from_config
+
+            shape = shape_from_config(read_config(self.spec.model, allow_network=False))
+            plan = plan_memory(shape, self.spec.hyperparameters, state.free_bytes)
+            verdict = {
+                "fits": "; the job's planned peak of {peak:.1f} GiB fits the free memory",
+                "fits_with_paging": "; the job's planned peak of {peak:.1f} GiB fits the free memory only with its "
+                "optimizer states paged to host memory: expect fewer tokens/s",
+                "does_not_fit": "; the job's planned peak of {peak:.1f} GiB does not fit the free memory: expect "
+                "an out-of-memory failure (the micro-batch is then halved and the job retried)",
+            }[str(plan.verdict)].format(peak=plan.total_bytes / GIB)
+        except Exception as exc:  # no config.json here: the figures alone
+            logger.info("no plan for the free memory: %s", exc)
+        event(
+            self.job_id,
+            EventKind.gpu_shared,
+            f"other processes hold {state.held_by_others / GIB:.1f} GiB of this GPU ({state.name}, {state.uuid}): "
+            f"{state.describe_neighbours()}; {state.free_bytes / GIB:.1f} of {state.total_bytes / GIB:.1f} GiB "
+            f"free{verdict}",
+        )
+
+    def report_startup(self) -> None:
+        """One event with the seconds from the process's start to training, phase by phase (the
+        first step's own seconds, which include compilation, follow in the training record)."""
+        parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.phase_seconds.items())
+        event(
+            self.job_id,
+            EventKind.startup,
+            f"ready to train {sum(self.phase_seconds.values()):.1f} s after the trainer process started: {parts}",
+        )
+
     def stopped_early(self) -> bool:
         """A stop came before the job was done. One that arrives after the last step is too late
         to pause or interrupt anything: the job saves `final` and succeeds (a cancel still wins)."""
@@ -528,17 +579,17 @@ def prepared_loss_tokens(dataset: Any) -> int | None:
     return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], started: float | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id = int(argv[1])
     settings = get_settings()
     job_dir = settings.job_dir(job_id)
     parent = os.environ.get(PARENT_PID_ENV)
     die_with_parent(int(parent) if parent and parent.isdigit() else None)
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     run: Run | None = None
     try:
-        run = Run(job_id)
+        run = Run(job_id, started)
         # Before anything touches the job's folder: no earlier trainer of this job still runs.
         take_job_lock(
             job_dir,
