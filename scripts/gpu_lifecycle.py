@@ -98,11 +98,37 @@ def timings(service: Service, job_id: int) -> dict[str, Any]:
     }
 
 
+def import_times(out: Path) -> dict[str, Any]:
+    """Where the trainer's `importing` phase goes: each library's import alone, in a fresh
+    interpreter, and the slowest modules under `import unsloth` (python -X importtime)."""
+    found: dict[str, Any] = {}
+    for name, code in (
+        ("torch", "import torch"),
+        ("torch+cuda_init", "import torch; torch.cuda.init()"),
+        ("transformers+trl+datasets", "import torch, transformers, trl, datasets"),
+        ("unsloth", "import unsloth"),
+    ):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True)
+        found[name] = round(time.monotonic() - started, 1)
+        if name == "unsloth":
+            rows = []
+            for line in done.stderr.splitlines():
+                parts = line.split("|")
+                if len(parts) == 3 and parts[1].strip().isdigit():
+                    rows.append((int(parts[1]), parts[2].rstrip()))
+            (out / "importtime-unsloth.txt").write_text(done.stderr)
+            top = sorted(rows, reverse=True)[:25]
+            found["unsloth_slowest_cumulative_s"] = [(round(us / 1e6, 2), module) for us, module in top]
+            found["unsloth_returncode"] = done.returncode
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-lifecycle"))
     parser.add_argument("--budget-s", type=float, default=540)
-    parser.add_argument("--phases", default="startup,shared,oom,pause")
+    parser.add_argument("--phases", default="startup,imports,shared,oom,pause")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -155,12 +181,17 @@ def main() -> int:
                 print(json.dumps(run.results[f"startup_{name}"], indent=1), flush=True)
             run.save()
 
+        if "imports" in phases:
+            run.results["imports"] = import_times(out)
+            print(json.dumps(run.results["imports"], indent=1), flush=True)
+            run.save()
+
         if "shared" in phases and run.time_left() > 120:
             idle = nvidia_smi.used_bytes(0)
             free_gib = (torch.cuda.mem_get_info()[1] - idle) / GIB
             run.hog(free_gib - 30)  # leaves about 30 GiB: the job fits
-            job_id = http.post("/jobs", json=spec(400)).json()["id"]
-            service.wait_for_step(job_id, 40, timeout_s=max(60, run.time_left()))
+            job_id = http.post("/jobs", json=spec(100)).json()["id"]
+            service.wait_for_step(job_id, 30, timeout_s=max(60, run.time_left()))
             run.hog(2, compute=True)  # a second tenant that computes
             service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
             found = events(service, job_id)
