@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # How long a worker asked to stop (SIGTERM) waits for its trainer to save a checkpoint and end
     # before it kills it. Keep it below the stop_grace_period of compose.yaml (docker compose down).
     stop_grace_s: float = Field(default=240.0, gt=0)
+    # Start each job's trainer process before the job comes, its imports done (about 30 s of a
+    # job's start on a GPU: Unsloth, torch, TRL). Unset: on where the worker sees a GPU.
+    trainer_standby: bool | None = None
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.
     disk_wait_poll_s: float = Field(default=30.0, gt=0)

@@ -101,6 +101,8 @@ class EventKind(StrEnum):
 RESULT_FILE = "result.json"
 # Set by the worker for the trainer: the work horse's pid, whose death stops the trainer.
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"
+# Set for a standby trainer, whose work horse is not its parent: it watches that pid instead.
+PARENT_WATCHED_ENV = "FINETUNE_PARENT_WATCHED"
 
 
 class TrainerOutcome(StrEnum):

@@ -6,8 +6,10 @@ Run on a GPU machine from the repository root (see docs/gpu.md):
 It starts the service as a user would and builds a ~300M-parameter random-weight Llama. Phases
 run in order while the budget lasts (a skipped phase says so):
 
-1. startup: two jobs of the same model, cold then warm: seconds from POST to the first step and
-   to `succeeded`, and the trainer's own phase-by-phase startup event.
+1. fast_start: seconds from POST to the first step and to `succeeded`, and the trainer's own
+   phase-by-phase startup event, for two jobs of one model with a trainer started per job
+   (TRAINER_STANDBY=0, before) and two with the standby trainer (=1, after). `startup` (the
+   same for one service) and `imports` (python -X importtime of Unsloth) are there on request.
 2. shared: another process holds memory on the card before a job starts (the job's events name
    it, with the plan's verdict for the free memory), then starts heavy compute mid-training (the
    slowdown event names it).
@@ -124,11 +126,49 @@ def import_times(out: Path) -> dict[str, Any]:
     return found
 
 
+def fast_start(run: Lifecycle, out: Path, spec: Any) -> dict[str, Any]:
+    """Before and after, in one call: two jobs of one model with trainers started for each job
+    (TRAINER_STANDBY=0), then two with the standby trainer (=1). Both services share DATA_DIR's
+    compile cache, as one worker's jobs do."""
+    found: dict[str, Any] = {}
+    data_dir = out / "fast-start-data"
+    for standby in ("0", "1"):
+        service = Service(
+            out / f"fast-start-{standby}",
+            data_dir=data_dir,
+            allowed_roots=[out / "models", out / "datasets"],
+            settings={"TRAINER_STANDBY": standby},
+        )
+        service.start()
+        try:
+            log = data_dir / "standby" / "standby.log"
+            for count, name in enumerate(("first", "second"), start=1):
+                if standby == "1":  # jobs that come while the worker waits for work: its standby is ready
+                    wait_until(
+                        lambda count=count, log=log: log.exists() and log.read_text().count("ready in") >= count,
+                        120,
+                        "the standby trainer",
+                    )
+                job_id = service.submit(spec(20))
+                service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
+                found[f"standby_{standby}_{name}"] = timings(service, job_id)
+                print(json.dumps(found[f"standby_{standby}_{name}"], indent=1), flush=True)
+        finally:
+            service.stop()
+    before, after = found["standby_0_second"], found["standby_1_second"]
+    run.check(
+        "POST to first step, second job: standby trainer vs trainer started per job",
+        (after["post_to_first_step_s"] or 1e9) < (before["post_to_first_step_s"] or 0),
+        f"{after['post_to_first_step_s']} s vs {before['post_to_first_step_s']} s",
+    )
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-lifecycle"))
     parser.add_argument("--budget-s", type=float, default=540)
-    parser.add_argument("--phases", default="startup,imports,shared,oom,pause")
+    parser.add_argument("--phases", default="fast_start,shared,oom,pause")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +203,10 @@ def main() -> int:
                 **hp,
             },
         }
+
+    if "fast_start" in phases:
+        run.results["fast_start"] = fast_start(run, out, spec)
+        run.save()
 
     service = Service(
         out / "service",

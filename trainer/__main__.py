@@ -1,4 +1,5 @@
-"""`python -m trainer JOB_ID`: the trainer child process the worker starts for each job."""
+"""`python -m trainer JOB_ID`: the trainer child process the worker starts for each job; `python -m trainer
+--standby`: one started ahead of its job, with its imports done (trainer/standby.py)."""
 
 import time
 
@@ -7,8 +8,12 @@ STARTED = time.monotonic()  # before any import: the interpreter's own start is 
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from trainer.run import main  # noqa: E402
-
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if sys.argv[1:] == ["--standby"]:
+        from trainer.standby import serve
+
+        sys.exit(serve(sys.argv[0]))
+    from trainer.run import main
+
     sys.exit(main(sys.argv, started=STARTED))

@@ -40,6 +40,26 @@ def die_with_parent(parent_pid: int | None) -> None:
         os.kill(os.getpid(), signal.SIGHUP)
 
 
+def watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """What PR_SET_PDEATHSIG does, for a standby trainer whose job's work horse is not its parent:
+    SIGHUP to this process once `parent_pid` is gone (a thread polls for it)."""
+
+    def poll() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGHUP)
+                return
+            except PermissionError:  # alive, someone else's (pid reused): keep watching
+                continue
+
+    import threading
+
+    threading.Thread(target=poll, name="watch-parent", daemon=True).start()
+
+
 def _is_trainer_of(pid: int, job_id: int) -> bool:
     """Whether `pid` is a trainer of this job (a pid read from a file may have been reused)."""
     try:
@@ -47,7 +67,9 @@ def _is_trainer_of(pid: int, job_id: int) -> bool:
     except OSError:
         return False
     # `python -m trainer <id>`; `worker.trainer` was its module before the trainer had its own package.
-    return argv[-1:] == [str(job_id).encode()] and argv[-2:-1] in ([b"trainer"], [b"worker.trainer"])
+    # A standby trainer (`python -m trainer --standby`) names its job only in the lock file.
+    own = argv[-1:] == [str(job_id).encode()] and argv[-2:-1] in ([b"trainer"], [b"worker.trainer"])
+    return own or argv[-2:] == [b"trainer", b"--standby"]
 
 
 def take_job_lock(

@@ -20,7 +20,16 @@ from typing import Any
 
 from core.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
 from core.config import get_settings
-from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, Phase, TrainerOutcome, TrainerResult
+from core.contract import (
+    PARENT_PID_ENV,
+    PARENT_WATCHED_ENV,
+    RESULT_FILE,
+    ErrorCode,
+    EventKind,
+    Phase,
+    TrainerOutcome,
+    TrainerResult,
+)
 from core.data_report import DataReport, ValidationReport
 from core.db import session_scope
 from core.diskspace import disk_space
@@ -28,7 +37,7 @@ from core.events import add_event
 from core.models import Job
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
 from trainer.failures import JobFailure, classify, format_traceback, missing_source
-from trainer.lifeline import die_with_parent, take_job_lock
+from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
 from trainer.stopflag import StopFlag
 
 logger = logging.getLogger("trainer")
@@ -579,13 +588,18 @@ def prepared_loss_tokens(dataset: Any) -> int | None:
     return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
-def main(argv: list[str], started: float | None = None) -> int:
+def main(argv: list[str], started: float | None = None, parent_watched: bool = False) -> int:
+    """`parent_watched`: a standby trainer, whose work horse is watched by a thread (lifeline)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id = int(argv[1])
     settings = get_settings()
     job_dir = settings.job_dir(job_id)
     parent = os.environ.get(PARENT_PID_ENV)
-    die_with_parent(int(parent) if parent and parent.isdigit() else None)
+    if parent_watched or os.environ.get(PARENT_WATCHED_ENV) == "1":
+        if not parent_watched and parent and parent.isdigit():  # a standby that started afresh (execv)
+            watch_parent(int(parent))
+    else:
+        die_with_parent(int(parent) if parent and parent.isdigit() else None)
     started = time.monotonic() if started is None else started
     run: Run | None = None
     try:

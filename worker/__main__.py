@@ -18,6 +18,8 @@ from core.config import get_settings
 from core.diskspace import Reserve
 from core.queue import get_queue, get_redis, register_gpu_memory
 from core.reconcile import reconcile
+from worker.standby import Standby
+from worker.tasks import compile_cache_env, trainer_environment
 
 logger = logging.getLogger("worker")
 cli = typer.Typer(add_completion=False, help=__doc__)
@@ -56,6 +58,7 @@ class FinetuneWorker(Worker):
     RQ's own backoff. A job Redis lost meanwhile is enqueued again by the reconciler."""
 
     gpu_memory_bytes: int | None = None
+    standby: Standby | None = None
     _redis_away_since: float | None = None
     # SIGTERM or SIGINT arrived. RQ only remembers a stop asked for during a job; one asked for
     # while idle ends its loop by an exception, which must not read as "start it again".
@@ -146,6 +149,8 @@ class FinetuneWorker(Worker):
             self.redis_back()
 
     def execute_job(self, job: Any, queue: Any) -> None:
+        if self.standby is not None:
+            self.standby.ensure()  # the horse forked next inherits it
         try:
             super().execute_job(job, queue)
         except REDIS_ERRORS as exc:
@@ -153,6 +158,9 @@ class FinetuneWorker(Worker):
             # only then). The database knows how the job went; a job that never started is still
             # `queued` there and is enqueued again by the reconciler.
             self.redis_away(f"bookkeeping of {job.id}", exc)
+        finally:
+            if self.standby is not None and not self.stop_asked:
+                self.standby.ensure()  # the next one, importing while this worker waits for work
 
 
 @cli.command()
@@ -172,6 +180,13 @@ def main(
         maintenance_interval=max(1, int(settings.reconcile_interval_s)),
     )
     worker.gpu_memory_bytes = visible_gpu_memory()
+    use_standby = settings.trainer_standby if settings.trainer_standby is not None else bool(worker.gpu_memory_bytes)
+    if use_standby:
+        worker.standby = Standby(
+            trainer_environment(settings.as_environment(), compile_cache_env(settings.data_dir.resolve() / "cache")),
+            settings.data_dir.resolve() / "standby",
+        )
+        worker.standby.ensure()
     logger.info(
         "worker %s on queue %r (GPUs: %s, %s; data under %s)",
         worker.name,
@@ -184,7 +199,11 @@ def main(
     # Inherited by each work horse until its task sets its own handler (worker.tasks): a stop
     # that arrives in between must not kill the horse with SIGUSR2's default action.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    work_until_stopped(worker, burst=burst)
+    try:
+        work_until_stopped(worker, burst=burst)
+    finally:
+        if worker.standby is not None:
+            worker.standby.stop()
 
 
 def work_until_stopped(worker: FinetuneWorker, *, burst: bool) -> None:

@@ -34,10 +34,13 @@ from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
 from core.reconcile import recover_lost_job
+from worker import standby
 from worker.diskguard import wait_for_disk
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
+# The trainer: a child the horse started, or the worker's standby trainer that took the job.
+Child = subprocess.Popen[bytes] | standby.AdoptedTrainer
 
 POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
@@ -157,9 +160,12 @@ class TrainerWatch:
         # that relative name (ALLOWED_LOCAL_ROOTS decides which local paths a job may use).
         self.workdir = Path(tempfile.mkdtemp(prefix=f"trainer-{job_id}-"))
 
-    def start_child(self) -> subprocess.Popen[bytes]:
+    def start_child(self) -> Child:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
+        adopted = standby.adopt(self.job_id, self.workdir)
+        if adopted is not None:
+            return adopted
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
         env = trainer_environment(
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
@@ -194,7 +200,7 @@ class TrainerWatch:
         if self.stop_asked_at is None:
             self.stop_asked_at = time.monotonic()
 
-    def watch(self, child: subprocess.Popen[bytes]) -> str:
+    def watch(self, child: Child) -> str:
         last_heartbeat = time.monotonic()
         try:
             while child.poll() is None:
@@ -211,7 +217,9 @@ class TrainerWatch:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
             raise
-        return self.finish(child.returncode)
+        returncode = child.poll()
+        assert returncode is not None
+        return self.finish(returncode)
 
     def poll_database(self, *, heartbeat: bool) -> tuple[bool, bool, list[int]]:
         """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
@@ -265,7 +273,7 @@ class TrainerWatch:
                 )
         self.hasher.shutdown()
 
-    def carry_cancel(self, child: subprocess.Popen[bytes], requested: bool) -> None:
+    def carry_cancel(self, child: Child, requested: bool) -> None:
         if self.cancel_sent_at is None:
             if requested:
                 child.send_signal(signal.SIGUSR1)
@@ -274,18 +282,18 @@ class TrainerWatch:
             logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
             child.kill()
 
-    def carry_pause(self, child: subprocess.Popen[bytes], requested: bool) -> None:
+    def carry_pause(self, child: Child, requested: bool) -> None:
         if requested and not self.pause_sent and self.cancel_sent_at is None:
             child.send_signal(signal.SIGUSR2)
             self.pause_sent = True
 
-    def carry_stop(self, child: subprocess.Popen[bytes]) -> None:
+    def carry_stop(self, child: Child) -> None:
         if self.stop_asked_at is None:
             return
         if not self.stop_sent:
             child.send_signal(signal.SIGTERM)
             self.stop_sent = True
-            self.event(
+            self.record_event(
                 EventKind.stopping,
                 "the worker is stopping: the trainer saves a checkpoint at its next step, then the job "
                 "is queued again to continue from it",
@@ -298,7 +306,7 @@ class TrainerWatch:
             )
             child.kill()
 
-    def event(self, kind: EventKind, message: str) -> None:
+    def record_event(self, kind: EventKind, message: str) -> None:
         try:
             with session_scope() as session:
                 add_event(session=session, job_id=self.job_id, kind=kind, message=message)

@@ -1,0 +1,91 @@
+"""A trainer started before its job: `python -m trainer --standby`. Importing Unsloth takes about
+30 s on an H200 (31 s measured, most of a warm job's start), torch and TRL several more; a
+standby has done all of it by the time the worker hands it a job, on one line of its stdin:
+
+    {"job_id": 7, "parent_pid": 1234, "workdir": "/tmp/trainer-7-..."}
+
+`parent_pid` is the work horse that watches the job (the standby's own parent is the worker):
+the standby stops when it goes, as a trainer started by the horse does through PR_SET_PDEATHSIG.
+End of input (the worker stopping) ends the standby. From the job on it is an ordinary trainer:
+the same `main`, the same result file, its output appended to the job's trainer.log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+logger = logging.getLogger("trainer.standby")
+
+
+def preload() -> list[str]:
+    """Import what a job will: Unsloth first where there is a GPU (it patches transformers and TRL
+    as they load, so it must come first), then the libraries every job uses."""
+    import torch
+
+    loaded = ["torch"]
+    if torch.cuda.is_available():
+        try:
+            import unsloth  # noqa: F401
+
+            loaded.append("unsloth")
+        except Exception as exc:  # the job that needs it will say why
+            logger.warning("Unsloth failed to import in the standby trainer: %s", exc)
+    import datasets  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    return [*loaded, "transformers", "trl", "datasets"]
+
+
+def wait_for_job() -> dict[str, Any] | None:
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
+
+
+def serve(argv0: str) -> int:
+    from trainer.lifeline import die_with_parent, watch_parent
+
+    die_with_parent(None)  # the worker that started us: its death ends the standby
+    started = time.monotonic()
+    loaded = preload()
+    print(f"standby trainer ready in {time.monotonic() - started:.1f} s ({', '.join(loaded)})", flush=True)
+    job = wait_for_job()
+    if job is None:
+        return 0
+    assigned = time.monotonic()
+    from core.config import get_settings
+    from core.contract import PARENT_PID_ENV, PARENT_WATCHED_ENV
+
+    job_id, parent_pid = int(job["job_id"]), int(job["parent_pid"])
+    job_dir = get_settings().job_dir(job_id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    log = os.open(job_dir / "trainer.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.chdir(job["workdir"])
+    os.environ[PARENT_PID_ENV] = str(parent_pid)
+    os.environ[PARENT_WATCHED_ENV] = "1"
+    if "unsloth" in loaded and asks_for_plain_transformers(job_id):
+        # Unsloth has patched transformers and TRL in this process: start clean, as the same
+        # process (its pid, output and parent watch stay), at the cost of the imports.
+        print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
+    watch_parent(parent_pid)
+    print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
+    from trainer.run import main
+
+    return main([argv0, str(job_id)], started=assigned, parent_watched=True)
+
+
+def asks_for_plain_transformers(job_id: int) -> bool:
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return job is not None and (job.spec or {}).get("backend") == "transformers"
