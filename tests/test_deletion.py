@@ -134,3 +134,27 @@ def test_storage_reports_the_disk_and_the_files_no_record_names(
     ]
     assert client.delete(f"/jobs/{record['id']}").status_code == 200
     assert [o["path"] for o in client.get("/storage").json()["orphans"]] == ["jobs/999", "files/77.jsonl"]
+
+
+def test_another_api_process_forgets_a_deleted_job_within_the_finished_records_max_age(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch
+) -> None:
+    """This process's copy of a finished record is read again after FINISHED_RECORD_MAX_AGE_S, so a
+    deletion made through another API process (here: straight in the database) shows."""
+    import time
+
+    from app import lifecycle
+    from core.db import session_scope
+    from tests.conftest import clear_caches
+
+    monkeypatch.setenv("FINISHED_RECORD_MAX_AGE_S", "0.2")
+    clear_caches()
+    record = run_to_end(client, job_spec(tiny_model, chat_dataset))
+    job_id = record["id"]
+    assert client.get(f"/jobs/{job_id}").status_code == 200  # now in this process's memory
+    assert client.get(f"/jobs/{job_id}/events").status_code == 200
+    with session_scope() as session:
+        lifecycle.delete_job(session=session, job_id=job_id)
+    time.sleep(0.3)
+    assert client.get(f"/jobs/{job_id}").status_code == 404
+    assert client.get(f"/jobs/{job_id}/events").status_code == 404
