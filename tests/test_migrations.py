@@ -167,6 +167,12 @@ def test_migrations_and_job_round_trip_on_postgresql(
     assert api.get("/jobs", params={"status": "queued"}).json()["items"] == [record]
     assert api.get("/jobs", params={"status": "running"}).json()["items"] == []
 
+    # `paused` is a value 0006 added to PostgreSQL's native enum type.
+    assert api.post(f"/jobs/{job_id}/pause").json()["status"] == "paused"
+    assert api.get("/jobs", params={"status": "paused"}).json()["items"][0]["id"] == job_id
+    resumed = api.post(f"/jobs/{job_id}/resume").json()
+    assert resumed["status"] == "queued"
+
     cancelled = api.post(f"/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200
     body = cancelled.json()
@@ -189,6 +195,8 @@ def test_migrations_and_job_round_trip_on_postgresql(
             "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
             "LocalEntryNotFoundError",
         ),
+        ("paused", f"paused before it started; POST /jobs/{job_id}/resume queues it again"),
+        ("resume_requested", "resumed: queued again"),
         ("cancelled", "cancelled before it started"),
     ]
     assert all(aware(e["created_at"]) >= created_at for e in events)

@@ -39,6 +39,8 @@ class Standby:
         if self.process is not None and self.process.poll() is None and not taken_marker(self.process.pid).exists():
             return
         if self.process is not None:
+            if self.process.stdin is not None:
+                self.process.stdin.close()  # the horse wrote its job; later horses must not inherit it
             self.retired.append(self.process)
         self.folder.mkdir(parents=True, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix="trainer-standby-")
