@@ -110,7 +110,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 # Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
-GUARDED_PREFIXES = ("/jobs", "/files")
+GUARDED_PREFIXES = ("/jobs", "/files", "/storage")
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",

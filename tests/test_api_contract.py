@@ -78,7 +78,7 @@ def test_get_on_the_estimate_route_is_405_with_allow(client: httpx.Client, env: 
 def test_405_lists_every_method_of_the_path(client: httpx.Client, env: Env) -> None:
     assert client.request("PATCH", "/jobs").headers["allow"] == "GET, POST"
     assert client.request("OPTIONS", "/files/1").headers["allow"] == "GET, DELETE"
-    assert client.request("PUT", "/jobs/1").headers["allow"] == "GET"
+    assert client.request("PUT", "/jobs/1").headers["allow"] == "GET, DELETE"
 
 
 @pytest.mark.parametrize("path", ["/jobs/abc", "/jobs/%0B3", "/jobs/+3", "/jobs/3_0", "/jobs/%203"])

@@ -22,6 +22,8 @@ class Clock:
 
 
 class NoMemory:
+    cuda = False
+
     def read(self) -> dict[str, int | None]:
         return {}
 
