@@ -133,27 +133,25 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
     if job.status.finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
     now = utcnow()
-    cancelled = {"finished_at": now, "cancel_requested_at": now, "error_code": ErrorCode.cancelled}
-    if job.status == JobStatus.paused:
+    # A job that is not running ends here and now. Conditional updates, so a worker that claims
+    # the job (or a resume that queues it) at this very moment wins cleanly.
+    not_running = ((JobStatus.paused, "cancelled while paused"), (JobStatus.queued, "cancelled before it started"))
+    for was, message in not_running:
+        if job.status != was:
+            continue
         result = session.execute(
             update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.paused)
-            .values(status=JobStatus.cancelled, error_message="cancelled while paused", **cancelled)
+            .where(col(Job.id) == job_id, col(Job.status) == was)
+            .values(
+                status=JobStatus.cancelled,
+                finished_at=now,
+                cancel_requested_at=now,
+                error_code=ErrorCode.cancelled,
+                error_message=message,
+            )
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
-            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled while paused")
-            session.commit()
-        session.refresh(job)
-        return job
-    if job.status == JobStatus.queued:
-        # Conditional, so a worker that claims the job at this very moment wins cleanly.
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
-            .values(status=JobStatus.cancelled, error_message="cancelled before it started", **cancelled)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message="cancelled before it started")
+            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message=message)
             session.commit()
             session.refresh(job)
             return job

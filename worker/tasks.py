@@ -1,4 +1,6 @@
-"""The RQ task: claim a job, train it in a fresh child process, watch it, record how it ended.
+"""The RQ task: claim a job (once the disk can hold its checkpoints), train it in a trainer process
+of its own (started for it, or the worker's standby trainer: worker/standby.py), watch it, carry
+cancel, pause and the worker's stop to it, and record how it ended.
 
 This module runs in the RQ work horse and imports no torch: the child does the training, so a
 crash or an OOM there cannot take the worker down, and the GPU's memory is all returned when
@@ -222,7 +224,7 @@ class TrainerWatch:
         return self.finish(returncode)
 
     def poll_database(self, *, heartbeat: bool) -> tuple[bool, bool, list[int]]:
-        """One round trip a poll: the heartbeat when it is due, whether a cancel was asked for,
+        """One round trip a poll: the heartbeat when it is due, whether a cancel or a pause was asked for,
         and the checkpoints the trainer saved that still need hashing. A database that cannot be
         read or written for a while (a full disk, a long lock) does not stop the watch: the
         trainer goes on, or fails on its own and says why."""
