@@ -265,10 +265,12 @@ def list_files(*, session: Session) -> Sequence[UploadedFile]:
 
 
 def delete_file(*, session: Session, file_id: int) -> None:
-    """Remove an uploaded file and its row; refused while a queued or running job uses it."""
+    """Remove an uploaded file and its row; refused while a queued, running or paused job uses it."""
     uploaded = get_file(session=session, file_id=file_id)
     active = session.exec(
-        select(Job).where(col(Job.status).in_([JobStatus.queued, JobStatus.running])).order_by(col(Job.id))
+        select(Job)
+        .where(col(Job.status).in_([JobStatus.queued, JobStatus.running, JobStatus.paused]))
+        .order_by(col(Job.id))
     ).all()
     users = [
         str(job.id)
@@ -276,7 +278,7 @@ def delete_file(*, session: Session, file_id: int) -> None:
         if file_id in {(job.spec.get(part) or {}).get("file_id") for part in ("dataset", "validation")}
     ]
     if users:
-        raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued or running")
+        raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued, running or paused")
     session.delete(uploaded)
     session.commit()
     # After the commit: a failed commit leaves the row and its file as they were.

@@ -241,7 +241,8 @@ def test_job_naming_a_file_and_delete_while_in_use(client: httpx.Client, env: En
     assert refused.status_code == 409
     assert refused.json() == {
         "error": "Conflict",
-        "detail": f"file {file_id} is used by job(s) {jobs[0]['id']}, {jobs[1]['id']} which are queued or running",
+        "detail": f"file {file_id} is used by job(s) {jobs[0]['id']}, {jobs[1]['id']} "
+        "which are queued, running or paused",
     }
     assert stored.is_file()
 
