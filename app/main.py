@@ -17,7 +17,9 @@ from fastapi.openapi.utils import get_openapi
 from app import tcp_nodelay, uploads
 from app.errors import install_error_handlers
 from app.hotpath import HotReads
+from app.metrics import RequestTimer
 from app.routes import checkpoints, files, health, jobs, storage, watch
+from app.routes import metrics as metrics_routes
 from core.checkpoint_store import sweep_finished_jobs
 from core.config import get_settings
 from core.db import session_scope
@@ -110,7 +112,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 # Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage")
+GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics")
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",
@@ -150,6 +152,7 @@ def create_app() -> FastAPI:
         swagger_ui_parameters={"persistAuthorization": True},
     )
     app.add_middleware(HotReads)
+    app.add_middleware(RequestTimer)  # outermost: the hot reads are timed too
     app.state.openapi_documents = {}
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     install_error_handlers(app)
@@ -158,6 +161,7 @@ def create_app() -> FastAPI:
     app.include_router(checkpoints.router)
     app.include_router(files.router)
     app.include_router(storage.router)
+    app.include_router(metrics_routes.router)
     app.include_router(watch.router)
     # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).
     app.mount(watch.STATIC_URL, watch.static_assets(), name="static")

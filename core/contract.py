@@ -97,6 +97,10 @@ class EventKind(StrEnum):
     cancelled = "cancelled"
 
 
+# Upper bounds (seconds) of the step-duration histogram the trainer keeps in the job's metrics
+# (`step_seconds`: counts per bucket, sum and count) and GET /metrics exports.
+STEP_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
+
 # The trainer's result file, in the job's folder (DATA_DIR/jobs/<id>/), read by the worker.
 RESULT_FILE = "result.json"
 # Set by the worker for the trainer: the work horse's pid, whose death stops the trainer.

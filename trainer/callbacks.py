@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from core.checkpoint_store import mark_removed, record_checkpoint
-from core.contract import EventKind
+from core.contract import STEP_SECONDS_BUCKETS, EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.models import Job, StepLog
@@ -76,6 +76,7 @@ class JobReporter(TrainerCallback):
         self.eval_seconds = eval_seconds
         self.publish_seconds = publish_seconds
         self._first_step_end: tuple[int, float] | None = None
+        self._last_logged_step = 0
         # (wall time, tokens seen, seconds spent evaluating) at the start of the tokens/s window:
         # it opens after the first step (which compiles) and leaves out evaluations.
         self._last_log: tuple[float, float, float] | None = None
@@ -137,6 +138,7 @@ class JobReporter(TrainerCallback):
             self._first_step_end = (state.global_step, now)
             self.first_step_seconds = now - self._train_start
             self._last_log = (now, self.tokens_trained(), self.eval_seconds())
+            self._last_logged_step = state.global_step  # the step-duration windows start here too
         if self.stop.should_stop():
             control.should_training_stop = True
             if self.stop.saves_checkpoint and state.global_step < state.max_steps:
@@ -170,18 +172,23 @@ class JobReporter(TrainerCallback):
         tokens = self.tokens_trained()
         evaluating = self.eval_seconds()
         tokens_per_second = None
+        step_seconds: tuple[float, int] | None = None  # (seconds per step in this window, steps)
         if self._last_log is not None:
             started, tokens_then, evaluating_then = self._last_log
             training = (now - started) - (evaluating - evaluating_then)
             if training > 0 and tokens > tokens_then:
                 tokens_per_second = round((tokens - tokens_then) / training, 1)
+            steps = state.global_step - self._last_logged_step
+            if training > 0 and steps > 0:
+                step_seconds = (training / steps, steps)
         self._last_log = (now, tokens, evaluating)
+        self._last_logged_step = state.global_step
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
         metrics["tokens_per_second"] = tokens_per_second
         slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:
-            self._write_log(session, state, metrics, vram, tokens)
+            self._write_log(session, state, metrics, vram, tokens, step_seconds)
             if slowdown is not None:
                 add_event(
                     session=session,
@@ -221,6 +228,7 @@ class JobReporter(TrainerCallback):
         metrics: dict[str, float | None],
         vram: dict[str, int | None],
         tokens: float,
+        step_seconds: tuple[float, int] | None = None,
     ) -> None:
         session.add(
             StepLog(
@@ -244,7 +252,10 @@ class JobReporter(TrainerCallback):
         job.step, job.epoch = state.global_step, _finite(state.epoch)  # total_steps: on_train_begin
         job.eta_seconds = self._eta_seconds(state)
         earlier = job.metrics or {}
-        job.metrics = {**metrics, **{k: earlier[k] for k in ("eval_loss", "eval_step") if k in earlier}}
+        kept: dict[str, Any] = {k: earlier[k] for k in ("eval_loss", "eval_step", "step_seconds") if k in earlier}
+        job.metrics = {**metrics, **kept}
+        if step_seconds is not None:
+            job.metrics["step_seconds"] = observe_steps(kept.get("step_seconds"), *step_seconds)
         if vram:
             job.vram = vram
         session.add(job)
@@ -263,3 +274,16 @@ class JobReporter(TrainerCallback):
                 )
             # The trainer rotated old checkpoints (save_total_limit) before calling us.
             mark_removed(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
+
+
+def observe_steps(histogram: dict[str, Any] | None, seconds: float, steps: int) -> dict[str, Any]:
+    """Add `steps` steps of `seconds` each (a logging window's mean) to the job's cumulative
+    step-duration histogram: counts per STEP_SECONDS_BUCKETS bound (and +Inf), sum and count."""
+    counts = list((histogram or {}).get("buckets") or [0] * (len(STEP_SECONDS_BUCKETS) + 1))
+    index = next((i for i, bound in enumerate(STEP_SECONDS_BUCKETS) if seconds <= bound), len(STEP_SECONDS_BUCKETS))
+    counts[index] += steps
+    return {
+        "buckets": counts,
+        "sum": float((histogram or {}).get("sum", 0.0)) + seconds * steps,
+        "count": int((histogram or {}).get("count", 0)) + steps,
+    }
