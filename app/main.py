@@ -14,7 +14,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from app import tcp_nodelay, uploads
+from app import docs_pages, tcp_nodelay, uploads
 from app.errors import install_error_handlers
 from app.hotpath import HotReads
 from app.metrics import RequestTimer
@@ -150,7 +150,10 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
         # Swagger UI keeps the token across page reloads, so a person authorizes once.
         swagger_ui_parameters={"persistAuthorization": True},
+        docs_url=None,  # app/docs_pages.py serves /docs and /redoc without a CDN
+        redoc_url=None,
     )
+    docs_pages.install(app)
     app.add_middleware(HotReads)
     app.add_middleware(RequestTimer)  # outermost: the hot reads are timed too
     app.state.openapi_documents = {}

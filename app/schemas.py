@@ -158,6 +158,10 @@ class CheckpointPublic(BaseModel):
     archive_url: str
 
 
+class CheckpointList(BaseModel):
+    items: list[CheckpointPublic] = Field(description="every kept checkpoint, oldest step first (no paging)")
+
+
 class FilePublic(BaseModel):
     """An uploaded dataset file, as POST /files and GET /files/{id} return it."""
 

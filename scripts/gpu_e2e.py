@@ -103,7 +103,7 @@ def main() -> int:
         overhead = next((e["message"] for e in events if e["kind"] == "reporting_overhead"), "none reported")
         check("reporting overhead reported", overhead != "none reported", overhead)
 
-        checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()}
+        checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
         check(
             "checkpoints final + latest", set(checkpoints) == {"final", f"checkpoint-{args.steps}"}, sorted(checkpoints)
         )

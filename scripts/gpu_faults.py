@@ -125,7 +125,7 @@ def main() -> int:
         )
         steps = [r["step"] for r in http.get(f"/jobs/{job_id}/logs").json()["items"]]
         check("every step logged once", steps == list(range(1, 31)), steps)
-        names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()]
+        names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]]
         check(
             "checkpoints 10, 20, 30 and final",
             names == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "final"],

@@ -199,3 +199,20 @@ def test_every_error_status_a_route_answers_is_in_the_document(client: httpx.Cli
         "$ref": "#/components/schemas/ValidationErrorBody"
     }
     assert set(paths["/healthz"]["get"]["responses"]) == {"200", "503"}
+
+
+def test_docs_and_redoc_load_every_asset_from_this_host(client: httpx.Client, env: Env) -> None:
+    """A GPU host often has no internet: the pages name no other host, and each asset they load
+    is served here."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "cdn." not in html and "fonts.googleapis" not in html, page
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert assets, page
+        for url in assets:
+            assert url.startswith("/docs-assets/"), (page, url)
+            response = client.get(url)
+            assert response.status_code == 200 and len(response.content) > 1000, (page, url)
+    assert "/docs-assets" not in client.get("/openapi.json").json()["paths"]

@@ -52,7 +52,7 @@ def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
 ) -> None:
     record = run_to_end(client, job_spec(tiny_model, chat_dataset, max_steps=6, save_steps=3))
     job_id = record["id"]
-    listed = {c["name"]: c for c in client.get(f"/jobs/{job_id}/checkpoints").json()}
+    listed = {c["name"]: c for c in client.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
     assert sorted(listed) == ["checkpoint-3", "checkpoint-6", "final"]
     folder = env.data_dir / "jobs" / str(job_id) / "checkpoints" / "checkpoint-3"
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -63,7 +63,7 @@ def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
         response = client.delete(f"/jobs/{job_id}/checkpoints/{name}")
         assert response.status_code == 200, response.text
     assert response.json()["files"] > 0
-    assert client.get(f"/jobs/{job_id}/checkpoints").json() == []
+    assert client.get(f"/jobs/{job_id}/checkpoints").json()["items"] == []
     assert not folder.exists()
     assert client.get(f"/jobs/{job_id}/checkpoints/checkpoint-3/files/{a_file}").status_code == 404
     assert client.delete(f"/jobs/{job_id}/checkpoints/final").status_code == 404
@@ -79,7 +79,7 @@ def test_optimizer_state_is_dropped_from_intermediate_checkpoints_once_the_job_s
     assert record["status"] == "succeeded", record["error"]
     assert record["spec"]["drop_optimizer_state_on_success"] is True
     checkpoints_dir = env.data_dir / "jobs" / str(record["id"]) / "checkpoints"
-    listed = {c["name"]: c for c in client.get(f"/jobs/{record['id']}/checkpoints").json()}
+    listed = {c["name"]: c for c in client.get(f"/jobs/{record['id']}/checkpoints").json()["items"]}
     assert sorted(listed) == ["checkpoint-3", "checkpoint-6", "final"]
     for name in ("checkpoint-3", "checkpoint-6"):
         assert not (checkpoints_dir / name / "optimizer.pt").exists()

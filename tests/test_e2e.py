@@ -53,7 +53,7 @@ def test_submit_train_watch_and_download_final_checkpoint(
     assert "checkpoint_removed" in kinds  # save_total_limit=1 rotated checkpoint-3 away
     assert kinds[-1] == "succeeded"
 
-    checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()}
+    checkpoints = {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
     assert set(checkpoints) == {"checkpoint-6", "final"}
     final = checkpoints["final"]
     assert final["status"] == "ready" and final["step"] == 6
@@ -112,7 +112,7 @@ def test_cancel_running_job_stops_at_next_step(
     assert record["error"]["message"].startswith("cancelled by request at step ")
     assert record["progress"]["step"] < 100_000
     assert record["error"]["message"] == f"cancelled by request at step {record['progress']['step']}"
-    assert http.get(f"/jobs/{job_id}/checkpoints").json() == []  # a cancelled run saves no final model
+    assert http.get(f"/jobs/{job_id}/checkpoints").json()["items"] == []  # a cancelled run saves no final model
 
     again = http.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 409

@@ -29,7 +29,7 @@ def test_metrics_show_jobs_queue_steps_checkpoints_disk_and_requests(
     assert finished["status"] == "succeeded"
     queued = client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).json()
 
-    checkpoints = client.get(f"/jobs/{finished['id']}/checkpoints").json()
+    checkpoints = client.get(f"/jobs/{finished['id']}/checkpoints").json()["items"]
     samples = scrape(client)
     assert samples["finetune_jobs"][(("status", "succeeded"),)] == 1
     assert samples["finetune_jobs"][(("status", "queued"),)] == 1

@@ -222,7 +222,7 @@ def test_migrations_and_job_round_trip_on_postgresql(
         session.add(Checkpoint(job_id=job_id, name="checkpoint-1", step=1, size_bytes=32 * 2**30))
     log = api.get(f"/jobs/{job_id}/logs").json()["items"][0]
     assert (log["num_tokens"], log["vram"]["device_total"]) == (5 * 2**31, 80 * 2**30)
-    assert api.get(f"/jobs/{job_id}/checkpoints").json()[0]["size"] == 32 * 2**30
+    assert api.get(f"/jobs/{job_id}/checkpoints").json()["items"][0]["size"] == 32 * 2**30
     with session_scope() as session:  # 32-bit columns cannot hold them: the downgrade below would refuse
         session.execute(sa.delete(StepLog))
         session.execute(sa.delete(Checkpoint))

@@ -41,7 +41,7 @@ def test_paused_and_resumed_job_trains_exactly_as_an_uninterrupted_one(
     paused_at = paused["progress"]["step"]
     assert 3 <= paused_at < STEPS
     assert trainer_pids(env.data_dir, job_id) == []  # the trainer ended: its GPU memory is returned
-    names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()]
+    names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]]
     assert names == [f"checkpoint-{paused_at}"]
     events = http.get(f"/jobs/{job_id}/events").json()["items"]
     assert [e["message"] for e in events if e["kind"] == "paused"] == [

@@ -18,7 +18,7 @@ from app.deps import SettingsDep, require_token
 from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
 from app.presenters import checkpoint_public
-from app.schemas import CheckpointPublic, DeletedPublic
+from app.schemas import CheckpointList, CheckpointPublic, DeletedPublic
 from core.config import get_settings
 from core.db import get_engine
 from core.models import CheckpointStatus, Job, JobStatus
@@ -35,10 +35,11 @@ JobId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT)]
 Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="e.g. checkpoint-500 or final")]
 
 
-@router.get("", response_model=list[CheckpointPublic])
-def list_checkpoints(job_id: JobId, session: SessionDep) -> list[CheckpointPublic]:
-    """Each checkpoint with its files, sizes and sha256 (null while still being hashed)."""
-    return [checkpoint_public(c) for c in crud.list_checkpoints(session=session, job_id=job_id)]
+@router.get("", response_model=CheckpointList)
+def list_checkpoints(job_id: JobId, session: SessionDep) -> CheckpointList:
+    """Each kept checkpoint (`final` included) with its files, sizes and sha256 (null while still
+    being hashed), oldest step first; `{items}` like every list of the API."""
+    return CheckpointList(items=[checkpoint_public(c) for c in crud.list_checkpoints(session=session, job_id=job_id)])
 
 
 @router.get("/{name}", response_model=CheckpointPublic)

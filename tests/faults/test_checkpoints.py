@@ -44,7 +44,7 @@ def test_crash_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
     assert ("resumed", "resuming from checkpoint-4, the newest complete checkpoint") in events
     with cluster.http() as http:
         steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
-        names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()]
+        names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]]
     assert steps == list(range(1, 13))
     assert names == ["checkpoint-4", "checkpoint-8", "checkpoint-12", "final"]
     assert not any(p.name.startswith(".partial") for p in checkpoints.iterdir())
@@ -70,7 +70,7 @@ def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(
     job_id = cluster.submit(spec)
     cluster.wait_for_failpoint(job_id, "checkpoint_published")
     with cluster.http() as http:
-        assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()] == ["checkpoint-4"]
+        assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]] == ["checkpoint-4"]
     kill(process_tree(worker.pid))
 
     record = cluster.wait_for(job_id, timeout_s=60)  # the API's reconciler: stale heartbeat, no attempts left
@@ -79,7 +79,7 @@ def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(
 
     def hashed() -> list[dict] | None:
         with cluster.http() as http:
-            listed = http.get(f"/jobs/{job_id}/checkpoints").json()
+            listed = http.get(f"/jobs/{job_id}/checkpoints").json()["items"]
         return listed if all(c["status"] == "ready" for c in listed) else None
 
     from tests.conftest import wait_until

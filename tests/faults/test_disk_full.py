@@ -79,7 +79,7 @@ def test_checkpoint_disk_that_fills_during_a_save_is_disk_full_not_a_serializati
     checkpoints = cluster.job_dir(job_id) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["checkpoint-4"]
     with cluster.http() as http:
-        assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()] == ["checkpoint-4"]
+        assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]] == ["checkpoint-4"]
 
 
 def test_checkpoint_that_would_eat_into_the_reserved_space_is_not_started(

@@ -121,7 +121,7 @@ function addEvent(ev) {
 async function loadCheckpoints() {
   const r = await fetch("checkpoints");
   if (!r.ok) return;
-  const items = (await r.json()).map((cp) => {
+  const items = (await r.json()).items.map((cp) => {
     const li = node("li", {}, `${cp.name} (step ${cp.step}, ${bytes(cp.size)}, ${cp.status}) `);
     li.append(node("a", {href: cp.archive_url}, "download .tar"));
     const files = node("details");
