@@ -1,0 +1,334 @@
+"""`finetune`: submit, list, follow, pause, cancel and download jobs from a terminal.
+
+    finetune submit spec.yaml --follow
+    finetune follow 7
+    finetune download 7 final --dest ./llama-tuned
+
+The service's URL and token come from --url / --token or FINETUNE_URL / FINETUNE_TOKEN."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+console = Console()
+FINISHED = ("succeeded", "failed", "cancelled")
+GIB = 1024**3
+CHUNK = 1024 * 1024
+
+
+class Api:
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def client(self) -> httpx.Client:
+        """A connection pool for a few requests: use it in a `with`."""
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self.client() as http:
+            response = http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            console.print(f"[red]{method} {path}: {response.status_code} {detail}[/red]")
+            raise typer.Exit(2)
+        return response.json() if response.content else None
+
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="FINETUNE_URL", help="the service")]
+TokenOption = Annotated[str | None, typer.Option("--token", envvar="FINETUNE_TOKEN", help="one of API_TOKENS")]
+
+
+def api(url: str, token: str | None) -> Api:
+    return Api(url, token)
+
+
+def read_spec(path: Path) -> dict[str, Any]:
+    """A job spec from a .json, .yaml or .yml file."""
+    text = path.read_text()
+    spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(spec, dict):
+        raise typer.BadParameter(f"{path} holds no job spec (a mapping)")
+    return spec
+
+
+@app.command()
+def submit(
+    spec_file: Annotated[Path | None, typer.Argument(help="a job spec in JSON or YAML")] = None,
+    model: Annotated[str | None, typer.Option(help="overrides the spec's model")] = None,
+    dataset: Annotated[str | None, typer.Option(help="overrides the spec's dataset.source")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="overrides hyperparameters.max_steps")] = None,
+    follow_job: Annotated[bool, typer.Option("--follow", help="then follow it to the end")] = False,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Submit a job from a spec file, flags, or both (flags win)."""
+    spec = read_spec(spec_file) if spec_file else {}
+    if model:
+        spec["model"] = model
+    if dataset:
+        spec["dataset"] = {**spec.get("dataset", {}), "source": dataset}
+    if max_steps is not None:
+        spec["hyperparameters"] = {**spec.get("hyperparameters", {}), "max_steps": max_steps}
+    record = api(url, token).call("POST", "/jobs", json=spec)
+    console.print(f"job {record['id']} {record['status']}")
+    if follow_job:
+        follow(record["id"], url=url, token=token)
+
+
+@app.command("list")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="only jobs of this status")] = None,
+    limit: int = 20,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, "fields": "id,status,created_at,progress,metrics,spec"}
+    if status:
+        params["status"] = status
+    page = api(url, token).call("GET", "/jobs", params=params)
+    table = Table("id", "status", "model", "step", "loss", "tokens/s", "created")
+    for job in page["items"]:
+        progress, metrics = job["progress"], job["metrics"]
+        table.add_row(
+            str(job["id"]),
+            job["status"],
+            str(job["spec"].get("model", ""))[-40:],
+            f"{progress['step']}/{progress['total_steps'] or '?'}",
+            _num(metrics.get("loss"), ".4f"),
+            _num(metrics.get("tokens_per_second"), ",.0f"),
+            job["created_at"][:19],
+        )
+    console.print(table)
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _status_line(record: dict[str, Any]) -> str:
+    metrics, vram = record["metrics"], record.get("vram") or {}
+    memory = vram.get("device_used_gib")
+    parts = [
+        f"{record['status']}" + (f" ({record['phase']})" if record.get("phase") else ""),
+        f"loss {_num(metrics.get('loss'), '.4f')}",
+        f"eval {_num(metrics.get('eval_loss'), '.4f')}",
+        f"{_num(metrics.get('tokens_per_second'), ',.0f')} tok/s",
+        f"GPU {memory:.1f} GiB" if memory is not None else "GPU -",
+        f"ETA {_duration(record['progress'].get('eta_seconds'))}",
+    ]
+    return " | ".join(parts)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@app.command()
+def follow(
+    job_id: int,
+    interval: Annotated[float, typer.Option(help="seconds between polls")] = 1.0,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """A live progress bar (step / total, loss, eval loss, tokens/s, GPU memory, ETA) until the
+    job ends or is paused; exits 0 when it succeeded, 1 otherwise."""
+    client = api(url, token)
+    fields = "status,phase,progress,metrics,vram,error"
+    etag, record = None, None
+    with (
+        client.client() as http,
+        Progress(
+            TextColumn(f"job {job_id}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.description}"),
+            console=console,
+            transient=False,
+        ) as progress,
+    ):
+        task = progress.add_task("", total=None)
+        while True:
+            response = http.get(
+                f"/jobs/{job_id}", params={"fields": fields}, headers={"If-None-Match": etag} if etag else {}
+            )
+            if response.status_code == 200:
+                etag, record = response.headers.get("etag"), response.json()
+            elif response.status_code != 304:
+                client.call("GET", f"/jobs/{job_id}")  # says what is wrong, and exits
+            assert record is not None
+            step, total = record["progress"]["step"], record["progress"]["total_steps"]
+            progress.update(task, completed=step, total=total, description=_status_line(record))
+            if record["status"] in (*FINISHED, "paused"):
+                break
+            time.sleep(interval)
+    if record["error"]:
+        console.print(f"[red]{record['error']['code']}: {record['error']['message']}[/red]")
+    console.print(f"job {job_id} {record['status']}")
+    raise typer.Exit(0 if record["status"] == "succeeded" else 1)
+
+
+@app.command()
+def logs(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Every step log of the job."""
+    client, after = api(url, token), None
+    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "eval loss")
+    while True:
+        page = client.call("GET", f"/jobs/{job_id}/logs", params={"after_step": after} if after else {})
+        for row in page["items"]:
+            table.add_row(
+                str(row["step"]),
+                _num(row["loss"], ".4f"),
+                _num(row["learning_rate"], ".2e"),
+                _num(row["grad_norm"], ".3f"),
+                _num(row["tokens_per_second"], ",.0f"),
+                _num(row["eval_loss"], ".4f"),
+            )
+        after = page["next_after_step"]
+        if after is None:
+            break
+    console.print(table)
+
+
+@app.command()
+def events(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """The job's events, oldest first."""
+    for event in api(url, token).call("GET", f"/jobs/{job_id}/events", params={"limit": 5000})["items"]:
+        console.print(f"{event['created_at'][:19]}  [bold]{event['kind']}[/bold]  {event['message']}")
+
+
+def _change(action: str, job_id: int, url: str, token: str | None) -> None:
+    record = api(url, token).call("POST", f"/jobs/{job_id}/{action}")
+    console.print(f"job {job_id} {record['status']}" + (" (cancel requested)" if record["cancel_requested"] else ""))
+
+
+@app.command()
+def cancel(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Cancel a job: a queued or paused one never runs again, a running one stops at its next step."""
+    _change("cancel", job_id, url, token)
+
+
+@app.command()
+def pause(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Pause a job: it saves a checkpoint at its next step and frees the GPU."""
+    _change("pause", job_id, url, token)
+
+
+@app.command()
+def resume(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Queue a paused job again; it continues from its checkpoint."""
+    _change("resume", job_id, url, token)
+
+
+@app.command()
+def estimate(
+    spec_file: Path,
+    gpu_memory_gib: Annotated[float | None, typer.Option(help="plan for this card instead")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Expected peak GPU memory and disk of a spec, with the verdict for the card."""
+    spec = read_spec(spec_file)
+    if gpu_memory_gib:
+        spec["gpu_memory_bytes"] = int(gpu_memory_gib * GIB)
+    plan = api(url, token).call("POST", "/jobs/estimate", json=spec)
+    memory, disk = plan["memory"], plan["disk"]
+    console.print(f"GPU memory: {memory['total_gib']} GiB ({memory['verdict'] or 'GPU size unknown'})")
+    for name, size in memory["parts"].items():
+        console.print(f"  {name:<24} {size / GIB:8.2f} GiB")
+    if memory.get("max_micro_batch") is not None:
+        console.print(f"  largest micro-batch that fits: {memory['max_micro_batch']}")
+    required = disk.get("required_bytes")
+    console.print(f"disk: {'unknown' if required is None else f'{required / GIB:.1f} GiB'} needed")
+
+
+@app.command()
+def download(
+    job_id: int,
+    name: Annotated[str, typer.Argument(help="the checkpoint, e.g. final or checkpoint-500")] = "final",
+    dest: Annotated[Path | None, typer.Option(help="folder to write into (default: job-<id>-<name>)")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Download a checkpoint's files with a progress bar. A file already there whole (sha256) is
+    skipped; one cut short (`<file>.part`) continues with an HTTP Range request; every file's
+    sha256 is checked against the service's record."""
+    client = api(url, token)
+    checkpoint = client.call("GET", f"/jobs/{job_id}/checkpoints/{name}")
+    if any(f["sha256"] is None for f in checkpoint["files"]):
+        console.print("[yellow]some files are still being hashed; they are checked by size only[/yellow]")
+    folder = dest or Path(f"job-{job_id}-{name}")
+    total = sum(f["size"] for f in checkpoint["files"])
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"{name} ({len(checkpoint['files'])} files)", total=total)
+        with client.client() as http:
+            for entry in checkpoint["files"]:
+                _fetch(http, entry, folder, progress, task)
+    console.print(f"{folder}: {len(checkpoint['files'])} files, {total:,} bytes, sha256 checked")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(http: httpx.Client, entry: dict[str, Any], folder: Path, progress: Progress, task: Any) -> None:
+    target = folder / entry["path"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    expected = entry["sha256"]
+    if target.exists() and target.stat().st_size == entry["size"] and (not expected or _sha256(target) == expected):
+        progress.advance(task, entry["size"])
+        return
+    partial = target.with_name(target.name + ".part")
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > entry["size"]:
+        partial.unlink()
+        have = 0
+    progress.advance(task, have)
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    if have < entry["size"]:
+        with http.stream("GET", entry["url"], headers=headers) as response:
+            if response.status_code not in (200, 206):
+                console.print(f"[red]{entry['path']}: {response.status_code}[/red]")
+                raise typer.Exit(2)
+            if have and response.status_code == 200:  # the server sent it whole: start again
+                progress.advance(task, -have)
+                have = 0
+            with open(partial, "ab" if have else "wb") as handle:
+                for chunk in response.iter_bytes(CHUNK):
+                    handle.write(chunk)
+                    progress.advance(task, len(chunk))
+    if expected and _sha256(partial) != expected:
+        partial.unlink()
+        console.print(f"[red]{entry['path']}: sha256 does not match the service's; removed, run again[/red]")
+        raise typer.Exit(1)
+    partial.replace(target)
