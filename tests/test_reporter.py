@@ -71,10 +71,14 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
 
     step(40.0, 1000)  # the first step compiles: 40 s
     step(1.0, 1000)
+    control.should_evaluate = True  # as the Trainer's flow callback says at an eval step
     reporter.on_log(args, state, control, logs={"loss": 2.0})  # step 2: one 1 s step since the first
+    with session_scope() as session:  # the row waits for its eval_loss: a poller never sees it half done
+        assert session.exec(select(StepLog).where(StepLog.job_id == job_id)).all() == []
     clock.now += 9.0  # an evaluation of 9 s
     evaluating[0] += 9.0
     reporter.on_log(args, state, control, logs={"eval_loss": 1.5})
+    control.should_evaluate = False
     step(1.0, 1000)
     step(1.0, 1000)
     reporter.on_log(args, state, control, logs={"loss": 1.8})  # step 4: 2 s of training, 11 s of wall time

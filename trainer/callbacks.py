@@ -77,6 +77,7 @@ class JobReporter(TrainerCallback):
         self.publish_seconds = publish_seconds
         self._first_step_end: tuple[int, float] | None = None
         self._last_logged_step = 0
+        self._held_row: StepLog | None = None  # a step's row waiting for the evaluation that follows it
         # (wall time, tokens seen, seconds spent evaluating) at the start of the tokens/s window:
         # it opens after the first step (which compiles) and leaves out evaluations.
         self._last_log: tuple[float, float, float] | None = None
@@ -129,7 +130,28 @@ class JobReporter(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self.write_held_row()
         out_of_memory_above(args.per_device_train_batch_size)  # inert outside the fault tests
+
+    @staticmethod
+    def _evaluation_follows(args: TrainingArguments, state: TrainerState, control: TrainerControl) -> bool:
+        """An evaluation of this step comes next: the Trainer's own, or the trainer process's
+        evaluation of the final model (trainer/run.py) after the last step."""
+        last = state.global_step >= state.max_steps and args.eval_strategy != "no"
+        return bool(control.should_evaluate) or last
+
+    def write_held_row(self) -> None:
+        """A row held for an evaluation that never logged (it failed, or the run stopped)."""
+        if self._held_row is not None:
+            row, self._held_row = self._held_row, None
+            with session_scope() as session:
+                session.add(row)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step < state.max_steps:  # stopped early: no final evaluation will come
+            self.write_held_row()
 
     @_timed
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -188,7 +210,9 @@ class JobReporter(TrainerCallback):
         metrics["tokens_per_second"] = tokens_per_second
         slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:
-            self._write_log(session, state, metrics, vram, tokens, step_seconds)
+            self._write_log(
+                session, state, metrics, vram, tokens, step_seconds, hold=self._evaluation_follows(args, state, control)
+            )
             if slowdown is not None:
                 add_event(
                     session=session,
@@ -200,11 +224,16 @@ class JobReporter(TrainerCallback):
     def _write_eval(self, session: Session, state: TrainerState, eval_loss: float | None) -> None:
         """The eval loss joins the step's log row (the Trainer logs training first, then evaluates),
         or gets a row of its own when eval_steps is not a multiple of logging_steps."""
-        row = session.exec(
-            select(StepLog)
-            .where(StepLog.job_id == self.job_id, StepLog.step == state.global_step)
-            .order_by(col(StepLog.id).desc())
-        ).first()
+        row = self._held_row if self._held_row is not None and self._held_row.step == state.global_step else None
+        self._held_row = None
+        row = (
+            row
+            or session.exec(
+                select(StepLog)
+                .where(StepLog.job_id == self.job_id, StepLog.step == state.global_step)
+                .order_by(col(StepLog.id).desc())
+            ).first()
+        )
         if row is None:
             row = StepLog(job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch))
         row.eval_loss = eval_loss
@@ -229,24 +258,31 @@ class JobReporter(TrainerCallback):
         vram: dict[str, int | None],
         tokens: float,
         step_seconds: tuple[float, int] | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
-        session.add(
-            StepLog(
-                job_id=self.job_id,
-                step=state.global_step,
-                epoch=_finite(state.epoch),
-                loss=metrics["loss"],
-                learning_rate=metrics["learning_rate"],
-                grad_norm=metrics["grad_norm"],
-                tokens_per_second=metrics["tokens_per_second"],
-                num_tokens=int(tokens),
-                vram_allocated=vram.get("allocated"),
-                vram_reserved=vram.get("reserved"),
-                vram_peak_allocated=vram.get("peak_allocated"),
-                device_used=vram.get("device_used"),
-                device_total=vram.get("device_total"),
-            )
+        """The step's row, and the job's progress and metrics. With `hold` (an evaluation of this
+        step follows), the row waits for its eval_loss: a row is seen once, complete, by pollers of
+        /logs?after_step= and by the watch page (which never read a row twice)."""
+        row = StepLog(
+            job_id=self.job_id,
+            step=state.global_step,
+            epoch=_finite(state.epoch),
+            loss=metrics["loss"],
+            learning_rate=metrics["learning_rate"],
+            grad_norm=metrics["grad_norm"],
+            tokens_per_second=metrics["tokens_per_second"],
+            num_tokens=int(tokens),
+            vram_allocated=vram.get("allocated"),
+            vram_reserved=vram.get("reserved"),
+            vram_peak_allocated=vram.get("peak_allocated"),
+            device_used=vram.get("device_used"),
+            device_total=vram.get("device_total"),
         )
+        if hold:
+            self._held_row = row
+        else:
+            session.add(row)
         job = session.get(Job, self.job_id)
         assert job is not None
         job.step, job.epoch = state.global_step, _finite(state.epoch)  # total_steps: on_train_begin
@@ -262,6 +298,7 @@ class JobReporter(TrainerCallback):
 
     @_timed
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.write_held_row()
         folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
         with session_scope() as session:
             if folder.is_dir():

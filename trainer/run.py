@@ -509,6 +509,7 @@ class Run:
             return
         if evaluate and not self.reporter.evaluated_at(trainer.state.global_step):
             trainer.evaluate()  # the final model's eval loss, when the last step was not an eval step
+        self.reporter.write_held_row()  # the last step's row, with that eval loss
         self.phase = "saving"
         final = self.checkpoints_dir / FINAL_NAME
         seconds = trainer.save_final(final)
