@@ -103,3 +103,16 @@ def test_the_trainers_result_takes_members_only() -> None:
     assert TrainerResult.model_validate({"status": "interrupted", "step": 3, "seconds": 1.5}).extra_fields() == {
         "seconds": 1.5
     }
+
+
+def test_the_load_benchmark_writes_only_codes_the_contract_knows() -> None:
+    """bench/load/generate.py writes failed jobs straight into SQLite: a code the enum lacks would
+    make the API refuse to present them (it did once: `out_of_memory`)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "load" / "generate.py"
+    spec = importlib.util.spec_from_file_location("load_generate", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert {code for code, _message in module.FAILURES} <= {member.value for member in ErrorCode}

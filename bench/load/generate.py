@@ -51,7 +51,7 @@ FILE_SIZE = 2 * 1024**3
 SEED = 9
 # What a different value of changes the data: the marker keeps it, and a mismatch rebuilds.
 PARAMS = {
-    "version": 1,
+    "version": 2,  # 2: failure codes from core.contract.ErrorCode (1 wrote one the API refuses)
     "jobs": JOBS,
     "log_jobs": len(LOG_JOBS),
     "steps": STEPS,
@@ -122,7 +122,7 @@ VERSIONS = {
 }
 FAILURES = [
     (
-        "out_of_memory",
+        "cuda_oom",
         "CUDA ran out of memory while training (OutOfMemoryError: CUDA out of memory. Tried to allocate "
         "1.96 GiB). Lower per_device_train_batch_size or max_seq_length, then resubmit the job.",
     ),
