@@ -79,8 +79,9 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     spec = job_in.model_dump(mode="json")
     if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
         del spec["dataset"]["file_id"]
-    if not spec["drop_optimizer_state_on_success"]:  # likewise for the default of a later option
-        del spec["drop_optimizer_state_on_success"]
+    for later_option in ("drop_optimizer_state_on_success", "webhooks"):  # likewise, at their defaults
+        if not spec[later_option]:
+            del spec[later_option]
     job = Job(spec=spec, data_report=data_check.report.model_dump() if data_check.report else None)
     session.add(job)
     session.flush()

@@ -25,6 +25,7 @@ from core.config import get_settings
 from core.db import session_scope
 from core.diskspace import Reserve
 from core.reconcile import reconcile
+from core.webhooks import deliver_due
 
 logger = logging.getLogger(__name__)
 tcp_nodelay.install()  # before uvicorn accepts a connection in this process
@@ -84,6 +85,18 @@ async def _maintain_forever(interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def _send_webhooks_forever(interval_s: float = 1.0) -> None:
+    """Jobs' webhook deliveries, sent and retried from the API (core/webhooks.py), never from the
+    processes that train."""
+    while True:
+        try:
+            while await asyncio.to_thread(deliver_due):
+                pass
+        except Exception as exc:  # the database away: try again later
+            logger.warning("sending webhooks failed: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
@@ -98,6 +111,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     except Exception as exc:  # the database may not be migrated yet, or away: the loop sweeps uploads later
         logger.warning("sweeping leftovers at start-up failed: %s", exc)
     task = asyncio.create_task(_maintain_forever(settings.reconcile_interval_s))
+    sender = asyncio.create_task(_send_webhooks_forever())
     # What start-up made (modules, routes, schemas: most of the process's objects) lives as long as
     # the process: out of the collector's sight, a full collection under 1,000 pollers takes about
     # 12 ms instead of 80 (measured with gc.callbacks; docs/benchmarks.md#the-api-under-load).
@@ -105,9 +119,10 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for running in (task, sender):
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
         gc.unfreeze()  # a process that starts the app again (the tests do) collects the old one
 
 

@@ -128,6 +128,22 @@ class CheckpointFile(BaseModel):
     url: str
 
 
+class WebhookDeliveryPublic(BaseModel):
+    id: int
+    url: str
+    event: str
+    status: str = Field(description="pending, sending, delivered or failed")
+    attempts: int
+    created_at: datetime
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+
+
+class WebhookDeliveryList(BaseModel):
+    items: list[WebhookDeliveryPublic] = Field(description="the job's deliveries, oldest first (no paging)")
+
+
 class DeletedPublic(BaseModel):
     freed_bytes: int = Field(description="bytes removed from the disk under DATA_DIR")
     files: int = Field(description="files removed")

@@ -16,6 +16,7 @@ from app.errors import InvalidFields, InvalidSpec
 from core.config import Settings, get_settings
 from core.models import UploadedFile
 from core.spec import LOCAL_PATH_PREFIXES, JobSpec
+from core.webhooks import host_allowed
 
 
 def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, str | None]:
@@ -73,6 +74,19 @@ def checked_sources(job_in: JobSpec, *, session: Session | None = None) -> JobSp
                 raise InvalidSpec(f"{field}.file_id: file {part.file_id} does not exist")
             source = str(settings.data_dir.resolve() / uploaded.path)
         update[field] = part.model_copy(update={"source": source})
+    for index, hook in enumerate(job_in.webhooks):
+        if not host_allowed(hook.url):
+            problems.append(
+                {
+                    "field": f"webhooks.{index}.url",
+                    "message": f"this server does not send webhooks to {hook.url!r}: its host is not in the "
+                    "operator's WEBHOOK_ALLOWED_HOSTS",
+                }
+            )
+        elif settings.webhook_secret is None:
+            problems.append(
+                {"field": f"webhooks.{index}.url", "message": "the operator has not set WEBHOOK_SECRET, to sign with"}
+            )
     if problems:
         raise InvalidFields(problems)
     return job_in.model_copy(update=update)

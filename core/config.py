@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     record_cache_size: int = Field(default=5000, ge=0)
     # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # Webhooks (a job spec's `webhooks`): the hosts they may be sent to (comma-separated; none by
+    # default, so no job can make this server call an address its operator did not allow), and
+    # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
@@ -92,7 +97,7 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
@@ -124,7 +129,7 @@ class Settings(BaseSettings):
             "DATABASE_URL": self.sqlalchemy_url,
             "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots()),
         }
-        for name, value in self.model_dump(exclude={"api_tokens"}).items():
+        for name, value in self.model_dump(exclude={"api_tokens", "webhook_secret", "webhook_allowed_hosts"}).items():
             if name.upper() not in env and value is not None:
                 env[name.upper()] = str(value)
         return env

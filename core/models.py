@@ -152,3 +152,23 @@ class UploadedFile(SQLModel, table=True):
     rows: int = Field(sa_column=Column(BigInteger(), nullable=False))
     bad_rows: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False, server_default="0"))
     bad_row_examples: list[str] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One POST of a job's event to one of its webhooks: queued as the event happens, sent (and
+    retried with backoff) by the API's sender, never by the processes that train."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (Index("ix_webhook_delivery_due", "status", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", ondelete="CASCADE", index=True)
+    url: str
+    event: str  # the event's kind (or "progress")
+    payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    status: str = "pending"  # pending, sending, delivered, failed
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    last_status_code: int | None = None
+    last_error: str | None = None

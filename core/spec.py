@@ -200,6 +200,26 @@ JOB_SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
+WebhookEvent = Literal["status", "progress", "checkpoint", "eval"]
+
+
+class WebhookSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=8,
+        max_length=2000,
+        pattern=r"^https?://",
+        description="where to POST; its host must be in the operator's WEBHOOK_ALLOWED_HOSTS",
+    )
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list[WebhookEvent](["status"]),
+        min_length=1,
+        description="status (every change of status), progress (every `every_steps` steps), checkpoint, eval",
+    )
+    every_steps: int = Field(default=100, ge=1, le=MAX_DB_INT, description="for progress: every this many steps")
+
+
 class JobSpec(BaseModel):
     """What a client sends to POST /jobs."""
 
@@ -217,6 +237,11 @@ class JobSpec(BaseModel):
     )
     backend: Backend = "auto"
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    webhooks: list[WebhookSpec] = Field(
+        default_factory=list,
+        max_length=5,
+        description="URLs that get the job's events, signed as Standard Webhooks do (README, Webhooks)",
+    )
     drop_optimizer_state_on_success: bool = Field(
         default=False,
         description="once the job succeeds, delete optimizer.pt from its intermediate checkpoints (for an 8B "

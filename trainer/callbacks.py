@@ -21,6 +21,7 @@ from core.contract import STEP_SECONDS_BUCKETS, EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.models import Job, StepLog
+from core.webhooks import queue_progress
 from trainer.failpoints import out_of_memory_above
 from trainer.gpu import MemoryProbe
 from trainer.neighbours import SlowdownWatch
@@ -292,6 +293,7 @@ class JobReporter(TrainerCallback):
         job.metrics = {**metrics, **kept}
         if step_seconds is not None:
             job.metrics["step_seconds"] = observe_steps(kept.get("step_seconds"), *step_seconds)
+        queue_progress(session=session, job=job, step=state.global_step, metrics=metrics)
         if vram:
             job.vram = vram
         session.add(job)

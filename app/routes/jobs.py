@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from sqlmodel import col, select
 from starlette.convertors import Convertor, register_url_convertor
 
 from app import crud, lifecycle, pages, records
@@ -25,10 +26,12 @@ from app.schemas import (
     JobPublic,
     MemoryEstimate,
     StepLogPage,
+    WebhookDeliveryList,
+    WebhookDeliveryPublic,
 )
 from app.sources import checked_sources
 from core.config import get_settings
-from core.models import JobStatus
+from core.models import JobStatus, WebhookDelivery
 from core.planner import GIB, PlanError
 from core.spec import JOB_SPEC_EXAMPLE, MAX_DB_INT, JobSpec, UrlInt
 
@@ -232,6 +235,17 @@ def delete_job(job_id: JobId, session: SessionDep) -> DeletedPublic:
     records.get_record_cache().forget(job_id)
     pages.get_page_cache().forget(job_id)
     return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
+
+
+@router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=NOT_FOUND)
+def read_webhook_deliveries(job_id: JobId, session: SessionDep) -> WebhookDeliveryList:
+    """Each delivery of the job's events to its webhooks: status, attempts, the receiver's last
+    answer."""
+    crud.get_job(session=session, job_id=job_id)
+    rows = session.exec(
+        select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(col(WebhookDelivery.id))
+    ).all()
+    return WebhookDeliveryList(items=[WebhookDeliveryPublic.model_validate(row, from_attributes=True) for row in rows])
 
 
 async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) -> tuple[bytes, str]:
