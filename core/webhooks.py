@@ -54,8 +54,11 @@ TIMEOUT_S = 5.0
 
 
 def host_allowed(url: str) -> bool:
-    host = (urlsplit(url).hostname or "").lower()
-    return host in {h.lower() for h in get_settings().webhook_allowed_hosts}
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:  # not a URL (an unclosed IPv6 bracket, say): allowed nowhere
+        return False
+    return bool(host) and host in {h.lower() for h in get_settings().webhook_allowed_hosts}
 
 
 def _targets(job: Job, event: str) -> list[dict[str, Any]]:
