@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from sqlalchemy import update
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -33,6 +32,7 @@ from core.planner import (
 )
 from core.queue import enqueue_job, smallest_worker_gpu
 from core.spec import JobSpec
+from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +140,16 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
     for was, message in not_running:
         if job.status != was:
             continue
-        result = session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == was)
-            .values(
-                status=JobStatus.cancelled,
-                finished_at=now,
-                cancel_requested_at=now,
-                error_code=ErrorCode.cancelled,
-                error_message=message,
-            )
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if move_job(
+            session,
+            job_id,
+            was,
+            status=JobStatus.cancelled,
+            finished_at=now,
+            cancel_requested_at=now,
+            error_code=ErrorCode.cancelled,
+            error_message=message,
+        ):
             add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message=message)
             session.commit()
             session.refresh(job)

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
 from app.crud import get_job
@@ -17,15 +17,12 @@ from core.checkpoint_store import trainer_running
 from core.config import get_settings
 from core.contract import CheckpointStatus, EventKind
 from core.events import add_event
+from core.folders import folder_files
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
 from core.queue import enqueue_job
+from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
-
-
-def _conditional(session: Session, job_id: int, was: JobStatus, **values: object) -> bool:
-    result = session.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == was).values(**values))
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def pause_job(*, session: Session, job_id: int) -> Job:
@@ -34,7 +31,7 @@ def pause_job(*, session: Session, job_id: int) -> Job:
     job = get_job(session=session, job_id=job_id)
     if job.status.finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to pause")
-    if job.status == JobStatus.queued and _conditional(session, job_id, JobStatus.queued, status=JobStatus.paused):
+    if job.status == JobStatus.queued and move_job(session, job_id, JobStatus.queued, status=JobStatus.paused):
         add_event(
             session=session,
             job_id=job_id,
@@ -67,7 +64,7 @@ def resume_job(*, session: Session, job_id: int) -> Job:
     if job.status != JobStatus.paused:
         pausing = " (it is still pausing: resume it once its status is paused)" if job.pause_requested_at else ""
         raise Conflict(f"job {job_id} is {job.status}, not paused{pausing}; only a paused job can be resumed")
-    if not _conditional(session, job_id, JobStatus.paused, status=JobStatus.queued, pause_requested_at=None):
+    if not move_job(session, job_id, JobStatus.paused, status=JobStatus.queued, pause_requested_at=None):
         session.rollback()
         raise Conflict(f"job {job_id} changed while it was being resumed; read it and try again")
     add_event(
@@ -94,7 +91,8 @@ class Deleted:
 
 
 def _folder_size(folder: Path) -> tuple[int, int]:
-    sizes = [path.stat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+    """(bytes, files) under `folder`; (0, 0) when it is not there."""
+    sizes = [size for _path, size in folder_files(folder)]
     return sum(sizes), len(sizes)
 
 
@@ -117,7 +115,7 @@ def delete_job(*, session: Session, job_id: int) -> Deleted:
     job.error_message = None
     session.add(job)
     session.commit()
-    freed, files = _folder_size(job_dir) if job_dir.is_dir() else (0, 0)
+    freed, files = _folder_size(job_dir)
     shutil.rmtree(job_dir, ignore_errors=True)
     logger.info("job %s deleted: %d file(s), %d bytes freed", job_id, files, freed)
     return Deleted(freed, files)
@@ -143,7 +141,7 @@ def delete_checkpoint(*, session: Session, job_id: int, name: str) -> Deleted:
         if newest == name:
             raise Conflict(f"{name} is the newest checkpoint of running job {job_id}; it may be resumed from")
     folder = get_settings().checkpoints_dir(job_id) / checkpoint.name
-    freed, files = _folder_size(folder) if folder.is_dir() else (0, 0)
+    freed, files = _folder_size(folder)
     checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
     session.add(checkpoint)
     add_event(

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 from rq import Worker
 from sqlalchemy import func
+from sqlalchemy import select as sa_select  # sqlmodel's select types at most four columns
 from sqlmodel import Session, col, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -133,7 +134,12 @@ class ServiceCollector(Collector):
             ("worker", "job_id"),
         )
         histogram: dict[str, Any] = {"buckets": [0] * (len(STEP_SECONDS_BUCKETS) + 1), "sum": 0.0, "count": 0}
-        for job in session.exec(select(Job).where(col(Job.deleted_at).is_(None), col(Job.metrics).is_not(None))):
+        # Only the columns used: a scrape reads every job that has metrics, never its spec or report.
+        columns = (Job.id, Job.status, Job.step, Job.total_steps, Job.metrics, Job.vram, Job.worker_name)
+        rows = session.execute(
+            sa_select(*map(col, columns)).where(col(Job.deleted_at).is_(None), col(Job.metrics).is_not(None))
+        )
+        for job in rows:
             steps = (job.metrics or {}).get("step_seconds")
             if steps:
                 histogram["buckets"] = [a + b for a, b in zip(histogram["buckets"], steps["buckets"], strict=True)]

@@ -589,15 +589,14 @@ def prepared_loss_tokens(dataset: Any) -> int | None:
     return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
-def main(argv: list[str], started: float | None = None, parent_watched: bool = False) -> int:
-    """`parent_watched`: a standby trainer, whose work horse is watched by a thread (lifeline)."""
+def main(argv: list[str], started: float | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id = int(argv[1])
     settings = get_settings()
     job_dir = settings.job_dir(job_id)
     parent = os.environ.get(PARENT_PID_ENV)
-    if parent_watched or os.environ.get(PARENT_WATCHED_ENV) == "1":
-        if not parent_watched and parent and parent.isdigit():  # a standby that started afresh (execv)
+    if os.environ.get(PARENT_WATCHED_ENV) == "1":  # a standby trainer: the horse is not our parent
+        if parent and parent.isdigit():
             watch_parent(int(parent))
     else:
         die_with_parent(int(parent) if parent and parent.isdigit() else None)

@@ -47,7 +47,7 @@ def wait_for_job() -> dict[str, Any] | None:
 
 
 def serve(argv0: str) -> int:
-    from trainer.lifeline import die_with_parent, watch_parent
+    from trainer.lifeline import die_with_parent
 
     die_with_parent(None)  # the worker that started us: its death ends the standby
     started = time.monotonic()
@@ -75,11 +75,10 @@ def serve(argv0: str) -> int:
         # process (its pid, output and parent watch stay), at the cost of the imports.
         print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
         os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
-    watch_parent(parent_pid)
     print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
     from trainer.run import main
 
-    return main([argv0, str(job_id)], started=assigned, parent_watched=True)
+    return main([argv0, str(job_id)], started=assigned)  # it watches parent_pid (PARENT_WATCHED_ENV)
 
 
 def asks_for_plain_transformers(job_id: int) -> bool:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import logging
 
 from redis.exceptions import RedisError
-from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from core.checkpoint_store import sync_records
 from core.config import get_settings
@@ -16,6 +15,7 @@ from core.contract import EventKind, TrainerResult
 from core.events import add_event
 from core.models import Job, JobStatus
 from core.queue import enqueue_job
+from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +26,8 @@ def _saved(result: TrainerResult) -> str:
 
 def _stop_running(session: Session, job_id: int, status: JobStatus, result: TrainerResult) -> Job | None:
     """running -> status, conditionally (a reconciler may have judged the job lost meanwhile)."""
-    changed = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.running)
-        .values(status=status, heartbeat_at=None, worker_name=None, phase=None, pause_requested_at=None)
-    )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    cleared = {"heartbeat_at": None, "worker_name": None, "phase": None, "pause_requested_at": None}
+    if not move_job(session, job_id, JobStatus.running, status=status, **cleared):
         session.rollback()
         return None
     job = session.get(Job, job_id)
@@ -101,18 +97,17 @@ def retry_with_smaller_batch(*, session: Session, job_id: int, result: TrainerRe
     eval_batch = hp.get("per_device_eval_batch_size")
     if eval_batch and int(eval_batch) > smaller:
         hp["per_device_eval_batch_size"] = smaller
-    changed = session.execute(
-        update(Job)
-        .where(col(Job.id) == job_id, col(Job.status) == JobStatus.running)
-        .values(
-            status=JobStatus.queued,
-            spec={**job.spec, "hyperparameters": hp},
-            heartbeat_at=None,
-            worker_name=None,
-            phase=None,
-        )
-    )
-    if changed.rowcount != 1:  # type: ignore[attr-defined]
+    spec = {**job.spec, "hyperparameters": hp}
+    if not move_job(
+        session,
+        job_id,
+        JobStatus.running,
+        status=JobStatus.queued,
+        spec=spec,
+        heartbeat_at=None,
+        worker_name=None,
+        phase=None,
+    ):
         session.rollback()
         return None
     sync_records(session=session, job_id=job_id, checkpoints_dir=get_settings().checkpoints_dir(job_id))
