@@ -12,6 +12,8 @@ from typing import Annotated, Any
 import redis.exceptions
 import typer
 from rq import Worker
+from rq.exceptions import StopRequested
+from sqlalchemy.orm import configure_mappers
 
 from core.checkpoint_files import hash_unfinished
 from core.config import get_settings
@@ -101,11 +103,15 @@ class FinetuneWorker(Worker):
             counts = reconcile(self.connection)
             if any(counts.values()):
                 logger.info("reconcile: %s", counts)
+        except StopRequested:  # raised by RQ's SIGTERM handler wherever the worker is: a stop, not a failure
+            raise
         except Exception:
             logger.exception("reconcile failed; will try again at the next maintenance")
         try:
             hash_unfinished()
             Reserve.for_settings().ensure()
+        except StopRequested:
+            raise
         except Exception:
             logger.exception("checkpoint hashing or the disk reserve failed; will try again at the next maintenance")
 
@@ -196,6 +202,10 @@ def main(
         settings.data_dir.resolve(),
     )
     Reserve.for_settings().ensure()
+    # The ORM's mappers are set up on first use; done here, before any SIGTERM can arrive, since RQ's
+    # handler raises StopRequested wherever the worker is, and one raised mid-setup leaves every
+    # mapper broken (the worker then hung until a second signal).
+    configure_mappers()
     # Inherited by each work horse until its task sets its own handler (worker.tasks): a stop
     # that arrives in between must not kill the horse with SIGUSR2's default action.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
