@@ -18,6 +18,7 @@ from app.sources import checked_sources
 from core.config import get_settings
 from core.contract import ErrorCode, EventKind
 from core.events import add_event
+from core.gpu_leases import host_sizes
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from core.planner import (
     DiskPlan,
@@ -30,11 +31,19 @@ from core.planner import (
     refusal,
     shape_from_config,
 )
-from core.queue import enqueue_job, smallest_worker_gpu
+from core.queue import enqueue_job, get_redis, smallest_worker_gpu
 from core.spec import JobSpec
 from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
+# Spec options added after the first release, left out of the stored spec at their defaults so
+# that specs stored before and after them look alike.
+LATER_OPTION_DEFAULTS: dict[str, object] = {
+    "drop_optimizer_state_on_success": False,
+    "webhooks": [],
+    "gpus": 1,
+    "strategy": "auto",
+}
 
 
 def estimate(
@@ -62,7 +71,29 @@ def estimate(
     )
 
 
+def gpus_refusal(job_in: JobSpec) -> str | None:
+    """The 422 message for a job asking for more GPUs than any live worker's host has, or None
+    (also when no worker has said yet: the job then waits for one)."""
+    if job_in.gpus == 1:
+        return None
+    try:
+        sizes = host_sizes(get_redis())
+    except Exception as exc:  # Redis away: the worker that takes the job refuses it if it must
+        logger.warning("no host GPU inventories (%s)", exc)
+        return None
+    if not sizes or job_in.gpus <= max(sizes.values()):
+        return None
+    hosts = ", ".join(f"{host} has {count}" for host, count in sorted(sizes.items()))
+    return (
+        f"gpus: the job asks for {job_in.gpus} GPUs of one host and the largest host has {max(sizes.values())} "
+        f"({hosts}); ask for at most that many"
+    )
+
+
 def create_job(*, session: Session, job_in: JobSpec) -> Job:
+    too_many = gpus_refusal(job_in)
+    if too_many:
+        raise DoesNotFit(too_many)
     job_in = checked_sources(job_in, session=session)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
@@ -79,8 +110,8 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     spec = job_in.model_dump(mode="json")
     if spec["dataset"]["file_id"] is None:  # specs that name no uploaded file are stored as before
         del spec["dataset"]["file_id"]
-    for later_option in ("drop_optimizer_state_on_success", "webhooks"):  # likewise, at their defaults
-        if not spec[later_option]:
+    for later_option, default in LATER_OPTION_DEFAULTS.items():  # likewise, at their defaults
+        if spec[later_option] == default:
             del spec[later_option]
     job = Job(spec=spec, data_report=data_check.report.model_dump() if data_check.report else None)
     session.add(job)

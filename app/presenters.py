@@ -13,6 +13,7 @@ from app.schemas import (
     JobError,
     JobPublic,
     Metrics,
+    Placement,
     Progress,
     StepLogPublic,
     Vram,
@@ -55,6 +56,7 @@ def job_public(job: Job) -> JobPublic:
         ),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram),
+        placement=Placement.model_validate(job.placement) if job.placement else None,
         data_report=DataReport.model_validate(job.data_report) if job.data_report else None,
         error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,
         links={

@@ -41,6 +41,15 @@ class Metrics(BaseModel):
     eval_step: int | None = Field(default=None, description="the step of that evaluation")
 
 
+class GpuVram(BaseModel):
+    allocated: int | None = None
+    reserved: int | None = None
+    peak_allocated: int | None = None
+    device_used: int | None = None
+    device_total: int | None = None
+    device_used_peak: int | None = None
+
+
 class Vram(BaseModel):
     allocated: int | None = None
     reserved: int | None = None
@@ -54,6 +63,30 @@ class Vram(BaseModel):
     device_used_gib: float | None = None
     device_total_gib: float | None = None
     device_used_peak_gib: float | None = None
+    per_gpu: list[GpuVram] | None = Field(
+        default=None,
+        description="a job on several GPUs: each rank's figures (in rank order); the fields above are then "
+        "the largest of them",
+    )
+
+
+class PlacedGpu(BaseModel):
+    index: int = Field(description="the card's index as nvidia-smi numbers it")
+    name: str
+    uuid: str
+    memory_bytes: int | None = None
+
+
+class Placement(BaseModel):
+    """Where the job runs (set when a worker starts it; the latest attempt's)."""
+
+    host: str
+    gpus: list[PlacedGpu] = Field(description="the GPUs leased to the job (empty on a host without GPUs)")
+    world_size: int = Field(description="training processes (ranks), one per GPU")
+    strategy: Literal["single", "ddp", "fsdp"]
+    effective_batch: int = Field(
+        description="sequences per optimizer step: per_device_train_batch_size x gradient_accumulation_steps x gpus"
+    )
 
 
 class JobError(BaseModel):
@@ -78,6 +111,7 @@ class JobPublic(BaseModel):
     progress: Progress
     metrics: Metrics
     vram: Vram
+    placement: Placement | None = Field(description="host, GPUs and strategy of the job's latest start")
     data_report: DataReport | None = Field(
         description="rows are checked before queuing for local files; token figures come from the job's "
         "first phase, before the model is loaded; a figure not measured yet is absent (docs/datasets.md)"

@@ -55,6 +55,14 @@ class Settings(BaseSettings):
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.
     disk_wait_poll_s: float = Field(default=30.0, gt=0)
+    # The GPUs a worker may lease to its jobs (comma-separated indices as nvidia-smi numbers them,
+    # e.g. "0,1,2,3"; `python -m worker --gpus` wins). Unset: CUDA_VISIBLE_DEVICES, else every GPU
+    # NVML sees; none on a CPU host. Workers with the same GPU_HOST_ID share one inventory.
+    worker_gpus: str | None = None
+    # The name under which a host's workers share their GPU inventory (default: the host name).
+    gpu_host_id: str | None = None
+    # A job waiting for GPUs looks at the leases again this often.
+    gpu_wait_poll_s: float = Field(default=2.0, gt=0)
 
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.

@@ -88,6 +88,7 @@ class EventKind(StrEnum):
     stopping = "stopping"  # the worker was asked to stop: a checkpoint at the next step, then queued again
     batch_halved = "batch_halved"  # out of GPU memory: the same effective batch in smaller micro-batches
     waiting_for_disk = "waiting_for_disk"
+    waiting_for_gpus = "waiting_for_gpus"  # the GPUs it asked for are leased to other jobs
     checkpoint_deleted = "checkpoint_deleted"
     optimizer_state_dropped = "optimizer_state_dropped"
     retried = "retried"

@@ -62,6 +62,9 @@ class Job(SQLModel, table=True):
     phase: str | None = None
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     vram: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # Where the job runs: {"host", "gpus": [{index, name, uuid, memory_bytes}], "world_size",
+    # "strategy" (ddp, fsdp or single), "effective_batch"}; set when a worker starts it.
+    placement: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     # What the trainer found in the dataset before training (rows, token lengths, steps).
     data_report: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 

@@ -31,6 +31,9 @@ def _written_in_digits(value: object) -> object:
 UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
 Backend = Literal["auto", "unsloth", "transformers"]
+Strategy = Literal["auto", "ddp", "fsdp"]
+# The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
+MAX_GPUS_PER_JOB = 64
 Optimizer = Literal[
     "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
 ]
@@ -236,6 +239,19 @@ class JobSpec(BaseModel):
         default=None, description="a validation set, evaluated every eval_steps; its loss is eval_loss in the step logs"
     )
     backend: Backend = "auto"
+    gpus: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_GPUS_PER_JOB,
+        description="GPUs of one host the job trains on at once, each with per_device_train_batch_size: the "
+        "effective batch is per_device_train_batch_size x gradient_accumulation_steps x gpus",
+    )
+    strategy: Strategy = Field(
+        default="auto",
+        description="how several GPUs share the work: ddp (a whole copy of the model on each), fsdp (weights, "
+        "gradients and optimizer states sharded across them), or auto (ddp when the planner says one GPU holds "
+        "the job, fsdp when it does not); ignored with gpus 1",
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     webhooks: list[WebhookSpec] = Field(
         default_factory=list,

@@ -47,13 +47,11 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
     from core.db import session_scope
     from core.models import Job, StepLog
     from trainer import callbacks
-    from trainer.stopflag import StopFlag
 
     clock, tokens, evaluating = Clock(), [0.0], [0.0]
     monkeypatch.setattr(callbacks.time, "monotonic", clock)
     reporter = callbacks.JobReporter(
         job_id=job_id,
-        stop=StopFlag(),
         memory=NoMemory(),  # type: ignore[arg-type]
         checkpoints_dir=tmp_path,
         tokens_trained=lambda: tokens[0],

@@ -55,12 +55,34 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+class StopAtStep(TrainerCallback):
+    """Steers the loop at each step's end, on every rank alike: stops it when the stop flag is up
+    (with a checkpoint of this step when the job is to go on from it), and skips the Trainer's
+    checkpoint of the last step, which `final` makes redundant."""
+
+    def __init__(self, stop: StopFlag) -> None:
+        self.stop = stop
+        self.stopped_with_checkpoint: str | None = None  # the checkpoint a pause or stop saved
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.stop.should_stop():
+            control.should_training_stop = True
+            if self.stop.saves_checkpoint and state.global_step < state.max_steps:
+                # Paused, or the worker is stopping: this step's checkpoint is where the job goes on.
+                control.should_save = True
+                self.stopped_with_checkpoint = f"checkpoint-{state.global_step}"
+                return
+        if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
+            # The Trainer saves a full checkpoint at the last step (with optimizer state: 32 GB
+            # for an 8B model); the final model is saved right after as `final`, so skip it.
+            control.should_save = False
+
+
 class JobReporter(TrainerCallback):
     def __init__(
         self,
         *,
         job_id: int,
-        stop: StopFlag,
         memory: MemoryProbe,
         checkpoints_dir: Path,
         tokens_trained: Callable[[], float],
@@ -68,8 +90,6 @@ class JobReporter(TrainerCallback):
         publish_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.job_id = job_id
-        self.stop = stop
-        self.stopped_with_checkpoint: str | None = None  # the checkpoint a pause or stop saved
         self.slowdowns = SlowdownWatch()
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
@@ -162,17 +182,6 @@ class JobReporter(TrainerCallback):
             self.first_step_seconds = now - self._train_start
             self._last_log = (now, self.tokens_trained(), self.eval_seconds())
             self._last_logged_step = state.global_step  # the step-duration windows start here too
-        if self.stop.should_stop():
-            control.should_training_stop = True
-            if self.stop.saves_checkpoint and state.global_step < state.max_steps:
-                # Paused, or the worker is stopping: this step's checkpoint is where the job goes on.
-                control.should_save = True
-                self.stopped_with_checkpoint = f"checkpoint-{state.global_step}"
-                return
-        if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
-            # The Trainer saves a full checkpoint at the last step (with optimizer state: 32 GB
-            # for an 8B model); the final model is saved right after as `final`, so skip it.
-            control.should_save = False
 
     @_timed
     def on_log(

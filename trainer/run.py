@@ -36,6 +36,7 @@ from core.diskspace import disk_space
 from core.events import add_event
 from core.models import Job
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
+from trainer import distributed
 from trainer.failures import JobFailure, classify, format_traceback, missing_source
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
 from trainer.stopflag import StopFlag
@@ -57,6 +58,9 @@ PUBLIC_PHASES = {
     "evaluating": Phase.evaluating,
     "saving": Phase.saving,
 }
+# The strategies the pinned Unsloth trains with; a job on several GPUs with another (fsdp) runs on
+# the transformers backend (docs/scheduling.md, "What runs where").
+UNSLOTH_STRATEGIES = frozenset({"single", "ddp"})
 VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 
 
@@ -67,6 +71,8 @@ class Interrupted(BaseException):
 def write_result(
     job_dir: Path, status: TrainerOutcome, code: ErrorCode | None = None, message: str | None = None, **extra: Any
 ) -> None:
+    if not distributed.is_main():  # rank 0 speaks for a job of several ranks
+        return
     tmp = job_dir / f"{RESULT_FILE}.tmp"
     result = TrainerResult(status=status, error_code=code, error_message=message, **extra)
     try:
@@ -88,6 +94,8 @@ def versions() -> dict[str, str]:
 
 
 def event(job_id: int, kind: EventKind, message: str) -> None:
+    if not distributed.is_main():
+        return
     with session_scope() as session:
         add_event(session=session, job_id=job_id, kind=kind, message=message)
 
@@ -109,6 +117,8 @@ class Run:
         self.reporter: Any = None
         self.trainer: Any = None
         self.spec: JobSpec
+        self.strategy = "single"  # single, ddp or fsdp: the worker's choice (job.placement)
+        self.stopper: Any = None
         self.attempt = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
         # with the signal's default action (the worker would see a crash, not a stop).
@@ -122,6 +132,7 @@ class Run:
             # The spec checks shapes only: the API checked the paths on submit (app/sources.py), and
             # what has happened to them since is a failure with its own code (check_sources).
             self.spec = JobSpec.model_validate(job.spec)
+            self.strategy = str((job.placement or {}).get("strategy") or "single")
             self.attempt = job.attempts
             requested = "cancelled" if job.cancel_requested_at else "paused" if job.pause_requested_at else None
         if requested:  # asked for before this process could take the signal
@@ -154,7 +165,7 @@ class Run:
         self._phase_since = now
         changed = PUBLIC_PHASES[name] != PUBLIC_PHASES[self._phase]
         self._phase = name
-        if changed:
+        if changed and distributed.is_main():
             with session_scope() as session:
                 job = session.get(Job, self.job_id)
                 if job is not None:
@@ -177,7 +188,11 @@ class Run:
 
     def prepare_checkpoints(self) -> Path | None:
         """Clear what a stopped attempt left (unfinished staging folders, incomplete checkpoints),
-        record complete checkpoints it never recorded, and return the one to resume from."""
+        record complete checkpoints it never recorded, and return the one to resume from. Rank 0
+        clears; the other ranks wait for it, then find the same checkpoint."""
+        if not distributed.is_main():
+            distributed.barrier()
+            return newest_complete(self.checkpoints_dir)[0]
         for name, size in sweep_partials(self.checkpoints_dir):
             event(
                 self.job_id,
@@ -190,6 +205,7 @@ class Run:
             event(self.job_id, EventKind.checkpoint_discarded, f"removed {folder.name}: it is incomplete ({problem})")
         with session_scope() as session:
             sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
+        distributed.barrier()
         return resume_from
 
     def resolve_backend(self) -> str:
@@ -198,7 +214,14 @@ class Run:
         has_cuda = torch.cuda.is_available()
         backend = self.spec.backend
         if backend == "auto":
-            backend = "unsloth" if has_cuda else "transformers"
+            backend = "unsloth" if has_cuda and self.strategy in UNSLOTH_STRATEGIES else "transformers"
+        if backend == "unsloth" and self.strategy not in UNSLOTH_STRATEGIES:
+            raise JobFailure(
+                ErrorCode.backend_unavailable,
+                f"backend 'unsloth' does not train with strategy {self.strategy!r} on several GPUs (it does ddp).",
+                action="Resubmit the job with strategy 'ddp' if one GPU holds the model, or with backend "
+                "'transformers' (or 'auto') for fsdp.",
+            )
         if backend == "unsloth" and not has_cuda:
             raise JobFailure(
                 ErrorCode.gpu_unavailable,
@@ -358,6 +381,8 @@ class Run:
         return rows, check
 
     def save_report(self, report: DataReport) -> None:
+        if not distributed.is_main():
+            return
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
@@ -368,6 +393,8 @@ class Run:
         """Sequences and steps as TRL actually prepared them (packing, rows it dropped)."""
         from core.planner import optimizer_steps
 
+        if not distributed.is_main():
+            return
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None and job.data_report is not None
@@ -449,21 +476,45 @@ class Run:
             bf16=on_gpu,
             use_cpu=not on_gpu,
             # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's.
-            gradient_checkpointing=backend == "transformers",
+            # (FSDP's own activation checkpointing replaces it there: distributed_config.)
+            gradient_checkpointing=backend == "transformers" and self.strategy != "fsdp",
             report_to="none",
             disable_tqdm=False,
+            **self.distributed_config(backend, on_gpu=on_gpu),
         )
+
+    def distributed_config(self, backend: str, *, on_gpu: bool) -> dict[str, Any]:
+        """SFTConfig's fields for a job of several ranks: DDP, or FSDP sharding each decoder layer
+        (the model's own _no_split_modules) with activation checkpointing in place of the Trainer's."""
+        if distributed.world_size() == 1:
+            return {}
+        fields: dict[str, Any] = {"ddp_backend": "nccl" if on_gpu else "gloo"}
+        if self.strategy == "fsdp":
+            fields["fsdp"] = "full_shard auto_wrap"
+            fields["fsdp_config"] = {
+                "fsdp_version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                # `final` is one Hugging Face folder, gathered from the shards on rank 0.
+                "state_dict_type": "FULL_STATE_DICT",
+                "activation_checkpointing": True,
+            }
+        else:
+            # Every parameter gets a gradient in a full fine-tune: no search for unused ones.
+            fields["ddp_find_unused_parameters"] = False
+        return fields
 
     def train(self) -> None:
         job_id = self.job_id
         self.report_neighbours()  # before this process has a CUDA context of its own
         self.phase = "importing"
         backend = self.resolve_backend()
-        with session_scope() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            job.backend, job.versions = backend, versions()
-            session.add(job)
+        if distributed.is_main():
+            with session_scope() as session:
+                job = session.get(Job, job_id)
+                assert job is not None
+                job.backend, job.versions = backend, versions()
+                session.add(job)
         tokenizer = self.load_tokenizer()
         dataset, eval_dataset = self.check_data(tokenizer)
         if self.stop.should_stop():
@@ -473,7 +524,7 @@ class Run:
             return
 
         self.phase = "preparing"
-        from trainer.callbacks import JobReporter
+        from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
         from trainer.sft import JobSFTTrainer
 
@@ -489,16 +540,24 @@ class Run:
             min_free_bytes=self.settings.min_free_disk_bytes,
         )
         self.refine_report(trainer)
-        self.reporter = JobReporter(
-            job_id=job_id,
-            stop=self.stop,
-            memory=MemoryProbe(),
-            checkpoints_dir=self.checkpoints_dir,
-            tokens_trained=trainer.tokens_trained,
-            eval_seconds=lambda: trainer.eval_seconds,
-            publish_seconds=lambda: trainer.last_publish_seconds,
-        )
-        trainer.add_callback(self.reporter)
+        memory: Any = MemoryProbe()
+        tokens_trained = trainer.tokens_trained
+        if distributed.world_size() > 1:  # first: the others then see the job's stop flag and tokens
+            sync = distributed.RankSync(self.stop, trainer.tokens_trained, memory)
+            trainer.add_callback(sync)
+            memory, tokens_trained = distributed.GatheredMemory(sync, memory), lambda: sync.tokens_total
+        self.stopper = StopAtStep(self.stop)
+        trainer.add_callback(self.stopper)
+        if distributed.is_main():
+            self.reporter = JobReporter(
+                job_id=job_id,
+                memory=memory,
+                checkpoints_dir=self.checkpoints_dir,
+                tokens_trained=tokens_trained,
+                eval_seconds=lambda: trainer.eval_seconds,
+                publish_seconds=lambda: trainer.last_publish_seconds,
+            )
+            trainer.add_callback(self.reporter)
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
@@ -507,12 +566,15 @@ class Run:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
         if self.stopped_early():
             return
-        if evaluate and not self.reporter.evaluated_at(trainer.state.global_step):
+        if evaluate and not evaluated_at(trainer.state):
             trainer.evaluate()  # the final model's eval loss, when the last step was not an eval step
-        self.reporter.write_held_row()  # the last step's row, with that eval loss
+        if self.reporter is not None:
+            self.reporter.write_held_row()  # the last step's row, with that eval loss
         self.phase = "saving"
         final = self.checkpoints_dir / FINAL_NAME
-        seconds = trainer.save_final(final)
+        seconds = trainer.save_final(final)  # every rank: FSDP gathers the sharded weights
+        if not distributed.is_main():
+            return
         from core.checkpoint_store import record_checkpoint
 
         with session_scope() as session:
@@ -577,6 +639,11 @@ class Run:
         return self.stop.reason == "cancelled" or state is None or state.global_step < state.max_steps
 
 
+def evaluated_at(state: Any) -> bool:
+    """Whether the Trainer evaluated at its last step (the same answer on every rank)."""
+    return any("eval_loss" in entry and entry.get("step") == state.global_step for entry in state.log_history)
+
+
 def prepared_loss_tokens(dataset: Any) -> int | None:
     """Tokens whose labels count in the loss, as the trainer prepared them (None when it keeps no
     labels column): the check that the report's loss_tokens_per_epoch is what trains."""
@@ -604,17 +671,19 @@ def main(argv: list[str], started: float | None = None) -> int:
     run: Run | None = None
     try:
         run = Run(job_id, started)
-        # Before anything touches the job's folder: no earlier trainer of this job still runs.
-        take_job_lock(
-            job_dir,
-            job_id,
-            grace_s=settings.cancel_grace_s,
-            on_wait=lambda pid: event(
+        # Before anything touches the job's folder: no earlier trainer of this job still runs. (Rank 0's
+        # lock stands for its job; the other ranks die with the same work horse.)
+        if distributed.is_main():
+            take_job_lock(
+                job_dir,
                 job_id,
-                EventKind.waiting,
-                f"an earlier trainer of this job (pid {pid}) is still running; stopping it first",
-            ),
-        )
+                grace_s=settings.cancel_grace_s,
+                on_wait=lambda pid: event(
+                    job_id,
+                    EventKind.waiting,
+                    f"an earlier trainer of this job (pid {pid}) is still running; stopping it first",
+                ),
+            )
         run.load_job()
         run.train()
     except Interrupted as exc:
@@ -641,7 +710,7 @@ def main(argv: list[str], started: float | None = None) -> int:
         return 1
     if run.stopped_early():
         step = run.trainer.state.global_step if run.trainer is not None else 0
-        saved = run.reporter.stopped_with_checkpoint if run.reporter is not None else None
+        saved = run.stopper.stopped_with_checkpoint if run.stopper is not None else None
         if run.stop.reason == "cancelled":
             write_result(
                 job_dir,
@@ -661,6 +730,8 @@ def main(argv: list[str], started: float | None = None) -> int:
                 step=step,
                 checkpoint=saved,
             )
+        return 0
+    if not distributed.is_main():
         return 0
     reporter, state = run.reporter, run.trainer.state
     train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0

@@ -29,6 +29,7 @@ from core.checkpoint_store import FINAL_NAME, newest_complete
 from core.contract import ErrorCode
 from core.diskspace import disk_space, gib, is_disk_full_error
 from core.folders import folder_files
+from trainer.distributed import barrier
 from trainer.failpoints import failpoint
 from trainer.failures import JobFailure
 
@@ -90,18 +91,28 @@ class JobSFTTrainer(SFTTrainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = run_dir / name
         needed = self.checkpoint_bytes(run_dir)
-        self.check_space(name, needed)
         root = staging_path(final)
-        shutil.rmtree(root, ignore_errors=True)
+        # With several ranks, each writes its part (its RNG state; with FSDP its optimizer shard)
+        # into the staging folder, and rank 0 alone prepares it and, once all have written,
+        # publishes it.
+        main = self.args.should_save
+        if main:
+            self.check_space(name, needed)
+            shutil.rmtree(root, ignore_errors=True)
+        barrier()
         self._staging_root = str(root)
+        seconds = 0.0
         try:
             super()._save_checkpoint(model, trial)  # writes root/checkpoint-N; rotates nothing there
-            seconds = publish(root / name, final)
+            barrier()
+            if main:
+                seconds = publish(root / name, final)
         except Exception as exc:
             raise self.save_failed(name, needed, root, exc) from exc
         finally:
             self._staging_root = None
-        shutil.rmtree(root, ignore_errors=True)
+        if main:
+            shutil.rmtree(root, ignore_errors=True)
         best = self.state.best_model_checkpoint
         if best and best.startswith(str(root)):
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -123,18 +134,24 @@ class JobSFTTrainer(SFTTrainer):
     def save_final(self, final: Path) -> float:
         """The trained model, weights only, as `final`: staged, then published like a checkpoint."""
         needed = self.weights_bytes()
-        self.check_space(FINAL_NAME, needed)
         staging = staging_path(final)
-        shutil.rmtree(staging, ignore_errors=True)
+        main = self.args.should_save
+        if main:
+            self.check_space(FINAL_NAME, needed)
+            shutil.rmtree(staging, ignore_errors=True)
         try:
-            self.save_model(str(staging))
-            return publish(staging, final)
+            self.save_model(str(staging))  # every rank: FSDP gathers the full weights for rank 0
+            barrier()
+            return publish(staging, final) if main else 0.0
         except Exception as exc:
             raise self.save_failed(FINAL_NAME, needed, staging, exc) from exc
 
     def weights_bytes(self) -> int:
         assert self.model is not None
-        return int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        # Sharded (FSDP) parameters count their local shard: their full size is the shard's times
+        # the ranks, which every parameter's shard is a 1/world share of.
+        local = int(sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        return local * self.args.world_size if self.is_fsdp_enabled else local
 
     def checkpoint_bytes(self, run_dir: Path) -> int:
         """What the next checkpoint will take: the last one's size when there is one, else the

@@ -1,4 +1,6 @@
-"""`python -m worker`: an RQ worker for one GPU (set CUDA_VISIBLE_DEVICES to bind it)."""
+"""`python -m worker`: an RQ worker that runs one job at a time on GPUs it leases from its host's
+inventory (`--gpus 0,1,2,3`; several workers with the same list run jobs side by side on disjoint
+cards: docs/scheduling.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from sqlalchemy.orm import configure_mappers
 from core.checkpoint_files import hash_unfinished
 from core.config import get_settings
 from core.diskspace import Reserve
+from core.gpu_leases import HostGpus
 from core.queue import get_queue, get_redis, register_gpu_memory
 from core.reconcile import reconcile
+from worker import gpus as worker_gpus
 from worker.standby import Standby
 from worker.tasks import compile_cache_env, trainer_environment
 
@@ -97,6 +101,7 @@ class FinetuneWorker(Worker):
         try:
             super().run_maintenance_tasks()
             self.register_gpu()
+            HostGpus(self.connection).register(worker_gpus.INVENTORY)
         except REDIS_ERRORS as exc:
             self.redis_away("maintenance", exc)
         try:
@@ -173,12 +178,21 @@ class FinetuneWorker(Worker):
 def main(
     burst: Annotated[bool, typer.Option(help="exit once the queue is empty (tests, one-off runs)")] = False,
     name: Annotated[str | None, typer.Option(help="worker name shown in RQ (default: host, GPU and pid)")] = None,
+    gpus_option: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help="the host's GPUs this worker leases to jobs, e.g. 0,1,2,3 or 0-7 (default: WORKER_GPUS, "
+            "CUDA_VISIBLE_DEVICES or every GPU); on a host without NVIDIA GPUs each is a CPU rank",
+        ),
+    ] = None,
 ) -> None:
     settings = get_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     connection = get_redis()
-    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    worker_gpus.INVENTORY = worker_gpus.detect_inventory(gpus_option)
+    gpus = ",".join(str(g.index) for g in worker_gpus.INVENTORY) or "none"
     worker = FinetuneWorker(
         [get_queue(connection)],
         connection=connection,
@@ -186,12 +200,16 @@ def main(
         maintenance_interval=max(1, int(settings.reconcile_interval_s)),
     )
     worker.gpu_memory_bytes = visible_gpu_memory()
+    if worker_gpus.INVENTORY and worker_gpus.INVENTORY[0].memory_bytes:
+        worker.gpu_memory_bytes = worker_gpus.INVENTORY[0].memory_bytes
     use_standby = settings.trainer_standby if settings.trainer_standby is not None else bool(worker.gpu_memory_bytes)
-    if use_standby:
-        worker.standby = Standby(
-            trainer_environment(settings.as_environment(), compile_cache_env(settings.data_dir.resolve() / "cache")),
-            settings.data_dir.resolve() / "standby",
-        )
+    # A standby trainer binds to its GPU as it imports, before any job: only a worker of one GPU
+    # knows which that will be.
+    if use_standby and len(worker_gpus.INVENTORY) <= 1:
+        env = trainer_environment(settings.as_environment(), compile_cache_env(settings.data_dir.resolve() / "cache"))
+        if worker_gpus.INVENTORY:
+            env.update(CUDA_VISIBLE_DEVICES=str(worker_gpus.INVENTORY[0].index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        worker.standby = Standby(env, settings.data_dir.resolve() / "standby")
         worker.standby.ensure()
     logger.info(
         "worker %s on queue %r (GPUs: %s, %s; data under %s)",
@@ -202,6 +220,8 @@ def main(
         settings.data_dir.resolve(),
     )
     Reserve.for_settings().ensure()
+    with contextlib.suppress(*REDIS_ERRORS):  # Redis away: the maintenance registers them later
+        HostGpus(connection).register(worker_gpus.INVENTORY)
     # The ORM's mappers are set up on first use; done here, before any SIGTERM can arrive, since RQ's
     # handler raises StopRequested wherever the worker is, and one raised mid-setup leaves every
     # mapper broken (the worker then hung until a second signal).

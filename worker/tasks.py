@@ -35,14 +35,20 @@ from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
+from core.planner import PlanError, plan_memory, read_config, shape_from_config
+from core.queue import get_redis
 from core.reconcile import recover_lost_job
-from worker import standby
+from core.spec import JobSpec
+from core.transitions import move_job
+from worker import gpus, standby
 from worker.diskguard import wait_for_disk
+from worker.gpus import CannotFitHost, Lease, wait_for_gpus
+from worker.ranks import RankGroup
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
 # The trainer: a child the horse started, or the worker's standby trainer that took the job.
-Child = subprocess.Popen[bytes] | standby.AdoptedTrainer
+Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup
 
 POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
@@ -94,7 +100,7 @@ def compile_cache_env(cache_dir: Path) -> dict[str, str]:
     return {name: str(folder) for name, folder in folders.items()}
 
 
-def claim(job_id: int) -> int | None:
+def claim(job_id: int, placement: dict[str, object] | None = None) -> int | None:
     """Move the job from queued to running, once. Returns the attempt number, or None when the
     job was cancelled, already taken, or finished (then there is nothing to do)."""
     now = utcnow()
@@ -110,6 +116,7 @@ def claim(job_id: int) -> int | None:
                 cancel_requested_at=None,
                 pause_requested_at=None,
                 phase="starting",
+                placement=placement,
             )
         )
         if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -123,9 +130,17 @@ def claim(job_id: int) -> int | None:
             session=session,
             job_id=job_id,
             kind=EventKind.started,
-            message=f"started on {job.worker_name} (attempt {job.attempts})",
+            message=f"started on {job.worker_name} (attempt {job.attempts}){on_gpus(placement)}",
         )
         return job.attempts
+
+
+def on_gpus(placement: dict[str, object] | None) -> str:
+    cards = placement.get("gpus") if placement else None
+    if not placement or not isinstance(cards, list) or not cards:
+        return ""
+    names = ", ".join(f"{g['index']} ({g['name']}, {g['uuid']})" for g in cards)
+    return f" on GPU{'s' if len(cards) > 1 else ''} {names}, strategy {placement.get('strategy')}"
 
 
 def run_job(job_id: int) -> str:
@@ -134,18 +149,76 @@ def run_job(job_id: int) -> str:
     if not wait_for_disk(job_id):
         logger.info("job %s is not queued any more; nothing to do", job_id)
         return "skipped"
-    attempt = claim(job_id)
-    if attempt is None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        spec = JobSpec.model_validate(job.spec) if job is not None and job.spec else None
+    if spec is None:
+        return "skipped"
+    try:
+        lease = wait_for_gpus(job_id, spec.gpus, get_redis(), gpus.INVENTORY)
+    except CannotFitHost as exc:
+        fail_unplaceable(job_id, str(exc))
+        return "failed"
+    if lease is None:
         logger.info("job %s is not queued any more; nothing to do", job_id)
         return "skipped"
-    return TrainerWatch(job_id).run()
+    try:
+        placement = lease.placement(spec.gpus, resolve_strategy(spec, lease), effective_batch(spec))
+        attempt = claim(job_id, placement)
+        if attempt is None:
+            logger.info("job %s is not queued any more; nothing to do", job_id)
+            return "skipped"
+        return TrainerWatch(job_id, lease).run()
+    finally:
+        lease.release()
+
+
+def effective_batch(spec: JobSpec) -> int:
+    hp = spec.hyperparameters
+    return hp.per_device_train_batch_size * hp.gradient_accumulation_steps * spec.gpus
+
+
+def resolve_strategy(spec: JobSpec, lease: Lease) -> str:
+    """`single` for one GPU; the spec's ddp or fsdp; for `auto`, ddp when the planner says one of
+    the leased cards holds the whole job (or cannot tell), fsdp when it does not."""
+    if spec.gpus == 1:
+        return "single"
+    if spec.strategy != "auto":
+        return spec.strategy
+    card = min((g.memory_bytes for g in lease.gpus if g.memory_bytes), default=None)
+    if card is None:
+        return "ddp"
+    try:
+        shape = shape_from_config(read_config(spec.model, allow_network=False))
+    except PlanError:
+        return "ddp"
+    return "ddp" if plan_memory(shape, spec.hyperparameters, card).verdict == "fits" else "fsdp"
+
+
+def fail_unplaceable(job_id: int, reason: str) -> None:
+    message = (
+        f'{reason}. Resubmit it with fewer GPUs ("gpus"), or run it on a queue (QUEUE_NAME) whose workers\' '
+        "hosts have that many."
+    )
+    with session_scope() as session:
+        if move_job(
+            session,
+            job_id,
+            JobStatus.queued,
+            status=JobStatus.failed,
+            error_code=ErrorCode.gpu_unavailable,
+            error_message=message,
+            finished_at=utcnow(),
+        ):
+            add_event(session=session, job_id=job_id, kind=EventKind.failed, message=f"failed: {message}")
 
 
 class TrainerWatch:
     """Starts the trainer child and keeps the job's record honest while it runs."""
 
-    def __init__(self, job_id: int) -> None:
+    def __init__(self, job_id: int, lease: Lease | None = None) -> None:
         self.job_id = job_id
+        self.lease = lease or Lease(job_id, [])
         self.settings = get_settings()
         self.job_dir = self.settings.job_dir(job_id)
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
@@ -165,13 +238,21 @@ class TrainerWatch:
     def start_child(self) -> Child:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
-        adopted = standby.adopt(self.job_id, self.workdir)
-        if adopted is not None:
-            return adopted
-        log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
+        world_size = self.world_size()
+        if world_size == 1:
+            adopted = standby.adopt(self.job_id, self.workdir)
+            if adopted is not None:
+                return adopted
         env = trainer_environment(
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
         )
+        visible = self.lease.cuda_visible_devices()
+        if visible is not None:
+            # NVML's numbering (the inventory's) is the PCI bus order; CUDA's default is another.
+            env.update(CUDA_VISIBLE_DEVICES=visible, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+        if world_size > 1:
+            return RankGroup(self.job_id, world_size, env, self.job_dir, self.workdir)
+        log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
             [sys.executable, "-m", "trainer", str(self.job_id)],
@@ -184,6 +265,12 @@ class TrainerWatch:
         )
         log.close()
         return child
+
+    def world_size(self) -> int:
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            placement = job.placement if job is not None else None
+        return int((placement or {}).get("world_size") or 1)
 
     def run(self) -> str:
         # In the work horse, the main thread; tests also run the task in a thread, with no worker to stop it.
@@ -210,6 +297,7 @@ class TrainerWatch:
                 beat = time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s
                 if beat:
                     last_heartbeat = time.monotonic()
+                self.lease.renew_if_due(self.settings.heartbeat_interval_s)
                 cancel_requested, pause_requested, pending = self.poll_database(heartbeat=beat)
                 self.carry_cancel(child, cancel_requested)
                 self.carry_pause(child, pause_requested)
@@ -221,7 +309,7 @@ class TrainerWatch:
             raise
         returncode = child.poll()
         assert returncode is not None
-        return self.finish(returncode)
+        return self.finish(returncode, child)
 
     def poll_database(self, *, heartbeat: bool) -> tuple[bool, bool, list[int]]:
         """One round trip a poll: the heartbeat when it is due, whether a cancel or a pause was asked for,
@@ -333,11 +421,15 @@ class TrainerWatch:
             return ""
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
-    def finish(self, returncode: int) -> str:
+    def finish(self, returncode: int, child: Child | None = None) -> str:
         """Record how the job ended. First the status, which must land even on a full disk (the
         job must not stay `running`), with the checkpoints the trainer finished but did not record;
         then the hashes, which can wait."""
-        result = self.read_result() or self.result_without_report(returncode)
+        result = self.read_result() or self.result_without_report(returncode, child)
+        if isinstance(child, RankGroup) and child.first_failure is not None and child.first_failure.rank != 0:
+            # Rank 0 only saw the others vanish (or was stopped because of them): the failed rank's
+            # own story is the one to tell.
+            result = self.result_without_report(returncode, child)
         checkpoints_dir = self.settings.checkpoints_dir(self.job_id)
         for name, size in sweep_partials(checkpoints_dir):  # the trainer is gone: nobody writes them now
             logger.info("job %s: removed %s, an unfinished checkpoint (%d bytes)", self.job_id, name, size)
@@ -389,7 +481,7 @@ class TrainerWatch:
         except (OSError, SQLAlchemyError) as exc:
             logger.warning("job %s: could not drop its checkpoints' optimizer state: %s", self.job_id, exc)
 
-    def result_without_report(self, returncode: int) -> TrainerResult:
+    def result_without_report(self, returncode: int, child: Child | None = None) -> TrainerResult:
         """How the job ended when the trainer wrote no result: cancelled and killed, stopped by
         a full disk (it could not even write its result), or crashed."""
         if self.cancel_sent_at is not None:
@@ -411,10 +503,13 @@ class TrainerWatch:
         return TrainerResult(
             status=TrainerOutcome.failed,
             error_code=ErrorCode.trainer_crashed,
-            error_message=self.crash_message(returncode),
+            error_message=self.crash_message(returncode, child),
         )
 
-    def crash_message(self, returncode: int) -> str:
+    def crash_message(self, returncode: int, child: Child | None = None) -> str:
+        report = child.failure_report() if isinstance(child, RankGroup) else None
+        if report is not None:
+            return f"{report}Read that rank's log in the job's folder and fix what it names, then resubmit the job."
         if returncode < 0:
             name = signal.Signals(-returncode).name
             cause = (

@@ -37,7 +37,6 @@ from core.config import get_settings  # noqa: E402
 from core.db import session_scope  # noqa: E402
 from core.models import Job, StepLog  # noqa: E402
 from trainer.callbacks import JobReporter  # noqa: E402
-from trainer.stopflag import StopFlag  # noqa: E402
 from worker.tasks import POLL_INTERVAL_S, TrainerWatch  # noqa: E402
 
 GIB = 1024**3
@@ -88,7 +87,6 @@ class Writer:
         self.step = int(last or job.step)
         self.reporter = JobReporter(
             job_id=job_id,
-            stop=StopFlag(),
             memory=H100MemoryProbe(),  # type: ignore[arg-type]
             checkpoints_dir=get_settings().checkpoints_dir(job_id),
             tokens_trained=lambda: float(self.step * TOKENS_PER_STEP),

@@ -1,0 +1,195 @@
+"""A worker's GPUs: the host's inventory it registers, and the lease a job waits for before it
+starts (core/gpu_leases.py holds the Redis side; docs/scheduling.md the design)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from core.config import get_settings
+from core.contract import EventKind
+from core.db import session_scope
+from core.events import add_event
+from core.gpu_leases import Gpu, HostGpus
+from core.models import Job, JobStatus
+
+logger = logging.getLogger(__name__)
+
+# This worker's GPUs, set at its start (worker/__main__.py); its work horses inherit it.
+INVENTORY: list[Gpu] = []
+
+
+def parse_gpu_list(text: str) -> list[int]:
+    """ "0,1,2,3" or "0-3" (or a mix) -> [0, 1, 2, 3]."""
+    indices: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"{part!r} is not a GPU index or range (like 0,1 or 0-3)")
+        indices.extend(range(int(low), int(high or low) + 1))
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"GPU list {text!r} names a card twice")
+    return indices
+
+
+def describe_gpus(indices: list[int]) -> list[Gpu]:
+    """Name, UUID and memory of each card from NVML. A host without NVIDIA GPUs (a CPU test host)
+    gets placeholders: each of its "GPUs" is a rank on the CPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        host = socket.gethostname()
+        return [Gpu(index=i, name="cpu", uuid=f"CPU-{host}-{i}") for i in indices]
+    described = []
+    for index in indices:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        name = pynvml.nvmlDeviceGetName(handle)
+        uuid = pynvml.nvmlDeviceGetUUID(handle)
+        described.append(
+            Gpu(
+                index=index,
+                name=name.decode() if isinstance(name, bytes) else str(name),
+                uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
+                memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+            )
+        )
+    return described
+
+
+def detect_inventory(option: str | None = None) -> list[Gpu]:
+    """The GPUs this worker leases to its jobs: `--gpus`, else WORKER_GPUS, else the indices in
+    CUDA_VISIBLE_DEVICES, else every GPU NVML sees (none on a host without NVIDIA GPUs)."""
+    text = option or get_settings().worker_gpus
+    if text is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and all(p.strip().isdigit() for p in visible.split(",") if p.strip()):
+            text = visible
+    if text is not None:
+        return describe_gpus(parse_gpu_list(text))
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception:
+        return []
+    return describe_gpus(list(range(count)))
+
+
+@dataclass
+class Lease:
+    """The GPUs a job holds while it runs; renewed by the work horse, released at the end."""
+
+    job_id: int
+    gpus: list[Gpu]
+    host: HostGpus | None = None  # None: a worker without an inventory (a CPU host), nothing leased
+    renewed_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def indices(self) -> list[int]:
+        return [g.index for g in self.gpus]
+
+    def cuda_visible_devices(self) -> str | None:
+        return ",".join(str(i) for i in self.indices) if self.host is not None else None
+
+    def renew_if_due(self, every_s: float) -> None:
+        if self.host is None or time.monotonic() - self.renewed_at < every_s:
+            return
+        try:
+            held = self.host.renew(self.job_id, self.indices)
+        except RedisError as exc:  # Redis away: the lease may lapse; the trainer goes on meanwhile
+            logger.warning("job %s: could not renew its GPU lease (%s)", self.job_id, exc)
+            return
+        self.renewed_at = time.monotonic()
+        if held < len(self.indices):
+            # Redis lost the lease (restarted without persistence): take the cards back, which no one
+            # else can have taken without the job's trainer failing to start on them.
+            logger.warning("job %s: Redis had lost its lease on GPUs %s; taking them again", self.job_id, self.indices)
+            self.host.try_acquire(self.job_id, len(self.indices))
+
+    def release(self) -> None:
+        if self.host is None:
+            return
+        try:
+            self.host.release(self.job_id, self.indices)
+        except RedisError as exc:  # the lease lapses by itself within LEASE_TTL_S
+            logger.warning("job %s: could not release GPUs %s (%s)", self.job_id, self.indices, exc)
+
+    def placement(self, world_size: int, strategy: str, effective_batch: int) -> dict[str, object]:
+        return {
+            "host": self.host.host if self.host is not None else socket.gethostname(),
+            "gpus": [asdict(g) for g in self.gpus],
+            "world_size": world_size,
+            "strategy": strategy,
+            "effective_batch": effective_batch,
+        }
+
+
+class CannotFitHost(Exception):
+    """The job asks for more GPUs than this host has."""
+
+
+def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu]) -> Lease | None:
+    """Block until the job holds `need` GPUs of this host (the Lease), or until it is no longer
+    queued or the worker is asked to stop (None). The first wait is told in an event with the
+    job's place in line."""
+    if not inventory:
+        return Lease(job_id, [])
+    if need > len(inventory):
+        raise CannotFitHost(
+            f"the job asks for {need} GPUs and this worker's host has {len(inventory)} "
+            f"({', '.join(str(g.index) for g in inventory)})"
+        )
+    settings = get_settings()
+    host = HostGpus(connection)
+    host.register(inventory)
+    stop = threading.Event()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGUSR2, lambda *_: stop.set()) if in_main_thread else None
+    announced = False
+    try:
+        while not stop.is_set():
+            with session_scope() as session:
+                job = session.get(Job, job_id)
+                if job is None or job.status != JobStatus.queued or job.deleted_at is not None:
+                    host.leave_line(job_id)
+                    return None
+                answer = host.try_acquire(job_id, need)
+                if isinstance(answer, list):
+                    by_index = {g.index: g for g in inventory}
+                    if announced:
+                        add_event(
+                            session=session,
+                            job_id=job_id,
+                            kind=EventKind.waiting_for_gpus,
+                            message=f"GPUs {', '.join(map(str, answer))} are free for it now",
+                        )
+                    return Lease(job_id, [by_index[i] for i in answer], host)
+                if not announced:
+                    holders = host.holders()
+                    busy = ", ".join(f"GPU {i} by job {j}" for i, j in sorted(holders.items())) or "none"
+                    line = "it is next in line" if answer == 1 else f"{answer - 1} job(s) are ahead of it in line"
+                    message = (
+                        f"waiting for {need} of the {len(inventory)} GPUs of host {host.host}: {line}; held now: {busy}"
+                    )
+                    add_event(session=session, job_id=job_id, kind=EventKind.waiting_for_gpus, message=message)
+                    logger.info("job %s: %s", job_id, message)
+                    announced = True
+            time.sleep(settings.gpu_wait_poll_s)
+        host.leave_line(job_id)
+        return None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGUSR2, previous)

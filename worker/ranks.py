@@ -1,0 +1,148 @@
+"""The processes of a job on several GPUs: one trainer per rank, started by the work horse with
+the environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT), so PyTorch's own DDP or FSDP (through accelerate and the Trainer)
+runs them. The horse starts them itself rather than through torchrun's elastic agent because it
+must know exactly which rank failed and read that rank's log, stop every rank at a cancel, and
+leave no rank holding a GPU: a job's ranks are one unit, as one trainer process is.
+
+The group looks to TrainerWatch like one child process (poll, send_signal, kill)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# After one rank fails, the others get this long to end on their own (they fail at their next
+# collective) before they are killed.
+SIBLING_GRACE_S = 10.0
+RANK_LOG_TAIL_LINES = 15
+
+
+def rank_log(job_dir: Path, rank: int) -> Path:
+    """Rank 0 writes trainer.log, as a single trainer does; the others trainer-rank<N>.log."""
+    return job_dir / ("trainer.log" if rank == 0 else f"trainer-rank{rank}.log")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    rank: int
+    returncode: int
+
+
+class RankGroup:
+    def __init__(self, job_id: int, world_size: int, env: dict[str, str], job_dir: Path, workdir: Path) -> None:
+        self.job_id = job_id
+        self.job_dir = job_dir
+        self.world_size = world_size
+        self.first_failure: RankFailure | None = None
+        self._failed_at: float | None = None
+        self.returncode: int | None = None
+        port = free_port()
+        self.processes: list[subprocess.Popen[bytes]] = []
+        for rank in range(world_size):
+            rank_env = {
+                **env,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size),
+                "GROUP_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            with open(rank_log(job_dir, rank), "ab") as log:
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "trainer", str(job_id)],
+                        cwd=workdir,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        env=rank_env,
+                        start_new_session=True,
+                    )
+                )
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def poll(self) -> int | None:
+        """None while any rank runs. Once one fails, the rest are stopped; the group's code is
+        rank 0's when every rank ended well, else the first failed rank's."""
+        if self.returncode is not None:
+            return self.returncode
+        codes = [p.poll() for p in self.processes]
+        for rank, code in enumerate(codes):
+            if code not in (None, 0) and self.first_failure is None:
+                self.first_failure = RankFailure(rank, code)
+                self._failed_at = time.monotonic()
+                logger.warning("job %s: rank %d ended with %s; stopping the other ranks", self.job_id, rank, code)
+                self.send_signal(signal.SIGTERM)
+        if self._failed_at is not None and time.monotonic() - self._failed_at > SIBLING_GRACE_S:
+            self.kill()
+        if any(code is None for code in codes):
+            return None
+        self.returncode = self.first_failure.returncode if self.first_failure is not None else codes[0]
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    process.send_signal(sig)
+                except ProcessLookupError:
+                    continue
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout_s: float) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.poll()
+
+    def failure_report(self) -> str | None:
+        """Which rank failed and the end of its log, for the job's error message."""
+        failure = self.first_failure
+        if failure is None:
+            return None
+        if failure.returncode < 0:
+            how = f"was killed by {signal.Signals(-failure.returncode).name}"
+        else:
+            how = f"exited with code {failure.returncode}"
+        log = rank_log(self.job_dir, failure.rank)
+        try:
+            lines = log.read_text(errors="replace").splitlines()[-RANK_LOG_TAIL_LINES:]
+        except FileNotFoundError:
+            lines = []
+        tail = "\n".join(lines)
+        shown = f" Last lines of {log.name}:\n{tail}\n" if tail else " "
+        return f"Rank {failure.rank} of {self.world_size} {how}; the other ranks were stopped.{shown}"
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.append(pid)
+    return alive
