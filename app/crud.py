@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -25,10 +26,12 @@ from core.planner import (
     MemoryPlan,
     PlanError,
     gib,
+    gpus_needed,
     plan_disk,
     plan_memory,
     read_config,
     refusal,
+    resolved_strategy,
     shape_from_config,
 )
 from core.queue import enqueue_job, get_redis, smallest_worker_gpu
@@ -65,10 +68,12 @@ def estimate(
             gpu_memory_bytes = smallest_worker_gpu()
         except Exception as exc:  # Redis away: plan without a card
             logger.warning("no worker GPU sizes (%s)", exc)
-    return (
-        plan_memory(shape, job_in.hyperparameters, gpu_memory_bytes),
-        plan_disk(shape, job_in.hyperparameters, settings.data_dir, rows=training_rows),
-    )
+    hp = job_in.hyperparameters
+    strategy = resolved_strategy(job_in, shape, gpu_memory_bytes)
+    memory = plan_memory(shape, hp, gpu_memory_bytes, gpus=job_in.gpus, strategy=strategy)
+    if gpu_memory_bytes:
+        memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes))
+    return memory, plan_disk(shape, hp, settings.data_dir, rows=training_rows)
 
 
 def gpus_refusal(job_in: JobSpec) -> str | None:

@@ -249,7 +249,8 @@ class MemoryEstimate(BaseModel):
     total_bytes: int = Field(description="expected peak device memory, as nvidia-smi would show it")
     total_gib: float
     parts: dict[str, int] = Field(
-        description="weights, gradients, optimizer_states, activations, cuda_context, allocator_overhead (bytes)"
+        description="weights, gradients, optimizer_states, activations, cuda_context, allocator_overhead, and with "
+        "several GPUs ddp_buckets (ddp) or gathered_layers (fsdp): bytes on one GPU"
     )
     optimizer_paged: bool
     parameters: int
@@ -257,6 +258,12 @@ class MemoryEstimate(BaseModel):
     verdict: Literal["fits", "fits_with_paging", "does_not_fit"] | None
     max_micro_batch: int | None = Field(description="largest micro-batch that fits at this max_seq_length")
     max_seq_length: int | None = Field(description="longest max_seq_length that fits at this micro-batch")
+    gpus: int = Field(description="the plan is for each of this many GPUs (the spec's gpus)")
+    strategy: Literal["single", "ddp", "fsdp"] = Field(description="the strategy planned (auto resolved)")
+    gpus_needed: int | None = Field(
+        description="the fewest GPUs of this size that hold the job without paging (FSDP beyond one); null "
+        "when the GPU is unknown or not even 64 do"
+    )
 
 
 class DiskEstimate(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     gpu_host_id: str | None = None
     # A job waiting for GPUs looks at the leases again this often.
     gpu_wait_poll_s: float = Field(default=2.0, gt=0)
+    # torch.compile (Unsloth's compiled blocks) in a DDP job of several GPUs: "whole" compiles each
+    # graph whole (torch._dynamo.config.optimize_ddp off; DDP's buckets sync after backward), "split"
+    # is torch's default (graphs split at DDP's buckets to overlap communication), "off" runs eager.
+    # docs/scheduling.md has what each measured.
+    ddp_compile: Literal["whole", "split", "off"] = "whole"
 
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.spec import Hyperparameters, JobSpec
+from core.spec import GPU_ONLY_OPTIMIZERS, Hyperparameters, JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,12 @@ OPTIMIZER_BYTES_PER_PARAM = {
     "sgd": 0,
 }
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
+# A DDP job's extra memory per GPU over one GPU's: measured with Unsloth on 2 x H200 for the
+# Llama-3.1-8B shape (torch peak 48.3 against 32.8 GiB; docs/scheduling.md), about one more
+# bf16 copy of the gradients.
+DDP_BYTES_PER_PARAM = 2
+# The most GPUs gpus_needed looks at.
+MAX_GPUS_PLANNED = 64
 
 Verdict = Literal["fits", "fits_with_paging", "does_not_fit"]
 
@@ -113,25 +119,44 @@ class MemoryPlan:
     max_micro_batch: int | None
     max_seq_length: int | None
     parameters: int
+    gpus: int = 1  # the plan is for one of this many GPUs
+    strategy: str = "single"
+    gpus_needed: int | None = None  # the fewest GPUs of this size that hold the job without paging
 
 
 def activation_bytes(shape: ModelShape, tokens: int) -> int:
     return ACTIVATION_BYTES * tokens * (shape.hidden_size + shape.intermediate_size)
 
 
-def plan_memory(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None) -> MemoryPlan:
+def fsdp_optimizer(optim: str) -> str:
+    """The optimizer an FSDP job trains with (bitsandbytes' cannot be sharded: trainer/run.py)."""
+    return "adamw_torch_fused" if optim in GPU_ONLY_OPTIMIZERS else optim
+
+
+def plan_memory(
+    shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None, *, gpus: int = 1, strategy: str = "single"
+) -> MemoryPlan:
+    """Peak memory of one GPU of the job. With `ddp` each GPU holds the whole model and DDP's
+    gradient buckets; with `fsdp` the weights, gradients and optimizer states are divided among
+    the `gpus` GPUs, plus one decoder layer gathered whole at a time (and the next, prefetched)."""
     p = shape.parameters
+    optim = fsdp_optimizer(hp.optim) if strategy == "fsdp" else hp.optim
+    share = gpus if strategy == "fsdp" else 1
     parts = {
-        "weights": 2 * p,
-        "gradients": 2 * p,
-        "optimizer_states": OPTIMIZER_BYTES_PER_PARAM[hp.optim] * p,
+        "weights": -(-2 * p // share),
+        "gradients": -(-2 * p // share),
+        "optimizer_states": -(-OPTIMIZER_BYTES_PER_PARAM[optim] * p // share),
         "activations": activation_bytes(shape, hp.per_device_train_batch_size * hp.max_seq_length),
         "cuda_context": CUDA_FIXED_BYTES,
     }
+    if strategy == "ddp" and gpus > 1:
+        parts["ddp_buckets"] = DDP_BYTES_PER_PARAM * p
+    if strategy == "fsdp" and gpus > 1:
+        parts["gathered_layers"] = 2 * 2 * (p // max(shape.num_hidden_layers, 1))
     fixed = parts["weights"] + parts["gradients"] + parts["optimizer_states"]
     parts["allocator_overhead"] = int(OVERHEAD_SHARE * fixed)
     total = sum(parts.values())
-    paged = hp.optim in PAGED_OPTIMIZERS
+    paged = optim in PAGED_OPTIMIZERS
     verdict: Verdict | None = None
     max_mb: int | None = None
     max_seq: int | None = None
@@ -150,7 +175,30 @@ def plan_memory(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | 
         max_seq = int(max_tokens // hp.per_device_train_batch_size)
         if shape.max_position_embeddings:
             max_seq = min(max_seq, int(shape.max_position_embeddings))
-    return MemoryPlan(total, parts, paged, gpu_memory_bytes, verdict, max_mb, max_seq, p)
+    return MemoryPlan(total, parts, paged, gpu_memory_bytes, verdict, max_mb, max_seq, p, gpus, strategy)
+
+
+def gpus_needed(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int) -> int | None:
+    """The fewest GPUs of this size the job fits without paging: 1 when one card holds it, else
+    the fewest FSDP shards it; None when not even MAX_GPUS_PLANNED do."""
+    if plan_memory(shape, hp, gpu_memory_bytes).verdict == "fits":
+        return 1
+    for gpus in range(2, MAX_GPUS_PLANNED + 1):
+        if plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp").verdict == "fits":
+            return gpus
+    return None
+
+
+def resolved_strategy(spec: JobSpec, shape: ModelShape | None, gpu_memory_bytes: int | None) -> str:
+    """`single` for one GPU; the spec's ddp or fsdp; for auto, ddp when one card holds the whole
+    job (or that cannot be told), fsdp when it does not."""
+    if spec.gpus == 1:
+        return "single"
+    if spec.strategy != "auto":
+        return spec.strategy
+    if shape is None or gpu_memory_bytes is None:
+        return "ddp"
+    return "ddp" if plan_memory(shape, spec.hyperparameters, gpu_memory_bytes).verdict == "fits" else "fsdp"
 
 
 @dataclass(frozen=True)
@@ -196,21 +244,30 @@ def gib(value: int | None) -> str:
     return "unknown" if value is None else f"{value / GIB:.1f} GiB"
 
 
+def per_gpu(memory: MemoryPlan) -> str:
+    return f" on each of its {memory.gpus} GPUs ({memory.strategy})" if memory.gpus > 1 else ""
+
+
 def refusal(spec: JobSpec, memory: MemoryPlan | None, disk: DiskPlan | None) -> str | None:
     """The 422 message for a job that cannot run here, or None."""
     if memory is not None and memory.verdict == "does_not_fit":
         parts = ", ".join(f"{name} {gib(size)}" for name, size in memory.parts.items())
         head = (
-            f"this job needs about {gib(memory.total_bytes)} of GPU memory ({parts}) and the GPU has "
+            f"this job needs about {gib(memory.total_bytes)} of GPU memory{per_gpu(memory)} ({parts}) and the GPU has "
             f"{gib(memory.gpu_memory_bytes)}"
         )
         hp = spec.hyperparameters
+        spread = (
+            f"; or spread it over {memory.gpus_needed} GPUs of this size (gpus: {memory.gpus_needed}, strategy fsdp)"
+            if memory.gpus_needed and memory.gpus_needed > spec.gpus
+            else ""
+        )
         if not memory.max_micro_batch and not memory.max_seq_length:
-            return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU"
+            return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU{spread}"
         return (
             f"{head}; at max_seq_length {hp.max_seq_length} the largest micro-batch that fits is "
             f"{memory.max_micro_batch}, and at micro-batch {hp.per_device_train_batch_size} the longest "
-            f"max_seq_length is {memory.max_seq_length}"
+            f"max_seq_length is {memory.max_seq_length}{spread}"
         )
     if disk is not None and disk.fits is False:
         return (

@@ -248,6 +248,17 @@ class Service:
         kill(process_tree(process.pid))
         process.wait(10)
 
+    def stop_workers(self, timeout_s: float = 30) -> None:
+        """SIGTERM to every live worker (their jobs go back to the queue), then SIGKILL after timeout_s."""
+        for worker in self.workers:
+            if worker.poll() is None:
+                worker.terminate()
+                try:
+                    worker.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    kill(process_tree(worker.pid))
+                    worker.wait(10)
+
     def stop(self, *, graceful: bool = True) -> None:
         """graceful: SIGTERM to workers, then the API, then Redis, as `docker compose down` does
         (their coverage data and logs get written); whatever is left after 15 s, and every

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from scripts.service_harness import kill
 from tests.conftest import Env, Service, job_spec, process_tree, trainer_pids, wait_until
 
 
@@ -160,3 +161,40 @@ def test_two_workers_share_the_hosts_gpus_without_starving_a_big_job(
     finally:
         service.stop()
         print(service.logs())
+
+
+def test_an_fsdp_job_without_cuda_fails_early_saying_what_to_do(
+    two_gpu_service: Service, tiny_model: Path, chat_dataset: Path
+) -> None:
+    # accelerate shards only across accelerator devices: FSDP itself is measured on the GPU
+    # machine (scripts/gpu_multi.py); here the job must fail at once, in words, on every rank.
+    service = two_gpu_service
+    job_id = service.submit({**ddp_spec(tiny_model, chat_dataset), "strategy": "fsdp"})
+    record = service.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=240)
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "gpu_unavailable"
+    assert "strategy 'fsdp' needs CUDA GPUs" in record["error"]["message"]
+    assert "strategy 'ddp'" in record["error"]["message"]
+    wait_until(lambda: not trainer_pids(service.data_dir, job_id), 30, "both ranks to end")
+
+
+def test_a_two_rank_job_of_a_lost_worker_resumes_on_the_same_gpus(
+    two_gpu_service: Service, tiny_model: Path, chat_dataset: Path
+) -> None:
+    service = two_gpu_service
+    spec = ddp_spec(tiny_model, chat_dataset, max_steps=40, logging_steps=1, save_steps=5, save_total_limit=2)
+    job_id = service.submit(spec)
+    service.wait_for_step(job_id, 7)
+    # The host loses the worker, its work horse and both ranks at once. Its lease on the two
+    # GPUs stays in Redis until it lapses; the job's next attempt takes its own cards back.
+    kill(process_tree(service.worker.pid))
+    service.worker.wait(10)
+    service.start_worker(WORKER_GPUS="0,1")
+    record = service.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=240)
+    assert record["status"] == "succeeded", record["error"]
+    assert record["attempts"] == 2 and record["placement"]["world_size"] == 2
+    kinds = [kind for kind, _message in service.events(job_id)]
+    assert "retried" in kinds and "resumed" in kinds
+    with service.http() as http:
+        steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs", params={"limit": 5000}).json()["items"]]
+    assert steps == list(range(1, 41))

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.planner import GIB, plan_memory, shape_from_config
+from core.planner import GIB, gpus_needed, plan_memory, shape_from_config
 from core.spec import Hyperparameters
 from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA
 from tests.conftest import Env, job_spec
@@ -104,6 +104,37 @@ def test_parts_of_an_8b_plan() -> None:
     assert plan.max_micro_batch is not None and plan.max_micro_batch >= 2
 
 
+def test_fsdp_divides_the_model_among_the_gpus_and_ddp_adds_its_buckets() -> None:
+    shape = shape_from_config(dict(PHI_4_14B))
+    hp = Hyperparameters()
+    p = shape.parameters
+    one = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB)
+    ddp = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB, gpus=2, strategy="ddp")
+    fsdp = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB, gpus=4, strategy="fsdp")
+    assert ddp.parts["weights"] == one.parts["weights"] and ddp.parts["ddp_buckets"] == 2 * p
+    assert ddp.total_bytes > one.total_bytes
+    # FSDP shards weights, gradients and the (32-bit, unpaged) optimizer states four ways.
+    assert fsdp.parts["weights"] == -(-2 * p // 4)
+    assert fsdp.parts["optimizer_states"] == -(-8 * p // 4) and not fsdp.optimizer_paged
+    assert fsdp.parts["activations"] == one.parts["activations"]
+    assert (fsdp.gpus, fsdp.strategy) == (4, "fsdp")
+
+
+def test_the_fewest_gpus_that_hold_a_job_without_paging() -> None:
+    hp = Hyperparameters()
+    eight_b, phi_4 = shape_from_config(dict(LLAMA_3_1_8B)), shape_from_config(dict(PHI_4_14B))
+    assert gpus_needed(eight_b, hp, 80 * GIB) == 1
+    # 14B on 80 GB cards: one card holds it only by paging the optimizer into host memory.
+    assert plan_memory(phi_4, hp, 80 * GIB).verdict == "fits_with_paging"
+    needed = gpus_needed(phi_4, hp, 80 * GIB)
+    assert needed is not None and needed >= 2
+    assert plan_memory(phi_4, hp, 80 * GIB, gpus=needed, strategy="fsdp").verdict == "fits"
+    assert (
+        plan_memory(phi_4, hp, 80 * GIB, gpus=needed - 1, strategy="fsdp" if needed > 2 else "single").verdict != "fits"
+    )
+    assert gpus_needed(phi_4, hp, 2 * GIB) is None  # not even 64 cards of 2 GiB
+
+
 def test_estimate_endpoint_gives_figures_and_verdicts(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -137,7 +168,8 @@ def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(
         "this job needs about 52.2 GiB of GPU memory (weights 15.0 GiB, gradients 15.0 GiB, optimizer_states 15.0 GiB, "
     )
     assert response.json()["detail"].endswith(
-        "and the GPU has 24.0 GiB; the model alone does not fit this card: train a smaller model or use a larger GPU"
+        "and the GPU has 24.0 GiB; the model alone does not fit this card: train a smaller model or use a larger "
+        "GPU; or spread it over 6 GPUs of this size (gpus: 6, strategy fsdp)"
     )
     assert client.get("/jobs").json()["items"] == []
 

@@ -212,6 +212,14 @@ class Run:
         import torch
 
         has_cuda = torch.cuda.is_available()
+        if self.strategy == "fsdp" and not has_cuda:
+            raise JobFailure(
+                ErrorCode.gpu_unavailable,
+                "strategy 'fsdp' needs CUDA GPUs (accelerate shards a model only across accelerator devices) and "
+                "this worker's ranks see none.",
+                action="Resubmit the job with strategy 'ddp' to train on this host's CPU ranks, or run it on a "
+                "GPU host.",
+            )
         backend = self.spec.backend
         if backend == "auto":
             backend = "unsloth" if has_cuda and self.strategy in UNSLOTH_STRATEGIES else "transformers"
@@ -446,6 +454,17 @@ class Run:
                 EventKind.optimizer_replaced,
                 f"optimizer {hp.optim!r} needs a CUDA GPU; this worker has none, so adamw_torch is used",
             )
+        elif self.strategy == "fsdp" and optim in GPU_ONLY_OPTIMIZERS:
+            # Seen on 2 x H200 (docs/scheduling.md): FSDP2 hands bitsandbytes DTensors it cannot
+            # update, and FSDP1 trains but cannot gather its states into a checkpoint (tensors
+            # on two devices). Sharding already divides the optimizer's states among the GPUs.
+            optim = "adamw_torch_fused"
+            event(
+                self.job_id,
+                EventKind.optimizer_replaced,
+                f"optimizer {hp.optim!r} (bitsandbytes) cannot be sharded by FSDP, so adamw_torch_fused is used: "
+                f"its 32-bit states are sharded across the job's {distributed.world_size()} GPUs",
+            )
         return SFTConfig(
             output_dir=str(self.checkpoints_dir),
             per_device_train_batch_size=hp.per_device_train_batch_size,
@@ -492,8 +511,7 @@ class Run:
         if self.strategy == "fsdp":
             fields["fsdp"] = "full_shard auto_wrap"
             fields["fsdp_config"] = {
-                "fsdp_version": 2,
-                "reshard_after_forward": True,
+                "fsdp_version": 1,
                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                 # `final` is one Hugging Face folder, gathered from the shards on rank 0.
                 "state_dict_type": "FULL_STATE_DICT",
@@ -524,6 +542,7 @@ class Run:
             return
 
         self.phase = "preparing"
+        self.configure_compile()
         from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
         from trainer.sft import JobSFTTrainer
@@ -585,6 +604,21 @@ class Run:
                 step=trainer.state.global_step,
                 note=f"; fsync and rename took {seconds:.2f} s",
             )
+
+    def configure_compile(self) -> None:
+        """DDP_COMPILE for a DDP job on several GPUs (core/config.py)."""
+        if distributed.world_size() == 1 or self.strategy != "ddp":
+            return
+        import torch._dynamo
+
+        choice = self.settings.ddp_compile
+        if choice == "whole":
+            torch._dynamo.config.optimize_ddp = False
+        elif choice == "off":
+            torch._dynamo.config.disable = True
+        logger.info(
+            "DDP with torch.compile %s", {"whole": "of whole graphs", "split": "split at buckets", "off": "off"}[choice]
+        )
 
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name

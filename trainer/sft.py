@@ -131,6 +131,22 @@ class JobSFTTrainer(SFTTrainer):
         failpoint("checkpoint_writing", job_dir=self.job_dir, step=self.state.global_step)
         super()._save_optimizer_and_scheduler(output_dir)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # transformers maps a DDP rank's optimizer state onto args.device, which CPU ranks name
+        # "cpu:0": torch.load cannot restore that location. CPU ranks load it onto "cpu".
+        if checkpoint is not None and self.args.world_size > 1 and self.args.device.type == "cpu":
+            import torch
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            assert self.optimizer is not None and self.lr_scheduler is not None
+            folder = Path(checkpoint)
+            if (folder / OPTIMIZER_NAME).is_file() and (folder / SCHEDULER_NAME).is_file():
+                state = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+                self.optimizer.load_state_dict(state)
+                self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+            return
+        super()._load_optimizer_and_scheduler(checkpoint)
+
     def save_final(self, final: Path) -> float:
         """The trained model, weights only, as `final`: staged, then published like a checkpoint."""
         needed = self.weights_bytes()

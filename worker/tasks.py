@@ -35,7 +35,7 @@ from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
-from core.planner import PlanError, plan_memory, read_config, shape_from_config
+from core.planner import PlanError, read_config, resolved_strategy, shape_from_config
 from core.queue import get_redis
 from core.reconcile import recover_lost_job
 from core.spec import JobSpec
@@ -179,20 +179,13 @@ def effective_batch(spec: JobSpec) -> int:
 
 
 def resolve_strategy(spec: JobSpec, lease: Lease) -> str:
-    """`single` for one GPU; the spec's ddp or fsdp; for `auto`, ddp when the planner says one of
-    the leased cards holds the whole job (or cannot tell), fsdp when it does not."""
-    if spec.gpus == 1:
-        return "single"
-    if spec.strategy != "auto":
-        return spec.strategy
+    """The planner's choice for the leased cards (core/planner.resolved_strategy)."""
     card = min((g.memory_bytes for g in lease.gpus if g.memory_bytes), default=None)
-    if card is None:
-        return "ddp"
     try:
-        shape = shape_from_config(read_config(spec.model, allow_network=False))
+        shape = shape_from_config(read_config(spec.model, allow_network=False)) if spec.gpus > 1 else None
     except PlanError:
-        return "ddp"
-    return "ddp" if plan_memory(shape, spec.hyperparameters, card).verdict == "fits" else "fsdp"
+        shape = None
+    return resolved_strategy(spec, shape, card)
 
 
 def fail_unplaceable(job_id: int, reason: str) -> None:
@@ -426,9 +419,15 @@ class TrainerWatch:
         job must not stay `running`), with the checkpoints the trainer finished but did not record;
         then the hashes, which can wait."""
         result = self.read_result() or self.result_without_report(returncode, child)
-        if isinstance(child, RankGroup) and child.first_failure is not None and child.first_failure.rank != 0:
+        if (
+            isinstance(child, RankGroup)
+            and child.first_failure is not None
+            and child.first_failure.rank != 0
+            and not (result.status == TrainerOutcome.failed and result.error_code != ErrorCode.trainer_crashed)
+        ):
             # Rank 0 only saw the others vanish (or was stopped because of them): the failed rank's
-            # own story is the one to tell.
+            # own story is the one to tell, unless rank 0 named a cause of its own (the same
+            # check fails every rank; rank 0's words say what to do).
             result = self.result_without_report(returncode, child)
         checkpoints_dir = self.settings.checkpoints_dir(self.job_id)
         for name, size in sweep_partials(checkpoints_dir):  # the trainer is gone: nobody writes them now

@@ -83,6 +83,9 @@ def estimate_job(request: EstimateRequest) -> Estimate:
             verdict=memory.verdict,
             max_micro_batch=memory.max_micro_batch,
             max_seq_length=memory.max_seq_length,
+            gpus=memory.gpus,
+            strategy=memory.strategy,  # type: ignore[arg-type]
+            gpus_needed=memory.gpus_needed,
         ),
         disk=DiskEstimate(**dataclasses.asdict(disk)),
     )
