@@ -4,9 +4,11 @@ No GPU is ever used by two jobs at once, a job gets all the GPUs it asked for or
 are served in the order they started waiting. docs/scheduling.md tells the whole design; in
 short:
 
-- Every worker of a host registers the host's inventory (`<queue>:gpus:<host>:inventory`, a
-  hash of card index -> {index, name, uuid, memory_bytes}) with a time to live it refreshes, so
-  the API knows the largest host and a host that is gone drops out.
+- Every worker of a host registers the cards it was given in the host's inventory
+  (`<queue>:gpus:<host>:inventory`, a hash of card index -> {index, name, uuid, memory_bytes,
+  seen}), refreshed at each maintenance pass. The inventory is the union of what the host's
+  workers registered in the last INVENTORY_TTL_S (a card no live worker names drops out), so
+  workers started each with one GPU (CUDA_VISIBLE_DEVICES=N) still make a host of N cards.
 - A job holds a lease per card (`...:lease:<index>` = the job id), with a time to live that the
   work horse watching the job refreshes while it runs: a crashed worker's cards free themselves
   within LEASE_TTL_S. Several workers (RQ runs one job per worker process) share one host's
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from redis import Redis
 
@@ -54,12 +58,13 @@ def _prefix(host: str) -> str:
     return f"{get_settings().queue_name}:gpus:{host}"
 
 
-# KEYS: inventory, waiting; ARGV: prefix, job id, cards needed, ticket, ttl.
+# KEYS: inventory, waiting; ARGV: prefix, job id, cards needed, ticket, lease ttl, inventory ttl.
 # Returns the card indices taken (all of them), or the job's place in the line (a negative
 # number: -1 first but the cards are busy, -2 second, ...).
 _ACQUIRE = """
 local inventory, waiting = KEYS[1], KEYS[2]
 local prefix, job, need, ticket, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local inventory_ttl = tonumber(ARGV[6])
 redis.call('ZADD', waiting, 'NX', ticket, job)
 redis.call('SET', prefix .. ':waiter:' .. job, '1', 'EX', ttl)
 local place = 0
@@ -72,9 +77,14 @@ for _, other in ipairs(redis.call('ZRANGE', waiting, 0, -1)) do
   end
 end
 if place ~= 1 then return -place end
-local free = {}
-local indices = redis.call('HKEYS', inventory)
+local now = tonumber(redis.call('TIME')[1])
+local indices = {}
+local entries = redis.call('HGETALL', inventory)
+for i = 1, #entries, 2 do
+  if now - tonumber(cjson.decode(entries[i + 1])['seen']) <= inventory_ttl then table.insert(indices, entries[i]) end
+end
 table.sort(indices, function(a, b) return tonumber(a) < tonumber(b) end)
+local free = {}
 for _, index in ipairs(indices) do
   local holder = redis.call('GET', prefix .. ':lease:' .. index)
   if holder == false or holder == job then table.insert(free, index) end
@@ -124,24 +134,29 @@ class HostGpus:
         return f"{self.prefix}:waiting"
 
     def register(self, gpus: list[Gpu]) -> None:
-        """Called by each worker of the host at start and at every maintenance."""
+        """Called by each worker of the host at start and at every maintenance: its cards join
+        (or stay in) the host's inventory."""
         if not gpus:
             return
+        now = self._now()
         pipe = self.connection.pipeline()
-        pipe.delete(self.inventory_key)
-        pipe.hset(self.inventory_key, mapping={str(g.index): json.dumps(asdict(g)) for g in gpus})
+        pipe.hset(self.inventory_key, mapping={str(g.index): json.dumps({**asdict(g), "seen": now}) for g in gpus})
         pipe.expire(self.inventory_key, INVENTORY_TTL_S)
         pipe.execute()
 
+    def _now(self) -> int:
+        seconds, _micro = self.connection.time()  # Redis's clock, as the scripts read it
+        return int(seconds)
+
     def inventory(self) -> list[Gpu]:
-        found = self.connection.hgetall(self.inventory_key)
-        return sorted((Gpu(**json.loads(v)) for v in found.values()), key=lambda g: g.index)
+        """The host's cards some live worker registered in the last INVENTORY_TTL_S."""
+        return fresh_cards(self.connection.hgetall(self.inventory_key), self._now())
 
     def try_acquire(self, job_id: int, need: int, ticket: int | None = None) -> list[int] | int:
         """The card indices leased to the job (all `need` of them), or its place in the line (1: next)."""
         answer = self._acquire(
             keys=[self.inventory_key, self.waiting_key],
-            args=[self.prefix, str(job_id), need, job_id if ticket is None else ticket, LEASE_TTL_S],
+            args=[self.prefix, str(job_id), need, job_id if ticket is None else ticket, LEASE_TTL_S, INVENTORY_TTL_S],
         )
         if isinstance(answer, list):
             return [int(i) for i in answer]
@@ -153,6 +168,17 @@ class HostGpus:
 
     def release(self, job_id: int, indices: list[int]) -> None:
         self._renew_or_release(args=[self.prefix, str(job_id), 0, *indices])
+
+    def reclaim(self, job_id: int, indices: list[int]) -> list[int]:
+        """Take the job's own cards back after Redis lost their leases (it restarted without
+        persistence); returns the cards another job holds meanwhile."""
+        pipe = self.connection.pipeline()
+        for index in indices:
+            pipe.set(f"{self.prefix}:lease:{index}", str(job_id), nx=True, ex=LEASE_TTL_S)
+        taken = pipe.execute()
+        return [
+            index for index, ok in zip(indices, taken, strict=True) if not ok and self.holders().get(index) != job_id
+        ]
 
     def leave_line(self, job_id: int) -> None:
         pipe = self.connection.pipeline()
@@ -174,12 +200,24 @@ class HostGpus:
         return [int(m) for m in members]
 
 
+def fresh_cards(entries: Mapping[Any, Any], now: int) -> list[Gpu]:
+    cards = []
+    for value in entries.values():
+        entry = json.loads(value)
+        if now - int(entry.pop("seen", 0)) <= INVENTORY_TTL_S:
+            cards.append(Gpu(**entry))
+    return sorted(cards, key=lambda g: g.index)
+
+
 def host_sizes(connection: Redis) -> dict[str, int]:
-    """Host -> the number of GPUs its workers registered (hosts alive in the last INVENTORY_TTL_S)."""
+    """Host -> the number of GPUs its live workers registered."""
     pattern = _prefix("*") + ":inventory"
+    now = int(connection.time()[0])
     sizes = {}
     for key in connection.scan_iter(pattern):
         name = key.decode() if isinstance(key, bytes) else str(key)
         host = name[len(_prefix("")) : -len(":inventory")]
-        sizes[host] = int(connection.hlen(key))
+        count = len(fresh_cards(connection.hgetall(key), now))
+        if count:
+            sizes[host] = count
     return sizes

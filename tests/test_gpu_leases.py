@@ -84,3 +84,23 @@ def test_the_api_knows_each_live_hosts_size(env: Env) -> None:
     HostGpus(env.redis(), host="small").register(cards(2))
     HostGpus(env.redis(), host="large").register(cards(8))
     assert host_sizes(env.redis()) == {"small": 2, "large": 8}
+
+
+def test_workers_given_one_gpu_each_make_one_host_and_a_gone_workers_card_drops_out(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The classic layout: one worker per GPU (CUDA_VISIBLE_DEVICES=0, =1), same host.
+    first, second = HostGpus(env.redis(), host="pair"), HostGpus(env.redis(), host="pair")
+    first.register([Gpu(index=0, name="fake", uuid="GPU-a")])
+    second.register([Gpu(index=1, name="fake", uuid="GPU-b")])
+    assert [g.index for g in first.inventory()] == [0, 1]
+    assert host_sizes(env.redis())["pair"] == 2
+    assert first.try_acquire(7, 2) == [0, 1]
+    first.release(7, [0, 1])
+
+    monkeypatch.setattr(gpu_leases, "INVENTORY_TTL_S", 1)
+    time.sleep(2.1)  # the second worker is gone: it stopped registering card 1
+    first.register([Gpu(index=0, name="fake", uuid="GPU-a")])
+    assert [g.index for g in first.inventory()] == [0]
+    assert host_sizes(env.redis())["pair"] == 1
+    assert first.try_acquire(8, 2) == 1  # card 1 is no longer the host's: it waits

@@ -24,6 +24,7 @@ from core.gpu_leases import HostGpus
 from core.queue import get_queue, get_redis, register_gpu_memory
 from core.reconcile import reconcile
 from worker import gpus as worker_gpus
+from worker import standby as standby_module
 from worker.standby import Standby
 from worker.tasks import compile_cache_env, trainer_environment
 
@@ -208,7 +209,8 @@ def main(
     if use_standby and len(worker_gpus.INVENTORY) <= 1:
         env = trainer_environment(settings.as_environment(), compile_cache_env(settings.data_dir.resolve() / "cache"))
         if worker_gpus.INVENTORY:
-            env.update(CUDA_VISIBLE_DEVICES=str(worker_gpus.INVENTORY[0].index), CUDA_DEVICE_ORDER="PCI_BUS_ID")
+            standby_module.CARD = str(worker_gpus.INVENTORY[0].index)
+            env.update(CUDA_VISIBLE_DEVICES=standby_module.CARD, CUDA_DEVICE_ORDER="PCI_BUS_ID")
         worker.standby = Standby(env, settings.data_dir.resolve() / "standby")
         worker.standby.ensure()
     logger.info(

@@ -114,10 +114,11 @@ class Lease:
             return
         self.renewed_at = time.monotonic()
         if held < len(self.indices):
-            # Redis lost the lease (restarted without persistence): take the cards back, which no one
-            # else can have taken without the job's trainer failing to start on them.
+            # Redis lost the lease (restarted without persistence): take the same cards back.
             logger.warning("job %s: Redis had lost its lease on GPUs %s; taking them again", self.job_id, self.indices)
-            self.host.try_acquire(self.job_id, len(self.indices))
+            others = self.host.reclaim(self.job_id, self.indices)
+            if others:
+                logger.error("job %s: GPUs %s were leased to another job meanwhile", self.job_id, others)
 
     def release(self) -> None:
         if self.host is None:
@@ -144,17 +145,19 @@ class CannotFitHost(Exception):
 def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu]) -> Lease | None:
     """Block until the job holds `need` GPUs of this host (the Lease), or until it is no longer
     queued or the worker is asked to stop (None). The first wait is told in an event with the
-    job's place in line."""
+    job's place in line. `inventory` is this worker's own cards; the job may get any of the
+    host's (every live worker's)."""
     if not inventory:
         return Lease(job_id, [])
-    if need > len(inventory):
-        raise CannotFitHost(
-            f"the job asks for {need} GPUs and this worker's host has {len(inventory)} "
-            f"({', '.join(str(g.index) for g in inventory)})"
-        )
     settings = get_settings()
     host = HostGpus(connection)
     host.register(inventory)
+    cards = host.inventory()
+    if need > len(cards):
+        raise CannotFitHost(
+            f"the job asks for {need} GPUs and this worker's host has {len(cards)} "
+            f"({', '.join(str(g.index) for g in cards)})"
+        )
     stop = threading.Event()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGUSR2, lambda *_: stop.set()) if in_main_thread else None
@@ -168,7 +171,7 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
                     return None
                 answer = host.try_acquire(job_id, need)
                 if isinstance(answer, list):
-                    by_index = {g.index: g for g in inventory}
+                    by_index = {g.index: g for g in host.inventory()}
                     if announced:
                         add_event(
                             session=session,
@@ -182,7 +185,7 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
                     busy = ", ".join(f"GPU {i} by job {j}" for i, j in sorted(holders.items())) or "none"
                     line = "it is next in line" if answer == 1 else f"{answer - 1} job(s) are ahead of it in line"
                     message = (
-                        f"waiting for {need} of the {len(inventory)} GPUs of host {host.host}: {line}; held now: {busy}"
+                        f"waiting for {need} of the {len(cards)} GPUs of host {host.host}: {line}; held now: {busy}"
                     )
                     add_event(session=session, job_id=job_id, kind=EventKind.waiting_for_gpus, message=message)
                     logger.info("job %s: %s", job_id, message)

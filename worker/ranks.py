@@ -10,7 +10,6 @@ The group looks to TrainerWatch like one child process (poll, send_signal, kill)
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -135,14 +134,3 @@ class RankGroup:
         tail = "\n".join(lines)
         shown = f" Last lines of {log.name}:\n{tail}\n" if tail else " "
         return f"Rank {failure.rank} of {self.world_size} {how}; the other ranks were stopped.{shown}"
-
-
-def pids_alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        alive.append(pid)
-    return alive

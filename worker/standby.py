@@ -82,6 +82,9 @@ class Standby:
 
 # (pid, stdin fd) of the worker's unused standby, read by the work horse forked from the worker.
 CURRENT: tuple[int, int] | None = None
+# The GPU the standby trainer was started on (its CUDA_VISIBLE_DEVICES), None for any: a job
+# leased another card starts a trainer of its own.
+CARD: str | None = None
 
 
 def taken_marker(pid: int) -> Path:

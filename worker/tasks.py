@@ -232,14 +232,14 @@ class TrainerWatch:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
         world_size = self.world_size()
-        if world_size == 1:
+        visible = self.lease.cuda_visible_devices()
+        if world_size == 1 and (visible is None or standby.CARD in (None, visible)):
             adopted = standby.adopt(self.job_id, self.workdir)
             if adopted is not None:
                 return adopted
         env = trainer_environment(
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
         )
-        visible = self.lease.cuda_visible_devices()
         if visible is not None:
             # NVML's numbering (the inventory's) is the PCI bus order; CUDA's default is another.
             env.update(CUDA_VISIBLE_DEVICES=visible, CUDA_DEVICE_ORDER="PCI_BUS_ID")
