@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -72,6 +73,21 @@ OPENAI_ERROR_DESCRIPTIONS = {
 }
 
 
+class OpenAICode(StrEnum):
+    """`error.code` of the /v1 routes' own refusals; other errors carry the native error's name,
+    snake-cased (not_found, conflict, validation_error, invalid_dataset, ...)."""
+
+    invalid_api_key = "invalid_api_key"
+    invalid_file_id = "invalid_file_id"
+    file_not_found = "file_not_found"
+    model_not_supported = "model_not_supported"
+    unsupported_method = "unsupported_method"
+    unsupported_purpose = "unsupported_purpose"
+    unsupported_parameter = "unsupported_parameter"
+    missing_required_parameter = "missing_required_parameter"
+    conflicting_parameters = "conflicting_parameters"
+
+
 class OpenAIErrorDetail(BaseModel):
     message: str = Field(description="what was wrong, in words")
     type: str = Field(description="invalid_request_error, or server_error for a 5xx")
@@ -104,7 +120,7 @@ def openai_error(status_code: int, body: dict[str, Any], *, param: str | None = 
     if param is None and errors:
         param = str(errors[0]["field"])
     if code is None:
-        code = "invalid_api_key" if status_code == 401 else _snake(str(body.get("error", "error")))
+        code = OpenAICode.invalid_api_key if status_code == 401 else _snake(str(body.get("error", "error")))
     return {
         "error": {
             "message": str(body.get("detail", "")),

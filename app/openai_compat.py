@@ -14,7 +14,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from sqlalchemy import and_, or_
 from sqlmodel import Session, col, select
 
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequest, NotFound, OpenAICode
 from core.contract import ErrorCode, EventKind
 from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
 from core.spec import MAX_DB_INT, Hyperparameters, JobSpec
@@ -54,7 +54,7 @@ def file_param(value: str, param: str) -> int:
         f"{param} {value!r} is not a file id: upload the JSONL file with POST /v1/files (purpose=fine-tune) "
         f"and pass the id it returns, e.g. {FILE_PREFIX}1",
         param=param,
-        code="invalid_file_id",
+        code=OpenAICode.invalid_file_id,
     )
 
 
@@ -170,14 +170,14 @@ def _hyperparameters(request: CreateFineTuningJob) -> OpenAIHyperparameters:
             f"method.type {method.type!r} is not available: this server runs supervised fine-tuning (SFT) only; "
             'send method {"type": "supervised"} or leave method out',
             param="method.type",
-            code="unsupported_method",
+            code=OpenAICode.unsupported_method,
         )
     given = method.supervised.hyperparameters if method and method.supervised else None
     if given is not None and request.hyperparameters is not None:
         raise BadRequest(
             "give hyperparameters or method.supervised.hyperparameters, not both",
             param="hyperparameters",
-            code="conflicting_parameters",
+            code=OpenAICode.conflicting_parameters,
         )
     return given or request.hyperparameters or OpenAIHyperparameters()
 
@@ -191,10 +191,12 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
             "Hub id such as 'meta-llama/Llama-3.1-8B', or the path of a model folder under the server's "
             "ALLOWED_LOCAL_ROOTS",
             param="model",
-            code="model_not_supported",
+            code=OpenAICode.model_not_supported,
         )
     if request.integrations:
-        raise BadRequest("integrations are not available on this server", param="integrations", code="unsupported")
+        raise BadRequest(
+            "integrations are not available on this server", param="integrations", code=OpenAICode.unsupported_parameter
+        )
     openai = _hyperparameters(request)
     native: dict[str, Any] = {}
     if openai.n_epochs is not None:
@@ -216,7 +218,7 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
                 raise BadRequest(
                     f"{name} and native_hyperparameters.{clash[0]} set the same thing: give one of them",
                     param=f"native_hyperparameters.{clash[0]}",
-                    code="conflicting_parameters",
+                    code=OpenAICode.conflicting_parameters,
                 )
         native.update(overrides)
     spec: dict[str, Any] = {
@@ -254,7 +256,7 @@ def check_files(session: Session, spec: JobSpec) -> None:
             raise BadRequest(
                 f"{param} {FILE_PREFIX}{file_id} does not exist (upload one with POST /v1/files)",
                 param=param,
-                code="file_not_found",
+                code=OpenAICode.file_not_found,
             )
 
 
@@ -268,7 +270,7 @@ def check_purpose(fields: dict[str, str], complete: bool) -> None:
         raise BadRequest(
             f"{said}: this server stores files for fine-tuning only; send purpose=fine-tune",
             param="purpose",
-            code="unsupported_purpose" if purpose is not None else "missing_required_parameter",
+            code=OpenAICode.unsupported_purpose if purpose is not None else OpenAICode.missing_required_parameter,
         )
 
 

@@ -5,7 +5,9 @@ record cache); app/openai_compat.py translates. Errors come in OpenAI's shape (a
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -161,6 +163,18 @@ def read_file_content(file_id: FileIdPath, session: SessionDep) -> FileResponse:
 # ---- fine-tuning jobs -----------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def named_as_openai(job_id: int) -> Iterator[None]:
+    """The native "job 7 not found" as the request named the job: ftjob-7."""
+    try:
+        yield
+    except NotFound as exc:
+        if not exc.detail.startswith(f"job {job_id} "):
+            raise
+        gone = " (it was deleted)" if "deleted" in exc.detail else ""
+        raise NotFound(f"fine-tuning job {JOB_PREFIX}{job_id} not found{gone}") from None
+
+
 def _extras(job_ids: list[int]) -> dict[int, OpenAIJob]:
     with Session(get_engine()) as session:
         return read_extras(session, job_ids)
@@ -226,7 +240,8 @@ def cancel_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuning
     """POST /jobs/{id}/cancel: a queued or paused job is cancelled at once, a running one stops at
     its next step (its status is `running` until then); 409 once it has finished."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
-    job = crud.cancel_job(session=session, job_id=job_id)
+    with named_as_openai(job_id):
+        job = crud.cancel_job(session=session, job_id=job_id)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
@@ -236,7 +251,8 @@ def pause_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJ
     """POST /jobs/{id}/pause: a queued job stays out of the queue; a running one saves a checkpoint
     at its next step and its status becomes `paused`."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
-    job = lifecycle.pause_job(session=session, job_id=job_id)
+    with named_as_openai(job_id):
+        job = lifecycle.pause_job(session=session, job_id=job_id)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
@@ -245,7 +261,8 @@ def pause_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJ
 def resume_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJob:
     """POST /jobs/{id}/resume: a paused job is queued again and continues from its checkpoint."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
-    job = lifecycle.resume_job(session=session, job_id=job_id)
+    with named_as_openai(job_id):
+        job = lifecycle.resume_job(session=session, job_id=job_id)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
@@ -264,7 +281,9 @@ def read_events(
     """The job's native events (`type: message`) and step logs (`type: metrics`, with loss,
     validation loss, learning rate and tokens/s in `data`), newest first; page on with
     `after=<the last id>`."""
-    job = crud.get_job(session=session, job_id=native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job"))
+    job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
+    with named_as_openai(job_id):
+        job = crud.get_job(session=session, job_id=job_id)
     assert job.id is not None
     items, has_more = list_events(session, job_id=job.id, total_steps=job.total_steps, after=after, limit=limit)
     return EventList(data=items, has_more=has_more)
@@ -284,7 +303,8 @@ def read_checkpoints(
     """Every kept checkpoint, `final` included, newest first, with the step log's loss at its step;
     `download_url` is the native route that streams it as a tar."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
-    checkpoints = list(reversed(crud.list_checkpoints(session=session, job_id=job_id)))
+    with named_as_openai(job_id):
+        checkpoints = list(reversed(crud.list_checkpoints(session=session, job_id=job_id)))
     after_id = cursor(after, CHECKPOINT_PREFIX)
     if after_id is not None:
         ids = [c.id for c in checkpoints]
