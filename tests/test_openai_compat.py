@@ -1,7 +1,8 @@
 """The OpenAI-compatible view (/v1) through the official `openai` SDK, changed only in base_url and
 api_key, against the running service (uvicorn, a worker, a trainer on the tiny model): upload, a
 job followed through its events to `succeeded`, its checkpoints, the final model fetched from the
-native download route the job names, pause, resume and cancel, paging, and the SDK's typed errors."""
+native download route the job names, pause, resume and cancel, paging, and the SDK's typed errors.
+One service and one trained job for all of it: the refusals are tried while the job trains."""
 
 from __future__ import annotations
 
@@ -104,6 +105,9 @@ def test_a_job_through_the_openai_sdk(
     assert [j.id for j in second.data] == [job.id] and not second.has_more
     assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [other.id, job.id]  # the SDK pages on itself
 
+    # While it trains: what the SDK makes of refusals.
+    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path)
+
     # Follow the job through its newest events until one says it has ended.
     def ended() -> str | None:
         newest = sdk.fine_tuning.jobs.list_events(job.id, limit=10).data
@@ -162,9 +166,8 @@ def test_a_job_through_the_openai_sdk(
         sdk.files.retrieve(held_out.id)
 
 
-def test_errors_are_the_sdks_typed_errors_with_readable_messages(
-    service: Service, sdk: openai.OpenAI, env: Env, tmp_path: Path
-) -> None:
+def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path) -> None:
+    """Bad inputs get the SDK's typed errors with readable messages, none retried."""
     started = time.monotonic()
     with pytest.raises(openai.NotFoundError) as missing:
         sdk.fine_tuning.jobs.retrieve("ftjob-999")
@@ -182,6 +185,7 @@ def test_errors_are_the_sdks_typed_errors_with_readable_messages(
     dataset = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
     with dataset.open("rb") as handle:
         uploaded = sdk.files.create(file=handle, purpose="fine-tune")
+    files = [f.id for f in sdk.files.list()]
     with pytest.raises(openai.BadRequestError, match="Hugging Face Hub id") as named:
         sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=uploaded.id)
     assert (named.value.param, named.value.code) == ("model", "model_not_supported")
@@ -197,7 +201,8 @@ def test_errors_are_the_sdks_typed_errors_with_readable_messages(
     with dataset.open("rb") as handle, pytest.raises(openai.BadRequestError, match="purpose 'assistants'") as purpose:
         sdk.files.create(file=handle, purpose="assistants")
     assert purpose.value.param == "purpose"
-    assert [f.id for f in sdk.files.list()] == [uploaded.id]  # the refused upload left nothing
+    assert [f.id for f in sdk.files.list()] == files  # the refused upload left nothing
+    sdk.files.delete(uploaded.id)
 
     stranger = openai.OpenAI(base_url=f"{service.url}/v1", api_key="not-a-token")
     with stranger, pytest.raises(openai.AuthenticationError, match="not one of this server's API_TOKENS") as refused:
