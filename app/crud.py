@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sqlmodel import Session, col, select
@@ -236,21 +236,33 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     return checkpoint
 
 
-async def create_file(*, session: Session, request: Request) -> UploadedFile:
+FormCheck = Callable[[dict[str, str], bool], None]
+
+
+async def create_file(*, session: Session, request: Request, check_form: FormCheck | None = None) -> UploadedFile:
     """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256 (the
     size limit enforced as bytes arrive), every row checked, then renamed. Anything that fails,
-    a client that goes away included, leaves neither a file nor a row."""
+    a client that goes away included, leaves neither a file nor a row. `check_form(fields,
+    complete)`, when given, judges the body's other form fields (raising to refuse the upload):
+    once as the file part begins, with the fields sent before it, and once the body is complete."""
     settings = get_settings()
     files_dir = settings.files_dir()
     files_dir.mkdir(parents=True, exist_ok=True)
     incoming: list[Path] = []
+    fields: dict[str, str] | None = None if check_form is None else {}
 
     def temporary(filename: str) -> Path:
+        if check_form is not None and fields is not None:
+            check_form(fields, False)  # before a byte of the file is written
         incoming.append(files_dir / f"{uploads.INCOMING_PREFIX}{uuid.uuid4().hex}.{uploads.extension(filename)}")
         return incoming[-1]
 
     try:
-        name, path, size, sha256 = await uploads.receive(request, temporary, limit=settings.max_upload_bytes)
+        name, path, size, sha256 = await uploads.receive(
+            request, temporary, limit=settings.max_upload_bytes, fields=fields
+        )
+        if check_form is not None and fields is not None:
+            check_form(fields, True)
         # Reading every row and the database work are blocking: off the event loop.
         return await run_in_threadpool(_store_file, session=session, path=path, name=name, size=size, sha256=sha256)
     finally:

@@ -1,8 +1,11 @@
-"""Errors the API answers with, rendered by one handler as {"error": ..., "detail": ...}."""
+"""Errors the API answers with, rendered by one handler as {"error": ..., "detail": ...}; under
+/v1 (the OpenAI-compatible view, app/routes/openai_v1.py) the same errors in OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -61,13 +64,91 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+# ---- the OpenAI-compatible view's errors (/v1) ------------------------------------------------
+
+OPENAI_PREFIX = "/v1"
+OPENAI_ERROR_DESCRIPTIONS = {
+    **ERROR_DESCRIPTIONS,
+    400: "a request this server cannot carry out as asked (an OpenAI model name, a method or purpose it lacks)",
+}
+
+
+class OpenAICode(StrEnum):
+    """`error.code` of the /v1 routes' own refusals; other errors carry the native error's name,
+    snake-cased (not_found, conflict, validation_error, invalid_dataset, ...)."""
+
+    invalid_api_key = "invalid_api_key"
+    invalid_file_id = "invalid_file_id"
+    file_not_found = "file_not_found"
+    model_not_supported = "model_not_supported"
+    unsupported_method = "unsupported_method"
+    unsupported_purpose = "unsupported_purpose"
+    unsupported_parameter = "unsupported_parameter"
+    missing_required_parameter = "missing_required_parameter"
+    conflicting_parameters = "conflicting_parameters"
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(description="what was wrong, in words")
+    type: str = Field(description="invalid_request_error, or server_error for a 5xx")
+    param: str | None = Field(description="the request's field or parameter that was wrong, when one was")
+    code: str | None = Field(description="a stable word: not_found, conflict, validation_error, invalid_api_key, ...")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error a /v1 route answers with, in OpenAI's shape (the openai SDK reads it)."""
+
+    error: OpenAIErrorDetail
+
+
+def openai_error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses of a /v1 route."""
+    return {code: {"model": OpenAIErrorBody, "description": OPENAI_ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+
+
+def openai_error(status_code: int, body: dict[str, Any], *, param: str | None = None, code: str | None = None) -> Any:
+    """A native error body ({"error": name, "detail": ..., "errors": [...]}) in OpenAI's shape."""
+    errors = body.get("errors") or []
+    if param is None and errors:
+        param = str(errors[0]["field"])
+    if code is None:
+        code = OpenAICode.invalid_api_key if status_code == 401 else _snake(str(body.get("error", "error")))
+    return {
+        "error": {
+            "message": str(body.get("detail", "")),
+            "type": "server_error" if status_code >= 500 else "invalid_request_error",
+            "param": param,
+            "code": code,
+        }
+    }
+
+
 class AppError(Exception):
     status_code = 400
 
-    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = headers
+        # Shown by the /v1 routes' errors only: the request's field that was wrong, and a word
+        # other than the error's snake-cased name.
+        self.param = param
+        self.code = code
 
     @property
     def name(self) -> str:
@@ -83,6 +164,13 @@ class NotFound(AppError):
 
 class Conflict(AppError):
     status_code = 409
+
+
+class BadRequest(AppError):
+    """A request that asks for what this server does not do (the /v1 routes: an OpenAI model
+    name, a fine-tuning method or file purpose other than supervised and fine-tune)."""
+
+    status_code = 400
 
 
 class Unauthorized(AppError):
@@ -215,16 +303,38 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
+def respond(
+    request: Request,
+    status_code: int,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """The error as the native routes send it, or under /v1 in OpenAI's shape. A /v1 client error
+    says `x-should-retry: false`: the openai SDK would otherwise retry a 409 (it is not transient
+    here: the job's state does not allow the request)."""
+    if not is_openai_path(request.url.path):
+        return JSONResponse(body, status_code=status_code, headers=headers)
+    headers = dict(headers or {})
+    if status_code < 500:
+        headers["x-should-retry"] = "false"
+    return JSONResponse(
+        openai_error(status_code, body, param=param, code=code), status_code=status_code, headers=headers
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
-    async def _app_error(_request: Request, exc: AppError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        return respond(request, exc.status_code, exc.body(), exc.headers, param=exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = validation_errors(exc)
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse({"error": "ValidationError", "detail": summary, "errors": errors}, status_code=422)
+        return respond(request, 422, {"error": "ValidationError", "detail": summary, "errors": errors})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -233,13 +343,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
             # A body that is not even text: the same 422 as a body that is not valid JSON.
             message = "the body could not be read as JSON (it is not UTF-8 text)"
-            return JSONResponse(
+            return respond(
+                request,
+                422,
                 {
                     "error": "ValidationError",
                     "detail": f"body: {message}",
                     "errors": [{"field": "body", "message": message}],
                 },
-                status_code=422,
             )
         if exc.status_code == 404 and detail == "Not Found":  # no route matched
             detail = f"no route {request.method} {request.url.path} (the routes are listed at /docs)"
@@ -249,14 +360,15 @@ def install_error_handlers(app: FastAPI) -> None:
             # by several routes (GET and DELETE /files/{id}) takes the methods of them all.
             headers["Allow"] = ", ".join(allowed_methods(request)) or headers.get("Allow", "")
             detail = f"{request.url.path} does not take {request.method}; it takes {headers['Allow']}"
-        return JSONResponse(
+        return respond(
+            request,
+            exc.status_code,
             {"error": names.get(exc.status_code, "HTTPError"), "detail": detail},
-            status_code=exc.status_code,
-            headers=headers or None,
+            headers or None,
         )
 
     @app.exception_handler(OperationalError)
-    async def _database(_request: Request, exc: OperationalError) -> JSONResponse:
+    async def _database(request: Request, exc: OperationalError) -> JSONResponse:
         # A database that cannot answer now is not the client's fault, nor a bug to hide behind a
         # 500: say so, and that a retry may work.
         logger.warning("database error: %s", exc)
@@ -264,6 +376,4 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = "the job database cannot be written: the disk under DATA_DIR is full; retry once space is freed"
         else:
             detail = f"the job database cannot answer right now ({type(exc.orig).__name__}); retry shortly"
-        return JSONResponse(
-            {"error": "DatabaseUnavailable", "detail": detail}, status_code=503, headers={"Retry-After": "5"}
-        )
+        return respond(request, 503, {"error": "DatabaseUnavailable", "detail": detail}, {"Retry-After": "5"})

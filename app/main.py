@@ -18,7 +18,7 @@ from app import docs_pages, tcp_nodelay, uploads
 from app.errors import install_error_handlers
 from app.hotpath import HotReads
 from app.metrics import RequestTimer
-from app.routes import checkpoints, files, health, jobs, storage, watch
+from app.routes import checkpoints, files, health, jobs, openai_v1, storage, watch
 from app.routes import metrics as metrics_routes
 from core.checkpoint_store import sweep_finished_jobs
 from core.config import get_settings
@@ -38,7 +38,10 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 DESCRIPTION = """Queue, run and watch full fine-tuning jobs (Unsloth + TRL) on your own GPU hosts.
 
-When the server sets `API_TOKENS`, every `/jobs` and `/files` call needs
+The `/v1` routes are an OpenAI-compatible view of the same jobs and files, for the official
+`openai` SDK (`base_url="<this server>/v1"`, `api_key=` one of the tokens).
+
+When the server sets `API_TOKENS`, every `/jobs`, `/files` and `/v1` call needs
 `Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
 call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
 without a token: they show what the API is, not what it holds."""
@@ -127,7 +130,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 # Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics")
+GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1")
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",
@@ -181,6 +184,7 @@ def create_app() -> FastAPI:
     app.include_router(storage.router)
     app.include_router(metrics_routes.router)
     app.include_router(watch.router)
+    app.include_router(openai_v1.router)  # the OpenAI-compatible view of the same jobs and files
     # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).
     app.mount(watch.STATIC_URL, watch.static_assets(), name="static")
     return app

@@ -31,6 +31,10 @@ INCOMING_PREFIX = ".incoming-"
 # An unfinished upload younger than this is left alone by the sweeper, even unlocked: its
 # receiver may be between creating the file and locking it.
 SWEEP_MIN_AGE_S = 1.0
+# Form fields beside the file (the /v1 upload's `purpose`): kept when asked for, this many at most,
+# each this long at most.
+FORM_FIELDS_MAX = 32
+FORM_FIELD_BYTES_MAX = 4096
 
 
 def clean_name(filename: str | None) -> str:
@@ -48,10 +52,14 @@ def extension(filename: str) -> str:
 
 class _FilePart:
     """The multipart body's `file` part, written to disk with its size and sha256 as it arrives.
-    Other parts are ignored; the part's file name decides the stored extension."""
+    Other parts are ignored, or kept in `fields` (text form fields, when given a dict); the part's
+    file name decides the stored extension."""
 
-    def __init__(self, dest_for: Callable[[str], Path], limit: int) -> None:
+    def __init__(self, dest_for: Callable[[str], Path], limit: int, fields: dict[str, str] | None = None) -> None:
         self.dest_for, self.limit = dest_for, limit
+        self.fields = fields
+        self._form_name: str | None = None
+        self._form_value = bytearray()
         self.headers: dict[bytes, bytes] = {}
         self._field, self._value = b"", b""
         self.out: BinaryIO | None = None
@@ -76,6 +84,7 @@ class _FilePart:
 
     def _part_begin(self) -> None:
         self.headers, self._in_file = {}, False
+        self._form_name = None
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -90,6 +99,11 @@ class _FilePart:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
         if options.get(b"name") != b"file" or self.out is not None:
+            if self.fields is not None and b"filename" not in options and options.get(b"name"):
+                if len(self.fields) >= FORM_FIELDS_MAX:
+                    raise InvalidFile(f"the body has more than {FORM_FIELDS_MAX} form fields")
+                self._form_name = options[b"name"].decode("utf-8", "replace")
+                self._form_value = bytearray()
             return
         self.filename = clean_name(options.get(b"filename", b"").decode("utf-8", "replace"))
         if not self.filename:
@@ -102,6 +116,11 @@ class _FilePart:
         self._in_file = True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._form_name is not None:
+            self._form_value += data[start:end]
+            if len(self._form_value) > FORM_FIELD_BYTES_MAX:
+                raise InvalidFile(f"the form field {self._form_name!r} is longer than {FORM_FIELD_BYTES_MAX} bytes")
+            return
         if not self._in_file or self.out is None:
             return
         self.size += end - start
@@ -113,6 +132,9 @@ class _FilePart:
 
     def _part_end(self) -> None:
         self._in_file = False
+        if self._form_name is not None and self.fields is not None:
+            self.fields[self._form_name] = self._form_value.decode("utf-8", "replace")
+        self._form_name = None
 
     def _end(self) -> None:
         self.ended = True
@@ -126,10 +148,14 @@ def too_large(limit: int) -> str:
     return f"the file is larger than this server's upload limit of {limit} bytes (MAX_UPLOAD_BYTES)"
 
 
-async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: int) -> tuple[str, Path, int, str]:
+async def receive(
+    request: Request, dest_for: Callable[[str], Path], *, limit: int, fields: dict[str, str] | None = None
+) -> tuple[str, Path, int, str]:
     """Stream a multipart/form-data body's `file` part to `dest_for(filename)`, checking the size
     limit as bytes arrive: (file name, path, size, sha256). A body that breaks off before its
-    closing boundary is refused; the caller deletes the path when this raises."""
+    closing boundary is refused; the caller deletes the path when this raises. Given `fields`,
+    the body's text form fields are put there as they arrive (those before the file part are
+    there when `dest_for` is called)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -139,7 +165,7 @@ async def receive(request: Request, dest_for: Callable[[str], Path], *, limit: i
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(too_large(limit))  # before reading a byte
-    part = _FilePart(dest_for, limit)
+    part = _FilePart(dest_for, limit, fields)
     parser = MultipartParser(boundary, part.callbacks())
     try:
         async for chunk in request.stream():

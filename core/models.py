@@ -175,3 +175,15 @@ class WebhookDelivery(SQLModel, table=True):
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     last_status_code: int | None = None
     last_error: str | None = None
+
+
+class OpenAIJob(SQLModel, table=True):
+    """What a job submitted through the OpenAI-compatible view (POST /v1/fine_tuning/jobs) keeps
+    beyond its spec: the request's `suffix` and `metadata`, shown on its /v1 job object. The job
+    itself is the same Job row as any other."""
+
+    __tablename__ = "openai_job"
+
+    job_id: int = Field(primary_key=True, foreign_key="job.id", ondelete="CASCADE")
+    suffix: str | None = None
+    job_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))

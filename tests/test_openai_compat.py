@@ -1,0 +1,219 @@
+"""The OpenAI-compatible view (/v1) through the official `openai` SDK, changed only in base_url and
+api_key, against the running service (uvicorn, a worker, a trainer on the tiny model): upload, a
+job followed through its events to `succeeded`, its checkpoints, the final model fetched from the
+native download route the job names, pause, resume and cancel, paging, and the SDK's typed errors.
+One service and one trained job for all of it: the refusals are tried while the job trains."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.builders import chat_rows, write_jsonl
+from tests.conftest import Env, Service, clear_caches, wait_until
+
+TOKEN = "openai-compat-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def env(env: Env, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """The shared settings, with a bearer token required (the SDK's api_key)."""
+    env.vars["API_TOKENS"] = TOKEN
+    monkeypatch.setenv("API_TOKENS", TOKEN)
+    clear_caches()
+    return env
+
+
+@pytest.fixture
+def sdk(service: Service) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{service.url}/v1", api_key=TOKEN) as client:
+        yield client
+
+
+def test_a_job_through_the_openai_sdk(
+    service: Service, sdk: openai.OpenAI, env: Env, tiny_model: Path, tmp_path: Path
+) -> None:
+    training = write_jsonl(tmp_path / "train.jsonl", chat_rows(64))
+    validation = write_jsonl(tmp_path / "valid.jsonl", chat_rows(8, seed=1))
+    with training.open("rb") as handle:
+        uploaded = sdk.files.create(file=handle, purpose="fine-tune")
+    assert uploaded.id.startswith("file-") and uploaded.object == "file" and uploaded.purpose == "fine-tune"
+    assert (uploaded.filename, uploaded.bytes, uploaded.status) == ("train.jsonl", training.stat().st_size, "processed")
+    assert uploaded.rows == 64 and uploaded.row_format == "messages"  # type: ignore[attr-defined]
+    assert sdk.files.retrieve(uploaded.id).sha256 == hashlib.sha256(training.read_bytes()).hexdigest()  # type: ignore[attr-defined]
+    assert sdk.files.content(uploaded.id).read() == training.read_bytes()
+    with validation.open("rb") as handle:
+        held_out = sdk.files.create(file=handle, purpose="fine-tune")
+    assert [f.id for f in sdk.files.list()] == [held_out.id, uploaded.id]
+
+    job = sdk.fine_tuning.jobs.create(
+        model=str(tiny_model),
+        training_file=uploaded.id,
+        validation_file=held_out.id,
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 200},
+        suffix="tiny",
+        seed=7,
+        # This server's own knobs, over what OpenAI's fields give: a short run with a step log every
+        # 2 steps and a checkpoint every 3.
+        extra_body={
+            "native_hyperparameters": {"max_steps": 6, "max_seq_length": 64, "logging_steps": 2, "save_steps": 3}
+        },
+    )
+    assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job" and job.status == "queued"
+    assert (job.model, job.training_file, job.validation_file, job.seed) == (
+        str(tiny_model),
+        uploaded.id,
+        held_out.id,
+        7,
+    )
+    assert job.hyperparameters.model_dump() == {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 200}
+    assert job.method is not None and job.method.type == "supervised"
+    assert job.suffix == "tiny" and job.fine_tuned_model is None  # type: ignore[attr-defined]
+    # The same job, natively: OpenAI's fields mapped onto the spec (README's table).
+    http = service.http()
+    http.headers.update(AUTH)
+    native = http.get(job.job_url).json()  # type: ignore[attr-defined]
+    assert native["spec"]["dataset"]["file_id"] == int(uploaded.id.removeprefix("file-"))
+    hyperparameters = native["spec"]["hyperparameters"]
+    assert (hyperparameters["per_device_train_batch_size"], hyperparameters["gradient_accumulation_steps"]) == (2, 2)
+    assert hyperparameters["learning_rate"] == pytest.approx(1e-3)
+    assert (hyperparameters["num_train_epochs"], hyperparameters["seed"], hyperparameters["max_steps"]) == (1, 7, 6)
+
+    # A second job waits behind the first on the one worker: pause, resume and cancel it there.
+    other = sdk.fine_tuning.jobs.create(model=str(tiny_model), training_file=uploaded.id)
+    assert sdk.fine_tuning.jobs.pause(other.id).status == "paused"
+    assert sdk.fine_tuning.jobs.retrieve(other.id).status == "paused"
+    assert sdk.fine_tuning.jobs.resume(other.id).status == "queued"
+    cancelled = sdk.fine_tuning.jobs.cancel(other.id)
+    assert cancelled.status == "cancelled" and cancelled.error is None and cancelled.finished_at is not None
+    with pytest.raises(openai.ConflictError, match="has already finished"):
+        sdk.fine_tuning.jobs.cancel(other.id)
+
+    # Paging: newest first, `after` the last id of a page, has_more until the end.
+    first = sdk.fine_tuning.jobs.list(limit=1)
+    assert [j.id for j in first.data] == [other.id] and first.has_more
+    second = sdk.fine_tuning.jobs.list(limit=1, after=other.id)
+    assert [j.id for j in second.data] == [job.id] and not second.has_more
+    assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [other.id, job.id]  # the SDK pages on itself
+
+    # While it trains: what the SDK makes of refusals.
+    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path)
+
+    # Follow the job through its newest events until one says it has ended.
+    def ended() -> str | None:
+        newest = sdk.fine_tuning.jobs.list_events(job.id, limit=10).data
+        kinds = [e.data["kind"] for e in newest if e.type == "message"]  # type: ignore[index]
+        return next((kind for kind in kinds if kind in FINISHED), None)
+
+    assert wait_until(ended, 180, f"{job.id} to end", interval_s=0.5) == "succeeded", service.logs()
+    done = sdk.fine_tuning.jobs.retrieve(job.id)
+    native_id = job.id.removeprefix("ftjob-")
+    assert done.status == "succeeded" and done.error is None and done.finished_at is not None
+    assert done.fine_tuned_model == f"jobs/{native_id}/checkpoints/final"
+    assert done.download_url == f"/jobs/{native_id}/checkpoints/final/archive"  # type: ignore[attr-defined]
+
+    events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=4))  # every page, newest first
+    assert len({e.id for e in events}) == len(events)
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    kinds = [e.data["kind"] for e in events if e.type == "message"]  # type: ignore[index]
+    assert {"queued", "started", "checkpoint", "succeeded"} <= set(kinds) and kinds[-1] == "queued"
+    assert [kind for kind in kinds if kind in FINISHED] == ["succeeded"]
+    steps = {e.data["step"]: e for e in events if e.type == "metrics"}  # type: ignore[index]
+    assert sorted(steps) == [2, 4, 6] and steps[6].message.startswith("Step 6/6: training loss=")
+    assert steps[6].data["valid_loss"] is not None  # type: ignore[index]
+
+    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [(c.name, c.step_number) for c in checkpoints] == [  # type: ignore[attr-defined]
+        ("final", 6),
+        ("checkpoint-6", 6),
+        ("checkpoint-3", 3),
+    ]
+    final = checkpoints[0]
+    assert final.fine_tuned_model_checkpoint == done.fine_tuned_model and final.fine_tuning_job_id == job.id
+    assert final.metrics.step == 6 and final.metrics.train_loss is not None and final.metrics.valid_loss is not None
+    assert checkpoints[2].metrics.step == 2  # no step log at 3: the latest before it
+    page = sdk.fine_tuning.jobs.checkpoints.list(job.id, limit=1, after=final.id)
+    assert [c.id for c in page.data] == [checkpoints[1].id] and page.has_more
+
+    # The fine-tuned model's files, from the native route the job names, match their sha256.
+    record = wait_until(
+        lambda: (r := http.get(final.files_url).json())["status"] == "ready" and r,  # type: ignore[attr-defined]
+        60,
+        "the final checkpoint's hashes",
+    )
+    response = http.get(done.download_url)  # type: ignore[attr-defined]
+    assert response.status_code == 200
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as archive:
+        contents = {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    assert b'"LlamaForCausalLM"' in contents["final/config.json"]
+    assert {f["path"]: f["sha256"] for f in record["files"]} == {
+        name.removeprefix("final/"): hashlib.sha256(data).hexdigest() for name, data in contents.items()
+    }
+
+    # Files in use by no queued job can go.
+    deleted = sdk.files.delete(held_out.id)
+    assert (deleted.id, deleted.deleted) == (held_out.id, True)
+    with pytest.raises(openai.NotFoundError):
+        sdk.files.retrieve(held_out.id)
+
+
+def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path) -> None:
+    """Bad inputs get the SDK's typed errors with readable messages, none retried."""
+    started = time.monotonic()
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.fine_tuning.jobs.retrieve("ftjob-999")
+    assert missing.value.body == {
+        "message": "fine-tuning job ftjob-999 not found",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
+    with pytest.raises(openai.NotFoundError, match="ids look like ftjob-<number>"):
+        sdk.fine_tuning.jobs.cancel("job-7")
+    with pytest.raises(openai.NotFoundError, match="no route GET /v1/models"):
+        sdk.models.list()
+
+    dataset = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    with dataset.open("rb") as handle:
+        uploaded = sdk.files.create(file=handle, purpose="fine-tune")
+    files = [f.id for f in sdk.files.list()]
+    with pytest.raises(openai.BadRequestError, match="Hugging Face Hub id") as named:
+        sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=uploaded.id)
+    assert (named.value.param, named.value.code) == ("model", "model_not_supported")
+    with pytest.raises(openai.BadRequestError, match="supervised fine-tuning") as method:
+        sdk.fine_tuning.jobs.create(model="org/model", training_file=uploaded.id, method={"type": "dpo"})
+    assert method.value.param == "method.type"
+    with pytest.raises(openai.BadRequestError, match="file-999 does not exist") as unknown:
+        sdk.fine_tuning.jobs.create(model="org/model", training_file="file-999")
+    assert unknown.value.param == "training_file"
+    with pytest.raises(openai.UnprocessableEntityError, match="greater than or equal to 1") as invalid:
+        sdk.fine_tuning.jobs.create(model="org/model", training_file=uploaded.id, hyperparameters={"n_epochs": 0})
+    assert (invalid.value.param, invalid.value.code) == ("hyperparameters.n_epochs", "validation_error")
+    with dataset.open("rb") as handle, pytest.raises(openai.BadRequestError, match="purpose 'assistants'") as purpose:
+        sdk.files.create(file=handle, purpose="assistants")
+    assert purpose.value.param == "purpose"
+    assert [f.id for f in sdk.files.list()] == files  # the refused upload left nothing
+    sdk.files.delete(uploaded.id)
+
+    stranger = openai.OpenAI(base_url=f"{service.url}/v1", api_key="not-a-token")
+    with stranger, pytest.raises(openai.AuthenticationError, match="not one of this server's API_TOKENS") as refused:
+        stranger.fine_tuning.jobs.list()
+    assert refused.value.code == "invalid_api_key"
+    assert time.monotonic() - started < 20  # no client error was retried
+
+    # The native routes keep their own error bodies; /docs lists the /v1 routes, behind the token.
+    http = service.http()
+    http.headers.update(AUTH)
+    assert http.get("/jobs/999").json() == {"error": "NotFound", "detail": "job 999 not found"}
+    document = http.get("/openapi.json").json()
+    assert document["paths"]["/v1/fine_tuning/jobs"]["post"]["security"] == [{"bearer": []}]
+    assert {"/v1/files", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"} <= set(document["paths"])
