@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from app.schemas import (
@@ -12,6 +12,7 @@ from app.schemas import (
     FilePublic,
     JobError,
     JobPublic,
+    JobVram,
     Metrics,
     Placement,
     Progress,
@@ -23,14 +24,15 @@ from core.data_report import DataReport
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 
 GIB = 1024**3
+V = TypeVar("V", bound=Vram)
 
 
-def vram(values: dict[str, Any] | None) -> Vram:
-    values = {k: v for k, v in (values or {}).items() if k in Vram.model_fields}
+def vram(values: dict[str, Any] | None, model: type[V] = Vram) -> V:  # type: ignore[assignment]
+    values = {k: v for k, v in (values or {}).items() if k in model.model_fields}
     for key in ("allocated", "reserved", "peak_allocated", "device_used", "device_total", "device_used_peak"):
         if values.get(key) is not None:
             values[f"{key}_gib"] = round(values[key] / GIB, 3)
-    return Vram(**values)
+    return model(**values)
 
 
 def job_public(job: Job) -> JobPublic:
@@ -55,7 +57,7 @@ def job_public(job: Job) -> JobPublic:
             step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent, eta_seconds=job.eta_seconds
         ),
         metrics=Metrics(**(job.metrics or {})),
-        vram=vram(job.vram),
+        vram=vram(job.vram, JobVram),
         placement=Placement.model_validate(job.placement) if job.placement else None,
         data_report=DataReport.model_validate(job.data_report) if job.data_report else None,
         error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,

@@ -63,6 +63,11 @@ class Vram(BaseModel):
     device_used_gib: float | None = None
     device_total_gib: float | None = None
     device_used_peak_gib: float | None = None
+
+
+class JobVram(Vram):
+    """The job record's VRAM: with several GPUs, the largest of each figure, and each GPU's."""
+
     per_gpu: list[GpuVram] | None = Field(
         default=None,
         description="a job on several GPUs: each rank's figures (in rank order); the fields above are then "
@@ -110,7 +115,7 @@ class JobPublic(BaseModel):
     cancel_requested: bool
     progress: Progress
     metrics: Metrics
-    vram: Vram
+    vram: JobVram
     placement: Placement | None = Field(description="host, GPUs and strategy of the job's latest start")
     data_report: DataReport | None = Field(
         description="rows are checked before queuing for local files; token figures come from the job's "
