@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 from sqlalchemy import and_, or_
@@ -296,12 +296,23 @@ class FileObject(BaseModel):
     native_url: str = Field(description="(this server's) the native record: GET /files/<id>")
 
 
-class FileList(BaseModel):
+class IdPage(BaseModel):
+    """A list page as OpenAI's cursor lists are (files, checkpoints): `first_id` and `last_id`
+    are its items' ids, for `after=`."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+    @classmethod
+    def of(cls, data: Sequence[Any], *, has_more: bool) -> Self:
+        first, last = (data[0].id, data[-1].id) if data else (None, None)
+        return cls.model_validate({"data": list(data), "has_more": has_more, "first_id": first, "last_id": last})
+
+
+class FileList(IdPage):
+    data: list[FileObject]
 
 
 class FileDeleted(BaseModel):
@@ -422,12 +433,8 @@ class FineTuningJobCheckpoint(BaseModel):
     download_url: str = Field(description="(this server's) the folder as one tar")
 
 
-class CheckpointPage(BaseModel):
-    object: Literal["list"] = "list"
+class CheckpointPage(IdPage):
     data: list[FineTuningJobCheckpoint]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None
 
 
 # ---- native records -> OpenAI objects ------------------------------------------------------------

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -237,3 +237,25 @@ def sweep_unfinished(files_dir: Path) -> tuple[int, int]:
             files_dir,
         )
     return removed, freed
+
+
+def upload_body(file_description: str, **form_fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a streamed multipart upload (FastAPI cannot derive it: the
+    route reads the raw request): `file`, plus the named form fields, all required."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", *form_fields],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": file_description},
+                            **form_fields,
+                        },
+                    }
+                }
+            },
+        }
+    }

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from worker.ranks import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
@@ -30,12 +32,6 @@ T = TypeVar("T")
 
 
 # ---- small tools ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:

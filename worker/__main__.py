@@ -35,24 +35,6 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RESTART_WAIT_MAX_S = 30.0
 
 
-def visible_gpu_memory() -> int | None:
-    """Total memory of the first GPU this worker may use, from NVML (no CUDA initialised)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-        if visible.startswith(("GPU-", "MIG-")):
-            handle = pynvml.nvmlDeviceGetHandleByUUID(visible)
-        elif visible.isdigit():
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible))
-        else:
-            return None
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-    except Exception:  # no NVIDIA driver: a CPU worker plans nothing
-        return None
-
-
 class FinetuneWorker(Worker):
     """RQ's forking worker, with our reconcile pass added to its periodic maintenance, a note in
     Redis of its GPU's size so the API can refuse jobs that cannot fit it, and the patience to
@@ -200,9 +182,8 @@ def main(
         name=name or f"{os.uname().nodename}-gpu{gpus.replace(',', '_')}-{os.getpid()}",
         maintenance_interval=max(1, int(settings.reconcile_interval_s)),
     )
-    worker.gpu_memory_bytes = visible_gpu_memory()
-    if worker_gpus.INVENTORY and worker_gpus.INVENTORY[0].memory_bytes:
-        worker.gpu_memory_bytes = worker_gpus.INVENTORY[0].memory_bytes
+    # The smallest of its cards: what a job it takes can count on.
+    worker.gpu_memory_bytes = min((g.memory_bytes for g in worker_gpus.INVENTORY if g.memory_bytes), default=None)
     use_standby = settings.trainer_standby if settings.trainer_standby is not None else bool(worker.gpu_memory_bytes)
     # A standby trainer binds to its GPU as it imports, before any job: only a worker of one GPU
     # knows which that will be.
@@ -210,7 +191,7 @@ def main(
         env = trainer_environment(settings.as_environment(), compile_cache_env(settings.data_dir.resolve() / "cache"))
         if worker_gpus.INVENTORY:
             standby_module.CARD = str(worker_gpus.INVENTORY[0].index)
-            env.update(CUDA_VISIBLE_DEVICES=standby_module.CARD, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+            env.update(worker_gpus.cuda_devices_env(standby_module.CARD))
         worker.standby = Standby(env, settings.data_dir.resolve() / "standby")
         worker.standby.ensure()
     logger.info(

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 
@@ -19,9 +17,10 @@ from core.db import session_scope
 from core.diskspace import gib
 from core.events import add_event
 from core.folders import folder_files
-from core.models import Job, JobStatus
+from core.models import Job
 from core.planner import PlanError, plan_disk, read_config, shape_from_config
 from core.spec import JobSpec
+from worker.waits import still_queued, until_worker_stops
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +66,14 @@ def wait_for_disk(job_id: int) -> bool:
     """Block until the job's checkpoints fit (True), or until the job is no longer queued or the
     worker is asked to stop (False). The first wait is told in an event, not every poll."""
     settings = get_settings()
-    stop = threading.Event()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR2, lambda *_: stop.set()) if in_main_thread else None
     announced = False
-    try:
+    with until_worker_stops() as stop:
         while not stop.is_set():
             with session_scope() as session:
                 job = session.get(Job, job_id)
-                if job is None or job.status != JobStatus.queued or job.deleted_at is not None:
+                if not still_queued(job):
                     return False
+                assert job is not None
                 lacking = shortfall(job)
                 if lacking is None:
                     if announced:
@@ -91,7 +88,4 @@ def wait_for_disk(job_id: int) -> bool:
                     announced = True
                     logger.warning("job %s: %s", job_id, lacking.describe(job))
             time.sleep(settings.disk_wait_poll_s)
-        return False
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGUSR2, previous)
+    return False

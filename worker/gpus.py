@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +17,8 @@ from core.contract import EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.gpu_leases import Gpu, HostGpus
-from core.models import Job, JobStatus
+from core.models import Job
+from worker.waits import still_queued, until_worker_stops
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,8 @@ def describe_gpus(indices: list[int]) -> list[Gpu]:
 
 def detect_inventory(option: str | None = None) -> list[Gpu]:
     """The GPUs this worker leases to its jobs: `--gpus`, else WORKER_GPUS, else the indices in
-    CUDA_VISIBLE_DEVICES, else every GPU NVML sees (none on a host without NVIDIA GPUs)."""
+    CUDA_VISIBLE_DEVICES (or the cards its UUIDs name), else every GPU NVML sees (none on a host without
+    NVIDIA GPUs)."""
     text = option or get_settings().worker_gpus
     if text is None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -83,6 +83,10 @@ def detect_inventory(option: str | None = None) -> list[Gpu]:
 
         pynvml.nvmlInit()
         count = int(pynvml.nvmlDeviceGetCount())
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:  # cards named by UUID: their indices (a MIG slice has none: not leased)
+            uuids = [p.strip() for p in visible.split(",") if p.strip().startswith("GPU-")]
+            return describe_gpus([int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(u))) for u in uuids])
     except Exception:
         return []
     return describe_gpus(list(range(count)))
@@ -138,6 +142,12 @@ class Lease:
         }
 
 
+def cuda_devices_env(visible: str) -> dict[str, str]:
+    """The trainer's view of its cards. NVML numbers them (the inventory) in PCI bus order; CUDA's
+    default order is another."""
+    return {"CUDA_VISIBLE_DEVICES": visible, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
 class CannotFitHost(Exception):
     """The job asks for more GPUs than this host has."""
 
@@ -158,17 +168,12 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
             f"the job asks for {need} GPUs and this worker's host has {len(cards)} "
             f"({', '.join(str(g.index) for g in cards)})"
         )
-    stop = threading.Event()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGUSR2, lambda *_: stop.set()) if in_main_thread else None
     announced = False
-    try:
+    with until_worker_stops() as stop:
         while not stop.is_set():
             with session_scope() as session:
-                job = session.get(Job, job_id)
-                if job is None or job.status != JobStatus.queued or job.deleted_at is not None:
-                    host.leave_line(job_id)
-                    return None
+                if not still_queued(session.get(Job, job_id)):
+                    break
                 answer = host.try_acquire(job_id, need)
                 if isinstance(answer, list):
                     by_index = {g.index: g for g in host.inventory()}
@@ -191,8 +196,5 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
                     logger.info("job %s: %s", job_id, message)
                     announced = True
             time.sleep(settings.gpu_wait_poll_s)
-        host.leave_line(job_id)
-        return None
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGUSR2, previous)
+    host.leave_line(job_id)
+    return None

@@ -42,7 +42,7 @@ from core.spec import JobSpec
 from core.transitions import move_job
 from worker import gpus, standby
 from worker.diskguard import wait_for_disk
-from worker.gpus import CannotFitHost, Lease, wait_for_gpus
+from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
@@ -241,8 +241,7 @@ class TrainerWatch:
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
         )
         if visible is not None:
-            # NVML's numbering (the inventory's) is the PCI bus order; CUDA's default is another.
-            env.update(CUDA_VISIBLE_DEVICES=visible, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+            env.update(cuda_devices_env(visible))
         if world_size > 1:
             return RankGroup(self.job_id, world_size, env, self.job_dir, self.workdir)
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)

@@ -12,6 +12,7 @@ from app.deps import require_token
 from app.errors import error_responses
 from app.presenters import file_public
 from app.schemas import FileList, FilePublic
+from app.uploads import upload_body
 from core.spec import MAX_DB_INT, UrlInt
 
 router = APIRouter(
@@ -22,26 +23,7 @@ FileId = Annotated[UrlInt, Path(ge=1, le=MAX_DB_INT, description="the file's id"
 NOT_FOUND: dict[int | str, dict[str, Any]] = error_responses(404, 422)
 
 
-UPLOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "a .jsonl, .json (JSON Lines or an array) or .parquet dataset",
-                        }
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = upload_body("a .jsonl, .json (JSON Lines or an array) or .parquet dataset")
 
 
 @router.post(

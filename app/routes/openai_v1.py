@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import FileResponse
@@ -44,6 +44,7 @@ from app.openai_compat import (
     request_param,
 )
 from app.presenters import job_public
+from app.uploads import upload_body
 from core.config import get_settings
 from core.db import get_engine
 from core.models import Job, OpenAIJob
@@ -74,27 +75,10 @@ def cursor(after: str | None, prefix: str) -> int | None:
 
 # ---- files ----------------------------------------------------------------------------------------
 
-UPLOAD_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "purpose"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "a JSON Lines dataset (.jsonl; .json and .parquet are read too)",
-                        },
-                        "purpose": {"type": "string", "enum": [FILE_PURPOSE]},
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = upload_body(
+    "a JSON Lines dataset (.jsonl; .json and .parquet are read too)",
+    purpose={"type": "string", "enum": [FILE_PURPOSE]},
+)
 
 
 @router.post(
@@ -125,12 +109,7 @@ def list_files(
     if after_id is not None:
         files = [f for f in files if f.id is not None and (f.id > after_id if order == "asc" else f.id < after_id)]
     page = [file_object(f) for f in files[:limit]]
-    return FileList(
-        data=page,
-        has_more=len(files) > limit,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-    )
+    return FileList.of(page, has_more=len(files) > limit)
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=NOT_FOUND)
@@ -312,9 +291,4 @@ def read_checkpoints(
             raise BadRequest(f"after {after!r} is not a checkpoint of {JOB_PREFIX}{job_id}", param="after")
         checkpoints = checkpoints[ids.index(after_id) + 1 :]
     page = [checkpoint_object(session, c) for c in checkpoints[:limit]]
-    return CheckpointPage(
-        data=page,
-        has_more=len(checkpoints) > limit,
-        first_id=page[0].id if page else None,
-        last_id=page[-1].id if page else None,
-    )
+    return CheckpointPage.of(page, has_more=len(checkpoints) > limit)
