@@ -70,9 +70,10 @@ def estimate(
             logger.warning("no worker GPU sizes (%s)", exc)
     hp = job_in.hyperparameters
     strategy = resolved_strategy(job_in, shape, gpu_memory_bytes)
-    memory = plan_memory(shape, hp, gpu_memory_bytes, gpus=job_in.gpus, strategy=strategy)
+    backend = job_in.backend
+    memory = plan_memory(shape, hp, gpu_memory_bytes, gpus=job_in.gpus, strategy=strategy, backend=backend)
     if gpu_memory_bytes:
-        memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes))
+        memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes, backend))
     return memory, plan_disk(shape, hp, settings.data_dir, rows=training_rows)
 
 

@@ -128,19 +128,28 @@ def activation_bytes(shape: ModelShape, tokens: int) -> int:
     return ACTIVATION_BYTES * tokens * (shape.hidden_size + shape.intermediate_size)
 
 
-def fsdp_optimizer(optim: str) -> str:
-    """The optimizer an FSDP job trains with (bitsandbytes' cannot be sharded: trainer/run.py)."""
-    return "adamw_torch_fused" if optim in GPU_ONLY_OPTIMIZERS else optim
+def fsdp_optimizer(optim: str, backend: str) -> str:
+    """The optimizer an FSDP job trains with: the job's own under Unsloth's FSDP2, which steps
+    bitsandbytes on each GPU's shards; adamw_torch_fused in place of bitsandbytes' under the
+    transformers backend, whose FSDP cannot (trainer/run.py)."""
+    return "adamw_torch_fused" if backend == "transformers" and optim in GPU_ONLY_OPTIMIZERS else optim
 
 
 def plan_memory(
-    shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None, *, gpus: int = 1, strategy: str = "single"
+    shape: ModelShape,
+    hp: Hyperparameters,
+    gpu_memory_bytes: int | None,
+    *,
+    gpus: int = 1,
+    strategy: str = "single",
+    backend: str = "auto",
 ) -> MemoryPlan:
     """Peak memory of one GPU of the job. With `ddp` each GPU holds the whole model and DDP's
     gradient buckets; with `fsdp` the weights, gradients and optimizer states are divided among
-    the `gpus` GPUs, plus one decoder layer gathered whole at a time (and the next, prefetched)."""
+    the `gpus` GPUs, plus one decoder layer gathered whole at a time (and the next, prefetched).
+    `backend` auto is Unsloth, as on a GPU host."""
     p = shape.parameters
-    optim = fsdp_optimizer(hp.optim) if strategy == "fsdp" else hp.optim
+    optim = fsdp_optimizer(hp.optim, backend) if strategy == "fsdp" else hp.optim
     share = gpus if strategy == "fsdp" else 1
     parts = {
         "weights": -(-2 * p // share),
@@ -178,13 +187,13 @@ def plan_memory(
     return MemoryPlan(total, parts, paged, gpu_memory_bytes, verdict, max_mb, max_seq, p, gpus, strategy)
 
 
-def gpus_needed(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int) -> int | None:
+def gpus_needed(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int, backend: str = "auto") -> int | None:
     """The fewest GPUs of this size the job fits without paging: 1 when one card holds it, else
     the fewest FSDP shards it; None when not even MAX_GPUS_PLANNED do."""
     if plan_memory(shape, hp, gpu_memory_bytes).verdict == "fits":
         return 1
     for gpus in range(2, MAX_GPUS_PLANNED + 1):
-        if plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp").verdict == "fits":
+        if plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp", backend=backend).verdict == "fits":
             return gpus
     return None
 

@@ -1,16 +1,23 @@
 """Jobs on several GPUs, measured through the service on a machine of two or more GPUs.
 
 Run from the repository root on the GPU machine (docs/gpu.md):
-    scripts/gpu-multi [--out DIR] [--budget-s 560] [--phases smoke,scaling] [--ddp-compile whole]
+    scripts/gpu-multi [--out DIR] [--budget-s 560] [--runs smoke-fsdp,8b-1gpu,8b-fsdp,8b-ddp-whole]
 
-One worker leases the host's GPUs (`--gpus 0,1`). Phases, in order while the budget lasts:
+One worker leases the host's GPUs. `--runs` names the runs, in order, while the budget lasts:
 
-- smoke: a ~300M Llama on 2 GPUs, once with DDP (backend auto: Unsloth) and once with FSDP
-  (backend auto: transformers): each must succeed, name its GPUs, report VRAM per GPU, save a
-  `final` that loads and generates, and leave no process on the GPUs.
-- scaling: the Llama-3.1-8B shape at seq 4096 (micro-batch 2, accumulation 4, packed), on 1 GPU
-  and then on 2 GPUs with DDP, in this one call: tokens/s of the whole job (the median of its
-  logging windows after the first step), torch and NVML peaks per GPU, and the scaling.
+- `smoke-ddp`, `smoke-fsdp`: a ~300M Llama on 2 GPUs (backend auto: Unsloth): each must
+  succeed, name its GPUs, report VRAM per GPU, save `checkpoint-10` and a `final` that loads and
+  generates, and leave no process on the GPUs.
+- `<shape>-<mode>` with shape `8b` (Llama-3.1-8B), `14b` (phi-4) or `32b` (Qwen2.5-32B) and mode
+  `1gpu`, `fsdp`, `ddp-off`, `ddp-whole` or `ddp-split` (DDP_COMPILE): seq 4096, packed,
+  micro-batch and accumulation from `--batch` (default 2x4), `--steps` steps; tokens/s of the whole
+  job (the median of its logging windows after the first step), torch and NVML peaks per GPU,
+  and `scaling_vs_1gpu` against the same shape's `1gpu` run of this call.
+
+A run given a cap in `--cap-s` (e.g. `8b-ddp-whole:120`) is cancelled when its first step has not
+come that many seconds after training began; `--dump-at 40,80` then takes stack dumps of every
+trainer rank at those seconds (py-spy when it may attach, and always faulthandler's, which
+`kill -USR1` writes into the rank's log), saved under OUT/stacks/.
 
 Writes OUT/multi-gpu.json (with `card`, `gpus`, `strategy`, `tokens_per_second`, `scaling_vs_1gpu`
 per run) and prints a table last; exits 1 on a failed check."""
@@ -21,6 +28,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,8 +39,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.service_harness import Service
-from tests.builders import LLAMA_3_1_8B, SMALL_LLAMA, WORDS, build_llama, chat_rows, write_jsonl
+from scripts.service_harness import Service, trainer_pids
+from tests.builders import (
+    LLAMA_3_1_8B,
+    PHI_4_14B,
+    QWEN_2_5_32B,
+    SMALL_LLAMA,
+    WORDS,
+    build_llama,
+    chat_rows,
+    write_jsonl,
+)
 
 GIB = 1024**3
 
@@ -99,9 +117,23 @@ def final_generates(service: Service, job_id: int) -> str:
     return str(tokenizer.decode(out[0]))
 
 
+SHAPES = {"8b": LLAMA_3_1_8B, "14b": PHI_4_14B, "32b": QWEN_2_5_32B}
+MODES = {  # mode: (GPUs, strategy, DDP_COMPILE)
+    "1gpu": (1, "auto", "whole"),
+    "fsdp": (2, "fsdp", "whole"),
+    "ddp-off": (2, "ddp", "off"),
+    "ddp-whole": (2, "ddp", "whole"),
+    "ddp-split": (2, "ddp", "split"),
+}
+
+
 def run_job(run: Run, service: Service, spec: dict[str, Any], label: str) -> dict[str, Any]:
     job_id = service.http().post("/jobs", json=spec).json()["id"]
     service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
+    return finish_job(run, service, job_id, label)
+
+
+def finish_job(run: Run, service: Service, job_id: int, label: str) -> dict[str, Any]:
     figures = {"label": label, **job_figures(service, job_id)}
     run.check(f"{label}: succeeded", figures["status"] == "succeeded", figures["error"])
     run.check(
@@ -114,70 +146,101 @@ def run_job(run: Run, service: Service, spec: dict[str, Any], label: str) -> dic
     return figures
 
 
-def scaling(run: Run, service: Service, model: Path, dataset: Path, args: argparse.Namespace) -> None:
-    """The 8B shape on 1 GPU, then on 2 with DDP for each DDP_COMPILE in --ddp-compile (a worker
-    of its own each: the setting is the worker's). A variant given a cap in --cap-s (e.g.
-    whole:150) is cancelled if its first step has not come by then, with torch's recompile and
-    graph-break logs in its trainer logs."""
-    caps = dict(item.split(":") for item in args.cap_s.split(",") if item)
-    baseline: float | None = None
-    for count, compile_mode in [(1, None), *((2, mode) for mode in args.ddp_compile.split(","))]:
-        label = f"8b-{count}gpu" + (f"-compile-{compile_mode}" if compile_mode else "")
-        if run.time_left() < 150:
-            run.check(f"{label} skipped: out of time", False)
-            continue
-        cap = float(caps[compile_mode]) if compile_mode in caps else None
-        worker_env = {"DDP_COMPILE": compile_mode or "whole"}
-        if cap is not None:
-            worker_env["TORCH_LOGS"] = "recompiles,graph_breaks"
-        service.stop_workers()
-        service.start_worker(WORKER_GPUS=",".join(str(i) for i in range(count)), **worker_env)
-        spec = {
-            "model": str(model),
-            "dataset": {"source": str(dataset)},
-            "gpus": count,
-            "strategy": "ddp",
-            "backend": "unsloth",
-            "hyperparameters": {
-                "per_device_train_batch_size": 2,
-                "gradient_accumulation_steps": 4,
-                "max_seq_length": 4096,
-                "packing": True,
-                "learning_rate": 1e-5,
-                "max_steps": args.steps,
-                "logging_steps": 1,
-                "save_steps": 100_000,
-            },
-        }
-        if cap is not None:
-            job_id = service.http().post("/jobs", json=spec).json()["id"]
-            reached = first_step_within(service, job_id, cap)
-            run.check(f"{label}: first step within {cap:.0f} s of training start", reached)
-            if not reached:
-                service.http().post(f"/jobs/{job_id}/cancel")
-                service.wait_for(job_id, timeout_s=120)
-                run.results["runs"].append({"label": label, **job_figures(service, job_id), "reached_step": False})
-                run.save()
-                continue
-            service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
-            figures = {"label": label, **job_figures(service, job_id)}
-        else:
-            figures = run_job(run, service, spec, label)
-        figures.update(card=run.results["card"], gpus=count, strategy="single" if count == 1 else "ddp")
-        figures["ddp_compile"] = compile_mode
-        rate = figures["tokens_per_second"]
-        if count == 1:
-            baseline = rate
-        figures["scaling_vs_1gpu"] = round(rate / baseline, 3) if rate and baseline else None
-        run.results["runs"].append(figures)
-        with service.http() as http:  # 16 GB of `final` each: give the disk back
-            http.delete(f"/jobs/{figures['job_id']}")
-        run.save()
+def smoke(run: Run, service: Service, model: Path, dataset: Path, strategy: str) -> None:
+    spec = {
+        "model": str(model),
+        "dataset": {"source": str(dataset)},
+        "gpus": 2,
+        "strategy": strategy,
+        "hyperparameters": {
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "max_seq_length": 1024,
+            "learning_rate": 1e-4,
+            "max_steps": 20,
+            "logging_steps": 2,
+            "save_steps": 10,
+        },
+    }
+    label = f"smoke-{strategy}"
+    figures = run_job(run, service, spec, label)
+    placed = figures["placement"] or {}
+    run.check(
+        f"{label}: names its 2 GPUs",
+        len(placed.get("gpus", [])) == 2 and all(g["uuid"].startswith("GPU-") for g in placed["gpus"]),
+        placed,
+    )
+    run.check(f"{label}: backend unsloth", figures["backend"] == "unsloth", figures["backend"])
+    run.check(f"{label}: VRAM per GPU", len(figures["torch_peak_gib_per_gpu"]) == 2, figures)
+    kept = sorted(p.name for p in (service.job_dir(figures["job_id"]) / "checkpoints").iterdir())
+    run.check(f"{label}: checkpoint-10 and final kept", {"checkpoint-10", "final"} <= set(kept), kept)
+    if figures["status"] == "succeeded":
+        try:
+            text = final_generates(service, figures["job_id"])
+            run.check(f"{label}: final loads and generates", bool(text), text)
+        except Exception as exc:
+            run.check(f"{label}: final loads and generates", False, repr(exc))
+    run.results["runs"].append(figures)
+    run.save()
 
 
-def first_step_within(service: Service, job_id: int, cap_s: float) -> bool:
-    """Whether the job logs its first step within cap_s of entering the training phase."""
+def measure(run: Run, service: Service, name: str, model: Path, dataset: Path, args: argparse.Namespace) -> None:
+    """One `<shape>-<mode>` run on a worker of its own (DDP_COMPILE is the worker's setting)."""
+    shape, mode = name.split("-", 1)
+    count, strategy, compile_mode = MODES[mode]
+    caps = dict(item.rsplit(":", 1) for item in args.cap_s.split(",") if item)
+    cap = float(caps[name]) if name in caps else None
+    service.stop_workers()
+    service.start_worker(WORKER_GPUS=",".join(str(i) for i in range(count)), DDP_COMPILE=compile_mode)
+    micro, accumulation = (int(n) for n in args.batch.split("x"))
+    spec = {
+        "model": str(model),
+        "dataset": {"source": str(dataset)},
+        "gpus": count,
+        "strategy": strategy,
+        "backend": "unsloth",
+        "hyperparameters": {
+            "per_device_train_batch_size": micro,
+            "gradient_accumulation_steps": accumulation,
+            "max_seq_length": 4096,
+            "packing": True,
+            "learning_rate": 1e-5,
+            "max_steps": args.steps,
+            "logging_steps": 1,
+            "save_steps": 100_000,
+        },
+    }
+    job_id = service.http().post("/jobs", json=spec).json()["id"]
+    if cap is not None:
+        dumps = [float(t) for t in args.dump_at.split(",") if t]
+        reached = first_step_within(service, job_id, cap, dumps, run.out / "stacks" / name)
+        run.check(f"{name}: first step within {cap:.0f} s of training start", reached)
+        if not reached:
+            service.http().post(f"/jobs/{job_id}/cancel")
+            service.wait_for(job_id, timeout_s=120)
+            keep_logs(service, job_id, run.out / "stacks" / name)
+            run.results["runs"].append({"label": name, **job_figures(service, job_id), "reached_step": False})
+            run.save()
+            return
+    service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
+    figures = finish_job(run, service, job_id, name)
+    figures.update(card=run.results["card"], gpus=count, strategy=(figures["placement"] or {}).get("strategy"))
+    figures["ddp_compile"] = compile_mode if strategy == "ddp" and count > 1 else None
+    figures["hyperparameters"] = spec["hyperparameters"]
+    rate = figures["tokens_per_second"]
+    baseline = next((r["tokens_per_second"] for r in run.results["runs"] if r["label"] == f"{shape}-1gpu"), None)
+    figures["scaling_vs_1gpu"] = round(rate / baseline, 3) if rate and baseline else None
+    run.results["runs"].append(figures)
+    with service.http() as http:  # tens of GB of `final`: give the disk back
+        http.delete(f"/jobs/{job_id}")
+    run.save()
+
+
+def first_step_within(service: Service, job_id: int, cap_s: float, dump_at: list[float], dumps: Path) -> bool:
+    """Whether the job logs its first step within cap_s of entering the training phase; stack
+    dumps of its ranks at the dump_at seconds meanwhile."""
     training_since: float | None = None
+    pending = sorted(dump_at)
     while True:
         record = service.job(job_id)
         if record["status"] not in ("queued", "running"):
@@ -187,31 +250,57 @@ def first_step_within(service: Service, job_id: int, cap_s: float) -> bool:
         if record["phase"] == "training" and training_since is None:
             training_since = time.monotonic()
             print(f"  job {job_id}: training phase entered; waiting up to {cap_s:.0f} s for step 1", flush=True)
-        if training_since is not None and time.monotonic() - training_since > cap_s:
-            return False
+        if training_since is not None:
+            waited = time.monotonic() - training_since
+            if pending and waited >= pending[0]:
+                dump_stacks(service, job_id, dumps, f"{pending.pop(0):.0f}s")
+            if waited > cap_s:
+                return False
         time.sleep(1)
+
+
+def dump_stacks(service: Service, job_id: int, folder: Path, tag: str) -> None:
+    """Each rank's stack: py-spy's (with native frames) when it may attach, and faulthandler's
+    into the rank's own log (trainer/__main__.py registers SIGUSR1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spy = shutil.which("py-spy")
+    for pid in trainer_pids(service.data_dir, job_id):
+        if spy:
+            command = [spy, "dump", "--native", "--pid", str(pid)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+            (folder / f"py-spy-{tag}-{pid}.txt").write_text(done.stdout + done.stderr)
+        os.kill(pid, signal.SIGUSR1)
+    print(f"  job {job_id}: stack dumps at {tag} -> {folder}", flush=True)
+
+
+def keep_logs(service: Service, job_id: int, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for log in service.job_dir(job_id).glob("trainer*.log"):
+        shutil.copy(log, folder / log.name)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-multi"))
     parser.add_argument("--budget-s", type=float, default=560)
-    parser.add_argument("--phases", default="smoke,scaling")
-    parser.add_argument("--ddp-compile", default="off,whole", help="DDP_COMPILE values to run on 2 GPUs, in order")
-    parser.add_argument("--cap-s", default="", help="e.g. whole:150: give up on a variant's first step after that")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--smoke", default="ddp,fsdp", help="strategies the smoke phase runs")
+    parser.add_argument("--runs", default="smoke-fsdp,8b-1gpu,8b-fsdp")
+    parser.add_argument("--cap-s", default="", help="e.g. 8b-ddp-whole:120: give up on a run's first step after that")
+    parser.add_argument("--dump-at", default="40,80", help="seconds into a capped run's training to dump stacks")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", default="2x4", help="micro-batch x accumulation of the measured runs")
+    parser.add_argument("--keep-models", action="store_true", help="models built in OUT/models stay there")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s)
-    phases = args.phases.split(",")
+    names = [n for n in args.runs.split(",") if n]
 
     import torch
 
     gpus = torch.cuda.device_count()
     run.results["card"] = torch.cuda.get_device_name(0)
     run.results["host_gpus"] = gpus
+    run.results["argv"] = sys.argv[1:]
     chat = write_jsonl(out / "datasets" / "chat.jsonl", chat_rows(4000, words=60, system=True))
     rng = random.Random(0)
     long_text = write_jsonl(
@@ -221,52 +310,34 @@ def main() -> int:
     service = Service(
         out / "service",
         allowed_roots=[out / "models", out / "datasets"],
-        settings={"TRAINER_STANDBY": "0", "DDP_COMPILE": "off"},
+        settings={"TRAINER_STANDBY": "0", "DDP_COMPILE": "whole"},
     )
     service.start(WORKER_GPUS=",".join(str(i) for i in range(min(gpus, 2))))
+    built: dict[str, Path] = {}
     try:
-        if "smoke" in phases:
-            small = build_llama(out / "models" / "small-llama", shape=SMALL_LLAMA, dtype="bfloat16", device="cuda")
-            for strategy in args.smoke.split(","):
-                if run.time_left() < 90:
-                    run.check(f"smoke {strategy} skipped: out of time", False)
-                    continue
-                spec = {
-                    "model": str(small),
-                    "dataset": {"source": str(chat)},
-                    "gpus": 2,
-                    "strategy": strategy,
-                    "hyperparameters": {
-                        "per_device_train_batch_size": 4,
-                        "gradient_accumulation_steps": 2,
-                        "max_seq_length": 1024,
-                        "learning_rate": 1e-4,
-                        "max_steps": 20,
-                        "logging_steps": 2,
-                        "save_steps": 10,
-                    },
-                }
-                figures = run_job(run, service, spec, f"smoke-{strategy}")
-                placed = figures["placement"] or {}
-                run.check(
-                    f"smoke-{strategy}: names its 2 GPUs",
-                    len(placed.get("gpus", [])) == 2 and all(g["uuid"].startswith("GPU-") for g in placed["gpus"]),
-                    placed,
+        for name in names:
+            shape = name.split("-", 1)[0]
+            if run.time_left() < (90 if shape == "smoke" else 150):
+                run.check(f"{name} skipped: out of time", False)
+                continue
+            if shape not in built:
+                for old in built.values():  # one big model on the disk at a time
+                    if not args.keep_models:
+                        shutil.rmtree(old, ignore_errors=True)
+                built.clear()
+                started = time.monotonic()
+                built[shape] = build_llama(
+                    out / "models" / shape,
+                    shape=SMALL_LLAMA if shape == "smoke" else SHAPES[shape],
+                    dtype="bfloat16",
+                    device="cuda",
                 )
-                run.check(f"smoke-{strategy}: VRAM per GPU", len(figures["torch_peak_gib_per_gpu"]) == 2, figures)
-                if figures["status"] == "succeeded":
-                    try:
-                        text = final_generates(service, figures["job_id"])
-                        run.check(f"smoke-{strategy}: final loads and generates", bool(text), text)
-                    except Exception as exc:
-                        run.check(f"smoke-{strategy}: final loads and generates", False, repr(exc))
-                run.results["runs"].append(figures)
-                run.save()
-
-        if "scaling" in phases:
-            big = build_llama(out / "models" / "llama-8b", shape=LLAMA_3_1_8B, dtype="bfloat16", device="cuda")
-            torch.cuda.empty_cache()
-            scaling(run, service, big, long_text, args)
+                torch.cuda.empty_cache()
+                print(f"built the {shape} model in {time.monotonic() - started:.0f} s", flush=True)
+            if shape == "smoke":
+                smoke(run, service, built[shape], chat, name.split("-", 1)[1])
+            else:
+                measure(run, service, name, built[shape], long_text, args)
     finally:
         service.stop()
         run.save()

@@ -43,6 +43,15 @@ PHI_4_14B = {
     "intermediate_size": 17920,
     "vocab_size": 100352,
 }
+# Qwen2.5-32B's sizes on a Llama (32.8 B parameters): the largest shape tried on two cards.
+QWEN_2_5_32B = {
+    "hidden_size": 5120,
+    "num_hidden_layers": 64,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "intermediate_size": 27648,
+    "vocab_size": 152064,
+}
 # A 317 M Llama: big enough for the GPU scripts to exercise Unsloth's kernels, small enough for
 # a minute's training (scripts/gpu-*, bench --shape small, the planner's tests).
 SMALL_LLAMA = {
@@ -113,8 +122,13 @@ def build_llama(
         **shape,
     )
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # built in its dtype: a 32B model has no room for float32
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, max_shard_size="4GB")
     tokenizer.save_pretrained(path)

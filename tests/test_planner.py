@@ -111,11 +111,14 @@ def test_fsdp_divides_the_model_among_the_gpus_and_ddp_adds_its_buckets() -> Non
     one = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB)
     ddp = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB, gpus=2, strategy="ddp")
     fsdp = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB, gpus=4, strategy="fsdp")
+    plain_fsdp = plan_memory(shape, hp, gpu_memory_bytes=80 * GIB, gpus=4, strategy="fsdp", backend="transformers")
     assert ddp.parts["weights"] == one.parts["weights"] and ddp.parts["ddp_buckets"] == 2 * p
     assert ddp.total_bytes > one.total_bytes
-    # FSDP shards weights, gradients and the (32-bit, unpaged) optimizer states four ways.
-    assert fsdp.parts["weights"] == -(-2 * p // 4)
-    assert fsdp.parts["optimizer_states"] == -(-8 * p // 4) and not fsdp.optimizer_paged
+    # FSDP shards weights, gradients and optimizer states four ways: Unsloth's keeps the job's
+    # paged 8-bit states, the transformers backend's FSDP has 32-bit unpaged ones instead.
+    assert fsdp.parts["weights"] == plain_fsdp.parts["weights"] == -(-2 * p // 4)
+    assert fsdp.parts["optimizer_states"] == -(-2 * p // 4) and fsdp.optimizer_paged
+    assert plain_fsdp.parts["optimizer_states"] == -(-8 * p // 4) and not plain_fsdp.optimizer_paged
     assert fsdp.parts["activations"] == one.parts["activations"]
     assert (fsdp.gpus, fsdp.strategy) == (4, "fsdp")
 
@@ -133,6 +136,10 @@ def test_the_fewest_gpus_that_hold_a_job_without_paging() -> None:
         plan_memory(phi_4, hp, 80 * GIB, gpus=needed - 1, strategy="fsdp" if needed > 2 else "single").verdict != "fits"
     )
     assert gpus_needed(phi_4, hp, 2 * GIB) is None  # not even 64 cards of 2 GiB
+    # Two 80 GB cards hold it with Unsloth's FSDP2 (8-bit states); the transformers backend's
+    # 32-bit states need a third.
+    assert needed == 2
+    assert gpus_needed(phi_4, hp, 80 * GIB, backend="transformers") == 3
 
 
 def test_estimate_endpoint_gives_figures_and_verdicts(
@@ -169,7 +176,7 @@ def test_job_that_cannot_fit_the_gpu_is_refused_with_the_figures(
     )
     assert response.json()["detail"].endswith(
         "and the GPU has 24.0 GiB; the model alone does not fit this card: train a smaller model or use a larger "
-        "GPU; or spread it over 6 GPUs of this size (gpus: 6, strategy fsdp)"
+        "GPU; or spread it over 3 GPUs of this size (gpus: 3, strategy fsdp)"
     )
     assert client.get("/jobs").json()["items"] == []
 

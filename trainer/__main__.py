@@ -5,11 +5,16 @@ import time
 
 STARTED = time.monotonic()  # before any import: the interpreter's own start is all that precedes it
 
+import faulthandler  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # `kill -USR1 <trainer pid>` writes every thread's Python stack into the trainer's log (stderr)
+    # and training goes on: how to see where a rank that makes no progress is (docs/scheduling.md).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if sys.argv[1:] == ["--standby"]:
         from trainer.standby import serve
 

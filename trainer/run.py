@@ -58,9 +58,10 @@ PUBLIC_PHASES = {
     "evaluating": Phase.evaluating,
     "saving": Phase.saving,
 }
-# The strategies the pinned Unsloth trains with; a job on several GPUs with another (fsdp) runs on
-# the transformers backend (docs/scheduling.md, "What runs where").
-UNSLOTH_STRATEGIES = frozenset({"single", "ddp"})
+# Unsloth 2026.10.9 runs DDP, and FSDP2 of its own when UNSLOTH_FSDP2=1 is set before its import:
+# it shards the model before the optimizer exists, steps bitsandbytes' 8-bit Adam on the local
+# shards and gathers full checkpoints (docs/scheduling.md, "What runs where").
+UNSLOTH_FSDP_ENV = {"UNSLOTH_FSDP2": "1"}
 VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 
 
@@ -215,21 +216,14 @@ class Run:
         if self.strategy == "fsdp" and not has_cuda:
             raise JobFailure(
                 ErrorCode.gpu_unavailable,
-                "strategy 'fsdp' needs CUDA GPUs (accelerate shards a model only across accelerator devices) and "
-                "this worker's ranks see none.",
+                "strategy 'fsdp' needs CUDA GPUs (accelerate shards a model only across accelerator devices, and "
+                "Unsloth needs CUDA) and this worker's ranks see none.",
                 action="Resubmit the job with strategy 'ddp' to train on this host's CPU ranks, or run it on a "
                 "GPU host.",
             )
         backend = self.spec.backend
         if backend == "auto":
-            backend = "unsloth" if has_cuda and self.strategy in UNSLOTH_STRATEGIES else "transformers"
-        if backend == "unsloth" and self.strategy not in UNSLOTH_STRATEGIES:
-            raise JobFailure(
-                ErrorCode.backend_unavailable,
-                f"backend 'unsloth' does not train with strategy {self.strategy!r} on several GPUs (it does ddp).",
-                action="Resubmit the job with strategy 'ddp' if one GPU holds the model, or with backend "
-                "'transformers' (or 'auto') for fsdp.",
-            )
+            backend = "unsloth" if has_cuda else "transformers"
         if backend == "unsloth" and not has_cuda:
             raise JobFailure(
                 ErrorCode.gpu_unavailable,
@@ -238,6 +232,8 @@ class Run:
                 "backend 'transformers'.",
             )
         if backend == "unsloth":
+            if self.strategy == "fsdp":
+                os.environ.update(UNSLOTH_FSDP_ENV)  # read by Unsloth at import and in Trainer.__init__
             try:
                 import unsloth  # noqa: F401  (patches transformers and trl: must come first)
             except Exception as exc:  # never train silently on another backend
@@ -454,10 +450,11 @@ class Run:
                 EventKind.optimizer_replaced,
                 f"optimizer {hp.optim!r} needs a CUDA GPU; this worker has none, so adamw_torch is used",
             )
-        elif self.strategy == "fsdp" and optim in GPU_ONLY_OPTIMIZERS:
-            # Seen on 2 x H200 (docs/scheduling.md): FSDP2 hands bitsandbytes DTensors it cannot
-            # update, and FSDP1 trains but cannot gather its states into a checkpoint (tensors
+        elif self.strategy == "fsdp" and backend == "transformers" and optim in GPU_ONLY_OPTIMIZERS:
+            # Seen on 2 x H200 (docs/scheduling.md): accelerate's FSDP2 hands bitsandbytes DTensors it
+            # cannot update, and FSDP1 trains but cannot gather its states into a checkpoint (tensors
             # on two devices). Sharding already divides the optimizer's states among the GPUs.
+            # (Unsloth's own FSDP2 steps bitsandbytes on the local shards: the job's optimizer stays.)
             optim = "adamw_torch_fused"
             event(
                 self.job_id,
@@ -494,8 +491,8 @@ class Run:
             prediction_loss_only=True,
             bf16=on_gpu,
             use_cpu=not on_gpu,
-            # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's.
-            # (FSDP's own activation checkpointing replaces it there: distributed_config.)
+            # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's
+            # (FSDP's own activation checkpointing replaces it there: distributed_config).
             gradient_checkpointing=backend == "transformers" and self.strategy != "fsdp",
             report_to="none",
             disable_tqdm=False,
@@ -508,7 +505,9 @@ class Run:
         if distributed.world_size() == 1:
             return {}
         fields: dict[str, Any] = {"ddp_backend": "nccl" if on_gpu else "gloo"}
-        if self.strategy == "fsdp":
+        if self.strategy == "fsdp" and backend == "unsloth":
+            pass  # Unsloth shards the model itself in the Trainer's __init__ (UNSLOTH_FSDP_ENV)
+        elif self.strategy == "fsdp":
             fields["fsdp"] = "full_shard auto_wrap"
             fields["fsdp_config"] = {
                 "fsdp_version": 1,
