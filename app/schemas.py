@@ -255,7 +255,8 @@ class MemoryEstimate(BaseModel):
     total_gib: float
     parts: dict[str, int] = Field(
         description="weights, gradients, optimizer_states, activations, cuda_context, allocator_overhead, and with "
-        "several GPUs ddp_buckets (ddp) or gathered_layers (fsdp): bytes on one GPU"
+        "several GPUs ddp_buckets (ddp), gathered_weights_and_gradients (fsdp, fit layout) or gathered_layers "
+        "(fsdp, sharded layout): bytes on one GPU"
     )
     optimizer_paged: bool
     parameters: int
@@ -268,6 +269,11 @@ class MemoryEstimate(BaseModel):
     gpus_needed: int | None = Field(
         description="the fewest GPUs of this size that hold the job without paging (FSDP beyond one); null "
         "when the GPU is unknown or not even 64 do"
+    )
+    fsdp_layout: Literal["fit", "sharded"] | None = Field(
+        default=None,
+        description="fsdp: 'fit' when one GPU holds the job with its weights kept gathered through each step "
+        "(fastest), else 'sharded' (weights, gradients and optimizer states divided among the GPUs); null otherwise",
     )
 
 

@@ -49,6 +49,12 @@ PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 # Llama-3.1-8B shape (torch peak 48.3 against 32.8 GiB; docs/scheduling.md), about one more
 # bf16 copy of the gradients.
 DDP_BYTES_PER_PARAM = 2
+# Unsloth's FSDP2 "fit" layout, for a job one card holds: each GPU keeps the trainable weights
+# gathered from forward to backward and across accumulation micro-batches, which is fast (no
+# re-gathering) but holds one GPU's memory plus about this much per parameter: measured for the
+# Llama-3.1-8B shape on 2 x H200 (torch peak 55.1 against 32.8 GiB on one card; docs/scheduling.md),
+# as DDP_BYTES_PER_PARAM was.
+FSDP_FIT_BYTES_PER_PARAM = 3
 # The most GPUs gpus_needed looks at.
 MAX_GPUS_PLANNED = 64
 
@@ -122,6 +128,7 @@ class MemoryPlan:
     gpus: int = 1  # the plan is for one of this many GPUs
     strategy: str = "single"
     gpus_needed: int | None = None  # the fewest GPUs of this size that hold the job without paging
+    fsdp_layout: str | None = None  # fsdp: "fit" (weights kept gathered: fast) or "sharded" (lean)
 
 
 def activation_bytes(shape: ModelShape, tokens: int) -> int:
@@ -145,12 +152,37 @@ def plan_memory(
     backend: str = "auto",
 ) -> MemoryPlan:
     """Peak memory of one GPU of the job. With `ddp` each GPU holds the whole model and DDP's
-    gradient buckets; with `fsdp` the weights, gradients and optimizer states are divided among
-    the `gpus` GPUs, plus one decoder layer gathered whole at a time (and the next, prefetched).
-    `backend` auto is Unsloth, as on a GPU host."""
+    gradient buckets. With `fsdp` under Unsloth (backend auto on a GPU host) the layout is the
+    one fsdp_layout picks: "fit" keeps the weights gathered, "sharded" divides the weights,
+    gradients and optimizer states among the `gpus` GPUs, plus one decoder layer gathered whole
+    at a time (and the next, prefetched)."""
+    if strategy == "fsdp" and gpus > 1 and backend != "transformers" and gpu_memory_bytes:
+        fit = _plan(shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="fit")
+        if fit.verdict == "fits":
+            return fit
+    return _plan(shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="sharded", backend=backend)
+
+
+def fsdp_layout(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None, gpus: int) -> str:
+    """Unsloth's FSDP2 layout for a job: "fit" when a card holds it with the weights kept gathered
+    (fast), else "sharded" (every state divided, gradients reduced at each micro-batch)."""
+    return plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp").fsdp_layout or "sharded"
+
+
+def _plan(
+    shape: ModelShape,
+    hp: Hyperparameters,
+    gpu_memory_bytes: int | None,
+    *,
+    gpus: int,
+    strategy: str,
+    layout: str,
+    backend: str = "auto",
+) -> MemoryPlan:
     p = shape.parameters
     optim = fsdp_optimizer(hp.optim, backend) if strategy == "fsdp" else hp.optim
-    share = gpus if strategy == "fsdp" else 1
+    # The fit layout is planned as one GPU's job plus what was measured on top of it.
+    share = gpus if strategy == "fsdp" and layout == "sharded" else 1
     parts = {
         "weights": -(-2 * p // share),
         "gradients": -(-2 * p // share),
@@ -160,7 +192,9 @@ def plan_memory(
     }
     if strategy == "ddp" and gpus > 1:
         parts["ddp_buckets"] = DDP_BYTES_PER_PARAM * p
-    if strategy == "fsdp" and gpus > 1:
+    if strategy == "fsdp" and gpus > 1 and layout == "fit":
+        parts["gathered_weights_and_gradients"] = FSDP_FIT_BYTES_PER_PARAM * p
+    elif strategy == "fsdp" and gpus > 1:
         parts["gathered_layers"] = 2 * 2 * (p // max(shape.num_hidden_layers, 1))
     fixed = parts["weights"] + parts["gradients"] + parts["optimizer_states"]
     parts["allocator_overhead"] = int(OVERHEAD_SHARE * fixed)
@@ -184,7 +218,19 @@ def plan_memory(
         max_seq = int(max_tokens // hp.per_device_train_batch_size)
         if shape.max_position_embeddings:
             max_seq = min(max_seq, int(shape.max_position_embeddings))
-    return MemoryPlan(total, parts, paged, gpu_memory_bytes, verdict, max_mb, max_seq, p, gpus, strategy)
+    return MemoryPlan(
+        total,
+        parts,
+        paged,
+        gpu_memory_bytes,
+        verdict,
+        max_mb,
+        max_seq,
+        p,
+        gpus,
+        strategy,
+        fsdp_layout=layout if strategy == "fsdp" and gpus > 1 else None,
+    )
 
 
 def gpus_needed(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int, backend: str = "auto") -> int | None:

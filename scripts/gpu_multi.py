@@ -9,7 +9,8 @@ One worker leases the host's GPUs. `--runs` names the runs, in order, while the 
   succeed, name its GPUs, report VRAM per GPU, save `checkpoint-10` and a `final` that loads and
   generates, and leave no process on the GPUs.
 - `<shape>-<mode>` with shape `8b` (Llama-3.1-8B), `14b` (phi-4) or `32b` (Qwen2.5-32B) and mode
-  `1gpu`, `fsdp`, `ddp-off`, `ddp-whole` or `ddp-split` (DDP_COMPILE): seq 4096, packed,
+  `1gpu`, `fsdp`, `fsdp-80gb` (FSDP planned for an 80 GB card: the layout such a card gets),
+  `ddp-off`, `ddp-whole` or `ddp-split` (DDP_COMPILE): seq 4096, packed,
   micro-batch and accumulation from `--batch` (default 2x4), `--steps` steps; tokens/s of the whole
   job (the median of its logging windows after the first step), torch and NVML peaks per GPU,
   and `scaling_vs_1gpu` against the same shape's `1gpu` run of this call.
@@ -52,6 +53,7 @@ from tests.builders import (
 )
 
 GIB = 1024**3
+H100_80GB_BYTES = 81_559 * 1024**2  # what an H100 80GB HBM3 reports
 
 
 class Run:
@@ -121,6 +123,7 @@ SHAPES = {"8b": LLAMA_3_1_8B, "14b": PHI_4_14B, "32b": QWEN_2_5_32B}
 MODES = {  # mode: (GPUs, strategy, DDP_COMPILE)
     "1gpu": (1, "auto", "whole"),
     "fsdp": (2, "fsdp", "whole"),
+    "fsdp-80gb": (2, "fsdp", "whole"),  # planned as on an H100 80GB (GPU_MEMORY_BYTES): its FSDP layout
     "ddp-off": (2, "ddp", "off"),
     "ddp-whole": (2, "ddp", "whole"),
     "ddp-split": (2, "ddp", "split"),
@@ -191,7 +194,8 @@ def measure(run: Run, service: Service, name: str, model: Path, dataset: Path, a
     caps = dict(item.rsplit(":", 1) for item in args.cap_s.split(",") if item)
     cap = float(caps[name]) if name in caps else None
     service.stop_workers()
-    service.start_worker(WORKER_GPUS=",".join(str(i) for i in range(count)), DDP_COMPILE=compile_mode)
+    card = {"GPU_MEMORY_BYTES": str(H100_80GB_BYTES)} if mode.endswith("-80gb") else {}
+    service.start_worker(WORKER_GPUS=",".join(str(i) for i in range(count)), DDP_COMPILE=compile_mode, **card)
     micro, accumulation = (int(n) for n in args.batch.split("x"))
     spec = {
         "model": str(model),
@@ -217,7 +221,7 @@ def measure(run: Run, service: Service, name: str, model: Path, dataset: Path, a
         run.check(f"{name}: first step within {cap:.0f} s of training start", reached)
         if not reached:
             service.http().post(f"/jobs/{job_id}/cancel")
-            service.wait_for(job_id, timeout_s=120)
+            service.wait_for(job_id, timeout_s=max(30, min(120, run.time_left())))
             keep_logs(service, job_id, run.out / "stacks" / name)
             run.results["runs"].append({"label": name, **job_figures(service, job_id), "reached_step": False})
             run.save()

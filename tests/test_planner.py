@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.planner import GIB, gpus_needed, plan_memory, shape_from_config
+from core.planner import GIB, fsdp_layout, gpus_needed, plan_memory, shape_from_config
 from core.spec import Hyperparameters
 from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA
 from tests.conftest import Env, job_spec
@@ -268,3 +268,23 @@ def test_refusal_names_the_largest_micro_batch_and_sequence_that_fit(
         f"at max_seq_length 4096 the largest micro-batch that fits is {estimate['max_micro_batch']}, and at "
         f"micro-batch 64 the longest max_seq_length is {estimate['max_seq_length']}"
     )
+
+
+def test_fsdp_keeps_the_weights_gathered_only_where_a_card_holds_them() -> None:
+    hp = Hyperparameters(max_seq_length=4096)
+    eight_b, phi_4 = shape_from_config(dict(LLAMA_3_1_8B)), shape_from_config(dict(PHI_4_14B))
+    # The 8B job fits one card: Unsloth's fast "fit" layout, planned as one GPU's job plus what
+    # keeping the weights and gradients gathered was measured to add.
+    fit = plan_memory(eight_b, hp, 80 * GIB, gpus=2, strategy="fsdp")
+    assert fit.fsdp_layout == fsdp_layout(eight_b, hp, 80 * GIB, 2) == "fit"
+    one = plan_memory(eight_b, hp, 80 * GIB)
+    assert fit.parts["gathered_weights_and_gradients"] == 3 * eight_b.parameters
+    assert fit.total_bytes - fit.parts["gathered_weights_and_gradients"] == one.total_bytes
+    # phi-4 does not fit one 80 GB card: everything is divided between the two.
+    sharded = plan_memory(phi_4, hp, 80 * GIB, gpus=2, strategy="fsdp")
+    assert sharded.fsdp_layout == fsdp_layout(phi_4, hp, 80 * GIB, 2) == "sharded"
+    assert sharded.parts["weights"] == -(-2 * phi_4.parameters // 2) and "gathered_layers" in sharded.parts
+    assert sharded.verdict == "fits"
+    # The transformers backend's FSDP is always planned sharded; DDP and one GPU have no layout.
+    assert plan_memory(eight_b, hp, 80 * GIB, gpus=2, strategy="fsdp", backend="transformers").fsdp_layout == "sharded"
+    assert plan_memory(eight_b, hp, 80 * GIB, gpus=2, strategy="ddp").fsdp_layout is None

@@ -60,8 +60,14 @@ PUBLIC_PHASES = {
 }
 # Unsloth 2026.10.9 runs DDP, and FSDP2 of its own when UNSLOTH_FSDP2=1 is set before its import:
 # it shards the model before the optimizer exists, steps bitsandbytes' 8-bit Adam on the local
-# shards and gathers full checkpoints (docs/scheduling.md, "What runs where").
-UNSLOTH_FSDP_ENV = {"UNSLOTH_FSDP2": "1"}
+# shards and gathers full checkpoints (docs/scheduling.md, "What runs where"). Its layout follows
+# the planner (core/planner.fsdp_layout): "fit" keeps the weights gathered through a step (fast);
+# "sharded" divides everything and reduces gradients at each micro-batch, since the default for
+# that layout ("skip") holds every gradient unsharded in float32 until the last micro-batch.
+UNSLOTH_FSDP_LAYOUT_ENV = {
+    "fit": {"UNSLOTH_FSDP2_LAYOUT": "fit"},
+    "sharded": {"UNSLOTH_FSDP2_LAYOUT": "sharded", "UNSLOTH_FSDP2_GA_SYNC": "each"},
+}
 VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
 
 
@@ -233,7 +239,7 @@ class Run:
             )
         if backend == "unsloth":
             if self.strategy == "fsdp":
-                os.environ.update(UNSLOTH_FSDP_ENV)  # read by Unsloth at import and in Trainer.__init__
+                os.environ.update(self.unsloth_fsdp_env())  # read by Unsloth at import and in Trainer.__init__
             try:
                 import unsloth  # noqa: F401  (patches transformers and trl: must come first)
             except Exception as exc:  # never train silently on another backend
@@ -243,6 +249,24 @@ class Run:
                     action="Install the gpu extra (pip install '.[gpu]') on this worker, then resubmit the job.",
                 ) from exc
         return backend
+
+    def unsloth_fsdp_env(self) -> dict[str, str]:
+        """Unsloth's FSDP2, in the layout the planner picks for this card (GPU_MEMORY_BYTES, when set,
+        stands for the card's size)."""
+        import torch
+
+        from core.planner import PlanError, fsdp_layout, read_config, shape_from_config
+
+        env = {"UNSLOTH_FSDP2": "1"}
+        card = self.settings.gpu_memory_bytes or torch.cuda.get_device_properties(0).total_memory
+        try:
+            shape = shape_from_config(read_config(self.spec.model, allow_network=False))
+        except PlanError as exc:  # Unsloth picks the layout itself
+            logger.info("FSDP layout left to Unsloth: %s", exc)
+            return env
+        layout = fsdp_layout(shape, self.spec.hyperparameters, card, distributed.world_size())
+        logger.info("FSDP layout %r for a card of %.1f GiB", layout, card / 1024**3)
+        return {**env, **UNSLOTH_FSDP_LAYOUT_ENV[layout]}
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -541,7 +565,7 @@ class Run:
             return
 
         self.phase = "preparing"
-        self.configure_compile()
+        self.configure_compile(backend, model)
         from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
         from trainer.sft import JobSFTTrainer
@@ -604,7 +628,7 @@ class Run:
                 note=f"; fsync and rename took {seconds:.2f} s",
             )
 
-    def configure_compile(self) -> None:
+    def configure_compile(self, backend: str, model: Any) -> None:
         """DDP_COMPILE for a DDP job on several GPUs (core/config.py)."""
         if distributed.world_size() == 1 or self.strategy != "ddp":
             return
@@ -615,6 +639,10 @@ class Run:
             torch._dynamo.config.optimize_ddp = False
         elif choice == "off":
             torch._dynamo.config.disable = True
+        if choice != "off" and backend == "unsloth":
+            from trainer.unsloth_compat import warm_packed_attention_probe
+
+            warm_packed_attention_probe(model)  # else compiled DDP deadlocks in its first step
         logger.info(
             "DDP with torch.compile %s", {"whole": "of whole graphs", "split": "split at buckets", "off": "off"}[choice]
         )

@@ -86,6 +86,7 @@ def estimate_job(request: EstimateRequest) -> Estimate:
             gpus=memory.gpus,
             strategy=memory.strategy,  # type: ignore[arg-type]
             gpus_needed=memory.gpus_needed,
+            fsdp_layout=memory.fsdp_layout,  # type: ignore[arg-type]
         ),
         disk=DiskEstimate(**dataclasses.asdict(disk)),
     )
