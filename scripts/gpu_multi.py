@@ -226,7 +226,10 @@ def measure(run: Run, service: Service, name: str, model: Path, dataset: Path, a
             run.results["runs"].append({"label": name, **job_figures(service, job_id), "reached_step": False})
             run.save()
             return
-    service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
+    try:
+        service.wait_for(job_id, timeout_s=max(60, run.time_left()), echo=True)
+    except AssertionError as exc:  # out of time (e.g. still saving `final`): keep what the record has
+        run.check(f"{name}: finished within the budget", False, exc)
     figures = finish_job(run, service, job_id, name)
     figures.update(card=run.results["card"], gpus=count, strategy=(figures["placement"] or {}).get("strategy"))
     figures["ddp_compile"] = compile_mode if strategy == "ddp" and count > 1 else None
