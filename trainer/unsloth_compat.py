@@ -30,21 +30,31 @@ def warm_packed_attention_probe(model: Any) -> int:
     except (ImportError, AttributeError) as exc:
         logger.info("no packed-attention probe to warm (%s)", exc)
         return 0
-    shapes = set()
-    for module in model.modules():
-        config, head_dim = getattr(module, "config", None), getattr(module, "head_dim", None)
-        weight = getattr(getattr(module, "q_proj", None), "weight", None)
-        if config is None or not isinstance(head_dim, int) or weight is None or weight.device.type != "cuda":
-            continue
-        window = sliding_window(module, {})
-        if window is no_window:
-            continue
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        # The key reaches attention with its own heads, or repeated to the query's (repeat_kv).
-        for key_heads in {kv_heads, heads}:
-            shapes.add((weight.device.index, weight.dtype, head_dim, heads, key_heads, window))
+    shapes = {
+        shape
+        for shape in attention_shapes(model, sliding_window)
+        if shape[0] is not None and shape[-1] is not no_window  # on a GPU, with a window varlen takes
+    }
     for shape in sorted(shapes, key=str):
         probe(*shape)
     logger.info("warmed Unsloth's packed-attention probe for %d attention shape(s)", len(shapes))
     return len(shapes)
+
+
+def attention_shapes(model: Any, sliding_window: Any) -> set[tuple[Any, ...]]:
+    """The probe's keys for the model's attention layers: (CUDA device index or None, dtype,
+    head_dim, query heads, key heads, window), as Unsloth's packed attention passes them."""
+    shapes = set()
+    for module in model.modules():
+        config, head_dim = getattr(module, "config", None), getattr(module, "head_dim", None)
+        weight = getattr(getattr(module, "q_proj", None), "weight", None)
+        if config is None or not isinstance(head_dim, int) or weight is None:
+            continue
+        index = weight.device.index if weight.device.type == "cuda" else None
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        window = sliding_window(module, {})
+        # The key reaches attention with its own heads, or repeated to the query's (repeat_kv).
+        for key_heads in {kv_heads, heads}:
+            shapes.add((index, weight.dtype, head_dim, heads, key_heads, window))
+    return shapes
