@@ -530,7 +530,7 @@ class Run:
             return {}
         fields: dict[str, Any] = {"ddp_backend": "nccl" if on_gpu else "gloo"}
         if self.strategy == "fsdp" and backend == "unsloth":
-            pass  # Unsloth shards the model itself in the Trainer's __init__ (UNSLOTH_FSDP_ENV)
+            pass  # Unsloth shards the model itself in the Trainer's __init__ (unsloth_fsdp_env)
         elif self.strategy == "fsdp":
             fields["fsdp"] = "full_shard auto_wrap"
             fields["fsdp_config"] = {
