@@ -3,6 +3,8 @@ the card named as the cause when NVML lists any."""
 
 from __future__ import annotations
 
+import os
+
 from trainer.neighbours import CardState, Neighbour, SlowdownWatch
 
 GIB = 1024**3
@@ -40,3 +42,31 @@ def test_a_fall_on_a_card_of_its_own_says_no_neighbour_was_found() -> None:
         "(evaluation or longer sequences can slow steps)"
     )
     assert told[:-1] == [None] * 4
+
+
+def test_the_jobs_own_ranks_are_not_neighbours() -> None:
+    """Ranks are siblings (children of one work horse): a rank's card listing leaves the others out,
+    so their memory is not reported as someone else's."""
+    import json
+    import subprocess
+    import sys
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        listed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json, os; from trainer.neighbours import _job_processes as j; "
+                "print(json.dumps([os.getpid(), sorted(j())]))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rank, own = json.loads(listed.stdout)
+        assert rank in own and sibling.pid in own
+        assert os.getpid() not in own  # the parent (the work horse) is not one of the ranks
+    finally:
+        sibling.kill()
+        sibling.wait()

@@ -55,7 +55,7 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
         memory=NoMemory(),  # type: ignore[arg-type]
         checkpoints_dir=tmp_path,
         tokens_trained=lambda: tokens[0],
-        eval_seconds=lambda: evaluating[0],
+        paused_seconds=lambda: evaluating[0],
     )
     args = TrainingArguments(output_dir=str(tmp_path), save_steps=1000, report_to="none", use_cpu=True)
     state, control = TrainerState(max_steps=10), TrainerControl()

@@ -86,7 +86,7 @@ class JobReporter(TrainerCallback):
         memory: MemoryProbe,
         checkpoints_dir: Path,
         tokens_trained: Callable[[], float],
-        eval_seconds: Callable[[], float],
+        paused_seconds: Callable[[], float],
         publish_seconds: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.job_id = job_id
@@ -94,12 +94,13 @@ class JobReporter(TrainerCallback):
         self.memory = memory
         self.checkpoints_dir = checkpoints_dir
         self.tokens_trained = tokens_trained
-        self.eval_seconds = eval_seconds
+        # Seconds spent evaluating and saving checkpoints so far, which tokens/s leaves out.
+        self.paused_seconds = paused_seconds
         self.publish_seconds = publish_seconds
         self._first_step_end: tuple[int, float] | None = None
         self._last_logged_step = 0
         self._held_row: StepLog | None = None  # a step's row waiting for the evaluation that follows it
-        # (wall time, tokens seen, seconds spent evaluating) at the start of the tokens/s window:
+        # (wall time, tokens seen, seconds paused) at the start of the tokens/s window:
         # it opens after the first step (which compiles) and leaves out evaluations.
         self._last_log: tuple[float, float, float] | None = None
         self.first_step_seconds: float | None = None
@@ -180,7 +181,7 @@ class JobReporter(TrainerCallback):
             now = time.monotonic()
             self._first_step_end = (state.global_step, now)
             self.first_step_seconds = now - self._train_start
-            self._last_log = (now, self.tokens_trained(), self.eval_seconds())
+            self._last_log = (now, self.tokens_trained(), self.paused_seconds())
             self._last_logged_step = state.global_step  # the step-duration windows start here too
 
     @_timed
@@ -202,18 +203,18 @@ class JobReporter(TrainerCallback):
             return  # the end-of-training summary (train_runtime, ...) is not a step log
         now = time.monotonic()
         tokens = self.tokens_trained()
-        evaluating = self.eval_seconds()
+        paused = self.paused_seconds()
         tokens_per_second = None
         step_seconds: tuple[float, int] | None = None  # (seconds per step in this window, steps)
         if self._last_log is not None:
-            started, tokens_then, evaluating_then = self._last_log
-            training = (now - started) - (evaluating - evaluating_then)
+            started, tokens_then, paused_then = self._last_log
+            training = (now - started) - (paused - paused_then)
             if training > 0 and tokens > tokens_then:
                 tokens_per_second = round((tokens - tokens_then) / training, 1)
             steps = state.global_step - self._last_logged_step
             if training > 0 and steps > 0:
                 step_seconds = (training / steps, steps)
-        self._last_log = (now, tokens, evaluating)
+        self._last_log = (now, tokens, paused)
         self._last_logged_step = state.global_step
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}

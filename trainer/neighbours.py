@@ -44,8 +44,11 @@ class CardState:
 
 
 def _handle(pynvml: Any) -> Any:
-    """The first GPU of CUDA_VISIBLE_DEVICES (an index or a UUID), as CUDA will number it 0."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    """This rank's GPU: the LOCAL_RANK-th of CUDA_VISIBLE_DEVICES (an index or a UUID; the first for
+    a single trainer), as CUDA will number it."""
+    visible_list = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    visible = visible_list[min(local_rank, len(visible_list) - 1)].strip()
     if visible.startswith(("GPU-", "MIG-")):
         return pynvml.nvmlDeviceGetHandleByUUID(visible)
     return pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0)
@@ -59,8 +62,26 @@ def _process_name(pid: int) -> str:
         return "(name unknown)"
 
 
+def _job_processes() -> set[int]:
+    """This trainer and its sibling ranks (one parent, the worker's work horse): the job's own."""
+    own, parent = {os.getpid()}, os.getppid()
+    if parent <= 1:
+        return own
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                if int(handle.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    own.add(int(entry))
+        except (OSError, IndexError, ValueError):  # gone, or not ours to read
+            continue
+    return own
+
+
 def card_state() -> CardState | None:
-    """The job's GPU and the other processes on it; None without an NVIDIA driver."""
+    """The job's GPU and the other processes on it (not the job's own ranks); None without an
+    NVIDIA driver."""
     try:
         import pynvml
 
@@ -72,9 +93,9 @@ def card_state() -> CardState | None:
             for process in listing(handle):
                 used = process.usedGpuMemory
                 processes[int(process.pid)] = int(used) if isinstance(used, int) else None
-        own = os.getpid()
+        own = _job_processes()
         neighbours = tuple(
-            Neighbour(pid, _process_name(pid), used) for pid, used in sorted(processes.items()) if pid != own
+            Neighbour(pid, _process_name(pid), used) for pid, used in sorted(processes.items()) if pid not in own
         )
         name = pynvml.nvmlDeviceGetName(handle)
         return CardState(

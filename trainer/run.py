@@ -596,7 +596,7 @@ class Run:
                 memory=memory,
                 checkpoints_dir=self.checkpoints_dir,
                 tokens_trained=tokens_trained,
-                eval_seconds=lambda: trainer.eval_seconds,
+                paused_seconds=lambda: trainer.paused_seconds,
                 publish_seconds=lambda: trainer.last_publish_seconds,
             )
             trainer.add_callback(self.reporter)

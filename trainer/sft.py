@@ -54,7 +54,7 @@ class JobSFTTrainer(SFTTrainer):
         self.min_free_bytes = min_free_bytes
         self.last_publish_seconds = 0.0  # fsync and rename of the newest checkpoint
         self._tokens: Any = 0
-        self.eval_seconds = 0.0  # time spent evaluating, which tokens/s must leave out
+        self.paused_seconds = 0.0  # time spent evaluating and saving checkpoints, which tokens/s leaves out
         self._staging_root: str | None = None  # while a checkpoint is written: where it goes
         self.checkpoints_dir = Path(str(self.args.output_dir))
         self.job_dir = self.checkpoints_dir.parent
@@ -67,7 +67,7 @@ class JobSFTTrainer(SFTTrainer):
         try:
             return super().evaluate(*args, **kwargs)
         finally:
-            self.eval_seconds += time.monotonic() - started
+            self.paused_seconds += time.monotonic() - started
             if self.on_phase:
                 self.on_phase("training")
 
@@ -87,6 +87,13 @@ class JobSFTTrainer(SFTTrainer):
         return self._staging_root or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        started = time.monotonic()
+        try:
+            self._save_checkpoint_staged(model, trial)
+        finally:
+            self.paused_seconds += time.monotonic() - started
+
+    def _save_checkpoint_staged(self, model: Any, trial: Any) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = run_dir / name

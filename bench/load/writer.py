@@ -90,7 +90,7 @@ class Writer:
             memory=H100MemoryProbe(),  # type: ignore[arg-type]
             checkpoints_dir=get_settings().checkpoints_dir(job_id),
             tokens_trained=lambda: float(self.step * TOKENS_PER_STEP),
-            eval_seconds=lambda: 0.0,
+            paused_seconds=lambda: 0.0,
         )
         self.watch = TrainerWatch(job_id)
 
