@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from app.errors import BadRequest, NotFound, OpenAICode
 from core.contract import ErrorCode, EventKind
 from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
-from core.spec import MAX_DB_INT, Hyperparameters, JobSpec
+from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy
 
 JOB_PREFIX, FILE_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "ftjob-", "file-", "ftevent-", "ftckpt-"
 STEP_EVENT_PREFIX = EVENT_PREFIX + "step-"
@@ -126,8 +126,8 @@ class Method(BaseModel):
 
 
 class CreateFineTuningJob(BaseModel):
-    """POST /v1/fine_tuning/jobs, as the openai SDK sends it; `native_hyperparameters` is this
-    server's own addition (the SDK sends it with `extra_body`)."""
+    """POST /v1/fine_tuning/jobs, as the openai SDK sends it; `native_hyperparameters`, `gpus` and
+    `strategy` are this server's own additions (the SDK sends them with `extra_body`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -151,6 +151,12 @@ class CreateFineTuningJob(BaseModel):
         default=None,
         description="this server's own hyperparameters (those of POST /jobs), set over what the fields above give: "
         "e.g. max_steps, max_seq_length, logging_steps, save_steps",
+    )
+    gpus: int | None = Field(
+        default=None, ge=1, le=64, description="this server's own: GPUs of one host the job trains on (default 1)"
+    )
+    strategy: Strategy | None = Field(
+        default=None, description="this server's own: how several GPUs share the job (auto, ddp or fsdp)"
     )
 
 
@@ -228,6 +234,7 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
     }
     if request.validation_file is not None:
         spec["validation"] = {"file_id": file_param(request.validation_file, "validation_file")}
+    spec.update({name: value for name in ("gpus", "strategy") if (value := getattr(request, name)) is not None})
     try:
         return JobSpec.model_validate(spec)
     except ValidationError as exc:

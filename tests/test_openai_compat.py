@@ -88,9 +88,16 @@ def test_a_job_through_the_openai_sdk(
     assert hyperparameters["learning_rate"] == pytest.approx(1e-3)
     assert (hyperparameters["num_train_epochs"], hyperparameters["seed"], hyperparameters["max_steps"]) == (1, 7, 6)
 
-    # A second job waits behind the first on the one worker: pause, resume and cancel it there.
-    other = sdk.fine_tuning.jobs.create(model=str(tiny_model), training_file=uploaded.id)
+    # A second job waits behind the first on the one worker: pause, resume and cancel it there. It
+    # asks for two GPUs, which the native spec gets.
+    other = sdk.fine_tuning.jobs.create(
+        model=str(tiny_model), training_file=uploaded.id, extra_body={"gpus": 2, "strategy": "ddp"}
+    )
     assert sdk.fine_tuning.jobs.pause(other.id).status == "paused"
+    assert {k: http.get(other.job_url).json()["spec"][k] for k in ("gpus", "strategy")} == {  # type: ignore[attr-defined]
+        "gpus": 2,
+        "strategy": "ddp",
+    }
     assert sdk.fine_tuning.jobs.retrieve(other.id).status == "paused"
     assert sdk.fine_tuning.jobs.resume(other.id).status == "queued"
     cancelled = sdk.fine_tuning.jobs.cancel(other.id)
