@@ -101,7 +101,7 @@ class JobReporter(TrainerCallback):
         self._last_logged_step = 0
         self._held_row: StepLog | None = None  # a step's row waiting for the evaluation that follows it
         # (wall time, tokens seen, seconds paused) at the start of the tokens/s window:
-        # it opens after the first step (which compiles) and leaves out evaluations.
+        # it opens after the first step (which compiles) and leaves out evaluations and checkpoint saves.
         self._last_log: tuple[float, float, float] | None = None
         self.first_step_seconds: float | None = None
         self.overhead_s = 0.0
