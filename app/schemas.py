@@ -92,6 +92,9 @@ class Placement(BaseModel):
     effective_batch: int = Field(
         description="sequences per optimizer step: per_device_train_batch_size x gradient_accumulation_steps x gpus"
     )
+    fsdp_layout: Literal["fit", "sharded"] | None = Field(
+        default=None, description="fsdp: the planner's layout for these GPUs (POST /jobs/estimate's memory.fsdp_layout)"
+    )
 
 
 class JobError(BaseModel):

@@ -40,6 +40,7 @@ def test_a_two_rank_job_trains_logs_once_and_saves_one_loadable_final(
     assert placement["world_size"] == 2 and placement["strategy"] == "ddp"
     assert [g["index"] for g in placement["gpus"]] == [0, 1]
     assert placement["effective_batch"] == 2 * 2 * 2  # micro-batch x accumulation x GPUs
+    assert placement["fsdp_layout"] is None  # a layout is FSDP's alone
 
     with service.http() as http:
         steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
@@ -172,6 +173,7 @@ def test_an_fsdp_job_without_cuda_fails_early_saying_what_to_do(
     job_id = service.submit({**ddp_spec(tiny_model, chat_dataset), "strategy": "fsdp"})
     record = service.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=240)
     assert record["status"] == "failed"
+    assert record["placement"]["fsdp_layout"] == "sharded"  # planned by the worker; cards of unknown size: lean
     assert record["error"]["code"] == "gpu_unavailable"
     assert "strategy 'fsdp' needs CUDA GPUs" in record["error"]["message"]
     assert "strategy 'ddp'" in record["error"]["message"]

@@ -125,6 +125,7 @@ class Run:
         self.trainer: Any = None
         self.spec: JobSpec
         self.strategy = "single"  # single, ddp or fsdp: the worker's choice (job.placement)
+        self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
         self.attempt = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
@@ -139,7 +140,9 @@ class Run:
             # The spec checks shapes only: the API checked the paths on submit (app/sources.py), and
             # what has happened to them since is a failure with its own code (check_sources).
             self.spec = JobSpec.model_validate(job.spec)
-            self.strategy = str((job.placement or {}).get("strategy") or "single")
+            placement = job.placement or {}
+            self.strategy = str(placement.get("strategy") or "single")
+            self.fsdp_layout = placement.get("fsdp_layout")
             self.attempt = job.attempts
             requested = "cancelled" if job.cancel_requested_at else "paused" if job.pause_requested_at else None
         if requested:  # asked for before this process could take the signal
@@ -251,22 +254,9 @@ class Run:
         return backend
 
     def unsloth_fsdp_env(self) -> dict[str, str]:
-        """Unsloth's FSDP2, in the layout the planner picks for this card (GPU_MEMORY_BYTES, when set,
-        stands for the card's size)."""
-        import torch
-
-        from core.planner import PlanError, fsdp_layout, read_config, shape_from_config
-
-        env = {"UNSLOTH_FSDP2": "1"}
-        card = self.settings.gpu_memory_bytes or torch.cuda.get_device_properties(0).total_memory
-        try:
-            shape = shape_from_config(read_config(self.spec.model, allow_network=False))
-        except PlanError as exc:  # Unsloth picks the layout itself
-            logger.info("FSDP layout left to Unsloth: %s", exc)
-            return env
-        layout = fsdp_layout(shape, self.spec.hyperparameters, card, distributed.world_size())
-        logger.info("FSDP layout %r for a card of %.1f GiB", layout, card / 1024**3)
-        return {**env, **UNSLOTH_FSDP_LAYOUT_ENV[layout]}
+        """Unsloth's FSDP2, in the layout the worker planned (none planned: Unsloth picks it)."""
+        logger.info("Unsloth FSDP2, layout %s", self.fsdp_layout or "of Unsloth's choosing")
+        return {"UNSLOTH_FSDP2": "1", **UNSLOTH_FSDP_LAYOUT_ENV.get(self.fsdp_layout or "", {})}
 
     def load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer
@@ -529,9 +519,7 @@ class Run:
         if distributed.world_size() == 1:
             return {}
         fields: dict[str, Any] = {"ddp_backend": "nccl" if on_gpu else "gloo"}
-        if self.strategy == "fsdp" and backend == "unsloth":
-            pass  # Unsloth shards the model itself in the Trainer's __init__ (unsloth_fsdp_env)
-        elif self.strategy == "fsdp":
+        if self.strategy == "fsdp" and backend == "transformers":
             fields["fsdp"] = "full_shard auto_wrap"
             fields["fsdp_config"] = {
                 "fsdp_version": 1,
@@ -540,9 +528,10 @@ class Run:
                 "state_dict_type": "FULL_STATE_DICT",
                 "activation_checkpointing": True,
             }
-        else:
+        elif self.strategy == "ddp":
             # Every parameter gets a gradient in a full fine-tune: no search for unused ones.
             fields["ddp_find_unused_parameters"] = False
+        # (Unsloth's own FSDP2 shards the model in the Trainer's __init__: nothing to set here.)
         return fields
 
     def train(self) -> None:

@@ -132,13 +132,16 @@ class Lease:
         except RedisError as exc:  # the lease lapses by itself within LEASE_TTL_S
             logger.warning("job %s: could not release GPUs %s (%s)", self.job_id, self.indices, exc)
 
-    def placement(self, world_size: int, strategy: str, effective_batch: int) -> dict[str, object]:
+    def placement(
+        self, world_size: int, strategy: str, effective_batch: int, fsdp_layout: str | None = None
+    ) -> dict[str, object]:
         return {
             "host": self.host.host if self.host is not None else socket.gethostname(),
             "gpus": [asdict(g) for g in self.gpus],
             "world_size": world_size,
             "strategy": strategy,
             "effective_batch": effective_batch,
+            "fsdp_layout": fsdp_layout,
         }
 
 

@@ -35,7 +35,7 @@ from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
-from core.planner import PlanError, read_config, resolved_strategy, shape_from_config
+from core.planner import PlanError, fsdp_layout, read_config, resolved_strategy, shape_from_config
 from core.queue import get_redis
 from core.reconcile import recover_lost_job
 from core.spec import JobSpec
@@ -163,7 +163,8 @@ def run_job(job_id: int) -> str:
         logger.info("job %s is not queued any more; nothing to do", job_id)
         return "skipped"
     try:
-        placement = lease.placement(spec.gpus, resolve_strategy(spec, lease), effective_batch(spec))
+        strategy, layout = resolve_strategy(spec, lease)
+        placement = lease.placement(spec.gpus, strategy, effective_batch(spec), layout)
         attempt = claim(job_id, placement)
         if attempt is None:
             logger.info("job %s is not queued any more; nothing to do", job_id)
@@ -178,14 +179,19 @@ def effective_batch(spec: JobSpec) -> int:
     return hp.per_device_train_batch_size * hp.gradient_accumulation_steps * spec.gpus
 
 
-def resolve_strategy(spec: JobSpec, lease: Lease) -> str:
-    """The planner's choice for the leased cards (core/planner.resolved_strategy)."""
-    card = min((g.memory_bytes for g in lease.gpus if g.memory_bytes), default=None)
+def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
+    """The planner's strategy for the leased cards (core/planner.resolved_strategy) and, for fsdp,
+    Unsloth's layout (core/planner.fsdp_layout; None when the model's config cannot be read:
+    Unsloth then picks it). The operator's GPU_MEMORY_BYTES stands for the cards' size, as it
+    does when the API plans."""
+    card = get_settings().gpu_memory_bytes or min((g.memory_bytes for g in lease.gpus if g.memory_bytes), default=None)
     try:
         shape = shape_from_config(read_config(spec.model, allow_network=False)) if spec.gpus > 1 else None
     except PlanError:
         shape = None
-    return resolved_strategy(spec, shape, card)
+    strategy = resolved_strategy(spec, shape, card)
+    layout = fsdp_layout(shape, spec.hyperparameters, card, spec.gpus) if strategy == "fsdp" and shape else None
+    return strategy, layout
 
 
 def fail_unplaceable(job_id: int, reason: str) -> None:
