@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import HUB_DATASET, HUB_MODEL, HUB_SPEC, Env
 
 TOO_BIG = 2**63  # one past the largest integer the database holds
-SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+SPEC = HUB_SPEC  # Hub ids in the tests' Hugging Face cache
 
 
 def with_tokens(monkeypatch: pytest.MonkeyPatch, tokens: str) -> None:
@@ -53,7 +53,7 @@ def test_a_file_id_past_the_database_range_is_422(client: httpx.Client, env: Env
 
 @pytest.mark.parametrize("field", ["model", "dataset.source", "chat_template_from", "validation.source"])
 def test_a_home_folder_that_does_not_exist_is_422(client: httpx.Client, env: Env, field: str) -> None:
-    spec: dict = {"model": "org/m", "dataset": {"source": "org/d"}}
+    spec: dict = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}}
     value = "~nosuchuser/models/x"
     if field == "dataset.source":
         spec["dataset"] = {"source": value}
