@@ -216,3 +216,11 @@ def test_docs_and_redoc_load_every_asset_from_this_host(client: httpx.Client, en
             response = client.get(url)
             assert response.status_code == 200 and len(response.content) > 1000, (page, url)
     assert "/docs-assets" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_docs_show_the_summary_sentence_once(client: httpx.Client, env: Env) -> None:
+    """Swagger UI and ReDoc show the summary, then the description beneath it."""
+    info = client.get("/openapi.json").json()["info"]
+    assert info["summary"].startswith("Queue, run and watch full fine-tuning jobs")
+    assert info["summary"] not in info["description"]
+    assert info["description"].startswith("The `/v1` routes are an OpenAI-compatible view")
