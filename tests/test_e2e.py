@@ -36,7 +36,7 @@ def test_submit_train_watch_and_download_final_checkpoint(
         "eta_seconds": 0.0,
     }
     assert record["metrics"]["loss"] > 0
-    assert record["metrics"]["tokens_per_second"] > 0
+    assert record["metrics"]["tokens_per_second"] > 0 and record["metrics"]["tokens_per_second_mean"] > 0
     assert record["error"] is None and record["finished_at"] is not None
 
     logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
