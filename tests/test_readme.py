@@ -22,7 +22,7 @@ def block_after(marker: str, fence: str) -> str:
 
 def test_the_openai_sdk_example_runs_as_written(service: Service, env: Env, tiny_model: Path, tmp_path: Path) -> None:
     code = block_after("## OpenAI-compatible API", "python")
-    printed = block_after("(so the job is number 2), it prints:", "")  # the output shown under it
+    printed = block_after("(its third job), it prints:", "")  # the output shown under it
     assert code.count("http://127.0.0.1:8000/v1") == 1
     checkout = tmp_path / "checkout"  # the walk-through's data/models/tiny and data/datasets/chat.jsonl
     (checkout / "data" / "models").mkdir(parents=True)
