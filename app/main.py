@@ -40,7 +40,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 DESCRIPTION = """The `/v1` routes are an OpenAI-compatible view of the same jobs and files, for the official
 `openai` SDK (`base_url="<this server>/v1"`, `api_key=` one of the tokens).
 
-When the server sets `API_TOKENS`, every `/jobs`, `/files` and `/v1` call needs
+When the server sets `API_TOKENS`, every `/jobs`, `/files`, `/storage`, `/metrics` and `/v1` call needs
 `Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
 call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
 without a token: they show what the API is, not what it holds."""

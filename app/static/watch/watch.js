@@ -71,17 +71,21 @@ function yAxis(values, kind) {
   let lo = Math.min(...values), hi = Math.max(...values);
   if (kind === "log" && lo > 0) {
     const a = Math.log10(lo), b = Math.max(Math.log10(hi), a + 1e-3);
-    // 1-2-5 ticks inside the range; over several decades, the powers of ten alone.
-    let ticks = [];
+    const at = (v) => (Math.log10(v) - a) / (b - a);
+    // The ends, and 1-2-5 values between them (over several decades, the powers of ten alone),
+    // each at least a tenth of the height from the next.
+    let inner = [];
     for (let e = Math.floor(a); e <= Math.ceil(b); e++) {
-      for (const m of [1, 2, 5]) {
-        const t = +(m * 10 ** e).toPrecision(12);
-        if (t >= lo && t <= hi) ticks.push(t);
-      }
+      for (const m of [1, 2, 5]) inner.push(+(m * 10 ** e).toPrecision(12));
     }
-    if (ticks.length > 7) ticks = ticks.filter((t) => Math.abs(Math.log10(t) % 1) < 1e-9);
-    if (ticks.length < 2) ticks = [lo, hi];
-    return {log: true, ticks, at: (v) => (Math.log10(v) - a) / (b - a)};
+    inner = inner.filter((t) => t > lo && t < hi);
+    if (inner.length > 6) inner = inner.filter((t) => Math.abs(Math.log10(t) % 1) < 1e-9);
+    const ticks = [lo];
+    for (const t of [...inner, hi]) {
+      if (at(t) - at(ticks[ticks.length - 1]) >= 0.1) ticks.push(t);
+      else if (t === hi) ticks[ticks.length - 1] = hi;
+    }
+    return {log: true, ticks, at};
   }
   if (kind === "zero") lo = 0;
   if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
@@ -109,7 +113,6 @@ function chart(svg, series, axis, emptyText) {
     if (y.log) svg.append(svgNode("line", {x1: L, x2: W - R, y1: at.toFixed(1), y2: at.toFixed(1), stroke: "#eee"}));
     svg.append(svgNode("text", {x: L - 4, y: Math.min(Math.max(at + 4, T + 8), H - B), "text-anchor": "end"}, num(t)));
   }
-  if (y.log) svg.append(svgNode("text", {x: L + 4, y: T + 10}, "log scale"));
   svg.append(svgNode("text", {x: L, y: H - 6}, `step ${x0}`));
   svg.append(svgNode("text", {x: W - R, y: H - 6, "text-anchor": "end"}, `step ${hi(0)}`));
   series.forEach((s, i) => {
@@ -121,6 +124,7 @@ function chart(svg, series, axis, emptyText) {
     const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
     svg.append(svgNode("text", legend, s.label));
   });
+  if (y.log) svg.append(svgNode("text", {x: W - R - 4, y: T + 10 + 14 * series.length, "text-anchor": "end"}, "log scale"));
 }
 function pointsOf(pick) {
   return logs.filter((r) => pick(r) != null).map((r) => [r.step, pick(r)]);
