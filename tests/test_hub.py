@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app import hub
 from tests.builders import cache_hub_dataset, cache_hub_model, chat_rows
 from tests.conftest import HUB_DATASET, HUB_MODEL, Env, clear_caches, job_spec, run_to_end
 
@@ -141,6 +142,7 @@ def online(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyP
         monkeypatch.delenv(name)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HUB_PROBE_TIMEOUT_S", "0.5")
+    monkeypatch.setattr(hub, "PROBE", hub.HubProbe())  # no answer kept from another test
     clear_caches()
     yield monkeypatch
 
