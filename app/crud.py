@@ -167,41 +167,46 @@ def list_jobs(
 
 
 def cancel_job(*, session: Session, job_id: int) -> Job:
-    job = get_job(session=session, job_id=job_id)
-    if job.status.finished:
-        raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
-    now = utcnow()
-    # A job that is not running ends here and now. Conditional updates, so a worker that claims
-    # the job (or a resume that queues it) at this very moment wins cleanly.
-    not_running = ((JobStatus.paused, "cancelled while paused"), (JobStatus.queued, "cancelled before it started"))
-    for was, message in not_running:
-        if job.status != was:
-            continue
-        if move_job(
-            session,
-            job_id,
-            was,
-            status=JobStatus.cancelled,
-            finished_at=now,
-            cancel_requested_at=now,
-            error_code=ErrorCode.cancelled,
-            error_message=message,
-        ):
-            add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message=message)
-            session.commit()
-            session.refresh(job)
-            return job
-        session.refresh(job)
-    if job.status == JobStatus.running and job.cancel_requested_at is None:
-        job.cancel_requested_at = now
-        add_event(
-            session=session,
-            job_id=job_id,
-            kind=EventKind.cancel_requested,
-            message="cancel requested; training stops at the next step",
-        )
-        session.commit()
-    return job
+    """A queued or paused job ends here and now; a running one is asked to stop (its worker ends it
+    within CANCEL_GRACE_S). Each move is a conditional update and the job is read again when one
+    loses a race (a worker pausing or claiming the job at this very moment), so an accepted cancel
+    is never dropped: a job ends cancelled whatever it was doing."""
+    for _ in range(5):  # each lost race means the job moved on; it cannot move far
+        job = get_job(session=session, job_id=job_id)
+        if job.status.finished:
+            raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
+        now = utcnow()
+        if job.status == JobStatus.running:
+            if job.cancel_requested_at is not None:
+                return job
+            if move_job(session, job_id, JobStatus.running, cancel_requested_at=now):
+                add_event(
+                    session=session,
+                    job_id=job_id,
+                    kind=EventKind.cancel_requested,
+                    message="cancel requested; training stops at its next micro-batch",
+                )
+                session.commit()
+                session.refresh(job)
+                return job
+        else:
+            message = "cancelled while paused" if job.status == JobStatus.paused else "cancelled before it started"
+            if move_job(
+                session,
+                job_id,
+                job.status,
+                status=JobStatus.cancelled,
+                finished_at=now,
+                cancel_requested_at=now,
+                error_code=ErrorCode.cancelled,
+                error_message=message,
+            ):
+                add_event(session=session, job_id=job_id, kind=EventKind.cancelled, message=message)
+                session.commit()
+                session.refresh(job)
+                return job
+        session.rollback()
+    raise Conflict(f"job {job_id} kept changing while it was being cancelled; read it and try again")
 
 
 def list_logs(*, session: Session, job_id: int, after_step: int | None, limit: int) -> Sequence[StepLog]:

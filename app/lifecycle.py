@@ -46,15 +46,19 @@ def pause_job(*, session: Session, job_id: int) -> Job:
         if job.cancel_requested_at is not None:
             raise Conflict(f"job {job_id} is being cancelled; it cannot be paused")
         if job.pause_requested_at is None:
-            job.pause_requested_at = utcnow()
+            # Conditional: a job that ended, or whose cancel was accepted, since it was read is not
+            # marked as pausing.
+            if not move_job(session, job_id, JobStatus.running, unless_cancelled=True, pause_requested_at=utcnow()):
+                session.rollback()
+                raise Conflict(f"job {job_id} changed while it was being paused; read it and try again")
             add_event(
                 session=session,
                 job_id=job_id,
                 kind=EventKind.pause_requested,
                 message="pause requested; the trainer saves a checkpoint at the next step and ends",
             )
-            session.add(job)
             session.commit()
+            session.refresh(job)
     return job
 
 
@@ -108,12 +112,24 @@ def delete_job(*, session: Session, job_id: int) -> Deleted:
     job_dir = get_settings().job_dir(job_id)
     if trainer_running(job_dir):
         raise Conflict(f"a trainer of job {job_id} is still running; try again once it has stopped")
+    # Conditional on the status it was read with: a resume (paused -> queued) racing this delete
+    # makes one of the two lose with a 409, never a queued job that is also deleted.
+    if not move_job(
+        session,
+        job_id,
+        job.status,
+        deleted_at=utcnow(),
+        spec={},
+        data_report=None,
+        metrics=None,
+        vram=None,
+        versions=None,
+        error_message=None,
+    ):
+        session.rollback()
+        raise Conflict(f"job {job_id} changed while it was being deleted (resumed?); read it and try again")
     for table in (StepLog, JobEvent, Checkpoint):
         session.execute(delete(table).where(col(table.job_id) == job_id))
-    job.deleted_at = utcnow()
-    job.spec, job.data_report, job.metrics, job.vram, job.versions = {}, None, None, None, None
-    job.error_message = None
-    session.add(job)
     session.commit()
     freed, files = _folder_size(job_dir)
     shutil.rmtree(job_dir, ignore_errors=True)

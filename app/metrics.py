@@ -128,6 +128,13 @@ class ServiceCollector(Collector):
         step = _gauge("finetune_job_step", "Optimizer step of each running job.", ("job_id",))
         total_steps = _gauge("finetune_job_total_steps", "Optimizer steps of each running job.", ("job_id",))
         tokens = _gauge("finetune_job_tokens_per_second", "Tokens/s at each running job's last log.", ("job_id",))
+        stalled = _gauge(
+            "finetune_job_stalled_seconds",
+            "Seconds since a running job's last training step, once it has gone STALL_AFTER_S without one "
+            "(0 while it steps).",
+            ("job_id",),
+        )
+        now = datetime.now(UTC)
         used = _gauge(
             "finetune_gpu_memory_used_bytes",
             "Memory in use on a running job's GPU (NVML, all processes), at its last step log.",
@@ -135,7 +142,16 @@ class ServiceCollector(Collector):
         )
         histogram: dict[str, Any] = {"buckets": [0] * (len(STEP_SECONDS_BUCKETS) + 1), "sum": 0.0, "count": 0}
         # Only the columns used: a scrape reads every job that has metrics, never its spec or report.
-        columns = (Job.id, Job.status, Job.step, Job.total_steps, Job.metrics, Job.vram, Job.worker_name)
+        columns = (
+            Job.id,
+            Job.status,
+            Job.step,
+            Job.total_steps,
+            Job.metrics,
+            Job.vram,
+            Job.worker_name,
+            Job.stalled_since,
+        )
         rows = session.execute(
             sa_select(*map(col, columns)).where(col(Job.deleted_at).is_(None), col(Job.metrics).is_not(None))
         )
@@ -151,10 +167,14 @@ class ServiceCollector(Collector):
             step.add_metric(label, job.step)
             total_steps.add_metric(label, job.total_steps or 0)
             tokens.add_metric(label, (job.metrics or {}).get("tokens_per_second") or 0.0)
+            since = job.stalled_since
+            if since is not None and since.tzinfo is None:  # SQLite keeps no zone (the column is UTC)
+                since = since.replace(tzinfo=UTC)
+            stalled.add_metric(label, (now - since).total_seconds() if since is not None else 0.0)
             vram = job.vram or {}
             if vram.get("device_used") is not None:
                 used.add_metric([job.worker_name or "", str(job.id)], vram["device_used"])
-        yield from (step, total_steps, tokens, used)
+        yield from (step, total_steps, tokens, stalled, used)
 
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, STEP_SECONDS_BUCKETS), "+Inf"], histogram["buckets"], strict=True):

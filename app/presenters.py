@@ -54,7 +54,12 @@ def job_public(job: Job) -> JobPublic:
         phase=Phase(job.phase) if job.status == JobStatus.running and job.phase else None,
         cancel_requested=job.cancel_requested_at is not None,
         progress=Progress(
-            step=job.step, total_steps=job.total_steps, epoch=job.epoch, percent=percent, eta_seconds=job.eta_seconds
+            step=job.step,
+            total_steps=job.total_steps,
+            epoch=job.epoch,
+            percent=percent,
+            eta_seconds=job.eta_seconds,
+            stalled_since=job.stalled_since if job.status == JobStatus.running else None,
         ),
         metrics=Metrics(**(job.metrics or {})),
         vram=vram(job.vram, JobVram),

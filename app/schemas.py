@@ -30,6 +30,10 @@ class Progress(BaseModel):
     epoch: float | None
     percent: float | None
     eta_seconds: float | None
+    stalled_since: datetime | None = Field(
+        default=None,
+        description="set while a running job has taken no training step for STALL_AFTER_S: when it last did",
+    )
 
 
 class Metrics(BaseModel):

@@ -44,8 +44,13 @@ class Settings(BaseSettings):
     # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few
     # GB per shard keeps downloads and Range requests file-sized.
     max_shard_size: str = "4GB"
-    # How long a running job may take to stop after a cancel before its trainer is killed.
-    cancel_grace_s: float = Field(default=300.0, gt=0)
+    # How long a running job may take to end after a cancel before its trainer is killed. A cancel
+    # keeps nothing, so the trainer stops at its next micro-batch (at the next step with several
+    # GPUs); past this, killing it is as good and frees the GPU.
+    cancel_grace_s: float = Field(default=10.0, gt=0)
+    # A running job that takes no training step (nor micro-batch) for this long although its
+    # trainer lives is reported: a `stalled` event, `progress.stalled_since`, and a gauge in /metrics.
+    stall_after_s: float = Field(default=900.0, gt=0)
     # How long a worker asked to stop (SIGTERM) waits for its trainer to save a checkpoint and end
     # before it kills it. Keep it below the stop_grace_period of compose.yaml (docker compose down).
     stop_grace_s: float = Field(default=240.0, gt=0)

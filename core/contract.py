@@ -70,6 +70,7 @@ class EventKind(StrEnum):
     started = "started"
     waiting = "waiting"  # for an earlier attempt's trainer to let go of the job's folder
     resumed = "resumed"
+    restarted = "restarted"  # an earlier attempt trained, but no checkpoint was left: from step 0 again
     checkpoint_discarded = "checkpoint_discarded"
     dataset_loaded = "dataset_loaded"
     gpu_shared = "gpu_shared"  # other processes hold memory on the job's GPU
@@ -81,6 +82,8 @@ class EventKind(StrEnum):
     checkpoint_removed = "checkpoint_removed"
     reporting_overhead = "reporting_overhead"
     slowdown = "slowdown"  # tokens/s fell, with the cause when one is known
+    stalled = "stalled"  # no training step for STALL_AFTER_S although the trainer process lives
+    stall_ended = "stall_ended"  # steps came again after a stall
     cancel_requested = "cancel_requested"
     pause_requested = "pause_requested"
     paused = "paused"
@@ -104,6 +107,9 @@ STEP_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 1
 
 # The trainer's result file, in the job's folder (DATA_DIR/jobs/<id>/), read by the worker.
 RESULT_FILE = "result.json"
+# Touched by the trainer at every step and micro-batch, in the job's folder: the worker's proof of
+# progress (worker/stalls.py).
+PROGRESS_FILE = "progress"
 # Set by the worker for the trainer: the work horse's pid, whose death stops the trainer.
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 # Set for a standby trainer, whose work horse is not its parent: it watches that pid instead.

@@ -77,9 +77,16 @@ class Job(SQLModel, table=True):
     # the row stays as a tombstone so that its id is never given to another job (SQLite reuses
     # the largest rowid) and every API process's cache learns it is gone.
     deleted_at: datetime | None = _ts()
+    # Times a worker started the job. Starts that followed a pause, a worker's graceful stop or a
+    # micro-batch too large for the GPU are `requested_restarts` too: MAX_ATTEMPTS counts only the
+    # others (attempts - requested_restarts), the starts that followed a lost worker.
     attempts: int = 0
+    requested_restarts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     worker_name: str | None = None
     heartbeat_at: datetime | None = _ts()
+    # When a running job last made progress, once it has gone STALL_AFTER_S without a training
+    # step (the worker's StallWatch); None while it steps.
+    stalled_since: datetime | None = _ts()
 
 
 class StepLog(SQLModel, table=True):

@@ -37,11 +37,26 @@ def recover_lost_job(
     *, session: Session, job_id: int, reason: str, connection: Redis | None = None, attempt: int | None = None
 ) -> str:
     """A job whose worker is gone: queue it again (it resumes from its last checkpoint) while
-    attempts remain, else fail it with `worker_lost`. With `attempt`, only that attempt is
-    recovered: a report about an earlier, superseded attempt changes nothing. Returns what was done."""
+    attempts remain, else fail it with `worker_lost`; one whose cancel was accepted ends cancelled,
+    never queued again. With `attempt`, only that attempt is recovered: a report about an earlier,
+    superseded attempt changes nothing. Returns what was done."""
+    for _ in range(2):  # a second look when a cancel landed between the read and the update
+        outcome = _recover(session=session, job_id=job_id, reason=reason, connection=connection, attempt=attempt)
+        if outcome != "raced":
+            return outcome
+    return "nothing"
+
+
+def counted_attempts(job: Job) -> int:
+    """Starts that count against MAX_ATTEMPTS: those that followed a lost worker, not the ones a
+    pause, a worker's graceful stop or a smaller micro-batch asked for."""
+    return job.attempts - job.requested_restarts
+
+
+def _recover(*, session: Session, job_id: int, reason: str, connection: Redis | None, attempt: int | None) -> str:
     settings = get_settings()
     job = session.get(Job, job_id)
-    if job is None or job.status.finished:
+    if job is None or job.status.finished or job.deleted_at is not None:
         return "nothing"
     current_attempt = job.attempts if job.status == JobStatus.running else job.attempts + 1
     if attempt is not None and attempt != current_attempt:
@@ -56,7 +71,7 @@ def recover_lost_job(
                 "error_message": f"cancelled; its worker stopped before confirming ({reason})",
             },
         )
-    elif job.attempts < settings.max_attempts:
+    elif counted_attempts(job) < settings.max_attempts:
         outcome, values = "requeued", {"status": JobStatus.queued, "heartbeat_at": None, "worker_name": None}
     else:
         outcome, values = (
@@ -65,22 +80,26 @@ def recover_lost_job(
                 "status": JobStatus.failed,
                 "error_code": ErrorCode.worker_lost,
                 "error_message": (
-                    f"{reason}. The job was tried {job.attempts} time(s), the most allowed (MAX_ATTEMPTS); "
+                    f"{reason}. The job was tried {counted_attempts(job)} time(s), the most allowed (MAX_ATTEMPTS); "
                     "check the worker's log and resubmit."
                 ),
             },
         )
     if outcome != "requeued":
         values["finished_at"] = utcnow()
-    result = session.execute(update(Job).where(col(Job.id) == job_id, col(Job.status) == job.status).values(**values))
+    values["stalled_since"] = None
+    conditions = [col(Job.id) == job_id, col(Job.status) == job.status]
+    if outcome == "requeued":
+        conditions.append(col(Job.cancel_requested_at).is_(None))
+    result = session.execute(update(Job).where(*conditions).values(**values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
-        return "nothing"
+        return "raced" if outcome == "requeued" else "nothing"
     # Checkpoints the lost trainer finished but never recorded: listed, downloadable, resumable.
     sync_records(session=session, job_id=job_id, checkpoints_dir=settings.checkpoints_dir(job_id))
     if outcome == "requeued":
         message = (
-            f"{reason}; queued again (attempt {job.attempts + 1} of {settings.max_attempts}), "
+            f"{reason}; queued again (attempt {counted_attempts(job) + 1} of {settings.max_attempts}), "
             "resuming from its last checkpoint if it has one"
         )
         add_event(session=session, job_id=job_id, kind=EventKind.retried, message=message)
@@ -140,7 +159,9 @@ def reconcile(connection: Redis | None = None) -> dict[str, int]:
         # A job row younger than this may sit between its commit and its enqueue: leave it alone.
         grace = timedelta(seconds=settings.enqueue_grace_s)
         queued = session.exec(
-            select(Job.id, Job.attempts).where(Job.status == JobStatus.queued, col(Job.created_at) < now - grace)
+            select(Job.id, Job.attempts).where(
+                Job.status == JobStatus.queued, col(Job.created_at) < now - grace, col(Job.deleted_at).is_(None)
+            )
         ).all()
         for job_id, attempts in queued:
             assert job_id is not None

@@ -18,7 +18,7 @@ One worker leases the host's GPUs. `--runs` names the runs, in order, while the 
 A run given a cap in `--cap-s` (e.g. `8b-ddp-whole:120`) is cancelled when its first step has not
 come that many seconds after training began; `--dump-at 40,80` then takes stack dumps of every
 trainer rank at those seconds (py-spy when it may attach, and always faulthandler's, which
-`kill -USR1` writes into the rank's log), saved under OUT/stacks/.
+`kill -QUIT` writes into the rank's log), saved under OUT/stacks/.
 
 Writes OUT/multi-gpu.json (with `card`, `gpus`, `strategy`, `tokens_per_second`, `scaling_vs_1gpu`
 per run) and prints a table last; exits 1 on a failed check."""
@@ -268,7 +268,7 @@ def first_step_within(service: Service, job_id: int, cap_s: float, dump_at: list
 
 def dump_stacks(service: Service, job_id: int, folder: Path, tag: str) -> None:
     """Each rank's stack: py-spy's (with native frames) when it may attach, and faulthandler's
-    into the rank's own log (trainer/__main__.py registers SIGUSR1)."""
+    into the rank's own log (trainer/__main__.py registers SIGQUIT)."""
     folder.mkdir(parents=True, exist_ok=True)
     spy = shutil.which("py-spy")
     for pid in trainer_pids(service.data_dir, job_id):
@@ -276,7 +276,7 @@ def dump_stacks(service: Service, job_id: int, folder: Path, tag: str) -> None:
             command = [spy, "dump", "--native", "--pid", str(pid)]
             done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
             (folder / f"py-spy-{tag}-{pid}.txt").write_text(done.stdout + done.stderr)
-        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGQUIT)
     print(f"  job {job_id}: stack dumps at {tag} -> {folder}", flush=True)
 
 

@@ -25,7 +25,14 @@ def test_submit_stores_job_and_enqueues_it_after_commit(
     assert record["spec"]["model"] == str(tiny_model)
     assert record["spec"]["hyperparameters"]["optim"] == "paged_adamw_8bit"  # the default is filled in
     assert record["spec"]["backend"] == "auto"
-    assert record["progress"] == {"step": 0, "total_steps": None, "epoch": None, "percent": None, "eta_seconds": None}
+    assert record["progress"] == {
+        "step": 0,
+        "total_steps": None,
+        "epoch": None,
+        "percent": None,
+        "eta_seconds": None,
+        "stalled_since": None,
+    }
     assert record["error"] is None
     assert record["links"]["logs"] == f"/jobs/{record['id']}/logs"
     assert record["created_at"].endswith("Z") or record["created_at"].endswith("+00:00")

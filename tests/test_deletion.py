@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import Env, job_spec, run_to_end
 
@@ -158,3 +159,59 @@ def test_another_api_process_forgets_a_deleted_job_within_the_finished_records_m
     time.sleep(0.3)
     assert client.get(f"/jobs/{job_id}").status_code == 404
     assert client.get(f"/jobs/{job_id}/events").status_code == 404
+
+
+def paused_job(client: httpx.Client, tiny_model: Path, chat_dataset: Path) -> int:
+    job_id = int(client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).json()["id"])
+    assert client.post(f"/jobs/{job_id}/pause").json()["status"] == "paused"
+    return job_id
+
+
+def test_a_resume_that_lands_while_a_delete_runs_makes_the_delete_fail(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race as it happens: DELETE has read the job as paused, a resume commits, then DELETE
+    writes. One of the two must lose; never a job both queued and deleted."""
+    from app import lifecycle
+    from core.db import session_scope
+
+    job_id = paused_job(client, tiny_model, chat_dataset)
+
+    def resume_meanwhile(job_dir: Path) -> bool:
+        with session_scope() as session:
+            lifecycle.resume_job(session=session, job_id=job_id)
+        return False  # no trainer runs
+
+    monkeypatch.setattr(lifecycle, "trainer_running", resume_meanwhile)
+    deleted = client.delete(f"/jobs/{job_id}")
+    assert deleted.status_code == 409, deleted.text
+    assert (
+        deleted.json()["detail"] == f"job {job_id} changed while it was being deleted (resumed?); read it and try again"
+    )
+    record = client.get(f"/jobs/{job_id}")
+    assert record.status_code == 200 and record.json()["status"] == "queued"
+
+
+def test_a_delete_that_lands_while_a_resume_runs_makes_the_resume_fail(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app import lifecycle
+    from core.db import session_scope
+    from core.models import Job
+
+    job_id = paused_job(client, tiny_model, chat_dataset)
+    real_move = lifecycle.move_job
+
+    def delete_first(*args: object, **kwargs: object) -> bool:
+        monkeypatch.setattr(lifecycle, "move_job", real_move)  # the delete moves the job with the real one
+        with session_scope() as session:
+            lifecycle.delete_job(session=session, job_id=job_id)
+        return real_move(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lifecycle, "move_job", delete_first)
+    resumed = client.post(f"/jobs/{job_id}/resume")
+    assert resumed.status_code == 409, resumed.text
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.deleted_at is not None and job.status == "paused"
+    assert env.redis().llen(f"rq:queue:{env.queue_name}") == 1  # only the submit's entry: nothing enqueued again

@@ -34,6 +34,7 @@ def test_submit_train_watch_and_download_final_checkpoint(
         "epoch": record["progress"]["epoch"],
         "percent": 100.0,
         "eta_seconds": 0.0,
+        "stalled_since": None,
     }
     assert record["metrics"]["loss"] > 0
     assert record["metrics"]["tokens_per_second"] > 0 and record["metrics"]["tokens_per_second_mean"] > 0

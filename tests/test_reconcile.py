@@ -284,3 +284,38 @@ def test_late_abandoned_report_about_a_superseded_attempt_changes_nothing(api: T
     assert reconcile() == NOTHING_DONE
     assert api.get(f"/jobs/{job_id}").json() == before
     assert first.get_status(refresh=True) == RQStatus.FAILED  # RQ's own bookkeeping still happens
+
+
+def test_pauses_and_resumes_do_not_count_against_max_attempts(api: TestClient, env: Env) -> None:
+    """Paused and resumed twice, then its worker is lost: the job goes back to the queue (one lost
+    worker is within MAX_ATTEMPTS=2), although it has been started three times."""
+    from core.contract import TrainerOutcome, TrainerResult
+    from core.db import session_scope
+    from core.reconcile import reconcile
+    from worker.stops import record_pause
+
+    job_id = submit(api)
+    for attempt in (1, 2):
+        worker_takes(env, job_id, attempt=attempt)
+        with session_scope() as session:
+            paused = TrainerResult(status=TrainerOutcome.paused, step=attempt, checkpoint=None)
+            assert record_pause(session=session, job_id=job_id, result=paused) == "paused"
+        assert api.post(f"/jobs/{job_id}/resume").json()["status"] == "queued"
+    third = worker_takes(env, job_id, attempt=3)
+    worker_dies(env, third)
+    assert reconcile() == NOTHING_DONE  # RQ's cleanup reported it: on_rq_failure
+    record = api.get(f"/jobs/{job_id}").json()
+    assert (record["status"], record["attempts"], record["error"]) == ("queued", 3, None)
+    assert events(api, job_id)[-1] == ("retried", f"{ABANDONED}; queued again (attempt 2 of 2), {RESUMING}")
+
+
+def test_a_deleted_job_is_never_enqueued_again(api: TestClient, env: Env) -> None:
+    """A tombstone left queued (by an older version's race of resume and delete) stays out of
+    the queue: the reconciler skips deleted rows."""
+    from core.reconcile import reconcile
+
+    job_id = submit(api)
+    env.redis().flushdb()
+    set_job(job_id, created_at=ago(60), deleted_at=ago(1))
+    assert reconcile() == NOTHING_DONE
+    assert queue_of(env).job_ids == []

@@ -12,9 +12,10 @@ import sys  # noqa: E402
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # `kill -USR1 <trainer pid>` writes every thread's Python stack into the trainer's log (stderr)
+    # `kill -QUIT <trainer pid>` writes every thread's Python stack into the trainer's log (stderr)
     # and training goes on: how to see where a rank that makes no progress is (docs/scheduling.md).
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # (SIGUSR1 and SIGUSR2 are the worker's cancel and pause: one signal never means two things.)
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     if sys.argv[1:] == ["--standby"]:
         from trainer.standby import serve
 

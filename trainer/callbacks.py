@@ -7,7 +7,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from sqlmodel import Session, col, select
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from core.checkpoint_store import mark_removed, record_checkpoint
-from core.contract import STEP_SECONDS_BUCKETS, EventKind
+from core.contract import PROGRESS_FILE, STEP_SECONDS_BUCKETS, EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.models import Job, StepLog
@@ -30,6 +33,9 @@ from trainer.stopflag import StopFlag
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "learning_rate", "grad_norm")
+# The ETA is the median of this many recent step durations times the steps left: a stall, an
+# evaluation or a checkpoint save is one slow step among them, not a new average.
+ETA_WINDOW_STEPS = 64
 
 
 def _timed(method: Callable[..., None]) -> Callable[..., None]:
@@ -63,6 +69,15 @@ class StopAtStep(TrainerCallback):
     def __init__(self, stop: StopFlag) -> None:
         self.stop = stop
         self.stopped_with_checkpoint: str | None = None  # the checkpoint a pause or stop saved
+
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A cancel keeps nothing, so it need not wait for the optimizer step: with 64 micro-batches
+        # of an 8B model that is a minute. Ranks of a job agree on stops only at steps' ends, so a
+        # job of several ranks stops there (a lone rank leaving mid-step would hang the others).
+        if not self.stop.synced and self.stop.should_stop() and self.stop.reason == "cancelled":
+            control.should_training_stop = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.stop.should_stop():
@@ -98,6 +113,10 @@ class JobReporter(TrainerCallback):
         self.paused_seconds = paused_seconds
         self.publish_seconds = publish_seconds
         self._first_step_end: tuple[int, float] | None = None
+        self._step_ended_at: float | None = None
+        self._step_seconds: deque[float] = deque(maxlen=ETA_WINDOW_STEPS)
+        # Touched at every step and micro-batch: the worker's proof that training moves (worker/stalls.py).
+        self.progress_file = checkpoints_dir.parent / PROGRESS_FILE
         self._last_logged_step = 0
         self._held_row: StepLog | None = None  # a step's row waiting for the evaluation that follows it
         # (wall time, tokens seen, seconds paused) at the start of the tokens/s window:
@@ -118,15 +137,20 @@ class JobReporter(TrainerCallback):
     # --- helpers ----------------------------------------------------------------------
     def _eta_seconds(self, state: TrainerState) -> float | None:
         # The first step compiles (about 45 s for an 8B model): extrapolating from it would be
-        # wildly wrong, so the rate comes from the steps after it.
-        if self._first_step_end is None or not state.max_steps:
+        # wildly wrong, so the rate comes from the steps after it; and from their median, so a
+        # frozen minute or a checkpoint save does not inflate it for the rest of the run.
+        if not self._step_seconds or not state.max_steps:
             return None
-        first_step, first_time = self._first_step_end
-        done = state.global_step - first_step
-        if done <= 0:
-            return None
-        per_step = (time.monotonic() - first_time) / done
+        per_step = statistics.median(self._step_seconds)
         return round(per_step * max(state.max_steps - state.global_step, 0), 1)
+
+    def _beat(self) -> None:
+        try:
+            os.utime(self.progress_file)
+        except FileNotFoundError:
+            self.progress_file.touch()
+        except OSError as exc:  # a full or failing disk: the trainer's own checks say so
+            logger.debug("could not touch %s: %s", self.progress_file, exc)
 
     # --- callback events --------------------------------------------------------------
     @_timed
@@ -140,11 +164,12 @@ class JobReporter(TrainerCallback):
             assert job is not None
             job.total_steps, job.step = state.max_steps, state.global_step
             session.add(job)
-            if state.global_step:
-                # Resumed from a checkpoint: the lost attempt's logs past it are superseded.
-                session.execute(
-                    delete(StepLog).where(col(StepLog.job_id) == self.job_id, col(StepLog.step) > state.global_step)
-                )
+            # An earlier attempt's logs past where this one starts (its checkpoint, or step 0 when
+            # none was left) are superseded: this attempt logs those steps again, and no step is
+            # logged twice.
+            session.execute(
+                delete(StepLog).where(col(StepLog.job_id) == self.job_id, col(StepLog.step) > state.global_step)
+            )
             resumed = f", resuming at step {state.global_step}" if state.global_step else ""
             add_event(
                 session=session,
@@ -180,9 +205,19 @@ class JobReporter(TrainerCallback):
             self.write_held_row()
 
     @_timed
+    def on_substep_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._beat()
+
+    @_timed
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._beat()
+        now = time.monotonic()
+        if self._step_ended_at is not None:
+            self._step_seconds.append(now - self._step_ended_at)
+        self._step_ended_at = now
         if self._first_step_end is None:
-            now = time.monotonic()
             self._first_step_end = (state.global_step, now)
             self.first_step_seconds = now - self._train_start
             self._last_log = (now, self.tokens_trained(), self.paused_seconds())

@@ -15,10 +15,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from core.stop_requests import STOP_REASONS
 from trainer.stopflag import StopFlag
-
-# Stop reasons in the order one wins over another when ranks saw different ones.
-STOP_REASONS = ("terminated", "worker_lost", "paused", "cancelled")
 
 
 def rank() -> int:
@@ -57,6 +55,7 @@ class RankSync(TrainerCallback):
 
     def __init__(self, stop: StopFlag, tokens_trained: Any, memory: Any) -> None:
         self.stop = stop
+        stop.synced = True  # a rank stops where all agree, never alone (a lone rank would hang the rest)
         self.local_tokens = tokens_trained
         self.local_memory = memory
         self.tokens_total = 0.0
@@ -67,8 +66,9 @@ class RankSync(TrainerCallback):
         import torch.distributed as dist
 
         local = [0.0] * len(STOP_REASONS) + [self.local_tokens()]
-        if self.stop.should_stop() and self.stop.reason in STOP_REASONS:
-            local[STOP_REASONS.index(self.stop.reason)] = 1.0
+        self.stop.sample()
+        if self.stop.requested in STOP_REASONS:
+            local[STOP_REASONS.index(self.stop.requested)] = 1.0
         # float64: a count of tokens exceeds float32's exact integers within a day of training.
         tensor = torch.tensor(local, dtype=torch.float64, device=_device())
         dist.all_reduce(tensor)
@@ -76,7 +76,7 @@ class RankSync(TrainerCallback):
         self.tokens_total = summed[-1]
         seen = [reason for reason, count in zip(STOP_REASONS, summed, strict=False) if count > 0]
         if seen:
-            self.stop.set(seen[-1])  # a no-op where this rank already had a reason
+            self.stop.agree(seen[-1])  # the strongest any rank saw: every rank stops at this step
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         import torch.distributed as dist

@@ -10,7 +10,12 @@ until the test deletes it. `@40` limits the failpoint to the save of step 40.
     FINETUNE_FAILPOINTS="training_step=oom>2"
 
 `oom>2` raises torch's OutOfMemoryError, with CUDA's message, at a training step whose
-micro-batch is larger than 2: a CPU test of what the service does when a job exceeds the card."""
+micro-batch is larger than 2: a CPU test of what the service does when a job exceeds the card.
+
+    FINETUNE_FAILPOINTS="stop_signals=ignore"
+
+The trainer ignores the worker's cancel and pause signals (SIGUSR1, SIGUSR2), as if they had gone
+astray: a request must still reach it through its request file (core/stop_requests.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from pathlib import Path
 ENV = "FINETUNE_FAILPOINTS"
 POLL_S = 0.05
 # The places the trainer calls failpoint() with (tests/faults use them).
-NAMES = frozenset({"checkpoint_writing", "checkpoint_published", "training_step"})
+NAMES = frozenset({"checkpoint_writing", "checkpoint_published", "training_step", "stop_signals"})
 
 
 def _parse(value: str) -> dict[str, tuple[str, int | None]]:
@@ -29,11 +34,18 @@ def _parse(value: str) -> dict[str, tuple[str, int | None]]:
     for item in filter(None, (part.strip() for part in value.split(","))):
         where, _, action = item.partition("=")
         name, _, step = where.partition("@")
-        known = action == "pause" or (action.startswith("oom>") and action[4:].isdigit())
+        known = action == "pause" or (action.startswith("oom>") and action[4:].isdigit()) or (action == "ignore")
         if name not in NAMES or not known:
-            raise ValueError(f"{ENV}: cannot read {item!r} (known: {sorted(NAMES)}=pause, training_step=oom>N)")
+            raise ValueError(
+                f"{ENV}: cannot read {item!r} (known: {sorted(NAMES)}=pause, training_step=oom>N, stop_signals=ignore)"
+            )
         points[name] = (action, int(step) if step else None)
     return points
+
+
+def ignores_stop_signals() -> bool:
+    value = os.environ.get(ENV)
+    return value is not None and _parse(value).get("stop_signals", ("", None))[0] == "ignore"
 
 
 def marker(job_dir: Path, name: str) -> Path:

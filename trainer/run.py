@@ -36,6 +36,7 @@ from core.diskspace import disk_space
 from core.events import add_event
 from core.models import Job
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
+from core.stop_requests import mark_ready
 from trainer import distributed
 from trainer.failures import JobFailure, classify, format_traceback, missing_source
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
@@ -120,7 +121,7 @@ class Run:
         # "starting" counts from the process's start (the interpreter and this module's imports).
         self._phase_since = started
         self.phase_seconds: dict[str, float] = {}
-        self.stop = StopFlag()
+        self.stop = StopFlag(self.job_dir)
         self.reporter: Any = None
         self.trainer: Any = None
         self.spec: JobSpec
@@ -128,9 +129,13 @@ class Run:
         self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
         self.attempt = 0
+        self.earlier_step = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
-        # with the signal's default action (the worker would see a crash, not a stop).
+        # with the signal's default action (the worker would see a crash, not a stop). The worker
+        # signals this process only once it has said so (core/stop_requests.py); what was asked
+        # before, it finds in the request file (load_job).
         self.install_signal_handlers()
+        mark_ready(self.job_dir)
 
     def load_job(self) -> None:
         with session_scope() as session:
@@ -144,9 +149,13 @@ class Run:
             self.strategy = str(placement.get("strategy") or "single")
             self.fsdp_layout = placement.get("fsdp_layout")
             self.attempt = job.attempts
+            self.earlier_step = job.step  # how far earlier attempts got (a resume should start there)
             requested = "cancelled" if job.cancel_requested_at else "paused" if job.pause_requested_at else None
         if requested:  # asked for before this process could take the signal
-            self._stop(requested)
+            self.stop.set(requested)
+        self.stop.sample()  # the worker's request file: asked for before we were ready for signals
+        if self.stop.requested is not None:
+            self._stop(self.stop.requested)
         self.check_sources()
 
     def check_sources(self) -> None:
@@ -190,6 +199,11 @@ class Run:
         signal.signal(signal.SIGUSR2, lambda *_: self._stop("paused"))
         signal.signal(signal.SIGTERM, lambda *_: self._stop("terminated"))
         signal.signal(signal.SIGHUP, lambda *_: self._stop("worker_lost"))  # the kernel: our parent died
+        from trainer.failpoints import ignores_stop_signals
+
+        if ignores_stop_signals():  # a fault test: the requests must arrive through their file alone
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     def _stop(self, reason: str) -> None:
         self.stop.set(reason)
@@ -592,6 +606,17 @@ class Run:
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
+        elif self.earlier_step > 0:
+            # Its checkpoints were deleted, or none was saved before the earlier attempt stopped: say
+            # so, rather than let a job that reached step 120 quietly start over. The callback drops
+            # the earlier attempt's step logs, which this one writes again.
+            event(
+                job_id,
+                EventKind.restarted,
+                f"no complete checkpoint to resume from (an earlier attempt reached step {self.earlier_step}; its "
+                "checkpoints were deleted or none had been saved): training starts again from step 0, and the "
+                "earlier attempt's step logs are replaced",
+            )
         self.phase = "training"
         self.report_startup()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -727,7 +752,7 @@ def main(argv: list[str], started: float | None = None) -> int:
             take_job_lock(
                 job_dir,
                 job_id,
-                grace_s=settings.cancel_grace_s,
+                grace_s=settings.stop_grace_s,
                 on_wait=lambda pid: event(
                     job_id,
                     EventKind.waiting,
@@ -737,7 +762,9 @@ def main(argv: list[str], started: float | None = None) -> int:
         run.load_job()
         run.train()
     except Interrupted as exc:
-        if run is not None and run.stop.reason == "cancelled":
+        # What this process was asked (ranks agree on a reason only while they step).
+        reason = run.stop.requested if run is not None else None
+        if reason == "cancelled":
             write_result(
                 job_dir,
                 TrainerOutcome.cancelled,
@@ -745,7 +772,7 @@ def main(argv: list[str], started: float | None = None) -> int:
                 "cancelled by request before training started",
                 step=0,
             )
-        elif run is not None and run.stop.reason == "paused":
+        elif reason == "paused":
             write_result(job_dir, TrainerOutcome.paused, None, f"paused before training ({exc})", step=0)
         else:  # the job is not done: it should run again
             write_result(

@@ -9,6 +9,7 @@ The group looks to TrainerWatch like one child process (poll, send_signal, kill)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -107,6 +108,12 @@ class RankGroup:
                     process.send_signal(sig)
                 except ProcessLookupError:
                     continue
+
+    def send_signal_to(self, pid: int, sig: int) -> None:
+        for process in self.processes:
+            if process.pid == pid and process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

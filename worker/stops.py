@@ -1,6 +1,9 @@
 """How a job that stopped on request is recorded: paused (POST /jobs/{id}/pause) or put back in
-the queue because its worker was asked to stop (SIGTERM). Neither is a failure, so neither
-counts against MAX_ATTEMPTS; both continue from the checkpoint the trainer saved as it stopped."""
+the queue because its worker was asked to stop (SIGTERM) or its micro-batch did not fit. None is
+a failure, so none counts against MAX_ATTEMPTS (each adds one to `requested_restarts`, which
+recover_lost_job subtracts); all continue from the checkpoint the trainer saved as it stopped. A
+job whose cancel was accepted meanwhile is neither paused nor queued again: the worker records
+it cancelled instead."""
 
 from __future__ import annotations
 
@@ -25,9 +28,19 @@ def _saved(result: TrainerResult) -> str:
 
 
 def _stop_running(session: Session, job_id: int, status: JobStatus, result: TrainerResult) -> Job | None:
-    """running -> status, conditionally (a reconciler may have judged the job lost meanwhile)."""
+    """running -> status, conditionally (a reconciler may have judged the job lost meanwhile, or a
+    cancel may have been accepted)."""
     cleared = {"heartbeat_at": None, "worker_name": None, "phase": None, "pause_requested_at": None}
-    if not move_job(session, job_id, JobStatus.running, status=status, **cleared):
+    if not move_job(
+        session,
+        job_id,
+        JobStatus.running,
+        unless_cancelled=True,
+        status=status,
+        requested_restarts=Job.requested_restarts + 1,
+        stalled_since=None,
+        **cleared,
+    ):
         session.rollback()
         return None
     job = session.get(Job, job_id)
@@ -84,7 +97,7 @@ def retry_with_smaller_batch(*, session: Session, job_id: int, result: TrainerRe
     job fails, with the figures). Not counted against MAX_ATTEMPTS: each retry halves the batch,
     so there are at most log2(micro-batch) of them."""
     job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.running:
+    if job is None or job.status != JobStatus.running or job.cancel_requested_at is not None:
         return None
     hp = dict(job.spec.get("hyperparameters") or {})
     micro_batch = int(hp.get("per_device_train_batch_size") or 1)
@@ -102,11 +115,14 @@ def retry_with_smaller_batch(*, session: Session, job_id: int, result: TrainerRe
         session,
         job_id,
         JobStatus.running,
+        unless_cancelled=True,
         status=JobStatus.queued,
         spec=spec,
         heartbeat_at=None,
         worker_name=None,
         phase=None,
+        stalled_since=None,
+        requested_restarts=Job.requested_restarts + 1,
     ):
         session.rollback()
         return None

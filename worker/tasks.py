@@ -19,13 +19,16 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
+from core import stop_requests
 from core.checkpoint_files import hash_checkpoint
 from core.checkpoint_store import sweep_partials, sync_records
 from core.config import get_settings
@@ -44,6 +47,7 @@ from worker import gpus, standby
 from worker.diskguard import wait_for_disk
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
+from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,29 @@ POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
 # Cache locations the trainer must find although it runs in an empty working directory.
 CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME")
+
+
+@dataclass(frozen=True)
+class Polled:
+    """What one look at the database found (all unknown when it could not be read)."""
+
+    cancel_requested: bool = False
+    pause_requested: bool = False
+    phase: str | None = None
+    step: int | None = None
+    pending: list[int] = field(default_factory=list)  # checkpoints still to be hashed
+
+
+def child_pids(child: Child) -> list[int]:
+    return child.pids if isinstance(child, RankGroup) else [child.pid]
+
+
+def signal_process(child: Child, pid: int, sig: int) -> None:
+    """One of the trainer's processes (never one that has been reaped: its pid may be another's)."""
+    if isinstance(child, RankGroup):
+        child.send_signal_to(pid, sig)
+    else:
+        child.send_signal(sig)
 
 
 def worker_name() -> str:
@@ -107,13 +134,14 @@ def claim(job_id: int, placement: dict[str, object] | None = None) -> int | None
     with session_scope() as session:
         result = session.execute(
             update(Job)
-            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued)
+            .where(col(Job.id) == job_id, col(Job.status) == JobStatus.queued, col(Job.deleted_at).is_(None))
             .values(
                 status=JobStatus.running,
                 attempts=Job.attempts + 1,
                 worker_name=worker_name(),
                 heartbeat_at=now,
                 cancel_requested_at=None,
+                stalled_since=None,
                 pause_requested_at=None,
                 phase="starting",
                 placement=placement,
@@ -222,12 +250,17 @@ class TrainerWatch:
         self.job_dir = self.settings.job_dir(job_id)
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.hashing: dict[int, Future[None]] = {}
+        # The strongest stop asked of the trainer so far (core/stop_requests.py), and when a cancel
+        # was first seen: the trainer is killed if it has not ended CANCEL_GRACE_S later.
+        self.requested: str | None = None
         self.cancel_sent_at: float | None = None
-        self.pause_sent = False
-        # The worker was asked to stop (its SIGTERM, passed on as SIGUSR2): when, and whether the
-        # trainer has been told to save a checkpoint and end.
+        # Which of the trainer's processes were sent which request's signal (each is signalled
+        # once it is ready for signals, ranks one by one).
+        self.signalled: set[tuple[int, str]] = set()
+        # The worker was asked to stop (its SIGTERM, passed on as SIGUSR2): the trainer saves a
+        # checkpoint at its next step and ends.
         self.stop_asked_at: float | None = None
-        self.stop_sent = False
+        self.stalls = StallWatch(job_id, self.job_dir, self.settings.stall_after_s)
         self.database_trouble_since: float | None = None
         # The trainer's working directory: empty, so that a model or dataset name shaped like a
         # Hub id ("org/name") can only ever reach the Hub or its cache, never a local folder of
@@ -237,6 +270,8 @@ class TrainerWatch:
     def start_child(self) -> Child:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         (self.job_dir / RESULT_FILE).unlink(missing_ok=True)
+        stop_requests.clear(self.job_dir)  # nothing an earlier attempt was asked applies to this one
+        self.stalls.clear()
         world_size = self.world_size()
         visible = self.lease.cuda_visible_devices()
         if world_size == 1 and (visible is None or standby.CARD in (None, visible)):
@@ -296,11 +331,10 @@ class TrainerWatch:
                 if beat:
                     last_heartbeat = time.monotonic()
                 self.lease.renew_if_due(self.settings.heartbeat_interval_s)
-                cancel_requested, pause_requested, pending = self.poll_database(heartbeat=beat)
-                self.carry_cancel(child, cancel_requested)
-                self.carry_pause(child, pause_requested)
-                self.carry_stop(child)
-                self.hash_checkpoints(pending)
+                polled = self.poll_database(heartbeat=beat)
+                self.carry_requests(child, polled)
+                self.stalls.observe(polled.phase, polled.step, child_pids(child))
+                self.hash_checkpoints(polled.pending)
         except BaseException:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
@@ -309,17 +343,19 @@ class TrainerWatch:
         assert returncode is not None
         return self.finish(returncode, child)
 
-    def poll_database(self, *, heartbeat: bool) -> tuple[bool, bool, list[int]]:
+    def poll_database(self, *, heartbeat: bool) -> Polled:
         """One round trip a poll: the heartbeat when it is due, whether a cancel or a pause was asked for,
-        and the checkpoints the trainer saved that still need hashing. A database that cannot be
-        read or written for a while (a full disk, a long lock) does not stop the watch: the
-        trainer goes on, or fails on its own and says why."""
+        the job's phase and step, and the checkpoints the trainer saved that still need hashing. A
+        database that cannot be read or written for a while (a full disk, a long lock) does not
+        stop the watch: the trainer goes on, or fails on its own and says why."""
         try:
             with session_scope() as session:
                 if heartbeat:
                     session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
                 requests = session.exec(
-                    select(Job.cancel_requested_at, Job.pause_requested_at).where(Job.id == self.job_id)
+                    select(Job.cancel_requested_at, Job.pause_requested_at, Job.phase, Job.step).where(
+                        Job.id == self.job_id
+                    )
                 ).first()
                 pending = session.exec(
                     select(Checkpoint.id).where(
@@ -330,7 +366,7 @@ class TrainerWatch:
             if self.database_trouble_since is None:
                 self.database_trouble_since = time.monotonic()
                 logger.warning("job %s: the job database cannot be reached (%s); the trainer goes on", self.job_id, exc)
-            return False, False, []
+            return Polled()
         if self.database_trouble_since is not None:
             logger.info(
                 "job %s: the job database answers again after %.0f s",
@@ -338,17 +374,21 @@ class TrainerWatch:
                 time.monotonic() - self.database_trouble_since,
             )
             self.database_trouble_since = None
-        cancel_requested_at, pause_requested_at = requests if requests is not None else (None, None)
-        return (
-            cancel_requested_at is not None,
-            pause_requested_at is not None,
-            [cid for cid in pending if cid is not None],
+        if requests is None:
+            return Polled(pending=[cid for cid in pending if cid is not None])
+        cancel_requested_at, pause_requested_at, phase, step = requests
+        return Polled(
+            cancel_requested=cancel_requested_at is not None,
+            pause_requested=pause_requested_at is not None,
+            phase=phase,
+            step=step,
+            pending=[cid for cid in pending if cid is not None],
         )
 
     def hash_remaining(self) -> None:
         """Hash every recorded checkpoint of the job, once its final status is written. A hash
         that cannot be recorded now (a full disk) is left to the workers' maintenance."""
-        self.hash_checkpoints(self.poll_database(heartbeat=False)[2])
+        self.hash_checkpoints(self.poll_database(heartbeat=False).pending)
         for checkpoint_id, future in self.hashing.items():
             try:
                 future.result()
@@ -361,32 +401,51 @@ class TrainerWatch:
                 )
         self.hasher.shutdown()
 
-    def carry_cancel(self, child: Child, requested: bool) -> None:
-        if self.cancel_sent_at is None:
-            if requested:
-                child.send_signal(signal.SIGUSR1)
-                self.cancel_sent_at = time.monotonic()
-        elif time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace_s:
-            logger.warning("job %s: trainer ignored the cancel for too long; killing it", self.job_id)
-            child.kill()
-
-    def carry_pause(self, child: Child, requested: bool) -> None:
-        if requested and not self.pause_sent and self.cancel_sent_at is None:
-            child.send_signal(signal.SIGUSR2)
-            self.pause_sent = True
-
-    def carry_stop(self, child: Child) -> None:
-        if self.stop_asked_at is None:
-            return
-        if not self.stop_sent:
-            child.send_signal(signal.SIGTERM)
-            self.stop_sent = True
-            self.record_event(
-                EventKind.stopping,
-                "the worker is stopping: the trainer saves a checkpoint at its next step, then the job "
-                "is queued again to continue from it",
+    def carry_requests(self, child: Child, polled: Polled) -> None:
+        """Carry cancel, pause and the worker's own stop to the trainer: the strongest asked for in
+        its request file, and as a signal to each of its processes once that process is ready for
+        signals (core/stop_requests.py). A cancel that has not ended the trainer within
+        CANCEL_GRACE_S kills it, as a stop does after STOP_GRACE_S: it keeps nothing, so waiting
+        longer would only hold the GPU."""
+        asked = [
+            reason
+            for reason, wanted in (
+                ("cancelled", polled.cancel_requested),
+                ("paused", polled.pause_requested),
+                ("terminated", self.stop_asked_at is not None),
             )
-        elif time.monotonic() - self.stop_asked_at > self.settings.stop_grace_s:
+            if wanted
+        ]
+        strongest: str | None = None
+        for reason in asked:
+            strongest = stop_requests.stronger(strongest, reason)
+        if strongest is not None and strongest != stop_requests.stronger(self.requested, strongest):
+            strongest = self.requested  # never weaken a request (a pause after a cancel changes nothing)
+        if strongest is not None and strongest != self.requested:
+            self.requested = strongest
+            stop_requests.write_request(self.job_dir, strongest)
+            if strongest == "cancelled":
+                self.cancel_sent_at = time.monotonic()
+            if strongest == "terminated":
+                self.record_event(
+                    EventKind.stopping,
+                    "the worker is stopping: the trainer saves a checkpoint at its next step, then the job "
+                    "is queued again to continue from it",
+                )
+        if self.requested is None:
+            return
+        for pid in child_pids(child):
+            if (pid, self.requested) not in self.signalled and stop_requests.is_ready(self.job_dir, pid):
+                signal_process(child, pid, stop_requests.SIGNALS[self.requested])
+                self.signalled.add((pid, self.requested))
+        if self.cancel_sent_at is not None and time.monotonic() - self.cancel_sent_at > self.settings.cancel_grace_s:
+            logger.warning(
+                "job %s: the trainer did not end within CANCEL_GRACE_S=%.0f s of the cancel; killing it",
+                self.job_id,
+                self.settings.cancel_grace_s,
+            )
+            child.kill()
+        elif self.stop_asked_at is not None and time.monotonic() - self.stop_asked_at > self.settings.stop_grace_s:
             logger.warning(
                 "job %s: the trainer did not stop within STOP_GRACE_S=%.0f s; killing it",
                 self.job_id,
@@ -441,29 +500,16 @@ class TrainerWatch:
 
         def record() -> str:
             with session_scope() as session:
-                if status == TrainerOutcome.interrupted and self.stop_asked_at is not None:
-                    return requeue_after_stop(session=session, job_id=self.job_id, result=result)
-                if status == TrainerOutcome.interrupted:  # stopped, not finished: queue it again (it resumes)
-                    return recover_lost_job(session=session, job_id=self.job_id, reason=str(result.error_message))
-                if status == TrainerOutcome.paused:
-                    return record_pause(session=session, job_id=self.job_id, result=result)
-                if result.error_code == ErrorCode.cuda_oom:
-                    retried = retry_with_smaller_batch(session=session, job_id=self.job_id, result=result)
-                    if retried is not None:
-                        return retried
-                sync_records(session=session, job_id=self.job_id, checkpoints_dir=checkpoints_dir)
-                job = session.get(Job, self.job_id)
-                assert job is not None
-                job.status, job.finished_at = JobStatus(status), utcnow()
-                job.error_code, job.error_message = result.error_code, result.error_message
-                # Progress is written at logging steps; the trainer's own last step is the truth.
-                job.step = max(job.step, result.step or 0)
-                if status == TrainerOutcome.succeeded:
-                    job.eta_seconds = 0.0
-                session.add(job)
-                message = str(status) if status == TrainerOutcome.succeeded else f"{status}: {job.error_message}"
-                add_event(session=session, job_id=self.job_id, kind=EventKind(status), message=message)
-                return status
+                if status in (TrainerOutcome.interrupted, TrainerOutcome.paused) or (
+                    result.error_code == ErrorCode.cuda_oom
+                ):
+                    continued = self.record_stop(session, result)
+                    if continued not in (None, "nothing"):
+                        return continued
+                    # A cancel was accepted meanwhile (or the job ended otherwise): it is not
+                    # paused or queued again, it ends below.
+                    session.rollback()
+                return self.record_end(session, result, checkpoints_dir)
 
         # On a full disk this gives up the reserve file, then waits for space rather than give up.
         outcome = write_despite_full_disk(record, what=f"record how job {self.job_id} ended")
@@ -472,6 +518,54 @@ class TrainerWatch:
         if outcome == TrainerOutcome.succeeded:
             self.drop_optimizer_state_if_asked()
         return outcome
+
+    def record_stop(self, session: Session, result: TrainerResult) -> str | None:
+        """A trainer that stopped to go on later: paused, queued again after the worker's stop or a
+        lost parent, or retried with a smaller micro-batch. None or "nothing" when it does not go
+        on (no smaller micro-batch; a cancel accepted meanwhile)."""
+        if result.status == TrainerOutcome.interrupted and self.stop_asked_at is not None:
+            return requeue_after_stop(session=session, job_id=self.job_id, result=result)
+        if result.status == TrainerOutcome.interrupted:  # stopped, not finished: queue it again (it resumes)
+            return recover_lost_job(session=session, job_id=self.job_id, reason=str(result.error_message))
+        if result.status == TrainerOutcome.paused:
+            return record_pause(session=session, job_id=self.job_id, result=result)
+        return retry_with_smaller_batch(session=session, job_id=self.job_id, result=result)
+
+    def record_end(self, session: Session, result: TrainerResult, checkpoints_dir: Path) -> str:
+        """The job's final status, if it is still running. A cancel that was accepted wins over any
+        end but success: a job whose cancel was asked for is never paused, requeued or failed."""
+        job = session.get(Job, self.job_id)
+        if job is None or job.status != JobStatus.running:
+            return "nothing"
+        step = max(job.step, result.step or 0)  # progress is written at logging steps; the trainer's is the truth
+        if job.cancel_requested_at is not None and result.status not in (
+            TrainerOutcome.succeeded,
+            TrainerOutcome.cancelled,
+        ):
+            result = TrainerResult(
+                status=TrainerOutcome.cancelled,
+                error_code=ErrorCode.cancelled,
+                error_message=f"cancelled by request at step {step}",
+                step=step,
+            )
+        status = result.status
+        sync_records(session=session, job_id=self.job_id, checkpoints_dir=checkpoints_dir)
+        values: dict[str, Any] = {
+            "status": JobStatus(status),
+            "finished_at": utcnow(),
+            "error_code": result.error_code,
+            "error_message": result.error_message,
+            "step": step,
+            "stalled_since": None,
+        }
+        if status == TrainerOutcome.succeeded:
+            values["eta_seconds"] = 0.0
+        if not move_job(session, self.job_id, JobStatus.running, **values):
+            session.rollback()
+            return "nothing"
+        message = str(status) if status == TrainerOutcome.succeeded else f"{status}: {result.error_message}"
+        add_event(session=session, job_id=self.job_id, kind=EventKind(status), message=message)
+        return str(status)
 
     def drop_optimizer_state_if_asked(self) -> None:
         """After the hashes (which read every file): the spec's drop_optimizer_state_on_success."""
