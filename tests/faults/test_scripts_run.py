@@ -4,6 +4,7 @@ the job queued again) and Redis shuts down cleanly, never "You insist" (a forced
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -29,14 +30,14 @@ def test_ctrl_c_stops_each_process_once_and_a_running_job_is_requeued_at_its_ste
         "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nobody answers there: it starts its own
         "PORT": str(api_port),
     }
-    log = tmp_path / "run.log"
+    log, stack = tmp_path / "run.log", contextlib.ExitStack()
     with log.open("wb") as out:
         # A session of its own, as a terminal gives the command it runs: Ctrl-C is SIGINT to its group.
         run = subprocess.Popen(
             [str(ROOT / "scripts" / "run")], env=variables, stdout=out, stderr=out, start_new_session=True
         )
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
+        http = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=30))
 
         def answers() -> bool:
             try:
@@ -55,6 +56,7 @@ def test_ctrl_c_stops_each_process_once_and_a_running_job_is_requeued_at_its_ste
         os.killpg(run.pid, signal.SIGINT)  # Ctrl-C
         run.wait(300)
     finally:
+        stack.close()
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
             run.wait(10)
