@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # The largest JSON request body (a job spec is a few KB): a larger one is a 413, refused from
+    # its Content-Length before it is read, or as it streams in when it declares none.
+    max_json_body_bytes: int = Field(default=1024**2, gt=0)
 
     @field_validator("allowed_local_roots", mode="before")
     @classmethod
