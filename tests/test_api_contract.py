@@ -283,7 +283,10 @@ def test_a_json_body_over_its_limit_is_413_naming_it_with_or_without_a_content_l
     limit = "the request body is larger than this server's limit for JSON bodies, 4,096 bytes (MAX_JSON_BODY_BYTES)"
     declared = client.post("/jobs", content=body, headers={"content-type": "application/json"})
     assert (declared.status_code, declared.headers["connection"]) == (413, "close")
-    assert declared.json() == {"error": "PayloadTooLarge", "detail": f"{limit}; the request declares {len(body):,} bytes"}
+    assert declared.json() == {
+        "error": "PayloadTooLarge",
+        "detail": f"{limit}; the request declares {len(body):,} bytes",
+    }
 
     def chunks() -> Iterator[bytes]:  # chunked transfer: nothing to judge until the bytes arrive
         for start in range(0, len(body), 1000):

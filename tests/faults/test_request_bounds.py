@@ -6,48 +6,18 @@ connection closed so that no more of it is read."""
 from __future__ import annotations
 
 import json
-import select
 import socket
 from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import Cluster
+from tests.faults.rawhttp import read_response, request_head, send_chunked
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "bounds-token"
 MIB = 1024**2
-# A generous bound for an answer that should come at once: only a server that waits for the body
-# (what these tests exist to catch) runs into it.
-ANSWER_TIMEOUT_S = 60
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
-    """(status, headers, body, whether the server closed the connection after it)."""
-    sock.settimeout(ANSWER_TIMEOUT_S)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"the server closed the connection without an answer: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", "0")):
-        chunk = sock.recv(65536)
-        assert chunk, "the server closed the connection mid-answer"
-        body += chunk
-    try:
-        closed = sock.recv(1) == b""
-    except ConnectionResetError:  # closed with part of our body unread
-        closed = True
-    return int(lines[0].split()[1]), headers, body, closed
-
-
-def request_head(method: str, path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def api_rss_bytes(cluster: Cluster) -> int:
@@ -106,14 +76,7 @@ def test_a_body_over_its_limit_is_413_naming_it_and_the_rest_is_never_read(api: 
     rss_before = api_rss_bytes(api)
     with socket.create_connection(("127.0.0.1", api.api_port)) as sock:
         sock.sendall(request_head("POST", "/jobs", {**auth, "Transfer-Encoding": "chunked"}))
-        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b" " * 64 * 1024)
-        sent = 0
-        while sent < 200 * MIB and not select.select([sock], [], [], 0)[0]:
-            try:
-                sock.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            sent += 64 * 1024
+        sent = send_chunked(sock, (b" " * 64 * 1024 for _ in range(200 * 16)))
         status, _, body, closed = read_response(sock)
     assert (status, closed) == (413, True)
     assert json.loads(body)["detail"] == f"the request body is larger than {json_limit}"
