@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.rows import MAX_ROW_BYTES_DEFAULT
+
 # Settings the trainer has no use for, some of them secrets: never in its environment (it runs user
 # data and third-party code). It writes the job database, never Redis.
 NOT_FOR_THE_TRAINER = frozenset(
@@ -82,6 +84,10 @@ class Settings(BaseSettings):
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
     max_bad_row_fraction: float = Field(default=0.01, ge=0, le=1)
+    # The most a dataset row may take, in bytes: a larger row is malformed (named, with its size),
+    # at upload, at submit and in the trainer, and never read whole or tokenized. The default is
+    # twice what the longest max_seq_length takes in English text (core/rows.py).
+    max_row_bytes: int = Field(default=MAX_ROW_BYTES_DEFAULT, ge=1)
 
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
