@@ -283,6 +283,9 @@ def _json_lines(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict[str,
                 reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 yield where, None, f"not valid JSON ({reason})"
                 continue
+            except RecursionError:
+                yield where, None, NESTED_TOO_DEEPLY
+                continue
             if isinstance(row, dict):
                 yield where, row, None
             else:
@@ -366,13 +369,19 @@ def _json_array_rows(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict
         index = 0
         while i is not None and text.buf[i] != "]":
             text.start = i
-            end, size = _element_end(text, i, max_row_bytes)
             where = f"row {index}"
             index += 1
-            if end is None:
+            decoded = _decoded(text, i)
+            if decoded is not None:  # the common case: whole in the buffer, and valid
+                item, end = decoded
+                yield where, *_array_item(text.buf[i:end], max_row_bytes, item)
+                i = text.next_char(end)
+            elif (end_size := _element_end(text, i, max_row_bytes))[0] is None:
+                size = end_size[1]
                 yield where, None, row_too_large(size, max_row_bytes)
                 i = text.next_char(text.start)
             else:
+                end = end_size[0]
                 yield where, *_array_item(text.buf[text.start : end], max_row_bytes)
                 i = text.next_char(end)
             if i is None:
@@ -390,14 +399,35 @@ def _json_array_rows(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict
             raise text.error("Extra data", after)
 
 
-def _array_item(item_text: str, max_row_bytes: int) -> tuple[dict[str, Any] | None, str | None]:
-    size = len(item_text.encode())
-    if size > max_row_bytes:
-        return None, row_too_large(size, max_row_bytes)
+_DECODER = json.JSONDecoder()
+NESTED_TOO_DEEPLY = "not valid JSON (nested too deeply)"
+
+
+def _decoded(text: _Window, i: int) -> tuple[Any, int] | None:
+    """The value starting at buf[i] and its end, when it is whole in the buffer and valid JSON
+    (json's own parser, in C); else None, and _element_end finds out what it is."""
     try:
-        item = json.loads(item_text)
-    except json.JSONDecodeError as exc:
-        return None, f"not valid JSON ({exc.msg})"
+        item, end = _DECODER.raw_decode(text.buf, i)
+    except (ValueError, RecursionError):
+        return None
+    if end == len(text.buf) and text.buf[i] not in '{["':  # a number the next chunk may go on with
+        return None
+    return item, end
+
+
+def _array_item(item_text: str, max_row_bytes: int, item: Any = None) -> tuple[dict[str, Any] | None, str | None]:
+    """An element's row, or its problem; `item` is the element already parsed, if it was."""
+    if len(item_text) * 4 > max_row_bytes:  # UTF-8 takes at most 4 bytes a character
+        size = len(item_text.encode())
+        if size > max_row_bytes:
+            return None, row_too_large(size, max_row_bytes)
+    if item is None:
+        try:
+            item = json.loads(item_text)
+        except json.JSONDecodeError as exc:
+            return None, f"not valid JSON ({exc.msg})"
+        except RecursionError:
+            return None, NESTED_TOO_DEEPLY
     return (item, None) if isinstance(item, dict) else (None, "not a JSON object")
 
 

@@ -797,3 +797,15 @@ def test_arrow_row_sizes_add_up_nested_values_without_making_rows(tmp_path: Path
     expected = [len("user") + 2 * i + 8 + (0 if i % 2 else 4) for i in range(6)]
     assert arrow_row_sizes(table) == expected
     assert arrow_row_sizes(table.slice(2, 3)) == expected[2:5]  # offsets of a slice hold too
+
+
+def test_a_row_nested_too_deeply_for_the_parser_is_malformed_not_a_crash(tmp_path: Path) -> None:
+    nested = "[" * 100_000 + "]" * 100_000
+    lines = write_lines(tmp_path / "rows.jsonl", [json.dumps(GOOD_TEXT), '{"text": ' + nested + "}"])
+    array = tmp_path / "rows.json"
+    array.write_text(f"[{json.dumps(GOOD_TEXT)}, {nested}]")
+    assert list(read_rows(lines)) == [
+        ("line 1", GOOD_TEXT, None),
+        ("line 2", None, "not valid JSON (nested too deeply)"),
+    ]
+    assert list(read_rows(array)) == [("row 0", GOOD_TEXT, None), ("row 1", None, "not valid JSON (nested too deeply)")]
