@@ -56,16 +56,17 @@ LOG_TAIL_LINES = 15
 # Cache locations the trainer must find although it runs in an empty working directory.
 CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME")
 # What the trainer keeps of the worker's environment (shell patterns): the system's basics, the
-# libraries it runs (Python, Hugging Face, torch, CUDA, NCCL, Triton, Unsloth, bitsandbytes, the
-# BLAS and OpenMP runtimes), proxies and CA bundles to reach the Hub, and the variables of this
+# libraries it runs (Python, Hugging Face, torch, CUDA or ROCm, NCCL, Triton, Unsloth, bitsandbytes,
+# the BLAS and OpenMP runtimes), proxies and CA bundles to reach the Hub, and the variables of this
 # project and of coverage. Nothing else: the trainer runs user data and third-party code, so the
 # API's tokens, the webhook key, the Redis URL and whatever else the operator's environment holds
 # stay out (TRAINER_ENV_PASSTHROUGH adds more, e.g. WANDB_*).
 TRAINER_ENV_KEPT = (
     *("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TEMP", "TMP"),
     *("PYTHON*", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "LIBRARY_PATH", "CPATH", "CC", "CXX"),
-    *("HF_*", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_*", "TOKENIZERS_*", "SAFETENSORS_*", "XDG_*"),
+    *("HF_*", "HUGGINGFACE_*", "HUGGING_FACE_*", "TRANSFORMERS_*", "TOKENIZERS_*", "SAFETENSORS_*", "XDG_*"),
     *("TORCH*", "PYTORCH_*", "CUDA_*", "NVIDIA_*", "CUBLAS_*", "CUDNN_*", "NCCL_*", "GLOO_*", "TRITON_*"),
+    *("HIP_*", "ROCM_*", "ROCR_*", "HSA_*", "MIOPEN_*", "RCCL_*"),
     *("UNSLOTH_*", "BNB_*", "ACCELERATE_*", "FSDP_*", "OMP_*", "MKL_*", "KMP_*", "OPENBLAS_*", "MALLOC_*"),
     *("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy"),
     *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),
