@@ -265,7 +265,12 @@ async def create_file(*, session: Session, request: Request, check_form: FormChe
 
     try:
         name, path, size, sha256 = await uploads.receive(
-            request, temporary, limit=settings.max_upload_bytes, fields=fields
+            request,
+            temporary,
+            limit=settings.max_upload_bytes,
+            fields=fields,
+            folder=files_dir,
+            keep_free=settings.min_free_disk_bytes,
         )
         if check_form is not None and fields is not None:
             check_form(fields, True)

@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app import docs_pages, tcp_nodelay, uploads
+from app.deps import GUARDED_PREFIXES
 from app.errors import install_error_handlers
+from app.guard import RequestGuard
 from app.hotpath import HotReads
 from app.metrics import RequestTimer
 from app.routes import checkpoints, files, health, jobs, openai_v1, storage, watch
@@ -129,8 +131,6 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         gc.unfreeze()  # a process that starts the app again (the tests do) collects the old one
 
 
-# Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1")
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",
@@ -172,6 +172,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     docs_pages.install(app)
+    app.add_middleware(RequestGuard)  # a body's token and size, before FastAPI reads it
     app.add_middleware(HotReads)
     app.add_middleware(RequestTimer)  # outermost: the hot reads are timed too
     app.state.openapi_documents = {}

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from app.errors import BadRequest, NotFound, OpenAICode
 from core.contract import ErrorCode, EventKind
 from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
-from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy
+from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy, echo
 
 JOB_PREFIX, FILE_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "ftjob-", "file-", "ftevent-", "ftckpt-"
 STEP_EVENT_PREFIX = EVENT_PREFIX + "step-"
@@ -42,7 +42,7 @@ def native_id(value: str, prefix: str, what: str) -> int:
     digits = value.removeprefix(prefix)
     if NATIVE_ID_RE.match(digits) and 1 <= int(digits) <= MAX_DB_INT:
         return int(digits)
-    raise NotFound(f"no {what} {value!r}: its ids look like {prefix}<number>, e.g. {prefix}1")
+    raise NotFound(f"no {what} {echo(value)}: its ids look like {prefix}<number>, e.g. {prefix}1")
 
 
 def file_param(value: str, param: str) -> int:
@@ -51,7 +51,7 @@ def file_param(value: str, param: str) -> int:
     if NATIVE_ID_RE.match(digits) and 1 <= int(digits) <= MAX_DB_INT:
         return int(digits)
     raise BadRequest(
-        f"{param} {value!r} is not a file id: upload the JSONL file with POST /v1/files (purpose=fine-tune) "
+        f"{param} {echo(value)} is not a file id: upload the JSONL file with POST /v1/files (purpose=fine-tune) "
         f"and pass the id it returns, e.g. {FILE_PREFIX}1",
         param=param,
         code=OpenAICode.invalid_file_id,
@@ -173,7 +173,7 @@ def _hyperparameters(request: CreateFineTuningJob) -> OpenAIHyperparameters:
     method = request.method
     if method is not None and method.type != "supervised":
         raise BadRequest(
-            f"method.type {method.type!r} is not available: this server runs supervised fine-tuning (SFT) only; "
+            f"method.type {echo(method.type)} is not available: this server runs supervised fine-tuning (SFT) only; "
             'send method {"type": "supervised"} or leave method out',
             param="method.type",
             code=OpenAICode.unsupported_method,
@@ -193,7 +193,7 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
     request's own fields."""
     if "/" not in request.model and OPENAI_MODEL_RE.match(request.model):
         raise BadRequest(
-            f"model {request.model!r} is an OpenAI model, which this server cannot fine-tune: pass a Hugging Face "
+            f"model {echo(request.model)} is an OpenAI model, which this server cannot fine-tune: pass a Hugging Face "
             "Hub id such as 'meta-llama/Llama-3.1-8B', or the path of a model folder under the server's "
             "ALLOWED_LOCAL_ROOTS",
             param="model",

@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.rows import MAX_ROW_BYTES_DEFAULT
+
+# Settings the trainer has no use for, some of them secrets: never in its environment (it runs user
+# data and third-party code). It writes the job database, never Redis.
+NOT_FOR_THE_TRAINER = frozenset(
+    {"api_tokens", "webhook_secret", "webhook_allowed_hosts", "redis_url", "trainer_env_passthrough"}
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
@@ -73,10 +81,18 @@ class Settings(BaseSettings):
     # is torch's default (graphs split at DDP's buckets to overlap communication), "off" runs eager.
     # docs/scheduling.md has what each measured.
     ddp_compile: Literal["whole", "split", "off"] = "whole"
+    # The trainer gets only the variables it needs of the worker's environment (worker/tasks.py,
+    # TRAINER_ENV_KEPT: system basics, Python, Hugging Face, torch, CUDA, proxies...); these
+    # comma-separated names or shell patterns (WANDB_*,AWS_PROFILE) are passed on as well.
+    trainer_env_passthrough: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
     max_bad_row_fraction: float = Field(default=0.01, ge=0, le=1)
+    # The most a dataset row may take, in bytes: a larger row is malformed (named, with its size),
+    # at upload, at submit and in the trainer, and never read whole or tokenized. The default is
+    # twice what the longest max_seq_length takes in English text (core/rows.py).
+    max_row_bytes: int = Field(default=MAX_ROW_BYTES_DEFAULT, ge=1)
 
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
@@ -107,6 +123,9 @@ class Settings(BaseSettings):
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # The largest JSON request body (a job spec is a few KB): a larger one is a 413, refused from
+    # its Content-Length before it is read, or as it streams in when it declares none.
+    max_json_body_bytes: int = Field(default=1024**2, gt=0)
 
     @field_validator("allowed_local_roots", mode="before")
     @classmethod
@@ -115,7 +134,7 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", "webhook_allowed_hosts", mode="before")
+    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
@@ -139,15 +158,15 @@ class Settings(BaseSettings):
         return [root.expanduser().resolve() for root in self.allowed_local_roots]
 
     def as_environment(self) -> dict[str, str]:
-        """These settings as environment variables, paths made absolute, for a child process
-        that runs in another working directory and must not read a different `.env`. The API's
-        tokens are left out: the trainer has no use for them."""
+        """These settings as environment variables, paths made absolute, for the trainer, which
+        runs in another working directory and must not read a different `.env`; without those in
+        NOT_FOR_THE_TRAINER."""
         env = {
             "DATA_DIR": str(self.data_dir.resolve()),
             "DATABASE_URL": self.sqlalchemy_url,
             "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots()),
         }
-        for name, value in self.model_dump(exclude={"api_tokens", "webhook_secret", "webhook_allowed_hosts"}).items():
+        for name, value in self.model_dump(exclude=set(NOT_FOR_THE_TRAINER)).items():
             if name.upper() not in env and value is not None:
                 env[name.upper()] = str(value)
         return env

@@ -329,7 +329,12 @@ class Run:
         spec, hp = self.spec, self.spec.hyperparameters
         limit = self.settings.max_bad_row_fraction
         dataset, check = load_checked(
-            spec.dataset.source, spec.dataset.split, spec.dataset.columns, what="the dataset", max_bad_fraction=limit
+            spec.dataset.source,
+            spec.dataset.split,
+            spec.dataset.columns,
+            what="the dataset",
+            max_bad_fraction=limit,
+            max_row_bytes=self.settings.max_row_bytes,
         )
         row_format = check.row_format
         assert row_format is not None
@@ -403,6 +408,7 @@ class Run:
             self.spec.dataset.columns,
             what="the validation set",
             max_bad_fraction=self.settings.max_bad_row_fraction,
+            max_row_bytes=self.settings.max_row_bytes,
         )
         if check.row_format != row_format:
             raise JobFailure(
