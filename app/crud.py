@@ -15,9 +15,10 @@ from starlette.requests import Request
 
 from app import datacheck, uploads
 from app.errors import Conflict, DoesNotFit, NotFound
+from app.records import status_is
 from app.sources import checked_sources
 from core.config import get_settings
-from core.contract import ErrorCode, EventKind
+from core.contract import ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
@@ -153,12 +154,24 @@ def get_job(*, session: Session, job_id: int) -> Job:
     return job
 
 
+def known_status(job: Job) -> JobStatus:
+    """The job's status, for a change of it; 409 when another version of the service wrote a
+    status this one does not know: such a job is left to the version that knows it."""
+    status, raw = understood(JobStatus, job.status)
+    if raw is not None or status is None:
+        raise Conflict(
+            f"job {job.id} has the status {raw!r}, which this version of the service does not know (another "
+            "version wrote it); it is left as it is: change it through a version that knows that status"
+        )
+    return status
+
+
 def list_jobs(
     *, session: Session, status: JobStatus | None, cursor: int | None, limit: int
 ) -> tuple[Sequence[Job], int | None]:
     query = select(Job).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
     if status is not None:
-        query = query.where(Job.status == status)
+        query = query.where(status_is(status))
     if cursor is not None:
         query = query.where(col(Job.id) < cursor)
     jobs = list(session.exec(query).all())
@@ -168,7 +181,7 @@ def list_jobs(
 
 def cancel_job(*, session: Session, job_id: int) -> Job:
     job = get_job(session=session, job_id=job_id)
-    if job.status.finished:
+    if known_status(job).finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
     now = utcnow()
     # A job that is not running ends here and now. Conditional updates, so a worker that claims

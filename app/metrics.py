@@ -111,7 +111,9 @@ class ServiceCollector(Collector):
                 select(Job.status, func.count()).where(col(Job.deleted_at).is_(None)).group_by(Job.status)
             ).all()
         )
-        by_status = _gauge("finetune_jobs", "Jobs by status.", ("status",))
+        by_status = _gauge("finetune_jobs", "Jobs by status (unknown: a status another version wrote).", ("status",))
+        # A status this version does not know is read as its plain word: counted as unknown.
+        counts[JobStatus.unknown] = sum(n for status, n in counts.items() if not isinstance(status, JobStatus))
         for status in JobStatus:
             by_status.add_metric([status.value], counts.get(status, 0))
         yield by_status

@@ -99,6 +99,12 @@ class Placement(BaseModel):
 
 class JobError(BaseModel):
     code: ErrorCode
+    code_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when code is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     message: str
 
 
@@ -107,6 +113,12 @@ class JobPublic(BaseModel):
 
     id: int
     status: JobStatus
+    status_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when status is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -115,6 +127,12 @@ class JobPublic(BaseModel):
     versions: dict[str, Any] | None
     attempts: int
     phase: Phase | None = Field(description="what a running job is doing (null once it has ended)")
+    phase_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when phase is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     cancel_requested: bool
     progress: Progress
     metrics: Metrics
@@ -155,6 +173,12 @@ class EventPublic(BaseModel):
     id: int
     created_at: datetime
     kind: EventKind
+    kind_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when kind is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     message: str
 
 
@@ -211,6 +235,12 @@ class CheckpointPublic(BaseModel):
     step: int
     created_at: datetime
     status: CheckpointStatus
+    status_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when status is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     size: int
     files: list[CheckpointFile]
     archive_url: str

@@ -41,7 +41,8 @@ def recover_lost_job(
     recovered: a report about an earlier, superseded attempt changes nothing. Returns what was done."""
     settings = get_settings()
     job = session.get(Job, job_id)
-    if job is None or job.status.finished:
+    # A status another version of the service wrote (a plain string here) is left to that version.
+    if job is None or not isinstance(job.status, JobStatus) or job.status.finished:
         return "nothing"
     current_attempt = job.attempts if job.status == JobStatus.running else job.attempts + 1
     if attempt is not None and attempt != current_attempt:
