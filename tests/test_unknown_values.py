@@ -106,6 +106,15 @@ def test_native_lists_and_records_show_unknown_values_with_the_raw_word(
     assert ok(client.get(f"/jobs/{ids['rows']}/logs"))["items"][0]["step"] == 4
 
 
+def test_storage_reads_the_folders_of_such_jobs(
+    client: httpx.Client, env: Env, written_by_a_newer_version: dict[str, int]
+) -> None:
+    left = env.data_dir / "jobs" / str(written_by_a_newer_version["status"]) / "checkpoints" / ".partial-checkpoint-2"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"x" * 10)
+    assert ok(client.get("/storage"))["jobs_bytes"] == 10
+
+
 def test_a_job_whose_status_is_unknown_is_left_alone_with_a_409_naming_it(
     client: httpx.Client, written_by_a_newer_version: dict[str, int]
 ) -> None:
