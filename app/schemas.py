@@ -198,12 +198,17 @@ class WebhookDeliveryPublic(BaseModel):
     id: int
     url: str
     event: str
-    status: str = Field(description="pending, sending, delivered or failed")
+    status: str = Field(
+        description="pending, sending (claimed by a sender; taken back after WEBHOOK_CLAIM_LEASE_S if that "
+        "sender died), delivered or failed"
+    )
     attempts: int
     created_at: datetime
     next_attempt_at: datetime
     last_status_code: int | None
     last_error: str | None
+    claimed_at: datetime | None = Field(default=None, description="when a sender last claimed it to send it")
+    claimed_by: str | None = Field(default=None, description="that sender: host:pid of an API process")
 
 
 class WebhookDeliveryList(BaseModel):

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
+    # A sender claims a delivery before it POSTs it; a claim this old whose delivery is still
+    # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
+    # it back and sends it again. Keep it well above the 5 s a POST may take.
+    webhook_claim_lease_s: float = Field(default=60.0, gt=0)
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)

@@ -161,9 +161,20 @@ class Checkpoint(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     status: CheckpointStatus = Field(default=CheckpointStatus.hashing, sa_type=WordEnum(CheckpointStatus))
     size_bytes: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
-    # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null}, ...]
+    # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null, "mtime_ns": ...}, ...]: size
+    # and mtime_ns as they were when the file was hashed (a file whose stat differs has changed
+    # since, and its sha256 is not vouched for); "corrupt": true on a file a verification found
+    # no longer matching its sha256.
     files: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     removed_at: datetime | None = _ts()
+    # Verification (core/checkpoint_verify.py): when the files were last hashed and compared; when
+    # a whole verification was asked for (POST .../verify); when a download or a resume saw a file
+    # whose size or mtime differs from its hashing's (only such files are hashed again then); and
+    # when a verifier claimed the checkpoint (the claim of one that died expires).
+    verified_at: datetime | None = _ts()
+    verify_requested_at: datetime | None = _ts()
+    changed_seen_at: datetime | None = _ts()
+    verify_claimed_at: datetime | None = _ts()
 
 
 class UploadedFile(SQLModel, table=True):
@@ -204,6 +215,11 @@ class WebhookDelivery(SQLModel, table=True):
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     last_status_code: int | None = None
     last_error: str | None = None
+    # The latest claim: when a sender took the delivery to send it, and which ("host:pid"). A
+    # claim older than WEBHOOK_CLAIM_LEASE_S whose delivery is still `sending` belonged to a sender
+    # that died mid-send: any sender takes it back (the receiver may get it twice).
+    claimed_at: datetime | None = _ts()
+    claimed_by: str | None = None
 
 
 class OpenAIJob(SQLModel, table=True):
