@@ -17,8 +17,9 @@ from app import datacheck, uploads
 from app.errors import Conflict, DoesNotFit, NotFound
 from app.records import status_is
 from app.sources import checked_sources
+from core import checkpoint_verify
 from core.config import get_settings
-from core.contract import ErrorCode, EventKind, understood
+from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
@@ -247,6 +248,26 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
         raise NotFound(f"job {job_id} has no checkpoint named {name!r}")
     if checkpoint.status == "removed":
         raise NotFound(f"checkpoint {name!r} of job {job_id} was removed (rotated away by save_total_limit)")
+    return checkpoint
+
+
+def request_verification(*, session: Session, job_id: int, name: str) -> Checkpoint:
+    """Ask the API's verifier to hash every file of the checkpoint again (core/checkpoint_verify.py)."""
+    checkpoint = get_checkpoint(session=session, job_id=job_id, name=name)
+    status, raw = understood(CheckpointStatus, checkpoint.status)
+    if raw is not None:
+        raise Conflict(
+            f"checkpoint {name!r} of job {job_id} has the status {raw!r}, which this version of the service does "
+            "not know (another version wrote it); it is left as it is"
+        )
+    if status == CheckpointStatus.hashing:
+        raise Conflict(
+            f"checkpoint {name!r} of job {job_id} is still being hashed; its files are verified against those "
+            "hashes once they are recorded (its status becomes ready)"
+        )
+    checkpoint_verify.request_verification(session, checkpoint)
+    session.commit()
+    session.refresh(checkpoint)
     return checkpoint
 
 

@@ -565,6 +565,7 @@ WARNINGS = {
     EventKind.waiting_for_disk,
     EventKind.retried,
     EventKind.requeued,
+    EventKind.checkpoint_corrupt,
 }
 # Step logs sort before events written at the same instant.
 STEP_RANK, EVENT_RANK = 0, 1

@@ -122,11 +122,17 @@ def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
         size=row.size_bytes,
         files=[
             CheckpointFile(
-                path=f["path"], size=f["size"], sha256=f.get("sha256"), url=f"{base}/files/{quote(f['path'])}"
+                path=f["path"],
+                size=f["size"],
+                sha256=f.get("sha256"),
+                url=f"{base}/files/{quote(f['path'])}",
+                corrupt=bool(f.get("corrupt")),
             )
             for f in row.files
         ],
         archive_url=f"{base}/archive",
+        verified_at=row.verified_at,
+        verify_requested_at=row.verify_requested_at,
     )
 
 

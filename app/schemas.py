@@ -190,8 +190,15 @@ class EventPage(BaseModel):
 class CheckpointFile(BaseModel):
     path: str
     size: int
-    sha256: str | None = Field(description="null while the file is still being hashed")
+    sha256: str | None = Field(
+        description="the file's sha256 as it was saved (null while still being hashed); a download of a file "
+        "that changed since is sent without X-Checksum-SHA256, and the file is verified"
+    )
     url: str
+    corrupt: bool = Field(
+        default=False,
+        description="a verification found the file no longer matching its sha256: it is not served (409)",
+    )
 
 
 class WebhookDeliveryPublic(BaseModel):
@@ -249,6 +256,14 @@ class CheckpointPublic(BaseModel):
     size: int
     files: list[CheckpointFile]
     archive_url: str
+    verified_at: datetime | None = Field(
+        default=None,
+        description="when its files were last hashed whole and held against the sha256 they were saved with "
+        "(at hashing, then every CHECKPOINT_VERIFY_INTERVAL_S, or on request)",
+    )
+    verify_requested_at: datetime | None = Field(
+        default=None, description="a verification asked for (POST .../verify) and not yet done"
+    )
 
 
 class CheckpointList(BaseModel):

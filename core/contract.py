@@ -97,6 +97,8 @@ class EventKind(StrEnum):
     waiting_for_disk = "waiting_for_disk"
     waiting_for_gpus = "waiting_for_gpus"  # the GPUs it asked for are leased to other jobs
     checkpoint_deleted = "checkpoint_deleted"
+    checkpoint_corrupt = "checkpoint_corrupt"  # a verification found files that no longer match their sha256
+    checkpoint_verified = "checkpoint_verified"  # verified on request, or intact again after being corrupt
     optimizer_state_dropped = "optimizer_state_dropped"
     retried = "retried"
     requeued = "requeued"

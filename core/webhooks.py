@@ -53,7 +53,7 @@ CATEGORIES: dict[str, frozenset[str]] = {
             EventKind.cancelled,
         }
     ),
-    "checkpoint": frozenset({EventKind.checkpoint}),
+    "checkpoint": frozenset({EventKind.checkpoint, EventKind.checkpoint_corrupt}),
     "eval": frozenset({EventKind.evaluated}),
 }
 MAX_ATTEMPTS = 8
