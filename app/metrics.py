@@ -179,6 +179,14 @@ class ServiceCollector(Collector):
         kept = _gauge("finetune_checkpoint_bytes", "Bytes of the checkpoints on disk (their records' sizes).")
         kept.add_metric([], int(total))
         yield kept
+        corrupt = _gauge(
+            "finetune_checkpoints_corrupt",
+            "Checkpoints whose files no longer match the sha256 they were saved with (not served, not resumed from).",
+        )
+        corrupt.add_metric(
+            [], session.exec(select(func.count()).where(Checkpoint.status == CheckpointStatus.corrupt)).one()
+        )
+        yield corrupt
 
     def _queue(self) -> Iterator[Any]:
         device = _gauge("finetune_gpu_memory_total_bytes", "Memory of each live worker's GPU.", ("worker",))

@@ -127,6 +127,7 @@ def test_a_file_changed_since_it_was_hashed_is_not_served_with_its_hash_and_is_f
         f"/jobs/{job_id}/checkpoints/final/verify, or delete the checkpoint",
     }
     assert client.get(f"/jobs/{job_id}/checkpoints/final/archive").status_code == 409
+    assert "finetune_checkpoints_corrupt 1.0" in client.get("/metrics").text.splitlines()
     config = client.get(f"/jobs/{job_id}/checkpoints/final/files/config.json")  # intact: served, with its hash
     assert config.content == CONFIG and config.headers["x-checksum-sha256"] == hashlib.sha256(CONFIG).hexdigest()
     assert verify_due() == 0  # nothing more to do until the schedule or a request
