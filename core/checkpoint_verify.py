@@ -172,7 +172,12 @@ def _hash_again(claimed: Claimed, folder: Path) -> tuple[list[dict[str, Any]], l
             files.append({**kept, "corrupt": True})
             problems.append(f"{entry['path']} is {stat.st_size} bytes, not the {entry['size']} it was saved with")
             continue
-        now_hashed = hashed_entry(entry, path)
+        try:
+            now_hashed = hashed_entry(entry, path)
+        except FileNotFoundError:  # removed while it was read (the checkpoint rotated away?)
+            files.append({**kept, "corrupt": True})
+            problems.append(f"{entry['path']} is missing")
+            continue
         hashed += 1
         if now_hashed["sha256"] == entry["sha256"]:
             files.append({key: value for key, value in now_hashed.items() if key != "corrupt"})
@@ -190,14 +195,14 @@ def verify(claimed: Claimed, *, claim_held: bool = True) -> None:
     record what was found. Without `claim_held` (a resume that cannot wait for the verifier
     holding it), the result is written all the same, and the holder's is written after it."""
     folder = get_settings().checkpoints_dir(claimed.job_id) / claimed.name
-    if not folder.is_dir():
+    files, problems, hashed = _hash_again(claimed, folder) if folder.is_dir() else ([], [], 0)
+    if not folder.is_dir():  # rotated away or deleted, before or while it was read
         with session_scope() as session:
             mark_removed(
                 session=session, job_id=claimed.job_id, checkpoints_dir=folder.parent, why="its folder is gone"
             )
             _release(session, claimed)
         return
-    files, problems, hashed = _hash_again(claimed, folder)
     status = CheckpointStatus.corrupt if problems else CheckpointStatus.ready
     same_record = [
         col(Checkpoint.id) == claimed.checkpoint_id,
