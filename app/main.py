@@ -102,6 +102,18 @@ async def _send_webhooks_forever(interval_s: float = 1.0) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def _verify_checkpoints_forever(poll_s: float) -> None:
+    """Checkpoints hashed again on their schedule, on request, and where a download saw a file
+    changed (core/checkpoint_verify.py): on a thread of its own, never on a request's path."""
+    while True:
+        try:
+            while await asyncio.to_thread(checkpoints.verify_due_checkpoints):
+                pass
+        except Exception as exc:  # the database away: try again later
+            logger.warning("verifying checkpoints failed: %s", exc)
+        await asyncio.sleep(poll_s)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
@@ -117,6 +129,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.warning("sweeping leftovers at start-up failed: %s", exc)
     task = asyncio.create_task(_maintain_forever(settings.reconcile_interval_s))
     sender = asyncio.create_task(_send_webhooks_forever())
+    verifier = asyncio.create_task(_verify_checkpoints_forever(settings.checkpoint_verify_poll_s))
     # What start-up made (modules, routes, schemas: most of the process's objects) lives as long as
     # the process: out of the collector's sight, a full collection under 1,000 pollers takes about
     # 12 ms instead of 80 (measured with gc.callbacks; docs/benchmarks.md#the-api-under-load).
@@ -124,7 +137,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for running in (task, sender):
+        for running in (task, sender, verifier):
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running

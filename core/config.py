@@ -34,6 +34,11 @@ class Settings(BaseSettings):
     # A file of this size held under DATA_DIR and deleted when the job database cannot be written
     # for lack of space, so that a job's final status still lands on a full disk.
     disk_reserve_bytes: int = Field(default=64 * 1024**2, ge=0)
+    # Checkpoints' files are hashed again this often (CHECKPOINT_VERIFY_INTERVAL_S; 0: only on
+    # request and when a file is seen changed) by the API's verifier, which looks for due work
+    # every CHECKPOINT_VERIFY_POLL_S (a requested verification starts within it).
+    checkpoint_verify_interval_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    checkpoint_verify_poll_s: float = Field(default=10.0, gt=0)
 
     # --- queue ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -100,9 +105,9 @@ class Settings(BaseSettings):
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
-    # async). The database pool holds one connection per thread (and two for the background
+    # async). The database pool holds one connection per thread (and three for the background
     # loops), so no request ever waits for a connection; with PostgreSQL keep API processes x
-    # (API_THREADS + 2) under the server's max_connections.
+    # (API_THREADS + 3) under the server's max_connections.
     api_threads: int = Field(default=40, ge=1, le=1000)
     # GET /jobs/{id} and GET /jobs serve a queued or running job's record as read at most this
     # long ago (a poller sees a step within this delay); finished jobs never change and are
@@ -120,6 +125,10 @@ class Settings(BaseSettings):
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
+    # A sender claims a delivery before it POSTs it; a claim this old whose delivery is still
+    # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
+    # it back and sends it again. Keep it well above the 5 s a POST may take.
+    webhook_claim_lease_s: float = Field(default=60.0, gt=0)
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
