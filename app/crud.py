@@ -15,9 +15,11 @@ from starlette.requests import Request
 
 from app import datacheck, uploads
 from app.errors import Conflict, DoesNotFit, NotFound
+from app.records import status_is
 from app.sources import checked_sources
+from core import checkpoint_verify
 from core.config import get_settings
-from core.contract import ErrorCode, EventKind
+from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
@@ -153,12 +155,24 @@ def get_job(*, session: Session, job_id: int) -> Job:
     return job
 
 
+def known_status(job: Job) -> JobStatus:
+    """The job's status, for a change of it; 409 when another version of the service wrote a
+    status this one does not know: such a job is left to the version that knows it."""
+    status, raw = understood(JobStatus, job.status)
+    if raw is not None or status is None:
+        raise Conflict(
+            f"job {job.id} has the status {raw!r}, which this version of the service does not know (another "
+            "version wrote it); it is left as it is: change it through a version that knows that status"
+        )
+    return status
+
+
 def list_jobs(
     *, session: Session, status: JobStatus | None, cursor: int | None, limit: int
 ) -> tuple[Sequence[Job], int | None]:
     query = select(Job).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
     if status is not None:
-        query = query.where(Job.status == status)
+        query = query.where(status_is(status))
     if cursor is not None:
         query = query.where(col(Job.id) < cursor)
     jobs = list(session.exec(query).all())
@@ -173,7 +187,7 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
     is never dropped: a job ends cancelled whatever it was doing."""
     for _ in range(5):  # each lost race means the job moved on; it cannot move far
         job = get_job(session=session, job_id=job_id)
-        if job.status.finished:
+        if known_status(job).finished:
             raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
         now = utcnow()
         if job.status == JobStatus.running:
@@ -242,6 +256,26 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     return checkpoint
 
 
+def request_verification(*, session: Session, job_id: int, name: str) -> Checkpoint:
+    """Ask the API's verifier to hash every file of the checkpoint again (core/checkpoint_verify.py)."""
+    checkpoint = get_checkpoint(session=session, job_id=job_id, name=name)
+    status, raw = understood(CheckpointStatus, checkpoint.status)
+    if raw is not None:
+        raise Conflict(
+            f"checkpoint {name!r} of job {job_id} has the status {raw!r}, which this version of the service does "
+            "not know (another version wrote it); it is left as it is"
+        )
+    if status == CheckpointStatus.hashing:
+        raise Conflict(
+            f"checkpoint {name!r} of job {job_id} is still being hashed; its files are verified against those "
+            "hashes once they are recorded (its status becomes ready)"
+        )
+    checkpoint_verify.request_verification(session, checkpoint)
+    session.commit()
+    session.refresh(checkpoint)
+    return checkpoint
+
+
 FormCheck = Callable[[dict[str, str], bool], None]
 
 
@@ -265,7 +299,12 @@ async def create_file(*, session: Session, request: Request, check_form: FormChe
 
     try:
         name, path, size, sha256 = await uploads.receive(
-            request, temporary, limit=settings.max_upload_bytes, fields=fields
+            request,
+            temporary,
+            limit=settings.max_upload_bytes,
+            fields=fields,
+            folder=files_dir,
+            keep_free=settings.min_free_disk_bytes,
         )
         if check_form is not None and fields is not None:
             check_form(fields, True)

@@ -64,7 +64,7 @@ def _check_source(
     if stored is not None:
         return stored
     try:
-        return check_file(path, mapping)
+        return check_file(path, mapping, max_row_bytes=get_settings().max_row_bytes)
     except DataError as exc:
         raise InvalidDataset(f"{what}: {exc}") from None
 

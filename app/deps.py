@@ -23,6 +23,9 @@ async def current_settings() -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]
+# Routes that need a token when API_TOKENS is set (require_token guards them; app.guard refuses a
+# body sent to them without one before it is read).
+GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1")
 
 
 def check_token(authorization: str | None, settings: Settings) -> None:

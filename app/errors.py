@@ -48,11 +48,11 @@ ERROR_DESCRIPTIONS = {
     404: "no such job, checkpoint, file or route",
     405: "the path exists but not with this method (the Allow header lists those it has)",
     409: "the request conflicts with the job's or file's state",
-    413: "the upload is larger than MAX_UPLOAD_BYTES",
+    413: "the body is larger than this server's limit: MAX_JSON_BODY_BYTES for JSON, MAX_UPLOAD_BYTES for uploads",
     416: "the Range starts past the end of the file (Content-Range gives its size)",
     422: "a request that does not validate, or a job this server cannot run (the detail says why)",
     503: "the job database cannot be read or written right now (retry later)",
-    507: "the disk under DATA_DIR is full",
+    507: "the disk under DATA_DIR is full, or storing the upload would eat into MIN_FREE_DISK_BYTES",
 }
 
 
@@ -288,8 +288,51 @@ def validation_errors(exc: RequestValidationError) -> list[dict[str, str]]:
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-# What FastAPI (0.165) raises, as a 400, for a JSON body it cannot decode.
+# What FastAPI (0.165) raises, as a 400, for a JSON body it cannot decode (the cause is chained).
 FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+# Refusals of a body partly read at most (too large; an upload the disk cannot take): the answer
+# closes the connection, so that the server reads no more of it.
+BODY_LEFT_UNREAD = frozenset({413, 507})
+# Set by app.guard: the words for a body that outgrows its limit as it streams in.
+BODY_TOO_LARGE_SCOPE_KEY = "finetune.body_too_large"
+# An error body never grows with the request: a message keeps at most this many characters, and at
+# most this many fields are listed (a 1 MB body of bad values would otherwise be answered with
+# several MB naming each one).
+MESSAGE_MAX_CHARS = 2000
+FIELDS_LISTED_MAX = 50
+
+
+def bounded(text: str) -> str:
+    if len(text) <= MESSAGE_MAX_CHARS:
+        return text
+    return f"{text[:MESSAGE_MAX_CHARS]}... (cut: {len(text):,} characters in all)"
+
+
+def bounded_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The body with its detail and field messages cut to size."""
+    body = {**body, "detail": bounded(str(body.get("detail", "")))}
+    errors = body.get("errors")
+    if errors:
+        listed = [{**e, "message": bounded(str(e["message"]))} for e in errors[:FIELDS_LISTED_MAX]]
+        if len(errors) > FIELDS_LISTED_MAX:
+            left = len(errors) - FIELDS_LISTED_MAX
+            listed.append({"field": "body", "message": f"and {left} more problem(s) not listed"})
+        body["errors"] = listed
+    return body
+
+
+def body_parse_problem(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a JSON body, in words."""
+    if isinstance(cause, RecursionError):
+        return (
+            "the body could not be read as JSON: it nests arrays or objects deeper than the parser allows "
+            "(a job spec needs a few levels)"
+        )
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body could not be read as JSON (it is not UTF-8 text)"
+    if cause is None:
+        return "the body could not be read as JSON"
+    return f"the body could not be read as JSON ({type(cause).__name__})"
 
 
 def allowed_methods(request: Request) -> list[str]:
@@ -315,6 +358,9 @@ def respond(
     """The error as the native routes send it, or under /v1 in OpenAI's shape. A /v1 client error
     says `x-should-retry: false`: the openai SDK would otherwise retry a 409 (it is not transient
     here: the job's state does not allow the request)."""
+    body = bounded_body(body)
+    if status_code in BODY_LEFT_UNREAD:
+        headers = {**(headers or {}), "Connection": "close"}
     if not is_openai_path(request.url.path):
         return JSONResponse(body, status_code=status_code, headers=headers)
     headers = dict(headers or {})
@@ -338,11 +384,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        names = {404: "NotFound", 405: "MethodNotAllowed", 401: "Unauthorized"}
+        names = {404: "NotFound", 405: "MethodNotAllowed", 401: "Unauthorized", 413: "PayloadTooLarge"}
         detail = str(exc.detail)
         if exc.status_code == 400 and detail == FASTAPI_BODY_PARSE_ERROR:
-            # A body that is not even text: the same 422 as a body that is not valid JSON.
-            message = "the body could not be read as JSON (it is not UTF-8 text)"
+            # A body that is not text, or nests too deeply to parse: the same 422 as invalid JSON.
+            message = body_parse_problem(exc.__cause__)
             return respond(
                 request,
                 422,
@@ -355,6 +401,10 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":  # no route matched
             detail = f"no route {request.method} {request.url.path} (the routes are listed at /docs)"
         headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
+            # Starlette's body limit (app.guard), reached as a body without Content-Length streamed
+            # in: name the limit.
+            detail = str(request.scope.get(BODY_TOO_LARGE_SCOPE_KEY) or "the request body is too large")
         if exc.status_code == 405:
             # Starlette names the methods of the first route that matched the path; a path served
             # by several routes (GET and DELETE /files/{id}) takes the methods of them all.

@@ -11,7 +11,7 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
-from app.crud import get_job
+from app.crud import get_job, known_status
 from app.errors import Conflict, NotFound
 from core.checkpoint_store import trainer_running
 from core.config import get_settings
@@ -29,7 +29,7 @@ def pause_job(*, session: Session, job_id: int) -> Job:
     """A queued job leaves the queue until resumed; a running one saves a checkpoint at its next
     step and its trainer ends (the GPU is freed). Pausing a paused job changes nothing."""
     job = get_job(session=session, job_id=job_id)
-    if job.status.finished:
+    if known_status(job).finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to pause")
     if job.status == JobStatus.queued and move_job(session, job_id, JobStatus.queued, status=JobStatus.paused):
         add_event(
@@ -65,7 +65,7 @@ def pause_job(*, session: Session, job_id: int) -> Job:
 def resume_job(*, session: Session, job_id: int) -> Job:
     """A paused job goes back to the queue; it continues from the checkpoint its pause saved."""
     job = get_job(session=session, job_id=job_id)
-    if job.status != JobStatus.paused:
+    if known_status(job) != JobStatus.paused:
         pausing = " (it is still pausing: resume it once its status is paused)" if job.pause_requested_at else ""
         raise Conflict(f"job {job_id} is {job.status}, not paused{pausing}; only a paused job can be resumed")
     if not move_job(session, job_id, JobStatus.paused, status=JobStatus.queued, pause_requested_at=None):
@@ -104,7 +104,7 @@ def delete_job(*, session: Session, job_id: int) -> Deleted:
     """A finished or paused job: its logs, events, checkpoints and folder go; its row stays as a
     tombstone (the id is never reused, and every API process learns the job is gone)."""
     job = get_job(session=session, job_id=job_id)
-    if not (job.status.finished or job.status == JobStatus.paused):
+    if not (known_status(job).finished or job.status == JobStatus.paused):
         raise Conflict(
             f"job {job_id} is {job.status}; cancel or pause it first (POST /jobs/{job_id}/cancel), "
             "then delete it once it has stopped"

@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app import docs_pages, tcp_nodelay, uploads
+from app.deps import GUARDED_PREFIXES
 from app.errors import install_error_handlers
+from app.guard import RequestGuard
 from app.hotpath import HotReads
 from app.metrics import RequestTimer
 from app.routes import checkpoints, files, health, jobs, openai_v1, storage, watch
@@ -99,6 +101,18 @@ async def _send_webhooks_forever(interval_s: float = 1.0) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def _verify_checkpoints_forever(poll_s: float) -> None:
+    """Checkpoints hashed again on their schedule, on request, and where a download saw a file
+    changed (core/checkpoint_verify.py): on a thread of its own, never on a request's path."""
+    while True:
+        try:
+            while await asyncio.to_thread(checkpoints.verify_due_checkpoints):
+                pass
+        except Exception as exc:  # the database away: try again later
+            logger.warning("verifying checkpoints failed: %s", exc)
+        await asyncio.sleep(poll_s)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
@@ -114,6 +128,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.warning("sweeping leftovers at start-up failed: %s", exc)
     task = asyncio.create_task(_maintain_forever(settings.reconcile_interval_s))
     sender = asyncio.create_task(_send_webhooks_forever())
+    verifier = asyncio.create_task(_verify_checkpoints_forever(settings.checkpoint_verify_poll_s))
     # What start-up made (modules, routes, schemas: most of the process's objects) lives as long as
     # the process: out of the collector's sight, a full collection under 1,000 pollers takes about
     # 12 ms instead of 80 (measured with gc.callbacks; docs/benchmarks.md#the-api-under-load).
@@ -121,15 +136,13 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for running in (task, sender):
+        for running in (task, sender, verifier):
             running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await running
         gc.unfreeze()  # a process that starts the app again (the tests do) collects the old one
 
 
-# Routes that need a token when API_TOKENS is set (app.deps.require_token guards them).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1")
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",
@@ -171,6 +184,7 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     docs_pages.install(app)
+    app.add_middleware(RequestGuard)  # a body's token and size, before FastAPI reads it
     app.add_middleware(HotReads)
     app.add_middleware(RequestTimer)  # outermost: the hot reads are timed too
     app.state.openapi_documents = {}

@@ -111,7 +111,9 @@ class ServiceCollector(Collector):
                 select(Job.status, func.count()).where(col(Job.deleted_at).is_(None)).group_by(Job.status)
             ).all()
         )
-        by_status = _gauge("finetune_jobs", "Jobs by status.", ("status",))
+        by_status = _gauge("finetune_jobs", "Jobs by status (unknown: a status another version wrote).", ("status",))
+        # A status this version does not know is read as its plain word: counted as unknown.
+        counts[JobStatus.unknown] = sum(n for status, n in counts.items() if not isinstance(status, JobStatus))
         for status in JobStatus:
             by_status.add_metric([status.value], counts.get(status, 0))
         yield by_status
@@ -197,6 +199,14 @@ class ServiceCollector(Collector):
         kept = _gauge("finetune_checkpoint_bytes", "Bytes of the checkpoints on disk (their records' sizes).")
         kept.add_metric([], int(total))
         yield kept
+        corrupt = _gauge(
+            "finetune_checkpoints_corrupt",
+            "Checkpoints whose files no longer match the sha256 they were saved with (not served, not resumed from).",
+        )
+        corrupt.add_metric(
+            [], session.exec(select(func.count()).where(Checkpoint.status == CheckpointStatus.corrupt)).one()
+        )
+        yield corrupt
 
     def _queue(self) -> Iterator[Any]:
         device = _gauge("finetune_gpu_memory_total_bytes", "Memory of each live worker's GPU.", ("worker",))

@@ -15,9 +15,9 @@ from sqlalchemy import and_, or_
 from sqlmodel import Session, col, select
 
 from app.errors import BadRequest, NotFound, OpenAICode
-from core.contract import ErrorCode, EventKind
+from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
-from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy
+from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy, echo
 
 JOB_PREFIX, FILE_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "ftjob-", "file-", "ftevent-", "ftckpt-"
 STEP_EVENT_PREFIX = EVENT_PREFIX + "step-"
@@ -42,7 +42,7 @@ def native_id(value: str, prefix: str, what: str) -> int:
     digits = value.removeprefix(prefix)
     if NATIVE_ID_RE.match(digits) and 1 <= int(digits) <= MAX_DB_INT:
         return int(digits)
-    raise NotFound(f"no {what} {value!r}: its ids look like {prefix}<number>, e.g. {prefix}1")
+    raise NotFound(f"no {what} {echo(value)}: its ids look like {prefix}<number>, e.g. {prefix}1")
 
 
 def file_param(value: str, param: str) -> int:
@@ -51,7 +51,7 @@ def file_param(value: str, param: str) -> int:
     if NATIVE_ID_RE.match(digits) and 1 <= int(digits) <= MAX_DB_INT:
         return int(digits)
     raise BadRequest(
-        f"{param} {value!r} is not a file id: upload the JSONL file with POST /v1/files (purpose=fine-tune) "
+        f"{param} {echo(value)} is not a file id: upload the JSONL file with POST /v1/files (purpose=fine-tune) "
         f"and pass the id it returns, e.g. {FILE_PREFIX}1",
         param=param,
         code=OpenAICode.invalid_file_id,
@@ -173,7 +173,7 @@ def _hyperparameters(request: CreateFineTuningJob) -> OpenAIHyperparameters:
     method = request.method
     if method is not None and method.type != "supervised":
         raise BadRequest(
-            f"method.type {method.type!r} is not available: this server runs supervised fine-tuning (SFT) only; "
+            f"method.type {echo(method.type)} is not available: this server runs supervised fine-tuning (SFT) only; "
             'send method {"type": "supervised"} or leave method out',
             param="method.type",
             code=OpenAICode.unsupported_method,
@@ -193,7 +193,7 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
     request's own fields."""
     if "/" not in request.model and OPENAI_MODEL_RE.match(request.model):
         raise BadRequest(
-            f"model {request.model!r} is an OpenAI model, which this server cannot fine-tune: pass a Hugging Face "
+            f"model {echo(request.model)} is an OpenAI model, which this server cannot fine-tune: pass a Hugging Face "
             "Hub id such as 'meta-llama/Llama-3.1-8B', or the path of a model folder under the server's "
             "ALLOWED_LOCAL_ROOTS",
             param="model",
@@ -373,8 +373,14 @@ class FineTuningJob(BaseModel):
     organization_id: str
     result_files: list[str]
     seed: int
-    status: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled"] = Field(
-        description="the native status (paused is this server's own)"
+    status: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled", "unknown"] = Field(
+        description="the native status (paused is this server's own; unknown: one another version of the server "
+        "wrote, in status_raw)"
+    )
+    status_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="(this server's) the stored status when status is unknown; absent otherwise",
     )
     trained_tokens: int | None
     training_file: str = Field(description="file-<id>, or the native dataset.source of a job submitted at POST /jobs")
@@ -434,7 +440,10 @@ class FineTuningJobCheckpoint(BaseModel):
     metrics: CheckpointMetrics
     step_number: int
     name: str = Field(description="(this server's) checkpoint-<step> or final")
-    status: str = Field(description="(this server's) hashing (sha256 still being computed) or ready")
+    status: CheckpointStatus = Field(
+        description="(this server's) hashing (sha256 still being computed), ready, corrupt (a file no longer "
+        "matches its sha256) or unknown (a status another version of the server wrote)"
+    )
     size: int = Field(description="(this server's) bytes")
     files_url: str = Field(description="(this server's) the native record: files, sizes, sha256")
     download_url: str = Field(description="(this server's) the folder as one tar")
@@ -518,6 +527,7 @@ def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> F
         result_files=[],
         seed=(spec.get("hyperparameters") or {}).get("seed", DEFAULTS.seed),
         status=status,
+        status_raw=record.get("status_raw"),
         trained_tokens=None,
         training_file=_file_or_source(spec.get("dataset")) or "",
         validation_file=_file_or_source(spec.get("validation")),
@@ -555,14 +565,16 @@ WARNINGS = {
     EventKind.waiting_for_disk,
     EventKind.retried,
     EventKind.requeued,
+    EventKind.checkpoint_corrupt,
 }
 # Step logs sort before events written at the same instant.
 STEP_RANK, EVENT_RANK = 0, 1
 
 
 def _event_object(row: JobEvent) -> FineTuningJobEvent:
+    kind, kind_raw = understood(EventKind, row.kind)
     level: Literal["info", "warn", "error"] = (
-        "error" if row.kind == EventKind.failed else "warn" if row.kind in WARNINGS else "info"
+        "error" if kind == EventKind.failed else "warn" if kind in WARNINGS else "info"
     )
     return FineTuningJobEvent(
         id=f"{EVENT_PREFIX}{row.id}",
@@ -570,7 +582,7 @@ def _event_object(row: JobEvent) -> FineTuningJobEvent:
         level=level,
         message=row.message,
         type="message",
-        data={"kind": row.kind},
+        data={"kind": kind, "kind_raw": kind_raw} if kind_raw else {"kind": kind},
     )
 
 
@@ -671,7 +683,7 @@ def checkpoint_object(session: Session, row: Checkpoint) -> FineTuningJobCheckpo
         metrics=checkpoint_metrics(session, row),
         step_number=row.step,
         name=row.name,
-        status=row.status,
+        status=understood(CheckpointStatus, row.status)[0] or CheckpointStatus.unknown,
         size=row.size_bytes,
         files_url=base,
         download_url=f"{base}/archive",

@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from app.records import etag_of
 from core.config import get_settings
+from core.contract import EventKind, understood
 from core.db import get_engine
 from core.models import JobEvent, StepLog
 
@@ -81,7 +82,10 @@ def log_item(row: Any) -> dict[str, Any]:
 
 
 def event_item(row: Any) -> dict[str, Any]:
-    return {"id": row[0], "created_at": row[1], "kind": row[2], "message": row[3]}
+    kind, kind_raw = understood(EventKind, row[2])
+    if kind_raw is not None:  # a kind another version wrote (EventPublic.kind_raw)
+        return {"id": row[0], "created_at": row[1], "kind": kind, "kind_raw": kind_raw, "message": row[3]}
+    return {"id": row[0], "created_at": row[1], "kind": kind, "message": row[3]}
 
 
 def read_logs(session: Session, job_id: int, after_step: int | None, limit: int) -> list[dict[str, Any]]:

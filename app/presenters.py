@@ -19,7 +19,7 @@ from app.schemas import (
     StepLogPublic,
     Vram,
 )
-from core.contract import ErrorCode, EventKind, Phase
+from core.contract import CheckpointStatus, ErrorCode, EventKind, Phase, understood
 from core.data_report import DataReport
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
 
@@ -41,9 +41,13 @@ def job_public(job: Job) -> JobPublic:
     if job.total_steps:
         percent = round(100.0 * min(job.step, job.total_steps) / job.total_steps, 2)
     base = f"/jobs/{job.id}"
+    status, status_raw = understood(JobStatus, job.status)
+    phase, phase_raw = understood(Phase, job.phase) if status == JobStatus.running else (None, None)
+    code, code_raw = understood(ErrorCode, job.error_code)
     return JobPublic(
         id=job.id,
-        status=job.status,
+        status=status or JobStatus.unknown,
+        status_raw=status_raw,
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -51,7 +55,8 @@ def job_public(job: Job) -> JobPublic:
         backend=job.backend,
         versions=job.versions,
         attempts=job.attempts,
-        phase=Phase(job.phase) if job.status == JobStatus.running and job.phase else None,
+        phase=phase,
+        phase_raw=phase_raw,
         cancel_requested=job.cancel_requested_at is not None,
         progress=Progress(
             step=job.step,
@@ -65,7 +70,7 @@ def job_public(job: Job) -> JobPublic:
         vram=vram(job.vram, JobVram),
         placement=Placement.model_validate(job.placement) if job.placement else None,
         data_report=DataReport.model_validate(job.data_report) if job.data_report else None,
-        error=JobError(code=ErrorCode(job.error_code), message=job.error_message or "") if job.error_code else None,
+        error=JobError(code=code, code_raw=code_raw, message=job.error_message or "") if code else None,
         links={
             "self": base,
             "logs": f"{base}/logs",
@@ -104,24 +109,35 @@ def step_log_public(row: StepLog) -> StepLogPublic:
 
 def event_public(row: JobEvent) -> EventPublic:
     assert row.id is not None
-    return EventPublic(id=row.id, created_at=row.created_at, kind=EventKind(row.kind), message=row.message)
+    kind, kind_raw = understood(EventKind, row.kind)
+    return EventPublic(
+        id=row.id, created_at=row.created_at, kind=kind or EventKind.unknown, kind_raw=kind_raw, message=row.message
+    )
 
 
 def checkpoint_public(row: Checkpoint) -> CheckpointPublic:
     base = f"/jobs/{row.job_id}/checkpoints/{quote(row.name)}"
+    status, status_raw = understood(CheckpointStatus, row.status)
     return CheckpointPublic(
         name=row.name,
         step=row.step,
         created_at=row.created_at,
-        status=row.status,
+        status=status or CheckpointStatus.unknown,
+        status_raw=status_raw,
         size=row.size_bytes,
         files=[
             CheckpointFile(
-                path=f["path"], size=f["size"], sha256=f.get("sha256"), url=f"{base}/files/{quote(f['path'])}"
+                path=f["path"],
+                size=f["size"],
+                sha256=f.get("sha256"),
+                url=f"{base}/files/{quote(f['path'])}",
+                corrupt=bool(f.get("corrupt")),
             )
             for f in row.files
         ],
         archive_url=f"{base}/archive",
+        verified_at=row.verified_at,
+        verify_requested_at=row.verify_requested_at,
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy import ColumnElement
 from sqlmodel import Session, col, select
 from starlette.responses import Response
 
@@ -59,23 +60,29 @@ class Record:
 
     def fields(self, names: Sequence[str]) -> bytes:
         record = orjson.loads(self.body)
-        return orjson.dumps({name: record[name] for name in names})
+        return orjson.dumps({name: record.get(name) for name in names})  # a *_raw field is absent unless set
 
 
 def record_of(job: Job, read_at: float | None = None) -> Record:
     """`read_at`: when the read of the job began (a copy is as old as the start of its read)."""
     assert job.id is not None
-    body = job_public(job).model_dump_json().encode()
-    return Record(
-        job.id, body, etag_of(body), JobStatus(job.status).finished, time.monotonic() if read_at is None else read_at
-    )
+    public = job_public(job)
+    body = public.model_dump_json().encode()
+    return Record(job.id, body, etag_of(body), public.status.finished, time.monotonic() if read_at is None else read_at)
+
+
+def status_is(status: JobStatus) -> ColumnElement[bool]:
+    """The filter `?status=` means; `unknown`: the statuses this version does not know."""
+    if status == JobStatus.unknown:
+        return col(Job.status).not_in([known for known in JobStatus if known != JobStatus.unknown])
+    return col(Job.status) == status
 
 
 def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
     """Ids of a page of jobs, newest first, and the cursor of the next page (blocking)."""
     query = select(Job.id).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
     if status is not None:
-        query = query.where(Job.status == status)
+        query = query.where(status_is(status))
     if cursor is not None:
         query = query.where(col(Job.id) < cursor)
     with Session(get_engine()) as session:

@@ -110,6 +110,12 @@ class Placement(BaseModel):
 
 class JobError(BaseModel):
     code: ErrorCode
+    code_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when code is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     message: str
 
 
@@ -118,6 +124,12 @@ class JobPublic(BaseModel):
 
     id: int
     status: JobStatus
+    status_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when status is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -126,6 +138,12 @@ class JobPublic(BaseModel):
     versions: dict[str, Any] | None
     attempts: int
     phase: Phase | None = Field(description="what a running job is doing (null once it has ended)")
+    phase_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when phase is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     cancel_requested: bool
     progress: Progress
     metrics: Metrics
@@ -166,6 +184,12 @@ class EventPublic(BaseModel):
     id: int
     created_at: datetime
     kind: EventKind
+    kind_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when kind is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     message: str
 
 
@@ -177,20 +201,32 @@ class EventPage(BaseModel):
 class CheckpointFile(BaseModel):
     path: str
     size: int
-    sha256: str | None = Field(description="null while the file is still being hashed")
+    sha256: str | None = Field(
+        description="the file's sha256 as it was saved (null while still being hashed); a download of a file "
+        "that changed since is sent without X-Checksum-SHA256, and the file is verified"
+    )
     url: str
+    corrupt: bool = Field(
+        default=False,
+        description="a verification found the file no longer matching its sha256: it is not served (409)",
+    )
 
 
 class WebhookDeliveryPublic(BaseModel):
     id: int
     url: str
     event: str
-    status: str = Field(description="pending, sending, delivered or failed")
+    status: str = Field(
+        description="pending, sending (claimed by a sender; taken back after WEBHOOK_CLAIM_LEASE_S if that "
+        "sender died), delivered or failed"
+    )
     attempts: int
     created_at: datetime
     next_attempt_at: datetime
     last_status_code: int | None
     last_error: str | None
+    claimed_at: datetime | None = Field(default=None, description="when a sender last claimed it to send it")
+    claimed_by: str | None = Field(default=None, description="that sender: host:pid of an API process")
 
 
 class WebhookDeliveryList(BaseModel):
@@ -222,9 +258,23 @@ class CheckpointPublic(BaseModel):
     step: int
     created_at: datetime
     status: CheckpointStatus
+    status_raw: str | None = Field(
+        default=None,
+        exclude_if=lambda raw: raw is None,
+        description="the word stored when status is `unknown`: one this version of the service does not know, "
+        "written by another version (a rolling upgrade); absent otherwise",
+    )
     size: int
     files: list[CheckpointFile]
     archive_url: str
+    verified_at: datetime | None = Field(
+        default=None,
+        description="when its files were last hashed whole and held against the sha256 they were saved with "
+        "(at hashing, then every CHECKPOINT_VERIFY_INTERVAL_S, or on request)",
+    )
+    verify_requested_at: datetime | None = Field(
+        default=None, description="a verification asked for (POST .../verify) and not yet done"
+    )
 
 
 class CheckpointList(BaseModel):

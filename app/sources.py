@@ -17,7 +17,7 @@ from app import hub
 from app.errors import InvalidFields, InvalidSpec
 from core.config import Settings, get_settings
 from core.models import UploadedFile
-from core.spec import LOCAL_PATH_PREFIXES, JobSpec
+from core.spec import LOCAL_PATH_PREFIXES, JobSpec, echo
 from core.webhooks import host_allowed
 
 
@@ -27,19 +27,23 @@ def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, 
     try:
         resolved = Path(value).expanduser().resolve()
     except RuntimeError:  # "~nosuchuser/...": a home folder this server does not have
-        return value, f"{what} {value!r} names a home folder that does not exist on the server"
+        return value, f"{what} {echo(value)} names a home folder that does not exist on the server"
     # Files uploaded with POST /files (DATA_DIR/files) are always allowed, whatever the roots.
     uploaded = resolved.is_relative_to(settings.files_dir())
     if not roots and not uploaded:
         return value, (
-            f"{what} {value!r} is a local path, but this server accepts no local paths "
+            f"{what} {echo(value)} is a local path, but this server accepts no local paths "
             "(the operator sets ALLOWED_LOCAL_ROOTS to allow some)"
         )
     if not uploaded and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
-        return value, f"{what} {value!r} is outside the allowed local roots ({allowed})"
-    if not resolved.exists():
-        return value, f"{what} {value!r} does not exist on the server"
+        return value, f"{what} {echo(value)} is outside the allowed local roots ({allowed})"
+    try:
+        exists = resolved.exists()
+    except OSError as exc:  # a name or path longer than the filesystem allows, say
+        return value, f"{what} {echo(value)} cannot be looked up on the server ({exc.strerror})"
+    if not exists:
+        return value, f"{what} {echo(value)} does not exist on the server"
     return str(resolved), None
 
 
@@ -62,7 +66,7 @@ def hub_id_problem(value: str, what: str, kind: hub.Kind, settings: Settings) ->
             f"download it where the workers read the cache (`hf download {value}`, with the HF_HOME they use), "
             "or name a model folder under ALLOWED_LOCAL_ROOTS"
         )
-    return f"{what} {value!r} is a Hub id that this server cannot get: {gap}, and {hub_now.why_not}; {remedy}"
+    return f"{what} {echo(value)} is a Hub id that this server cannot get: {gap}, and {hub_now.why_not}; {remedy}"
 
 
 def checked_sources(job_in: JobSpec, *, session: Session | None = None, check_hub: bool = False) -> JobSpec:
@@ -116,7 +120,7 @@ def checked_sources(job_in: JobSpec, *, session: Session | None = None, check_hu
             problems.append(
                 {
                     "field": f"webhooks.{index}.url",
-                    "message": f"this server does not send webhooks to {hook.url!r}: its host is not in the "
+                    "message": f"this server does not send webhooks to {echo(hook.url)}: its host is not in the "
                     "operator's WEBHOOK_ALLOWED_HOSTS",
                 }
             )

@@ -16,7 +16,7 @@ from core.checkpoint_store import FINAL_NAME, PARTIAL_PREFIX, checkpoint_step
 from core.config import get_settings
 from core.contract import CheckpointStatus
 from core.folders import folder_files
-from core.models import Checkpoint, Job, UploadedFile
+from core.models import Checkpoint, Job, JobStatus, UploadedFile
 
 
 @dataclass
@@ -80,7 +80,8 @@ def scan(session: Session) -> StorageReport:
         for child in sorted(checkpoints.iterdir()) if checkpoints.is_dir() else []:
             if not child.is_dir():
                 continue
-            if child.name.startswith(PARTIAL_PREFIX) and job.status.finished:
+            # A status another version wrote reads as its plain word: not known to be finished.
+            if child.name.startswith(PARTIAL_PREFIX) and isinstance(job.status, JobStatus) and job.status.finished:
                 orphan(child, "an unfinished checkpoint its stopped trainer left")
             elif (checkpoint_step(child.name) is not None or child.name == FINAL_NAME) and (
                 job.id,

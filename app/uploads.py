@@ -17,7 +17,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from app.errors import InsufficientStorage, InvalidFile, PayloadTooLarge
-from core.diskspace import disk_space, is_disk_full_error
+from core.config import get_settings
+from core.diskspace import DiskSpace, disk_space, gib, is_disk_full_error
 from core.rows import DataError, RowCheck, check_file, file_kind
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ SWEEP_MIN_AGE_S = 1.0
 # each this long at most.
 FORM_FIELDS_MAX = 32
 FORM_FIELD_BYTES_MAX = 4096
+# While a file streams in, the free disk is looked at again every this many bytes written, and must
+# hold MIN_FREE_DISK_BYTES and the next stretch.
+DISK_CHECK_EVERY_BYTES = 1024**2
 
 
 def clean_name(filename: str | None) -> str:
@@ -55,8 +59,17 @@ class _FilePart:
     Other parts are ignored, or kept in `fields` (text form fields, when given a dict); the part's
     file name decides the stored extension."""
 
-    def __init__(self, dest_for: Callable[[str], Path], limit: int, fields: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        dest_for: Callable[[str], Path],
+        limit: int,
+        fields: dict[str, str] | None = None,
+        *,
+        keep_free: int = 0,
+    ) -> None:
         self.dest_for, self.limit = dest_for, limit
+        self.keep_free = keep_free
+        self.checked_at = 0  # the size at the last look at the free disk
         self.fields = fields
         self._form_name: str | None = None
         self._form_value = bytearray()
@@ -126,6 +139,14 @@ class _FilePart:
         self.size += end - start
         if self.size > self.limit:
             raise PayloadTooLarge(too_large(self.limit))
+        if self.size - self.checked_at >= DISK_CHECK_EVERY_BYTES and self.dest is not None:
+            self.checked_at = self.size
+            space = disk_space(self.dest)
+            if space.free_bytes < self.keep_free + DISK_CHECK_EVERY_BYTES:
+                raise InsufficientStorage(
+                    f"the upload was refused after {self.size:,} bytes: {eats_into_reserve(space, self.keep_free)}; "
+                    "nothing was stored"
+                )
         chunk = data[start:end]
         self.digest.update(chunk)
         self.out.write(chunk)  # small writes to the page cache; the event loop barely notices
@@ -148,14 +169,30 @@ def too_large(limit: int) -> str:
     return f"the file is larger than this server's upload limit of {limit} bytes (MAX_UPLOAD_BYTES)"
 
 
+def eats_into_reserve(space: DiskSpace, keep_free: int) -> str:
+    return (
+        f"storing it would eat into the space kept free for the job database and logs: {space.describe()}, "
+        f"of which {gib(keep_free)} stays free (MIN_FREE_DISK_BYTES); free space under DATA_DIR "
+        "(DELETE /jobs/{id}, DELETE /files/{id}; GET /storage shows where it went) and upload again"
+    )
+
+
 async def receive(
-    request: Request, dest_for: Callable[[str], Path], *, limit: int, fields: dict[str, str] | None = None
+    request: Request,
+    dest_for: Callable[[str], Path],
+    *,
+    limit: int,
+    fields: dict[str, str] | None = None,
+    folder: Path,
+    keep_free: int = 0,
 ) -> tuple[str, Path, int, str]:
-    """Stream a multipart/form-data body's `file` part to `dest_for(filename)`, checking the size
-    limit as bytes arrive: (file name, path, size, sha256). A body that breaks off before its
-    closing boundary is refused; the caller deletes the path when this raises. Given `fields`,
-    the body's text form fields are put there as they arrive (those before the file part are
-    there when `dest_for` is called)."""
+    """Stream a multipart/form-data body's `file` part to `dest_for(filename)` (a file in `folder`),
+    checking the size limit as bytes arrive: (file name, path, size, sha256). The disk must keep
+    `keep_free` bytes free (MIN_FREE_DISK_BYTES): a declared length that would eat into them is
+    refused before a byte is read, and the free space is looked at again as the file grows. A body
+    that breaks off before its closing boundary is refused; the caller deletes the path when this
+    raises. Given `fields`, the body's text form fields are put there as they arrive (those before
+    the file part are there when `dest_for` is called)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -165,7 +202,12 @@ async def receive(
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(too_large(limit))  # before reading a byte
-    part = _FilePart(dest_for, limit, fields)
+    space = disk_space(folder)
+    needs = int(declared) if declared.isdigit() else 0
+    if space.free_bytes - needs < keep_free:  # before reading a byte, too
+        said = f"the request declares {needs:,} bytes; " if needs else ""
+        raise InsufficientStorage(f"the upload was refused: {said}{eats_into_reserve(space, keep_free)}")
+    part = _FilePart(dest_for, limit, fields, keep_free=keep_free)
     parser = MultipartParser(boundary, part.callbacks())
     try:
         async for chunk in request.stream():
@@ -197,7 +239,7 @@ def inspect(path: Path, name: str) -> RowCheck:
     row format is kept (a job's dataset.columns can map them), as are bad rows, which are
     counted and shown with the file."""
     try:
-        check = check_file(path)
+        check = check_file(path, max_row_bytes=get_settings().max_row_bytes)
     except DataError as exc:  # named after the temporary file: show the client's name
         raise InvalidFile(str(exc).replace(path.name, repr(name))) from None
     if check.rows == 0:

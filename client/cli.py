@@ -3,6 +3,7 @@
     finetune submit spec.yaml --follow
     finetune follow 7
     finetune download 7 final --dest ./llama-tuned
+    finetune verify 7 final
 
 The service's URL and token come from --url / --token or FINETUNE_URL / FINETUNE_TOKEN. Local
 paths in a spec are paths on the service's host: ./ and ../ ones are sent made absolute, against
@@ -32,6 +33,7 @@ CHUNK = 1024 * 1024
 # directory, which is not the user's, so they are made absolute here (right where the service
 # runs on this machine, as scripts/run does). Hub ids, "~" and absolute paths go as they are.
 RELATIVE_PREFIXES = ("./", "../")
+VERIFY_POLL_S = 1.0
 
 
 class Api:
@@ -305,6 +307,13 @@ def download(
     sha256 is checked against the service's record."""
     client = api(url, token)
     checkpoint = client.call("GET", f"/jobs/{job_id}/checkpoints/{name}")
+    corrupt = [f["path"] for f in checkpoint["files"] if f.get("corrupt")]
+    if corrupt:
+        console.print(
+            f"[red]{name} is corrupt: {', '.join(corrupt)} no longer match the sha256 they were saved with, and the "
+            f"service does not serve them; restore them on the server and run `finetune verify {job_id} {name}`[/red]"
+        )
+        raise typer.Exit(1)
     if any(f["sha256"] is None for f in checkpoint["files"]):
         console.print("[yellow]some files are still being hashed; they are checked by size only[/yellow]")
     folder = dest or Path(f"job-{job_id}-{name}")
@@ -322,6 +331,31 @@ def download(
             for entry in checkpoint["files"]:
                 _fetch(http, entry, folder, progress, task)
     console.print(f"{folder}: {len(checkpoint['files'])} files, {total:,} bytes, sha256 checked")
+
+
+@app.command()
+def verify(
+    job_id: int,
+    name: Annotated[str, typer.Argument(help="the checkpoint, e.g. final or checkpoint-500")] = "final",
+    wait: Annotated[bool, typer.Option(help="wait for the result")] = True,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Have the service hash a checkpoint's files again and hold them against the sha256 they were
+    saved with (it reads every byte: a while for a large model). Exits 1 when it is corrupt."""
+    client = api(url, token)
+    checkpoint = client.call("POST", f"/jobs/{job_id}/checkpoints/{name}/verify")
+    if not wait:
+        console.print(f"{name}: verification requested")
+        return
+    while checkpoint["verify_requested_at"] is not None:
+        time.sleep(VERIFY_POLL_S)
+        checkpoint = client.call("GET", f"/jobs/{job_id}/checkpoints/{name}")
+    corrupt = [f["path"] for f in checkpoint["files"] if f.get("corrupt")]
+    if corrupt:
+        console.print(f"[red]{name} is corrupt: {', '.join(corrupt)} no longer match their sha256[/red]")
+        raise typer.Exit(1)
+    console.print(f"{name}: {len(checkpoint['files'])} files match their sha256 ({checkpoint['status']})")
 
 
 def _sha256(path: Path) -> str:

@@ -14,13 +14,14 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlmodel import select
 
 from core.checkpoint_store import PARTIAL_PREFIX, mark_removed
 from core.config import get_settings
 from core.db import session_scope
-from core.models import Checkpoint, CheckpointStatus, Job
+from core.models import Checkpoint, CheckpointStatus, Job, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hashed_entry(entry: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A file's record with its sha256, and its size and mtime as they were when it was hashed: a
+    file whose stat differs later has changed since, and its sha256 is no longer vouched for."""
+    before = path.stat()
+    return {**entry, "sha256": sha256_file(path), "size": before.st_size, "mtime_ns": before.st_mtime_ns}
+
+
+def unchanged_since_hashed(entry: dict[str, Any], stat: os.stat_result) -> bool:
+    """Whether a file's stat is the one it had when it was hashed (a record from before stats
+    were kept has no mtime: not vouched for)."""
+    return stat.st_size == entry.get("size") and stat.st_mtime_ns == entry.get("mtime_ns")
+
+
 def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
     """Hash every file of one checkpoint and mark it ready; a folder that vanished meanwhile
     (rotated away) is marked removed instead."""
@@ -85,7 +99,7 @@ def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
     hashed = []
     try:
         for entry in files:
-            hashed.append({**entry, "sha256": sha256_file(folder / entry["path"])})
+            hashed.append(hashed_entry(entry, folder / entry["path"]))
     except FileNotFoundError:
         with session_scope() as session:
             mark_removed(session=session, job_id=job_id, checkpoints_dir=folder.parent)
@@ -95,7 +109,7 @@ def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
         # The trainer may have re-saved the same name while we hashed: keep its newer record.
         if checkpoint is None or checkpoint.created_at != created_at or checkpoint.status != CheckpointStatus.hashing:
             return
-        checkpoint.files, checkpoint.status = hashed, CheckpointStatus.ready
+        checkpoint.files, checkpoint.status, checkpoint.verified_at = hashed, CheckpointStatus.ready, utcnow()
         session.add(checkpoint)
     logger.info("job %s: %s hashed (%d files)", job_id, name, len(hashed))
 

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,15 @@ def intermediate_folders(checkpoints_dir: Path) -> list[Path]:
     return [path for _step, path in sorted(found, reverse=True)]
 
 
-def newest_complete(checkpoints_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+def newest_complete(
+    checkpoints_dir: Path, untrusted: Mapping[str, str] | None = None
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete intermediate checkpoint, and the newer ones that are not complete
-    (with why), which a resume must skip."""
+    (with why), which a resume must skip. `untrusted`: names not to resume from (checkpoints
+    known corrupt), with why; such a folder is skipped too."""
     skipped: list[tuple[Path, str]] = []
     for folder in intermediate_folders(checkpoints_dir):
-        problem = checkpoint_problem(folder)
+        problem = (untrusted or {}).get(folder.name) or checkpoint_problem(folder)
         if problem is None:
             return folder, skipped
         skipped.append((folder, problem))
@@ -124,6 +128,9 @@ def record_checkpoint(*, session: Session, job_id: int, folder: Path, step: int,
     checkpoint.step, checkpoint.files = step, files
     checkpoint.size_bytes = sum(f["size"] for f in files)
     checkpoint.status, checkpoint.removed_at, checkpoint.created_at = CheckpointStatus.hashing, None, utcnow()
+    # A new folder: what was known of the old one's verification is not about it.
+    checkpoint.verified_at = checkpoint.verify_requested_at = None
+    checkpoint.changed_seen_at = checkpoint.verify_claimed_at = None
     session.add(checkpoint)
     add_event(
         session=session,

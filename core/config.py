@@ -9,6 +9,14 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.rows import MAX_ROW_BYTES_DEFAULT
+
+# Settings the trainer has no use for, some of them secrets: never in its environment (it runs user
+# data and third-party code). It writes the job database, never Redis.
+NOT_FOR_THE_TRAINER = frozenset(
+    {"api_tokens", "webhook_secret", "webhook_allowed_hosts", "redis_url", "trainer_env_passthrough"}
+)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
@@ -26,6 +34,11 @@ class Settings(BaseSettings):
     # A file of this size held under DATA_DIR and deleted when the job database cannot be written
     # for lack of space, so that a job's final status still lands on a full disk.
     disk_reserve_bytes: int = Field(default=64 * 1024**2, ge=0)
+    # Checkpoints' files are hashed again this often (CHECKPOINT_VERIFY_INTERVAL_S; 0: only on
+    # request and when a file is seen changed) by the API's verifier, which looks for due work
+    # every CHECKPOINT_VERIFY_POLL_S (a requested verification starts within it).
+    checkpoint_verify_interval_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    checkpoint_verify_poll_s: float = Field(default=10.0, gt=0)
 
     # --- queue ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -73,6 +86,10 @@ class Settings(BaseSettings):
     # is torch's default (graphs split at DDP's buckets to overlap communication), "off" runs eager.
     # docs/scheduling.md has what each measured.
     ddp_compile: Literal["whole", "split", "off"] = "whole"
+    # The trainer gets only the variables it needs of the worker's environment (worker/tasks.py,
+    # TRAINER_ENV_KEPT: system basics, Python, Hugging Face, torch, CUDA, proxies...); these
+    # comma-separated names or shell patterns (WANDB_*,AWS_PROFILE) are passed on as well.
+    trainer_env_passthrough: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # --- the Hugging Face Hub --------------------------------------------------------------
     # At submit, a spec's Hub ids (model, chat_template_from, Hub datasets) must be in this host's
@@ -87,6 +104,10 @@ class Settings(BaseSettings):
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
     max_bad_row_fraction: float = Field(default=0.01, ge=0, le=1)
+    # The most a dataset row may take, in bytes: a larger row is malformed (named, with its size),
+    # at upload, at submit and in the trainer, and never read whole or tokenized. The default is
+    # twice what the longest max_seq_length takes in English text (core/rows.py).
+    max_row_bytes: int = Field(default=MAX_ROW_BYTES_DEFAULT, ge=1)
 
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
@@ -94,9 +115,9 @@ class Settings(BaseSettings):
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
-    # async). The database pool holds one connection per thread (and two for the background
+    # async). The database pool holds one connection per thread (and three for the background
     # loops), so no request ever waits for a connection; with PostgreSQL keep API processes x
-    # (API_THREADS + 2) under the server's max_connections.
+    # (API_THREADS + 3) under the server's max_connections.
     api_threads: int = Field(default=40, ge=1, le=1000)
     # GET /jobs/{id} and GET /jobs serve a queued or running job's record as read at most this
     # long ago (a poller sees a step within this delay); finished jobs never change and are
@@ -114,9 +135,16 @@ class Settings(BaseSettings):
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
+    # A sender claims a delivery before it POSTs it; a claim this old whose delivery is still
+    # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
+    # it back and sends it again. Keep it well above the 5 s a POST may take.
+    webhook_claim_lease_s: float = Field(default=60.0, gt=0)
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # The largest JSON request body (a job spec is a few KB): a larger one is a 413, refused from
+    # its Content-Length before it is read, or as it streams in when it declares none.
+    max_json_body_bytes: int = Field(default=1024**2, gt=0)
 
     @field_validator("allowed_local_roots", mode="before")
     @classmethod
@@ -125,7 +153,7 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", "webhook_allowed_hosts", mode="before")
+    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
@@ -149,15 +177,15 @@ class Settings(BaseSettings):
         return [root.expanduser().resolve() for root in self.allowed_local_roots]
 
     def as_environment(self) -> dict[str, str]:
-        """These settings as environment variables, paths made absolute, for a child process
-        that runs in another working directory and must not read a different `.env`. The API's
-        tokens are left out: the trainer has no use for them."""
+        """These settings as environment variables, paths made absolute, for the trainer, which
+        runs in another working directory and must not read a different `.env`; without those in
+        NOT_FOR_THE_TRAINER."""
         env = {
             "DATA_DIR": str(self.data_dir.resolve()),
             "DATABASE_URL": self.sqlalchemy_url,
             "ALLOWED_LOCAL_ROOTS": ",".join(str(root) for root in self.resolved_local_roots()),
         }
-        for name, value in self.model_dump(exclude={"api_tokens", "webhook_secret", "webhook_allowed_hosts"}).items():
+        for name, value in self.model_dump(exclude=set(NOT_FOR_THE_TRAINER)).items():
             if name.upper() not in env and value is not None:
                 env[name.upper()] = str(value)
         return env

@@ -8,7 +8,7 @@ nothing else."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,7 @@ class JobStatus(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    unknown = "unknown"  # read only, never written: see understood()
 
     @property
     def finished(self) -> bool:
@@ -30,6 +31,10 @@ class CheckpointStatus(StrEnum):
     hashing = "hashing"  # on disk, sizes known, sha256 still being computed off the training path
     ready = "ready"
     removed = "removed"  # rotated away by save_total_limit, or lost from disk
+    # A file no longer matches the sha256 recorded when it was hashed (a verification found it):
+    # that file is not served and the job does not resume from it.
+    corrupt = "corrupt"
+    unknown = "unknown"  # read only, never written: see understood()
 
 
 class Phase(StrEnum):
@@ -42,6 +47,7 @@ class Phase(StrEnum):
     training = "training"
     evaluating = "evaluating"
     saving = "saving"
+    unknown = "unknown"  # read only, never written: see understood()
 
 
 class ErrorCode(StrEnum):
@@ -60,6 +66,7 @@ class ErrorCode(StrEnum):
     worker_lost = "worker_lost"
     job_missing = "job_missing"
     cancelled = "cancelled"
+    unknown = "unknown"  # read only, never written: see understood()
 
 
 class EventKind(StrEnum):
@@ -93,12 +100,31 @@ class EventKind(StrEnum):
     waiting_for_disk = "waiting_for_disk"
     waiting_for_gpus = "waiting_for_gpus"  # the GPUs it asked for are leased to other jobs
     checkpoint_deleted = "checkpoint_deleted"
+    checkpoint_corrupt = "checkpoint_corrupt"  # a verification found files that no longer match their sha256
+    checkpoint_verified = "checkpoint_verified"  # verified on request, or intact again after being corrupt
     optimizer_state_dropped = "optimizer_state_dropped"
     retried = "retried"
     requeued = "requeued"
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    unknown = "unknown"  # read only, never written: see understood()
+
+
+Word = TypeVar("Word", JobStatus, CheckpointStatus, Phase, ErrorCode, EventKind)
+
+
+def understood(words: type[Word], stored: str | None) -> tuple[Word | None, str | None]:
+    """A stored word as this version of the service reads it: (member, None) when it knows the
+    word; (`unknown`, the word) when it does not, as for a row another version wrote (a rolling
+    upgrade, a rollback): a reader shows it as `unknown` with the word beside it (`status_raw`,
+    ...) instead of failing, and nothing acts on it. (None, None) when there is no word."""
+    if stored is None:
+        return None, None
+    member = words._value2member_map_.get(stored)
+    if member is None or member == "unknown":
+        return words("unknown"), str(stored)
+    return member, None  # type: ignore[return-value]
 
 
 # Upper bounds (seconds) of the step-duration histogram the trainer keeps in the job's metrics

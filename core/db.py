@@ -30,8 +30,9 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-# Connections beyond API_THREADS: the API's background loops (reconcile, sweeps).
-BACKGROUND_CONNECTIONS = 2
+# Connections beyond API_THREADS: the API's background loops (reconcile and sweeps, webhooks,
+# checkpoint verification).
+BACKGROUND_CONNECTIONS = 3
 
 
 def make_engine(url: str, *, pool_size: int = 5) -> Engine:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Enum, Index, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -34,6 +35,34 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+class WordEnum(TypeDecorator[Any]):
+    """A StrEnum column (the same type as SQLModel makes: SQLAlchemy's Enum) that reads a word it
+    does not know, such as a status a newer version of the service wrote, as the plain string
+    instead of failing the whole query: one such row must not break every list. Presenters show
+    it as `unknown` with the word beside it (core.contract.understood). `unknown` is never written."""
+
+    impl = Enum
+    cache_ok = True
+
+    def __init__(self, words: type[StrEnum]) -> None:
+        super().__init__(words)
+        self.words = words
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value == "unknown":
+            raise ValueError(f"'unknown' is how an unknown {self.words.__name__} reads; it is never written")
+        return value
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # Instead of Enum's own, which raises LookupError for a word it does not know.
+        members = {member.name: member for member in self.words}
+
+        def process(value: str | None) -> Any:
+            return None if value is None else members.get(value, value)
+
+        return process
+
+
 def _ts(*, nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
@@ -45,7 +74,7 @@ class Job(SQLModel, table=True):
     __table_args__ = (Index("ix_job_status_id", "status", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    status: JobStatus = Field(default=JobStatus.queued)
+    status: JobStatus = Field(default=JobStatus.queued, sa_type=WordEnum(JobStatus))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     started_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
@@ -137,11 +166,22 @@ class Checkpoint(SQLModel, table=True):
     name: str
     step: int
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
-    status: CheckpointStatus = Field(default=CheckpointStatus.hashing)
+    status: CheckpointStatus = Field(default=CheckpointStatus.hashing, sa_type=WordEnum(CheckpointStatus))
     size_bytes: int = Field(default=0, sa_column=Column(BigInteger(), nullable=False))
-    # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null}, ...]
+    # [{"path": "model.safetensors", "size": 123, "sha256": "..." | null, "mtime_ns": ...}, ...]: size
+    # and mtime_ns as they were when the file was hashed (a file whose stat differs has changed
+    # since, and its sha256 is not vouched for); "corrupt": true on a file a verification found
+    # no longer matching its sha256.
     files: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     removed_at: datetime | None = _ts()
+    # Verification (core/checkpoint_verify.py): when the files were last hashed and compared; when
+    # a whole verification was asked for (POST .../verify); when a download or a resume saw a file
+    # whose size or mtime differs from its hashing's (only such files are hashed again then); and
+    # when a verifier claimed the checkpoint (the claim of one that died expires).
+    verified_at: datetime | None = _ts()
+    verify_requested_at: datetime | None = _ts()
+    changed_seen_at: datetime | None = _ts()
+    verify_claimed_at: datetime | None = _ts()
 
 
 class UploadedFile(SQLModel, table=True):
@@ -182,6 +222,11 @@ class WebhookDelivery(SQLModel, table=True):
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     last_status_code: int | None = None
     last_error: str | None = None
+    # The latest claim: when a sender took the delivery to send it, and which ("host:pid"). A
+    # claim older than WEBHOOK_CLAIM_LEASE_S whose delivery is still `sending` belonged to a sender
+    # that died mid-send: any sender takes it back (the receiver may get it twice).
+    claimed_at: datetime | None = _ts()
+    claimed_by: str | None = None
 
 
 class OpenAIJob(SQLModel, table=True):

@@ -56,7 +56,8 @@ def counted_attempts(job: Job) -> int:
 def _recover(*, session: Session, job_id: int, reason: str, connection: Redis | None, attempt: int | None) -> str:
     settings = get_settings()
     job = session.get(Job, job_id)
-    if job is None or job.status.finished or job.deleted_at is not None:
+    # A status another version of the service wrote (a plain string here) is left to that version.
+    if job is None or not isinstance(job.status, JobStatus) or job.status.finished or job.deleted_at is not None:
         return "nothing"
     current_attempt = job.attempts if job.status == JobStatus.running else job.attempts + 1
     if attempt is not None and attempt != current_attempt:

@@ -2,15 +2,23 @@
 
 Pure Python (pyarrow only for Parquet), so the API can check an uploaded or local file before a
 job is queued, and the trainer checks every row of any source, Hub datasets included, with the
-same rules and the same messages."""
+same rules and the same messages.
+
+Files are read as streams, a row at a time, and no row is read whole when it is larger than
+MAX_ROW_BYTES: such a row is a malformed row, named with its size, so that neither the API nor the
+trainer ever holds (or tokenizes) one without bound."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Which columns a row format needs, in the order formats are recognised.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -31,6 +39,21 @@ SHAREGPT_ROLES = {
 }
 NEEDED = "a row needs 'messages' (chat), 'prompt' and 'completion', or 'text'"
 PROBLEMS_KEPT = 20  # examples of bad rows kept in a report; the count covers all of them
+# The default of MAX_ROW_BYTES, the most a row may take: twice what the longest max_seq_length the
+# spec allows (1,048,576 tokens) takes in English text, so no row that could train whole is
+# refused, while a row that would cost the trainer gigabytes to tokenize is (a 50 MB row took
+# 13.7 GB). A longer row would be cut to max_seq_length tokens anyway.
+MAX_ROW_BYTES_DEFAULT = 8 * 1024**2
+# Files are read this much at a time; rows are converted to Python objects this much at a time.
+READ_CHUNK_BYTES = 1024**2
+ROWS_BUDGET_BYTES = 64 * 1024**2
+
+
+def row_too_large(size: int, limit: int) -> str:
+    return (
+        f"the row is {size:,} bytes, more than the {limit:,} a row may have (MAX_ROW_BYTES); max_seq_length "
+        "cuts a row that long to its first tokens anyway: split long documents into several rows"
+    )
 
 
 class DataError(ValueError):
@@ -186,6 +209,8 @@ class RowCheck:
     def unusable(self, max_bad_fraction: float, what: str = "the dataset") -> str | None:
         """Why the rows cannot train, or None: no row format fits the columns, or `refusal`."""
         if self.row_format is None:
+            if not self.columns and self.bad_rows:  # not one row could be read: say why, row by row
+                return self.refusal(max_bad_fraction, what)
             try:
                 detect_format(self.columns)
             except DataError as exc:
@@ -223,37 +248,43 @@ def _json_array(path: Path) -> bool:
     return False
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def read_rows(
+    path: Path, *, max_row_bytes: int = MAX_ROW_BYTES_DEFAULT
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """(where, row, problem) for each row of a JSON Lines / JSON / Parquet file: a row that cannot
-    be read comes with its problem instead. `where` is "line N" (JSON Lines) or "row N"
-    (counting from 0, as `datasets` indexes rows)."""
+    be read, or is larger than `max_row_bytes`, comes with its problem instead. `where` is "line N"
+    (JSON Lines) or "row N" (counting from 0, as `datasets` indexes rows)."""
     kind = file_kind(path)
     if kind == "parquet":
-        yield from _parquet_rows(path)
+        yield from _parquet_rows(path, max_row_bytes)
     elif _json_array(path):
         try:
-            items = json.loads(path.read_bytes())
-        except ValueError as exc:
-            raise DataError(f"{path.name} is not valid JSON ({exc})") from None
-        for index, item in enumerate(items):
-            yield (
-                (f"row {index}", item, None) if isinstance(item, dict) else (f"row {index}", None, "not a JSON object")
-            )
+            yield from _json_array_rows(path, max_row_bytes)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path.name} is not valid JSON (it is not UTF-8 text: {exc.reason})") from None
     else:
-        yield from _json_lines(path)
+        yield from _json_lines(path, max_row_bytes)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _json_lines(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
+        number = 0
+        while line := handle.readline(max_row_bytes + 1):
+            number += 1
+            where = f"line {number}"
+            if len(line) > max_row_bytes and not line.endswith(b"\n"):
+                yield where, None, row_too_large(len(line) + _skip_line(handle), max_row_bytes)
+                continue
             if not line.strip():
                 continue
-            where = f"line {number}"
             try:
                 row = json.loads(line)
             except ValueError as exc:
                 reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 yield where, None, f"not valid JSON ({reason})"
+                continue
+            except RecursionError:
+                yield where, None, NESTED_TOO_DEEPLY
                 continue
             if isinstance(row, dict):
                 yield where, row, None
@@ -261,7 +292,202 @@ def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | 
                 yield where, None, "not a JSON object (one row per line)"
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+def _skip_line(handle: IO[bytes]) -> int:
+    """Read on to the end of the line, a chunk at a time; the bytes before its newline."""
+    skipped = 0
+    while chunk := handle.read(READ_CHUNK_BYTES):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            handle.seek(newline + 1 - len(chunk), 1)
+            return skipped + newline
+        skipped += len(chunk)
+    return skipped
+
+
+# What ends or nests a JSON value outside strings; what ends a string or escapes in one; what ends
+# a number or literal.
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_IN_STRING = re.compile(r'["\\]')
+_SCALAR_END = re.compile(r"[,\]\s]")
+
+
+class _Window:
+    """A JSON text read a chunk at a time: `buf` holds it from `start` on (what is still needed),
+    and positions in error messages are the whole text's."""
+
+    def __init__(self, handle: IO[str], name: str) -> None:
+        self.handle, self.name = handle, name
+        self.buf, self.start = "", 0
+        self.offset = self.lines = 0  # characters and newlines before buf
+        self.line_start = 0  # where the line holding buf[0] starts, as an offset
+
+    def more(self) -> int:
+        """Read another chunk, dropping what comes before `start`; the characters dropped (every
+        position into buf moves back by as many), or -1 at the end of the text."""
+        chunk = self.handle.read(READ_CHUNK_BYTES)
+        if not chunk:
+            return -1
+        dropped, self.buf = self.buf[: self.start], self.buf[self.start :] + chunk
+        newline = dropped.rfind("\n")
+        if newline >= 0:
+            self.lines += dropped.count("\n")
+            self.line_start = self.offset + newline + 1
+        self.offset += len(dropped)
+        moved, self.start = self.start, 0
+        return moved
+
+    def next_char(self, i: int) -> int | None:
+        """The position of the first character at or after i that is not white space, or None."""
+        while True:
+            while i < len(self.buf):
+                if not self.buf[i].isspace():
+                    return i
+                i += 1
+            self.start = i
+            moved = self.more()
+            if moved < 0:
+                return None
+            i -= moved
+
+    def error(self, what: str, i: int) -> DataError:
+        line = self.lines + self.buf.count("\n", 0, i) + 1
+        newline = self.buf.rfind("\n", 0, i)
+        column = i - newline if newline >= 0 else self.offset + i - self.line_start + 1
+        return DataError(
+            f"{self.name} is not valid JSON ({what}: line {line} column {column} (char {self.offset + i}))"
+        )
+
+
+def _json_array_rows(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """The elements of a JSON array, each read and parsed on its own: none larger than
+    `max_row_bytes` is ever held whole (its extent is found by scanning strings and brackets)."""
+    with open(path, encoding="utf-8") as handle:
+        text = _Window(handle, path.name)
+        i = text.next_char(0)
+        assert i is not None and text.buf[i] == "["  # _json_array said so
+        i = text.next_char(i + 1)
+        index = 0
+        while i is not None and text.buf[i] != "]":
+            text.start = i
+            where = f"row {index}"
+            index += 1
+            decoded = _decoded(text, i)
+            if decoded is not None:  # the common case: whole in the buffer, and valid
+                item, end = decoded
+                yield where, *_array_item(text.buf[i:end], max_row_bytes, item)
+                i = text.next_char(end)
+            elif (end_size := _element_end(text, i, max_row_bytes))[0] is None:
+                size = end_size[1]
+                yield where, None, row_too_large(size, max_row_bytes)
+                i = text.next_char(text.start)
+            else:
+                end = end_size[0]
+                yield where, *_array_item(text.buf[text.start : end], max_row_bytes)
+                i = text.next_char(end)
+            if i is None:
+                raise text.error("Expecting ',' delimiter", len(text.buf))
+            if text.buf[i] == ",":
+                i = text.next_char(i + 1)
+                if i is None or text.buf[i] == "]":
+                    raise text.error("Expecting value", len(text.buf) if i is None else i)
+            elif text.buf[i] != "]":
+                raise text.error("Expecting ',' delimiter", i)
+        if i is None:
+            raise text.error("Expecting value", len(text.buf))
+        after = text.next_char(i + 1)
+        if after is not None:
+            raise text.error("Extra data", after)
+
+
+_DECODER = json.JSONDecoder()
+NESTED_TOO_DEEPLY = "not valid JSON (nested too deeply)"
+
+
+def _decoded(text: _Window, i: int) -> tuple[Any, int] | None:
+    """The value starting at buf[i] and its end, when it is whole in the buffer and valid JSON
+    (json's own parser, in C); else None, and _element_end finds out what it is."""
+    try:
+        item, end = _DECODER.raw_decode(text.buf, i)
+    except (ValueError, RecursionError):
+        return None
+    if end == len(text.buf) and text.buf[i] not in '{["':  # a number the next chunk may go on with
+        return None
+    return item, end
+
+
+def _array_item(item_text: str, max_row_bytes: int, item: Any = None) -> tuple[dict[str, Any] | None, str | None]:
+    """An element's row, or its problem; `item` is the element already parsed, if it was."""
+    if len(item_text) * 4 > max_row_bytes:  # UTF-8 takes at most 4 bytes a character
+        size = len(item_text.encode())
+        if size > max_row_bytes:
+            return None, row_too_large(size, max_row_bytes)
+    if item is None:
+        try:
+            item = json.loads(item_text)
+        except json.JSONDecodeError as exc:
+            return None, f"not valid JSON ({exc.msg})"
+        except RecursionError:
+            return None, NESTED_TOO_DEEPLY
+    return (item, None) if isinstance(item, dict) else (None, "not a JSON object")
+
+
+def _element_end(text: _Window, i: int, max_row_bytes: int) -> tuple[int | None, int]:
+    """Where the value starting at buf[i] ends, by its strings and brackets (json.loads says later
+    whether it is valid): (its end, 0); or, when it is more than `max_row_bytes` characters, (None,
+    its size in bytes), having read past it without keeping it (`text.start` is just after it)."""
+    first = text.buf[i]
+    depth = 1 if first in "[{" else 0
+    in_string = first == '"'
+    scalar = depth == 0 and not in_string
+    j, skipped = (i if scalar else i + 1), -1  # skipped: bytes of an oversized value read past
+    while True:
+        pattern = _SCALAR_END if scalar else _IN_STRING if in_string else _STRUCTURE
+        found = pattern.search(text.buf, j)
+        if found is None or (found.group() == "\\" and found.end() == len(text.buf)):
+            j = len(text.buf) if found is None else found.start()
+            if skipped < 0 and j - text.start > max_row_bytes:
+                skipped = 0
+            if skipped >= 0:  # oversized: count what was read, keep none of it
+                skipped += len(text.buf[text.start : j].encode())
+                text.start = j
+            moved = text.more()
+            if moved < 0 and scalar:  # a number or literal may end the text
+                end = len(text.buf)
+                break
+            if moved < 0:
+                raise text.error("the file ends inside a row", text.start if skipped < 0 else len(text.buf))
+            j -= moved
+            continue
+        if scalar:
+            end = found.start()
+            break
+        j = found.end()
+        char = found.group()
+        if in_string:
+            if char == "\\":
+                j += 1  # the escaped character
+                continue
+            in_string = False
+            if depth == 0:
+                end = j
+                break
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                end = j
+                break
+    if skipped < 0:
+        return end, 0
+    skipped += len(text.buf[text.start : end].encode())
+    text.start = end
+    return None, skipped
+
+
+def _parquet_rows(path: Path, max_row_bytes: int) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     import pyarrow.parquet as pq
 
     try:
@@ -271,9 +497,82 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str 
     index = 0
     with parquet:
         for batch in parquet.iter_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                yield f"row {index}", row, None
+            for row, problem in bounded_rows(batch, max_row_bytes):
+                yield f"row {index}", row, problem
                 index += 1
+
+
+def arrow_row_sizes(table: pa.Table | pa.RecordBatch) -> list[int]:
+    """Each row's size in bytes as Arrow holds it (text and binary by their length, numbers by
+    their width), computed column by column without making a Python object of any row."""
+    import pyarrow as pa
+
+    totals: pa.Array = pa.array([0] * table.num_rows, pa.int64())
+    for column in table.columns:
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        sizes = pa.concat_arrays([_value_sizes(chunk) for chunk in chunks]) if chunks else totals
+        totals = _add(totals, sizes)
+    return [int(size) for size in totals.to_pylist()]
+
+
+def _add(left: pa.Array, right: pa.Array) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.add(left, right)
+
+
+def _value_sizes(array: pa.Array) -> pa.Array:
+    """The bytes of each value of an Arrow array (nested lists and structs summed), as int64."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or (pa.types.is_large_binary(kind))
+    ):
+        return pc.fill_null(pc.binary_length(array), 0).cast(pa.int64())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_map(kind):
+        # A value's size is the sum of its items': differences of the items' running total, taken
+        # at the list's offsets (which also hold for a slice of the array).
+        items = _value_sizes(array.values)
+        running = pa.concat_arrays([pa.array([0], pa.int64()), pc.cumulative_sum(items)])
+        offsets = array.offsets.cast(pa.int64())
+        ends, starts = pc.take(running, offsets[1:]), pc.take(running, offsets[:-1])
+        return pc.subtract(ends, starts)
+    if pa.types.is_struct(kind):
+        fields = array.flatten()
+        totals = pa.array([0] * len(array), pa.int64())
+        for part in fields:
+            totals = pc.add(totals, _value_sizes(part))
+        return totals
+    width = kind.bit_width // 8 if hasattr(kind, "bit_width") else 8
+    return pa.array([max(width, 1)] * len(array), pa.int64())
+
+
+def bounded_rows(
+    table: pa.Table | pa.RecordBatch, max_row_bytes: int
+) -> Iterator[tuple[dict[str, Any] | None, str | None]]:
+    """(row, None) for each row of an Arrow table, or (None, why) for a row larger than
+    `max_row_bytes`, which is never made a Python object; the others are made so a few MB at a
+    time, not a whole batch at once."""
+    sizes = arrow_row_sizes(table)
+    first, held = 0, 0
+    for index, size in enumerate([*sizes, None]):
+        if size is not None and size <= max_row_bytes and held + size <= ROWS_BUDGET_BYTES:
+            held += size
+            continue
+        if index > first:
+            yield from ((row, None) for row in table.slice(first, index - first).to_pylist())
+        if size is None:
+            return
+        if size > max_row_bytes:
+            yield None, row_too_large(size, max_row_bytes)
+            first, held = index + 1, 0
+        else:
+            first, held = index, size
 
 
 def parquet_columns(path: Path) -> list[str]:
@@ -286,17 +585,20 @@ def parquet_columns(path: Path) -> list[str]:
         raise DataError(f"{path.name} is not a readable Parquet file ({exc})") from None
 
 
-def check_file(path: Path, mapping: Mapping[str, str] | None = None) -> RowCheck:
+def check_file(
+    path: Path, mapping: Mapping[str, str] | None = None, *, max_row_bytes: int = MAX_ROW_BYTES_DEFAULT
+) -> RowCheck:
     """Read every row of a local file and check it. The format comes from the columns of the
     first readable row (JSON) or the schema (Parquet), after the mapping; with no format that
-    fits, row_format is None and nothing is checked beyond readability."""
+    fits, row_format is None and nothing is checked beyond readability. A row larger than
+    `max_row_bytes` is a malformed row."""
     mapping = mapping or {}
     check: RowCheck | None = None
     if file_kind(path) == "parquet":
         columns = mapped_columns(parquet_columns(path), mapping)
         check = RowCheck(row_format=_format_or_none(columns), columns=columns)
     pending: list[tuple[str, str]] = []  # unreadable rows before the first readable one
-    for where, row, problem in read_rows(path):
+    for where, row, problem in read_rows(path, max_row_bytes=max_row_bytes):
         if row is None:
             if check is None:
                 pending.append((where, problem or "unreadable"))

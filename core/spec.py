@@ -27,6 +27,19 @@ def _written_in_digits(value: object) -> object:
     return value
 
 
+# How much of a value an error message quotes: an answer never grows with what was sent.
+ECHO_MAX_CHARS = 200
+
+
+def echo(value: object) -> str:
+    """repr(value) for an error message, cut to ECHO_MAX_CHARS (with the length of what was cut)."""
+    shown = repr(value)
+    if len(shown) <= ECHO_MAX_CHARS:
+        return shown
+    length = f", {len(value):,} characters" if isinstance(value, str) else ""
+    return f"{shown[:ECHO_MAX_CHARS]}... (cut{length})"
+
+
 # An integer in a URL's path or query string.
 UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
@@ -62,7 +75,8 @@ def source_shape(value: str, what: str) -> str:
         return value
     if ".." in value or not HUB_ID_RE.match(value):
         raise ValueError(
-            f"{what} {value!r} is neither a Hugging Face Hub id (like 'org/name') nor a local path (starting with '/')"
+            f"{what} {echo(value)} is neither a Hugging Face Hub id (like 'org/name') "
+            "nor a local path (starting with '/')"
         )
     return value
 
@@ -99,7 +113,7 @@ class DatasetSpec(BaseModel):
         for ours, theirs in value.items():
             if ours not in COLUMN_NAMES:
                 raise ValueError(
-                    f"columns: {ours!r} is not one of our column names {sorted(COLUMN_NAMES)}; "
+                    f"columns: {echo(ours)} is not one of our column names {sorted(COLUMN_NAMES)}; "
                     'map each of ours to the dataset\'s, e.g. {"prompt": "question"}'
                 )
             if not theirs.strip():

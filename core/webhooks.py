@@ -5,6 +5,12 @@ they carry, by whichever process records it; the API's sender (deliver_due, run 
 every API process) POSTs them, retries failures with backoff, and records each outcome. A
 trainer only ever writes a row: a slow or dead receiver never holds up training.
 
+Delivery is at least once. A sender claims one delivery at a time, just before it POSTs it
+(`sending`, with the claim's time and the sender's host and pid), and records the outcome right
+after; a claim older than WEBHOOK_CLAIM_LEASE_S that is still `sending` was left by a sender that
+died mid-send, and any sender takes it back and sends it again. A receiver may therefore get a
+message twice and drops repeats by its `webhook-id`, as Standard Webhooks asks.
+
 Signature (https://www.standardwebhooks.com): headers `webhook-id`, `webhook-timestamp` (Unix
 seconds) and `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed
 with WEBHOOK_SECRET (`whsec_` then base64, or any other string used as it is)."""
@@ -16,13 +22,15 @@ import hashlib
 import hmac
 import json
 import logging
+import os
+import socket
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, and_, or_, update
 from sqlmodel import Session, col, select
 
 from core.config import get_settings
@@ -45,12 +53,14 @@ CATEGORIES: dict[str, frozenset[str]] = {
             EventKind.cancelled,
         }
     ),
-    "checkpoint": frozenset({EventKind.checkpoint}),
+    "checkpoint": frozenset({EventKind.checkpoint, EventKind.checkpoint_corrupt}),
     "eval": frozenset({EventKind.evaluated}),
 }
 MAX_ATTEMPTS = 8
 BACKOFF_MAX_S = 3600.0
 TIMEOUT_S = 5.0
+# Deliveries looked up per pass; each is claimed only when its turn comes.
+CLAIM_BATCH = 20
 
 
 def host_allowed(url: str) -> bool:
@@ -105,45 +115,101 @@ def sign(secret: str, delivery_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def _claim(session: Session, limit: int) -> list[WebhookDelivery]:
-    """Due pending deliveries, each claimed by one sender (a conditional update: several API
-    processes run senders)."""
-    due = session.exec(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.status == "pending", col(WebhookDelivery.next_attempt_at) <= utcnow())
-        .order_by(col(WebhookDelivery.id))
-        .limit(limit)
-    ).all()
-    claimed = []
-    for delivery in due:
+def sender_name() -> str:
+    """Who claims a delivery: this host and process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    """Due pending deliveries, and those a sender claimed longer than the lease ago and never
+    finished (it died mid-send)."""
+    stale = now - timedelta(seconds=get_settings().webhook_claim_lease_s)
+    return or_(
+        and_(col(WebhookDelivery.status) == "pending", col(WebhookDelivery.next_attempt_at) <= now),
+        and_(col(WebhookDelivery.status) == "sending", col(WebhookDelivery.claimed_at) < stale),
+    )
+
+
+def _claim(delivery_id: int, sender: str) -> WebhookDelivery | None:
+    """Claim one delivery for this sender, just before sending it (a conditional update: only
+    one of several senders wins); None when another sender has it."""
+    from core.db import session_scope
+
+    with session_scope() as session:
+        now = utcnow()
+        before = session.get(WebhookDelivery, delivery_id)
+        if before is None:
+            return None
+        was = (before.status, before.claimed_by, before.claimed_at)
         won = session.execute(
             update(WebhookDelivery)
-            .where(col(WebhookDelivery.id) == delivery.id, col(WebhookDelivery.status) == "pending")
-            .values(status="sending", attempts=WebhookDelivery.attempts + 1)
+            .where(col(WebhookDelivery.id) == delivery_id, _claimable(now))
+            .values(status="sending", attempts=WebhookDelivery.attempts + 1, claimed_at=now, claimed_by=sender)
         )
-        if won.rowcount == 1:  # type: ignore[attr-defined]
-            claimed.append(delivery)
-    session.commit()
-    for delivery in claimed:
-        session.refresh(delivery)
-    return claimed
+        if won.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        if was[0] == "sending":
+            logger.warning(
+                "webhook %s: taking back the claim %s made at %s and never finished (it died mid-send?)",
+                delivery_id,
+                was[1],
+                was[2],
+            )
+        session.commit()
+        delivery = session.get(WebhookDelivery, delivery_id, populate_existing=True)
+        if delivery is not None:
+            session.expunge(delivery)
+        return delivery
 
 
-def deliver_due(limit: int = 50) -> int:
-    """Send what is due; returns how many were attempted. Blocking: the API runs it in a thread."""
+def _record(delivery: WebhookDelivery) -> None:
+    """The send's outcome, written only while the claim is still this sender's: one that took
+    longer than the lease has been taken back, and the sender that took it records its own."""
+    from core.db import session_scope
+
+    with session_scope() as session:
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                col(WebhookDelivery.id) == delivery.id,
+                col(WebhookDelivery.status) == "sending",
+                col(WebhookDelivery.claimed_by) == delivery.claimed_by,
+                col(WebhookDelivery.claimed_at) == delivery.claimed_at,
+            )
+            .values(
+                status=delivery.status,
+                next_attempt_at=delivery.next_attempt_at,
+                last_status_code=delivery.last_status_code,
+                last_error=delivery.last_error,
+            )
+        )
+
+
+def deliver_due(limit: int = CLAIM_BATCH) -> int:
+    """Send what is due, claiming each delivery only as its turn comes and recording its outcome
+    at once, so a sender that dies holds at most the one it was sending; returns how many were
+    attempted. Blocking: the API runs it in a thread."""
     from core.db import session_scope
 
     settings = get_settings()
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
     with session_scope() as session:
-        claimed = _claim(session, limit)
-        if not claimed:
-            return 0
-        with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as http:
-            for delivery in claimed:
-                _send(http, delivery, secret)
-                session.add(delivery)
-    return len(claimed)
+        due = session.exec(
+            select(WebhookDelivery.id).where(_claimable(utcnow())).order_by(col(WebhookDelivery.id)).limit(limit)
+        ).all()
+    if not due:
+        return 0
+    sender, attempted = sender_name(), 0
+    with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as http:
+        for delivery_id in due:
+            assert delivery_id is not None
+            delivery = _claim(delivery_id, sender)
+            if delivery is None:
+                continue
+            _send(http, delivery, secret)
+            _record(delivery)
+            attempted += 1
+    return attempted
 
 
 def _send(http: httpx.Client, delivery: WebhookDelivery, secret: str) -> None:

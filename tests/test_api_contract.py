@@ -4,6 +4,8 @@ cannot answer said as a 503, /healthz that watches the disk, and the docs usable
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -224,3 +226,90 @@ def test_docs_show_the_summary_sentence_once(client: httpx.Client, env: Env) -> 
     assert info["summary"].startswith("Queue, run and watch full fine-tuning jobs")
     assert info["summary"] not in info["description"]
     assert info["description"].startswith("The `/v1` routes are an OpenAI-compatible view")
+
+
+def test_deeply_nested_json_is_422_saying_so_and_only_after_the_token(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_tokens(monkeypatch, "s3cret")
+    nested = b"[" * 100_000 + b"]" * 100_000
+    headers = {"content-type": "application/json"}
+    assert client.post("/jobs", content=nested, headers=headers).status_code == 401
+    assert client.post("/v1/fine_tuning/jobs", content=nested, headers=headers).status_code == 401
+    message = (
+        "the body could not be read as JSON: it nests arrays or objects deeper than the parser allows "
+        "(a job spec needs a few levels)"
+    )
+    headers["authorization"] = "Bearer s3cret"
+    response = client.post("/jobs", content=nested, headers=headers)
+    assert (response.status_code, response.json()["errors"]) == (422, [{"field": "body", "message": message}])
+    response = client.post("/v1/fine_tuning/jobs", content=nested, headers=headers)
+    assert (response.status_code, response.json()["error"]["message"]) == (422, f"body: {message}")
+
+
+def test_errors_quote_only_a_slice_of_what_was_sent(client: httpx.Client, env: Env) -> None:
+    long_name = "x" * 900_000  # under MAX_JSON_BODY_BYTES
+    response = client.post("/jobs", json={**SPEC, "model": long_name})
+    assert response.status_code == 422
+    assert len(response.content) < 2_000
+    assert response.json()["errors"] == [
+        {
+            "field": "model",
+            "message": "model '" + "x" * 199 + "... (cut, 900,000 characters) is neither a Hugging Face Hub id "
+            "(like 'org/name') nor a local path (starting with '/')",
+        }
+    ]
+    # A local path: checked against the allowed roots, and quoted as briefly.
+    response = client.post("/jobs", json={**SPEC, "model": f"{env.datasets_dir}/{long_name}"})
+    assert response.status_code == 422 and len(response.content) < 2_000
+    assert "... (cut, " in response.json()["detail"]
+    # Many bad values: the first 50 are named, the rest counted.
+    columns = {f"c{i}": i for i in range(10_000)}
+    response = client.post("/jobs", json={**SPEC, "dataset": {"source": "a/b", "columns": columns}})
+    errors = response.json()["errors"]
+    assert response.status_code == 422 and len(response.content) < 10_000
+    assert len(errors) == 51 and errors[-1] == {"field": "body", "message": "and 9950 more problem(s) not listed"}
+
+
+def test_a_local_path_longer_than_the_filesystem_allows_is_422_not_500(client: httpx.Client, env: Env) -> None:
+    for path in (f"{env.datasets_dir}/{'x' * 5000}", f"{env.datasets_dir}/{'x/' * 3000}"):
+        response = client.post("/jobs", json={**SPEC, "dataset": {"source": path}})
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["message"].endswith(
+            " cannot be looked up on the server (File name too long)"
+        )
+
+
+def test_a_json_body_over_its_limit_is_413_naming_it_with_or_without_a_content_length(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.config import get_settings
+
+    monkeypatch.setenv("MAX_JSON_BODY_BYTES", "4096")
+    get_settings.cache_clear()
+    body = json.dumps({**SPEC, "model": "x" * 5000}).encode()
+    limit = "the request body is larger than this server's limit for JSON bodies, 4,096 bytes (MAX_JSON_BODY_BYTES)"
+    declared = client.post("/jobs", content=body, headers={"content-type": "application/json"})
+    assert (declared.status_code, declared.headers["connection"]) == (413, "close")
+    assert declared.json() == {
+        "error": "PayloadTooLarge",
+        "detail": f"{limit}; the request declares {len(body):,} bytes",
+    }
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer: nothing to judge until the bytes arrive
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    streamed = client.post("/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert (streamed.status_code, streamed.headers["connection"]) == (413, "close")
+    assert streamed.json() == {"error": "PayloadTooLarge", "detail": limit}
+    openai = client.post("/v1/fine_tuning/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert openai.status_code == 413
+    assert openai.json()["error"] == {
+        "message": limit,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "payload_too_large",
+    }
+    small = client.post("/jobs/estimate", json=SPEC)  # a body under the limit is read as before
+    assert small.status_code != 413

@@ -371,6 +371,54 @@ def test_trainer_checks_every_row_of_a_datasets_folder(client: httpx.Client, env
     }
 
 
+def too_large(size: int, limit: int) -> str:
+    return (
+        f"the row is {size:,} bytes, more than the {limit:,} a row may have (MAX_ROW_BYTES); max_seq_length "
+        "cuts a row that long to its first tokens anyway: split long documents into several rows"
+    )
+
+
+def test_rows_over_max_row_bytes_are_malformed_at_submit(
+    client: httpx.Client, env: Env, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.config import get_settings
+
+    monkeypatch.setenv("MAX_ROW_BYTES", "2048")
+    get_settings.cache_clear()
+    huge = {"messages": [{"role": "user", "content": "q" * 5000}, {"role": "assistant", "content": "a"}]}
+    huge_line = len(json.dumps(huge))
+    alone = write_jsonl(env.datasets_dir / "alone.jsonl", [huge])
+    assert refused(client, job_spec(tiny_model, alone)) == (
+        f"every row of the dataset is malformed (1): line 1: {too_large(huge_line, 2048)}"
+    )
+    among_many = write_jsonl(env.datasets_dir / "many.jsonl", [GOOD_CHAT] * 150 + [huge])  # 0.66%: skipped
+    response = client.post("/jobs", json=job_spec(tiny_model, among_many))
+    assert response.status_code == 201, response.text
+    assert response.json()["data_report"]["bad_row_examples"] == [f"line 151: {too_large(huge_line, 2048)}"]
+
+
+@pytest.mark.slow
+def test_trainer_names_a_row_of_a_datasets_folder_over_max_row_bytes_before_tokenizing(
+    client: httpx.Client, env: Env, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `datasets` folder (like a Hub dataset) is checked by the trainer, from Arrow: the row's
+    size is measured there, and the row is never made a Python object nor tokenized."""
+    from core.config import get_settings
+
+    monkeypatch.setenv("MAX_ROW_BYTES", "2048")
+    get_settings.cache_clear()  # the worker hands its settings to the trainer
+    huge = {"messages": [{"role": "user", "content": "q" * 5000}, {"role": "assistant", "content": "a"}]}
+    record = run_to_end(client, job_spec(tiny_model, save_to_disk(env, [GOOD_CHAT] * 3 + [huge])))
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "dataset_invalid"
+    size = len("user") + 5000 + len("assistant") + 1  # the text Arrow holds
+    assert record["error"]["message"] == (
+        "1 of the dataset's 4 rows (25.00%) are malformed, more than the 1.00% this server skips "
+        f"(MAX_BAD_ROW_FRACTION): row 3: {too_large(size, 2048)}. Fix the rows, or the job's dataset settings "
+        "(source, split, columns, validation), then resubmit the job."
+    )
+
+
 @pytest.mark.slow
 def test_trainer_skips_a_few_bad_rows_and_reads_sharegpt_turns(
     client: httpx.Client, env: Env, tiny_model: Path, monkeypatch: pytest.MonkeyPatch

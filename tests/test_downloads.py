@@ -167,7 +167,16 @@ def stored(env: Env) -> Stored:
         for relative, data in files.items():
             (folder / relative).write_bytes(data)
         (folder / "link.txt").symlink_to(job_dir / "secret.txt")
-        listed = [{"path": p, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for p, d in files.items()]
+        # As the worker records them: each file's sha256 with its size and mtime at hashing.
+        listed = [
+            {
+                "path": p,
+                "size": len(d),
+                "sha256": hashlib.sha256(d).hexdigest(),
+                "mtime_ns": (folder / p).stat().st_mtime_ns,
+            }
+            for p, d in files.items()
+        ]
         if name == "checkpoint-3":
             listed += [
                 {"path": "link.txt", "size": len(SECRET), "sha256": None},

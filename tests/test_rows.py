@@ -652,3 +652,160 @@ def test_turns_with_the_union_of_keys_arrow_gives_are_read_by_their_values() -> 
     assert row_problem(bad, "messages") == (
         "unknown speaker 'narrator' (expected one of ['assistant', 'gpt', 'human', 'system', 'tool', 'user'])"
     )
+
+
+# ---- rows larger than MAX_ROW_BYTES, and files read as streams ----------------------------------
+
+MIB = 1024**2
+
+
+def too_large(size: int, limit: int) -> str:
+    return (
+        f"the row is {size:,} bytes, more than the {limit:,} a row may have (MAX_ROW_BYTES); max_seq_length "
+        "cuts a row that long to its first tokens anyway: split long documents into several rows"
+    )
+
+
+def peak_bytes_while(read: Any) -> tuple[Any, int]:
+    """What `read()` returns, and the most memory Python held meanwhile (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        return read(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_json_lines_row_over_max_row_bytes_is_malformed_and_never_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    with path.open("wb") as handle:
+        handle.write(b'{"text": "first"}\n{"text": "' + b"x" * (20 * MIB) + b'"}\n{"text": "third"}\n')
+        handle.write(b'{"text": "' + b"y" * 3000 + b'"}')  # the last line, without its newline
+    found, peak = peak_bytes_while(lambda: list(read_rows(path, max_row_bytes=2048)))
+    assert found == [
+        ("line 1", {"text": "first"}, None),
+        ("line 2", None, too_large(20 * MIB + 12, 2048)),
+        ("line 3", {"text": "third"}, None),
+        ("line 4", None, too_large(3012, 2048)),
+    ]
+    assert peak < 4 * MIB  # a 20 MB line, read a chunk at a time
+    check = check_file(path, max_row_bytes=2048)
+    assert (check.rows, check.bad_rows, check.row_format) == (4, 2, "text")
+
+
+def test_a_row_of_exactly_max_row_bytes_is_read(tmp_path: Path) -> None:
+    row = json.dumps({"text": "x" * 100})
+    path = write_lines(tmp_path / "rows.jsonl", [row, row + " "])
+    assert [problem for _, _, problem in read_rows(path, max_row_bytes=len(row))] == [
+        None,
+        too_large(len(row) + 1, len(row)),
+    ]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 64, 1 << 20])
+def test_a_json_array_is_read_element_by_element_as_json_reads_it(
+    tmp_path: Path, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strings holding brackets, quotes, escapes and non-ASCII text, nested values, numbers and
+    literals: the same rows as json.loads of the whole file, whatever the chunks it is read in."""
+    import core.rows
+
+    monkeypatch.setattr(core.rows, "READ_CHUNK_BYTES", chunk_bytes)
+    tricky = 'a ]} [{ , " \\ \n\t é € 😀 \\u0041 /'
+    items: list[Any] = [
+        {"text": tricky, "n": [1, 2.5, None, True, False, {"x": "]"}]},
+        {"messages": [*CHAT, {"role": "assistant", "content": tricky * 3}]},
+        "a string row",
+        -12.5e3,
+        [tricky, {"a": []}],
+        {},
+    ]
+    path = tmp_path / "rows.json"
+    for text in (json.dumps(items), "\n " + json.dumps(items, indent=2, ensure_ascii=False) + "\n\n"):
+        path.write_text(text, encoding="utf-8")
+        assert list(read_rows(path)) == [
+            (f"row {i}", item, None) if isinstance(item, dict) else (f"row {i}", None, "not a JSON object")
+            for i, item in enumerate(items)
+        ]
+
+
+def test_a_json_array_element_over_max_row_bytes_is_malformed_and_never_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write('[{"text": "first"}, {"text": "' + "z" * (20 * MIB) + '"}, ')
+        handle.write(json.dumps({"text": "é" * 1500}, ensure_ascii=False) + ', {"text": "last"}]')
+    found, peak = peak_bytes_while(lambda: list(read_rows(path, max_row_bytes=2048)))
+    assert found == [
+        ("row 0", {"text": "first"}, None),
+        ("row 1", None, too_large(20 * MIB + 12, 2048)),
+        ("row 2", None, too_large(3012, 2048)),  # 1,500 characters, 3,000 bytes of UTF-8
+        ("row 3", {"text": "last"}, None),
+    ]
+    assert peak < 8 * MIB
+
+
+@pytest.mark.parametrize(
+    "text", ['[{"a": 1} {"b": 2}]', '[{"a": 1}] x', '[{"a": 1},', '[{"a": 1}', '[\n {"a": 1},\n\n ]', "[1, 2", "["]
+)
+def test_a_broken_json_array_is_named_where_json_would_name_it(tmp_path: Path, text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.loads(text)
+    path = tmp_path / "rows.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as caught:
+        list(read_rows(path))
+    assert str(caught.value) == f"rows.json is not valid JSON ({expected.value})"
+
+
+def test_a_broken_element_of_a_json_array_is_a_malformed_row(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text('[{"text": "a"}, {"text": tru}, {"text": "c"}]')
+    assert list(read_rows(path)) == [
+        ("row 0", {"text": "a"}, None),
+        ("row 1", None, "not valid JSON (Expecting value)"),
+        ("row 2", {"text": "c"}, None),
+    ]
+
+
+def test_a_parquet_row_over_max_row_bytes_is_malformed_and_the_others_are_read_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import core.rows
+
+    monkeypatch.setattr(core.rows, "ROWS_BUDGET_BYTES", 100)  # a few rows at a time
+    rows = [
+        {"messages": [{"role": "user", "content": "q" * i}, {"role": "assistant", "content": "a"}]} for i in range(9)
+    ]
+    rows[4]["messages"][0]["content"] = "z" * 5000
+    path = tmp_path / "chat.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    found = list(read_rows(path, max_row_bytes=1000))
+    assert found[4] == ("row 4", None, too_large(5000 + len("user") + 1 + len("assistant"), 1000))
+    assert [row for _, row, _ in found if row is not None] == rows[:4] + rows[5:]
+    check = check_file(path, max_row_bytes=1000)
+    assert (check.rows, check.bad_rows) == (9, 1)
+
+
+def test_arrow_row_sizes_add_up_nested_values_without_making_rows(tmp_path: Path) -> None:
+    from core.rows import arrow_row_sizes
+
+    rows = [
+        {"messages": [{"role": "user", "content": "hi" * i}], "n": i, "note": None if i % 2 else "éé"} for i in range(6)
+    ]
+    table = pyarrow.Table.from_pylist(rows)
+    expected = [len("user") + 2 * i + 8 + (0 if i % 2 else 4) for i in range(6)]
+    assert arrow_row_sizes(table) == expected
+    assert arrow_row_sizes(table.slice(2, 3)) == expected[2:5]  # offsets of a slice hold too
+
+
+def test_a_row_nested_too_deeply_for_the_parser_is_malformed_not_a_crash(tmp_path: Path) -> None:
+    nested = "[" * 100_000 + "]" * 100_000
+    lines = write_lines(tmp_path / "rows.jsonl", [json.dumps(GOOD_TEXT), '{"text": ' + nested + "}"])
+    array = tmp_path / "rows.json"
+    array.write_text(f"[{json.dumps(GOOD_TEXT)}, {nested}]")
+    assert list(read_rows(lines)) == [
+        ("line 1", GOOD_TEXT, None),
+        ("line 2", None, "not valid JSON (nested too deeply)"),
+    ]
+    assert list(read_rows(array)) == [("row 0", GOOD_TEXT, None), ("row 1", None, "not valid JSON (nested too deeply)")]

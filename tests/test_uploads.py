@@ -311,3 +311,29 @@ def test_job_on_an_uploaded_file_trains(client: httpx.Client, env: Env, tiny_mod
     events = client.get(f"/jobs/{record['id']}/events").json()["items"]
     assert next(e["message"] for e in events if e["kind"] == "dataset_loaded").startswith("16 rows in 'messages'")
     assert client.delete(f"/files/{file_id}").status_code == 204  # the job has finished
+
+
+def test_a_row_over_max_row_bytes_is_named_at_upload_and_a_file_of_nothing_else_is_refused(
+    client: httpx.Client, env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.config import get_settings
+
+    # At the default (8 MiB), the one-row dataset of the incident: refused, nothing kept.
+    one_row = upload(client, "one.jsonl", jsonl_bytes([{"text": "x" * (9 * 1024**2)}]))
+    assert one_row.status_code == 422
+    assert one_row.json()["detail"] == (
+        "no row of the file could be read: line 1: the row is 9,437,196 bytes, more than the 8,388,608 a row may "
+        "have (MAX_ROW_BYTES); max_seq_length cuts a row that long to its first tokens anyway: split long "
+        "documents into several rows"
+    )
+    assert files_on_disk(env) == []
+
+    monkeypatch.setenv("MAX_ROW_BYTES", "2048")
+    get_settings.cache_clear()
+    response = upload(client, "rows.jsonl", jsonl_bytes([{"text": "fine"}] * 3 + [{"text": "x" * 5000}]))
+    assert response.status_code == 201, response.text
+    assert (response.json()["rows"], response.json()["bad_rows"]) == (4, 1)
+    assert response.json()["bad_row_examples"] == [
+        "line 4: the row is 5,012 bytes, more than the 2,048 a row may have (MAX_ROW_BYTES); max_seq_length "
+        "cuts a row that long to its first tokens anyway: split long documents into several rows"
+    ]

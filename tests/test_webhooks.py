@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,45 @@ def test_a_webhook_url_that_does_not_parse_is_a_422_not_a_500(
     spec = {**HUB_SPEC, "webhooks": [{"url": "http://[::1/hook"}]}
     response = client.post("/jobs", json=spec)
     assert response.status_code == 422 and response.json()["errors"][0]["field"] == "webhooks.0.url"
+
+
+def test_a_live_claim_is_not_taken_by_another_sender_and_an_expired_one_is(
+    client: httpx.Client, env: Env, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two senders (two API processes) at once: the one sending holds its claim; only a claim
+    older than WEBHOOK_CLAIM_LEASE_S is taken back, and then the first sender's late outcome does
+    not overwrite the second's."""
+    from sqlalchemy import update
+
+    from core.db import session_scope
+    from core.models import Job, JobStatus, WebhookDelivery, utcnow
+    from core.webhooks import _claim, _record, deliver_due
+
+    with session_scope() as session:
+        job = Job(spec={"model": "org/m", "dataset": {"source": "org/d"}}, status=JobStatus.running)
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        job_id = job.id
+        session.add(WebhookDelivery(job_id=job_id, url=receiver.url, event="progress", payload={"step": 1}))
+    delivery_id = client.get(f"/jobs/{job_id}/webhooks").json()["items"][0]["id"]
+
+    first = _claim(delivery_id, "host-a:1")
+    assert first is not None and first.status == "sending" and first.attempts == 1
+    assert _claim(delivery_id, "host-b:2") is None and deliver_due() == 0  # the claim is live
+
+    with session_scope() as session:  # host-a stalls past its lease
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == delivery_id)  # type: ignore[arg-type]
+            .values(claimed_at=utcnow() - timedelta(seconds=120))
+        )
+    receiver.refused = 1  # the receiver accepts at once
+    assert deliver_due() == 1
+    first.status, first.last_error = "pending", "host-a's answer, far too late"
+    _record(first)  # its claim was taken back: nothing is written
+
+    [delivery] = client.get(f"/jobs/{job_id}/webhooks").json()["items"]
+    assert (delivery["status"], delivery["attempts"], delivery["last_error"]) == ("delivered", 2, None)
+    assert delivery["claimed_by"] not in ("host-a:1", "host-b:2")
+    assert [body["data"] for body in receiver.received] == [{"step": 1}]

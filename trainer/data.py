@@ -7,7 +7,7 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -16,9 +16,11 @@ from core.data_report import DataReport, TokensPerRow
 from core.planner import optimizer_steps, steps_per_epoch
 from core.rows import (
     FORMATS,
+    MAX_ROW_BYTES_DEFAULT,
     SHAREGPT_ROLES,
     DataError,
     RowCheck,
+    bounded_rows,
     check_file,
     detect_format,
     is_conversational,
@@ -30,6 +32,9 @@ from core.rows import (
 )
 from core.spec import Hyperparameters
 from trainer.failures import JobFailure
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # Parallel workers for row checks and token counts pay off from this many rows.
 PARALLEL_FROM_ROWS = 20_000
@@ -62,10 +67,12 @@ def _may_hold_sharegpt_turns(dataset: Dataset, column: str) -> bool:
     return isinstance(inner, dict) and "from" in inner
 
 
-def _good_file_rows(path: str, mapping: dict[str, str], row_format: str, stamp: str) -> Iterator[dict[str, Any]]:
+def _good_file_rows(
+    path: str, mapping: dict[str, str], row_format: str, stamp: str, max_row_bytes: int
+) -> Iterator[dict[str, Any]]:
     """The rows of a local file that pass the checks. `stamp` (size and mtime) is only there so
     that `datasets`' generator cache, keyed on these arguments, never serves a changed file."""
-    for _where, row, _problem in read_rows(Path(path)):
+    for _where, row, _problem in read_rows(Path(path), max_row_bytes=max_row_bytes):
         if row is None:
             continue
         mapped = map_row(row, mapping)
@@ -79,9 +86,11 @@ def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
         raise JobFailure(ErrorCode.dataset_invalid, reason)
 
 
-def _load_file(path: Path, mapping: dict[str, str], what: str, max_bad_fraction: float) -> tuple[Dataset, RowCheck]:
+def _load_file(
+    path: Path, mapping: dict[str, str], what: str, max_bad_fraction: float, max_row_bytes: int
+) -> tuple[Dataset, RowCheck]:
     try:
-        check = check_file(path, mapping)
+        check = check_file(path, mapping, max_row_bytes=max_row_bytes)
     except DataError as exc:
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     _refuse(check, what, max_bad_fraction)
@@ -94,6 +103,7 @@ def _load_file(path: Path, mapping: dict[str, str], what: str, max_bad_fraction:
             "mapping": mapping,
             "row_format": check.row_format,
             "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
+            "max_row_bytes": max_row_bytes,
         },
     )
     assert isinstance(dataset, Dataset)
@@ -121,13 +131,18 @@ def _load_other(source: str, split: str) -> Dataset:
     return folder
 
 
-def _problems(batch: dict[str, list[Any]], indices: list[int], *, row_format: str) -> dict[str, list[Any]]:
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    return {"problem": [row_problem(row, row_format) for row in rows], "index": indices}
+def _problems(batch: pa.Table, indices: list[int], *, row_format: str, max_row_bytes: int) -> dict[str, list[Any]]:
+    """Each row's problem or None, from the batch as Arrow holds it: a row larger than
+    `max_row_bytes` is never made a Python object (core.rows.bounded_rows)."""
+    problems = [
+        too_large if row is None else row_problem(row, row_format)
+        for row, too_large in bounded_rows(batch, max_row_bytes)
+    ]
+    return {"problem": problems, "index": indices}
 
 
 def _check_dataset(
-    dataset: Dataset, mapping: dict[str, str], what: str, max_bad_fraction: float
+    dataset: Dataset, mapping: dict[str, str], what: str, max_bad_fraction: float, max_row_bytes: int
 ) -> tuple[Dataset, RowCheck]:
     try:
         columns = mapped_columns(dataset.column_names, mapping)
@@ -141,14 +156,18 @@ def _check_dataset(
     except DataError as exc:
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     dataset = dataset.select_columns(list(FORMATS[row_format]))
-    found = dataset.map(
-        _problems,
-        batched=True,
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        fn_kwargs={"row_format": row_format},
-        num_proc=_num_proc(len(dataset)),
-        desc=f"Checking every row of {what}",
+    found = (
+        dataset.with_format("arrow")
+        .map(
+            _problems,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            fn_kwargs={"row_format": row_format, "max_row_bytes": max_row_bytes},
+            num_proc=_num_proc(len(dataset)),
+            desc=f"Checking every row of {what}",
+        )
+        .with_format(None)
     )
     bad = set()
     for index, problem in zip(found["index"], found["problem"], strict=True):
@@ -165,15 +184,22 @@ def _check_dataset(
 
 
 def load_checked(
-    source: str, split: str, mapping: Mapping[str, str], *, what: str, max_bad_fraction: float
+    source: str,
+    split: str,
+    mapping: Mapping[str, str],
+    *,
+    what: str,
+    max_bad_fraction: float,
+    max_row_bytes: int = MAX_ROW_BYTES_DEFAULT,
 ) -> tuple[Dataset, RowCheck]:
     """The rows that pass the checks, under our column names and only the format's columns, and
     the check itself. Raises JobFailure(ErrorCode.dataset_invalid) with row numbers when the rows cannot
-    train: no format fits, or more than `max_bad_fraction` of them are malformed."""
+    train: no format fits, or more than `max_bad_fraction` of them are malformed (a row larger
+    than `max_row_bytes` is malformed, and never tokenized)."""
     path = Path(source)
     if path.is_absolute() and path.is_file():
-        return _load_file(path, dict(mapping), what, max_bad_fraction)
-    return _check_dataset(_load_other(source, split), dict(mapping), what, max_bad_fraction)
+        return _load_file(path, dict(mapping), what, max_bad_fraction, max_row_bytes)
+    return _check_dataset(_load_other(source, split), dict(mapping), what, max_bad_fraction, max_row_bytes)
 
 
 # ---- tokens -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
+from core.checkpoint_verify import corrupt_checkpoints, resume_problem
 from core.config import get_settings
 from core.contract import (
     PARENT_PID_ENV,
@@ -216,7 +217,9 @@ class Run:
         clears; the other ranks wait for it, then find the same checkpoint."""
         if not distributed.is_main():
             distributed.barrier()
-            return newest_complete(self.checkpoints_dir)[0]
+            with session_scope() as session:
+                corrupt = corrupt_checkpoints(session, self.job_id)
+            return newest_complete(self.checkpoints_dir, corrupt)[0]
         for name, size in sweep_partials(self.checkpoints_dir):
             event(
                 self.job_id,
@@ -229,8 +232,28 @@ class Run:
             event(self.job_id, EventKind.checkpoint_discarded, f"removed {folder.name}: it is incomplete ({problem})")
         with session_scope() as session:
             sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
+        resume_from = self.trusted(resume_from)
         distributed.barrier()
         return resume_from
+
+    def trusted(self, newest: Path | None) -> Path | None:
+        """The newest complete checkpoint that is not corrupt: one known corrupt, or whose files
+        changed since they were hashed and no longer match, is passed over (and kept, for the
+        operator to restore or delete), with an event."""
+        passed_over: dict[str, str] = {}
+        while newest is not None:
+            problem = resume_problem(self.job_id, newest)
+            if problem is None:
+                return newest
+            passed_over[newest.name] = problem
+            event(
+                self.job_id,
+                EventKind.checkpoint_discarded,
+                f"not resuming from {newest.name}: {problem}; it is kept on disk, and the job resumes from an "
+                "older checkpoint, or starts over without one",
+            )
+            newest = newest_complete(self.checkpoints_dir, passed_over)[0]
+        return None
 
     def resolve_backend(self) -> str:
         import torch
@@ -329,7 +352,12 @@ class Run:
         spec, hp = self.spec, self.spec.hyperparameters
         limit = self.settings.max_bad_row_fraction
         dataset, check = load_checked(
-            spec.dataset.source, spec.dataset.split, spec.dataset.columns, what="the dataset", max_bad_fraction=limit
+            spec.dataset.source,
+            spec.dataset.split,
+            spec.dataset.columns,
+            what="the dataset",
+            max_bad_fraction=limit,
+            max_row_bytes=self.settings.max_row_bytes,
         )
         row_format = check.row_format
         assert row_format is not None
@@ -403,6 +431,7 @@ class Run:
             self.spec.dataset.columns,
             what="the validation set",
             max_bad_fraction=self.settings.max_bad_row_fraction,
+            max_row_bytes=self.settings.max_row_bytes,
         )
         if check.row_format != row_format:
             raise JobFailure(

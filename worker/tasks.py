@@ -20,6 +20,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,24 @@ POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
 # Cache locations the trainer must find although it runs in an empty working directory.
 CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "XDG_CACHE_HOME")
+# What the trainer keeps of the worker's environment (shell patterns): the system's basics, the
+# libraries it runs (Python, Hugging Face, torch, CUDA or ROCm, NCCL, Triton, Unsloth, bitsandbytes,
+# the BLAS and OpenMP runtimes), proxies and CA bundles to reach the Hub, and the variables of this
+# project and of coverage. Nothing else: the trainer runs user data and third-party code, so the
+# API's tokens, the webhook key, the Redis URL and whatever else the operator's environment holds
+# stay out (TRAINER_ENV_PASSTHROUGH adds more, e.g. WANDB_*).
+TRAINER_ENV_KEPT = (
+    *("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR", "TEMP", "TMP"),
+    *("PYTHON*", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "LD_PRELOAD", "LIBRARY_PATH", "CPATH", "CC", "CXX"),
+    *("HF_*", "HUGGINGFACE_*", "HUGGING_FACE_*", "TRANSFORMERS_*", "TOKENIZERS_*", "SAFETENSORS_*", "XDG_*"),
+    *("TORCH*", "PYTORCH_*", "CUDA_*", "NVIDIA_*", "CUBLAS_*", "CUDNN_*", "NCCL_*", "GLOO_*", "TRITON_*"),
+    *("HIP_*", "ROCM_*", "ROCR_*", "HSA_*", "MIOPEN_*", "RCCL_*"),
+    *("UNSLOTH_*", "BNB_*", "ACCELERATE_*", "FSDP_*", "OMP_*", "MKL_*", "KMP_*", "OPENBLAS_*", "MALLOC_*"),
+    *("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy"),
+    *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),
+    # FINETUNE_* but the CLI's: FINETUNE_TOKEN is an API token, and the trainer calls no API.
+    *("FINETUNE_FAILPOINTS", "FINETUNE_PARENT_*", "COVERAGE_*", "COV_CORE_*"),
+)
 
 
 @dataclass(frozen=True)
@@ -93,11 +112,14 @@ def worker_name() -> str:
 
 
 def trainer_environment(settings_env: dict[str, str], cache_env: dict[str, str]) -> dict[str, str]:
-    """The trainer's environment: ours, with the settings and cache folders as absolute paths
-    (it runs in another working directory), and the project importable from anywhere."""
+    """The trainer's environment: what it needs of ours (TRAINER_ENV_KEPT and the operator's
+    TRAINER_ENV_PASSTHROUGH), the settings and cache folders as absolute paths (it runs in another
+    working directory), and the project importable from anywhere. Every start path (a trainer
+    started for its job, the standby, each rank of a multi-GPU job) gets this one."""
+    kept = (*TRAINER_ENV_KEPT, *get_settings().trainer_env_passthrough)
     env = {
         **cache_env,
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if any(fnmatchcase(name, p) for p in kept)},
         **settings_env,
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",

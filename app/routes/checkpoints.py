@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Annotated
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -16,11 +18,14 @@ from app import crud, lifecycle, pages
 from app.db import SessionDep, run_db
 from app.deps import SettingsDep, require_token
 from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
-from app.errors import BadRange, NotFound, RangeNotSatisfiable, error_responses
+from app.errors import BadRange, Conflict, NotFound, RangeNotSatisfiable, error_responses
 from app.presenters import checkpoint_public
 from app.schemas import CheckpointList, CheckpointPublic, DeletedPublic
+from core.checkpoint_files import unchanged_since_hashed
+from core.checkpoint_verify import changed_since_hashed, note_changed, verify_due
 from core.config import get_settings
-from core.db import get_engine
+from core.contract import understood
+from core.db import get_engine, session_scope
 from core.models import CheckpointStatus, Job, JobStatus
 from core.spec import MAX_DB_INT, UrlInt
 
@@ -58,16 +63,51 @@ def delete_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> Deleted
     return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
 
 
+@router.post("/{name}/verify", status_code=202, response_model=CheckpointPublic, responses=error_responses(409))
+def verify_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> CheckpointPublic:
+    """Hash every file of the checkpoint again and hold it against the sha256 it was saved with, off
+    the request (the API's verifier starts within CHECKPOINT_VERIFY_POLL_S): 202 at once, with
+    `verify_requested_at` set until it has run; then `verified_at` and `status` say what it found
+    (`ready`, or `corrupt` with a `checkpoint_corrupt` event naming the files, which are then not
+    served and not resumed from). A corrupt checkpoint whose files were restored becomes ready again.
+    409 while it is still being hashed."""
+    checkpoint = crud.request_verification(session=session, job_id=job_id, name=name)
+    _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
+    return checkpoint_public(checkpoint)
+
+
+def _corrupt_refusal(job_id: int, name: str, paths: list[str]) -> Conflict:
+    return Conflict(
+        f"{', '.join(repr(p) for p in paths)} of checkpoint {name!r} of job {job_id} no longer match the sha256 "
+        f"they were saved with (a verification found it), and are not served: restore them and POST "
+        f"/jobs/{job_id}/checkpoints/{name}/verify, or delete the checkpoint"
+    )
+
+
 @router.get(
-    "/{name}/archive", response_class=StreamingResponse, responses={200: {"content": {"application/x-tar": {}}}}
+    "/{name}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **error_responses(409)},
 )
 def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
-    """The checkpoint folder as one tar, streamed as it is read (nothing is built on disk)."""
+    """The checkpoint folder as one tar, streamed as it is read (nothing is built on disk). 409 for a
+    corrupt checkpoint (its intact files are still served one by one)."""
     checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
     folder = settings.checkpoints_dir(job_id) / checkpoint.name
     if not folder.is_dir():
         raise NotFound(f"checkpoint {name!r} of job {job_id} is recorded but its folder is gone from disk")
+    corrupt = [f["path"] for f in checkpoint.files if f.get("corrupt")]
+    if corrupt:
+        raise _corrupt_refusal(job_id, name, corrupt)
     members = tar_members(folder, checkpoint.name, [f["path"] for f in checkpoint.files])
+    if (
+        checkpoint.id is not None
+        and checkpoint.status == CheckpointStatus.ready
+        and checkpoint.changed_seen_at is None
+        and changed_since_hashed(folder, checkpoint.files)
+    ):
+        note_changed(session, checkpoint.id)  # a file changed since it was hashed: the verifier looks
+        session.commit()
     return StreamingResponse(
         stream_tar(members),
         media_type="application/x-tar",
@@ -78,41 +118,89 @@ def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: S
     )
 
 
-# Where a finished job's ready checkpoint keeps each file and its sha256: neither changes any
-# more, and a download should not start with a database read (it is most of a small Range's time).
-_FILES: dict[tuple[str, int, str], dict[str, str | None]] = {}
+@dataclass(frozen=True)
+class _Files:
+    """What the file route needs of a checkpoint's record: each file's entry (sha256, and size and
+    mtime when hashed), whether its sha256 may be sent, and whether a change was already noted."""
+
+    checkpoint_id: int
+    entries: dict[str, dict[str, Any]]
+    vouched: bool  # ready, or corrupt (its files that verified are vouched for, one by one)
+    change_noted: bool
+    read_at: float
+
+
+# A finished job's hashed checkpoint, as read at most FINISHED_RECORD_MAX_AGE_S ago: its record
+# changes only when it is verified or deleted, and a download should not start with a database
+# read (it is most of a small Range's time).
+_FILES: dict[tuple[str, int, str], _Files] = {}
 FILES_KEPT = 1024
 
 
-def _checkpoint_files(job_id: int, name: str) -> dict[str, str | None]:
-    """{relative path: sha256 or None} of a checkpoint (blocking). 404 for no such job or
-    checkpoint, or one rotated away."""
-    key = (get_settings().sqlalchemy_url, job_id, name)
+def _checkpoint_files(job_id: int, name: str) -> _Files:
+    """The checkpoint's files (blocking). 404 for no such job or checkpoint, or one rotated away."""
+    settings = get_settings()
+    key = (settings.sqlalchemy_url, job_id, name)
     files = _FILES.get(key)
-    if files is not None:
+    if files is not None and time.monotonic() - files.read_at <= settings.finished_record_max_age_s:
         return files
     with Session(get_engine()) as session:
         checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
         job = session.get(Job, job_id)
-        files = {f["path"]: f.get("sha256") for f in checkpoint.files}
-        if job is not None and JobStatus(job.status).finished and checkpoint.status == CheckpointStatus.ready:
+        assert checkpoint.id is not None
+        status = understood(CheckpointStatus, checkpoint.status)[0]
+        files = _Files(
+            checkpoint.id,
+            {f["path"]: f for f in checkpoint.files},
+            status in (CheckpointStatus.ready, CheckpointStatus.corrupt),
+            checkpoint.changed_seen_at is not None,
+            time.monotonic(),
+        )
+        finished = job is not None and isinstance(job.status, JobStatus) and job.status.finished
+        if finished and files.vouched:
             if len(_FILES) >= FILES_KEPT:
                 _FILES.clear()
             _FILES[key] = files
     return files
 
 
+def verify_due_checkpoints() -> int:
+    """The verifier's pass (core/checkpoint_verify.py), for the API's loop; what this process kept
+    of the records it changed goes (other API processes see them within
+    FINISHED_RECORD_MAX_AGE_S). Blocking."""
+    verified = verify_due()
+    if verified:
+        _FILES.clear()
+    return verified
+
+
 def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_result, str | None]:
-    """The file's real path, its stat and its sha256 (blocking: one thread hop for all of it)."""
+    """The file's real path, its stat, and the sha256 to send with it: only one its bytes have,
+    as far as can be known without reading them (blocking: one thread hop for all of it). 409 for
+    a file found corrupt."""
     files = _checkpoint_files(job_id, name)
-    if path not in files:
+    entry = files.entries.get(path)
+    if entry is None:
         raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
+    if entry.get("corrupt"):
+        raise _corrupt_refusal(job_id, name, [path])
+    key = (get_settings().sqlalchemy_url, job_id, name)
     try:
         real = resolve_inside(get_settings().checkpoints_dir(job_id) / name, path)
-        return real, real.stat(), files[path]
+        stat = real.stat()
     except FileNotFoundError:  # deleted through another API process, whose deletion this one's copy predates
-        _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
+        _FILES.pop(key, None)
         raise NotFound(f"checkpoint {name!r} of job {job_id} has been deleted") from None
+    sha = entry.get("sha256") if files.vouched else None
+    if sha and not unchanged_since_hashed(entry, stat):
+        # Its size or mtime is not what it was when it was hashed: the recorded sha256 is not
+        # vouched for. The verifier hashes it again (noted once; off this request).
+        sha = None
+        if not files.change_noted:
+            with session_scope() as session:
+                note_changed(session, files.checkpoint_id)
+            _FILES.pop(key, None)
+    return real, stat, sha
 
 
 @router.get(
@@ -121,11 +209,13 @@ def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_re
     responses={
         206: {"description": "the requested Range of the file", "content": {"application/octet-stream": {}}},
         200: {"content": {"application/octet-stream": {}}},
-        **error_responses(400, 416),
+        **error_responses(400, 409, 416),
     },
 )
 async def download_file(job_id: JobId, name: Name, path: str, request: Request) -> FileResponse:
-    """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads."""
+    """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads.
+    `X-Checksum-SHA256` is the file's sha256 when its size and mtime are still those it was hashed
+    with; a file changed since is sent without it (and verified); one found corrupt is a 409."""
     real, stat, sha = await run_db(_locate, job_id, name, path)
     headers = {"X-Checksum-SHA256": sha} if sha else None
     check_range(request, stat.st_size)

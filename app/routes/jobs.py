@@ -55,14 +55,20 @@ def submit_description() -> str:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, description=submit_description())
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    description=submit_description(),
+    responses=error_responses(413),
+)
 def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
     job = crud.create_job(session=session, job_in=job_in)
     records.get_record_cache().forget()  # lists read before it would miss it
     return job_public(job)
 
 
-@router.post("/estimate", response_model=Estimate)
+@router.post("/estimate", response_model=Estimate, responses=error_responses(413))
 def estimate_job(request: EstimateRequest) -> Estimate:
     """Expected peak GPU memory (as nvidia-smi shows it) and disk for a spec, from the model's
     config.json alone, with a verdict for the GPU and the largest micro-batch and sequence

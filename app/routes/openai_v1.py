@@ -164,7 +164,7 @@ def _shown(session: Session, job: Job) -> FineTuningJob:
     return job_object(job_public(job).model_dump(mode="json"), session.get(OpenAIJob, job.id), time.time())
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400))
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400, 413))
 def create_job(request: CreateFineTuningJob, session: SessionDep) -> FineTuningJob:
     """Create a fine-tuning job: the request becomes a native job spec (README, "OpenAI-compatible
     API", for the mapping) and is submitted as POST /jobs submits one, with the same checks."""

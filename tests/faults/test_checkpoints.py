@@ -95,3 +95,61 @@ def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(
     kinds = [(kind, message) for kind, message in cluster.events(job_id) if kind == "checkpoint"]
     assert kinds[-1][1].startswith("saved checkpoint-8 at step 8 (")
     assert kinds[-1][1].endswith("; found complete on disk after its trainer stopped")
+
+
+def flip_16_bytes(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        chunk = handle.read(16)
+        handle.seek(path.stat().st_size // 2)
+        handle.write(bytes(b ^ 0xFF for b in chunk))
+
+
+def test_a_corrupt_checkpoint_is_never_served_as_intact_nor_resumed_from(cluster: Cluster, tiny_model: Path) -> None:
+    """16 bytes flipped in a checkpoint's weights: the file route stops sending the recorded
+    X-Checksum-SHA256, the API's verifier marks the checkpoint corrupt with an event naming the
+    file, and it is then refused (409). A second checkpoint damaged while nobody looks is caught by
+    the resume itself (its file changed since it was hashed): the job resumes from the newest
+    checkpoint that is intact, each step logged once."""
+    from tests.conftest import wait_until
+
+    cluster.env["CHECKPOINT_VERIFY_POLL_S"] = "0.2"
+    worker = cluster.start(FINETUNE_FAILPOINTS="checkpoint_writing@8=pause").workers[0]
+    spec = job_spec(tiny_model, cluster.chat_dataset(), max_steps=8, logging_steps=1, save_steps=2)
+    job_id = cluster.submit(spec)
+    cluster.wait_for_failpoint(job_id, "checkpoint_writing")
+    http = cluster.http()
+
+    def listed() -> dict[str, dict]:
+        return {c["name"]: c for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
+
+    wait_until(lambda: [c["status"] for c in listed().values()] == ["ready"] * 3, 60, "checkpoints 2, 4, 6 hashed")
+    checkpoints = cluster.job_dir(job_id) / "checkpoints"
+    flip_16_bytes(checkpoints / "checkpoint-6" / "model.safetensors")
+
+    url = f"/jobs/{job_id}/checkpoints/checkpoint-6/files/model.safetensors"
+    served = http.get(url)
+    assert served.status_code == 200
+    assert served.headers.get("x-checksum-sha256") in (None, hashlib.sha256(served.content).hexdigest())
+    wait_until(lambda: listed()["checkpoint-6"]["status"] == "corrupt", 60, "the API's verifier to find it")
+    assert http.get(url).status_code == 409
+    assert http.get(f"/jobs/{job_id}/checkpoints/checkpoint-6/archive").status_code == 409
+    [corrupt] = [m for kind, m in cluster.events(job_id) if kind == "checkpoint_corrupt"]
+    assert corrupt.startswith("checkpoint-6 is corrupt: model.safetensors does not match the sha256 it was saved with")
+
+    flip_16_bytes(checkpoints / "checkpoint-4" / "model.safetensors")  # nobody downloads it: no one knows
+    kill(process_tree(worker.pid))
+    cluster.start_worker()  # without the failpoint
+    record = cluster.wait_for(job_id)
+    assert record["status"] == "succeeded", record["error"]
+    events = cluster.events(job_id)
+    passed_over = [m.split(":")[0] for kind, m in events if kind == "checkpoint_discarded" and "not resuming" in m]
+    assert passed_over == ["not resuming from checkpoint-6", "not resuming from checkpoint-4"]
+    assert ("resumed", "resuming from checkpoint-2, the newest complete checkpoint") in events
+    steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
+    assert steps == list(range(1, 9))
+    # Saved again as training passed those steps: intact records, served with their hashes.
+    names = ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "final"]
+    wait_until(lambda: {n: c["status"] for n, c in listed().items()} == dict.fromkeys(names, "ready"), 60, "hashes")
+    again = http.get(url)
+    assert again.headers["x-checksum-sha256"] == hashlib.sha256(again.content).hexdigest()
