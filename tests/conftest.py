@@ -79,8 +79,29 @@ class Env:
         return Redis.from_url(self.redis_url)
 
 
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A SQLite job database that the Alembic migrations built, once a session: each test's
+    database is a copy of it (the same file the migrations would write, without the half second
+    they take)."""
+    data_dir = tmp_path_factory.mktemp("migrated")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATA_DIR", str(data_dir))
+        patch.setenv("DATABASE_URL", "")
+        clear_caches()
+        migrate()
+        clear_caches()
+    database = data_dir / "jobs.db"
+    # The migrations' engine is disposed: every write is in the file, none left in a -wal beside it.
+    assert database.is_file() and not database.with_name("jobs.db-wal").exists()
+    yield database
+    clear_caches()
+
+
 @pytest.fixture
-def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def env(
+    tmp_path: Path, redis_url: str, models_root: Path, migrated_database: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
     """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
     data_dir, datasets_dir = tmp_path / "data", tmp_path / "datasets"
     datasets_dir.mkdir()
@@ -111,7 +132,8 @@ def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.M
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     clear_caches()
-    migrate()
+    data_dir.mkdir()
+    shutil.copyfile(migrated_database, data_dir / "jobs.db")
     yield Env(data_dir, datasets_dir, redis_url, queue_name, variables)
     clear_caches()
 
