@@ -7,11 +7,14 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from client.cli import app
 from tests.conftest import Env, Service, job_spec
+
+pytestmark = pytest.mark.slow
 
 runner = CliRunner()
 
