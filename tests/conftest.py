@@ -30,6 +30,13 @@ from scripts.service_harness import (  # noqa: F401  (process_tree, trainer_pids
 from tests.builders import build_llama, chat_rows, write_jsonl
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, each group in its own order: in parallel (scripts/test runs pytest -n),
+    the long tests start while short ones are left to fill the other processes, so a run does not
+    end with one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")
