@@ -27,6 +27,10 @@ from worker.ranks import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
+# How long a test waits for a job to reach a status or a step, unless it says otherwise: generous,
+# since it only bounds a failure. The tests run side by side (scripts/test), and on a busy 2-core
+# machine a job of 400 logged steps took over 4 minutes; a healthy job is never waited for so long.
+JOB_TIMEOUT_S = 600.0
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 
 T = TypeVar("T")
@@ -336,7 +340,7 @@ class Service:
         return self.data_dir / "jobs" / str(job_id)
 
     def wait_for(
-        self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = 240, *, echo: bool = False
+        self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = JOB_TIMEOUT_S, *, echo: bool = False
     ) -> dict[str, Any]:
         """The job's record once its status is one of `statuses`; with echo, each new status and
         step is printed (the GPU scripts show their progress)."""
@@ -360,7 +364,7 @@ class Service:
 
         return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {wanted}", interval_s=0.3))
 
-    def wait_for_step(self, job_id: int, step: int, timeout_s: float = 180) -> None:
+    def wait_for_step(self, job_id: int, step: int, timeout_s: float = JOB_TIMEOUT_S) -> None:
         wait_until(
             lambda: self.job(job_id)["progress"]["step"] >= step,
             timeout_s,

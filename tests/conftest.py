@@ -18,6 +18,7 @@ from alembic.config import Config
 from redis import Redis
 
 from scripts.service_harness import (  # noqa: F401  (process_tree, trainer_pids: the tests take them from here)
+    JOB_TIMEOUT_S,
     ROOT,
     START_TIMEOUT_S,
     Service,
@@ -226,7 +227,7 @@ def trainer_pid(job_id: int, data_dir: Path) -> int:
     return pids[0]
 
 
-def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = 180) -> dict:
+def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = JOB_TIMEOUT_S) -> dict:
     def finished() -> dict | None:
         record = http.get(f"/jobs/{job_id}").json()
         return record if record["status"] in statuses else None
