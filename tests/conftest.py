@@ -132,6 +132,9 @@ def env(
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # torch's CPU threads: on the tiny model's tensors a second thread only spins (three times
+        # the CPU of a training test), and the tests run side by side anyway (scripts/test).
+        "OMP_NUM_THREADS": "1",
     }
     for key, value in variables.items():
         monkeypatch.setenv(key, value)
