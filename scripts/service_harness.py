@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +27,10 @@ from worker.ranks import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 30.0
+# How long a test waits for a job to reach a status or a step, unless it says otherwise: generous,
+# since it only bounds a failure. The tests run side by side (scripts/test), and on a busy 2-core
+# machine a job of 400 logged steps took over 4 minutes; a healthy job is never waited for so long.
+JOB_TIMEOUT_S = 600.0
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 
 T = TypeVar("T")
@@ -197,6 +202,11 @@ class Service:
         self.redis.wait(10)
 
     def migrate(self) -> None:
+        """`alembic upgrade head`, as the image's prestart step runs it; a SQLite database already
+        at head (a test fixture migrated it, or the service is started again) is left alone, which
+        spares a process that would change nothing."""
+        if self._sqlite_at_head():
+            return
         subprocess.run(
             [sys.executable, "-m", "alembic", "upgrade", "head"],
             cwd=ROOT,
@@ -204,6 +214,21 @@ class Service:
             check=True,
             capture_output=True,
         )
+
+    def _sqlite_at_head(self) -> bool:
+        database = Path(self.env["DATA_DIR"]) / "jobs.db"
+        if self.env.get("DATABASE_URL") or not database.is_file():
+            return False
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini"))).get_current_head()
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as connection:
+            try:
+                rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+            except sqlite3.Error:
+                return False
+        return rows == [(head,)]
 
     def start_api(self, *uvicorn_args: str, timeout_s: float = 60) -> subprocess.Popen[bytes]:
         """uvicorn as scripts/run starts it; waits until /healthz answers (503 counts: a fault
@@ -225,24 +250,31 @@ class Service:
 
     def start_worker(self, **extra_env: str) -> subprocess.Popen[bytes]:
         """Start a worker and wait until it listens on its queue (its signal handlers are set)."""
+        wait = self._spawn_worker(**extra_env)
+        wait()
+        return self.worker
+
+    def _spawn_worker(self, **extra_env: str) -> Callable[[], None]:
+        """Start a worker; returns what waits until it listens on its queue."""
         log = self.root / "worker.log"
 
         def listening() -> int:
             return log.read_text(errors="replace").count("*** Listening on") if log.exists() else 0
 
         before = listening()
-        worker = self._start("worker", [sys.executable, "-m", "worker"], {**self.env, **extra_env})
-        self.workers.append(worker)
-        wait_until(lambda: listening() > before, 60, f"the worker to listen on its queue (see {log})")
-        return worker
+        self.workers.append(self._start("worker", [sys.executable, "-m", "worker"], {**self.env, **extra_env}))
+        return lambda: wait_until(lambda: listening() > before, 60, f"the worker to listen on its queue (see {log})")
 
     def start(self, *, worker: bool = True, **worker_env: str) -> Service:
+        """Redis (when the service has its own), the migrations, then the API and the worker side
+        by side, as `docker compose up` starts them; returns once each answers."""
         if self.own_redis:
             self.start_redis()
         self.migrate()
+        wait_for_worker = self._spawn_worker(**worker_env) if worker else None
         self.start_api()
-        if worker:
-            self.start_worker(**worker_env)
+        if wait_for_worker is not None:
+            wait_for_worker()
         return self
 
     def everything(self) -> list[int]:
@@ -319,7 +351,7 @@ class Service:
         return self.data_dir / "jobs" / str(job_id)
 
     def wait_for(
-        self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = 240, *, echo: bool = False
+        self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = JOB_TIMEOUT_S, *, echo: bool = False
     ) -> dict[str, Any]:
         """The job's record once its status is one of `statuses`; with echo, each new status and
         step is printed (the GPU scripts show their progress)."""
@@ -343,7 +375,7 @@ class Service:
 
         return dict(wait_until(reached, timeout_s, f"job {job_id} to reach {wanted}", interval_s=0.3))
 
-    def wait_for_step(self, job_id: int, step: int, timeout_s: float = 180) -> None:
+    def wait_for_step(self, job_id: int, step: int, timeout_s: float = JOB_TIMEOUT_S) -> None:
         wait_until(
             lambda: self.job(job_id)["progress"]["step"] >= step,
             timeout_s,

@@ -19,6 +19,7 @@ from alembic.config import Config
 from redis import Redis
 
 from scripts.service_harness import (  # noqa: F401  (process_tree, trainer_pids: the tests take them from here)
+    JOB_TIMEOUT_S,
     ROOT,
     START_TIMEOUT_S,
     Service,
@@ -34,6 +35,13 @@ from tests.builders import TINY, build_llama, cache_hub_dataset, cache_hub_model
 # Hugging Face cache (hf_home), as stubs that a submit accepts and nothing trains on.
 HUB_MODEL, HUB_DATASET = "test-org/stub-llama", "test-org/stub-chat"
 HUB_SPEC = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, each group in its own order: in parallel (scripts/test runs pytest -n),
+    the long tests start while short ones are left to fill the other processes, so a run does not
+    end with one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +106,33 @@ class Env:
         return Redis.from_url(self.redis_url)
 
 
+@pytest.fixture(scope="session")
+def migrated_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A SQLite job database that the Alembic migrations built, once a session: each test's
+    database is a copy of it (the same file the migrations would write, without the half second
+    they take)."""
+    data_dir = tmp_path_factory.mktemp("migrated")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DATA_DIR", str(data_dir))
+        patch.setenv("DATABASE_URL", "")
+        clear_caches()
+        migrate()
+        clear_caches()
+    database = data_dir / "jobs.db"
+    # The migrations' engine is disposed: every write is in the file, none left in a -wal beside it.
+    assert database.is_file() and not database.with_name("jobs.db-wal").exists()
+    yield database
+    clear_caches()
+
+
 @pytest.fixture
 def env(
-    tmp_path: Path, redis_url: str, models_root: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    redis_url: str,
+    models_root: Path,
+    hf_home: Path,
+    migrated_database: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Env]:
     """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
     data_dir, datasets_dir = tmp_path / "data", tmp_path / "datasets"
@@ -127,6 +159,9 @@ def env(
         "HF_HUB_CACHE": str(hf_home / "hub"),
         "HF_DATASETS_CACHE": str(hf_home / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
+        # torch's CPU threads: on the tiny model's tensors a second thread only spins (three times
+        # the CPU of a training test), and the tests run side by side anyway (scripts/test).
+        "OMP_NUM_THREADS": "1",
     }
     for key, value in variables.items():
         monkeypatch.setenv(key, value)
@@ -137,7 +172,8 @@ def env(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(hf_home))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     clear_caches()
-    migrate()
+    data_dir.mkdir()
+    shutil.copyfile(migrated_database, data_dir / "jobs.db")
     yield Env(data_dir, datasets_dir, redis_url, queue_name, variables)
     clear_caches()
 
@@ -223,7 +259,7 @@ def trainer_pid(job_id: int, data_dir: Path) -> int:
     return pids[0]
 
 
-def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = 180) -> dict:
+def wait_for_status(http: httpx.Client, job_id: int, statuses: set[str], timeout_s: float = JOB_TIMEOUT_S) -> dict:
     def finished() -> dict | None:
         record = http.get(f"/jobs/{job_id}").json()
         return record if record["status"] in statuses else None

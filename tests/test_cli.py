@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from client.cli import app
 from tests.conftest import Env, Service, job_spec
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 TOKEN = "s3cret"
 

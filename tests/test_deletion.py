@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import Env, job_spec, run_to_end
 
 
+@pytest.mark.slow
 def test_deleting_a_finished_job_removes_its_record_logs_checkpoints_and_folder(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -48,6 +49,7 @@ def test_a_queued_job_cannot_be_deleted(client: httpx.Client, env: Env, tiny_mod
     assert client.get(f"/jobs/{job_id}").status_code == 200
 
 
+@pytest.mark.slow
 def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -72,6 +74,7 @@ def test_deleting_a_checkpoint_frees_its_bytes_and_takes_it_off_the_list(
     assert any(m.startswith("checkpoint-3 deleted by request (") and f"{size} bytes freed" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_dropped_from_intermediate_checkpoints_once_the_job_succeeds(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -95,6 +98,7 @@ def test_optimizer_state_is_dropped_from_intermediate_checkpoints_once_the_job_s
     assert len(dropped) == 1 and dropped[0].startswith("dropped the optimizer state of checkpoint-3, checkpoint-6: ")
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_kept_by_default(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -103,6 +107,7 @@ def test_optimizer_state_is_kept_by_default(
     assert (env.data_dir / "jobs" / str(record["id"]) / "checkpoints" / "checkpoint-3" / "optimizer.pt").exists()
 
 
+@pytest.mark.slow
 def test_storage_reports_the_disk_and_the_files_no_record_names(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -137,6 +142,7 @@ def test_storage_reports_the_disk_and_the_files_no_record_names(
     assert [o["path"] for o in client.get("/storage").json()["orphans"]] == ["jobs/999", "files/77.jsonl"]
 
 
+@pytest.mark.slow
 def test_another_api_process_forgets_a_deleted_job_within_the_finished_records_max_age(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch
 ) -> None:

@@ -22,6 +22,7 @@ def scrape(client: httpx.Client, **headers: str) -> dict[str, dict[tuple[tuple[s
     return samples
 
 
+@pytest.mark.slow
 def test_metrics_show_jobs_queue_steps_checkpoints_disk_and_requests(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:

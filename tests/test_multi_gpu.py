@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from scripts.service_harness import kill
 from tests.conftest import Env, Service, job_spec, process_tree, trainer_pids, wait_until
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def two_gpu_service(env: Env, tmp_path: Path) -> Service:

@@ -39,6 +39,7 @@ def sdk(service: Service) -> Iterator[openai.OpenAI]:
         yield client
 
 
+@pytest.mark.slow
 def test_a_job_through_the_openai_sdk(
     service: Service, sdk: openai.OpenAI, env: Env, tiny_model: Path, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import Env, Service, job_spec, run_to_end, trainer_pids, wait_for_status, wait_until
 
@@ -22,6 +23,7 @@ def losses(http: httpx.Client, job_id: int) -> dict[int, tuple[float, float]]:
     return {row["step"]: (row["loss"], row["learning_rate"]) for row in rows}
 
 
+@pytest.mark.slow
 def test_paused_and_resumed_job_trains_exactly_as_an_uninterrupted_one(
     service: Service, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -65,6 +67,7 @@ def test_paused_and_resumed_job_trains_exactly_as_an_uninterrupted_one(
         assert math.isclose(got[step][1], learning_rate, rel_tol=1e-9), (step, got[step], learning_rate)
 
 
+@pytest.mark.slow
 def test_pause_of_a_queued_job_keeps_it_out_of_the_queue_until_resumed(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -95,6 +98,7 @@ def test_paused_job_can_be_cancelled_and_then_deleted(
     assert client.delete(f"/jobs/{job_id}").status_code == 200
 
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_micro_batch_until_it_fits_and_succeeds(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch
 ) -> None:
@@ -121,6 +125,7 @@ def test_out_of_memory_halves_the_micro_batch_until_it_fits_and_succeeds(
     assert "CUDA out of memory" in halved[0]
 
 
+@pytest.mark.slow
 def test_out_of_memory_at_micro_batch_one_fails_with_the_figures(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch
 ) -> None:

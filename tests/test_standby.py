@@ -13,6 +13,8 @@ import pytest
 from scripts.service_harness import Service, process_tree, wait_until
 from tests.conftest import Env, job_spec
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def standby_service(env: Env, tmp_path: Path) -> Service:

@@ -93,6 +93,7 @@ def send_until_done(client: httpx.Client, job_id: int, timeout_s: float = 30) ->
     raise AssertionError("webhook deliveries did not finish")
 
 
+@pytest.mark.slow
 def test_status_checkpoint_and_progress_webhooks_are_signed_retried_and_recorded(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, receiver: Receiver
 ) -> None:

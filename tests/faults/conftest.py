@@ -40,6 +40,7 @@ class Cluster(Service):
                 "HF_DATASETS_OFFLINE": "1",
                 "TRANSFORMERS_OFFLINE": "1",
                 "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": "1",  # one torch CPU thread: tests/conftest.py says why
             },
         )
 

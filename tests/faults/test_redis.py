@@ -24,6 +24,20 @@ def restart_redis(cluster: Cluster) -> None:
     cluster.start_redis()
 
 
+def waiting_for_jobs(cluster: Cluster) -> bool:
+    """The worker is blocked in its dequeue (BLPOP) on the cluster's Redis: it waits for jobs."""
+    import redis
+
+    with redis.Redis(port=cluster.redis_port) as connection:
+        return any("b" in client["flags"] for client in connection.client_list())
+
+
+def back_or_gone(cluster: Cluster) -> bool:
+    """The worker waits for jobs on the restarted Redis, or it quit: either way the outage is over
+    for it, and the assertions after this can tell which."""
+    return cluster.workers[0].poll() is not None or waiting_for_jobs(cluster)
+
+
 def assert_worker_alive(cluster: Cluster) -> None:
     worker = cluster.workers[0]
     assert worker.poll() is None, f"the worker quit (exit code {worker.returncode})"
@@ -39,9 +53,9 @@ def a_short_job_succeeds(cluster: Cluster, tiny_model: Path) -> None:
 
 def test_idle_worker_rides_out_a_redis_restart(cluster: Cluster, tiny_model: Path) -> None:
     cluster.start()
-    time.sleep(2)  # the worker is waiting for jobs
+    wait_until(lambda: waiting_for_jobs(cluster), 30, "the worker to wait for jobs")
     restart_redis(cluster)
-    time.sleep(3)
+    wait_until(lambda: back_or_gone(cluster), 60, "the worker to wait for jobs again, or quit")
     assert_worker_alive(cluster)
     a_short_job_succeeds(cluster, tiny_model)
     assert_worker_alive(cluster)
@@ -52,7 +66,9 @@ def test_worker_stops_on_sigterm_while_redis_is_away(cluster: Cluster) -> None:
     Redis is gone (RQ cannot even register its death)."""
     worker = cluster.start().workers[0]
     cluster.kill_redis()
-    time.sleep(2)  # the worker is waiting for Redis, with backoff
+    log = cluster.root / "worker.log"
+    # The worker is waiting for Redis, with backoff.
+    wait_until(lambda: "could not connect to Redis instance" in log.read_text(errors="replace"), 30, "the retries")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(20) == 0
 
@@ -79,7 +95,7 @@ def test_worker_skipping_cancelled_jobs_rides_out_redis_restarts(cluster: Cluste
     for dequeued in (5, 25, 45):  # three outages, at different points of the run
         wait_until(lambda d=dequeued: queue_length() <= 60 - d, 60, f"{dequeued} jobs dequeued", interval_s=0.05)
         restart_redis(cluster)
-        time.sleep(2)
+        wait_until(lambda: back_or_gone(cluster), 60, "the worker to wait for jobs again, or quit")
         assert_worker_alive(cluster)
     a_short_job_succeeds(cluster, tiny_model)
     assert_worker_alive(cluster)
