@@ -22,7 +22,20 @@ from sqlmodel import SQLModel
 
 from tests.conftest import ROOT, Env, clear_caches
 
-TABLES = {"job", "step_log", "job_event", "checkpoint", "file", "webhook_delivery", "openai_job", "alembic_version"}
+TABLES = {
+    "job",
+    "step_log",
+    "job_event",
+    "checkpoint",
+    "file",
+    "webhook_delivery",
+    "openai_job",
+    "project",
+    "principal",
+    "api_token",
+    "audit_entry",
+    "alembic_version",
+}
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 SPEC = {
     "model": "meta-llama/Llama-3.1-8B",

@@ -1,0 +1,104 @@
+"""Per-token request rates, counted in Redis across every API process.
+
+Each token has a generic cell rate algorithm (GCRA, pyrate-limiter's `GCRA` over its
+`RedisStateStore`: one small hash per token, updated by one Lua script, atomically): a token of N
+requests a minute may send N at once, then one every 60/N s. A refused request gets 429 with
+Retry-After, the seconds until the next one is allowed. Once refused, a token is refused by this
+process from memory until then, so a client that hammers the API costs Redis nothing more.
+
+Redis unreachable: requests pass (logged), rather than every request of every token failing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+
+from pyrate_limiter import GCRA, Duration, Rate, RedisStateStore
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
+
+from core.config import get_settings
+
+logger = logging.getLogger(__name__)
+# An outage is logged at most this often.
+OUTAGE_LOG_EVERY_S = 60.0
+ALGORITHM = GCRA()
+
+
+class RateLimiter:
+    def __init__(self, redis_url: str, key_prefix: str) -> None:
+        self.redis_url = redis_url
+        self.key_prefix = key_prefix
+        self._clients: dict[asyncio.AbstractEventLoop, AsyncRedis] = {}
+        self._stores: dict[str, RedisStateStore] = {}
+        self._refused_until: dict[str, float] = {}  # key -> time.monotonic() when it may ask again
+        self._outage_logged_at = float("-inf")
+        self.redis_calls = 0  # tests and the benchmark read it
+
+    def _client(self) -> AsyncRedis:
+        # redis.asyncio connections belong to the event loop that made them (tests run many loops).
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            if len(self._clients) > 8:
+                self._clients.clear()
+            client = self._clients[loop] = AsyncRedis.from_url(
+                self.redis_url, socket_timeout=2, socket_connect_timeout=2
+            )
+            self._stores.clear()
+        return client
+
+    def _store(self, key: str) -> RedisStateStore:
+        store = self._stores.get(key)
+        if store is None:
+            if len(self._stores) > 10_000:
+                self._stores.clear()
+            store = self._stores[key] = RedisStateStore(self._client(), f"{self.key_prefix}:{key}")
+        return store
+
+    async def admit(self, key: str, per_minute: int) -> float | None:
+        """None when the request may go on; else the seconds to wait (for Retry-After)."""
+        now = time.monotonic()
+        refused_until = self._refused_until.get(key)
+        if refused_until is not None:
+            if now < refused_until:
+                return refused_until - now
+            del self._refused_until[key]
+        rate = Rate(per_minute, Duration.MINUTE)
+        try:
+            self._client()
+            self.redis_calls += 1
+            decision = await self._store(key).check(  # type: ignore[no-untyped-call]
+                ALGORITHM, [rate], int(time.time() * 1000), 1
+            )
+        except (RedisError, OSError) as exc:
+            if now - self._outage_logged_at > OUTAGE_LOG_EVERY_S:
+                self._outage_logged_at = now
+                logger.warning("rate limits not applied: Redis cannot be reached (%s)", exc)
+            return None
+        if decision.allowed:
+            return None
+        wait_s = (decision.retry_after_ms or 1000) / 1000
+        if len(self._refused_until) > 10_000:
+            self._refused_until.clear()
+        self._refused_until[key] = now + wait_s
+        return wait_s
+
+
+def retry_after_header(wait_s: float) -> str:
+    return str(max(1, math.ceil(wait_s)))
+
+
+_limiters: dict[tuple[str, str], RateLimiter] = {}
+
+
+def get_limiter() -> RateLimiter:
+    settings = get_settings()
+    key = (settings.redis_url, settings.queue_name)
+    limiter = _limiters.get(key)
+    if limiter is None:
+        _limiters.clear()
+        limiter = _limiters[key] = RateLimiter(settings.redis_url, f"{settings.queue_name}:ratelimit")
+    return limiter
