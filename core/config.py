@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
     gpu_memory_bytes: int | None = Field(default=None, gt=0)
+    # The FLOPs a second one GPU trains at, for the planner's run-time estimate, which the GPU line
+    # backfills by: an H100 trained an 8B model at 8,000 tokens/s (5e14 at 8 FLOPs per parameter and
+    # token; docs/benchmarks.md); the default errs slow, so that an estimate errs long.
+    gpu_train_flops: float = Field(default=4e14, gt=0)
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
