@@ -6,17 +6,21 @@ requests a minute may send N at once, then one every 60/N s. A refused request g
 Retry-After, the seconds until the next one is allowed. Once refused, a token is refused by this
 process from memory until then, so a client that hammers the API costs Redis nothing more.
 
-Redis unreachable: requests pass (logged), rather than every request of every token failing."""
+Redis unreachable: requests pass (logged), rather than every request of every token failing.
+
+The script runs on the API's threads with the synchronous client (its pool is thread-safe): an
+asyncio client's connections belong to one event loop, and a Redis that hangs must not stall
+the loop."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 
-from pyrate_limiter import GCRA, Duration, Rate, RedisStateStore
-from redis.asyncio import Redis as AsyncRedis
+import anyio.to_thread
+from pyrate_limiter import GCRA, Decision, Duration, Rate, RedisStateStore
+from redis import Redis
 from redis.exceptions import RedisError
 
 from core.config import get_settings
@@ -31,32 +35,27 @@ class RateLimiter:
     def __init__(self, redis_url: str, key_prefix: str) -> None:
         self.redis_url = redis_url
         self.key_prefix = key_prefix
-        self._clients: dict[asyncio.AbstractEventLoop, AsyncRedis] = {}
+        self._client = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._stores: dict[str, RedisStateStore] = {}
         self._refused_until: dict[str, float] = {}  # key -> time.monotonic() when it may ask again
         self._outage_logged_at = float("-inf")
         self.redis_calls = 0  # tests and the benchmark read it
-
-    def _client(self) -> AsyncRedis:
-        # redis.asyncio connections belong to the event loop that made them (tests run many loops).
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            if len(self._clients) > 8:
-                self._clients.clear()
-            client = self._clients[loop] = AsyncRedis.from_url(
-                self.redis_url, socket_timeout=2, socket_connect_timeout=2
-            )
-            self._stores.clear()
-        return client
 
     def _store(self, key: str) -> RedisStateStore:
         store = self._stores.get(key)
         if store is None:
             if len(self._stores) > 10_000:
                 self._stores.clear()
-            store = self._stores[key] = RedisStateStore(self._client(), f"{self.key_prefix}:{key}")
+            store = self._stores[key] = RedisStateStore(self._client, f"{self.key_prefix}:{key}")
         return store
+
+    def check(self, key: str, per_minute: int) -> Decision:
+        """One GCRA step in Redis (blocking)."""
+        rate = Rate(per_minute, Duration.MINUTE)
+        decision: Decision = self._store(key).check(  # type: ignore[no-untyped-call]
+            ALGORITHM, [rate], int(time.time() * 1000), 1
+        )
+        return decision
 
     async def admit(self, key: str, per_minute: int) -> float | None:
         """None when the request may go on; else the seconds to wait (for Retry-After)."""
@@ -66,13 +65,9 @@ class RateLimiter:
             if now < refused_until:
                 return refused_until - now
             del self._refused_until[key]
-        rate = Rate(per_minute, Duration.MINUTE)
         try:
-            self._client()
             self.redis_calls += 1
-            decision = await self._store(key).check(  # type: ignore[no-untyped-call]
-                ALGORITHM, [rate], int(time.time() * 1000), 1
-            )
+            decision = await anyio.to_thread.run_sync(self.check, key, per_minute)
         except (RedisError, OSError) as exc:
             if now - self._outage_logged_at > OUTAGE_LOG_EVERY_S:
                 self._outage_logged_at = now
