@@ -14,8 +14,8 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from tests.conftest import HUB_SPEC, Env
 from tests.builders import chat_rows, write_jsonl
+from tests.conftest import HUB_SPEC, Env
 
 MARKER = "alpha-secret-7f3a"  # in everything project alpha owns: no answer to beta may hold it
 
