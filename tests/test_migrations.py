@@ -149,6 +149,8 @@ def test_migrations_and_job_round_trip_on_postgresql(
     from app.main import create_app
 
     monkeypatch.setenv("DATABASE_URL", postgres_database)
+    # The spec names Hub ids the tests' cache lacks: this test is about the database, not the Hub.
+    monkeypatch.setenv("HUB_CHECK_AT_SUBMIT", "false")
     clear_caches()
     command.upgrade(alembic_config(), "head")
 
@@ -272,3 +274,36 @@ def test_postgresql_can_upgrade_again_after_downgrade_to_base(
         assert schema_differences(engine) == []
     finally:
         engine.dispose()
+
+
+def test_jobs_and_files_that_existed_before_0022_belong_to_the_default_project(empty_sqlite: Path) -> None:
+    from app.main import create_app
+
+    command.upgrade(alembic_config(), "0011")
+    engine = current_engine()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO job (id, status, created_at, spec, step, attempts, requested_restarts) "
+                    "VALUES (7, 'succeeded', CURRENT_TIMESTAMP, :spec, 0, 1, 0)"
+                ),
+                {"spec": '{"model": "org/m", "dataset": {"source": "org/d"}}'},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO file (id, created_at, filename, path, size_bytes, sha256, rows, bad_rows) "
+                    "VALUES (3, CURRENT_TIMESTAMP, 'a.jsonl', 'files/3.jsonl', 1, 'x', 1, 0)"
+                )
+            )
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(), "head")
+    api = TestClient(create_app(), raise_server_exceptions=True)
+    assert api.get("/jobs/7").json()["project"] == "default"
+    assert api.get("/files/3").json()["project"] == "default"
+    project = api.get("/admin/projects").json()["items"]
+    assert [(p["name"], p["usage"]["queued_jobs"]) for p in project] == [("default", 0)]
+    # A project made afterwards gets the next id, on SQLite as on PostgreSQL (whose sequence 0022 moves).
+    assert api.post("/admin/projects", json={"name": "vision"}).status_code == 201
+    command.downgrade(alembic_config(), "0011")
