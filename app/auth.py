@@ -155,7 +155,7 @@ class TokenRegistry:
         self.cache_s = settings.token_cache_s
         self.api_tokens = _api_tokens(settings)
         self.snapshot = _Snapshot()
-        self._reading: asyncio.Task[_Snapshot] | None = None
+        self._reading: asyncio.Task[None] | None = None
         self.reads = 0  # database reads (tests watch it)
 
     @property
@@ -177,22 +177,27 @@ class TokenRegistry:
         self.reads += 1
         self.snapshot = read_tokens()
 
-    async def refresh(self, *, unless_younger_than_s: float | None = None) -> None:
-        """Read the tokens again (one read shared by every request that waits for it)."""
-        if unless_younger_than_s is not None and time.monotonic() - self.snapshot.read_at < unless_younger_than_s:
-            return
+    def _start_read(self) -> asyncio.Task[None]:
+        """The read of the tokens under way, or a new one (one read shared by every request)."""
         task = self._reading
         if task is None or task.done():
             from app.db import run_db
 
-            async def read() -> _Snapshot:
+            async def read() -> None:
                 self.reads += 1
-                return await run_db(read_tokens)
+                snapshot = await run_db(read_tokens)
+                if snapshot.read_at >= self.snapshot.read_at:
+                    self.snapshot = snapshot
 
             task = self._reading = asyncio.get_running_loop().create_task(read())
-        snapshot = await asyncio.shield(task)
-        if snapshot.read_at >= self.snapshot.read_at:
-            self.snapshot = snapshot
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return task
+
+    async def refresh(self, *, unless_younger_than_s: float | None = None) -> None:
+        """Read the tokens again, and wait for it."""
+        if unless_younger_than_s is not None and time.monotonic() - self.snapshot.read_at < unless_younger_than_s:
+            return
+        await asyncio.shield(self._start_read())
 
     def cached(self, authorization: str | None) -> Identity | None:
         """The identity from memory alone; None when that cannot say (the caller then asks
@@ -203,8 +208,8 @@ class TokenRegistry:
         closed = self.closed()
         if not closed:
             return ANONYMOUS
-        token = bearer(authorization)
-        known = self.api_tokens.get(digest(token)) or self.snapshot.known.get(digest(token))
+        hashed = digest(bearer(authorization))
+        known = self.api_tokens.get(hashed) or self.snapshot.known.get(hashed)
         if known is None:
             return None
         return _valid(known)
@@ -220,10 +225,9 @@ class TokenRegistry:
         age = time.monotonic() - self.snapshot.read_at
         if age > self.cache_s:
             await self.refresh()
-        elif age > self.cache_s / 2 and (self._reading is None or self._reading.done()):
+        elif age > self.cache_s / 2:
             # Read again in the background while the copy is still served: requests seldom wait.
-            refresh = asyncio.get_running_loop().create_task(self.refresh())
-            refresh.add_done_callback(lambda task: task.cancelled() or task.exception())
+            self._start_read()
         identity = self.cached(authorization)
         if identity is not None:
             return identity
