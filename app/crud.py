@@ -13,9 +13,9 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from app import datacheck, uploads
+from app import datacheck, quotas, uploads
+from app.auth import Identity
 from app.errors import Conflict, DoesNotFit, NotFound
-from app.records import status_is
 from app.sources import checked_sources
 from core import checkpoint_verify
 from core.config import get_settings
@@ -48,6 +48,7 @@ LATER_OPTION_DEFAULTS: dict[str, object] = {
     "webhooks": [],
     "gpus": 1,
     "strategy": "auto",
+    "priority": 0,
 }
 
 
@@ -98,11 +99,17 @@ def gpus_refusal(job_in: JobSpec) -> str | None:
     )
 
 
-def create_job(*, session: Session, job_in: JobSpec) -> Job:
+def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
+    """Check a spec (its sources, data, plan, and the identity's role and project quotas), store it
+    for the identity's project and queue it."""
+    quotas.check_priority(job_in, identity)
     too_many = gpus_refusal(job_in)
     if too_many:
         raise DoesNotFit(too_many)
-    job_in = checked_sources(job_in, session=session, check_hub=True)
+    project = quotas.project_of(session, identity.project_id)
+    quotas.check_gpus(project, job_in.gpus)
+    quotas.check_queued(session, project)
+    job_in = checked_sources(job_in, session=session, check_hub=True, project_id=identity.project_id)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
         memory, disk = estimate(job_in=job_in, allow_network=False, training_rows=data_check.training_rows)
@@ -112,6 +119,7 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
         reason = refusal(job_in, memory, disk)
         if reason:
             raise DoesNotFit(reason)
+        quotas.check_checkpoint_budget(session, project, disk.required_bytes)
         plan_note = f"planned peak GPU memory {gib(memory.total_bytes)}" + (
             f" of {gib(memory.gpu_memory_bytes)} ({memory.verdict})" if memory.verdict else " (GPU size unknown)"
         )
@@ -121,7 +129,12 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     for later_option, default in LATER_OPTION_DEFAULTS.items():  # likewise, at their defaults
         if spec[later_option] == default:
             del spec[later_option]
-    job = Job(spec=spec, data_report=data_check.report.model_dump() if data_check.report else None)
+    job = Job(
+        spec=spec,
+        data_report=data_check.report.model_dump() if data_check.report else None,
+        project_id=identity.project_id,
+        submitted_by=identity.name if identity.token_prefix else None,
+    )
     session.add(job)
     session.flush()
     assert job.id is not None
@@ -148,10 +161,13 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     return job
 
 
-def get_job(*, session: Session, job_id: int) -> Job:
+def get_job(*, session: Session, job_id: int, identity: Identity) -> Job:
+    """The job, if the identity may see it; another project's job is a 404 as if there were none."""
     job = session.get(Job, job_id)
-    if job is None or job.deleted_at is not None:
-        raise NotFound(f"job {job_id} not found" if job is None else f"job {job_id} was deleted")
+    if job is None or not identity.sees(job.project_id):
+        raise NotFound(f"job {job_id} not found")
+    if job.deleted_at is not None:
+        raise NotFound(f"job {job_id} was deleted")
     return job
 
 
@@ -167,26 +183,13 @@ def known_status(job: Job) -> JobStatus:
     return status
 
 
-def list_jobs(
-    *, session: Session, status: JobStatus | None, cursor: int | None, limit: int
-) -> tuple[Sequence[Job], int | None]:
-    query = select(Job).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
-    if status is not None:
-        query = query.where(status_is(status))
-    if cursor is not None:
-        query = query.where(col(Job.id) < cursor)
-    jobs = list(session.exec(query).all())
-    next_cursor = jobs[limit - 1].id if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
-
-
-def cancel_job(*, session: Session, job_id: int) -> Job:
+def cancel_job(*, session: Session, job_id: int, identity: Identity) -> Job:
     """A queued or paused job ends here and now; a running one is asked to stop (its worker ends it
     within CANCEL_GRACE_S). Each move is a conditional update and the job is read again when one
     loses a race (a worker pausing or claiming the job at this very moment), so an accepted cancel
     is never dropped: a job ends cancelled whatever it was doing."""
     for _ in range(5):  # each lost race means the job moved on; it cannot move far
-        job = get_job(session=session, job_id=job_id)
+        job = get_job(session=session, job_id=job_id, identity=identity)
         if known_status(job).finished:
             raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
         now = utcnow()
@@ -223,31 +226,37 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
     raise Conflict(f"job {job_id} kept changing while it was being cancelled; read it and try again")
 
 
-def list_logs(*, session: Session, job_id: int, after_step: int | None, limit: int) -> Sequence[StepLog]:
-    get_job(session=session, job_id=job_id)
+def list_logs(
+    *, session: Session, job_id: int, after_step: int | None, limit: int, identity: Identity
+) -> Sequence[StepLog]:
+    get_job(session=session, job_id=job_id, identity=identity)
     query = select(StepLog).where(StepLog.job_id == job_id).order_by(col(StepLog.step), col(StepLog.id))
     if after_step is not None:
         query = query.where(col(StepLog.step) > after_step)
     return session.exec(query.limit(limit)).all()
 
 
-def list_events(*, session: Session, job_id: int, after_id: int | None, limit: int) -> Sequence[JobEvent]:
-    get_job(session=session, job_id=job_id)
+def list_events(
+    *, session: Session, job_id: int, after_id: int | None, limit: int, identity: Identity
+) -> Sequence[JobEvent]:
+    get_job(session=session, job_id=job_id, identity=identity)
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(col(JobEvent.id))
     if after_id is not None:
         query = query.where(col(JobEvent.id) > after_id)
     return session.exec(query.limit(limit)).all()
 
 
-def list_checkpoints(*, session: Session, job_id: int, include_removed: bool = False) -> Sequence[Checkpoint]:
-    get_job(session=session, job_id=job_id)
+def list_checkpoints(
+    *, session: Session, job_id: int, identity: Identity, include_removed: bool = False
+) -> Sequence[Checkpoint]:
+    get_job(session=session, job_id=job_id, identity=identity)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(col(Checkpoint.step), col(Checkpoint.id))
     checkpoints = session.exec(query).all()
     return [c for c in checkpoints if include_removed or c.status != "removed"]
 
 
-def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
-    get_job(session=session, job_id=job_id)
+def get_checkpoint(*, session: Session, job_id: int, name: str, identity: Identity) -> Checkpoint:
+    get_job(session=session, job_id=job_id, identity=identity)
     checkpoint = session.exec(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.name == name)).first()
     if checkpoint is None:
         raise NotFound(f"job {job_id} has no checkpoint named {name!r}")
@@ -256,9 +265,9 @@ def get_checkpoint(*, session: Session, job_id: int, name: str) -> Checkpoint:
     return checkpoint
 
 
-def request_verification(*, session: Session, job_id: int, name: str) -> Checkpoint:
+def request_verification(*, session: Session, job_id: int, name: str, identity: Identity) -> Checkpoint:
     """Ask the API's verifier to hash every file of the checkpoint again (core/checkpoint_verify.py)."""
-    checkpoint = get_checkpoint(session=session, job_id=job_id, name=name)
+    checkpoint = get_checkpoint(session=session, job_id=job_id, name=name, identity=identity)
     status, raw = understood(CheckpointStatus, checkpoint.status)
     if raw is not None:
         raise Conflict(
@@ -279,7 +288,9 @@ def request_verification(*, session: Session, job_id: int, name: str) -> Checkpo
 FormCheck = Callable[[dict[str, str], bool], None]
 
 
-async def create_file(*, session: Session, request: Request, check_form: FormCheck | None = None) -> UploadedFile:
+async def create_file(
+    *, session: Session, request: Request, identity: Identity, check_form: FormCheck | None = None
+) -> UploadedFile:
     """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256 (the
     size limit enforced as bytes arrive), every row checked, then renamed. Anything that fails,
     a client that goes away included, leaves neither a file nor a row. `check_form(fields,
@@ -309,18 +320,27 @@ async def create_file(*, session: Session, request: Request, check_form: FormChe
         if check_form is not None and fields is not None:
             check_form(fields, True)
         # Reading every row and the database work are blocking: off the event loop.
-        return await run_in_threadpool(_store_file, session=session, path=path, name=name, size=size, sha256=sha256)
+        return await run_in_threadpool(
+            _store_file,
+            session=session,
+            path=path,
+            name=name,
+            size=size,
+            sha256=sha256,
+            project_id=identity.project_id,
+        )
     finally:
         for path in incoming:
             path.unlink(missing_ok=True)  # gone already when stored: renamed
 
 
-def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: str) -> UploadedFile:
+def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: str, project_id: int) -> UploadedFile:
     check = uploads.inspect(path, name)
     ext = path.suffix.lstrip(".")
     final = None
     try:
         uploaded = UploadedFile(
+            project_id=project_id,
             filename=name,
             path=f"files/{path.name}",
             size_bytes=size,
@@ -345,20 +365,24 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
     return uploaded
 
 
-def get_file(*, session: Session, file_id: int) -> UploadedFile:
+def get_file(*, session: Session, file_id: int, identity: Identity) -> UploadedFile:
+    """The file, if the identity may see it; another project's file is a 404 as if there were none."""
     uploaded = session.get(UploadedFile, file_id)
-    if uploaded is None:
+    if uploaded is None or not identity.sees(uploaded.project_id):
         raise NotFound(f"file {file_id} not found")
     return uploaded
 
 
-def list_files(*, session: Session) -> Sequence[UploadedFile]:
-    return session.exec(select(UploadedFile).order_by(col(UploadedFile.id).desc())).all()
+def list_files(*, session: Session, identity: Identity) -> Sequence[UploadedFile]:
+    query = select(UploadedFile).order_by(col(UploadedFile.id).desc())
+    if identity.scope is not None:
+        query = query.where(col(UploadedFile.project_id) == identity.scope)
+    return session.exec(query).all()
 
 
-def delete_file(*, session: Session, file_id: int) -> None:
+def delete_file(*, session: Session, file_id: int, identity: Identity) -> None:
     """Remove an uploaded file and its row; refused while a queued, running or paused job uses it."""
-    uploaded = get_file(session=session, file_id=file_id)
+    uploaded = get_file(session=session, file_id=file_id, identity=identity)
     active = session.exec(
         select(Job)
         .where(col(Job.status).in_([JobStatus.queued, JobStatus.running, JobStatus.paused]))

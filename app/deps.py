@@ -2,18 +2,18 @@
 
 The guard every /jobs and /files route runs is one plain function of the request: FastAPI's
 dependency machinery costs tens of microseconds per declared parameter, which is most of what a
-poller's request costs once its record comes from memory. The bearer scheme is declared in the
-OpenAPI document by app.main, so /docs still offers Authorize."""
+poller's request costs once its record comes from memory. The token itself is checked before
+(app/access.py), which leaves the identity in the request's scope. The bearer scheme is declared
+in the OpenAPI document by app.main, so /docs still offers Authorize."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 
-from app.errors import Unauthorized
+from app.auth import Identity, identity_of
 from core.config import Settings, get_settings
 
 
@@ -23,30 +23,22 @@ async def current_settings() -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(current_settings)]
-# Routes that need a token when API_TOKENS is set (require_token guards them; app.guard refuses a
-# body sent to them without one before it is read).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1")
-
-
-def check_token(authorization: str | None, settings: Settings) -> None:
-    """Bearer-token check, active only when the operator configured API_TOKENS."""
-    if not settings.api_tokens:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("this server needs 'Authorization: Bearer <token>' (one of API_TOKENS)")
-    # As bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
-    given = token.encode()
-    if not any(secrets.compare_digest(given, t.get_secret_value().encode()) for t in settings.api_tokens):
-        raise Unauthorized("the bearer token is not one of this server's API_TOKENS")
 
 
 async def require_token(request: Request) -> None:
-    """The guard of the /jobs and /files routes: a bearer token (when API_TOKENS is set), and no
-    query parameter the route does not take."""
-    check_token(request.headers.get("authorization"), get_settings())
+    """The guard of the /jobs and /files routes: an identity (app/access.py found it, or refused
+    the request), and no query parameter the route does not take."""
+    identity_of(request.scope)
     reject_unknown_query(request)
+
+
+async def current_identity(request: Request) -> Identity:
+    return identity_of(request.scope)
+
+
+# Who is asking (app/auth.py): routes pass it to the service functions, which show each identity
+# only its own project's jobs and files (an admin's: all).
+IdentityDep = Annotated[Identity, Depends(current_identity)]
 
 
 _query_names_of: dict[int, frozenset[str]] = {}

@@ -44,13 +44,17 @@ class ValidationErrorBody(ErrorBody):
 
 ERROR_DESCRIPTIONS = {
     400: "a malformed Range header",
-    401: "API_TOKENS is set and the request has no valid 'Authorization: Bearer <token>'",
-    404: "no such job, checkpoint, file or route",
+    401: "the server needs a token (API_TOKENS, or one an admin made) and the request has no valid "
+    "'Authorization: Bearer <token>'",
+    403: "the token's role does not allow this request (a viewer's change, an admin route)",
+    404: "no such job, checkpoint, file or route (another project's job or file reads as none)",
     405: "the path exists but not with this method (the Allow header lists those it has)",
     409: "the request conflicts with the job's or file's state",
     413: "the body is larger than this server's limit: MAX_JSON_BODY_BYTES for JSON, MAX_UPLOAD_BYTES for uploads",
     416: "the Range starts past the end of the file (Content-Range gives its size)",
     422: "a request that does not validate, or a job this server cannot run (the detail says why)",
+    429: "the token is over its request rate (Retry-After says when to try again), or the project is at one "
+    "of its quotas (the detail names it and the usage)",
     503: "the job database cannot be read or written right now (retry later)",
     507: "the disk under DATA_DIR is full, or storing the upload would eat into MIN_FREE_DISK_BYTES",
 }
@@ -171,6 +175,20 @@ class BadRequest(AppError):
     name, a fine-tuning method or file purpose other than supervised and fine-tune)."""
 
     status_code = 400
+
+
+class Forbidden(AppError):
+    """A request the caller's role does not allow (a viewer's change, a member's admin call). Never for
+    another project's job or file: those are a 404, as if they did not exist."""
+
+    status_code = 403
+
+
+class TooManyRequests(AppError):
+    """A token over its request rate (Retry-After says when to try again), or a project at one of
+    its quotas (the detail names the quota and the usage)."""
+
+    status_code = 429
 
 
 class Unauthorized(AppError):
@@ -419,11 +437,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database(request: Request, exc: OperationalError) -> JSONResponse:
-        # A database that cannot answer now is not the client's fault, nor a bug to hide behind a
-        # 500: say so, and that a retry may work.
-        logger.warning("database error: %s", exc)
-        if is_disk_full_error(exc):
-            detail = "the job database cannot be written: the disk under DATA_DIR is full; retry once space is freed"
-        else:
-            detail = f"the job database cannot answer right now ({type(exc.orig).__name__}); retry shortly"
-        return respond(request, 503, {"error": "DatabaseUnavailable", "detail": detail}, {"Retry-After": "5"})
+        return database_unavailable(request, exc)
+
+
+def database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+    """A database that cannot answer now is not the client's fault, nor a bug to hide behind a
+    500: say so, and that a retry may work."""
+    logger.warning("database error: %s", exc)
+    if is_disk_full_error(exc):
+        detail = "the job database cannot be written: the disk under DATA_DIR is full; retry once space is freed"
+    else:
+        detail = f"the job database cannot answer right now ({type(exc.orig).__name__}); retry shortly"
+    return respond(request, 503, {"error": "DatabaseUnavailable", "detail": detail}, {"Retry-After": "5"})

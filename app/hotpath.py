@@ -12,8 +12,9 @@ already in this process's memory:
 
 with the same bytes, ETag and headers as the routes (tests/test_hotpath.py holds the two side
 by side). Everything else, any doubt included (an unexpected query parameter, a token that is
-not right, `Cache-Control: no-cache`, a miss), goes to FastAPI, whose routes validate, read the
-database, fill the memory and answer errors."""
+not right, `Cache-Control: no-cache`, a miss, another project's job), goes to FastAPI, whose routes
+validate, read the database, fill the memory and answer errors. The token was checked before
+(app/access.py), which left the identity in the scope."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from app import pages, records
-from app.deps import check_token
+from app.auth import IDENTITY_SCOPE_KEY, Identity
 from app.errors import AppError
 from core.config import get_settings
 from core.models import JobStatus
@@ -78,33 +79,31 @@ class HotReads:
         path = scope["path"]
         if path != "/jobs" and not path.startswith("/jobs/"):
             return None
-        headers = {
-            name: value
-            for name, value in scope["headers"]
-            if name in (b"authorization", b"if-none-match", b"cache-control")
-        }
+        headers = {name: value for name, value in scope["headers"] if name in (b"if-none-match", b"cache-control")}
         if records.wants_fresh(_text(headers.get(b"cache-control"))):
             return None
+        identity = scope.get(IDENTITY_SCOPE_KEY)
+        if not isinstance(identity, Identity):
+            return None
         try:
-            check_token(_text(headers.get(b"authorization")), get_settings())
             pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
             query = dict(pairs)
             if len(query) != len(pairs):  # a parameter given twice: let FastAPI decide
                 return None
-            body_etag = self.read_list(query) if path == "/jobs" else self.read_job(path, query)
+            body_etag = self.read_list(query, identity) if path == "/jobs" else self.read_job(path, query, identity)
         except (AppError, ValueError, KeyError):  # FastAPI answers these, with the reasons
             return None
         if body_etag is None:
             return None
         return records.conditional(*body_etag, _text(headers.get(b"if-none-match")))
 
-    def read_job(self, path: str, query: dict[str, str]) -> tuple[bytes, str] | None:
+    def read_job(self, path: str, query: dict[str, str], identity: Identity) -> tuple[bytes, str] | None:
         match = JOB_PATH.fullmatch(path)
         if match is None or int(match[1]) > MAX_DB_INT or int(match[1]) < 1:
             return None
         job_id, part = int(match[1]), match[2]
         record = records.get_record_cache().peek(job_id)
-        if record is None:
+        if record is None or not identity.sees(record.project_id):  # the route answers: 404
             return None
         if part is None:
             if set(query) - {"fields"}:
@@ -117,14 +116,14 @@ class HotReads:
         limit = _int(query.get("limit"), 1, 5000) or 1000
         return pages.get_page_cache().get((part[1:], job_id, after, limit))
 
-    def read_list(self, query: dict[str, str]) -> tuple[bytes, str] | None:
+    def read_list(self, query: dict[str, str], identity: Identity) -> tuple[bytes, str] | None:
         if set(query) - {"status", "cursor", "limit", "fields"}:
             return None
         status = STATUSES[query["status"]] if "status" in query else None  # KeyError: below
         cursor = _int(query.get("cursor"), 1, MAX_DB_INT)
         limit = min(_int(query.get("limit"), 1, 500) or 50, get_settings().page_size_max)
         cache = records.get_record_cache()
-        listed = cache.peek_ids(status, cursor, limit)
+        listed = cache.peek_ids(status, cursor, limit, identity.scope)
         if listed is None:
             return None
         ids, next_cursor = listed

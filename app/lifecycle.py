@@ -11,6 +11,8 @@ from pathlib import Path
 from sqlalchemy import delete
 from sqlmodel import Session, col, select
 
+from app import quotas
+from app.auth import Identity
 from app.crud import get_job, known_status
 from app.errors import Conflict, NotFound
 from core.checkpoint_store import trainer_running
@@ -25,10 +27,10 @@ from core.transitions import move_job
 logger = logging.getLogger(__name__)
 
 
-def pause_job(*, session: Session, job_id: int) -> Job:
+def pause_job(*, session: Session, job_id: int, identity: Identity) -> Job:
     """A queued job leaves the queue until resumed; a running one saves a checkpoint at its next
     step and its trainer ends (the GPU is freed). Pausing a paused job changes nothing."""
-    job = get_job(session=session, job_id=job_id)
+    job = get_job(session=session, job_id=job_id, identity=identity)
     if known_status(job).finished:
         raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to pause")
     if job.status == JobStatus.queued and move_job(session, job_id, JobStatus.queued, status=JobStatus.paused):
@@ -62,12 +64,13 @@ def pause_job(*, session: Session, job_id: int) -> Job:
     return job
 
 
-def resume_job(*, session: Session, job_id: int) -> Job:
+def resume_job(*, session: Session, job_id: int, identity: Identity) -> Job:
     """A paused job goes back to the queue; it continues from the checkpoint its pause saved."""
-    job = get_job(session=session, job_id=job_id)
+    job = get_job(session=session, job_id=job_id, identity=identity)
     if known_status(job) != JobStatus.paused:
         pausing = " (it is still pausing: resume it once its status is paused)" if job.pause_requested_at else ""
         raise Conflict(f"job {job_id} is {job.status}, not paused{pausing}; only a paused job can be resumed")
+    quotas.check_queued(session, quotas.project_of(session, job.project_id))
     if not move_job(session, job_id, JobStatus.paused, status=JobStatus.queued, pause_requested_at=None):
         session.rollback()
         raise Conflict(f"job {job_id} changed while it was being resumed; read it and try again")
@@ -100,10 +103,10 @@ def _folder_size(folder: Path) -> tuple[int, int]:
     return sum(sizes), len(sizes)
 
 
-def delete_job(*, session: Session, job_id: int) -> Deleted:
+def delete_job(*, session: Session, job_id: int, identity: Identity) -> Deleted:
     """A finished or paused job: its logs, events, checkpoints and folder go; its row stays as a
     tombstone (the id is never reused, and every API process learns the job is gone)."""
-    job = get_job(session=session, job_id=job_id)
+    job = get_job(session=session, job_id=job_id, identity=identity)
     if not (known_status(job).finished or job.status == JobStatus.paused):
         raise Conflict(
             f"job {job_id} is {job.status}; cancel or pause it first (POST /jobs/{job_id}/cancel), "
@@ -137,10 +140,10 @@ def delete_job(*, session: Session, job_id: int) -> Deleted:
     return Deleted(freed, files)
 
 
-def delete_checkpoint(*, session: Session, job_id: int, name: str) -> Deleted:
+def delete_checkpoint(*, session: Session, job_id: int, name: str, identity: Identity) -> Deleted:
     """Any checkpoint, `final` included, leaves the list and the disk. A running job's newest
     checkpoint stays: its trainer may be reading it to resume."""
-    job = get_job(session=session, job_id=job_id)
+    job = get_job(session=session, job_id=job_id, identity=identity)
     checkpoint = session.exec(
         select(Checkpoint).where(
             Checkpoint.job_id == job_id, Checkpoint.name == name, Checkpoint.status != CheckpointStatus.removed

@@ -13,14 +13,16 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.exc import SQLAlchemyError
 
-from app import docs_pages, tcp_nodelay, uploads
-from app.deps import GUARDED_PREFIXES
-from app.errors import install_error_handlers
+from app import audit, docs_pages, tcp_nodelay, uploads
+from app.access import GUARDED_PREFIXES, Access
+from app.auth import get_registry
+from app.errors import OpenAIErrorBody, error_responses, install_error_handlers, is_openai_path
 from app.guard import RequestGuard
 from app.hotpath import HotReads
 from app.metrics import RequestTimer
-from app.routes import checkpoints, files, health, jobs, openai_v1, storage, watch
+from app.routes import admin, checkpoints, files, health, jobs, openai_v1, storage, watch
 from app.routes import metrics as metrics_routes
 from core.checkpoint_store import sweep_finished_jobs
 from core.config import get_settings
@@ -42,10 +44,12 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 DESCRIPTION = """The `/v1` routes are an OpenAI-compatible view of the same jobs and files, for the official
 `openai` SDK (`base_url="<this server>/v1"`, `api_key=` one of the tokens).
 
-When the server sets `API_TOKENS`, every `/jobs`, `/files`, `/storage`, `/metrics` and `/v1` call needs
+When the server has tokens (`API_TOKENS`, or tokens an admin made with `finetune admin tokens create`),
+every `/jobs`, `/files`, `/storage`, `/metrics`, `/v1`, `/admin`, `/audit` and `/me` call needs
 `Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
-call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
-without a token: they show what the API is, not what it holds."""
+call made from this page sends it. A token acts for one project: another project's jobs and files
+read as not found (404); admins see every project's. This page, `/redoc`, `/openapi.json` and
+`/healthz` stay open without a token: they show what the API is, not what it holds."""
 
 
 def show_own_logs() -> None:
@@ -86,6 +90,12 @@ async def _maintain_forever(interval_s: float) -> None:
             await asyncio.to_thread(Reserve.for_settings().ensure)
         except Exception as exc:
             logger.warning("sweeping unfinished uploads failed: %s", exc)
+        try:
+            removed = await asyncio.to_thread(audit.sweep_expired)
+            if removed:
+                logger.info("audit: %d entries older than AUDIT_RETENTION_DAYS removed", removed)
+        except Exception as exc:  # the database away: next time
+            logger.warning("sweeping the audit failed: %s", exc)
         await asyncio.sleep(interval_s)
 
 
@@ -146,14 +156,32 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 BEARER_SCHEME = {
     "type": "http",
     "scheme": "bearer",
-    "description": "one of the server's API_TOKENS (needed only when the operator sets some)",
+    "description": "one of the server's API_TOKENS, or a token an admin made (needed once the server has any)",
 }
+# What every guarded route may answer once the server has tokens: no valid token, a role that does
+# not allow the request, a token over its rate.
+TOKEN_RESPONSES = error_responses(401, 403, 429)
+
+
+def server_has_tokens() -> bool:
+    registry = get_registry()
+    closed = registry.closed()
+    if closed is None:
+        try:
+            registry.load_now()  # /openapi.json is rare: one small read
+        except SQLAlchemyError as exc:
+            # No database yet (not migrated, or away): the document still answers, from the
+            # settings alone, as the server would judge a request without the database.
+            logger.warning("could not read the tokens for the OpenAPI document: %s", exc)
+            return bool(get_settings().api_tokens)
+        closed = bool(registry.closed())
+    return closed
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """The OpenAPI document as this server behaves: the bearer scheme is declared only when
-    API_TOKENS is set (without tokens no route asks for one)."""
-    with_tokens = bool(get_settings().api_tokens)
+    """The OpenAPI document as this server behaves: the bearer scheme (and the 401, 403 and 429 of
+    tokens) is declared only when the server has tokens (without them no route asks for one)."""
+    with_tokens = server_has_tokens()
     cached: dict[bool, dict[str, Any]] = app.state.openapi_documents
     if with_tokens not in cached:
         document = get_openapi(
@@ -163,6 +191,16 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
             for operation in operations.values():
                 if with_tokens and path.startswith(GUARDED_PREFIXES):
                     operation["security"] = [{"bearer": []}]
+                    responses = operation.setdefault("responses", {})
+                    for code, response in TOKEN_RESPONSES.items():
+                        if str(code) not in responses:
+                            model = OpenAIErrorBody if is_openai_path(path) else response["model"]
+                            responses[str(code)] = {
+                                "description": response["description"],
+                                "content": {
+                                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+                                },
+                            }
                 else:
                     operation.get("responses", {}).pop("401", None)
         if with_tokens:
@@ -184,8 +222,9 @@ def create_app() -> FastAPI:
         redoc_url=None,
     )
     docs_pages.install(app)
-    app.add_middleware(RequestGuard)  # a body's token and size, before FastAPI reads it
+    app.add_middleware(RequestGuard)  # a body's size, before FastAPI reads it
     app.add_middleware(HotReads)
+    app.add_middleware(Access)  # the token, the role, the rate and the audit, before anything reads the request
     app.add_middleware(RequestTimer)  # outermost: the hot reads are timed too
     app.state.openapi_documents = {}
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
@@ -198,6 +237,7 @@ def create_app() -> FastAPI:
     app.include_router(metrics_routes.router)
     app.include_router(watch.router)
     app.include_router(openai_v1.router)  # the OpenAI-compatible view of the same jobs and files
+    app.include_router(admin.router)  # projects, tokens, the audit, and who a token is
     # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).
     app.mount(watch.STATIC_URL, watch.static_assets(), name="static")
     return app

@@ -158,6 +158,9 @@ class CreateFineTuningJob(BaseModel):
     strategy: Strategy | None = Field(
         default=None, description="this server's own: how several GPUs share the job (auto, ddp or fsdp)"
     )
+    priority: int | None = Field(
+        default=None, ge=-100, le=100, description="this server's own: the job's place in the GPU line (default 0)"
+    )
 
 
 # What each OpenAI hyperparameter sets natively: giving both is a conflict.
@@ -234,7 +237,9 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
     }
     if request.validation_file is not None:
         spec["validation"] = {"file_id": file_param(request.validation_file, "validation_file")}
-    spec.update({name: value for name in ("gpus", "strategy") if (value := getattr(request, name)) is not None})
+    spec.update(
+        {name: value for name in ("gpus", "strategy", "priority") if (value := getattr(request, name)) is not None}
+    )
     try:
         return JobSpec.model_validate(spec)
     except ValidationError as exc:
@@ -255,11 +260,13 @@ def request_param(native_field: Sequence[str]) -> str:
     return head or "body"
 
 
-def check_files(session: Session, spec: JobSpec) -> None:
-    """A 400 naming training_file or validation_file when the file does not exist."""
+def check_files(session: Session, spec: JobSpec, project_id: int | None) -> None:
+    """A 400 naming training_file or validation_file when the file does not exist (or belongs to
+    another project than `project_id`, when given: it reads as none)."""
     for param, part in (("training_file", spec.dataset), ("validation_file", spec.validation)):
         file_id = getattr(part, "file_id", None)
-        if file_id is not None and session.get(UploadedFile, file_id) is None:
+        uploaded = session.get(UploadedFile, file_id) if file_id is not None else None
+        if file_id is not None and (uploaded is None or (project_id is not None and uploaded.project_id != project_id)):
             raise BadRequest(
                 f"{param} {FILE_PREFIX}{file_id} does not exist (upload one with POST /v1/files)",
                 param=param,

@@ -19,9 +19,11 @@ from app.schemas import (
     StepLogPublic,
     Vram,
 )
+from core.config import get_settings
 from core.contract import CheckpointStatus, ErrorCode, EventKind, Phase, understood
 from core.data_report import DataReport
-from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile
+from core.db import get_engine
+from core.models import Checkpoint, Job, JobEvent, JobStatus, Project, StepLog, UploadedFile
 
 GIB = 1024**3
 V = TypeVar("V", bound=Vram)
@@ -35,6 +37,26 @@ def vram(values: dict[str, Any] | None, model: type[V] = Vram) -> V:  # type: ig
     return model(**values)
 
 
+# Project names by (database, id): a project is never renamed nor deleted, so a name read once stays.
+_PROJECT_NAMES: dict[tuple[str, int], str] = {}
+
+
+def project_name(project_id: int) -> str:
+    """The project's name (blocking: one read the first time a process meets the project)."""
+    key = (get_settings().sqlalchemy_url, project_id)
+    name = _PROJECT_NAMES.get(key)
+    if name is None:
+        from sqlmodel import Session
+
+        with Session(get_engine()) as session:
+            project = session.get(Project, project_id)
+        name = project.name if project is not None else f"#{project_id}"
+        if len(_PROJECT_NAMES) > 10_000:
+            _PROJECT_NAMES.clear()
+        _PROJECT_NAMES[key] = name
+    return name
+
+
 def job_public(job: Job) -> JobPublic:
     assert job.id is not None
     percent = None
@@ -46,6 +68,8 @@ def job_public(job: Job) -> JobPublic:
     code, code_raw = understood(ErrorCode, job.error_code)
     return JobPublic(
         id=job.id,
+        project=project_name(job.project_id),
+        submitted_by=job.submitted_by,
         status=status or JobStatus.unknown,
         status_raw=status_raw,
         created_at=job.created_at,
@@ -145,6 +169,7 @@ def file_public(row: UploadedFile) -> FilePublic:
     assert row.id is not None
     return FilePublic(
         id=row.id,
+        project=project_name(row.project_id),
         created_at=row.created_at,
         filename=row.filename,
         size=row.size_bytes,

@@ -57,6 +57,7 @@ class Record:
     etag: str
     finished: bool
     read_at: float  # time.monotonic() of the database read
+    project_id: int  # whose it is: another project's identity is told there is no such job
 
     def fields(self, names: Sequence[str]) -> bytes:
         record = orjson.loads(self.body)
@@ -68,7 +69,14 @@ def record_of(job: Job, read_at: float | None = None) -> Record:
     assert job.id is not None
     public = job_public(job)
     body = public.model_dump_json().encode()
-    return Record(job.id, body, etag_of(body), public.status.finished, time.monotonic() if read_at is None else read_at)
+    return Record(
+        job.id,
+        body,
+        etag_of(body),
+        public.status.finished,
+        time.monotonic() if read_at is None else read_at,
+        job.project_id,
+    )
 
 
 def status_is(status: JobStatus) -> ColumnElement[bool]:
@@ -78,9 +86,14 @@ def status_is(status: JobStatus) -> ColumnElement[bool]:
     return col(Job.status) == status
 
 
-def list_job_ids(status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None]:
-    """Ids of a page of jobs, newest first, and the cursor of the next page (blocking)."""
+def list_job_ids(
+    status: JobStatus | None, cursor: int | None, limit: int, project_id: int | None = None
+) -> tuple[list[int], int | None]:
+    """Ids of a page of jobs, newest first, and the cursor of the next page (blocking). With
+    `project_id`, that project's jobs only."""
     query = select(Job.id).where(col(Job.deleted_at).is_(None)).order_by(col(Job.id).desc()).limit(limit + 1)
+    if project_id is not None:
+        query = query.where(col(Job.project_id) == project_id)
     if status is not None:
         query = query.where(status_is(status))
     if cursor is not None:
@@ -125,7 +138,7 @@ class RecordCache:
         self._records: OrderedDict[int, Record] = OrderedDict()
         self._reading: dict[int, asyncio.Task[dict[int, Record]]] = {}
         self.database_reads = 0  # how many times records were read (tests and benchmarks watch it)
-        # Pages of job ids (GET /jobs): (status, cursor, limit) -> (ids, next cursor, read at).
+        # Pages of job ids (GET /jobs): (status, cursor, limit, project) -> (ids, next cursor, read at).
         self._lists: OrderedDict[tuple[Any, ...], tuple[list[int], int | None, float]] = OrderedDict()
         self._listing: dict[tuple[Any, ...], asyncio.Task[tuple[list[int], int | None]]] = {}
 
@@ -148,8 +161,10 @@ class RecordCache:
             self._start_read([job_id])
         return record
 
-    def peek_ids(self, status: JobStatus | None, cursor: int | None, limit: int) -> tuple[list[int], int | None] | None:
-        key = (status, cursor, limit)
+    def peek_ids(
+        self, status: JobStatus | None, cursor: int | None, limit: int, project_id: int | None = None
+    ) -> tuple[list[int], int | None] | None:
+        key = (status, cursor, limit, project_id)
         listed = self._lists.get(key)
         if listed is None:
             return None
@@ -180,10 +195,17 @@ class RecordCache:
         self._listing.clear()
 
     async def job_ids(
-        self, status: JobStatus | None, cursor: int | None, limit: int, *, fresh: bool = False
+        self,
+        status: JobStatus | None,
+        cursor: int | None,
+        limit: int,
+        project_id: int | None = None,
+        *,
+        fresh: bool = False,
     ) -> tuple[list[int], int | None]:
-        """A page of job ids, newest first, as read at most RECORD_MAX_AGE_S ago."""
-        key = (status, cursor, limit)
+        """A page of job ids, newest first, as read at most RECORD_MAX_AGE_S ago; with
+        `project_id`, that project's only."""
+        key = (status, cursor, limit, project_id)
         listed = self._lists.get(key)
         if not fresh and listed is not None and time.monotonic() - listed[2] <= self.max_age_s:
             return listed[0], listed[1]

@@ -123,6 +123,10 @@ class JobPublic(BaseModel):
     """The job record, as GET /jobs/{id} returns it."""
 
     id: int
+    project: str = Field(description="the project the job belongs to: only its tokens (and admins) see it")
+    submitted_by: str | None = Field(
+        description="the principal whose token submitted it (null: no tokens, or one of API_TOKENS)"
+    )
     status: JobStatus
     status_raw: str | None = Field(
         default=None,
@@ -285,6 +289,7 @@ class FilePublic(BaseModel):
     """An uploaded dataset file, as POST /files and GET /files/{id} return it."""
 
     id: int
+    project: str = Field(description="the project the file belongs to: only its jobs may train on it")
     created_at: datetime
     filename: str = Field(description="the name the client uploaded it under")
     size: int

@@ -69,11 +69,18 @@ def hub_id_problem(value: str, what: str, kind: hub.Kind, settings: Settings) ->
     return f"{what} {echo(value)} is a Hub id that this server cannot get: {gap}, and {hub_now.why_not}; {remedy}"
 
 
-def checked_sources(job_in: JobSpec, *, session: Session | None = None, check_hub: bool = False) -> JobSpec:
+def checked_sources(
+    job_in: JobSpec,
+    *,
+    session: Session | None = None,
+    check_hub: bool = False,
+    project_id: int | None = None,
+) -> JobSpec:
     """The spec with its local paths resolved and checked, and (given a session) each file_id's
     source set to the uploaded file's path; the stored spec keeps file_id too. With `check_hub`
     (a submit), each Hub id must be cached or the Hub reachable. Every problem at once, as a 422
-    naming each field (InvalidFields); an unknown file id is InvalidSpec."""
+    naming each field (InvalidFields); an unknown file id is InvalidSpec, and so is another
+    project's file when `project_id` is given (it reads as none)."""
     settings = get_settings()
     problems: list[dict[str, str]] = []
     kinds: dict[str, hub.Kind] = {
@@ -111,7 +118,7 @@ def checked_sources(job_in: JobSpec, *, session: Session | None = None, check_hu
         source = checked(part.source, f"{field}.source", f"{field} source")
         if part.file_id is not None and session is not None:
             uploaded = session.get(UploadedFile, part.file_id)
-            if uploaded is None:
+            if uploaded is None or (project_id is not None and uploaded.project_id != project_id):
                 raise InvalidSpec(f"{field}.file_id: file {part.file_id} does not exist")
             source = str(settings.data_dir.resolve() / uploaded.path)
         update[field] = part.model_copy(update={"source": source})

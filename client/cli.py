@@ -4,6 +4,7 @@
     finetune follow 7
     finetune download 7 final --dest ./llama-tuned
     finetune verify 7 final
+    finetune admin tokens create alice --project vision
 
 The service's URL and token come from --url / --token or FINETUNE_URL / FINETUNE_TOKEN. Local
 paths in a spec are paths on the service's host: ./ and ../ ones are sent made absolute, against
@@ -57,7 +58,8 @@ class Api:
                 detail += (
                     " (the token given with --token or FINETUNE_TOKEN is not one the server accepts)"
                     if "Authorization" in self.headers
-                    else " (give one of the server's API_TOKENS with --token or FINETUNE_TOKEN)"
+                    else " (give one of the server's API_TOKENS, or a token an admin made, with --token or "
+                    "FINETUNE_TOKEN)"
                 )
             console.print(f"[red]{method} {path}: {response.status_code} {detail}[/red]")
             raise typer.Exit(2)
@@ -65,7 +67,9 @@ class Api:
 
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="FINETUNE_URL", help="the service")]
-TokenOption = Annotated[str | None, typer.Option("--token", envvar="FINETUNE_TOKEN", help="one of API_TOKENS")]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", envvar="FINETUNE_TOKEN", help="one of API_TOKENS, or a token an admin made")
+]
 
 
 def api(url: str, token: str | None) -> Api:
@@ -397,3 +401,166 @@ def _fetch(http: httpx.Client, entry: dict[str, Any], folder: Path, progress: Pr
         console.print(f"[red]{entry['path']}: sha256 does not match the service's; removed, run again[/red]")
         raise typer.Exit(1)
     partial.replace(target)
+
+
+# ---- who may do what (docs/security.md) -----------------------------------------------------------
+
+admin = typer.Typer(help="Projects, their quotas, tokens and the audit (an admin's token).", no_args_is_help=True)
+tokens_app = typer.Typer(help="Tokens: made (shown once), listed by prefix, revoked.", no_args_is_help=True)
+projects_app = typer.Typer(help="Projects and their quotas.", no_args_is_help=True)
+app.add_typer(admin, name="admin")
+admin.add_typer(tokens_app, name="tokens")
+admin.add_typer(projects_app, name="projects")
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else f"{value / GIB:.1f} GiB"
+
+
+@app.command()
+def whoami(url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Who the token is: principal, role and project."""
+    me = api(url, token).call("GET", "/me")
+    prefix = f" (token {me['token_prefix']})" if me["token_prefix"] else ""
+    console.print(f"{me['principal']}: {me['role']} of project {me['project']}{prefix}")
+
+
+@tokens_app.command("create")
+def create_token(
+    principal: Annotated[str, typer.Argument(help="whose token (made when it does not exist yet)")],
+    project: Annotated[str | None, typer.Option(help="a new principal's project (default: default)")] = None,
+    role: Annotated[
+        str | None, typer.Option(help="a new principal's role: admin, member or viewer (default member)")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="user, or project (its own identity, for CI)")] = None,
+    expires_in_days: Annotated[float | None, typer.Option(help="none: it never expires")] = None,
+    rate_limit_per_minute: Annotated[int | None, typer.Option(help="its own request rate")] = None,
+    description: Annotated[str | None, typer.Option(help="what it is for")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Make a token and print it: it is shown this once (the server keeps only its SHA-256)."""
+    body = {
+        "principal": principal,
+        "project": project,
+        "role": role,
+        "kind": kind,
+        "expires_in_days": expires_in_days,
+        "rate_limit_per_minute": rate_limit_per_minute,
+        "description": description,
+    }
+    made = api(url, token).call("POST", "/admin/tokens", json={k: v for k, v in body.items() if v is not None})
+    expires = f", expires {made['expires_at'][:19]}" if made["expires_at"] else ""
+    console.print(f"{made['prefix']} for {made['principal']} ({made['role']} of {made['project']}){expires}")
+    print(made["token"])  # alone on its line, for `$(finetune admin tokens create ...)`-style use
+
+
+@tokens_app.command("list")
+def list_tokens(
+    principal: Annotated[str | None, typer.Option(help="only this principal's")] = None,
+    project: Annotated[str | None, typer.Option(help="only this project's")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Every token, by its prefix (never the token)."""
+    params = {k: v for k, v in {"principal": principal, "project": project}.items() if v}
+    table = Table("prefix", "principal", "role", "project", "state", "expires", "created", "description")
+    for item in api(url, token).call("GET", "/admin/tokens", params=params)["items"]:
+        table.add_row(
+            item["prefix"],
+            item["principal"],
+            item["role"],
+            item["project"],
+            item["state"],
+            (item["expires_at"] or "-")[:19],
+            item["created_at"][:19],
+            item["description"] or "",
+        )
+    console.print(table)
+
+
+@tokens_app.command("revoke")
+def revoke_token(
+    prefix: Annotated[str, typer.Argument(help="ft_<8 hex digits>, as listed")],
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Revoke a token: refused at once (by every API process within TOKEN_CACHE_S)."""
+    revoked = api(url, token).call("DELETE", f"/admin/tokens/{prefix}")
+    console.print(f"{revoked['prefix']} of {revoked['principal']} {revoked['state']}")
+
+
+@projects_app.command("create")
+def create_project(
+    name: str,
+    max_gpus: Annotated[int | None, typer.Option(help="the most GPUs its jobs hold at once")] = None,
+    max_queued_jobs: Annotated[int | None, typer.Option(help="the most of its jobs queued at once")] = None,
+    max_checkpoint_gib: Annotated[float | None, typer.Option(help="what its checkpoints may take")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Make a project, with quotas (none: no limit)."""
+    body: dict[str, Any] = {"name": name, "max_gpus": max_gpus, "max_queued_jobs": max_queued_jobs}
+    if max_checkpoint_gib is not None:
+        body["max_checkpoint_bytes"] = int(max_checkpoint_gib * GIB)
+    made = api(url, token).call("POST", "/admin/projects", json=body)
+    console.print(f"project {made['name']} made")
+
+
+@projects_app.command("set")
+def set_quotas(
+    name: str,
+    max_gpus: Annotated[int | None, typer.Option(help="-1 lifts it")] = None,
+    max_queued_jobs: Annotated[int | None, typer.Option(help="-1 lifts it")] = None,
+    max_checkpoint_gib: Annotated[float | None, typer.Option(help="-1 lifts it")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Change a project's quotas (those given; -1 lifts one)."""
+    body: dict[str, Any] = {}
+    for field, value in (("max_gpus", max_gpus), ("max_queued_jobs", max_queued_jobs)):
+        if value is not None:
+            body[field] = None if value < 0 else value
+    if max_checkpoint_gib is not None:
+        body["max_checkpoint_bytes"] = None if max_checkpoint_gib < 0 else int(max_checkpoint_gib * GIB)
+    api(url, token).call("PATCH", f"/admin/projects/{name}", json=body)
+    list_projects(url=url, token=token)
+
+
+@projects_app.command("list")
+def list_projects(url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
+    """Every project, its quotas and what it uses of them."""
+    table = Table("project", "GPUs", "queued jobs", "checkpoints")
+    for item in api(url, token).call("GET", "/admin/projects")["items"]:
+        usage = item["usage"]
+        table.add_row(
+            item["name"],
+            f"{usage['gpus']} / {item['max_gpus'] if item['max_gpus'] is not None else '-'}",
+            f"{usage['queued_jobs']} / {item['max_queued_jobs'] if item['max_queued_jobs'] is not None else '-'}",
+            f"{_size(usage['checkpoint_bytes'])} / {_size(item['max_checkpoint_bytes'])}",
+        )
+    console.print(table)
+
+
+@admin.command("audit")
+def show_audit(
+    limit: int = 50,
+    principal: Annotated[str | None, typer.Option(help="only this principal's requests")] = None,
+    project: Annotated[str | None, typer.Option(help="only this project's")] = None,
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """The newest requests that could change state: who, what, when, from where, and the answer."""
+    params = {k: v for k, v in {"limit": limit, "principal": principal, "project": project}.items() if v}
+    table = Table("at", "principal", "project", "request", "status", "from", "made")
+    for item in api(url, token).call("GET", "/audit", params=params)["items"]:
+        table.add_row(
+            item["at"][:19],
+            item["principal"] or "-",
+            item["project"] or "-",
+            f"{item['method']} {item['path']}",
+            str(item["status_code"] or "-"),
+            item["client"] or "-",
+            item["target"] or "",
+        )
+    console.print(table)

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
     gpu_memory_bytes: int | None = Field(default=None, gt=0)
+    # The FLOPs a second one GPU trains at, for the planner's run-time estimate, which the GPU line
+    # backfills by: an H100 trained an 8B model at 8,000 tokens/s (5e14 at 8 FLOPs per parameter and
+    # token; docs/benchmarks.md); the default errs slow, so that an estimate errs long.
+    gpu_train_flops: float = Field(default=4e14, gt=0)
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
@@ -128,8 +132,21 @@ class Settings(BaseSettings):
     finished_record_max_age_s: float = Field(default=5.0, ge=0)
     # Job records (and pages of finished jobs' logs and events) kept in memory per API process.
     record_cache_size: int = Field(default=5000, ge=0)
-    # Bearer tokens accepted by the API; empty disables authentication (a single-user box).
+    # Bearer tokens accepted by the API, as admins of the default project (a one-person box). With
+    # none of these and no token ever made (`finetune admin tokens create`), the API is open.
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # --- who may do what (docs/security.md) --------------------------------------------------
+    # Each API process keeps the tokens in memory, read again this often: a revoked or expired token
+    # is refused by every API process within this time (by the one that revoked it at once).
+    token_cache_s: float = Field(default=5.0, ge=0)
+    # Requests a minute each token may make, all API processes together (Redis counts them); a
+    # token's own limit wins. 0: no limit. A token over it gets 429 with Retry-After.
+    rate_limit_per_minute: int = Field(default=0, ge=0)
+    # How long the audit (GET /audit) keeps each entry; 0: forever.
+    audit_retention_days: float = Field(default=90.0, ge=0)
+    # The highest `priority` a member may give a job (admins: up to 100); anyone may go down to -100.
+    member_max_priority: int = Field(default=10, ge=-100, le=100)
     # Webhooks (a job spec's `webhooks`): the hosts they may be sent to (comma-separated; none by
     # default, so no job can make this server call an address its operator did not allow), and
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).

@@ -13,6 +13,26 @@ from sqlmodel import Field, SQLModel
 from core.contract import CheckpointStatus as CheckpointStatus
 from core.contract import JobStatus as JobStatus
 
+# The project every job and file belongs to unless a token says otherwise: the one-person setup's
+# (no tokens, or API_TOKENS), and what migration 0012 gave the jobs and files that existed before.
+DEFAULT_PROJECT_ID = 1
+DEFAULT_PROJECT_NAME = "default"
+
+
+class Role(StrEnum):
+    """What a principal may do: `admin` everything, in every project (the admin API, /audit,
+    /storage, /metrics); `member` submit and change its own project's jobs and files; `viewer`
+    read them."""
+
+    admin = "admin"
+    member = "member"
+    viewer = "viewer"
+
+
+class PrincipalKind(StrEnum):
+    user = "user"  # a person
+    project = "project"  # the project itself: a CI pipeline, a scheduler, a shared notebook
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -67,13 +87,89 @@ def _ts(*, nullable: bool = True, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
+class Project(SQLModel, table=True):
+    """Who owns jobs and files, and the quotas its jobs share (None: no limit)."""
+
+    __tablename__ = "project"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    # The most GPUs the project's jobs hold at once; the most of its jobs queued at once; the most
+    # bytes its jobs' checkpoints may take under DATA_DIR.
+    max_gpus: int | None = None
+    max_queued_jobs: int | None = None
+    max_checkpoint_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+
+
+class Principal(SQLModel, table=True):
+    """Who a token speaks for: a user or a project's own identity, in one project, with a role."""
+
+    __tablename__ = "principal"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    kind: str  # a PrincipalKind
+    role: str  # a Role
+    project_id: int = Field(foreign_key="project.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token of a principal, kept as the SHA-256 of the token (app/auth.py says why not a
+    slow password hash); `prefix` is the token's public part, shown in lists and the audit."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    principal_id: int = Field(foreign_key="principal.id", index=True)
+    prefix: str = Field(unique=True)
+    sha256: str
+    description: str | None = None
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    expires_at: datetime | None = _ts()
+    revoked_at: datetime | None = _ts()
+    # Requests a minute this token may make (None: RATE_LIMIT_PER_MINUTE).
+    rate_limit_per_minute: int | None = None
+
+
+class AuditEntry(SQLModel, table=True):
+    """One request that may change state (any method but GET, HEAD, OPTIONS): who, what, when,
+    from where, and how it ended. Kept AUDIT_RETENTION_DAYS."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (Index("ix_audit_entry_at", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    # Copied, not referenced: an entry outlives its token and principal.
+    principal: str | None = None
+    role: str | None = None
+    project: str | None = None
+    token_prefix: str | None = None
+    method: str
+    path: str
+    status_code: int | None = None  # None: the client went away before an answer was sent
+    client: str | None = None  # host:port the request came from (behind a proxy: uvicorn --proxy-headers)
+    target: str | None = None  # what it made, when the path does not say: "job 12", "file 3", "token ft_ab12cd34"
+    duration_ms: float | None = None
+
+
 class Job(SQLModel, table=True):
     """One fine-tuning job: the spec as submitted plus everything the worker reports."""
 
     __tablename__ = "job"
-    __table_args__ = (Index("ix_job_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_job_status_id", "status", "id"),
+        Index("ix_job_project_id_id", "project_id", "id"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(
+        default=DEFAULT_PROJECT_ID, foreign_key="project.id", sa_column_kwargs={"server_default": "1"}
+    )
+    # The principal whose token submitted it (None: no tokens, or one of API_TOKENS).
+    submitted_by: str | None = None
     status: JobStatus = Field(default=JobStatus.queued, sa_type=WordEnum(JobStatus))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     started_at: datetime | None = _ts()
@@ -190,6 +286,9 @@ class UploadedFile(SQLModel, table=True):
     __tablename__ = "file"
 
     id: int | None = Field(default=None, primary_key=True)
+    project_id: int = Field(
+        default=DEFAULT_PROJECT_ID, foreign_key="project.id", index=True, sa_column_kwargs={"server_default": "1"}
+    )
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     filename: str  # the name the client uploaded it under
     path: str  # relative to DATA_DIR, e.g. "files/3.jsonl"

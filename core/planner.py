@@ -275,6 +275,28 @@ def optimizer_steps(hp: Hyperparameters, sequences: int) -> int:
     return hp.max_steps or math.ceil(steps_per_epoch(hp, sequences) * hp.num_train_epochs)
 
 
+# Training FLOPs per token and parameter: 6 for the forward and backward passes, 2 more for the
+# forward that gradient checkpointing recomputes.
+TRAIN_FLOPS_PER_TOKEN_PER_PARAMETER = 8
+
+
+def estimate_seconds(
+    shape: ModelShape, hp: Hyperparameters, *, gpus: int, rows: int | None, gpu_train_flops: float
+) -> float | None:
+    """How long a job should train, at most: every sequence taken as max_seq_length tokens long, at
+    GPU_TRAIN_FLOPS per card. None when the tokens are not known (no max_steps, and the rows
+    uncounted or packed). The GPU line backfills by it (core/gpu_leases.py): an estimate that errs
+    long only backfills less."""
+    if hp.max_steps:
+        tokens = hp.max_steps * hp.per_device_train_batch_size * hp.gradient_accumulation_steps * gpus
+    elif rows is not None and not hp.packing:
+        tokens = math.ceil(rows * hp.num_train_epochs)
+    else:
+        return None
+    flops = tokens * hp.max_seq_length * TRAIN_FLOPS_PER_TOKEN_PER_PARAMETER * shape.parameters
+    return float(flops / (gpu_train_flops * gpus))
+
+
 def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path, rows: int | None = None) -> DiskPlan:
     """An intermediate checkpoint holds the bf16 weights and the optimizer states; the final
     model the weights alone. How many are kept at once: save_total_limit, or every save when

@@ -47,6 +47,8 @@ Backend = Literal["auto", "unsloth", "transformers"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 # The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
 MAX_GPUS_PER_JOB = 64
+# A job's priority in the GPU line: -100 to 100; members up to MEMBER_MAX_PRIORITY (app/quotas.py).
+MAX_PRIORITY = 100
 Optimizer = Literal[
     "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
 ]
@@ -265,6 +267,14 @@ class JobSpec(BaseModel):
         description="how several GPUs share the work: ddp (a whole copy of the model on each), fsdp (weights, "
         "gradients and optimizer states sharded across them), or auto (ddp when the planner says one GPU holds "
         "the job, fsdp when it does not); ignored with gpus 1",
+    )
+    priority: int = Field(
+        default=0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description="its place in the GPU line: a higher priority starts first; among equals, the project "
+        "holding fewer GPUs, then the job waiting longest. Members may ask up to MEMBER_MAX_PRIORITY (10 by "
+        "default), admins up to 100",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     webhooks: list[WebhookSpec] = Field(

@@ -152,7 +152,7 @@ def test_docs_stay_open_with_tokens_and_declare_the_bearer_scheme(
         "bearer": {
             "type": "http",
             "scheme": "bearer",
-            "description": "one of the server's API_TOKENS (needed only when the operator sets some)",
+            "description": "one of the server's API_TOKENS, or a token an admin made (needed once the server has any)",
         }
     }
     for path, operations in document["paths"].items():
@@ -184,7 +184,10 @@ def test_401_says_which_scheme_and_odd_tokens_are_refused_not_crashed(
     assert missing.headers["www-authenticate"] == 'Bearer realm="finetune"'
     odd = client.get("/jobs", headers={"Authorization": "Bearer caf\u00e9".encode("latin-1")})  # type: ignore[dict-item]
     assert odd.status_code == 401
-    assert odd.json()["detail"] == "the bearer token is not one of this server's API_TOKENS"
+    assert odd.json()["detail"] == (
+        "the bearer token is not one this server accepts (one of API_TOKENS, or a token an admin made "
+        "with `finetune admin tokens create`)"
+    )
     assert client.get("/jobs", headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
 
 

@@ -256,7 +256,10 @@ def test_api_tokens_guard_every_job_route(client: httpx.Client, env: Env, monkey
     assert missing.status_code == 401
     assert missing.json() == {
         "error": "Unauthorized",
-        "detail": "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS)",
+        "detail": (
+            "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS, or a token an admin made "
+            "with `finetune admin tokens create`)"
+        ),
     }
     assert client.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/jobs", headers={"Authorization": "Bearer other"}).status_code == 200

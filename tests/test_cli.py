@@ -112,7 +112,10 @@ def finetune_with(service: Service, token: str | None, *args: str) -> tuple[int,
 def test_a_401_says_where_the_token_goes(api_with_token: Service, env: Env) -> None:
     code, output = finetune_with(api_with_token, None, "list")
     assert code == 2 and "401" in output, output
-    assert "(give one of the server's API_TOKENS with --token or FINETUNE_TOKEN)" in output
+    assert (
+        "(give one of the server's API_TOKENS, or a token an admin made, with --token or FINETUNE_TOKEN)"
+        in " ".join(output.split())
+    )
     code, output = finetune_with(api_with_token, "not-it", "list")
     assert code == 2 and "(the token given with --token or FINETUNE_TOKEN is not one the server accepts)" in output
 

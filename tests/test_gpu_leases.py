@@ -7,7 +7,7 @@ import time
 import pytest
 
 from core import gpu_leases
-from core.gpu_leases import Gpu, HostGpus, host_sizes
+from core.gpu_leases import Gpu, HostGpus, OverQuota, Waiter, host_sizes
 from tests.conftest import Env
 
 
@@ -104,3 +104,59 @@ def test_workers_given_one_gpu_each_make_one_host_and_a_gone_workers_card_drops_
     assert [g.index for g in first.inventory()] == [0]
     assert host_sizes(env.redis())["pair"] == 1
     assert first.try_acquire(8, 2) == 1  # card 1 is no longer the host's: it waits
+
+
+# ---- priorities, fair share, project quotas and backfilling (docs/scheduling.md) ------------------
+
+
+def test_a_higher_priority_job_goes_first_whatever_its_place(host: HostGpus) -> None:
+    assert host.try_acquire(1, 4) == [0, 1, 2, 3]
+    assert host.try_acquire(2, 1, waiter=Waiter(priority=0)) == 1
+    assert host.try_acquire(3, 1, waiter=Waiter(priority=5)) == 1  # ahead of job 2 now
+    host.release(1, [0, 1, 2, 3])
+    assert host.try_acquire(2, 4, waiter=Waiter(priority=0)) == 2  # job 3 is the head
+    assert host.try_acquire(3, 1, waiter=Waiter(priority=5)) == [0]
+
+
+def test_when_all_wait_the_project_holding_fewer_cards_goes_first(host: HostGpus) -> None:
+    busy = Waiter(project="1")
+    assert host.try_acquire(1, 3, waiter=busy) == [0, 1, 2]
+    assert host.try_acquire(2, 1, waiter=busy) == [3]
+    # Project 1 submitted first, but holds 4 cards; project 2 holds none: its job is served first.
+    assert host.try_acquire(3, 1, waiter=busy) == 1
+    assert host.try_acquire(4, 1, waiter=Waiter(project="2")) == 1
+    assert host.try_acquire(3, 1, waiter=busy) == 2
+    host.release(2, [3])
+    assert host.try_acquire(3, 1, waiter=busy) == 2
+    assert host.try_acquire(4, 1, waiter=Waiter(project="2")) == [3]
+
+
+def test_a_project_at_its_max_gpus_waits_without_holding_up_the_others(host: HostGpus) -> None:
+    capped = Waiter(project="1", max_gpus=2)
+    assert host.try_acquire(1, 2, waiter=capped) == [0, 1]
+    assert host.try_acquire(2, 1, waiter=capped) == OverQuota(held=2)
+    assert host.try_acquire(3, 2, waiter=Waiter(project="2")) == [2, 3]  # not behind job 2
+    host.release(1, [0, 1])
+    assert host.try_acquire(2, 1, waiter=capped) == [0]
+
+
+def test_backfilling_starts_a_small_job_only_when_the_head_starts_no_later(host: HostGpus) -> None:
+    # Job 1 holds 3 cards and should end in an hour; job 2 needs all 4: it waits at the head.
+    assert host.try_acquire(1, 3, waiter=Waiter(estimate_s=3600)) == [0, 1, 2]
+    assert host.try_acquire(2, 4, waiter=Waiter(estimate_s=3600)) == 1
+    # Card 3 is free. A job of unknown length could hold it past the hour: not started.
+    assert host.try_acquire(3, 1) == 2
+    # One of two hours would delay the head: not started. One of ten minutes ends before: started.
+    assert host.try_acquire(4, 1, waiter=Waiter(estimate_s=7200)) == 3
+    assert host.try_acquire(5, 1, waiter=Waiter(estimate_s=600)) == [3]
+    # Once job 1 reports its ETA (renewals carry it), a job that ends before it may take a card.
+    host.release(5, [3])
+    host.renew(1, [0, 1, 2], ends_in_s=300)
+    assert host.try_acquire(4, 1, waiter=Waiter(estimate_s=7200)) == 3  # would still delay the head
+    assert host.try_acquire(6, 1, waiter=Waiter(estimate_s=200)) == [3]
+
+
+def test_nothing_is_backfilled_while_a_running_jobs_end_is_unknown(host: HostGpus) -> None:
+    assert host.try_acquire(1, 3) == [0, 1, 2]  # no estimate: when it ends is unknown
+    assert host.try_acquire(2, 4) == 1
+    assert host.try_acquire(3, 1, waiter=Waiter(estimate_s=1)) == 2

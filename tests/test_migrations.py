@@ -22,7 +22,20 @@ from sqlmodel import SQLModel
 
 from tests.conftest import ROOT, Env, clear_caches
 
-TABLES = {"job", "step_log", "job_event", "checkpoint", "file", "webhook_delivery", "openai_job", "alembic_version"}
+TABLES = {
+    "job",
+    "step_log",
+    "job_event",
+    "checkpoint",
+    "file",
+    "webhook_delivery",
+    "openai_job",
+    "project",
+    "principal",
+    "api_token",
+    "audit_entry",
+    "alembic_version",
+}
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 SPEC = {
     "model": "meta-llama/Llama-3.1-8B",
@@ -262,3 +275,36 @@ def test_postgresql_can_upgrade_again_after_downgrade_to_base(
         assert schema_differences(engine) == []
     finally:
         engine.dispose()
+
+
+def test_jobs_and_files_that_existed_before_0012_belong_to_the_default_project(empty_sqlite: Path) -> None:
+    from app.main import create_app
+
+    command.upgrade(alembic_config(), "0011")
+    engine = current_engine()
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO job (id, status, created_at, spec, step, attempts, requested_restarts) "
+                    "VALUES (7, 'succeeded', CURRENT_TIMESTAMP, :spec, 0, 1, 0)"
+                ),
+                {"spec": '{"model": "org/m", "dataset": {"source": "org/d"}}'},
+            )
+            connection.execute(
+                sa.text(
+                    "INSERT INTO file (id, created_at, filename, path, size_bytes, sha256, rows, bad_rows) "
+                    "VALUES (3, CURRENT_TIMESTAMP, 'a.jsonl', 'files/3.jsonl', 1, 'x', 1, 0)"
+                )
+            )
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(), "head")
+    api = TestClient(create_app(), raise_server_exceptions=True)
+    assert api.get("/jobs/7").json()["project"] == "default"
+    assert api.get("/files/3").json()["project"] == "default"
+    project = api.get("/admin/projects").json()["items"]
+    assert [(p["name"], p["usage"]["queued_jobs"]) for p in project] == [("default", 0)]
+    # A project made afterwards gets the next id, on SQLite as on PostgreSQL (whose sequence 0012 moves).
+    assert api.post("/admin/projects", json={"name": "vision"}).status_code == 201
+    command.downgrade(alembic_config(), "0011")

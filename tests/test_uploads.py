@@ -43,6 +43,7 @@ def test_upload_jsonl_chat_file(client: httpx.Client, env: Env) -> None:
     record = response.json()
     assert record == {
         "id": record["id"],
+        "project": "default",
         "created_at": record["created_at"],
         "filename": "chat.jsonl",
         "size": len(content),

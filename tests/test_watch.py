@@ -22,7 +22,16 @@ from app.main import app
 from app.routes import watch
 from core.config import get_settings
 from core.db import get_engine
-from core.models import Job, JobEvent, JobStatus, StepLog, utcnow
+from core.models import (
+    DEFAULT_PROJECT_ID,
+    DEFAULT_PROJECT_NAME,
+    Job,
+    JobEvent,
+    JobStatus,
+    Project,
+    StepLog,
+    utcnow,
+)
 from tests.conftest import raw_get_scope
 
 GIB = 1024**3
@@ -38,6 +47,9 @@ def client(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClien
     get_settings.cache_clear()
     get_engine.cache_clear()
     SQLModel.metadata.create_all(get_engine())
+    with Session(get_engine()) as session:  # what migration 0012 makes: the project jobs belong to
+        session.add(Project(id=DEFAULT_PROJECT_ID, name=DEFAULT_PROJECT_NAME))
+        session.commit()
     # Not `with TestClient(app)`: that would run the lifespan, whose reconcile loop wants Redis.
     yield TestClient(app)
     get_engine().dispose()

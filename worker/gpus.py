@@ -11,13 +11,16 @@ from dataclasses import asdict, dataclass, field
 
 from redis import Redis
 from redis.exceptions import RedisError
+from sqlmodel import Session
 
 from core.config import get_settings
 from core.contract import EventKind
 from core.db import session_scope
 from core.events import add_event
-from core.gpu_leases import Gpu, HostGpus
-from core.models import Job
+from core.gpu_leases import Gpu, HostGpus, OverQuota, Waiter
+from core.models import Job, Project
+from core.planner import PlanError, estimate_seconds, read_config, shape_from_config
+from core.spec import JobSpec
 from worker.waits import still_queued, until_worker_stops
 
 logger = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ class Lease:
     gpus: list[Gpu]
     host: HostGpus | None = None  # None: a worker without an inventory (a CPU host), nothing leased
     renewed_at: float = field(default_factory=time.monotonic)
+    project: str = ""  # the job's project id, as the line counts its cards
 
     @property
     def indices(self) -> list[int]:
@@ -108,11 +112,13 @@ class Lease:
     def cuda_visible_devices(self) -> str | None:
         return ",".join(str(i) for i in self.indices) if self.host is not None else None
 
-    def renew_if_due(self, every_s: float) -> None:
+    def renew_if_due(self, every_s: float, ends_in_s: float | None = None) -> None:
+        """Keep the lease; `ends_in_s`, the job's ETA when it has one, tells the line when its
+        cards should be free (its backfilling reads it)."""
         if self.host is None or time.monotonic() - self.renewed_at < every_s:
             return
         try:
-            held = self.host.renew(self.job_id, self.indices)
+            held = self.host.renew(self.job_id, self.indices, ends_in_s)
         except RedisError as exc:  # Redis away: the lease may lapse; the trainer goes on meanwhile
             logger.warning("job %s: could not renew its GPU lease (%s)", self.job_id, exc)
             return
@@ -120,7 +126,7 @@ class Lease:
         if held < len(self.indices):
             # Redis lost the lease (restarted without persistence): take the same cards back.
             logger.warning("job %s: Redis had lost its lease on GPUs %s; taking them again", self.job_id, self.indices)
-            others = self.host.reclaim(self.job_id, self.indices)
+            others = self.host.reclaim(self.job_id, self.indices, self.project)
             if others:
                 logger.error("job %s: GPUs %s were leased to another job meanwhile", self.job_id, others)
 
@@ -155,11 +161,37 @@ class CannotFitHost(Exception):
     """The job asks for more GPUs than this host has."""
 
 
+def planned_seconds(job: Job, spec: JobSpec) -> float | None:
+    """The planner's estimate of the job's run time (None: unknown), for the line's backfilling."""
+    report = job.data_report or {}
+    rows = report.get("rows_used") or (report.get("rows", 0) - report.get("bad_rows", 0)) or None
+    try:
+        shape = shape_from_config(read_config(spec.model, allow_network=False))
+    except PlanError:
+        return None
+    return estimate_seconds(
+        shape, spec.hyperparameters, gpus=spec.gpus, rows=rows, gpu_train_flops=get_settings().gpu_train_flops
+    )
+
+
+def waiter_of(session: Session, job: Job, estimate_s: float | None) -> Waiter:
+    """The job as the GPU line sees it: its priority, its project and that project's max_gpus
+    (read at each poll: an admin may change it while the job waits)."""
+    project = session.get(Project, job.project_id)
+    return Waiter(
+        priority=int((job.spec or {}).get("priority", 0)),
+        project=str(job.project_id),
+        max_gpus=project.max_gpus if project is not None else None,
+        estimate_s=estimate_s,
+    )
+
+
 def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu]) -> Lease | None:
     """Block until the job holds `need` GPUs of this host (the Lease), or until it is no longer
     queued or the worker is asked to stop (None). The first wait is told in an event with the
-    job's place in line. `inventory` is this worker's own cards; the job may get any of the
-    host's (every live worker's)."""
+    job's place in line (and each change of why it waits: the line, or its project's max_gpus).
+    `inventory` is this worker's own cards; the job may get any of the host's (every live
+    worker's)."""
     if not inventory:
         return Lease(job_id, [])
     settings = get_settings()
@@ -171,13 +203,20 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
             f"the job asks for {need} GPUs and this worker's host has {len(cards)} "
             f"({', '.join(str(g.index) for g in cards)})"
         )
-    announced = False
+    announced: str | None = None  # why the job waits, as its last event said
+    estimate_s: float | None = None
+    estimated = False
     with until_worker_stops() as stop:
         while not stop.is_set():
             with session_scope() as session:
-                if not still_queued(session.get(Job, job_id)):
+                job = session.get(Job, job_id)
+                if not still_queued(job):
                     break
-                answer = host.try_acquire(job_id, need)
+                assert job is not None
+                if not estimated:
+                    estimated, estimate_s = True, planned_seconds(job, JobSpec.model_validate(job.spec))
+                waiter = waiter_of(session, job, estimate_s)
+                answer = host.try_acquire(job_id, need, waiter=waiter)
                 if isinstance(answer, list):
                     by_index = {g.index: g for g in host.inventory()}
                     if announced:
@@ -187,8 +226,19 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
                             kind=EventKind.waiting_for_gpus,
                             message=f"GPUs {', '.join(map(str, answer))} are free for it now",
                         )
-                    return Lease(job_id, [by_index[i] for i in answer], host)
-                if not announced:
+                    return Lease(job_id, [by_index[i] for i in answer], host, project=waiter.project)
+                if isinstance(answer, OverQuota):
+                    if announced != "quota":
+                        project = session.get(Project, job.project_id)
+                        name = project.name if project is not None else job.project_id
+                        message = (
+                            f"waiting for its project's GPUs: project {name} holds {answer.held} of the "
+                            f"{waiter.max_gpus} it may hold at once (quota max_gpus) and the job needs {need}"
+                        )
+                        add_event(session=session, job_id=job_id, kind=EventKind.waiting_for_gpus, message=message)
+                        logger.info("job %s: %s", job_id, message)
+                        announced = "quota"
+                elif announced != "line":
                     holders = host.holders()
                     busy = ", ".join(f"GPU {i} by job {j}" for i, j in sorted(holders.items())) or "none"
                     line = "it is next in line" if answer == 1 else f"{answer - 1} job(s) are ahead of it in line"
@@ -197,7 +247,7 @@ def wait_for_gpus(job_id: int, need: int, connection: Redis, inventory: list[Gpu
                     )
                     add_event(session=session, job_id=job_id, kind=EventKind.waiting_for_gpus, message=message)
                     logger.info("job %s: %s", job_id, message)
-                    announced = True
+                    announced = "line"
             time.sleep(settings.gpu_wait_poll_s)
     host.leave_line(job_id)
     return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select as sa_select
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
@@ -88,6 +89,7 @@ class Polled:
     phase: str | None = None
     step: int | None = None
     pending: list[int] = field(default_factory=list)  # checkpoints still to be hashed
+    eta_seconds: float | None = None
 
 
 def child_pids(child: Child) -> list[int]:
@@ -346,14 +348,17 @@ class TrainerWatch:
 
     def watch(self, child: Child) -> str:
         last_heartbeat = time.monotonic()
+        eta_s: float | None = None
         try:
             while child.poll() is None:
                 time.sleep(POLL_INTERVAL_S)
                 beat = time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s
                 if beat:
                     last_heartbeat = time.monotonic()
-                self.lease.renew_if_due(self.settings.heartbeat_interval_s)
+                # The job's ETA, once it has one, tells the GPU line when its cards free (backfilling).
+                self.lease.renew_if_due(self.settings.heartbeat_interval_s, eta_s)
                 polled = self.poll_database(heartbeat=beat)
+                eta_s = polled.eta_seconds if polled.eta_seconds is not None else eta_s
                 self.carry_requests(child, polled)
                 self.stalls.observe(polled.phase, polled.step, child_pids(child))
                 self.hash_checkpoints(polled.pending)
@@ -374,11 +379,14 @@ class TrainerWatch:
             with session_scope() as session:
                 if heartbeat:
                     session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
-                requests = session.exec(
-                    select(Job.cancel_requested_at, Job.pause_requested_at, Job.phase, Job.step).where(
-                        Job.id == self.job_id
-                    )
-                ).first()
+                columns = [
+                    col(Job.cancel_requested_at),
+                    col(Job.pause_requested_at),
+                    col(Job.phase),
+                    col(Job.step),
+                    col(Job.eta_seconds),
+                ]
+                requests = session.execute(sa_select(*columns).where(col(Job.id) == self.job_id)).first()
                 pending = session.exec(
                     select(Checkpoint.id).where(
                         Checkpoint.job_id == self.job_id, Checkpoint.status == CheckpointStatus.hashing
@@ -398,13 +406,14 @@ class TrainerWatch:
             self.database_trouble_since = None
         if requests is None:
             return Polled(pending=[cid for cid in pending if cid is not None])
-        cancel_requested_at, pause_requested_at, phase, step = requests
+        cancel_requested_at, pause_requested_at, phase, step, eta_seconds = requests
         return Polled(
             cancel_requested=cancel_requested_at is not None,
             pause_requested=pause_requested_at is not None,
             phase=phase,
             step=step,
             pending=[cid for cid in pending if cid is not None],
+            eta_seconds=eta_seconds,
         )
 
     def hash_remaining(self) -> None:

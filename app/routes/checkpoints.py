@@ -15,8 +15,9 @@ from starlette.responses import MalformedRangeHeader
 from starlette.responses import RangeNotSatisfiable as StarletteRangeNotSatisfiable
 
 from app import crud, lifecycle, pages
+from app.auth import Identity
 from app.db import SessionDep, run_db
-from app.deps import SettingsDep, require_token
+from app.deps import IdentityDep, SettingsDep, require_token
 from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
 from app.errors import BadRange, Conflict, NotFound, RangeNotSatisfiable, error_responses
 from app.presenters import checkpoint_public
@@ -41,37 +42,39 @@ Name = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="e.g.
 
 
 @router.get("", response_model=CheckpointList)
-def list_checkpoints(job_id: JobId, session: SessionDep) -> CheckpointList:
+def list_checkpoints(job_id: JobId, session: SessionDep, identity: IdentityDep) -> CheckpointList:
     """Each kept checkpoint (`final` included) with its files, sizes and sha256 (null while still
     being hashed), oldest step first; `{items}` like every list of the API."""
-    return CheckpointList(items=[checkpoint_public(c) for c in crud.list_checkpoints(session=session, job_id=job_id)])
+    return CheckpointList(
+        items=[checkpoint_public(c) for c in crud.list_checkpoints(session=session, job_id=job_id, identity=identity)]
+    )
 
 
 @router.get("/{name}", response_model=CheckpointPublic)
-def read_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> CheckpointPublic:
-    return checkpoint_public(crud.get_checkpoint(session=session, job_id=job_id, name=name))
+def read_checkpoint(job_id: JobId, name: Name, session: SessionDep, identity: IdentityDep) -> CheckpointPublic:
+    return checkpoint_public(crud.get_checkpoint(session=session, job_id=job_id, name=name, identity=identity))
 
 
 @router.delete("/{name}", response_model=DeletedPublic, responses=error_responses(409))
-def delete_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> DeletedPublic:
+def delete_checkpoint(job_id: JobId, name: Name, session: SessionDep, identity: IdentityDep) -> DeletedPublic:
     """Remove a checkpoint (`final` included) from the disk and the list, with an event saying
     how many bytes it freed. A running job's newest checkpoint is kept (409): it is what the job
     resumes from."""
-    deleted = lifecycle.delete_checkpoint(session=session, job_id=job_id, name=name)
+    deleted = lifecycle.delete_checkpoint(session=session, job_id=job_id, name=name, identity=identity)
     _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
     pages.get_page_cache().forget(job_id)
     return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
 
 
 @router.post("/{name}/verify", status_code=202, response_model=CheckpointPublic, responses=error_responses(409))
-def verify_checkpoint(job_id: JobId, name: Name, session: SessionDep) -> CheckpointPublic:
+def verify_checkpoint(job_id: JobId, name: Name, session: SessionDep, identity: IdentityDep) -> CheckpointPublic:
     """Hash every file of the checkpoint again and hold it against the sha256 it was saved with, off
     the request (the API's verifier starts within CHECKPOINT_VERIFY_POLL_S): 202 at once, with
     `verify_requested_at` set until it has run; then `verified_at` and `status` say what it found
     (`ready`, or `corrupt` with a `checkpoint_corrupt` event naming the files, which are then not
     served and not resumed from). A corrupt checkpoint whose files were restored becomes ready again.
     409 while it is still being hashed."""
-    checkpoint = crud.request_verification(session=session, job_id=job_id, name=name)
+    checkpoint = crud.request_verification(session=session, job_id=job_id, name=name, identity=identity)
     _FILES.pop((get_settings().sqlalchemy_url, job_id, name), None)
     return checkpoint_public(checkpoint)
 
@@ -89,10 +92,12 @@ def _corrupt_refusal(job_id: int, name: str, paths: list[str]) -> Conflict:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/x-tar": {}}}, **error_responses(409)},
 )
-def download_archive(job_id: JobId, name: Name, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
+def download_archive(
+    job_id: JobId, name: Name, session: SessionDep, settings: SettingsDep, identity: IdentityDep
+) -> StreamingResponse:
     """The checkpoint folder as one tar, streamed as it is read (nothing is built on disk). 409 for a
     corrupt checkpoint (its intact files are still served one by one)."""
-    checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
+    checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name, identity=identity)
     folder = settings.checkpoints_dir(job_id) / checkpoint.name
     if not folder.is_dir():
         raise NotFound(f"checkpoint {name!r} of job {job_id} is recorded but its folder is gone from disk")
@@ -124,6 +129,7 @@ class _Files:
     mtime when hashed), whether its sha256 may be sent, and whether a change was already noted."""
 
     checkpoint_id: int
+    project_id: int  # the job's: another project's identity is told there is no such checkpoint
     entries: dict[str, dict[str, Any]]
     vouched: bool  # ready, or corrupt (its files that verified are vouched for, one by one)
     change_noted: bool
@@ -137,26 +143,30 @@ _FILES: dict[tuple[str, int, str], _Files] = {}
 FILES_KEPT = 1024
 
 
-def _checkpoint_files(job_id: int, name: str) -> _Files:
-    """The checkpoint's files (blocking). 404 for no such job or checkpoint, or one rotated away."""
+def _checkpoint_files(job_id: int, name: str, identity: Identity) -> _Files:
+    """The checkpoint's files (blocking). 404 for no such job or checkpoint, or one rotated away,
+    or another project's."""
     settings = get_settings()
     key = (settings.sqlalchemy_url, job_id, name)
     files = _FILES.get(key)
     if files is not None and time.monotonic() - files.read_at <= settings.finished_record_max_age_s:
+        if not identity.sees(files.project_id):
+            raise NotFound(f"job {job_id} not found")
         return files
     with Session(get_engine()) as session:
-        checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name)
+        checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name, identity=identity)
         job = session.get(Job, job_id)
-        assert checkpoint.id is not None
+        assert checkpoint.id is not None and job is not None
         status = understood(CheckpointStatus, checkpoint.status)[0]
         files = _Files(
             checkpoint.id,
+            job.project_id,
             {f["path"]: f for f in checkpoint.files},
             status in (CheckpointStatus.ready, CheckpointStatus.corrupt),
             checkpoint.changed_seen_at is not None,
             time.monotonic(),
         )
-        finished = job is not None and isinstance(job.status, JobStatus) and job.status.finished
+        finished = isinstance(job.status, JobStatus) and job.status.finished
         if finished and files.vouched:
             if len(_FILES) >= FILES_KEPT:
                 _FILES.clear()
@@ -174,11 +184,11 @@ def verify_due_checkpoints() -> int:
     return verified
 
 
-def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_result, str | None]:
+def _locate(job_id: int, name: str, path: str, identity: Identity) -> tuple[pathlib.Path, os.stat_result, str | None]:
     """The file's real path, its stat, and the sha256 to send with it: only one its bytes have,
     as far as can be known without reading them (blocking: one thread hop for all of it). 409 for
     a file found corrupt."""
-    files = _checkpoint_files(job_id, name)
+    files = _checkpoint_files(job_id, name, identity)
     entry = files.entries.get(path)
     if entry is None:
         raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r}")
@@ -212,11 +222,11 @@ def _locate(job_id: int, name: str, path: str) -> tuple[pathlib.Path, os.stat_re
         **error_responses(400, 409, 416),
     },
 )
-async def download_file(job_id: JobId, name: Name, path: str, request: Request) -> FileResponse:
+async def download_file(job_id: JobId, name: Name, path: str, request: Request, identity: IdentityDep) -> FileResponse:
     """One file of the checkpoint; supports `Range: bytes=...` for resumable downloads.
     `X-Checksum-SHA256` is the file's sha256 when its size and mtime are still those it was hashed
     with; a file changed since is sent without it (and verified); one found corrupt is a 409."""
-    real, stat, sha = await run_db(_locate, job_id, name, path)
+    real, stat, sha = await run_db(_locate, job_id, name, path, identity)
     headers = {"X-Checksum-SHA256": sha} if sha else None
     check_range(request, stat.st_size)
     return CheckpointFileResponse(

@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Request, Response, status
 
 from app import crud
+from app.access import set_audit_target
 from app.db import SessionDep
-from app.deps import require_token
+from app.deps import IdentityDep, require_token
 from app.errors import error_responses
 from app.presenters import file_public
 from app.schemas import FileList, FilePublic
@@ -33,24 +34,26 @@ UPLOAD_BODY = upload_body("a .jsonl, .json (JSON Lines or an array) or .parquet 
     openapi_extra=UPLOAD_BODY,
     responses=error_responses(413, 422, 507),
 )
-async def upload_file(request: Request, session: SessionDep) -> FilePublic:
+async def upload_file(request: Request, session: SessionDep, identity: IdentityDep) -> FilePublic:
     """Store a JSON Lines or Parquet dataset (multipart field `file`), streamed to disk as it
     arrives: every row is read and checked, and the record keeps its row format (`messages`,
     `prompt_completion`, `text`, or null when its columns need a job's `dataset.columns`), columns,
     row count, malformed rows with line numbers, and sha256. A job names it with
     `"dataset": {"file_id": <id>}` or `"validation": {"file_id": <id>}`."""
-    return file_public(await crud.create_file(session=session, request=request))
+    uploaded = await crud.create_file(session=session, request=request, identity=identity)
+    set_audit_target(request, f"file {uploaded.id}")
+    return file_public(uploaded)
 
 
 @router.get("", response_model=FileList)
-def list_files(session: SessionDep) -> FileList:
-    """Uploaded files, newest first."""
-    return FileList(items=[file_public(f) for f in crud.list_files(session=session)])
+def list_files(session: SessionDep, identity: IdentityDep) -> FileList:
+    """Uploaded files, newest first (the token's project's; an admin's: every project's)."""
+    return FileList(items=[file_public(f) for f in crud.list_files(session=session, identity=identity)])
 
 
 @router.get("/{file_id}", response_model=FilePublic, responses=NOT_FOUND)
-def read_file(file_id: FileId, session: SessionDep) -> FilePublic:
-    return file_public(crud.get_file(session=session, file_id=file_id))
+def read_file(file_id: FileId, session: SessionDep, identity: IdentityDep) -> FilePublic:
+    return file_public(crud.get_file(session=session, file_id=file_id, identity=identity))
 
 
 @router.delete(
@@ -59,7 +62,7 @@ def read_file(file_id: FileId, session: SessionDep) -> FilePublic:
     response_class=Response,
     responses=error_responses(404, 409, 422),
 )
-def delete_file(file_id: FileId, session: SessionDep) -> Response:
+def delete_file(file_id: FileId, session: SessionDep, identity: IdentityDep) -> Response:
     """Remove the file and its record; refused while a queued or running job uses it."""
-    crud.delete_file(session=session, file_id=file_id)
+    crud.delete_file(session=session, file_id=file_id, identity=identity)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -12,8 +12,10 @@ from sqlmodel import col, select
 from starlette.convertors import Convertor, register_url_convertor
 
 from app import crud, lifecycle, pages, records
+from app.access import set_audit_target
+from app.auth import Identity
 from app.db import SessionDep, run_db
-from app.deps import require_token
+from app.deps import IdentityDep, require_token
 from app.errors import CannotPlan, NotFound, error_responses
 from app.presenters import job_public
 from app.schemas import (
@@ -60,10 +62,11 @@ def submit_description() -> str:
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     description=submit_description(),
-    responses=error_responses(413),
+    responses=error_responses(413, 429),
 )
-def submit_job(job_in: JobSpec, session: SessionDep) -> JobPublic:
-    job = crud.create_job(session=session, job_in=job_in)
+def submit_job(job_in: JobSpec, session: SessionDep, identity: IdentityDep, request: Request) -> JobPublic:
+    job = crud.create_job(session=session, job_in=job_in, identity=identity)
+    set_audit_target(request, f"job {job.id}")
     records.get_record_cache().forget()  # lists read before it would miss it
     return job_public(job)
 
@@ -154,17 +157,19 @@ def conditional(body: bytes, etag: str, request: Request) -> Response:
 )
 async def list_jobs(
     request: Request,
+    identity: IdentityDep,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     cursor: Annotated[UrlInt | None, Query(ge=1, le=MAX_DB_INT, description="next_cursor of the previous page")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=500)] = 50,
     fields: FieldsQuery = None,
 ) -> Response:
-    """Jobs, newest first. Records of finished jobs come from memory; those of queued and
-    running jobs are at most RECORD_MAX_AGE_S old."""
+    """Jobs, newest first (the token's project's; an admin's: every project's). Records of finished
+    jobs come from memory; those of queued and running jobs are at most RECORD_MAX_AGE_S old."""
     names = field_names(fields)
     fresh = records.wants_fresh(request.headers.get("cache-control"))
     cache = records.get_record_cache()
-    ids, next_cursor = await cache.job_ids(status_, cursor, min(limit, get_settings().page_size_max), fresh=fresh)
+    limit = min(limit, get_settings().page_size_max)
+    ids, next_cursor = await cache.job_ids(status_, cursor, limit, identity.scope, fresh=fresh)
     found = await cache.get_many(ids, fresh=fresh)
     body, etag = records.job_list(ids, next_cursor, found, names)
     return conditional(body, etag, request)
@@ -192,15 +197,13 @@ register_url_convertor("job_id", JobIdConvertor())
     responses={**NOT_FOUND, **CONDITIONAL},
     openapi_extra={"parameters": [IF_NONE_MATCH, CACHE_CONTROL]},
 )
-async def read_job(request: Request, job_id: JobId, fields: FieldsQuery = None) -> Response:
+async def read_job(request: Request, job_id: JobId, identity: IdentityDep, fields: FieldsQuery = None) -> Response:
     """The job record. A queued or running job's is at most RECORD_MAX_AGE_S old (0.5 s);
     send `If-None-Match` with the last ETag to get a 304 when nothing changed, and `fields`
     to get only what you show."""
     names = field_names(fields)
     fresh = records.wants_fresh(request.headers.get("cache-control"))
-    record = await records.get_record_cache().get(job_id, fresh=fresh)
-    if record is None:
-        raise NotFound(f"job {job_id} not found")
+    record = await visible_record(job_id, identity, fresh=fresh)
     body, etag = records.projection(record, names)
     return conditional(body, etag, request)
 
@@ -210,60 +213,66 @@ async def read_job(request: Request, job_id: JobId, fields: FieldsQuery = None) 
     response_model=JobPublic,
     responses=error_responses(404, 409),
 )
-def cancel_job(job_id: JobId, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, identity: IdentityDep) -> JobPublic:
     """A queued job never starts; a running one stops at its next step (watch `status`)."""
-    job = crud.cancel_job(session=session, job_id=job_id)
+    job = crud.cancel_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)  # this process's next read shows the cancel
     return job_public(job)
 
 
 @router.post("/{job_id}/pause", response_model=JobPublic, responses=error_responses(404, 409))
-def pause_job(job_id: JobId, session: SessionDep) -> JobPublic:
+def pause_job(job_id: JobId, session: SessionDep, identity: IdentityDep) -> JobPublic:
     """A queued job stays out of the queue until resumed. A running job saves a checkpoint at its
     next step and its trainer ends, which frees the GPU; its status becomes `paused` then (watch
     `status`). Resume, cancel or delete a paused job."""
-    job = lifecycle.pause_job(session=session, job_id=job_id)
+    job = lifecycle.pause_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     return job_public(job)
 
 
-@router.post("/{job_id}/resume", response_model=JobPublic, responses=error_responses(404, 409))
-def resume_job(job_id: JobId, session: SessionDep) -> JobPublic:
+@router.post("/{job_id}/resume", response_model=JobPublic, responses=error_responses(404, 409, 429))
+def resume_job(job_id: JobId, session: SessionDep, identity: IdentityDep) -> JobPublic:
     """Queue a paused job again. It continues from the checkpoint its pause saved: the same step,
     learning rate and data order, and no step logged twice."""
-    job = lifecycle.resume_job(session=session, job_id=job_id)
+    job = lifecycle.resume_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     return job_public(job)
 
 
 @router.delete("/{job_id:job_id}", response_model=DeletedPublic, responses={**NOT_FOUND, **error_responses(409)})
-def delete_job(job_id: JobId, session: SessionDep) -> DeletedPublic:
+def delete_job(job_id: JobId, session: SessionDep, identity: IdentityDep) -> DeletedPublic:
     """A finished or paused job: its record, logs, events, checkpoints and folder. 409 while it is
     queued or running (cancel or pause it first). Other API processes answer 404 for it within
     FINISHED_RECORD_MAX_AGE_S."""
-    deleted = lifecycle.delete_job(session=session, job_id=job_id)
+    deleted = lifecycle.delete_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     pages.get_page_cache().forget(job_id)
     return DeletedPublic(freed_bytes=deleted.freed_bytes, files=deleted.files)
 
 
 @router.get("/{job_id}/webhooks", response_model=WebhookDeliveryList, responses=NOT_FOUND)
-def read_webhook_deliveries(job_id: JobId, session: SessionDep) -> WebhookDeliveryList:
+def read_webhook_deliveries(job_id: JobId, session: SessionDep, identity: IdentityDep) -> WebhookDeliveryList:
     """Each delivery of the job's events to its webhooks: status, attempts, the receiver's last
     answer."""
-    crud.get_job(session=session, job_id=job_id)
+    crud.get_job(session=session, job_id=job_id, identity=identity)
     rows = session.exec(
         select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(col(WebhookDelivery.id))
     ).all()
     return WebhookDeliveryList(items=[WebhookDeliveryPublic.model_validate(row, from_attributes=True) for row in rows])
 
 
-async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) -> tuple[bytes, str]:
-    """A page of the job's logs or events: from memory when the job has finished (it cannot
-    change any more), else read now. 404 when there is no such job."""
-    record = await records.get_record_cache().get(job_id)
-    if record is None:
+async def visible_record(job_id: int, identity: Identity, *, fresh: bool = False) -> records.Record:
+    """The job's record, if the identity may see it; 404 as for no such job otherwise."""
+    record = await records.get_record_cache().get(job_id, fresh=fresh)
+    if record is None or not identity.sees(record.project_id):
         raise NotFound(f"job {job_id} not found")
+    return record
+
+
+async def job_page(job_id: int, identity: Identity, key: tuple[Any, ...], build: Any, *args: Any) -> tuple[bytes, str]:
+    """A page of the job's logs or events: from memory when the job has finished (it cannot
+    change any more), else read now. 404 when there is no such job (or it is another project's)."""
+    record = await visible_record(job_id, identity)
     cache = pages.get_page_cache()
     if record.finished and (page := cache.get(key)) is not None:
         return page
@@ -280,12 +289,14 @@ async def job_page(job_id: int, key: tuple[Any, ...], build: Any, *args: Any) ->
 async def read_logs(
     request: Request,
     job_id: JobId,
+    identity: IdentityDep,
     after_step: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only steps after this one")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
 ) -> Response:
     """Step logs, oldest first. Page on with `after_step=next_after_step`; a poller of a running
     job passes the last step it has and gets only the new rows."""
-    body, etag = await job_page(job_id, ("logs", job_id, after_step, limit), pages.log_page, after_step, limit)
+    key = ("logs", job_id, after_step, limit)
+    body, etag = await job_page(job_id, identity, key, pages.log_page, after_step, limit)
     return conditional(body, etag, request)
 
 
@@ -298,9 +309,11 @@ async def read_logs(
 async def read_events(
     request: Request,
     job_id: JobId,
+    identity: IdentityDep,
     after_id: Annotated[UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only events after this id")] = None,
     limit: Annotated[UrlInt, Query(ge=1, le=5000)] = 1000,
 ) -> Response:
     """State changes and messages, oldest first. Page on (or poll) with `after_id=next_after_id`."""
-    body, etag = await job_page(job_id, ("events", job_id, after_id, limit), pages.event_page, after_id, limit)
+    key = ("events", job_id, after_id, limit)
+    body, etag = await job_page(job_id, identity, key, pages.event_page, after_id, limit)
     return conditional(body, etag, request)

@@ -15,8 +15,9 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session
 
 from app import crud, lifecycle, records
+from app.access import set_audit_target
 from app.db import SessionDep, run_db
-from app.deps import require_token
+from app.deps import IdentityDep, require_token
 from app.errors import AppError, BadRequest, InvalidDataset, InvalidFields, NotFound, openai_error_responses
 from app.openai_compat import (
     CHECKPOINT_PREFIX,
@@ -87,15 +88,18 @@ UPLOAD_BODY = upload_body(
     openapi_extra=UPLOAD_BODY,
     responses=openai_error_responses(400, 413, 507),
 )
-async def create_file(request: Request, session: SessionDep) -> FileObject:
+async def create_file(request: Request, session: SessionDep, identity: IdentityDep) -> FileObject:
     """Upload a dataset for fine-tuning (`purpose=fine-tune`): POST /files, with every row read and
     checked; the answer is OpenAI's file object, id `file-<native id>`."""
-    return file_object(await crud.create_file(session=session, request=request, check_form=check_purpose))
+    uploaded = await crud.create_file(session=session, request=request, identity=identity, check_form=check_purpose)
+    set_audit_target(request, f"file {uploaded.id}")
+    return file_object(uploaded)
 
 
 @router.get("/files", response_model=FileList, responses=openai_error_responses(400))
 def list_files(
     session: SessionDep,
+    identity: IdentityDep,
     after: After = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
@@ -103,7 +107,7 @@ def list_files(
 ) -> FileList:
     """Uploaded files (every one is a fine-tune file), newest first unless `order=asc`."""
     after_id = cursor(after, FILE_PREFIX)
-    files = list(crud.list_files(session=session)) if purpose in (None, FILE_PURPOSE) else []
+    files = list(crud.list_files(session=session, identity=identity)) if purpose in (None, FILE_PURPOSE) else []
     if order == "asc":
         files.reverse()
     if after_id is not None:
@@ -113,15 +117,17 @@ def list_files(
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=NOT_FOUND)
-def read_file(file_id: FileIdPath, session: SessionDep) -> FileObject:
-    return file_object(crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file")))
+def read_file(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> FileObject:
+    return file_object(
+        crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file"), identity=identity)
+    )
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=openai_error_responses(404, 409))
-def delete_file(file_id: FileIdPath, session: SessionDep) -> FileDeleted:
+def delete_file(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> FileDeleted:
     """Delete the file (DELETE /files/{id}); 409 while a queued, running or paused job uses it."""
     native = native_id(file_id, FILE_PREFIX, "file")
-    crud.delete_file(session=session, file_id=native)
+    crud.delete_file(session=session, file_id=native, identity=identity)
     return FileDeleted(id=f"{FILE_PREFIX}{native}", deleted=True)
 
 
@@ -130,9 +136,9 @@ def delete_file(file_id: FileIdPath, session: SessionDep) -> FileDeleted:
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND},
 )
-def read_file_content(file_id: FileIdPath, session: SessionDep) -> FileResponse:
+def read_file_content(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> FileResponse:
     """The file's bytes, as uploaded."""
-    uploaded = crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file"))
+    uploaded = crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file"), identity=identity)
     path = get_settings().data_dir.resolve() / uploaded.path
     if not path.is_file():
         raise NotFound(f"file {FILE_PREFIX}{uploaded.id} is recorded but gone from the disk")
@@ -164,14 +170,16 @@ def _shown(session: Session, job: Job) -> FineTuningJob:
     return job_object(job_public(job).model_dump(mode="json"), session.get(OpenAIJob, job.id), time.time())
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400, 413))
-def create_job(request: CreateFineTuningJob, session: SessionDep) -> FineTuningJob:
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400, 413, 429))
+def create_job(
+    request: CreateFineTuningJob, session: SessionDep, identity: IdentityDep, http: Request
+) -> FineTuningJob:
     """Create a fine-tuning job: the request becomes a native job spec (README, "OpenAI-compatible
     API", for the mapping) and is submitted as POST /jobs submits one, with the same checks."""
     spec = job_spec(request)
-    check_files(session, spec)
+    check_files(session, spec, identity.scope)
     try:
-        job = crud.create_job(session=session, job_in=spec)
+        job = crud.create_job(session=session, job_in=spec, identity=identity)
     except AppError as exc:  # name the request's own fields
         if isinstance(exc, InvalidFields) and exc.errors:
             exc.param = request_param(exc.errors[0]["field"].split("."))
@@ -179,6 +187,7 @@ def create_job(request: CreateFineTuningJob, session: SessionDep) -> FineTuningJ
             exc.param = "training_file"
         raise
     assert job.id is not None
+    set_audit_target(http, f"job {job.id}")
     if request.suffix is not None or request.metadata is not None:
         session.add(OpenAIJob(job_id=job.id, suffix=request.suffix, job_metadata=request.metadata))
         session.commit()
@@ -187,11 +196,13 @@ def create_job(request: CreateFineTuningJob, session: SessionDep) -> FineTuningJ
 
 
 @router.get("/fine_tuning/jobs", response_model=JobList, responses=openai_error_responses(400))
-async def list_jobs(after: After = None, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> JobList:
-    """Jobs, newest first (all of them: those submitted at POST /jobs too); page on with
-    `after=<the last id>`."""
+async def list_jobs(
+    identity: IdentityDep, after: After = None, limit: Annotated[int, Query(ge=1, le=500)] = 20
+) -> JobList:
+    """Jobs, newest first (the token's project's, those submitted at POST /jobs too; an admin's: every
+    project's); page on with `after=<the last id>`."""
     cache = records.get_record_cache()
-    ids, next_cursor = await cache.job_ids(None, cursor(after, JOB_PREFIX), limit)
+    ids, next_cursor = await cache.job_ids(None, cursor(after, JOB_PREFIX), limit, identity.scope)
     found = await cache.get_many(ids)
     extras = await run_db(_extras, ids)
     now = time.time()
@@ -202,10 +213,10 @@ async def list_jobs(after: After = None, limit: Annotated[int, Query(ge=1, le=50
 
 
 @router.get("/fine_tuning/jobs/{fine_tuning_job_id}", response_model=FineTuningJob, responses=NOT_FOUND)
-async def read_job(fine_tuning_job_id: JobIdPath) -> FineTuningJob:
+async def read_job(fine_tuning_job_id: JobIdPath, identity: IdentityDep) -> FineTuningJob:
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     record = await records.get_record_cache().get(job_id)
-    if record is None:
+    if record is None or not identity.sees(record.project_id):
         raise NotFound(f"fine-tuning job {JOB_PREFIX}{job_id} not found")
     extras = await run_db(_extras, [job_id])
     return job_object(records.as_dict(record.body), extras.get(job_id), time.time())
@@ -215,33 +226,37 @@ CHANGES = openai_error_responses(404, 409)
 
 
 @router.post("/fine_tuning/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJob, responses=CHANGES)
-def cancel_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJob:
+def cancel_job(fine_tuning_job_id: JobIdPath, session: SessionDep, identity: IdentityDep) -> FineTuningJob:
     """POST /jobs/{id}/cancel: a queued or paused job is cancelled at once, a running one stops at
     its next step (its status is `running` until then); 409 once it has finished."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     with named_as_openai(job_id):
-        job = crud.cancel_job(session=session, job_id=job_id)
+        job = crud.cancel_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
 
 @router.post("/fine_tuning/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJob, responses=CHANGES)
-def pause_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJob:
+def pause_job(fine_tuning_job_id: JobIdPath, session: SessionDep, identity: IdentityDep) -> FineTuningJob:
     """POST /jobs/{id}/pause: a queued job stays out of the queue; a running one saves a checkpoint
     at its next step and its status becomes `paused`."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     with named_as_openai(job_id):
-        job = lifecycle.pause_job(session=session, job_id=job_id)
+        job = lifecycle.pause_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
 
-@router.post("/fine_tuning/jobs/{fine_tuning_job_id}/resume", response_model=FineTuningJob, responses=CHANGES)
-def resume_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuningJob:
+@router.post(
+    "/fine_tuning/jobs/{fine_tuning_job_id}/resume",
+    response_model=FineTuningJob,
+    responses=openai_error_responses(404, 409, 429),
+)
+def resume_job(fine_tuning_job_id: JobIdPath, session: SessionDep, identity: IdentityDep) -> FineTuningJob:
     """POST /jobs/{id}/resume: a paused job is queued again and continues from its checkpoint."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     with named_as_openai(job_id):
-        job = lifecycle.resume_job(session=session, job_id=job_id)
+        job = lifecycle.resume_job(session=session, job_id=job_id, identity=identity)
     records.get_record_cache().forget(job_id)
     return _shown(session, job)
 
@@ -254,6 +269,7 @@ def resume_job(fine_tuning_job_id: JobIdPath, session: SessionDep) -> FineTuning
 def read_events(
     fine_tuning_job_id: JobIdPath,
     session: SessionDep,
+    identity: IdentityDep,
     after: After = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> EventList:
@@ -262,7 +278,7 @@ def read_events(
     `after=<the last id>`."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     with named_as_openai(job_id):
-        job = crud.get_job(session=session, job_id=job_id)
+        job = crud.get_job(session=session, job_id=job_id, identity=identity)
     assert job.id is not None
     items, has_more = list_events(session, job_id=job.id, total_steps=job.total_steps, after=after, limit=limit)
     return EventList(data=items, has_more=has_more)
@@ -276,6 +292,7 @@ def read_events(
 def read_checkpoints(
     fine_tuning_job_id: JobIdPath,
     session: SessionDep,
+    identity: IdentityDep,
     after: After = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> CheckpointPage:
@@ -283,7 +300,7 @@ def read_checkpoints(
     `download_url` is the native route that streams it as a tar."""
     job_id = native_id(fine_tuning_job_id, JOB_PREFIX, "fine-tuning job")
     with named_as_openai(job_id):
-        checkpoints = list(reversed(crud.list_checkpoints(session=session, job_id=job_id)))
+        checkpoints = list(reversed(crud.list_checkpoints(session=session, job_id=job_id, identity=identity)))
     after_id = cursor(after, CHECKPOINT_PREFIX)
     if after_id is not None:
         ids = [c.id for c in checkpoints]

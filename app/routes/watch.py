@@ -27,11 +27,12 @@ from starlette.types import Scope
 
 from app import crud, pages
 from app.db import SessionDep, limiter_of, run_db
-from app.deps import require_token
+from app.deps import IdentityDep, require_token
 from app.errors import MethodNotAllowed, NotFound, error_responses
 from app.records import Record, get_record_cache, record_of
 from app.routes.jobs import NOT_FOUND, JobId
 from core.db import get_engine
+from core.models import Job
 from core.spec import MAX_DB_INT, UrlInt
 
 logger = logging.getLogger(__name__)
@@ -91,8 +92,11 @@ def _read_snapshot(job_id: int, after_step: int | None, after_event_id: int | No
     # pin one connection (and, on SQLite, an old read snapshot that stops WAL checkpoints).
     with Session(get_engine()) as session:
         # The job first: logs and events read after it are at least as new, so once it reads
-        # finished, everything written before the finish is in this snapshot too.
-        job = crud.get_job(session=session, job_id=job_id)
+        # finished, everything written before the finish is in this snapshot too. (Whether the
+        # watcher may see the job was judged when its stream opened; the feed serves them all.)
+        job = session.get(Job, job_id)
+        if job is None or job.deleted_at is not None:
+            raise NotFound(f"job {job_id} not found")
         return _Snapshot(
             job=record_of(job),
             logs=pages.read_logs(session, job_id, after_step, BATCH_ROWS),
@@ -291,6 +295,7 @@ async def _job_events(job_id: int, after_step: int | None, after_event_id: int |
 )
 async def stream_job(
     job_id: JobId,
+    identity: IdentityDep,
     after_step: Annotated[
         UrlInt | None, Query(ge=0, le=MAX_DB_INT, description="only step logs after this step")
     ] = None,
@@ -301,15 +306,16 @@ async def stream_job(
     """Server-Sent Events: `job` (the job record, whenever it changes), `log` (each new step-log
     row) and `event` (each new event). The stream ends after the job's final `job` event; to
     resume after a dropped connection, pass the last step and event id seen."""
-    if await get_record_cache().get(job_id) is None:
+    record = await get_record_cache().get(job_id)
+    if record is None or not identity.sees(record.project_id):
         raise NotFound(f"job {job_id} not found")
     return EventSourceResponse(_job_events(job_id, after_step, after_event_id), ping=PING_INTERVAL_S)
 
 
 @router.get("/watch", response_class=HTMLResponse, include_in_schema=False)
-def watch_page(job_id: JobId, session: SessionDep) -> HTMLResponse:
+def watch_page(job_id: JobId, session: SessionDep, identity: IdentityDep) -> HTMLResponse:
     """A page to open in a browser: progress, metrics, loss and VRAM charts, events, checkpoints."""
-    crud.get_job(session=session, job_id=job_id)
+    crud.get_job(session=session, job_id=job_id, identity=identity)
     return HTMLResponse(WATCH_PAGE_HTML.replace("{{JOB_ID}}", str(int(job_id))))
 
 

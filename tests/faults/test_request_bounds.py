@@ -52,7 +52,10 @@ def test_a_body_without_a_token_is_answered_401_before_a_byte_of_it_is_read(
         sock.sendall(request_head("POST", path, {"Content-Type": content_type, "Content-Length": str(200 * MIB)}))
         status, headers, body, closed = read_response(sock)
     assert (status, headers["www-authenticate"], closed) == (401, 'Bearer realm="finetune"', True)
-    expected = "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS)"
+    expected = (
+        "this server needs 'Authorization: Bearer <token>' (one of API_TOKENS, or a token an admin made "
+        "with `finetune admin tokens create`)"
+    )
     said = json.loads(body)
     assert (said["error"]["message"] if path.startswith("/v1") else said["detail"]) == expected
 
