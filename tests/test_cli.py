@@ -13,12 +13,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from client import cli
 from client.cli import app
 from tests.conftest import Env, Service, job_spec
 
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
+# rich sizes its console from COLUMNS when the module is imported, and a test process's output
+# is no terminal (80 columns): as wide as the COLUMNS the invocations below give, so that lines
+# are not wrapped or cut where the tests read them.
+cli.console.width = 160
 TOKEN = "s3cret"
 
 
@@ -117,7 +122,8 @@ def test_a_401_says_where_the_token_goes(api_with_token: Service, env: Env) -> N
         in " ".join(output.split())
     )
     code, output = finetune_with(api_with_token, "not-it", "list")
-    assert code == 2 and "(the token given with --token or FINETUNE_TOKEN is not one the server accepts)" in output
+    said = " ".join(output.split())  # rich wraps the line where the console ends
+    assert code == 2 and "(the token given with --token or FINETUNE_TOKEN is not one the server accepts)" in said
 
 
 def test_relative_paths_are_sent_against_the_spec_files_folder_and_a_bar_without_total_shows_a_question_mark(

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.auth import ANONYMOUS
 from tests.conftest import Env, job_spec, run_to_end
 
 
@@ -161,7 +162,7 @@ def test_another_api_process_forgets_a_deleted_job_within_the_finished_records_m
     assert client.get(f"/jobs/{job_id}").status_code == 200  # now in this process's memory
     assert client.get(f"/jobs/{job_id}/events").status_code == 200
     with session_scope() as session:
-        lifecycle.delete_job(session=session, job_id=job_id)
+        lifecycle.delete_job(session=session, job_id=job_id, identity=ANONYMOUS)
     time.sleep(0.3)
     assert client.get(f"/jobs/{job_id}").status_code == 404
     assert client.get(f"/jobs/{job_id}/events").status_code == 404
@@ -185,7 +186,7 @@ def test_a_resume_that_lands_while_a_delete_runs_makes_the_delete_fail(
 
     def resume_meanwhile(job_dir: Path) -> bool:
         with session_scope() as session:
-            lifecycle.resume_job(session=session, job_id=job_id)
+            lifecycle.resume_job(session=session, job_id=job_id, identity=ANONYMOUS)
         return False  # no trainer runs
 
     monkeypatch.setattr(lifecycle, "trainer_running", resume_meanwhile)
@@ -211,7 +212,7 @@ def test_a_delete_that_lands_while_a_resume_runs_makes_the_resume_fail(
     def delete_first(*args: object, **kwargs: object) -> bool:
         monkeypatch.setattr(lifecycle, "move_job", real_move)  # the delete moves the job with the real one
         with session_scope() as session:
-            lifecycle.delete_job(session=session, job_id=job_id)
+            lifecycle.delete_job(session=session, job_id=job_id, identity=ANONYMOUS)
         return real_move(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(lifecycle, "move_job", delete_first)

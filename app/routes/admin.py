@@ -26,7 +26,7 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)], respon
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="letters, digits, _ . @ -; at most 64")]
 # A quota: null means no limit.
-Quota = Annotated[int | None, Field(ge=0, le=MAX_DB_INT)]
+Quota = Annotated[int | None, Field(ge=0, le=MAX_DB_INT, strict=True)]  # strict: `false` is no quota
 
 
 class Identity(BaseModel):
