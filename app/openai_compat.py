@@ -298,7 +298,10 @@ class FileObject(BaseModel):
     expires_at: int | None = None
     rows: int = Field(description="(this server's) every row, good or bad")
     bad_rows: int = Field(description="(this server's) rows a job skips")
-    row_format: str | None = Field(description="(this server's) messages, prompt_completion, text or null")
+    row_format: str | None = Field(
+        description="(this server's) messages, prompt_completion, text, preference, openai_preference, "
+        "implicit_preference, unpaired_preference, prompt_only or null"
+    )
     sha256: str = Field(description="(this server's)")
     native_url: str = Field(description="(this server's) the native record: GET /files/<id>")
 
