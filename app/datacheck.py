@@ -15,9 +15,9 @@ from sqlmodel import Session
 from app.errors import InvalidDataset
 from core.config import get_settings
 from core.data_report import DataReport, ValidationReport
-from core.models import UploadedFile
 from core.graders import item_fields
 from core.methods import facts
+from core.models import UploadedFile
 from core.rows import PAIRED_FORMATS, SFT_FORMATS, DataError, RowCheck, check_file, loss_option_problem
 from core.spec import JobSpec
 

@@ -237,6 +237,7 @@ class JsonSchemaGrader(_Grader):
     json_schema: dict[str, Any] = Field(alias="schema")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
     @field_validator("input")
     @classmethod
     def _templates(cls, value: str) -> str:
@@ -269,7 +270,17 @@ class RewardModuleGrader(_Grader):
     function: str = Field(default="reward", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class RefusedGrader(BaseModel):
+class _NeverValid(BaseModel):
+    """A grader type that never validates: it exists to say why."""
+
+    def item_fields(self) -> set[str]:
+        return set()
+
+    def score(self, output_text: str, item: Mapping[str, Any]) -> float:
+        raise AssertionError("a refused grader is never scored")
+
+
+class RefusedGrader(_NeverValid):
     """OpenAI's graders that would run code or another model here: refused, saying why."""
 
     model_config = ConfigDict(extra="allow")
@@ -295,7 +306,7 @@ def _grader_type(value: Any) -> str:
     return kind if isinstance(kind, str) and kind in GRADER_TYPES else "unknown"
 
 
-class UnknownGrader(BaseModel):
+class UnknownGrader(_NeverValid):
     type: Any = None
 
     @model_validator(mode="after")
@@ -625,9 +636,10 @@ def _parse_formula(formula: str) -> ast.expr:
         if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float)):
             raise ValueError("calculate_output may hold numbers, grader names and + - * / ^ only")
         if not isinstance(node, allowed):
+            shown = ast.unparse(node) if isinstance(node, ast.expr) else type(node).__name__
             raise ValueError(
                 f"calculate_output may use numbers, the graders' names, + - * / ^, parentheses and "
-                f"{', '.join(_FUNCTIONS)}; not {ast.unparse(node) if isinstance(node, ast.expr) else type(node).__name__}"
+                f"{', '.join(_FUNCTIONS)}; not {shown}"
             )
     return tree.body
 
@@ -641,6 +653,7 @@ def formula_names(formula: str) -> set[str]:
 def evaluate_formula(formula: str, values: Mapping[str, float]) -> float:
     def value(node: ast.expr) -> float:
         if isinstance(node, ast.Constant):
+            assert isinstance(node.value, (int, float))
             return float(node.value)
         if isinstance(node, ast.Name):
             return float(values[node.id])

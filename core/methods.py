@@ -148,6 +148,7 @@ for _facts in METHODS.values():
 for _option in SFT_OPTIONS:
     METHOD_OPTIONS[_option] = ("sft",)
 
+
 def facts(method: str) -> MethodFacts:
     return METHODS[method]
 

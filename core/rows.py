@@ -194,8 +194,12 @@ def _pair_problem(row: Mapping[str, Any], row_format: str) -> str | None:
         names = ("chosen", "rejected")
         chat = isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list)
         problem = None
-        if row_format == "preference":
-            prompt = row.get("prompt")
+        prompt = row.get("prompt")
+        if row_format == "preference" and chat and isinstance(prompt, str):
+            # A text prompt beside whole conversations repeats their opening (some Hub datasets do
+            # this): TRL takes the prompt from the conversations instead, as without a prompt.
+            row_format = "implicit_preference"
+        elif row_format == "preference":
             chat = chat or isinstance(prompt, list)
             problem = _prompt_or_answer_problem(prompt, "prompt", chat=chat, answer=False)
     for name in names:

@@ -368,7 +368,9 @@ class JobSpec(BaseModel):
         hp, method = self.hyperparameters, facts(self.method)
         for option, methods in METHOD_OPTIONS.items():
             value = getattr(hp, option)
-            set_here = value is not None and (option not in SFT_OPTIONS or value != Hyperparameters.model_fields[option].default)
+            set_here = value is not None and (
+                option not in SFT_OPTIONS or value != Hyperparameters.model_fields[option].default
+            )
             if set_here and self.method not in methods:
                 problems.append(
                     (
@@ -418,9 +420,11 @@ class JobSpec(BaseModel):
 
     def _grpo_problems(self) -> list[tuple[tuple[str, ...], str]]:
         if self.method != "grpo":
-            return [(("grader",), f"a grader scores generations: it is for method 'grpo', not {self.method!r}")] if (
-                self.grader is not None
-            ) else []
+            return (
+                [(("grader",), f"a grader scores generations: it is for method 'grpo', not {self.method!r}")]
+                if (self.grader is not None)
+                else []
+            )
         problems: list[tuple[tuple[str, ...], str]] = []
         hp = self.hyperparameters
         if self.grader is None:
