@@ -299,7 +299,7 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
         native["learning_rate"] = openai.learning_rate_multiplier * DEFAULTS.learning_rate
     if request.seed is not None:
         native["seed"] = request.seed
-    given = {"seed": request.seed, **openai.model_dump(include=set(NATIVE_FIELDS) | {"beta"})}
+    given = {"seed": request.seed, "beta": None, **openai.model_dump(include=set(NATIVE_FIELDS))}
     if request.native_hyperparameters is not None:
         overrides = request.native_hyperparameters.model_dump(include=request.native_hyperparameters.model_fields_set)
         for name, fields in NATIVE_FIELDS.items():

@@ -136,9 +136,7 @@ def test_dpo_job_widens_its_margin_and_trains_alike_when_paused_and_resumed(
         128,
         1,
     )
-    assert report["bad_row_examples"] == [
-        "line 6: 'chosen' and 'rejected' are the same, so the pair teaches nothing"
-    ]
+    assert report["bad_row_examples"] == ["line 6: 'chosen' and 'rejected' are the same, so the pair teaches nothing"]
     reference = submitted.json()["id"]
     record = wait_for_status(http, reference, FINISHED)
     assert record["status"] == "succeeded", record["error"]
