@@ -454,7 +454,8 @@ def test_a_method_that_cannot_fit_is_refused_with_what_to_change(
 
 
 def test_openai_methods_map_onto_the_native_spec_and_back() -> None:
-    from app.openai_compat import CreateFineTuningJob, job_spec as native_spec, method_object
+    from app.openai_compat import CreateFineTuningJob, method_object
+    from app.openai_compat import job_spec as native_spec
 
     dpo = native_spec(
         CreateFineTuningJob.model_validate(
@@ -536,3 +537,16 @@ def test_kto_out_of_memory_stops_halving_at_a_micro_batch_of_two(env: Env) -> No
             session.refresh(job)
             assert job.status == expected, (micro, job.status)
     assert json.dumps(spec)  # the spec itself is untouched
+
+
+def test_the_cli_follows_a_method_s_headline_figures() -> None:
+    from client.cli import _status_line
+
+    record = {
+        "status": "running",
+        "metrics": {"loss": 0.5, "method_metrics": {"rewards/margins": 0.4123, "entropy": 6.0}},
+        "vram": {},
+        "progress": {"eta_seconds": None},
+    }
+    line = _status_line(record)
+    assert "loss 0.5000 | rewards/margins 0.412 | eval -" in line and "entropy" not in line

@@ -402,3 +402,13 @@ def test_many_watchers_of_a_running_job_share_one_read_per_interval(
         assert [step for event, step in seen if event == "log"] == [10, 20, 30, 40, 50, 60]
         assert [status for event, status in seen if event == "job"][-1] == "succeeded"
     assert not watch.FEEDS  # the feed stopped with the job
+
+
+def test_watch_page_charts_the_figures_of_the_job_s_method(client: TestClient) -> None:
+    job_id = add_job(JobStatus.queued)
+    page = client.get(f"/jobs/{job_id}/watch").text
+    assert 'id="method-chart"' in page and 'id="method-figures"' in page
+    script = client.get("/static/watch/watch.js").text
+    assert '"rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"' in script  # dpo
+    assert '"reward", "reward_std", "kl", "completions/mean_length"' in script  # grpo
+    assert "r.method_metrics" in script
