@@ -235,6 +235,7 @@ def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
 
 
+@pytest.mark.slow
 def test_dpo_and_reinforcement_jobs_through_the_openai_sdk(
     service: Service, sdk: openai.OpenAI, env: Env, tiny_model: Path, tmp_path: Path
 ) -> None:
