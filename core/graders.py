@@ -511,10 +511,38 @@ def check_schema(schema: Any, where: str = "schema") -> None:
             f"{where} uses {', '.join(unknown)}, which this server's JSON-schema check does not understand; it "
             f"understands {', '.join(sorted(SCHEMA_KEYWORDS - {'title', 'description', '$schema', '$id'}))}"
         )
+    shapes: dict[str, tuple[type, ...]] = {
+        "properties": (dict,),
+        "required": (list,),
+        "enum": (list,),
+        "anyOf": (list,),
+        "allOf": (list,),
+        "items": (dict, bool),
+        "additionalProperties": (dict, bool),
+        "minimum": (int, float),
+        "maximum": (int, float),
+        "exclusiveMinimum": (int, float),
+        "exclusiveMaximum": (int, float),
+        "minLength": (int,),
+        "maxLength": (int,),
+        "minItems": (int,),
+        "maxItems": (int,),
+        "pattern": (str,),
+    }
+    for key, kinds_allowed in shapes.items():
+        if key in schema and (
+            not isinstance(schema[key], kinds_allowed) or isinstance(schema[key], bool) and bool not in kinds_allowed
+        ):
+            raise ValueError(f"{where}.{key} must be {' or '.join(k.__name__ for k in kinds_allowed)}")
     kinds = schema.get("type")
-    for kind in [kinds] if isinstance(kinds, str) else kinds or []:
-        if kind not in JSON_TYPES:
+    named = [kinds] if isinstance(kinds, str) else kinds if isinstance(kinds, list) else None
+    if kinds is not None and named is None:
+        raise ValueError(f"{where}.type must be a JSON type or a list of them")
+    for kind in named or []:
+        if not isinstance(kind, str) or kind not in JSON_TYPES:
             raise ValueError(f"{where}.type {kind!r} is not a JSON type ({', '.join(sorted(JSON_TYPES))})")
+    if not all(isinstance(name, str) for name in schema.get("required", [])):
+        raise ValueError(f"{where}.required must list property names")
     for name, inner in (schema.get("properties") or {}).items():
         check_schema(inner, f"{where}.properties.{name}")
     for key in ("items", "additionalProperties"):
@@ -620,12 +648,25 @@ _FUNCTIONS: dict[str, Callable[..., float]] = {
 }
 
 
+# How many arguments each function takes (at least, at most).
+_ARITY = {"min": (1, 64), "max": (1, 64), "abs": (1, 1), "floor": (1, 1), "ceil": (1, 1), "exp": (1, 1)}
+_ARITY |= {"sqrt": (1, 1), "log": (1, 2)}
+
+
 def _parse_formula(formula: str) -> ast.expr:
     try:
         tree = ast.parse(formula.replace("^", "**"), mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"calculate_output {formula!r} is not a formula: {exc.msg}") from None
-    for node in ast.walk(tree):
+        nodes = list(ast.walk(tree))
+    except (SyntaxError, ValueError) as exc:
+        reason = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        raise ValueError(f"calculate_output {echo_formula(formula)} is not a formula: {reason}") from None
+    except RecursionError:
+        raise ValueError("calculate_output is nested too deeply") from None
+    for node in nodes:
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
+            least, most = _ARITY[node.func.id]
+            if not least <= len(node.args) <= most:
+                raise ValueError(f"calculate_output: {node.func.id} takes {least} to {most} argument(s)")
         allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.USub, ast.UAdd, ast.Constant, ast.Name, ast.Load)
         if isinstance(node, ast.operator) and type(node) in _BINARY:
             continue
@@ -642,6 +683,11 @@ def _parse_formula(formula: str) -> ast.expr:
                 f"{', '.join(_FUNCTIONS)}; not {shown}"
             )
     return tree.body
+
+
+def echo_formula(formula: str) -> str:
+    shown = repr(formula)
+    return shown if len(shown) <= 60 else f"{shown[:60]}..."
 
 
 def formula_names(formula: str) -> set[str]:
@@ -666,6 +712,6 @@ def evaluate_formula(formula: str, values: Mapping[str, float]) -> float:
 
     try:
         result = value(_parse_formula(formula))
-    except (ZeroDivisionError, ValueError, OverflowError):
+    except (ZeroDivisionError, ValueError, OverflowError, TypeError, RecursionError):
         return 0.0
     return result if math.isfinite(result) else 0.0

@@ -11,9 +11,10 @@ Phases run in order while the budget lasts (a skipped phase says so):
 2. dpo_service: the same training as a job (`method: dpo`, backend unsloth) through the service.
    Both train on pairs whose every sequence is cut at max_seq_length, so a step is
    micro-batch x accumulation x 2 x max_seq_length tokens, and tokens/s is arithmetic over the
-   step times after the first (compiling) one. The reference: a model held beside the policy on a
-   card of 100 GiB or more, precomputed log-probabilities on a smaller one (the planner says an 8B
-   DPO job with its reference model needs about 72 GiB at sequence 2048).
+   step times after the first (compiling) one. The reference log-probabilities are precomputed
+   (`--reference model` holds the reference model beside the policy instead: the planner gives an
+   8B DPO job about 72 GiB at sequence 2048 with it, tight on an 80 GB card); the GRPO job below
+   holds one.
 3. grpo_service: a GRPO job of a ~300M Llama (backend unsloth, beta 0.04 so the reference model and
    the KL term are there) with a multi grader; checks the reward, KL and completion lengths in the
    step logs and the trainer that ran. If it fails on Unsloth, the same job runs on the
@@ -464,8 +465,6 @@ class Methods:
         card, card_bytes = self.card()
         self.results["card"] = card
         reference = args.reference
-        if reference == "auto":
-            reference = "model" if card_bytes and card_bytes >= 100 * GIB else "precomputed"
         self.results["dpo_settings"] = dpo_settings(args, reference)
         try:
             model = self.dpo_model()
@@ -557,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--grpo-steps", type=int, default=8)
     parser.add_argument("--optim", default="paged_adamw_8bit")
-    parser.add_argument("--reference", default="auto", choices=["auto", "model", "precomputed"])
+    parser.add_argument("--reference", default="precomputed", choices=["model", "precomputed"])
     parser.add_argument("--cpu-smoke", action="store_true", help="a tiny model on the CPU: checks this script")
     # bare-dpo's own
     parser.add_argument("--backend", default="unsloth")

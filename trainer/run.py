@@ -416,9 +416,9 @@ class Run:
         what = {"sft": "rows", "grpo": "prompts", "kto": "rows"}.get(self.spec.method, "pairs")
         room = hp.max_seq_length - (hp.max_completion_length or 0)
         limit = (
-            f"longer than max_seq_length - max_completion_length ({room}), left out"
+            f"prompt(s) longer than max_seq_length - max_completion_length ({room}), left out"
             if self.spec.method == "grpo"
-            else f"longer than max_seq_length {hp.max_seq_length}"
+            else f"{what[:-1]}(s) longer than max_seq_length {hp.max_seq_length}"
         )
         loss = (
             f"; {report.loss_tokens_per_epoch} tokens in the loss per epoch"
