@@ -110,7 +110,7 @@ def create_job(*, session: Session, job_in: JobSpec) -> Job:
     too_many = gpus_refusal(job_in)
     if too_many:
         raise DoesNotFit(too_many)
-    job_in = checked_sources(job_in, session=session)
+    job_in = checked_sources(job_in, session=session, check_hub=True)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
         memory, disk = estimate(

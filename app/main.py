@@ -38,12 +38,11 @@ tcp_nodelay.install()  # before uvicorn accepts a connection in this process
 # about 2 ms (bench/load, docs/benchmarks.md#the-api-under-load).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-DESCRIPTION = """Queue, run and watch full fine-tuning jobs (Unsloth + TRL) on your own GPU hosts.
-
-The `/v1` routes are an OpenAI-compatible view of the same jobs and files, for the official
+# Below the summary (create_app), which /docs and /redoc show above it: not repeated here.
+DESCRIPTION = """The `/v1` routes are an OpenAI-compatible view of the same jobs and files, for the official
 `openai` SDK (`base_url="<this server>/v1"`, `api_key=` one of the tokens).
 
-When the server sets `API_TOKENS`, every `/jobs`, `/files` and `/v1` call needs
+When the server sets `API_TOKENS`, every `/jobs`, `/files`, `/storage`, `/metrics` and `/v1` call needs
 `Authorization: Bearer <token>`: press **Authorize** and give one of the tokens, and every
 call made from this page sends it. This page, `/redoc`, `/openapi.json` and `/healthz` stay open
 without a token: they show what the API is, not what it holds."""

@@ -40,7 +40,14 @@ class Metrics(BaseModel):
     loss: float | None = None
     learning_rate: float | None = None
     grad_norm: float | None = None
-    tokens_per_second: float | None = None
+    tokens_per_second: float | None = Field(
+        default=None, description="the latest logging window's tokens/s (evaluations and checkpoint saves left out)"
+    )
+    tokens_per_second_mean: float | None = Field(
+        default=None,
+        description="the whole job's tokens/s: all its tokens over all its training time, each attempt's first "
+        "(compiling) step, evaluations and checkpoint saves left out",
+    )
     eval_loss: float | None = Field(default=None, description="the validation set's loss at its latest evaluation")
     eval_step: int | None = Field(default=None, description="the step of that evaluation")
     method_metrics: dict[str, float | None] | None = Field(

@@ -3,7 +3,8 @@
 
 The spec itself (app/schemas.py) checks only shapes: a Hub id, or a local path. Here, at submit,
 each local path is resolved and must lie under ALLOWED_LOCAL_ROOTS (or be an upload) and exist;
-each `file_id` is resolved to its uploaded file's path. The stored spec holds the result, so the
+each `file_id` is resolved to its uploaded file's path; at submit, each Hub id must be in the
+Hugging Face cache or the Hub must answer (app/hub.py). The stored spec holds the result, so the
 trainer reads it as it is, on its own host, without checking it again."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from sqlmodel import Session
 
+from app import hub
 from app.errors import InvalidFields, InvalidSpec
 from core.config import Settings, get_settings
 from core.graders import reward_modules
@@ -46,15 +48,50 @@ def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, 
     return str(resolved), None
 
 
-def checked_sources(job_in: JobSpec, *, session: Session | None = None) -> JobSpec:
+def hub_id_problem(value: str, what: str, kind: hub.Kind, settings: Settings) -> str | None:
+    """Why a job naming this Hub id could only fail (not in the cache, and the Hub cannot be
+    reached), or None."""
+    gap = hub.cache_gap(value, kind)
+    if gap is None:
+        return None
+    hub_now = hub.reachability(kind, timeout_s=settings.hub_probe_timeout_s, interval_s=settings.hub_probe_interval_s)
+    if hub_now.reachable:
+        return None
+    if kind == "dataset":
+        remedy = (
+            f"load it once with datasets.load_dataset({value!r}) where the Hub is reachable, with the HF_HOME "
+            "the workers use, or upload its rows (POST /files) and give dataset.file_id"
+        )
+    else:
+        remedy = (
+            f"download it where the workers read the cache (`hf download {value}`, with the HF_HOME they use), "
+            "or name a model folder under ALLOWED_LOCAL_ROOTS"
+        )
+    return f"{what} {echo(value)} is a Hub id that this server cannot get: {gap}, and {hub_now.why_not}; {remedy}"
+
+
+def checked_sources(job_in: JobSpec, *, session: Session | None = None, check_hub: bool = False) -> JobSpec:
     """The spec with its local paths resolved and checked, and (given a session) each file_id's
-    source set to the uploaded file's path; the stored spec keeps file_id too. Every problem at
-    once, as a 422 naming each field (InvalidFields); an unknown file id is InvalidSpec."""
+    source set to the uploaded file's path; the stored spec keeps file_id too. With `check_hub`
+    (a submit), each Hub id must be cached or the Hub reachable. Every problem at once, as a 422
+    naming each field (InvalidFields); an unknown file id is InvalidSpec."""
     settings = get_settings()
     problems: list[dict[str, str]] = []
+    kinds: dict[str, hub.Kind] = {
+        "model": "model",
+        "chat_template_from": "tokenizer",
+        "dataset.source": "dataset",
+        "validation.source": "dataset",
+    }
 
     def checked(value: str | None, field: str, what: str) -> str | None:
-        if not value or not value.startswith(LOCAL_PATH_PREFIXES):
+        if not value:
+            return value
+        if not value.startswith(LOCAL_PATH_PREFIXES):
+            if check_hub and settings.hub_check_at_submit:
+                problem = hub_id_problem(value, what, kinds[field], settings)
+                if problem:
+                    problems.append({"field": field, "message": problem})
             return value
         resolved, problem = local_path_problem(value, what, settings)
         if problem:

@@ -5,7 +5,9 @@
     finetune download 7 final --dest ./llama-tuned
     finetune verify 7 final
 
-The service's URL and token come from --url / --token or FINETUNE_URL / FINETUNE_TOKEN."""
+The service's URL and token come from --url / --token or FINETUNE_URL / FINETUNE_TOKEN. Local
+paths in a spec are paths on the service's host: ./ and ../ ones are sent made absolute, against
+the spec file's folder (the working directory for --model and --dataset)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ console = Console()
 FINISHED = ("succeeded", "failed", "cancelled")
 GIB = 1024**3
 CHUNK = 1024 * 1024
+# Spec values that are relative local paths: the server resolves a path against its own working
+# directory, which is not the user's, so they are made absolute here (right where the service
+# runs on this machine, as scripts/run does). Hub ids, "~" and absolute paths go as they are.
+RELATIVE_PREFIXES = ("./", "../")
 VERIFY_POLL_S = 1.0
 
 
@@ -47,6 +53,12 @@ class Api:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
+            if response.status_code == 401:
+                detail += (
+                    " (the token given with --token or FINETUNE_TOKEN is not one the server accepts)"
+                    if "Authorization" in self.headers
+                    else " (give one of the server's API_TOKENS with --token or FINETUNE_TOKEN)"
+                )
             console.print(f"[red]{method} {path}: {response.status_code} {detail}[/red]")
             raise typer.Exit(2)
         return response.json() if response.content else None
@@ -60,20 +72,36 @@ def api(url: str, token: str | None) -> Api:
     return Api(url, token)
 
 
+def absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value.startswith(RELATIVE_PREFIXES):
+        return str((base / value).resolve())
+    return value
+
+
 def read_spec(path: Path) -> dict[str, Any]:
-    """A job spec from a .json, .yaml or .yml file."""
+    """A job spec from a .json, .yaml or .yml file, its ./ and ../ paths made absolute against
+    the file's folder."""
     text = path.read_text()
     spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     if not isinstance(spec, dict):
         raise typer.BadParameter(f"{path} holds no job spec (a mapping)")
+    base = path.resolve().parent
+    for key in ("model", "chat_template_from"):
+        if key in spec:
+            spec[key] = absolute(spec[key], base)
+    for key in ("dataset", "validation"):
+        if isinstance(spec.get(key), dict) and "source" in spec[key]:
+            spec[key]["source"] = absolute(spec[key]["source"], base)
     return spec
 
 
 @app.command()
 def submit(
-    spec_file: Annotated[Path | None, typer.Argument(help="a job spec in JSON or YAML")] = None,
-    model: Annotated[str | None, typer.Option(help="overrides the spec's model")] = None,
-    dataset: Annotated[str | None, typer.Option(help="overrides the spec's dataset.source")] = None,
+    spec_file: Annotated[
+        Path | None, typer.Argument(help="a job spec in JSON or YAML (./ and ../ paths: from its folder)")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="overrides the spec's model (./ and ../: from here)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="overrides the spec's dataset.source (likewise)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="overrides hyperparameters.max_steps")] = None,
     follow_job: Annotated[bool, typer.Option("--follow", help="then follow it to the end")] = False,
     url: UrlOption = "http://127.0.0.1:8000",
@@ -82,9 +110,9 @@ def submit(
     """Submit a job from a spec file, flags, or both (flags win)."""
     spec = read_spec(spec_file) if spec_file else {}
     if model:
-        spec["model"] = model
+        spec["model"] = absolute(model, Path.cwd())
     if dataset:
-        spec["dataset"] = {**spec.get("dataset", {}), "source": dataset}
+        spec["dataset"] = {**spec.get("dataset", {}), "source": absolute(dataset, Path.cwd())}
     if max_steps is not None:
         spec["hyperparameters"] = {**spec.get("hyperparameters", {}), "max_steps": max_steps}
     record = api(url, token).call("POST", "/jobs", json=spec)
@@ -169,13 +197,13 @@ def follow(
         Progress(
             TextColumn(f"job {job_id}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[steps]} steps"),
             TextColumn("{task.description}"),
             console=console,
             transient=False,
         ) as progress,
     ):
-        task = progress.add_task("", total=None)
+        task = progress.add_task("", total=None, steps="0/?")
         while True:
             response = http.get(
                 f"/jobs/{job_id}", params={"fields": fields}, headers={"If-None-Match": etag} if etag else {}
@@ -186,7 +214,10 @@ def follow(
                 client.call("GET", f"/jobs/{job_id}")  # says what is wrong, and exits
             assert record is not None
             step, total = record["progress"]["step"], record["progress"]["total_steps"]
-            progress.update(task, completed=step, total=total, description=_status_line(record))
+            # The total is known once the trainer has counted the data: "?" until then.
+            progress.update(
+                task, completed=step, total=total, steps=f"{step}/{total or '?'}", description=_status_line(record)
+            )
             if record["status"] in (*FINISHED, "paused"):
                 break
             time.sleep(interval)

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     # comma-separated names or shell patterns (WANDB_*,AWS_PROFILE) are passed on as well.
     trainer_env_passthrough: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # --- the Hugging Face Hub --------------------------------------------------------------
+    # At submit, a spec's Hub ids (model, chat_template_from, Hub datasets) must be in this host's
+    # Hugging Face cache or the Hub must answer; otherwise the job could only fail once it starts,
+    # so it is a 422. Off for an API that sees neither the Hub nor its workers' cache as they do.
+    hub_check_at_submit: bool = True
+    # Whether the Hub answers is asked once per this many seconds (HF_ENDPOINT, one HEAD request),
+    # and a submit waits at most this long for the answer.
+    hub_probe_interval_s: float = Field(default=60.0, ge=0)
+    hub_probe_timeout_s: float = Field(default=2.0, gt=0, le=30)
+
     # --- datasets ------------------------------------------------------------------------
     # Malformed rows are skipped (and reported) up to this share of a dataset; more refuses the job.
     max_bad_row_fraction: float = Field(default=0.01, ge=0, le=1)

@@ -36,6 +36,11 @@ from tests.builders import SMALL_LLAMA, build_llama, chat_rows, write_jsonl
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
+def read(path: Path) -> str:
+    """A log that may not exist (a job cancelled before its trainer started has none)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 class Stops:
     def __init__(self, service: Service, spec: dict[str, Any], budget_s: float) -> None:
         self.service = service
@@ -95,7 +100,7 @@ class Stops:
             "seconds_to_end": round(ended - cancel_at, 2),
             "message": (final.get("error") or {}).get("message"),
             "requeued": any(k in ("requeued", "retried") for k in kinds),
-            "standby": "takes job" in (self.service.job_dir(job_id) / "trainer.log").read_text(errors="replace"),
+            "standby": "takes job" in read(self.service.job_dir(job_id) / "trainer.log"),
         }
         self.rows.append(row)
         print(json.dumps(row), flush=True)

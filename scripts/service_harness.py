@@ -87,8 +87,14 @@ def process_tree(pid: int) -> list[int]:
 def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     """Live trainer processes of this DATA_DIR (another service on the machine has trainers for
     job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so
-    it is found by its command line and environment."""
+    it is found by its command line and environment; a standby trainer (`-m trainer --standby`)
+    names its job only in the job's trainer.lock, which holds its pid once it has taken one."""
     found = []
+    lock = data_dir.resolve() / "jobs" / str(job_id) / "trainer.lock"
+    try:
+        locked_by = lock.read_text().strip() if job_id is not None else ""
+    except OSError:
+        locked_by = ""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -98,11 +104,16 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if state == "Z" or argv[-2:-1] != [b"trainer"]:
+        standby = argv[-2:] == [b"trainer", b"--standby"]
+        if state == "Z" or (argv[-2:-1] != [b"trainer"] and not standby):
             continue
-        if (
-            job_id is None or argv[-1] == str(job_id).encode()
-        ) and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
+        if job_id is None:
+            of_the_job = True
+        elif standby:
+            of_the_job = locked_by == entry.name
+        else:
+            of_the_job = argv[-1] == str(job_id).encode()
+        if of_the_job and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
             found.append(int(entry.name))
     return found
 

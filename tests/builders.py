@@ -165,6 +165,43 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def cache_hub_model(hub_cache: Path, repo_id: str, files: Path | dict[str, bytes]) -> Path:
+    """Put a model (a folder, or files by name) into a Hugging Face cache as `hf download` would
+    have (models--org--name/refs/main and snapshots/<commit>/), so it loads offline by its Hub id."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    contents = {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()} if isinstance(files, Path) else files
+    for name, data in contents.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def cache_hub_dataset(datasets_cache: Path, repo_id: str, rows: list[dict[str, Any]] | None = None) -> Path:
+    """A Hub dataset as `datasets` keeps it after a first load_dataset (HF_DATASETS_CACHE/
+    org___name/default/0.0.0/<hash>/), so it loads offline by its id: its train split holds
+    `rows`, prepared by datasets' own json builder (without rows, only the folder, a stub). A
+    lowercase name: datasets names the folder of `SomeName` some_name."""
+    *namespace, name = repo_id.split("/")
+    assert name == name.lower(), repo_id
+    folder = datasets_cache / "___".join([*namespace, name]) / "default" / "0.0.0" / ("0" * 16)
+    folder.mkdir(parents=True, exist_ok=True)
+    if rows is None:
+        (folder / "dataset_info.json").write_text("{}")
+        return folder
+    from datasets import load_dataset
+
+    source = write_jsonl(datasets_cache / f"{name}.jsonl", rows)
+    loaded = load_dataset("json", data_files=str(source), split="train", cache_dir=str(datasets_cache / "_prepare"))
+    prepared = Path(loaded.cache_files[0]["filename"]).parent
+    (folder / "dataset_info.json").write_bytes((prepared / "dataset_info.json").read_bytes())
+    (folder / f"{name}-train.arrow").write_bytes((prepared / "json-train.arrow").read_bytes())
+    return folder
+
+
 # ---- rows of the preference and reward methods -----------------------------------------------------
 
 

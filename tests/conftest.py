@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +28,12 @@ from scripts.service_harness import (  # noqa: F401  (process_tree, trainer_pids
     trainer_pids,
     wait_until,
 )
-from tests.builders import build_llama, chat_rows, write_jsonl
+from tests.builders import TINY, build_llama, cache_hub_dataset, cache_hub_model, chat_rows, write_jsonl
+
+# The Hub is the one thing tests cannot reach (HF_HUB_OFFLINE): these Hub ids are in the tests' own
+# Hugging Face cache (hf_home), as stubs that a submit accepts and nothing trains on.
+HUB_MODEL, HUB_DATASET = "test-org/stub-llama", "test-org/stub-chat"
+HUB_SPEC = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}}
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +73,19 @@ def tiny_model(models_root: Path) -> Path:
     return build_llama(models_root / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """HF_HOME for the tests' processes, never the developer's own cache (whose contents would
+    change what a submit plans): HUB_MODEL (a tiny Llama's config, tokenizer and weights file
+    names; nothing loads) and HUB_DATASET (a datasets cache folder) in it."""
+    home = tmp_path_factory.mktemp("hf-home")
+    config = {"model_type": "llama", "vocab_size": 512, "max_position_embeddings": 4096, **TINY}
+    stub = {"config.json": json.dumps(config).encode(), "tokenizer_config.json": b"{}", "model.safetensors": b""}
+    cache_hub_model(home / "hub", HUB_MODEL, stub)
+    cache_hub_dataset(home / "datasets", HUB_DATASET)
+    return home
+
+
 @dataclass
 class Env:
     data_dir: Path
@@ -80,7 +99,9 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+def env(
+    tmp_path: Path, redis_url: str, models_root: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Env]:
     """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
     data_dir, datasets_dir = tmp_path / "data", tmp_path / "datasets"
     datasets_dir.mkdir()
@@ -102,14 +123,19 @@ def env(tmp_path: Path, redis_url: str, models_root: Path, monkeypatch: pytest.M
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": str(hf_home / "hub"),
+        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
     }
     for key, value in variables.items():
         monkeypatch.setenv(key, value)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import: tell the already-imported module too.
+    # huggingface_hub reads these once, at import: tell the already-imported module too.
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_home / "hub"))
     clear_caches()
     migrate()
     yield Env(data_dir, datasets_dir, redis_url, queue_name, variables)

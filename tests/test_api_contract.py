@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Env
+from tests.conftest import HUB_DATASET, HUB_MODEL, HUB_SPEC, Env
 
 TOO_BIG = 2**63  # one past the largest integer the database holds
-SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+SPEC = HUB_SPEC  # Hub ids in the tests' Hugging Face cache
 
 
 def with_tokens(monkeypatch: pytest.MonkeyPatch, tokens: str) -> None:
@@ -55,7 +55,7 @@ def test_a_file_id_past_the_database_range_is_422(client: httpx.Client, env: Env
 
 @pytest.mark.parametrize("field", ["model", "dataset.source", "chat_template_from", "validation.source"])
 def test_a_home_folder_that_does_not_exist_is_422(client: httpx.Client, env: Env, field: str) -> None:
-    spec: dict = {"model": "org/m", "dataset": {"source": "org/d"}}
+    spec: dict = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}}
     value = "~nosuchuser/models/x"
     if field == "dataset.source":
         spec["dataset"] = {"source": value}
@@ -218,6 +218,14 @@ def test_docs_and_redoc_load_every_asset_from_this_host(client: httpx.Client, en
             response = client.get(url)
             assert response.status_code == 200 and len(response.content) > 1000, (page, url)
     assert "/docs-assets" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_docs_show_the_summary_sentence_once(client: httpx.Client, env: Env) -> None:
+    """Swagger UI and ReDoc show the summary, then the description beneath it."""
+    info = client.get("/openapi.json").json()["info"]
+    assert info["summary"].startswith("Queue, run and watch full fine-tuning jobs")
+    assert info["summary"] not in info["description"]
+    assert info["description"].startswith("The `/v1` routes are an OpenAI-compatible view")
 
 
 def test_deeply_nested_json_is_422_saying_so_and_only_after_the_token(

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from rq import Queue
 
-from tests.conftest import Env, job_spec
+from tests.conftest import HUB_DATASET, HUB_MODEL, Env, job_spec
 
 
 def submit(client: httpx.Client, spec: dict) -> httpx.Response:
@@ -142,12 +142,9 @@ def test_body_that_is_not_a_spec_is_422(client: httpx.Client, env: Env, content:
     assert response.json()["errors"][0]["field"] == "body"
 
 
-def test_hub_ids_are_accepted_without_a_local_check(client: httpx.Client, env: Env) -> None:
-    spec = {
-        "model": "meta-llama/Llama-3.1-8B",
-        "dataset": {"source": "allenai/tulu-3-sft-mixture"},
-        "chat_template_from": "allenai/Llama-3.1-Tulu-3-8B",
-    }
+def test_hub_ids_are_accepted_without_a_local_path_check(client: httpx.Client, env: Env) -> None:
+    # In the tests' Hugging Face cache: tests/test_hub.py has the ids that are not.
+    spec = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}, "chat_template_from": HUB_MODEL}
     response = submit(client, spec)
     assert response.status_code == 201
     assert response.json()["spec"]["hyperparameters"]["gradient_accumulation_steps"] == 64

@@ -5,8 +5,11 @@ that continues with an HTTP Range request and checks every file's sha256."""
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -14,6 +17,7 @@ from client.cli import app
 from tests.conftest import Env, Service, job_spec
 
 runner = CliRunner()
+TOKEN = "s3cret"
 
 
 def finetune(service: Service, *args: str) -> tuple[int, str]:
@@ -83,3 +87,62 @@ def test_estimate_cancel_and_follow_of_a_cancelled_job(
 
     code, output = finetune(service, "cancel", job_id)
     assert code == 2 and "409" in output and "has already finished" in output
+
+
+@pytest.fixture
+def api_with_token(env: Env, tmp_path: Path) -> Iterator[Service]:
+    """The API alone, with API_TOKENS set: no worker, so a job stays queued until cancelled."""
+    running = Service(
+        tmp_path / "api", data_dir=env.data_dir, redis_url=env.redis_url, settings={**env.vars, "API_TOKENS": TOKEN}
+    )
+    try:
+        yield running.start(worker=False)
+    finally:
+        running.stop()
+
+
+def finetune_with(service: Service, token: str | None, *args: str) -> tuple[int, str]:
+    variables = {"COLUMNS": "160", "FINETUNE_TOKEN": token}
+    result = runner.invoke(app, [*args, "--url", service.url], catch_exceptions=False, env=variables)
+    return result.exit_code, result.output
+
+
+def test_a_401_says_where_the_token_goes(api_with_token: Service, env: Env) -> None:
+    code, output = finetune_with(api_with_token, None, "list")
+    assert code == 2 and "401" in output, output
+    assert "(give one of the server's API_TOKENS with --token or FINETUNE_TOKEN)" in output
+    code, output = finetune_with(api_with_token, "not-it", "list")
+    assert code == 2 and "(the token given with --token or FINETUNE_TOKEN is not one the server accepts)" in output
+
+
+def test_relative_paths_are_sent_against_the_spec_files_folder_and_a_bar_without_total_shows_a_question_mark(
+    api_with_token: Service,
+    env: Env,
+    tiny_model: Path,
+    chat_dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = job_spec(tiny_model, chat_dataset)
+    spec["model"] = os.path.relpath(tiny_model, tmp_path)
+    spec["dataset"] = {"source": "./" + os.path.relpath(chat_dataset, tmp_path)}
+    assert spec["model"].startswith("../"), spec
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    code, output = finetune_with(api_with_token, TOKEN, "submit", str(spec_file))  # from the repository's root
+    assert code == 0, output
+    http = api_with_token.http()
+    http.headers["Authorization"] = f"Bearer {TOKEN}"
+    stored = http.get("/jobs/1").json()["spec"]
+    assert (stored["model"], stored["dataset"]["source"]) == (str(tiny_model.resolve()), str(chat_dataset.resolve()))
+
+    monkeypatch.chdir(chat_dataset.parent)  # flags: against the working directory
+    code, output = finetune_with(api_with_token, TOKEN, "submit", str(spec_file), "--dataset", f"./{chat_dataset.name}")
+    assert code == 0, output
+    assert http.get("/jobs/2").json()["spec"]["dataset"]["source"] == str(chat_dataset.resolve())
+
+    # Cancelled while queued: no trainer ever counted its steps.
+    code, output = finetune_with(api_with_token, TOKEN, "cancel", "1")
+    code, output = finetune_with(api_with_token, TOKEN, "follow", "1")
+    assert code == 1 and "job 1 cancelled" in output, output
+    assert "0/? steps" in output and "None" not in output

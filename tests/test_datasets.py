@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.builders import MARKED_TEMPLATE, chat_rows, qa_rows, write_jsonl
-from tests.conftest import Env, job_spec, run_to_end
+from tests.conftest import HUB_DATASET, Env, job_spec, run_to_end
 
 GOOD_CHAT = chat_rows(1)[0]
 
@@ -200,7 +200,7 @@ def test_a_local_validation_file_beside_a_hub_dataset_is_checked_before_queuing(
 ) -> None:
     validation = write_jsonl(env.datasets_dir / "qa.jsonl", qa_rows(3))
     spec = job_spec(tiny_model, Path("unused"))
-    spec["dataset"] = {"source": "some-org/some-dataset"}  # the API does not read Hub datasets
+    spec["dataset"] = {"source": HUB_DATASET}  # the API does not read Hub datasets
     spec["validation"] = {"source": str(validation)}
     assert refused(client, spec).startswith("the validation set: the rows have columns ['answer', 'question']")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Env, Service, job_spec, wait_for_status, wait_until
+from tests.conftest import HUB_SPEC, Env, Service, job_spec, wait_for_status, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_submit_train_watch_and_download_final_checkpoint(
         "stalled_since": None,
     }
     assert record["metrics"]["loss"] > 0
-    assert record["metrics"]["tokens_per_second"] > 0
+    assert record["metrics"]["tokens_per_second"] > 0 and record["metrics"]["tokens_per_second_mean"] > 0
     assert record["error"] is None and record["finished_at"] is not None
 
     logs = http.get(f"/jobs/{job_id}/logs").json()["items"]
@@ -121,3 +121,21 @@ def test_cancel_running_job_stops_at_next_step(
         "error": "Conflict",
         "detail": f"job {job_id} has already finished (cancelled); there is nothing to cancel",
     }
+
+
+def test_the_worker_log_says_a_failed_job_failed_where_rq_said_job_ok(service: Service, env: Env) -> None:
+    """RQ logs "Job OK" for any task that returns, and the task returns after recording a failure."""
+    http = service.http()
+    job_id = http.post("/jobs", json=HUB_SPEC).json()["id"]  # a stub in the Hugging Face cache: it cannot load
+    assert wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"})["status"] == "failed"
+    log = service.root / "worker.log"
+    rq_id = f"job-{job_id}-1"
+
+    def rq_lines() -> list[str]:
+        lines = [line for line in log.read_text().splitlines() if "rq.worker" in line and rq_id in line]
+        return lines if any(f"({rq_id})" in line for line in lines) else []
+
+    lines = "\n".join(wait_until(rq_lines, 60, "RQ's line for the job"))
+    assert f": job {job_id} failed ({rq_id})" in lines, lines
+    assert "Job OK" not in lines and "Successfully completed" not in log.read_text()
+    assert f"job {job_id} failed after 0:" in log.read_text()

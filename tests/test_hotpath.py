@@ -11,9 +11,9 @@ from sqlalchemy import update
 from sqlmodel import col
 
 from app.hotpath import HotReads
-from tests.conftest import Env
+from tests.conftest import HUB_SPEC, Env
 
-SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+SPEC = HUB_SPEC  # Hub ids in the tests' Hugging Face cache
 
 
 @pytest.fixture

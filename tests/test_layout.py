@@ -46,3 +46,10 @@ def test_the_worker_loads_the_queue_but_not_the_api() -> None:
 def test_core_needs_neither_fastapi_nor_the_processes() -> None:
     loaded = modules_loaded_by(*[m for m in package_modules("core") if m not in ("core.queue", "core.reconcile")])
     assert loaded.isdisjoint({"app", "worker", "trainer", "fastapi", "starlette", "rq", "torch"})
+
+
+def test_the_api_loads_no_training_library() -> None:
+    """It reads the Hugging Face cache and asks the Hub with huggingface_hub alone (app/hub.py)."""
+    loaded = modules_loaded_by("app.main")
+    assert "huggingface_hub" in loaded
+    assert loaded.isdisjoint({"torch", "transformers", "datasets", "trl", "worker", "trainer"})

@@ -12,7 +12,7 @@ import pytest
 from core.planner import GIB, fsdp_layout, gpus_needed, plan_memory, shape_from_config
 from core.spec import Hyperparameters
 from tests.builders import LLAMA_3_1_8B, PHI_4_14B, SMALL_LLAMA
-from tests.conftest import Env, job_spec
+from tests.conftest import Env, clear_caches, job_spec
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 LLAMA_70B = {
@@ -229,7 +229,7 @@ def test_rows_counted_before_queuing_bound_the_checkpoints(
 
 
 def test_hub_model_without_reachable_config_cannot_be_estimated(
-    client: httpx.Client, env: Env, chat_dataset: Path
+    client: httpx.Client, env: Env, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = job_spec(Path("x"), chat_dataset)
     spec["model"] = "no-such-org/no-such-model"
@@ -237,7 +237,10 @@ def test_hub_model_without_reachable_config_cannot_be_estimated(
     assert response.status_code == 422
     assert response.json()["error"] == "CannotPlan"
     assert response.json()["detail"].startswith("config.json of 'no-such-org/no-such-model' could not be fetched")
-    # Submitting does not wait on the Hub: the job is queued unplanned, and the event says so.
+    # Submitting does not wait on the Hub: the job is queued unplanned, and the event says so (with
+    # the check of the Hub and its cache off: tests/test_hub.py has it on).
+    monkeypatch.setenv("HUB_CHECK_AT_SUBMIT", "false")
+    clear_caches()
     job = client.post("/jobs", json=spec).json()
     event = client.get(f"/jobs/{job['id']}/events").json()["items"][0]["message"]
     assert event.startswith(

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from tests.conftest import Env
+from tests.conftest import HUB_SPEC, Env
 
-SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+SPEC = HUB_SPEC  # Hub ids in the tests' Hugging Face cache
 
 
 def submit(client: httpx.Client) -> int:

@@ -21,18 +21,18 @@ from rq.utils import current_timestamp
 from sqlalchemy import update
 from sqlmodel import col
 
-from tests.conftest import Env
+from tests.conftest import HUB_SPEC, Env
 
-# A Hub id is a valid spec without building a model: nothing here trains.
-SPEC = {"model": "meta-llama/Llama-3.1-8B", "dataset": {"source": "allenai/tulu-3-sft-mixture"}}
+# Hub ids are a valid spec without building a model (stubs in the tests' Hugging Face cache):
+# nothing here trains.
+SPEC = HUB_SPEC
 NOTHING_DONE = {"requeued_lost_queued": 0, "recovered_stale_running": 0}
 LOST_QUEUED_MESSAGE = "the queue had lost this job (Redis restarted?); enqueued it again"
-# The Hub is offline in tests, so a Hub model is queued unplanned and a Hub dataset unchecked, and
-# its first event says so.
+# A Hub dataset is checked when the job starts, and its first event says so; the model is planned
+# from its cached config.json (a tiny one).
 QUEUED_MESSAGE = (
-    "job accepted and queued; the dataset is read and checked when the job starts; not planned "
-    "before queuing: config.json of 'meta-llama/Llama-3.1-8B' could not be fetched: "
-    "LocalEntryNotFoundError"
+    "job accepted and queued; the dataset is read and checked when the job starts; "
+    "planned peak GPU memory 1.0 GiB (GPU size unknown)"
 )
 ABANDONED = "the worker running this job stopped (RQ reported it abandoned)"
 STALE = "its worker has not reported for over 5 s"

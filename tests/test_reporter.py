@@ -95,3 +95,46 @@ def test_tokens_per_second_leaves_out_the_first_step_and_evaluations(
         assert (job.metrics["loss"], job.metrics["eval_loss"], job.metrics["eval_step"]) == (1.8, 1.4, 5)
     assert reporter.first_step_seconds == 40.0
     assert reporter.evaluated_at(2) and reporter.evaluated_at(5) and not reporter.evaluated_at(4)
+
+
+def test_tokens_per_second_is_the_last_windows_and_the_mean_the_whole_jobs_across_attempts(
+    env: Env, job_id: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.db import session_scope
+    from core.models import Job
+    from trainer import callbacks
+
+    clock = Clock()
+    monkeypatch.setattr(callbacks.time, "monotonic", clock)
+    args = TrainingArguments(output_dir=str(tmp_path), save_steps=1000, report_to="none", use_cpu=True)
+
+    def attempt(windows: list[list[float]]) -> dict:
+        """One trainer process: a first step of 40 s, then each window's steps (seconds, 1000
+        tokens each), logged at the window's end. Its token count starts again at 0."""
+        tokens = [0.0]
+        reporter = callbacks.JobReporter(
+            job_id=job_id,
+            memory=NoMemory(),  # type: ignore[arg-type]
+            checkpoints_dir=tmp_path,
+            tokens_trained=lambda: tokens[0],
+            paused_seconds=lambda: 0.0,
+        )
+        state, control = TrainerState(max_steps=10), TrainerControl()
+        reporter.on_train_begin(args, state, control)
+        for window in [[40.0], *windows]:
+            for seconds in window:
+                clock.now += seconds
+                tokens[0] += 1000
+                state.global_step += 1
+                reporter.on_step_end(args, state, control)
+            if window != [40.0]:
+                reporter.on_log(args, state, control, logs={"loss": 2.0})
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.metrics is not None
+            return dict(job.metrics)
+
+    metrics = attempt([[1.0, 1.0], [4.0, 4.0]])  # 1000 tokens/s, then 250
+    assert (metrics["tokens_per_second"], metrics["tokens_per_second_mean"]) == (250.0, 400.0)  # 4000 in 10 s
+    metrics = attempt([[1.0, 1.0]])  # resumed: 2000 more tokens in 2 s, its first step left out too
+    assert (metrics["tokens_per_second"], metrics["tokens_per_second_mean"]) == (1000.0, 500.0)  # 6000 in 12 s

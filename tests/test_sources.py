@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.builders import chat_rows, write_jsonl
-from tests.conftest import Env, job_spec, run_to_end
+from tests.conftest import Env, clear_caches, job_spec, run_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,11 @@ def test_hub_shaped_names_never_read_a_relative_local_folder(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`x/m` passes the API as a Hub id. A folder `x/m` under the worker's working directory (here
-    a copy of a model that trains, or of a dataset) must not be what the trainer loads."""
+    """`x/m` passes the API as a Hub id (with the check of the Hub and its cache off, as where the
+    workers see another cache). A folder `x/m` under the worker's working directory (here a copy of
+    a model that trains, or of a dataset) must not be what the trainer loads."""
+    monkeypatch.setenv("HUB_CHECK_AT_SUBMIT", "false")
+    clear_caches()
     workdir = tmp_path / "worker-cwd"
     shutil.copytree(tiny_model, workdir / "x" / "m")
     write_jsonl(workdir / "x" / "d.jsonl", chat_rows(16))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Env
+from tests.conftest import HUB_DATASET, HUB_MODEL, Env
 
 
 def test_a_spec_validates_without_reading_settings_or_the_filesystem() -> None:
@@ -49,7 +49,7 @@ def test_submit_names_every_unusable_path_at_once(client: httpx.Client, env: Env
 
 
 def test_a_source_and_a_file_id_together_are_refused_at_submit(client: httpx.Client, env: Env) -> None:
-    response = client.post("/jobs", json={"model": "org/model", "dataset": {"source": "org/data", "file_id": 1}})
+    response = client.post("/jobs", json={"model": HUB_MODEL, "dataset": {"source": HUB_DATASET, "file_id": 1}})
     assert response.status_code == 422, response.text
     assert response.json()["errors"] == [
         {"field": "dataset", "message": "give either dataset.source or dataset.file_id, not both"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -402,6 +404,59 @@ def test_many_watchers_of_a_running_job_share_one_read_per_interval(
         assert [step for event, step in seen if event == "log"] == [10, 20, 30, 40, 50, 60]
         assert [status for event, status in seen if event == "job"][-1] == "succeeded"
     assert not watch.FEEDS  # the feed stopped with the job
+
+
+# The page's own script run by node (the charts are drawn in the browser), with a DOM that records
+# what it is asked to make.
+CHART_HARNESS = """
+const vm = require("vm");
+function element(tag) {
+  return {tag, attrs: {}, children: [], style: {}, dataset: {},
+    setAttribute(k, v) { this.attrs[k] = String(v); }, append(...c) { this.children.push(...c); },
+    prepend() {}, replaceChildren(...c) { this.children = c; }};
+}
+const elements = {};
+const context = vm.createContext({
+  document: {documentElement: {dataset: {jobId: "1"}}, getElementById: (id) => (elements[id] ||= element("div")),
+             createElement: element, createElementNS: (ns, tag) => element(tag)},
+  requestAnimationFrame: () => {}, setTimeout: () => {}, fetch: async () => ({ok: false}),
+  EventSource: class { addEventListener() {} close() {} },
+  URLSearchParams, console,
+});
+vm.runInContext(process.argv[1], context);
+const svg = element("svg");
+const steps = Array.from({length: 101}, (_, i) => i * 10);
+vm.runInContext("chart", context)(svg, [
+  {label: "loss", color: "#3b82f6", points: steps.map((s) => [s, 10 * 0.01 ** (s / 1000)])},
+  {label: "eval loss", color: "#f59e0b", dots: true, points: [[500, 1], [1000, 0.1]]},
+], "log", "no data");
+const yAxis = vm.runInContext("yAxis", context);
+console.log(JSON.stringify({
+  texts: svg.children.filter((c) => c.tag === "text").map((c) => c.textContent),
+  lines: svg.children.filter((c) => c.tag === "polyline").slice(1)
+    .map((c) => c.attrs.points.split(" ").map((p) => +p.split(",")[1])),
+  dots: svg.children.filter((c) => c.tag === "circle").map((c) => +c.attrs.cy),
+  linear: yAxis([1, 2, 3], "data").at(2), zeroBased: yAxis([2, 4], "zero").at(2),
+  logWithZero: yAxis([0, 1], "log").log, narrow: yAxis([1.2, 1.8], "log").ticks,
+}));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node runs the page's script; it is not installed")
+def test_the_loss_chart_draws_train_and_eval_loss_on_one_log_axis(client: TestClient) -> None:
+    script = client.get("/static/watch/watch.js").text
+    ran = subprocess.run(["node", "-e", CHART_HARNESS, script], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    drawn = json.loads(ran.stdout)
+    # A loss falling from 10 to 0.1: each tenth takes the same height, labelled at the powers of ten.
+    assert [t for t in drawn["texts"] if t in ("10", "1", "0.1", "log scale")] == ["0.1", "1", "10", "log scale"]
+    loss, eval_loss = drawn["lines"]
+    assert loss[0] - loss[50] == pytest.approx(loss[50] - loss[100], abs=0.2)  # 10 -> 1 -> 0.1
+    assert drawn["dots"] == pytest.approx([loss[50], loss[100]], abs=0.2)  # eval loss on the same axis
+    assert eval_loss == drawn["dots"]
+    # Other charts stay linear, and a loss of 0 or less cannot sit on a log axis: linear then.
+    assert (drawn["linear"], drawn["zeroBased"], drawn["logWithZero"]) == (0.5, 0.5, False)
+    assert drawn["narrow"] == [1.2, 1.8]  # no 1-2-5 tick inside: the ends are labelled
 
 
 def test_watch_page_charts_the_figures_of_the_job_s_method(client: TestClient) -> None:

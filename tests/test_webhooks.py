@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Env, clear_caches, job_spec, run_to_end
+from tests.conftest import HUB_SPEC, Env, clear_caches, job_spec, run_to_end
 
 SECRET = "whsec_" + base64.b64encode(b"a secret of the operator").decode()
 
@@ -135,7 +135,7 @@ def test_a_webhook_to_a_host_the_operator_did_not_allow_is_refused_at_submit(
 def test_a_webhook_url_that_does_not_parse_is_a_422_not_a_500(
     client: httpx.Client, env: Env, receiver: Receiver
 ) -> None:
-    spec = {"model": "org/model", "dataset": {"source": "org/data"}, "webhooks": [{"url": "http://[::1/hook"}]}
+    spec = {**HUB_SPEC, "webhooks": [{"url": "http://[::1/hook"}]}
     response = client.post("/jobs", json=spec)
     assert response.status_code == 422 and response.json()["errors"][0]["field"] == "webhooks.0.url"
 

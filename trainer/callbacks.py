@@ -146,6 +146,10 @@ class JobReporter(TrainerCallback):
         # (wall time, tokens seen, seconds paused) at the start of the tokens/s window:
         # it opens after the first step (which compiles) and leaves out evaluations and checkpoint saves.
         self._last_log: tuple[float, float, float] | None = None
+        # The same at the end of this attempt's first step, for the whole job's mean tokens/s, and
+        # (tokens, seconds) of training that earlier attempts of the job recorded.
+        self._since_first_step: tuple[float, float, float] | None = None
+        self._earlier_totals: tuple[float, float] | None = None
         self.first_step_seconds: float | None = None
         self.overhead_s = 0.0
         self._train_start = 0.0
@@ -263,6 +267,7 @@ class JobReporter(TrainerCallback):
         now = time.monotonic()
         tokens = self.tokens_trained()
         paused = self.paused_seconds()
+        self._since_first_step = self._since_first_step or self._last_log
         tokens_per_second = None
         step_seconds: tuple[float, int] | None = None  # (seconds per step in this window, steps)
         if self._last_log is not None:
@@ -281,6 +286,7 @@ class JobReporter(TrainerCallback):
         own = method_metrics(logs)
         slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:
+            metrics.update(self._whole_job_throughput(session, now, tokens, paused))
             self._write_log(
                 session,
                 state,
@@ -298,6 +304,22 @@ class JobReporter(TrainerCallback):
                     kind=EventKind.slowdown,
                     message=f"{slowdown} (step {state.global_step})",
                 )
+
+    def _whole_job_throughput(self, session: Session, now: float, tokens: float, paused: float) -> dict[str, Any]:
+        """tokens_per_second_mean: the whole job's tokens over its training time, each attempt's
+        after its first step, evaluations and saves left out as for the window's figure; the
+        totals it comes from are kept in the job's metrics for the attempts that follow."""
+        if self._since_first_step is None:
+            return {}
+        if self._earlier_totals is None:
+            job = session.get(Job, self.job_id)
+            totals = ((job.metrics if job is not None else None) or {}).get("training_totals") or {}
+            self._earlier_totals = (float(totals.get("tokens") or 0), float(totals.get("seconds") or 0))
+        started, tokens_then, paused_then = self._since_first_step
+        trained = self._earlier_totals[0] + tokens - tokens_then
+        seconds = self._earlier_totals[1] + (now - started) - (paused - paused_then)
+        mean = round(trained / seconds, 1) if seconds > 0 and trained > 0 else None
+        return {"tokens_per_second_mean": mean, "training_totals": {"tokens": trained, "seconds": round(seconds, 3)}}
 
     def _write_eval(
         self, session: Session, state: TrainerState, eval_loss: float | None, own: dict[str, float | None]

@@ -15,6 +15,7 @@ import redis.exceptions
 import typer
 from rq import Worker
 from rq.exceptions import StopRequested
+from rq.job import Job
 from sqlalchemy.orm import configure_mappers
 
 from core.checkpoint_files import hash_unfinished
@@ -33,6 +34,37 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RESTART_WAIT_MAX_S = 30.0
+
+
+class TrainingJob(Job):
+    """RQ's job, keeping what its task returned: run_job's word for how the training job ended."""
+
+    outcome: Any = None
+
+    def perform(self) -> Any:
+        self.outcome = super().perform()
+        return self.outcome
+
+
+class OutcomeInRqLines(logging.Filter):
+    """RQ logs "Job OK" and "Successfully completed" for any task that returns, and run_job returns
+    after it has recorded a training job that failed or was cancelled too: in the work horse,
+    those two lines of RQ's say how the training job ended instead."""
+
+    def __init__(self, job: TrainingJob) -> None:
+        super().__init__()
+        self.job = job
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.job.outcome is None or not isinstance(record.args, tuple) or not self.job.args:
+            return True
+        ended = f"job {self.job.args[0]} {self.job.outcome}"
+        if any("Job OK" in str(arg) for arg in record.args):
+            record.args = tuple(ended if "Job OK" in str(arg) else arg for arg in record.args)
+        elif str(record.msg).startswith("Successfully completed") and len(record.args) == 3:
+            # (description or RQ's id, time taken, worker name)
+            record.msg, record.args = f"{ended} after %s on worker %s", record.args[1:]
+        return True
 
 
 class FinetuneWorker(Worker):
@@ -141,6 +173,17 @@ class FinetuneWorker(Worker):
             self.redis_away("heartbeat while a job runs", exc)
         else:
             self.redis_back()
+
+    job_class = TrainingJob
+
+    def perform_job(self, job: Any, queue: Any, execution: Any) -> bool:
+        lines = OutcomeInRqLines(job)
+        rq_logger = logging.getLogger("rq.worker")
+        rq_logger.addFilter(lines)
+        try:
+            return bool(super().perform_job(job, queue, execution))
+        finally:
+            rq_logger.removeFilter(lines)
 
     def execute_job(self, job: Any, queue: Any) -> None:
         if self.standby is not None:

@@ -89,8 +89,38 @@ function showMethod(job, figures) {
   }));
 }
 
-// series: [{label, color, dots?, points: [[step, value], ...]}]; draws axes, min/max labels, polylines.
-function chart(svg, series, fromZero, emptyText) {
+// The y axis of a chart: where a value sits, from 0 (bottom) to 1 (top), and the values to label.
+// "log": a loss falls by orders of magnitude in a run's first steps and then by hundredths, which a
+// linear axis flattens into a line; train and eval loss share it (one unit). Values of 0 or less
+// cannot be drawn on it: then the axis is linear. "zero": linear from 0; "data": linear, min to max.
+function yAxis(values, kind) {
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (kind === "log" && lo > 0) {
+    const a = Math.log10(lo), b = Math.max(Math.log10(hi), a + 1e-3);
+    const at = (v) => (Math.log10(v) - a) / (b - a);
+    // The ends, and 1-2-5 values between them (over several decades, the powers of ten alone),
+    // each at least a tenth of the height from the next.
+    let inner = [];
+    for (let e = Math.floor(a); e <= Math.ceil(b); e++) {
+      for (const m of [1, 2, 5]) inner.push(+(m * 10 ** e).toPrecision(12));
+    }
+    inner = inner.filter((t) => t > lo && t < hi);
+    if (inner.length > 6) inner = inner.filter((t) => Math.abs(Math.log10(t) % 1) < 1e-9);
+    const ticks = [lo];
+    for (const t of [...inner, hi]) {
+      if (at(t) - at(ticks[ticks.length - 1]) >= 0.1) ticks.push(t);
+      else if (t === hi) ticks[ticks.length - 1] = hi;
+    }
+    return {log: true, ticks, at};
+  }
+  if (kind === "zero") lo = 0;
+  if (hi - lo < 1e-12) { lo -= 0.5; hi += 0.5; }
+  return {log: false, ticks: [lo, hi], at: (v) => (v - lo) / (hi - lo)};
+}
+
+// series: [{label, color, dots?, points: [[step, value], ...]}]; axis: "log", "zero" or "data" (yAxis);
+// draws axes, labelled ticks, polylines.
+function chart(svg, series, axis, emptyText) {
   const W = 600, H = 180, L = 52, R = 10, T = 10, B = 22;
   svg.replaceChildren();
   const pts = series.flatMap((s) => s.points);
@@ -99,14 +129,16 @@ function chart(svg, series, fromZero, emptyText) {
   const lo = (i) => pts.reduce((a, p) => Math.min(a, p[i]), Infinity);
   const hi = (i) => pts.reduce((a, p) => Math.max(a, p[i]), -Infinity);
   const x0 = lo(0), x1 = Math.max(hi(0), x0 + 1);
-  let y0 = fromZero ? 0 : lo(1), y1 = hi(1);
-  if (y1 - y0 < 1e-12) { y0 -= 0.5; y1 += 0.5; }
+  const y = yAxis(pts.map((p) => p[1]), axis);
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (W - L - R);
-  const sy = (y) => H - B - ((y - y0) / (y1 - y0)) * (H - T - B);
+  const sy = (v) => H - B - y.at(v) * (H - T - B);
   const axes = `${L},${T} ${L},${H - B} ${W - R},${H - B}`;
   svg.append(svgNode("polyline", {points: axes, fill: "none", stroke: "#aaa"}));
-  svg.append(svgNode("text", {x: L - 4, y: T + 8, "text-anchor": "end"}, num(y1)));
-  svg.append(svgNode("text", {x: L - 4, y: H - B, "text-anchor": "end"}, num(y0)));
+  for (const t of y.ticks) {
+    const at = sy(t);
+    if (y.log) svg.append(svgNode("line", {x1: L, x2: W - R, y1: at.toFixed(1), y2: at.toFixed(1), stroke: "#eee"}));
+    svg.append(svgNode("text", {x: L - 4, y: Math.min(Math.max(at + 4, T + 8), H - B), "text-anchor": "end"}, num(t)));
+  }
   svg.append(svgNode("text", {x: L, y: H - 6}, `step ${x0}`));
   svg.append(svgNode("text", {x: W - R, y: H - 6, "text-anchor": "end"}, `step ${hi(0)}`));
   series.forEach((s, i) => {
@@ -118,6 +150,7 @@ function chart(svg, series, fromZero, emptyText) {
     const legend = {x: W - R - 4, y: T + 10 + 14 * i, "text-anchor": "end", style: `fill:${s.color}`};
     svg.append(svgNode("text", legend, s.label));
   });
+  if (y.log) svg.append(svgNode("text", {x: W - R - 4, y: T + 10 + 14 * series.length, "text-anchor": "end"}, "log scale"));
 }
 function pointsOf(pick) {
   return logs.filter((r) => pick(r) != null).map((r) => [r.step, pick(r)]);
@@ -131,19 +164,20 @@ function scheduleDraw() {
     chart($("loss-chart"), [
       {label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)},
       {label: "eval loss", color: "#f59e0b", dots: true, points: pointsOf((r) => r.eval_loss)},
-    ], false, empty);
+    ], "log", empty);
     const known = METHOD_FIGURES[method];
     if (known) {
-      // Lengths are in tokens, on another scale: the chart holds the method's first three figures.
+      // Lengths are in tokens, on another scale: the chart holds the method's first three figures,
+      // on a linear axis (margins and rewards go below zero).
       chart($("method-chart"), known.names.slice(0, 3).map((name, i) => (
         {label: name, color: COLORS[i], points: pointsOf((r) => (r.method_metrics || {})[name])}
-      )), false, empty);
+      )), "data", empty);
     }
     // Step logs without memory figures come from a run on the CPU: say so, not "yet".
     chart($("vram-chart"), [
       {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},
       {label: "allocated (torch)", color: "#16a34a", points: pointsOf((r) => r.vram.allocated_gib)},
-    ], true, logs.length ? "no GPU memory figures: this job trains on the CPU" : empty);
+    ], "zero", logs.length ? "no GPU memory figures: this job trains on the CPU" : empty);
   });
 }
 
