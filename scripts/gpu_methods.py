@@ -12,9 +12,8 @@ Phases run in order while the budget lasts (a skipped phase says so):
    Both train on pairs whose every sequence is cut at max_seq_length, so a step is
    micro-batch x accumulation x 2 x max_seq_length tokens, and tokens/s is arithmetic over the
    step times after the first (compiling) one. The reference log-probabilities are precomputed
-   (`--reference model` holds the reference model beside the policy instead: the planner gives an
-   8B DPO job about 72 GiB at sequence 2048 with it, tight on an 80 GB card); the GRPO job below
-   holds one.
+   (planned 53.7 GiB; `--reference model` holds the reference model beside the policy instead:
+   68.7 GiB, tight on an 80 GB card); the GRPO job below holds one.
 3. grpo_service: a GRPO job of a ~300M Llama (backend unsloth, beta 0.04 so the reference model and
    the KL term are there) with a multi grader; checks the reward, KL and completion lengths in the
    step logs and the trainer that ran. If it fails on Unsloth, the same job runs on the

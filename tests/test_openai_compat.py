@@ -119,7 +119,7 @@ def test_a_job_through_the_openai_sdk(
     assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [other.id, job.id]  # the SDK pages on itself
 
     # While it trains: what the SDK makes of refusals.
-    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path)
+    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path, tiny_model)
 
     # Follow the job through its newest events until one says it has ended.
     def ended() -> str | None:
@@ -179,7 +179,7 @@ def test_a_job_through_the_openai_sdk(
         sdk.files.retrieve(held_out.id)
 
 
-def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path) -> None:
+def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path, model: Path) -> None:
     """Bad inputs get the SDK's typed errors with readable messages, none retried."""
     started = time.monotonic()
     with pytest.raises(openai.NotFoundError) as missing:
@@ -203,7 +203,7 @@ def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp
         sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=uploaded.id)
     assert (named.value.param, named.value.code) == ("model", "model_not_supported")
     with pytest.raises(openai.UnprocessableEntityError, match="a preference row needs 'prompt'") as method:
-        sdk.fine_tuning.jobs.create(model="org/model", training_file=uploaded.id, method={"type": "dpo"})
+        sdk.fine_tuning.jobs.create(model=str(model), training_file=uploaded.id, method={"type": "dpo"})
     assert method.value.param == "training_file"  # chat rows, not pairs
     with pytest.raises(openai.BadRequestError, match="file-999 does not exist") as unknown:
         sdk.fine_tuning.jobs.create(model="org/model", training_file="file-999")
