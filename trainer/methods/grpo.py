@@ -96,17 +96,26 @@ def reward_functions(grader: Any) -> list[Callable[..., Any]]:
 
 
 class GeneratedTokensMixin:
-    """GRPO's micro-batches are generated inside the trainer (`_prepare_inputs`): the tokens trained
-    are their prompts' and completions' (attention masks, device tensors read once per log)."""
+    """GRPO's micro-batches are generated inside the trainer (`_prepare_inputs`, which the training
+    step calls): the tokens trained are their prompts' and completions' (attention masks, device
+    tensors read once per log). Counted only within a training step, not in evaluation's, whatever
+    mode generation left the model in."""
 
-    model: Any
+    _in_training_step = False
 
     def batch_tokens(self, inputs: Any) -> Any:
         return 0  # counted once generated, below
 
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._in_training_step = True
+        try:
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._in_training_step = False
+
     def _prepare_inputs(self, generation_batch: Any) -> Any:
         inputs = super()._prepare_inputs(generation_batch)  # type: ignore[misc]
-        if self.model.training and isinstance(inputs, Mapping) and "completion_mask" in inputs:
+        if self._in_training_step and isinstance(inputs, Mapping) and "completion_mask" in inputs:
             self.count_tokens(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())  # type: ignore[attr-defined]
         return inputs
 
