@@ -19,7 +19,9 @@ Phases run in order while the budget lasts (a skipped phase says so):
    step logs and the trainer that ran. If it fails on Unsloth, the same job runs on the
    transformers backend too, to tell Unsloth's part from ours.
 
-Writes OUT/methods.json (card, date, versions, every figure) and prints a table; exits 1 on a failed
+Works under --out (models, services, checkpoints: keep it under /tmp, as docs/gpu.md says) and
+writes RESULTS/methods.json (card, date, versions, every figure) with the logs beside it (RESULTS
+defaults to OUT; point it at $OUT on the lent machine), and prints a table; exits 1 on a failed
 check. `--cpu-smoke` runs the whole script on a tiny model with the transformers backend on the CPU:
 it checks this script, not Unsloth."""
 
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -211,6 +214,8 @@ class Methods:
         self.args = args
         self.out: Path = args.out
         self.out.mkdir(parents=True, exist_ok=True)
+        self.results_dir: Path = args.results or args.out
+        self.results_dir.mkdir(parents=True, exist_ok=True)
         self.deadline = time.monotonic() + args.budget_s
         self.checks: list[tuple[str, bool, str]] = []
         self.results: dict[str, Any] = {"card": None, "date": time.strftime("%Y-%m-%d"), "cpu_smoke": args.cpu_smoke}
@@ -232,7 +237,18 @@ class Methods:
 
     def save(self) -> None:
         self.results["checks"] = self.checks
-        (self.out / "methods.json").write_text(json.dumps(self.results, indent=2))
+        (self.results_dir / "methods.json").write_text(json.dumps(self.results, indent=2))
+
+    def keep_logs(self) -> None:
+        """The logs (small) beside methods.json: the bare script's, and each service's processes' and
+        trainers'."""
+        if self.results_dir == self.out:
+            return
+        logs = self.results_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for path in [*self.out.glob("*.log"), *self.out.glob("*/*.log"), *self.out.glob("*/data/jobs/*/trainer*.log")]:
+            name = "-".join(path.relative_to(self.out).parts)
+            shutil.copyfile(path, logs / name)
 
     def card(self) -> tuple[str, int | None]:
         if self.args.cpu_smoke:
@@ -369,8 +385,9 @@ class Methods:
         step_ends = [(row["step"], iso(row["created_at"])) for row in logs]
         tokens_step = args.micro_batch * args.grad_accum * 2 * args.seq_len
         reported = [row["tokens_per_second"] for row in logs[1:] if row["tokens_per_second"]]
-        result_file = self.out / "dpo-service" / "data" / "jobs" / str(job_id) / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        job_dir = self.out / "dpo-service" / "data" / "jobs" / str(job_id)
+        result = json.loads((job_dir / "result.json").read_text()) if (job_dir / "result.json").exists() else {}
+        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)  # 16 GB for the 8B shape: the disk is needed
         vram = record.get("vram") or {}
         return {
             "job_id": job_id,
@@ -495,6 +512,7 @@ class Methods:
                     self.results["grpo_service_transformers"] = self.grpo_service("transformers")
         finally:
             self.save()
+            self.keep_logs()
         print_table(self.results, self.checks)
         return 0 if all(ok for _name, ok, _detail in self.checks) else 1
 
@@ -545,7 +563,8 @@ def print_table(results: dict[str, Any], checks: list[tuple[str, bool, str]]) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", default="all", choices=["all", "bare-dpo"])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-methods"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-methods"), help="work folder (under /tmp)")
+    parser.add_argument("--results", type=Path, default=None, help="methods.json and the logs (default: --out)")
     parser.add_argument("--workdir", default="/tmp/bench", help="where bench/ builds the 8B shape (shared with it)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S)
     parser.add_argument("--shape", default="llama-3.1-8b")
