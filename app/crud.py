@@ -22,6 +22,7 @@ from core.config import get_settings
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
+from core.methods import METHOD_OPTIONS, SFT_OPTIONS
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from core.planner import (
     DiskPlan,
@@ -49,6 +50,8 @@ LATER_OPTION_DEFAULTS: dict[str, object] = {
     "gpus": 1,
     "strategy": "auto",
     "priority": 0,
+    "method": "sft",
+    "grader": None,
 }
 
 
@@ -58,6 +61,7 @@ def estimate(
     gpu_memory_bytes: int | None = None,
     allow_network: bool = True,
     training_rows: int | None = None,
+    row_format: str | None = None,
 ) -> tuple[MemoryPlan, DiskPlan]:
     """Plan a spec's GPU memory and disk. The GPU: the one asked for, else the operator's
     GPU_MEMORY_BYTES, else the smallest a live worker reported. `training_rows`, when the data
@@ -74,10 +78,14 @@ def estimate(
     hp = job_in.hyperparameters
     strategy = resolved_strategy(job_in, shape, gpu_memory_bytes)
     backend = job_in.backend
-    memory = plan_memory(shape, hp, gpu_memory_bytes, gpus=job_in.gpus, strategy=strategy, backend=backend)
+    method = job_in.method
+    memory = plan_memory(
+        shape, hp, gpu_memory_bytes, gpus=job_in.gpus, strategy=strategy, backend=backend, method=method
+    )
     if gpu_memory_bytes:
-        memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes, backend))
-    return memory, plan_disk(shape, hp, settings.data_dir, rows=training_rows)
+        memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes, backend, method))
+    disk = plan_disk(shape, hp, settings.data_dir, rows=training_rows, method=method, row_format=row_format)
+    return memory, disk
 
 
 def gpus_refusal(job_in: JobSpec) -> str | None:
@@ -112,7 +120,12 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
     job_in = checked_sources(job_in, session=session, check_hub=True, project_id=identity.project_id)
     data_check = datacheck.check_before_queuing(session=session, job_in=job_in)
     try:
-        memory, disk = estimate(job_in=job_in, allow_network=False, training_rows=data_check.training_rows)
+        memory, disk = estimate(
+            job_in=job_in,
+            allow_network=False,
+            training_rows=data_check.training_rows,
+            row_format=data_check.report.row_format if data_check.report else None,
+        )
     except PlanError as exc:
         plan_note = f"not planned before queuing: {exc}"
     else:
@@ -129,6 +142,9 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
     for later_option, default in LATER_OPTION_DEFAULTS.items():  # likewise, at their defaults
         if spec[later_option] == default:
             del spec[later_option]
+    for option in METHOD_OPTIONS:  # another method's hyperparameters, which are null
+        if spec["hyperparameters"].get(option, 0) is None and option not in SFT_OPTIONS:
+            del spec["hyperparameters"][option]
     job = Job(
         spec=spec,
         data_report=data_check.report.model_dump() if data_check.report else None,

@@ -16,6 +16,8 @@ from sqlmodel import Session, col, select
 
 from app.errors import BadRequest, NotFound, OpenAICode
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
+from core.graders import Grader
+from core.methods import METHODS
 from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
 from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy, echo
 
@@ -110,10 +112,47 @@ class OpenAIHyperparameters(BaseModel):
     )
 
 
+AutoBeta = Annotated[
+    Annotated[float, Field(ge=0, le=100)] | None,
+    BeforeValidator(_auto),
+    _auto_or({"type": "number", "minimum": 0, "maximum": 100}),
+]
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hyperparameters: OpenAIHyperparameters | None = None
+
+
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: AutoBeta = Field(default=None, description="-> hyperparameters.beta (DPO's default 0.1)")
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class ReinforcementHyperparameters(OpenAIHyperparameters):
+    """OpenAI's reinforcement hyperparameters: batch_size counts prompts (each gets num_generations
+    completions); those that steer OpenAI's own sampling and evaluation loop are "auto" only."""
+
+    compute_multiplier: Any = Field(default=None, description='"auto" only: num_generations sets the samples')
+    eval_interval: Any = Field(default=None, description='"auto" only: native eval_steps')
+    eval_samples: Any = Field(default=None, description='"auto" only')
+    reasoning_effort: Any = Field(default=None, description='"default" only')
+
+
+class ReinforcementMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grader: Grader = Field(
+        description="how each completion is scored: string_check, text_similarity, multi (and "
+        "this server's regex, json_schema, reward_module); python and model graders are refused"
+    )
+    hyperparameters: ReinforcementHyperparameters | None = None
 
 
 class Method(BaseModel):
@@ -121,8 +160,8 @@ class Method(BaseModel):
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = Field(default=None, description="not available here (400)")
-    reinforcement: dict[str, Any] | None = Field(default=None, description="not available here (400)")
+    dpo: DpoMethod | None = Field(default=None, description="-> native method dpo")
+    reinforcement: ReinforcementMethod | None = Field(default=None, description="-> native method grpo, its grader")
 
 
 class CreateFineTuningJob(BaseModel):
@@ -140,7 +179,10 @@ class CreateFineTuningJob(BaseModel):
     training_file: str = Field(max_length=100, description="a file id from POST /v1/files, e.g. file-1")
     validation_file: str | None = Field(default=None, max_length=100, description="a file id, evaluated as it trains")
     hyperparameters: OpenAIHyperparameters | None = Field(default=None, description="or method.supervised's")
-    method: Method | None = Field(default=None, description="only type supervised")
+    method: Method | None = Field(
+        default=None,
+        description="supervised (native sft), dpo (native dpo: beta), or reinforcement (native grpo: its grader)",
+    )
     suffix: str | None = Field(default=None, max_length=64, description="kept and shown on the job object")
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1, description="-> hyperparameters.seed (default 42)")
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
@@ -169,26 +211,58 @@ NATIVE_FIELDS = {
     "batch_size": ("per_device_train_batch_size", "gradient_accumulation_steps"),
     "learning_rate_multiplier": ("learning_rate",),
     "seed": ("seed",),
+    "beta": ("beta",),
+}
+GRPO_DEFAULT_GENERATIONS = int(METHODS["grpo"].defaults["num_generations"])
+
+
+# OpenAI's method types, and the native method each runs.
+NATIVE_METHODS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
+# Reinforcement hyperparameters with no native counterpart: "auto" (or "default") only.
+AUTO_ONLY = {
+    "compute_multiplier": "native_hyperparameters.num_generations sets the completions sampled per prompt",
+    "eval_interval": "native_hyperparameters.eval_steps sets how often the validation_file is evaluated",
+    "eval_samples": "the whole validation_file is evaluated",
+    "reasoning_effort": "this server trains the model you name, whatever its reasoning",
 }
 
 
-def _hyperparameters(request: CreateFineTuningJob) -> OpenAIHyperparameters:
+def _hyperparameters(request: CreateFineTuningJob) -> tuple[str, OpenAIHyperparameters]:
+    """The native method the request asks for, and OpenAI's hyperparameters given for it."""
     method = request.method
-    if method is not None and method.type != "supervised":
+    kind = method.type if method is not None else "supervised"
+    section = getattr(method, kind, None) if method is not None else None
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != kind and method is not None and getattr(method, other) is not None:
+            raise BadRequest(
+                f"method.type is {kind!r} but method.{other} is given: give the section of the type you name",
+                param=f"method.{other}",
+                code=OpenAICode.conflicting_parameters,
+            )
+    if kind == "reinforcement" and section is None:
         raise BadRequest(
-            f"method.type {echo(method.type)} is not available: this server runs supervised fine-tuning (SFT) only; "
-            'send method {"type": "supervised"} or leave method out',
-            param="method.type",
-            code=OpenAICode.unsupported_method,
+            "method.reinforcement.grader is required: it scores each completion (string_check, text_similarity, "
+            "multi, ...)",
+            param="method.reinforcement.grader",
+            code=OpenAICode.missing_required_parameter,
         )
-    given = method.supervised.hyperparameters if method and method.supervised else None
+    given = getattr(section, "hyperparameters", None)
     if given is not None and request.hyperparameters is not None:
         raise BadRequest(
-            "give hyperparameters or method.supervised.hyperparameters, not both",
+            f"give hyperparameters or method.{kind}.hyperparameters, not both",
             param="hyperparameters",
             code=OpenAICode.conflicting_parameters,
         )
-    return given or request.hyperparameters or OpenAIHyperparameters()
+    if isinstance(given, ReinforcementHyperparameters):
+        for name, instead in AUTO_ONLY.items():
+            value = getattr(given, name)
+            if value not in (None, "auto", "default"):
+                raise BadRequest(
+                    f'method.reinforcement.hyperparameters.{name} is not available here ({instead}); leave it "auto"',
+                    param=f"method.reinforcement.hyperparameters.{name}",
+                    code=OpenAICode.unsupported_parameter,
+                )
+    return NATIVE_METHODS[kind], given or request.hyperparameters or OpenAIHyperparameters()
 
 
 def job_spec(request: CreateFineTuningJob) -> JobSpec:
@@ -206,19 +280,29 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
         raise BadRequest(
             "integrations are not available on this server", param="integrations", code=OpenAICode.unsupported_parameter
         )
-    openai = _hyperparameters(request)
+    method, openai = _hyperparameters(request)
     native: dict[str, Any] = {}
     if openai.n_epochs is not None:
         native["num_train_epochs"] = openai.n_epochs
     if openai.batch_size is not None:
-        micro = MICRO_BATCH if openai.batch_size % MICRO_BATCH == 0 else 1
+        # Reinforcement's batch counts prompts; the native batch counts the completions trained on.
+        generations = (
+            (request.native_hyperparameters.num_generations if request.native_hyperparameters else None)
+            or GRPO_DEFAULT_GENERATIONS
+            if method == "grpo"
+            else 1
+        )
+        sequences = openai.batch_size * generations
+        micro = MICRO_BATCH if sequences % MICRO_BATCH == 0 else 1
         native["per_device_train_batch_size"] = micro
-        native["gradient_accumulation_steps"] = openai.batch_size // micro
+        native["gradient_accumulation_steps"] = sequences // micro
+    if isinstance(openai, DpoHyperparameters) and openai.beta is not None:
+        native["beta"] = openai.beta
     if openai.learning_rate_multiplier is not None:
         native["learning_rate"] = openai.learning_rate_multiplier * DEFAULTS.learning_rate
     if request.seed is not None:
         native["seed"] = request.seed
-    given = {"seed": request.seed, **openai.model_dump()}
+    given = {"seed": request.seed, "beta": None, **openai.model_dump(include=set(NATIVE_FIELDS))}
     if request.native_hyperparameters is not None:
         overrides = request.native_hyperparameters.model_dump(include=request.native_hyperparameters.model_fields_set)
         for name, fields in NATIVE_FIELDS.items():
@@ -232,9 +316,13 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
         native.update(overrides)
     spec: dict[str, Any] = {
         "model": request.model,
+        "method": method,
         "dataset": {"file_id": file_param(request.training_file, "training_file")},
         "hyperparameters": native,
     }
+    if method == "grpo":
+        assert request.method is not None and request.method.reinforcement is not None
+        spec["grader"] = request.method.reinforcement.grader
     if request.validation_file is not None:
         spec["validation"] = {"file_id": file_param(request.validation_file, "validation_file")}
     spec.update(
@@ -257,6 +345,8 @@ def request_param(native_field: Sequence[str]) -> str:
         return "validation_file"
     if head == "hyperparameters":
         return ".".join(["native_hyperparameters", *native_field[1:]])
+    if head == "grader":
+        return ".".join(["method.reinforcement.grader", *native_field[1:]])
     return head or "body"
 
 
@@ -305,7 +395,10 @@ class FileObject(BaseModel):
     expires_at: int | None = None
     rows: int = Field(description="(this server's) every row, good or bad")
     bad_rows: int = Field(description="(this server's) rows a job skips")
-    row_format: str | None = Field(description="(this server's) messages, prompt_completion, text or null")
+    row_format: str | None = Field(
+        description="(this server's) messages, prompt_completion, text, preference, openai_preference, "
+        "implicit_preference, unpaired_preference, prompt_only or null"
+    )
     sha256: str = Field(description="(this server's)")
     native_url: str = Field(description="(this server's) the native record: GET /files/<id>")
 
@@ -351,9 +444,35 @@ class SupervisedObject(BaseModel):
     hyperparameters: HyperparametersObject
 
 
+class DpoHyperparametersObject(HyperparametersObject):
+    beta: float
+
+
+class DpoObject(BaseModel):
+    hyperparameters: DpoHyperparametersObject
+
+
+class ReinforcementObject(BaseModel):
+    grader: dict[str, Any] = Field(description="the grader as the spec holds it")
+    hyperparameters: HyperparametersObject = Field(description="batch_size counts prompts")
+
+
+class NativeMethodObject(BaseModel):
+    """(this server's) a method OpenAI has no type for: orpo or kto, submitted at POST /jobs."""
+
+    hyperparameters: dict[str, Any]
+
+
 class MethodObject(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedObject
+    type: Literal["supervised", "dpo", "reinforcement", "orpo", "kto"] = Field(
+        description="supervised (native sft), dpo, reinforcement (native grpo); orpo and kto (this server's, jobs "
+        "submitted at POST /jobs)"
+    )
+    supervised: SupervisedObject | None = Field(default=None, exclude_if=lambda value: value is None)
+    dpo: DpoObject | None = Field(default=None, exclude_if=lambda value: value is None)
+    reinforcement: ReinforcementObject | None = Field(default=None, exclude_if=lambda value: value is None)
+    orpo: NativeMethodObject | None = Field(default=None, exclude_if=lambda value: value is None)
+    kto: NativeMethodObject | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ProgressObject(BaseModel):
@@ -436,6 +555,9 @@ class CheckpointMetrics(BaseModel):
     train_mean_token_accuracy: float | None = None
     valid_mean_token_accuracy: float | None = None
     full_valid_mean_token_accuracy: float | None = None
+    method_metrics: dict[str, float | None] | None = Field(
+        default=None, description="(this server's) the method's figures at that step, under TRL's names"
+    )
 
 
 class FineTuningJobCheckpoint(BaseModel):
@@ -487,13 +609,39 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def hyperparameters_object(native: dict[str, Any]) -> HyperparametersObject:
+def hyperparameters_object(native: dict[str, Any], per_example: int = 1) -> HyperparametersObject:
     values = DEFAULTS.model_copy(update={k: v for k, v in native.items() if k in Hyperparameters.model_fields})
     return HyperparametersObject(
         n_epochs=_number(values.num_train_epochs),
-        batch_size=values.per_device_train_batch_size * values.gradient_accumulation_steps,
+        batch_size=values.per_device_train_batch_size * values.gradient_accumulation_steps // per_example,
         learning_rate_multiplier=float(f"{values.learning_rate / DEFAULTS.learning_rate:.12g}"),
     )
+
+
+def method_object(spec: dict[str, Any]) -> MethodObject:
+    """The job's method as OpenAI names it, from the stored spec."""
+    native = spec.get("hyperparameters") or {}
+    method = spec.get("method") or "sft"
+    if method == "dpo":
+        shown = hyperparameters_object(native).model_dump()
+        beta = native.get("beta")
+        return MethodObject(
+            type="dpo",
+            dpo=DpoObject(hyperparameters=DpoHyperparametersObject(**shown, beta=0.1 if beta is None else beta)),
+        )
+    if method == "grpo":
+        generations = int(native.get("num_generations") or GRPO_DEFAULT_GENERATIONS)
+        return MethodObject(
+            type="reinforcement",
+            reinforcement=ReinforcementObject(
+                grader=spec.get("grader") or {}, hyperparameters=hyperparameters_object(native, generations)
+            ),
+        )
+    if method == "orpo":
+        return MethodObject(type="orpo", orpo=NativeMethodObject(hyperparameters=native))
+    if method == "kto":
+        return MethodObject(type="kto", kto=NativeMethodObject(hyperparameters=native))
+    return MethodObject(type="supervised", supervised=SupervisedObject(hyperparameters=hyperparameters_object(native)))
 
 
 def _file_or_source(part: dict[str, Any] | None) -> str | None:
@@ -516,7 +664,12 @@ ERROR_PARAMS = {
 def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> FineTuningJob:
     """A native job record (GET /jobs/{id}'s body, as the record cache keeps it) as OpenAI's job."""
     job_id, spec, status = record["id"], record["spec"], record["status"]
-    hyperparameters = hyperparameters_object(spec.get("hyperparameters") or {})
+    method = method_object(spec)
+    hyperparameters = (
+        method.reinforcement.hyperparameters
+        if method.reinforcement is not None
+        else hyperparameters_object(spec.get("hyperparameters") or {})
+    )
     base = f"/jobs/{job_id}"
     error = record.get("error")
     progress = record["progress"]
@@ -539,7 +692,7 @@ def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> F
         training_file=_file_or_source(spec.get("dataset")) or "",
         validation_file=_file_or_source(spec.get("validation")),
         hyperparameters=hyperparameters,
-        method=MethodObject(supervised=SupervisedObject(hyperparameters=hyperparameters)),
+        method=method,
         estimated_finish=int(now + eta) if status == "running" and eta is not None else None,
         integrations=[],
         metadata=extra.job_metadata if extra else None,
@@ -574,6 +727,11 @@ WARNINGS = {
     EventKind.requeued,
     EventKind.checkpoint_corrupt,
 }
+# Figures of a method's step log named in a metrics event's message (the rest are in its data).
+HEADLINE_METRICS = ("rewards/margins", "rewards/accuracies", "reward", "kl")
+RESERVED_DATA_KEYS = frozenset(
+    {"step", "total_steps", "epoch", "train_loss", "valid_loss", "learning_rate", "grad_norm", "tokens_per_second"}
+)
 # Step logs sort before events written at the same instant.
 STEP_RANK, EVENT_RANK = 0, 1
 
@@ -598,6 +756,8 @@ def _step_object(row: StepLog, total_steps: int | None) -> FineTuningJobEvent:
     figures = [f"training loss={row.loss:.4f}"] if row.loss is not None else []
     if row.eval_loss is not None:
         figures.append(f"validation loss={row.eval_loss:.4f}")
+    own = row.method_metrics or {}
+    figures += [f"{name}={own[name]:.4f}" for name in HEADLINE_METRICS if isinstance(own.get(name), (int, float))]
     data = {
         "step": row.step,
         "total_steps": total_steps,
@@ -608,6 +768,8 @@ def _step_object(row: StepLog, total_steps: int | None) -> FineTuningJobEvent:
         "grad_norm": row.grad_norm,
         "tokens_per_second": row.tokens_per_second,
         "num_tokens": row.num_tokens,
+        # The method's own figures, under TRL's names (rewards/margins, reward, kl, ...).
+        **{name: value for name, value in own.items() if name not in RESERVED_DATA_KEYS},
     }
     return FineTuningJobEvent(
         id=f"{STEP_EVENT_PREFIX}{row.id}",
@@ -675,8 +837,14 @@ def checkpoint_metrics(session: Session, checkpoint: Checkpoint) -> CheckpointMe
     ).first()
     if row is None:
         return CheckpointMetrics()
+    own = row.method_metrics or {}
     return CheckpointMetrics(
-        step=row.step, train_loss=row.loss, valid_loss=row.eval_loss, full_valid_loss=row.eval_loss
+        step=row.step,
+        train_loss=row.loss,
+        valid_loss=row.eval_loss,
+        full_valid_loss=row.eval_loss,
+        train_mean_token_accuracy=own.get("mean_token_accuracy"),
+        method_metrics=own or None,
     )
 
 

@@ -45,6 +45,7 @@ LOG_COLUMNS = [
         "vram_peak_allocated",
         "device_used",
         "device_total",
+        "method_metrics",
     )
 ]
 EVENT_COLUMNS = [EVENTS.c[name] for name in ("id", "created_at", "kind", "message")]
@@ -77,6 +78,7 @@ def log_item(row: Any) -> dict[str, Any]:
         "tokens_per_second": row[6],
         "num_tokens": row[7],
         "eval_loss": row[8],
+        "method_metrics": row[14],
         "vram": vram_item(tuple(row[9:14])),
     }
 

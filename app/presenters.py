@@ -17,6 +17,7 @@ from app.schemas import (
     Placement,
     Progress,
     StepLogPublic,
+    TrainerPath,
     Vram,
 )
 from core.config import get_settings
@@ -78,6 +79,7 @@ def job_public(job: Job) -> JobPublic:
         spec=job.spec,
         backend=job.backend,
         versions=job.versions,
+        trainer=TrainerPath.model_validate(job.trainer) if job.trainer else None,
         attempts=job.attempts,
         phase=phase,
         phase_raw=phase_raw,
@@ -119,6 +121,7 @@ def step_log_public(row: StepLog) -> StepLogPublic:
         tokens_per_second=row.tokens_per_second,
         num_tokens=row.num_tokens,
         eval_loss=row.eval_loss,
+        method_metrics=row.method_metrics,
         vram=vram(
             {
                 "allocated": row.vram_allocated,

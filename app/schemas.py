@@ -50,6 +50,27 @@ class Metrics(BaseModel):
     )
     eval_loss: float | None = Field(default=None, description="the validation set's loss at its latest evaluation")
     eval_step: int | None = Field(default=None, description="the step of that evaluation")
+    method_metrics: dict[str, float | None] | None = Field(
+        default=None,
+        description="the latest step log's figures of the job's method under TRL's names (dpo: rewards/margins, "
+        "rewards/accuracies, ...; grpo: reward, reward_std, kl, completions/mean_length, ...)",
+    )
+
+
+class TrainerPath(BaseModel):
+    """Which trainer ran the job."""
+
+    method: str = Field(description="sft, dpo, orpo, kto or grpo")
+    trainer_class: str = Field(description="the class that trained, e.g. UnslothDPOTrainer or DPOTrainer")
+    path: Literal["unsloth", "trl"] = Field(
+        description="unsloth: Unsloth's patched TRL trainer (with backend unsloth, where Unsloth has one); trl: "
+        "TRL's own trainer"
+    )
+    reference: str | None = Field(
+        default=None,
+        description="how the reference log-probabilities were had: 'model' (a reference model held beside the "
+        "policy), 'precomputed' (once, before training), or null (the method has no reference)",
+    )
 
 
 class GpuVram(BaseModel):
@@ -140,6 +161,7 @@ class JobPublic(BaseModel):
     spec: dict[str, Any]
     backend: str | None
     versions: dict[str, Any] | None
+    trainer: TrainerPath | None = Field(default=None, description="which trainer ran it (once it has started)")
     attempts: int
     phase: Phase | None = Field(description="what a running job is doing (null once it has ended)")
     phase_raw: str | None = Field(
@@ -176,6 +198,12 @@ class StepLogPublic(BaseModel):
     tokens_per_second: float | None
     num_tokens: int | None
     eval_loss: float | None = Field(description="set on steps where the validation set was evaluated")
+    method_metrics: dict[str, float | None] | None = Field(
+        default=None,
+        description="the method's own figures under TRL's names: dpo rewards/chosen, rewards/rejected, "
+        "rewards/margins, rewards/accuracies; grpo reward, reward_std, kl, completions/mean_length; "
+        "eval_-prefixed ones at evaluated steps",
+    )
     vram: Vram
 
 
@@ -294,8 +322,23 @@ class FilePublic(BaseModel):
     filename: str = Field(description="the name the client uploaded it under")
     size: int
     sha256: str
-    row_format: Literal["messages", "prompt_completion", "text"] | None = Field(
-        description="null when no format fits the columns as uploaded; a job's dataset.columns can map them"
+    row_format: (
+        Literal[
+            "messages",
+            "prompt_completion",
+            "text",
+            "preference",
+            "openai_preference",
+            "implicit_preference",
+            "unpaired_preference",
+            "prompt_only",
+        ]
+        | None
+    ) = Field(
+        description="the first format the columns fit: messages, prompt_completion, text (sft), preference, "
+        "openai_preference, implicit_preference (dpo, orpo, kto), unpaired_preference (kto), prompt_only (grpo); "
+        "null when none fits the columns as uploaded (a job's dataset.columns can map them). A job checks the "
+        "rows again against its method's formats"
     )
     columns: list[str]
     rows: int = Field(description="every row, good or bad")

@@ -16,6 +16,7 @@ from sqlmodel import Session
 from app import hub
 from app.errors import InvalidFields, InvalidSpec
 from core.config import Settings, get_settings
+from core.graders import reward_modules
 from core.models import UploadedFile
 from core.spec import LOCAL_PATH_PREFIXES, JobSpec, echo
 from core.webhooks import host_allowed
@@ -135,6 +136,18 @@ def checked_sources(
             problems.append(
                 {"field": f"webhooks.{index}.url", "message": "the operator has not set WEBHOOK_SECRET, to sign with"}
             )
+    if job_in.grader is not None:
+        for grader in reward_modules(job_in.grader):
+            if grader.module not in settings.reward_modules:
+                allowed = ", ".join(settings.reward_modules) or "none"
+                problems.append(
+                    {
+                        "field": "grader",
+                        "message": f"reward module {echo(grader.module)} is not one this server's operator allows "
+                        f"(REWARD_MODULES: {allowed}); the server runs no Python of a job's own: use string_check, "
+                        "text_similarity, regex, json_schema or multi",
+                    }
+                )
     if problems:
         raise InvalidFields(problems)
     return job_in.model_copy(update=update)

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from app.errors import InsufficientStorage, InvalidFile, PayloadTooLarge
 from core.config import get_settings
 from core.diskspace import DiskSpace, disk_space, gib, is_disk_full_error
-from core.rows import DataError, RowCheck, check_file, file_kind
+from core.rows import ALL_FORMATS, DataError, RowCheck, check_file, file_kind
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -239,7 +239,7 @@ def inspect(path: Path, name: str) -> RowCheck:
     row format is kept (a job's dataset.columns can map them), as are bad rows, which are
     counted and shown with the file."""
     try:
-        check = check_file(path, max_row_bytes=get_settings().max_row_bytes)
+        check = check_file(path, max_row_bytes=get_settings().max_row_bytes, formats=ALL_FORMATS)
     except DataError as exc:  # named after the temporary file: show the client's name
         raise InvalidFile(str(exc).replace(path.name, repr(name))) from None
     if check.rows == 0:

@@ -156,12 +156,18 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+# A preference or reward job's own figures that `follow` and `logs` show (TRL's names), when it has them.
+METHOD_HEADLINES = ("rewards/margins", "rewards/accuracies", "reward", "kl")
+
+
 def _status_line(record: dict[str, Any]) -> str:
     metrics, vram = record["metrics"], record.get("vram") or {}
     memory = vram.get("device_used_gib")
+    own = metrics.get("method_metrics") or {}
     parts = [
         f"{record['status']}" + (f" ({record['phase']})" if record.get("phase") else ""),
         f"loss {_num(metrics.get('loss'), '.4f')}",
+        *(f"{name} {_num(own[name], '.3f')}" for name in METHOD_HEADLINES if own.get(name) is not None),
         f"eval {_num(metrics.get('eval_loss'), '.4f')}",
         f"{_num(metrics.get('tokens_per_second'), ',.0f')} tok/s",
         f"GPU {memory:.1f} GiB" if memory is not None else "GPU -",
@@ -184,7 +190,8 @@ def follow(
     url: UrlOption = "http://127.0.0.1:8000",
     token: TokenOption = None,
 ) -> None:
-    """A live progress bar (step / total, loss, eval loss, tokens/s, GPU memory, ETA) until the
+    """A live progress bar (step / total, loss, a preference or reward job's margin or reward, eval loss,
+    tokens/s, GPU memory, ETA) until the
     job ends or is paused; exits 0 when it succeeded, 1 otherwise."""
     client = api(url, token)
     fields = "status,phase,progress,metrics,vram,error"
@@ -228,21 +235,29 @@ def follow(
 def logs(job_id: int, url: UrlOption = "http://127.0.0.1:8000", token: TokenOption = None) -> None:
     """Every step log of the job."""
     client, after = api(url, token), None
-    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "eval loss")
+    rows: list[dict[str, Any]] = []
     while True:
         page = client.call("GET", f"/jobs/{job_id}/logs", params={"after_step": after} if after else {})
-        for row in page["items"]:
-            table.add_row(
-                str(row["step"]),
-                _num(row["loss"], ".4f"),
-                _num(row["learning_rate"], ".2e"),
-                _num(row["grad_norm"], ".3f"),
-                _num(row["tokens_per_second"], ",.0f"),
-                _num(row["eval_loss"], ".4f"),
-            )
+        rows += page["items"]
         after = page["next_after_step"]
         if after is None:
             break
+    own = [
+        name
+        for name in METHOD_HEADLINES
+        if any((row.get("method_metrics") or {}).get(name) is not None for row in rows)
+    ]
+    table = Table("step", "loss", "lr", "grad norm", "tokens/s", "eval loss", *own)
+    for row in rows:
+        table.add_row(
+            str(row["step"]),
+            _num(row["loss"], ".4f"),
+            _num(row["learning_rate"], ".2e"),
+            _num(row["grad_norm"], ".3f"),
+            _num(row["tokens_per_second"], ",.0f"),
+            _num(row["eval_loss"], ".4f"),
+            *(_num((row.get("method_metrics") or {}).get(name), ".4f") for name in own),
+        )
     console.print(table)
 
 

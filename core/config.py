@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     # twice what the longest max_seq_length takes in English text (core/rows.py).
     max_row_bytes: int = Field(default=MAX_ROW_BYTES_DEFAULT, ge=1)
 
+    # --- methods ---------------------------------------------------------------------------
+    # Installed Python modules (comma-separated) whose reward functions a GRPO job's `reward_module`
+    # grader may name. None by default: the server never runs Python of a job's own, and a grader
+    # runs only the built-in checks (core/graders.py).
+    reward_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # --- planning --------------------------------------------------------------------------
     # The GPU memory jobs are planned for; unset: the smallest GPU a live worker reported.
     gpu_memory_bytes: int | None = Field(default=None, gt=0)
@@ -170,7 +176,7 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", mode="before")
+    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", "reward_modules", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
@@ -204,7 +210,7 @@ class Settings(BaseSettings):
         }
         for name, value in self.model_dump(exclude=set(NOT_FOR_THE_TRAINER)).items():
             if name.upper() not in env and value is not None:
-                env[name.upper()] = str(value)
+                env[name.upper()] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         return env
 
 

@@ -43,12 +43,26 @@ class DataReport(_Figures):
         default=None, description="true when the API read every row of a local file before queuing the job"
     )
     rows: int = Field(description="rows read")
-    row_format: str | None = Field(default=None, description="messages, prompt_completion or text")
+    row_format: str | None = Field(
+        default=None,
+        description="messages, prompt_completion or text (sft); preference, openai_preference or "
+        "implicit_preference (dpo, orpo, kto); unpaired_preference (kto); prompt_only or prompt_messages (grpo)",
+    )
     bad_rows: int = Field(description="malformed rows, skipped")
     bad_row_examples: list[str] = Field(description="the first few problems, with row numbers")
+    pairs: int | None = Field(default=None, description="preference rows: the good pairs")
+    identical_pairs: int | None = Field(
+        default=None, description="preference rows: pairs whose two answers are the same (malformed, skipped)"
+    )
+    desirable_rows: int | None = Field(default=None, description="kto's unpaired rows labelled true")
+    undesirable_rows: int | None = Field(default=None, description="kto's unpaired rows labelled false")
     rows_used: int | None = Field(default=None, description="rows that train (after bad rows and a held-out set)")
     tokens_per_row: TokensPerRow | None = None
-    rows_truncated: int | None = Field(default=None, description="rows longer than max_seq_length")
+    rows_truncated: int | None = Field(
+        default=None,
+        description="rows longer than max_seq_length (a pair: either answer with its prompt); grpo: prompts "
+        "longer than max_seq_length - max_completion_length, which are left out",
+    )
     tokens_cut_by_truncation: int | None = None
     tokens_per_epoch: int | None = Field(default=None, description="tokens trained per epoch, after truncation")
     loss_tokens_per_epoch: int | None = Field(default=None, description="of those, tokens in the loss")

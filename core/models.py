@@ -178,6 +178,8 @@ class Job(SQLModel, table=True):
 
     backend: str | None = None
     versions: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # The trainer that ran: {"method", "class", "path": "unsloth" | "trl", "reference"}.
+    trainer: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
     step: int = 0
     total_steps: int | None = None
@@ -231,6 +233,9 @@ class StepLog(SQLModel, table=True):
     tokens_per_second: float | None = None
     num_tokens: int | None = Field(default=None, sa_column=Column(BigInteger()))
     eval_loss: float | None = None  # set on the steps where the validation set was evaluated
+    # The method's own figures under TRL's names (rewards/margins, reward, kl, completions/mean_length,
+    # ...; eval_ ones at evaluated steps).
+    method_metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     vram_allocated: int | None = Field(default=None, sa_column=Column(BigInteger()))
     vram_reserved: int | None = Field(default=None, sa_column=Column(BigInteger()))
     vram_peak_allocated: int | None = Field(default=None, sa_column=Column(BigInteger()))

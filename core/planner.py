@@ -13,7 +13,14 @@ offloaded gradient checkpointing):
 The constants were fitted to NVML peaks measured through the service on 2026-11-27
 (docs/planner.md holds the comparison): Llama-3.1-8B shape 52.6 GiB and a 317M Llama 3.3 GiB
 on an H100 80GB, phi-4 (14B) shape 92.0 GiB and the 317M Llama at micro-batch 4 3.69 GiB on an
-H200."""
+H200.
+
+Preference and reward methods add their own terms (core/methods.py says which a method has):
+chosen and rejected in one forward pass (twice the activations), the logits their log-probabilities
+are taken from (no fused loss: LOGIT_BYTES per token per vocabulary entry, and one sequence's in
+float32), a reference model (bf16 weights) unless its log-probabilities are precomputed, and for
+GRPO the KV cache of the completions generated at once, counted instead of training's activations
+and logits when it is the larger (generation and training do not overlap). docs/methods.md."""
 
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.methods import facts, generation_batch, training_sequences, uses_reference
 from core.spec import GPU_ONLY_OPTIMIZERS, Hyperparameters, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,13 @@ DDP_BYTES_PER_PARAM = 2
 FSDP_FIT_BYTES_PER_PARAM = 3
 # The most GPUs gpus_needed looks at.
 MAX_GPUS_PLANNED = 64
+# Logits a method holds for its log-probabilities, per token per vocabulary entry: bf16 values and
+# their gradient; plus one sequence's in float32 while its log-softmax is taken.
+LOGIT_BYTES = 4
+LOGIT_ROW_BYTES = 4
+# A reference model's weights, bf16.
+REFERENCE_BYTES_PER_PARAM = 2
+KV_BYTES = 2  # bf16 keys and values
 
 Verdict = Literal["fits", "fits_with_paging", "does_not_fit"]
 
@@ -73,6 +88,12 @@ class ModelShape:
     num_hidden_layers: int
     vocab_size: int
     max_position_embeddings: int | None
+    num_key_value_heads: int = 0  # 0: unknown (the KV cache is then counted at hidden_size)
+    head_dim: int = 0
+
+    def kv_bytes_per_token(self) -> int:
+        width = self.num_key_value_heads * self.head_dim or self.hidden_size
+        return 2 * KV_BYTES * self.num_hidden_layers * width
 
 
 HUB_TIMEOUT_S = 5
@@ -112,7 +133,16 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
     attention = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
     per_layer = attention + 3 * d * ffn + 2 * d  # gated MLP, two norms
     embeddings = vocab * d * (1 if config.get("tie_word_embeddings") else 2)
-    return ModelShape(embeddings + layers * per_layer + d, d, ffn, layers, vocab, config.get("max_position_embeddings"))
+    return ModelShape(
+        embeddings + layers * per_layer + d,
+        d,
+        ffn,
+        layers,
+        vocab,
+        config.get("max_position_embeddings"),
+        kv_heads,
+        head_dim,
+    )
 
 
 @dataclass(frozen=True)
@@ -150,6 +180,7 @@ def plan_memory(
     gpus: int = 1,
     strategy: str = "single",
     backend: str = "auto",
+    method: str = "sft",
 ) -> MemoryPlan:
     """Peak memory of one GPU of the job. With `ddp` each GPU holds the whole model and DDP's
     gradient buckets. With `fsdp` under Unsloth (backend auto on a GPU host) the layout is the
@@ -157,16 +188,43 @@ def plan_memory(
     gradients and optimizer states among the `gpus` GPUs, plus one decoder layer gathered whole
     at a time (and the next, prefetched)."""
     if strategy == "fsdp" and gpus > 1 and backend != "transformers" and gpu_memory_bytes:
-        fit = _plan(shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="fit")
+        fit = _plan(shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="fit", method=method)
         if fit.verdict == "fits":
             return fit
-    return _plan(shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="sharded", backend=backend)
+    return _plan(
+        shape, hp, gpu_memory_bytes, gpus=gpus, strategy=strategy, layout="sharded", backend=backend, method=method
+    )
 
 
-def fsdp_layout(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None, gpus: int) -> str:
+def fsdp_layout(
+    shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int | None, gpus: int, method: str = "sft"
+) -> str:
     """Unsloth's FSDP2 layout for a job: "fit" when a card holds it with the weights kept gathered
     (fast), else "sharded" (every state divided, gradients reduced at each micro-batch)."""
-    return plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp").fsdp_layout or "sharded"
+    plan = plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp", method=method)
+    return plan.fsdp_layout or "sharded"
+
+
+def method_parts(shape: ModelShape, hp: Hyperparameters, method: str, share: int = 1) -> dict[str, int]:
+    """The memory a method needs beyond SFT's parts, by name (none for SFT): its activations and
+    logits replace SFT's activations; `generation` (GRPO) is the KV cache of the completions
+    generated at once."""
+    about = facts(method)
+    if method == "sft":
+        return {}
+    micro = hp.per_device_train_batch_size
+    tokens = micro * hp.max_seq_length * about.sequences_per_row
+    parts = {"activations": activation_bytes(shape, tokens)}
+    if about.logits_held:
+        # GRPO takes log-probabilities of the completion only.
+        scored = micro * (hp.max_completion_length or hp.max_seq_length) if about.generates else tokens
+        row = hp.max_completion_length if about.generates and hp.max_completion_length else hp.max_seq_length
+        parts["logits"] = (LOGIT_BYTES * scored + LOGIT_ROW_BYTES * row) * shape.vocab_size
+    if uses_reference(method, hp):
+        parts["reference_model"] = -(-REFERENCE_BYTES_PER_PARAM * shape.parameters // share)
+    if about.generates:
+        parts["generation"] = shape.kv_bytes_per_token() * hp.max_seq_length * generation_batch(hp)
+    return parts
 
 
 def _plan(
@@ -178,6 +236,7 @@ def _plan(
     strategy: str,
     layout: str,
     backend: str = "auto",
+    method: str = "sft",
 ) -> MemoryPlan:
     p = shape.parameters
     optim = fsdp_optimizer(hp.optim, backend) if strategy == "fsdp" else hp.optim
@@ -190,6 +249,7 @@ def _plan(
         "activations": activation_bytes(shape, hp.per_device_train_batch_size * hp.max_seq_length),
         "cuda_context": CUDA_FIXED_BYTES,
     }
+    parts.update(method_parts(shape, hp, method, share))
     if strategy == "ddp" and gpus > 1:
         parts["ddp_buckets"] = DDP_BYTES_PER_PARAM * p
     if strategy == "fsdp" and gpus > 1 and layout == "fit":
@@ -198,7 +258,10 @@ def _plan(
         parts["gathered_layers"] = 2 * 2 * (p // max(shape.num_hidden_layers, 1))
     fixed = parts["weights"] + parts["gradients"] + parts["optimizer_states"]
     parts["allocator_overhead"] = int(OVERHEAD_SHARE * fixed)
-    total = sum(parts.values())
+    # What grows with the micro-batch and the sequence; generation comes before training's forward
+    # and backward passes and is gone by then: the larger of the two counts.
+    varying = parts["activations"] + parts.get("logits", 0)
+    total = sum(parts.values()) - min(varying, parts.get("generation", 0))
     paged = optim in PAGED_OPTIMIZERS
     verdict: Verdict | None = None
     max_mb: int | None = None
@@ -211,11 +274,16 @@ def _plan(
             verdict = "fits_with_paging"  # the states would live partly in host memory: slow
         else:
             verdict = "does_not_fit"
-        room = budget - (total - parts["activations"])
-        per_token = activation_bytes(shape, 1)
-        max_tokens = room // per_token if room > 0 else 0
-        max_mb = int(max_tokens // hp.max_seq_length)
-        max_seq = int(max_tokens // hp.per_device_train_batch_size)
+        room = budget - (sum(parts.values()) - varying - parts.get("generation", 0))
+        if method == "sft":
+            per_token = activation_bytes(shape, 1)
+            max_tokens = room // per_token if room > 0 else 0
+            max_mb = int(max_tokens // hp.max_seq_length)
+            max_seq = int(max_tokens // hp.per_device_train_batch_size)
+        else:  # the method's activations and logits grow about in proportion to both
+            scale = room / varying if room > 0 and varying else 0.0
+            max_mb = int(scale * hp.per_device_train_batch_size)
+            max_seq = int(scale * hp.max_seq_length)
         if shape.max_position_embeddings:
             max_seq = min(max_seq, int(shape.max_position_embeddings))
     return MemoryPlan(
@@ -233,13 +301,16 @@ def _plan(
     )
 
 
-def gpus_needed(shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int, backend: str = "auto") -> int | None:
+def gpus_needed(
+    shape: ModelShape, hp: Hyperparameters, gpu_memory_bytes: int, backend: str = "auto", method: str = "sft"
+) -> int | None:
     """The fewest GPUs of this size the job fits without paging: 1 when one card holds it, else
     the fewest FSDP shards it; None when not even MAX_GPUS_PLANNED do."""
-    if plan_memory(shape, hp, gpu_memory_bytes).verdict == "fits":
+    if plan_memory(shape, hp, gpu_memory_bytes, method=method).verdict == "fits":
         return 1
     for gpus in range(2, MAX_GPUS_PLANNED + 1):
-        if plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp", backend=backend).verdict == "fits":
+        plan = plan_memory(shape, hp, gpu_memory_bytes, gpus=gpus, strategy="fsdp", backend=backend, method=method)
+        if plan.verdict == "fits":
             return gpus
     return None
 
@@ -253,7 +324,8 @@ def resolved_strategy(spec: JobSpec, shape: ModelShape | None, gpu_memory_bytes:
         return spec.strategy
     if shape is None or gpu_memory_bytes is None:
         return "ddp"
-    return "ddp" if plan_memory(shape, spec.hyperparameters, gpu_memory_bytes).verdict == "fits" else "fsdp"
+    plan = plan_memory(shape, spec.hyperparameters, gpu_memory_bytes, method=spec.method)
+    return "ddp" if plan.verdict == "fits" else "fsdp"
 
 
 @dataclass(frozen=True)
@@ -297,14 +369,23 @@ def estimate_seconds(
     return float(flops / (gpu_train_flops * gpus))
 
 
-def plan_disk(shape: ModelShape, hp: Hyperparameters, data_dir: Path, rows: int | None = None) -> DiskPlan:
+def plan_disk(
+    shape: ModelShape,
+    hp: Hyperparameters,
+    data_dir: Path,
+    rows: int | None = None,
+    *,
+    method: str = "sft",
+    row_format: str | None = None,
+) -> DiskPlan:
     """An intermediate checkpoint holds the bf16 weights and the optimizer states; the final
     model the weights alone. How many are kept at once: save_total_limit, or every save when
     the steps are known (max_steps, or `rows` counted before queuing, without packing); else the
     count is unknown until the data is read."""
     weights = 2 * shape.parameters
     checkpoint = weights + OPTIMIZER_BYTES_PER_PARAM[hp.optim] * shape.parameters
-    steps = hp.max_steps or (optimizer_steps(hp, rows) if rows and not hp.packing else None)
+    sequences = training_sequences(method, rows, hp, row_format) if rows else None
+    steps = hp.max_steps or (optimizer_steps(hp, sequences) if sequences and not hp.packing else None)
     saves = steps // hp.save_steps if steps else None
     kept = (
         min(x for x in (hp.save_total_limit, saves) if x is not None)
@@ -339,6 +420,20 @@ def refusal(spec: JobSpec, memory: MemoryPlan | None, disk: DiskPlan | None) -> 
             if memory.gpus_needed and memory.gpus_needed > spec.gpus
             else ""
         )
+        if "generation" in memory.parts and memory.parts["generation"] > memory.parts["activations"]:
+            return (
+                f"{head}; most of it is the KV cache of the {generation_batch(hp)} completions generated at once "
+                "(per_device_train_batch_size x steps_per_generation): lower steps_per_generation, num_generations "
+                f"or max_seq_length{spread}"
+            )
+        if "reference_model" in memory.parts and not memory.max_micro_batch:
+            instead = (
+                "set beta to 0 (no KL term, so no reference model)"
+                if spec.method == "grpo"
+                else "set precompute_ref_log_probs: true to compute the reference model's log-probabilities once "
+                "before training instead of holding it on the GPU"
+            )
+            return f"{head}; {instead}, or train a smaller model{spread}"
         if not memory.max_micro_batch and not memory.max_seq_length:
             return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU{spread}"
         return (

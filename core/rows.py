@@ -20,13 +20,38 @@ from typing import IO, TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-# Which columns a row format needs, in the order formats are recognised.
+# Which columns a row format needs. A method trains on some of them (core/methods.py), recognised
+# in its order; SFT's are the first three.
 FORMATS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    # Preference pairs (DPO, ORPO, KTO): TRL's explicit and implicit prompt, and OpenAI's DPO JSONL.
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai_preference": ("input", "preferred_output", "non_preferred_output"),
+    "implicit_preference": ("chosen", "rejected"),
+    # KTO's unpaired rows: a completion and whether it is desirable.
+    "unpaired_preference": ("prompt", "completion", "label"),
+    # Prompts to generate from (GRPO), plain or chat; OpenAI's reinforcement rows are `messages`.
+    "prompt_only": ("prompt",),
+    "prompt_messages": ("messages",),
 }
+SFT_FORMATS = ("messages", "prompt_completion", "text")
+# The formats an upload (which names no method) is recognised as, in this order.
+ALL_FORMATS = (
+    "messages",
+    "unpaired_preference",
+    "preference",
+    "openai_preference",
+    "implicit_preference",
+    "prompt_completion",
+    "text",
+    "prompt_only",
+)
+PAIRED_FORMATS = frozenset({"preference", "openai_preference", "implicit_preference"})
 COLUMN_NAMES = frozenset(name for needed in FORMATS.values() for name in needed)
+# A pair whose two answers are the same: a malformed row (it teaches nothing), counted apart too.
+IDENTICAL_PAIR = "are the same, so the pair teaches nothing"
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 # ShareGPT-style turns ({"from": "human", "value": "..."}) are read as chat messages.
 SHAREGPT_ROLES = {
@@ -79,14 +104,34 @@ def map_row(row: dict[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
     return kept | {ours: row.get(source) for ours, source in mapping.items()}
 
 
-def detect_format(columns: list[str]) -> str:
+# What a row needs, in words, for a method's formats.
+NEEDED_BY_FORMATS = {
+    SFT_FORMATS: NEEDED,
+    ("preference", "openai_preference", "implicit_preference"): "a preference row needs 'prompt', 'chosen' and "
+    "'rejected' ('chosen' and 'rejected' alone when they are conversations), or OpenAI's 'input', "
+    "'preferred_output' and 'non_preferred_output'",
+    ("unpaired_preference", "preference", "openai_preference", "implicit_preference"): "a KTO row needs 'prompt', "
+    "'completion' and a boolean 'label', or a preference pair ('prompt', 'chosen', 'rejected'), which counts as "
+    "two rows",
+    ("prompt_only", "prompt_messages"): "a GRPO row needs a 'prompt' (text or messages), or OpenAI's 'messages' "
+    "ending with the user's turn",
+}
+
+
+def detect_format(columns: list[str], formats: tuple[str, ...] = SFT_FORMATS) -> str:
     present = set(columns)
-    for name, needed in FORMATS.items():
-        if set(needed) <= present:
+    for name in formats:
+        if set(FORMATS[name]) <= present:
             return name
+    needed = NEEDED_BY_FORMATS.get(formats, NEEDED)
+    example = (
+        '{"prompt": "question", "completion": "answer"}'
+        if "prompt_completion" in formats or "prompt_only" in formats
+        else '{"chosen": "better", "rejected": "worse"}'
+    )
     raise DataError(
-        f"the rows have columns {sorted(present)}; {NEEDED} (dataset.columns maps other names "
-        'onto these, e.g. {"prompt": "question", "completion": "answer"})'
+        f"the rows have columns {sorted(present)}; {needed} (dataset.columns maps other names onto these, "
+        f"e.g. {example})"
     )
 
 
@@ -128,8 +173,75 @@ def _conversation_problem(turns: Any, what: str, *, needs_assistant: bool) -> st
     return None
 
 
+def _prompt_or_answer_problem(value: Any, what: str, *, chat: bool, answer: bool) -> str | None:
+    """A prompt or answer of a preference or unpaired row: text, or (for chat rows) messages."""
+    if chat:
+        return _conversation_problem(value, what, needs_assistant=answer)
+    if not isinstance(value, str) or not value:
+        return f"{what!r} must be a non-empty string (or, for chat, a list of messages)"
+    return None
+
+
+def _pair_problem(row: Mapping[str, Any], row_format: str) -> str | None:
+    if row_format == "openai_preference":
+        names = ("preferred_output", "non_preferred_output")
+        given = row.get("input")
+        if not isinstance(given, Mapping):
+            return "'input' must be an object holding 'messages' (OpenAI's preference format)"
+        problem = _conversation_problem(given.get("messages"), "input.messages", needs_assistant=False)
+        chat = True
+    else:
+        names = ("chosen", "rejected")
+        chat = isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list)
+        problem = None
+        prompt = row.get("prompt")
+        if row_format == "preference" and chat and isinstance(prompt, str):
+            # A text prompt beside whole conversations repeats their opening (some Hub datasets do
+            # this): TRL takes the prompt from the conversations instead, as without a prompt.
+            row_format = "implicit_preference"
+        elif row_format == "preference":
+            chat = chat or isinstance(prompt, list)
+            problem = _prompt_or_answer_problem(prompt, "prompt", chat=chat, answer=False)
+    for name in names:
+        problem = problem or _prompt_or_answer_problem(row.get(name), name, chat=chat, answer=True)
+    if problem:
+        return problem
+    first, second = row.get(names[0]), row.get(names[1])
+    if first == second:
+        return f"{names[0]!r} and {names[1]!r} {IDENTICAL_PAIR}"
+    if row_format == "implicit_preference":
+        if not chat:
+            return "without a 'prompt', 'chosen' and 'rejected' must be conversations (lists of messages)"
+        if not first or not second or first[0] != second[0] or len(first) < 2 or len(second) < 2:
+            return "'chosen' and 'rejected' share no opening turn to take as the prompt; add a 'prompt' column"
+    return None
+
+
+def _generation_prompt_problem(turns: Any, what: str) -> str | None:
+    if isinstance(turns, str):
+        return None if turns.strip() else f"{what!r} must be a non-empty string or a list of messages"
+    problem = _conversation_problem(turns, what, needs_assistant=False)
+    if problem is None and (turns[-1].get("role") == "assistant" or turns[-1].get("from") in ("gpt", "assistant")):
+        return f"{what!r} ends with an assistant turn; the model generates that turn, so end with the user's"
+    return problem
+
+
 def row_problem(row: Mapping[str, Any], row_format: str) -> str | None:
     """What is wrong with one row, in words; None for a good row."""
+    if row_format in PAIRED_FORMATS:
+        return _pair_problem(row, row_format)
+    if row_format == "unpaired_preference":
+        prompt, completion = row.get("prompt"), row.get("completion")
+        chat = isinstance(prompt, list) or isinstance(completion, list)
+        problem = _prompt_or_answer_problem(prompt, "prompt", chat=chat, answer=False)
+        problem = problem or _prompt_or_answer_problem(completion, "completion", chat=chat, answer=True)
+        if problem is None and not isinstance(row.get("label"), bool):
+            return f"'label' must be true (a desirable completion) or false, not {echo_value(row.get('label'))}"
+        return problem
+    if row_format == "prompt_only":
+        return _generation_prompt_problem(row.get("prompt"), "prompt")
+    if row_format == "prompt_messages":
+        return _generation_prompt_problem(row.get("messages"), "messages")
     if row_format == "messages":
         return _conversation_problem(row.get("messages"), "messages", needs_assistant=True)
     if row_format == "prompt_completion":
@@ -148,8 +260,17 @@ def row_problem(row: Mapping[str, Any], row_format: str) -> str | None:
     return None
 
 
+def echo_value(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else f"{shown[:40]}..."
+
+
 def is_conversational(row: Mapping[str, Any], row_format: str) -> bool:
-    return row_format == "messages" or (row_format == "prompt_completion" and isinstance(row.get("prompt"), list))
+    if row_format in ("messages", "prompt_messages", "openai_preference", "implicit_preference"):
+        return True
+    if row_format in ("preference", "unpaired_preference"):
+        return any(isinstance(row.get(column), list) for column in FORMATS[row_format])
+    return row_format in ("prompt_completion", "prompt_only") and isinstance(row.get("prompt"), list)
 
 
 def loss_option_problem(
@@ -177,13 +298,24 @@ class RowCheck:
     rows: int = 0
     bad_rows: int = 0
     problems: list[str] = field(default_factory=list)
+    formats: tuple[str, ...] = SFT_FORMATS  # the formats looked for (the job's method's)
+    identical_pairs: int = 0  # pairs whose two answers are the same (among bad_rows)
+    desirable_rows: int = 0  # unpaired rows labelled true (good rows only)
+    undesirable_rows: int = 0
 
-    def add(self, where: str, problem: str | None) -> None:
+    def add(self, where: str, problem: str | None, row: Mapping[str, Any] | None = None) -> None:
         self.rows += 1
         if problem:
             self.bad_rows += 1
+            if IDENTICAL_PAIR in problem:
+                self.identical_pairs += 1
             if len(self.problems) < PROBLEMS_KEPT:
                 self.problems.append(f"{where}: {problem}")
+        elif row is not None and self.row_format == "unpaired_preference":
+            if row.get("label") is True:
+                self.desirable_rows += 1
+            else:
+                self.undesirable_rows += 1
 
     @property
     def bad_fraction(self) -> float:
@@ -212,18 +344,23 @@ class RowCheck:
             if not self.columns and self.bad_rows:  # not one row could be read: say why, row by row
                 return self.refusal(max_bad_fraction, what)
             try:
-                detect_format(self.columns)
+                detect_format(self.columns, self.formats)
             except DataError as exc:
                 return f"{what}: {exc}"
         return self.refusal(max_bad_fraction, what)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "rows": self.rows,
             "row_format": self.row_format,
             "bad_rows": self.bad_rows,
             "bad_row_examples": self.problems,
         }
+        if self.row_format in PAIRED_FORMATS:
+            found.update(pairs=self.rows - self.bad_rows, identical_pairs=self.identical_pairs)
+        if self.row_format == "unpaired_preference":
+            found.update(desirable_rows=self.desirable_rows, undesirable_rows=self.undesirable_rows)
+        return found
 
 
 # ---- files ------------------------------------------------------------------------------------
@@ -586,17 +723,23 @@ def parquet_columns(path: Path) -> list[str]:
 
 
 def check_file(
-    path: Path, mapping: Mapping[str, str] | None = None, *, max_row_bytes: int = MAX_ROW_BYTES_DEFAULT
+    path: Path,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    max_row_bytes: int = MAX_ROW_BYTES_DEFAULT,
+    formats: tuple[str, ...] = SFT_FORMATS,
+    required: Mapping[str, str] | None = None,
 ) -> RowCheck:
-    """Read every row of a local file and check it. The format comes from the columns of the
-    first readable row (JSON) or the schema (Parquet), after the mapping; with no format that
-    fits, row_format is None and nothing is checked beyond readability. A row larger than
-    `max_row_bytes` is a malformed row."""
+    """Read every row of a local file and check it. The format is the first of `formats` that the
+    columns of the first readable row (JSON) or the schema (Parquet) fit, after the mapping; with
+    no format that fits, row_format is None and nothing is checked beyond readability. A row
+    larger than `max_row_bytes` is a malformed row, and so is one without a `required` column
+    (name -> why it is needed, e.g. a grader's {{item.answer}})."""
     mapping = mapping or {}
     check: RowCheck | None = None
     if file_kind(path) == "parquet":
         columns = mapped_columns(parquet_columns(path), mapping)
-        check = RowCheck(row_format=_format_or_none(columns), columns=columns)
+        check = RowCheck(row_format=_format_or_none(columns, formats), columns=columns, formats=formats)
     pending: list[tuple[str, str]] = []  # unreadable rows before the first readable one
     for where, row, problem in read_rows(path, max_row_bytes=max_row_bytes):
         if row is None:
@@ -607,27 +750,37 @@ def check_file(
             continue
         if check is None:
             columns = mapped_columns(list(row), mapping)
-            check = RowCheck(row_format=_format_or_none(columns), columns=columns)
+            check = RowCheck(row_format=_format_or_none(columns, formats), columns=columns, formats=formats)
             for earlier in pending:
                 check.add(*earlier)
         if check.row_format is None:
             check.add(where, None)
             continue
         mapped = map_row(row, mapping)
-        missing = [c for c in FORMATS[check.row_format] if c not in mapped]
-        problem = f"missing {missing}" if missing else row_problem(mapped, check.row_format)
+        problem = format_problem(mapped, check.row_format, required)
         if problem is None and check.conversational is None:
             check.conversational = is_conversational(mapped, check.row_format)
-        check.add(where, problem)
+        check.add(where, problem, mapped)
     if check is None:
-        check = RowCheck(row_format=None, columns=[])
+        check = RowCheck(row_format=None, columns=[], formats=formats)
         for earlier in pending:
             check.add(*earlier)
     return check
 
 
-def _format_or_none(columns: list[str]) -> str | None:
+def format_problem(row: Mapping[str, Any], row_format: str, required: Mapping[str, str] | None = None) -> str | None:
+    """A row's problem: a column its format needs, or one `required` names, missing; or row_problem."""
+    missing = [c for c in FORMATS[row_format] if c not in row]
+    if missing:
+        return f"missing {missing}"
+    absent = [name for name in required or {} if row.get(name) is None]
+    if absent:
+        return f"missing {absent[0]!r}, which {(required or {})[absent[0]]}"
+    return row_problem(row, row_format)
+
+
+def _format_or_none(columns: list[str], formats: tuple[str, ...] = SFT_FORMATS) -> str | None:
     try:
-        return detect_format(columns)
+        return detect_format(columns, formats)
     except DataError:
         return None

@@ -1,14 +1,17 @@
 """The job spec: what a client sends to POST /jobs, as the API stores it and the trainer reads it.
-Names follow TRL's SFTConfig. Shapes only: whether a local path may be used on a host is
-checked once, at submit (app/sources.py)."""
+Names follow TRL's configs (SFTConfig, DPOConfig, ...). Shapes only: whether a local path may be
+used on a host, or a reward module named, is checked once, at submit (app/sources.py)."""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from core.graders import Grader
+from core.methods import GRPO_SCALE_REWARDS, METHOD_OPTIONS, SFT_OPTIONS, Method, facts, methods_of_option
 from core.rows import COLUMN_NAMES
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
@@ -207,6 +210,60 @@ class Hyperparameters(BaseModel):
     per_device_eval_batch_size: int | None = Field(
         default=None, ge=1, le=1024, description="null: per_device_train_batch_size"
     )
+    # Preference and reward methods' own (TRL's names; null: the method's TRL default, which the
+    # stored spec of a job of that method shows). Each applies to the methods named; any other
+    # method refuses it (docs/methods.md).
+    beta: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="dpo, orpo, kto, grpo: how far the policy may move from the reference (dpo, kto: 0.1; orpo: "
+        "the odds-ratio loss's weight, 0.1; grpo: the KL term's, 0.0: no reference model, no kl)",
+    )
+    loss_type: str | None = Field(
+        default=None, max_length=32, description="dpo (sigmoid), kto (kto) and grpo (dapo): TRL's loss variants"
+    )
+    label_smoothing: float | None = Field(
+        default=None, ge=0, lt=0.5, description="dpo: the chance a preference is flipped (robust, exo_pair)"
+    )
+    precompute_ref_log_probs: bool | None = Field(
+        default=None,
+        description="dpo, kto: compute the reference model's log-probabilities once before training, so no "
+        "reference model is held on the GPU while it trains (false)",
+    )
+    desirable_weight: float | None = Field(default=None, gt=0, le=100, description="kto: weight of desirable rows (1)")
+    undesirable_weight: float | None = Field(
+        default=None, gt=0, le=100, description="kto: weight of undesirable rows (1)"
+    )
+    num_generations: int | None = Field(
+        default=None,
+        ge=2,
+        le=1024,
+        description="grpo: completions per prompt (8); the effective batch must be a multiple of it",
+    )
+    max_completion_length: int | None = Field(
+        default=None, ge=1, le=1_048_576, description="grpo: the longest completion generated, in tokens (512)"
+    )
+    steps_per_generation: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="grpo: micro-batches generated at once (null: gradient_accumulation_steps); lower it when "
+        "the generations do not fit the GPU",
+    )
+    temperature: float | None = Field(default=None, gt=0, le=10, description="grpo: sampling temperature (1.0)")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="grpo: nucleus sampling (1.0)")
+    top_k: int | None = Field(default=None, ge=0, le=1_000_000, description="grpo: top-k sampling, 0 for off (0)")
+    epsilon: float | None = Field(default=None, gt=0, lt=1, description="grpo: the clipping range (0.2)")
+    num_iterations: int | None = Field(
+        default=None, ge=1, le=64, description="grpo: optimizer passes over each batch of generations (1)"
+    )
+    scale_rewards: str | None = Field(
+        default=None, description=f"grpo: how rewards are normalized: {', '.join(GRPO_SCALE_REWARDS)} (group)"
+    )
+    mask_truncated_completions: bool | None = Field(
+        default=None, description="grpo: leave completions cut at max_completion_length out of the loss (false)"
+    )
 
 
 # The standard recipe, shown in POST /jobs's description.
@@ -247,6 +304,11 @@ class JobSpec(BaseModel):
     )
 
     model: str = Field(min_length=1, description="Hub model id or a local Hugging Face model folder")
+    method: Method = Field(
+        default="sft",
+        description="sft (supervised fine-tuning), dpo, orpo, kto (preference tuning) or grpo (reward tuning with "
+        "`grader`): the TRL trainer that runs, all parameters trained (docs/methods.md)",
+    )
     dataset: DatasetSpec
     chat_template_from: str | None = Field(
         default=None, description="take the chat template from this tokenizer instead of the model's"
@@ -277,6 +339,11 @@ class JobSpec(BaseModel):
         "default), admins up to 100",
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    grader: Grader | None = Field(
+        default=None,
+        description="grpo: how each completion is scored, as OpenAI's graders are declared (string_check, "
+        "text_similarity, multi) or this server's regex, json_schema and reward_module",
+    )
     webhooks: list[WebhookSpec] = Field(
         default_factory=list,
         max_length=5,
@@ -302,6 +369,114 @@ class JobSpec(BaseModel):
                 '(validation: {"fraction": 0.02}, a split, a source or a file_id)'
             )
         return self
+
+    @model_validator(mode="after")
+    def _method_options(self) -> JobSpec:
+        """Options the method does not have are refused, by name; its own are filled with TRL's
+        defaults; and what TRL would refuse only once the job runs is refused now."""
+        problems: list[tuple[tuple[str, ...], str]] = []
+        hp, method = self.hyperparameters, facts(self.method)
+        for option, methods in METHOD_OPTIONS.items():
+            value = getattr(hp, option)
+            set_here = value is not None and (
+                option not in SFT_OPTIONS or value != Hyperparameters.model_fields[option].default
+            )
+            if set_here and self.method not in methods:
+                problems.append(
+                    (
+                        ("hyperparameters", option),
+                        f"{option} applies to method {methods_of_option(option)}, not to {self.method!r}",
+                    )
+                )
+        for option, default in method.defaults.items():
+            if getattr(hp, option) is None:
+                setattr(hp, option, default)
+        if method.loss_types and hp.loss_type not in method.loss_types:
+            problems.append(
+                (
+                    ("hyperparameters", "loss_type"),
+                    f"{self.method} takes loss_type {', '.join(method.loss_types)}; not {echo(hp.loss_type)}",
+                )
+            )
+        if self.method == "dpo" and hp.loss_type == "exo_pair" and not hp.label_smoothing:
+            problems.append(
+                (("hyperparameters", "label_smoothing"), "loss_type exo_pair needs label_smoothing above 0 (e.g. 1e-3)")
+            )
+        if self.method == "grpo" and hp.scale_rewards not in GRPO_SCALE_REWARDS:
+            problems.append(
+                (
+                    ("hyperparameters", "scale_rewards"),
+                    f"scale_rewards is one of {', '.join(GRPO_SCALE_REWARDS)}; not {echo(hp.scale_rewards)}",
+                )
+            )
+        if self.method == "kto" and hp.loss_type == "kto" and hp.per_device_train_batch_size < method.min_micro_batch:
+            problems.append(
+                (
+                    ("hyperparameters", "per_device_train_batch_size"),
+                    "kto needs a micro-batch of 2 or more: its KL term compares each completion with another of the "
+                    "same micro-batch",
+                )
+            )
+        problems += self._grpo_problems()
+        if problems:
+            raise ValidationError.from_exception_data(
+                "JobSpec",
+                [
+                    InitErrorDetails(type=PydanticCustomError("method_option", message), loc=loc, input=None)
+                    for loc, message in problems
+                ],
+            )
+        return self
+
+    def _grpo_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        if self.method != "grpo":
+            return (
+                [(("grader",), f"a grader scores generations: it is for method 'grpo', not {self.method!r}")]
+                if (self.grader is not None)
+                else []
+            )
+        problems: list[tuple[tuple[str, ...], str]] = []
+        hp = self.hyperparameters
+        if self.grader is None:
+            problems.append(
+                (
+                    ("grader",),
+                    "method grpo needs a grader to score its completions, e.g. "
+                    '{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", '
+                    '"reference": "{{item.answer}}", "operation": "eq"}',
+                )
+            )
+        assert hp.num_generations is not None and hp.max_completion_length is not None
+        generated = hp.per_device_train_batch_size * (hp.steps_per_generation or hp.gradient_accumulation_steps)
+        if (generated * self.gpus) % hp.num_generations:
+            what = "steps_per_generation" if hp.steps_per_generation else "gradient_accumulation_steps"
+            problems.append(
+                (
+                    ("hyperparameters", "num_generations"),
+                    f"the completions generated at once (per_device_train_batch_size x {what} x gpus = "
+                    f"{generated * self.gpus}) must be a multiple of num_generations ({hp.num_generations}), so "
+                    "that every prompt gets all its completions",
+                )
+            )
+        if self.validation is not None:
+            evaluated = (hp.per_device_eval_batch_size or hp.per_device_train_batch_size) * self.gpus
+            if evaluated % hp.num_generations:
+                problems.append(
+                    (
+                        ("hyperparameters", "per_device_eval_batch_size"),
+                        f"an evaluation batch ({evaluated}) must be a multiple of num_generations "
+                        f"({hp.num_generations}); set per_device_eval_batch_size to {hp.num_generations}",
+                    )
+                )
+        if hp.max_completion_length >= hp.max_seq_length:
+            problems.append(
+                (
+                    ("hyperparameters", "max_completion_length"),
+                    f"max_completion_length ({hp.max_completion_length}) must be below max_seq_length "
+                    f"({hp.max_seq_length}), the prompt and its completion together",
+                )
+            )
+        return problems
 
     @field_validator("model")
     @classmethod

@@ -200,3 +200,79 @@ def cache_hub_dataset(datasets_cache: Path, repo_id: str, rows: list[dict[str, A
     (folder / "dataset_info.json").write_bytes((prepared / "dataset_info.json").read_bytes())
     (folder / f"{name}-train.arrow").write_bytes((prepared / "json-train.arrow").read_bytes())
     return folder
+
+
+# ---- rows of the preference and reward methods -----------------------------------------------------
+
+
+def preference_rows(count: int, *, seed: int = 0, chat: bool = True) -> list[dict[str, Any]]:
+    """An easy preference set: whatever the question, the same answer is preferred to the same other
+    one, so a DPO run's reward margin grows within a few dozen steps."""
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    for _ in range(count):
+        question = sentence(rng, 8)
+        chosen, rejected = "the happy cat sleeps", "a dark river runs"
+        if chat:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append({"prompt": question, "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows
+
+
+def openai_preference_rows(count: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs in OpenAI's DPO JSONL: input.messages, preferred_output, non_preferred_output."""
+    return [
+        {
+            "input": {"messages": row["prompt"], "tools": [], "parallel_tool_calls": True},
+            "preferred_output": row["chosen"],
+            "non_preferred_output": row["rejected"],
+        }
+        for row in preference_rows(count, seed=seed)
+    ]
+
+
+def unpaired_rows(count: int, *, seed: int = 0) -> list[dict[str, Any]]:
+    """KTO's rows: a completion and whether it is desirable, alternately."""
+    rows = preference_rows(count, seed=seed, chat=False)
+    return [
+        {"prompt": row["prompt"], "completion": row["chosen" if i % 2 == 0 else "rejected"], "label": i % 2 == 0}
+        for i, row in enumerate(rows)
+    ]
+
+
+def reachable_answer_rows(model: Path, count: int, *, top_k: int = 4) -> list[dict[str, Any]]:
+    """Prompts whose exact answer is one token the random model already samples now and then: the
+    token most often among its `top_k` next tokens over the prompts. A GRPO run sampling with that
+    top_k then meets the answer from its first steps, and learns to give it (an exact-match task a
+    tiny model learns in a few dozen steps)."""
+    import collections
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model)
+    prompts = [f"the {word}" for word in WORDS[:count]]
+    seen: collections.Counter[int] = collections.Counter()
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = policy(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+            seen.update(int(i) for i in logits.topk(top_k).indices if int(i) not in tokenizer.all_special_ids)
+    answer = next(
+        text
+        for token, _count in seen.most_common()
+        if (text := tokenizer.decode([token])).strip() and text.isprintable() and "\ufffd" not in text
+    )
+    return [{"prompt": prompt, "answer": answer} for prompt in prompts]
+
+
+def chat_prompt_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same prompts as OpenAI's reinforcement rows: `messages` ending with the user's turn."""
+    return [{"messages": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]} for row in rows]

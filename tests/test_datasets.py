@@ -75,10 +75,10 @@ def test_mapping_to_a_missing_column_is_refused(client: httpx.Client, env: Env, 
 
 def test_mapping_names_only_our_columns(client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path) -> None:
     spec = job_spec(tiny_model, chat_dataset)
-    spec["dataset"]["columns"] = {"input": "question"}  # type: ignore[index]
+    spec["dataset"]["columns"] = {"instruction": "question"}  # type: ignore[index]
     response = client.post("/jobs", json=spec)
     assert response.status_code == 422
-    assert "columns: 'input' is not one of our column names" in response.text
+    assert "columns: 'instruction' is not one of our column names" in response.text
 
 
 def test_too_many_malformed_rows_are_refused_with_line_numbers(

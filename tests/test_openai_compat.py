@@ -16,8 +16,14 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.builders import chat_rows, write_jsonl
-from tests.conftest import Env, Service, clear_caches, wait_until
+from tests.builders import (
+    chat_prompt_rows,
+    chat_rows,
+    openai_preference_rows,
+    reachable_answer_rows,
+    write_jsonl,
+)
+from tests.conftest import Env, Service, clear_caches, trainer_pids, wait_until
 
 TOKEN = "openai-compat-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -114,7 +120,7 @@ def test_a_job_through_the_openai_sdk(
     assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [other.id, job.id]  # the SDK pages on itself
 
     # While it trains: what the SDK makes of refusals.
-    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path)
+    refusals_are_the_sdks_typed_errors(service, sdk, tmp_path, tiny_model)
 
     # Follow the job through its newest events until one says it has ended.
     def ended() -> str | None:
@@ -174,7 +180,7 @@ def test_a_job_through_the_openai_sdk(
         sdk.files.retrieve(held_out.id)
 
 
-def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path) -> None:
+def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path, model: Path) -> None:
     """Bad inputs get the SDK's typed errors with readable messages, none retried."""
     started = time.monotonic()
     with pytest.raises(openai.NotFoundError) as missing:
@@ -197,9 +203,9 @@ def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp
     with pytest.raises(openai.BadRequestError, match="Hugging Face Hub id") as named:
         sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=uploaded.id)
     assert (named.value.param, named.value.code) == ("model", "model_not_supported")
-    with pytest.raises(openai.BadRequestError, match="supervised fine-tuning") as method:
-        sdk.fine_tuning.jobs.create(model="org/model", training_file=uploaded.id, method={"type": "dpo"})
-    assert method.value.param == "method.type"
+    with pytest.raises(openai.UnprocessableEntityError, match="a preference row needs 'prompt'") as method:
+        sdk.fine_tuning.jobs.create(model=str(model), training_file=uploaded.id, method={"type": "dpo"})
+    assert method.value.param == "training_file"  # chat rows, not pairs
     with pytest.raises(openai.BadRequestError, match="file-999 does not exist") as unknown:
         sdk.fine_tuning.jobs.create(model="org/model", training_file="file-999")
     assert unknown.value.param == "training_file"
@@ -225,3 +231,107 @@ def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp
     document = http.get("/openapi.json").json()
     assert document["paths"]["/v1/fine_tuning/jobs"]["post"]["security"] == [{"bearer": []}]
     assert {"/v1/files", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"} <= set(document["paths"])
+
+
+EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}"}
+
+
+@pytest.mark.slow
+def test_dpo_and_reinforcement_jobs_through_the_openai_sdk(
+    service: Service, sdk: openai.OpenAI, env: Env, tiny_model: Path, tmp_path: Path
+) -> None:
+    """OpenAI's DPO JSONL and `method: dpo` train a native DPO job whose events and checkpoints
+    carry its rewards; `method: reinforcement` with a grader becomes a GRPO job, which is cancelled
+    while it generates and trains; what OpenAI's reinforcement has and this server does not is a
+    typed refusal."""
+    http = service.http()
+    http.headers.update(AUTH)
+    pairs = write_jsonl(tmp_path / "dpo.jsonl", openai_preference_rows(32))
+    with pairs.open("rb") as handle:
+        training = sdk.files.create(file=handle, purpose="fine-tune")
+    assert training.row_format == "openai_preference"  # type: ignore[attr-defined]
+    job = sdk.fine_tuning.jobs.create(
+        model=str(tiny_model),
+        training_file=training.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4, "n_epochs": 1}}},
+        extra_body={"native_hyperparameters": {"max_steps": 4, "max_seq_length": 64, "logging_steps": 2}},
+    )
+    assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
+    assert job.method.dpo.hyperparameters is not None
+    assert (job.method.dpo.hyperparameters.beta, job.method.dpo.hyperparameters.batch_size) == (0.2, 4)
+    native = http.get(job.job_url).json()  # type: ignore[attr-defined]
+    assert native["spec"]["method"] == "dpo" and native["spec"]["hyperparameters"]["beta"] == 0.2
+    assert native["data_report"]["pairs"] == 32
+
+    prompts = write_jsonl(tmp_path / "rft.jsonl", chat_prompt_rows(reachable_answer_rows(tiny_model, 8)))
+    with prompts.open("rb") as handle:
+        questions = sdk.files.create(file=handle, purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="compute_multiplier is not available here") as refused:
+        sdk.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=questions.id,
+            method={
+                "type": "reinforcement",
+                "reinforcement": {"grader": {**EXACT, "operation": "eq"}, "hyperparameters": {"compute_multiplier": 2}},
+            },
+        )
+    assert refused.value.param == "method.reinforcement.hyperparameters.compute_multiplier"
+    with pytest.raises(openai.UnprocessableEntityError, match="runs the code in the spec"):
+        sdk.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=questions.id,
+            method={
+                "type": "reinforcement",
+                "reinforcement": {"grader": {"type": "python", "name": "mine", "source": "def grade(s, i): return 1"}},
+            },
+        )
+    rft = sdk.fine_tuning.jobs.create(
+        model=str(tiny_model),
+        training_file=questions.id,
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": {**EXACT, "operation": "eq"}, "hyperparameters": {"batch_size": 1}},
+        },
+        extra_body={
+            "native_hyperparameters": {
+                "max_steps": 500,
+                "max_seq_length": 64,
+                "logging_steps": 1,
+                "num_generations": 4,
+                "max_completion_length": 2,
+            }
+        },
+    )
+    assert rft.method is not None and rft.method.type == "reinforcement" and rft.method.reinforcement is not None
+    assert rft.method.reinforcement.grader.type == "string_check"
+    assert rft.hyperparameters.batch_size == 1  # a prompt per step, with its 4 completions
+    spec = http.get(rft.job_url).json()["spec"]  # type: ignore[attr-defined]
+    assert (spec["method"], spec["grader"]["name"], spec["hyperparameters"]["gradient_accumulation_steps"]) == (
+        "grpo",
+        "exact",
+        2,
+    )
+
+    def ended(job_id: str) -> str | None:
+        newest = sdk.fine_tuning.jobs.list_events(job_id, limit=10).data
+        kinds = [e.data["kind"] for e in newest if e.type == "message"]  # type: ignore[index]
+        return next((kind for kind in kinds if kind in FINISHED), None)
+
+    assert wait_until(lambda: ended(job.id), 180, f"{job.id} to end", interval_s=0.5) == "succeeded", service.logs()
+    metrics = [e for e in sdk.fine_tuning.jobs.list_events(job.id, limit=50) if e.type == "metrics"]
+    assert metrics and all("rewards/margins" in e.data for e in metrics)  # type: ignore[operator]
+    assert "rewards/margins=" in metrics[0].message
+    final = sdk.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert final.metrics.method_metrics is not None  # type: ignore[attr-defined]
+    assert "rewards/accuracies" in final.metrics.method_metrics  # type: ignore[attr-defined]
+
+    # The reinforcement job runs next: cancelled once it has logged a reward.
+    native_id = int(rft.id.removeprefix("ftjob-"))
+    wait_until(lambda: http.get(f"/jobs/{native_id}/logs").json()["items"], 180, "a GRPO step log", interval_s=0.5)
+    row = http.get(f"/jobs/{native_id}/logs").json()["items"][0]
+    assert {"reward", "reward_std", "completions/mean_length"} <= set(row["method_metrics"])
+    cancelled = sdk.fine_tuning.jobs.cancel(rft.id)
+    assert cancelled.status in ("running", "cancelled")
+    assert wait_until(lambda: ended(rft.id), 60, f"{rft.id} to be cancelled", interval_s=0.5) == "cancelled"
+    wait_until(lambda: trainer_pids(env.data_dir, native_id) == [], 30, "the GRPO trainer to end")
+    assert sdk.fine_tuning.jobs.retrieve(rft.id).status == "cancelled"

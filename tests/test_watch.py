@@ -469,3 +469,13 @@ def test_the_loss_chart_draws_train_and_eval_loss_on_one_log_axis(client: TestCl
     # Other charts stay linear, and a loss of 0 or less cannot sit on a log axis: linear then.
     assert (drawn["linear"], drawn["zeroBased"], drawn["logWithZero"]) == (0.5, 0.5, False)
     assert drawn["narrow"] == [1.2, 1.8]  # no 1-2-5 tick inside: the ends are labelled
+
+
+def test_watch_page_charts_the_figures_of_the_job_s_method(client: TestClient) -> None:
+    job_id = add_job(JobStatus.queued)
+    page = client.get(f"/jobs/{job_id}/watch").text
+    assert 'id="method-chart"' in page and 'id="method-figures"' in page
+    script = client.get("/static/watch/watch.js").text
+    assert '"rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"' in script  # dpo
+    assert '"reward", "reward_std", "kl", "completions/mean_length"' in script  # grpo
+    assert "r.method_metrics" in script

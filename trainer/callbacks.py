@@ -33,6 +33,30 @@ from trainer.stopflag import StopFlag
 logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("loss", "learning_rate", "grad_norm")
+# What a method's step log keeps beyond METRIC_KEYS: every other figure TRL logs (rewards/margins,
+# reward, kl, completions/mean_length, ...), under its TRL name, except these bookkeeping ones.
+NOT_METHOD_METRICS = frozenset({"epoch", "num_tokens", "total_flos", "num_input_tokens_seen"})
+EVAL_BOOKKEEPING = frozenset({"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"})
+MAX_METHOD_METRICS = 64  # a step log's figures are bounded, whatever a reward module logs
+MAX_METRIC_NAME = 100
+
+
+def method_metrics(logs: dict[str, Any], *, evaluation: bool = False) -> dict[str, float | None]:
+    """The figures of a TRL log that are the method's own, under TRL's names (numbers only)."""
+    found: dict[str, float | None] = {}
+    for key, value in logs.items():
+        if len(found) >= MAX_METHOD_METRICS or len(key) > MAX_METRIC_NAME:
+            break
+        if evaluation:
+            if not key.startswith("eval_") or key in EVAL_BOOKKEEPING or key == "eval_num_tokens":
+                continue
+        elif key in METRIC_KEYS or key in NOT_METHOD_METRICS or key.startswith(("train_", "eval_")):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[key] = _finite(value)
+    return found
+
+
 # The ETA is the median of this many recent step durations times the steps left: a stall, an
 # evaluation or a checkpoint save is one slow step among them, not a new average.
 ETA_WINDOW_STEPS = 64
@@ -236,7 +260,7 @@ class JobReporter(TrainerCallback):
         if "eval_loss" in logs:
             self._eval_steps.add(state.global_step)
             with session_scope() as session:
-                self._write_eval(session, state, _finite(logs["eval_loss"]))
+                self._write_eval(session, state, _finite(logs["eval_loss"]), method_metrics(logs, evaluation=True))
             return
         if "loss" not in logs:
             return  # the end-of-training summary (train_runtime, ...) is not a step log
@@ -259,11 +283,19 @@ class JobReporter(TrainerCallback):
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
         metrics["tokens_per_second"] = tokens_per_second
+        own = method_metrics(logs)
         slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:
             metrics.update(self._whole_job_throughput(session, now, tokens, paused))
             self._write_log(
-                session, state, metrics, vram, tokens, step_seconds, hold=self._evaluation_follows(args, state, control)
+                session,
+                state,
+                metrics,
+                vram,
+                tokens,
+                step_seconds,
+                hold=self._evaluation_follows(args, state, control),
+                own=own,
             )
             if slowdown is not None:
                 add_event(
@@ -289,7 +321,9 @@ class JobReporter(TrainerCallback):
         mean = round(trained / seconds, 1) if seconds > 0 and trained > 0 else None
         return {"tokens_per_second_mean": mean, "training_totals": {"tokens": trained, "seconds": round(seconds, 3)}}
 
-    def _write_eval(self, session: Session, state: TrainerState, eval_loss: float | None) -> None:
+    def _write_eval(
+        self, session: Session, state: TrainerState, eval_loss: float | None, own: dict[str, float | None]
+    ) -> None:
         """The eval loss joins the step's log row (the Trainer logs training first, then evaluates),
         or gets a row of its own when eval_steps is not a multiple of logging_steps."""
         row = self._held_row if self._held_row is not None and self._held_row.step == state.global_step else None
@@ -305,6 +339,8 @@ class JobReporter(TrainerCallback):
         if row is None:
             row = StepLog(job_id=self.job_id, step=state.global_step, epoch=_finite(state.epoch))
         row.eval_loss = eval_loss
+        if own:
+            row.method_metrics = {**(row.method_metrics or {}), **own}
         session.add(row)
         job = session.get(Job, self.job_id)
         assert job is not None
@@ -328,6 +364,7 @@ class JobReporter(TrainerCallback):
         step_seconds: tuple[float, int] | None = None,
         *,
         hold: bool = False,
+        own: dict[str, float | None] | None = None,
     ) -> None:
         """The step's row, and the job's progress and metrics. With `hold` (an evaluation of this
         step follows), the row waits for its eval_loss: a row is seen once, complete, by pollers of
@@ -346,6 +383,7 @@ class JobReporter(TrainerCallback):
             vram_peak_allocated=vram.get("peak_allocated"),
             device_used=vram.get("device_used"),
             device_total=vram.get("device_total"),
+            method_metrics=own or None,
         )
         if hold:
             self._held_row = row
@@ -358,6 +396,8 @@ class JobReporter(TrainerCallback):
         earlier = job.metrics or {}
         kept: dict[str, Any] = {k: earlier[k] for k in ("eval_loss", "eval_step", "step_seconds") if k in earlier}
         job.metrics = {**metrics, **kept}
+        if own:
+            job.metrics["method_metrics"] = own
         if step_seconds is not None:
             job.metrics["step_seconds"] = observe_steps(kept.get("step_seconds"), *step_seconds)
         queue_progress(session=session, job=job, step=state.global_step, metrics=metrics)

@@ -3,7 +3,6 @@ applies before queuing), bad rows skipped or the job refused, and the rows measu
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -12,25 +11,23 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from core.contract import ErrorCode
-from core.data_report import DataReport, TokensPerRow
-from core.planner import optimizer_steps, steps_per_epoch
 from core.rows import (
     FORMATS,
     MAX_ROW_BYTES_DEFAULT,
+    SFT_FORMATS,
     SHAREGPT_ROLES,
     DataError,
     RowCheck,
     bounded_rows,
     check_file,
     detect_format,
+    format_problem,
     is_conversational,
     is_sharegpt_turn,
     map_row,
     mapped_columns,
     read_rows,
-    row_problem,
 )
-from core.spec import Hyperparameters
 from trainer.failures import JobFailure
 
 if TYPE_CHECKING:
@@ -44,8 +41,9 @@ def _num_proc(rows: int) -> int | None:
     return min(8, os.cpu_count() or 1) if rows >= PARALLEL_FROM_ROWS else None
 
 
-def normalized(row: dict[str, Any], row_format: str) -> dict[str, Any]:
-    """ShareGPT turns ({"from": "gpt", "value": ...}) as chat messages ({"role", "content"})."""
+def normalized(row: dict[str, Any], row_format: str, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The format's columns (and those in `keep`), with ShareGPT turns ({"from": "gpt", "value":
+    ...}) as chat messages ({"role", "content"})."""
 
     def turns(value: Any) -> Any:
         if not isinstance(value, list):
@@ -57,7 +55,11 @@ def normalized(row: dict[str, Any], row_format: str) -> dict[str, Any]:
             for t in value
         ]
 
-    return {column: turns(row[column]) for column in FORMATS[row_format]}
+    return {column: turns(row[column]) for column in columns_of(row_format, keep)}
+
+
+def columns_of(row_format: str, keep: tuple[str, ...] = ()) -> list[str]:
+    return list(dict.fromkeys((*FORMATS[row_format], *keep)))
 
 
 def _may_hold_sharegpt_turns(dataset: Dataset, column: str) -> bool:
@@ -68,7 +70,12 @@ def _may_hold_sharegpt_turns(dataset: Dataset, column: str) -> bool:
 
 
 def _good_file_rows(
-    path: str, mapping: dict[str, str], row_format: str, stamp: str, max_row_bytes: int
+    path: str,
+    mapping: dict[str, str],
+    row_format: str,
+    stamp: str,
+    max_row_bytes: int,
+    required: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The rows of a local file that pass the checks. `stamp` (size and mtime) is only there so
     that `datasets`' generator cache, keyed on these arguments, never serves a changed file."""
@@ -76,8 +83,8 @@ def _good_file_rows(
         if row is None:
             continue
         mapped = map_row(row, mapping)
-        if all(c in mapped for c in FORMATS[row_format]) and row_problem(mapped, row_format) is None:
-            yield normalized(mapped, row_format)
+        if format_problem(mapped, row_format, required) is None:
+            yield normalized(mapped, row_format, tuple(required or ()))
 
 
 def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
@@ -87,10 +94,16 @@ def _refuse(check: RowCheck, what: str, max_bad_fraction: float) -> None:
 
 
 def _load_file(
-    path: Path, mapping: dict[str, str], what: str, max_bad_fraction: float, max_row_bytes: int
+    path: Path,
+    mapping: dict[str, str],
+    what: str,
+    max_bad_fraction: float,
+    max_row_bytes: int,
+    formats: tuple[str, ...],
+    required: dict[str, str],
 ) -> tuple[Dataset, RowCheck]:
     try:
-        check = check_file(path, mapping, max_row_bytes=max_row_bytes)
+        check = check_file(path, mapping, max_row_bytes=max_row_bytes, formats=formats, required=required)
     except DataError as exc:
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     _refuse(check, what, max_bad_fraction)
@@ -104,6 +117,7 @@ def _load_file(
             "row_format": check.row_format,
             "stamp": f"{stat.st_size}-{stat.st_mtime_ns}",
             "max_row_bytes": max_row_bytes,
+            "required": required,
         },
     )
     assert isinstance(dataset, Dataset)
@@ -131,18 +145,26 @@ def _load_other(source: str, split: str) -> Dataset:
     return folder
 
 
-def _problems(batch: pa.Table, indices: list[int], *, row_format: str, max_row_bytes: int) -> dict[str, list[Any]]:
+def _problems(
+    batch: pa.Table, indices: list[int], *, row_format: str, max_row_bytes: int, required: dict[str, str]
+) -> dict[str, list[Any]]:
     """Each row's problem or None, from the batch as Arrow holds it: a row larger than
     `max_row_bytes` is never made a Python object (core.rows.bounded_rows)."""
     problems = [
-        too_large if row is None else row_problem(row, row_format)
+        too_large if row is None else format_problem(row, row_format, required)
         for row, too_large in bounded_rows(batch, max_row_bytes)
     ]
     return {"problem": problems, "index": indices}
 
 
 def _check_dataset(
-    dataset: Dataset, mapping: dict[str, str], what: str, max_bad_fraction: float, max_row_bytes: int
+    dataset: Dataset,
+    mapping: dict[str, str],
+    what: str,
+    max_bad_fraction: float,
+    max_row_bytes: int,
+    formats: tuple[str, ...],
+    required: dict[str, str],
 ) -> tuple[Dataset, RowCheck]:
     try:
         columns = mapped_columns(dataset.column_names, mapping)
@@ -150,12 +172,18 @@ def _check_dataset(
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
     shadowed = [c for c in mapping if c in dataset.column_names and c not in mapping.values()]
     dataset = dataset.remove_columns(shadowed).rename_columns({theirs: ours for ours, theirs in mapping.items()})
-    check = RowCheck(row_format=None, columns=columns)
+    check = RowCheck(row_format=None, columns=columns, formats=formats)
     try:
-        row_format = check.row_format = detect_format(columns)
+        row_format = check.row_format = detect_format(columns, formats)
     except DataError as exc:
         raise JobFailure(ErrorCode.dataset_invalid, f"{what}: {exc}") from None
-    dataset = dataset.select_columns(list(FORMATS[row_format]))
+    absent = [name for name in required if name not in columns]
+    if absent:
+        raise JobFailure(
+            ErrorCode.dataset_invalid, f"{what}: the rows have no column {absent[0]!r}, which {required[absent[0]]}"
+        )
+    keep = tuple(required)
+    dataset = dataset.select_columns(columns_of(row_format, keep))
     found = (
         dataset.with_format("arrow")
         .map(
@@ -163,7 +191,7 @@ def _check_dataset(
             batched=True,
             with_indices=True,
             remove_columns=dataset.column_names,
-            fn_kwargs={"row_format": row_format, "max_row_bytes": max_row_bytes},
+            fn_kwargs={"row_format": row_format, "max_row_bytes": max_row_bytes, "required": required},
             num_proc=_num_proc(len(dataset)),
             desc=f"Checking every row of {what}",
         )
@@ -178,8 +206,13 @@ def _check_dataset(
     if bad:
         dataset = dataset.select([i for i in range(len(dataset)) if i not in bad])
     check.conversational = is_conversational(dataset[0], row_format)
-    if any(_may_hold_sharegpt_turns(dataset, c) for c in FORMATS[row_format]):
-        dataset = dataset.map(normalized, fn_kwargs={"row_format": row_format}, desc="Reading ShareGPT turns")
+    if row_format == "unpaired_preference":
+        check.desirable_rows = sum(1 for label in dataset["label"] if label is True)
+        check.undesirable_rows = len(dataset) - check.desirable_rows
+    if any(_may_hold_sharegpt_turns(dataset, c) for c in FORMATS[row_format] if c in dataset.column_names):
+        dataset = dataset.map(
+            normalized, fn_kwargs={"row_format": row_format, "keep": keep}, desc="Reading ShareGPT turns"
+        )
     return dataset, check
 
 
@@ -191,15 +224,22 @@ def load_checked(
     what: str,
     max_bad_fraction: float,
     max_row_bytes: int = MAX_ROW_BYTES_DEFAULT,
+    formats: tuple[str, ...] = SFT_FORMATS,
+    required: Mapping[str, str] | None = None,
 ) -> tuple[Dataset, RowCheck]:
-    """The rows that pass the checks, under our column names and only the format's columns, and
-    the check itself. Raises JobFailure(ErrorCode.dataset_invalid) with row numbers when the rows cannot
-    train: no format fits, or more than `max_bad_fraction` of them are malformed (a row larger
-    than `max_row_bytes` is malformed, and never tokenized)."""
+    """The rows that pass the checks, under our column names and only the format's columns (and
+    the `required` ones, which every row must have: a grader's), and the check itself. The format
+    is the first of `formats` (the method's) the columns fit. Raises
+    JobFailure(ErrorCode.dataset_invalid) with row numbers when the rows cannot train: no format
+    fits, or more than `max_bad_fraction` of them are malformed (a row larger than `max_row_bytes`
+    is malformed, and never tokenized)."""
     path = Path(source)
+    needed = dict(required or {})
     if path.is_absolute() and path.is_file():
-        return _load_file(path, dict(mapping), what, max_bad_fraction, max_row_bytes)
-    return _check_dataset(_load_other(source, split), dict(mapping), what, max_bad_fraction, max_row_bytes)
+        return _load_file(path, dict(mapping), what, max_bad_fraction, max_row_bytes, formats, needed)
+    return _check_dataset(
+        _load_other(source, split), dict(mapping), what, max_bad_fraction, max_row_bytes, formats, needed
+    )
 
 
 # ---- tokens -----------------------------------------------------------------------------------
@@ -290,34 +330,3 @@ def token_counts(
         desc=f"Counting tokens of {what}",
     )
     return np.asarray(counted["tokens"], dtype=np.int64), np.asarray(counted["loss_tokens"], dtype=np.int64)
-
-
-def data_report(lengths: Any, loss_tokens: Any, *, check: RowCheck, hp: Hyperparameters) -> DataReport:
-    """Rows, tokens per row, what max_seq_length cuts, tokens in the loss, and the optimizer
-    steps and tokens that follow: computed on the CPU before the model is loaded, so a surprise
-    costs no GPU time. With packing, sequences are estimated as the trained tokens over
-    max_seq_length; the trainer corrects them once TRL has packed the rows."""
-    import numpy as np
-
-    trained = np.minimum(lengths, hp.max_seq_length)
-    sequences = math.ceil(int(trained.sum()) / hp.max_seq_length) if hp.packing else len(lengths)
-    steps = optimizer_steps(hp, sequences)
-    epochs_run = steps / steps_per_epoch(hp, sequences)
-    return DataReport(
-        **check.summary(),
-        rows_used=int(len(lengths)),
-        tokens_per_row=TokensPerRow(
-            min=int(lengths.min()),
-            median=int(np.median(lengths)),
-            p95=int(np.percentile(lengths, 95)),
-            max=int(lengths.max()),
-        ),
-        rows_truncated=int((lengths > hp.max_seq_length).sum()),
-        tokens_cut_by_truncation=int((lengths - trained).sum()),
-        tokens_per_epoch=int(trained.sum()),
-        loss_tokens_per_epoch=int(loss_tokens.sum()),
-        sequences_per_epoch=int(sequences),
-        sequences_estimated=hp.packing,
-        optimizer_steps=int(steps),
-        tokens_to_train=int(trained.sum() * epochs_run),
-    )

@@ -1,9 +1,10 @@
 """The trainer child process: `python -m trainer JOB_ID`, started by the worker per job.
 
-It loads the model and data, runs TRL's SFTTrainer (through Unsloth on a GPU), reports through
-JobReporter, and writes its outcome to `result.json` in the job folder for the worker to read.
-Importing this module imports nothing heavy: the backend decides what is imported, and
-`import unsloth` must come before transformers and trl."""
+It runs a job phase by phase: loads the data and the model, trains with the TRL trainer of the
+job's method (trainer/methods/: SFT, DPO, ORPO, KTO or GRPO, through Unsloth's patched trainers on
+a GPU), reports through JobReporter, and writes its outcome to `result.json` in the job folder for
+the worker to read. Importing this module imports nothing heavy: the backend decides what is
+imported, and `import unsloth` must come before transformers and trl."""
 
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ from core.events import add_event
 from core.models import Job
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
 from core.stop_requests import mark_ready
-from trainer import distributed
+from trainer import distributed, methods
 from trainer.failures import JobFailure, classify, format_traceback, missing_source
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
+from trainer.methods.base import TrainerContext, TrainingMethod
 from trainer.stopflag import StopFlag
 
 logger = logging.getLogger("trainer")
@@ -126,6 +128,7 @@ class Run:
         self.reporter: Any = None
         self.trainer: Any = None
         self.spec: JobSpec
+        self.method: TrainingMethod
         self.strategy = "single"  # single, ddp or fsdp: the worker's choice (job.placement)
         self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
@@ -146,6 +149,7 @@ class Run:
             # The spec checks shapes only: the API checked the paths on submit (app/sources.py), and
             # what has happened to them since is a failure with its own code (check_sources).
             self.spec = JobSpec.model_validate(job.spec)
+            self.method = methods.for_spec(self.spec)
             placement = job.placement or {}
             self.strategy = str(placement.get("strategy") or "single")
             self.fsdp_layout = placement.get("fsdp_layout")
@@ -345,11 +349,10 @@ class Run:
 
     def check_data(self, tokenizer: Any) -> tuple[Any, Any]:
         """Open, check and measure the dataset (and validation set) before the model takes the GPU."""
-        from core.rows import loss_option_problem
-        from trainer.data import data_report, load_checked, token_counts
+        from trainer.data import load_checked
 
         self.phase = "loading_dataset"
-        spec, hp = self.spec, self.spec.hyperparameters
+        spec, hp, method = self.spec, self.spec.hyperparameters, self.method
         limit = self.settings.max_bad_row_fraction
         dataset, check = load_checked(
             spec.dataset.source,
@@ -358,15 +361,12 @@ class Run:
             what="the dataset",
             max_bad_fraction=limit,
             max_row_bytes=self.settings.max_row_bytes,
+            formats=method.formats,
+            required=method.required_columns(),
         )
         row_format = check.row_format
         assert row_format is not None
-        problem = loss_option_problem(
-            row_format,
-            bool(check.conversational),
-            assistant_only_loss=hp.assistant_only_loss,
-            completion_only_loss=hp.completion_only_loss,
-        )
+        problem = method.option_problem(check)
         if problem:
             raise JobFailure(ErrorCode.dataset_invalid, problem)
         if check.conversational and not tokenizer.chat_template:
@@ -377,42 +377,60 @@ class Run:
                 "then resubmit the job.",
             )
         eval_dataset, eval_check = self.validation_set(dataset, row_format)
+        dataset = method.prepare(dataset, row_format)
+        if eval_dataset is not None and eval_check is not None:
+            assert eval_check.row_format is not None
+            eval_dataset = method.prepare(eval_dataset, eval_check.row_format)
         held_out = spec.validation.fraction if spec.validation is not None else None
         if held_out is not None:
             split = dataset.train_test_split(test_size=held_out, seed=hp.seed)
             dataset, eval_dataset = split["train"], split["test"]
-        counting = {
-            "row_format": row_format,
-            "tokenizer": tokenizer,
-            "max_length": hp.max_seq_length,
-            "assistant_only": hp.assistant_only_loss,
-            "completion_only": hp.completion_only_loss is not False and row_format == "prompt_completion",
-            "template": self.training_chat_template(tokenizer),
-        }
-        lengths, loss_tokens = token_counts(dataset, what="the dataset", **counting)
-        report = data_report(lengths, loss_tokens, check=check, hp=hp)
+        template = self.training_chat_template(tokenizer)
+        dataset, measured = method.measure(
+            dataset, row_format=row_format, tokenizer=tokenizer, template=template, what="the dataset"
+        )
+        report = method.report(measured, check)
         if eval_dataset is not None:
-            eval_lengths, eval_loss_tokens = token_counts(eval_dataset, what="the validation set", **counting)
+            eval_format = eval_check.row_format if eval_check is not None and eval_check.row_format else row_format
+            eval_dataset, eval_measured = method.measure(
+                eval_dataset, row_format=eval_format, tokenizer=tokenizer, template=template, what="the validation set"
+            )
+            eval_trained = eval_measured.trained
             report.validation = ValidationReport(
                 **(eval_check.summary() if eval_check is not None else {"fraction": held_out}),
                 rows_used=len(eval_dataset),
-                tokens=int(eval_lengths.clip(max=hp.max_seq_length).sum()),
-                loss_tokens=int(eval_loss_tokens.sum()),
+                tokens=int(eval_trained.sum()) if eval_trained is not None else None,
+                loss_tokens=int(eval_measured.loss_tokens.sum()) if eval_measured.loss_tokens is not None else None,
             )
         self.save_report(report)
-        lengths_summary = report.tokens_per_row
-        assert lengths_summary is not None
-        skipped = f" ({check.bad_rows} malformed row(s) skipped)" if check.bad_rows else ""
-        held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
-        event(
-            self.job_id,
-            EventKind.dataset_loaded,
-            f"{report.rows_used} rows in {row_format!r} format{skipped}{held}; tokens per row median "
-            f"{lengths_summary.median}, max {lengths_summary.max}; {report.rows_truncated} row(s) longer "
-            f"than max_seq_length {hp.max_seq_length}; {report.loss_tokens_per_epoch} tokens in the loss per "
-            f"epoch; {report.optimizer_steps} optimizer steps, {report.tokens_to_train} tokens to train",
-        )
+        event(self.job_id, EventKind.dataset_loaded, self.dataset_message(report, check, eval_dataset))
         return dataset, eval_dataset
+
+    def dataset_message(self, report: DataReport, check: Any, eval_dataset: Any) -> str:
+        hp = self.spec.hyperparameters
+        lengths = report.tokens_per_row
+        assert lengths is not None
+        identical = f", {check.identical_pairs} of them with two identical answers" if check.identical_pairs else ""
+        skipped = f" ({check.bad_rows} malformed row(s) skipped{identical})" if check.bad_rows else ""
+        held = f"; {len(eval_dataset)} validation rows" if eval_dataset is not None else ""
+        what = {"sft": "rows", "grpo": "prompts", "kto": "rows"}.get(self.spec.method, "pairs")
+        room = hp.max_seq_length - (hp.max_completion_length or 0)
+        limit = (
+            f"prompt(s) longer than max_seq_length - max_completion_length ({room}), left out"
+            if self.spec.method == "grpo"
+            else f"{what[:-1]}(s) longer than max_seq_length {hp.max_seq_length}"
+        )
+        loss = (
+            f"; {report.loss_tokens_per_epoch} tokens in the loss per epoch"
+            if report.loss_tokens_per_epoch is not None
+            else ""
+        )
+        tokens = f", {report.tokens_to_train} tokens to train" if report.tokens_to_train is not None else ""
+        return (
+            f"{report.rows_used} {what} in {check.row_format!r} format{skipped}{held}; tokens per "
+            f"{what[:-1]} median {lengths.median}, max {lengths.max}; {report.rows_truncated} {limit}{loss}; "
+            f"{report.optimizer_steps} optimizer steps{tokens}"
+        )
 
     def validation_set(self, dataset: Any, row_format: str) -> tuple[Any, Any]:
         """(validation rows, their check): another split or source, checked as the dataset is; for a
@@ -432,8 +450,10 @@ class Run:
             what="the validation set",
             max_bad_fraction=self.settings.max_bad_row_fraction,
             max_row_bytes=self.settings.max_row_bytes,
+            formats=self.method.formats,
+            required=self.method.required_columns(),
         )
-        if check.row_format != row_format:
+        if check.row_format != row_format and self.spec.method == "sft":
             raise JobFailure(
                 ErrorCode.dataset_invalid,
                 f"the validation set's rows are {check.row_format!r} but the "
@@ -450,6 +470,18 @@ class Run:
             job.data_report = report.model_dump()
             session.add(job)
 
+    def record_trainer(self, trainer: Any) -> None:
+        """The record's `trainer`: the method, the class that trains, Unsloth's or TRL's."""
+        path = self.method.trainer_path(trainer)
+        logger.info("training with %s (%s's) for method %s", path["trainer_class"], path["path"], path["method"])
+        if not distributed.is_main():
+            return
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            job.trainer = path
+            session.add(job)
+
     def refine_report(self, trainer: Any) -> None:
         """Sequences and steps as TRL actually prepared them (packing, rows it dropped)."""
         from core.planner import optimizer_steps
@@ -459,11 +491,11 @@ class Run:
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None and job.data_report is not None
-            sequences = len(trainer.train_dataset)
+            sequences = self.method.sequences_prepared(trainer.train_dataset)
             report = DataReport.model_validate(job.data_report).model_copy(
                 update={
                     "sequences_per_epoch": sequences,
-                    "sequences_estimated": False,
+                    "sequences_estimated": False if self.spec.method == "sft" else None,
                     "optimizer_steps": optimizer_steps(self.spec.hyperparameters, sequences),
                     "loss_tokens_prepared": prepared_loss_tokens(trainer.train_dataset),
                 }
@@ -493,9 +525,9 @@ class Run:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         return AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype), tokenizer
 
-    def sft_config(self, backend: str, *, evaluate: bool) -> Any:
+    def training_arguments(self, backend: str, *, evaluate: bool) -> dict[str, Any]:
+        """TrainingArguments every method's TRL config takes (its own it adds: trainer/methods/)."""
         import torch
-        from trl import SFTConfig
 
         hp = self.spec.hyperparameters
         on_gpu = torch.cuda.is_available()
@@ -519,7 +551,7 @@ class Run:
                 f"optimizer {hp.optim!r} (bitsandbytes) cannot be sharded by FSDP, so adamw_torch_fused is used: "
                 f"its 32-bit states are sharded across the job's {distributed.world_size()} GPUs",
             )
-        return SFTConfig(
+        return dict(
             output_dir=str(self.checkpoints_dir),
             per_device_train_batch_size=hp.per_device_train_batch_size,
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
@@ -536,11 +568,6 @@ class Run:
             save_strategy="steps",
             save_steps=hp.save_steps,
             save_total_limit=hp.save_total_limit,
-            max_length=hp.max_seq_length,
-            dataset_text_field="text",
-            completion_only_loss=hp.completion_only_loss,
-            assistant_only_loss=hp.assistant_only_loss,
-            packing=hp.packing,
             eval_strategy="steps" if evaluate else "no",
             eval_steps=hp.eval_steps or hp.logging_steps,
             per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.per_device_train_batch_size,
@@ -598,21 +625,31 @@ class Run:
 
         self.phase = "preparing"
         self.configure_compile(backend, model)
+        import torch
+
         from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
-        from trainer.sft import JobSFTTrainer
 
         evaluate = eval_dataset is not None
-        trainer = self.trainer = JobSFTTrainer(
+        context = TrainerContext(
+            spec=self.spec,
+            backend=backend,
+            on_gpu=torch.cuda.is_available(),
+            job_kwargs={
+                "max_shard_size": self.settings.max_shard_size,
+                "on_phase": self.set_phase_from_trainer,
+                "min_free_bytes": self.settings.min_free_disk_bytes,
+            },
+        )
+        trainer = self.trainer = self.method.build(
             model=model,
-            args=self.sft_config(backend, evaluate=evaluate),
+            args=self.method.config(self.training_arguments(backend, evaluate=evaluate), context),
             train_dataset=dataset,
             eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            max_shard_size=self.settings.max_shard_size,
-            on_phase=self.set_phase_from_trainer,
-            min_free_bytes=self.settings.min_free_disk_bytes,
+            tokenizer=tokenizer,
+            context=context,
         )
+        self.record_trainer(trainer)
         self.refine_report(trainer)
         memory: Any = MemoryProbe()
         tokens_trained = trainer.tokens_trained
@@ -706,7 +743,7 @@ class Run:
             from core.planner import plan_memory, read_config, shape_from_config
 
             shape = shape_from_config(read_config(self.spec.model, allow_network=False))
-            plan = plan_memory(shape, self.spec.hyperparameters, state.free_bytes)
+            plan = plan_memory(shape, self.spec.hyperparameters, state.free_bytes, method=self.spec.method)
             verdict = {
                 "fits": "; the job's planned peak of {peak:.1f} GiB fits the free memory",
                 "fits_with_paging": "; the job's planned peak of {peak:.1f} GiB fits the free memory only with its "

@@ -52,7 +52,9 @@ def shortfall(job: Job) -> Shortfall | None:
     rows = report.get("rows_used") or (report.get("rows", 0) - report.get("bad_rows", 0)) or None
     checkpoints_dir = settings.checkpoints_dir(job.id or 0)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_disk(shape, spec.hyperparameters, checkpoints_dir, rows=rows)
+    plan = plan_disk(
+        shape, spec.hyperparameters, checkpoints_dir, rows=rows, method=spec.method, row_format=report.get("row_format")
+    )
     if plan.required_bytes is None:
         return None
     # A resumed job's checkpoints on disk are part of what it keeps (rotation deletes old ones).

@@ -16,6 +16,7 @@ from core.checkpoint_store import sync_records
 from core.config import get_settings
 from core.contract import EventKind, TrainerResult
 from core.events import add_event
+from core.methods import facts
 from core.models import Job, JobStatus
 from core.queue import enqueue_job
 from core.transitions import move_job
@@ -100,15 +101,20 @@ def retry_with_smaller_batch(*, session: Session, job_id: int, result: TrainerRe
     if job is None or job.status != JobStatus.running or job.cancel_requested_at is not None:
         return None
     hp = dict(job.spec.get("hyperparameters") or {})
+    method = str(job.spec.get("method") or "sft")
     micro_batch = int(hp.get("per_device_train_batch_size") or 1)
     smaller = smaller_micro_batch(micro_batch)
-    if smaller is None:
+    # KTO's KL term needs two rows in a micro-batch: it fails at 2, as other methods do at 1.
+    least = facts(method).min_micro_batch if hp.get("loss_type", "kto") == "kto" else 1
+    if smaller is None or smaller < least:
         return None
     factor = micro_batch // smaller
     accumulation = int(hp.get("gradient_accumulation_steps") or 1) * factor
     hp.update(per_device_train_batch_size=smaller, gradient_accumulation_steps=accumulation)
+    if hp.get("steps_per_generation"):  # GRPO: the same completions generated at once
+        hp["steps_per_generation"] = int(hp["steps_per_generation"]) * factor
     eval_batch = hp.get("per_device_eval_batch_size")
-    if eval_batch and int(eval_batch) > smaller:
+    if eval_batch and int(eval_batch) > smaller and method != "grpo":  # GRPO's is a multiple of num_generations
         hp["per_device_eval_batch_size"] = smaller
     spec = {**job.spec, "hyperparameters": hp}
     if not move_job(

@@ -242,7 +242,9 @@ def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
     except PlanError:
         shape = None
     strategy = resolved_strategy(spec, shape, card)
-    layout = fsdp_layout(shape, spec.hyperparameters, card, spec.gpus) if strategy == "fsdp" and shape else None
+    layout = (
+        fsdp_layout(shape, spec.hyperparameters, card, spec.gpus, spec.method) if strategy == "fsdp" and shape else None
+    )
     return strategy, layout
 
 

@@ -6,7 +6,16 @@
 const JOB_ID = Number(document.documentElement.dataset.jobId), NS = "http://www.w3.org/2000/svg", FINISHED = ["succeeded", "failed", "cancelled"];
 const $ = (id) => document.getElementById(id);
 const logs = [];
-let lastStep = null, lastEventId = null, finished = false, drawPending = false;
+let lastStep = null, lastEventId = null, finished = false, drawPending = false, method = "sft";
+// Each method's own figures (TRL's names, in the step logs' method_metrics): shown beside the loss,
+// and charted.
+const METHOD_FIGURES = {
+  dpo: {title: "Rewards (DPO)", names: ["rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"]},
+  orpo: {title: "Rewards (ORPO)", names: ["rewards/margins", "rewards/accuracies", "log_odds_ratio", "nll_loss"]},
+  kto: {title: "Rewards (KTO)", names: ["rewards/margins", "kl", "rewards/chosen", "rewards/rejected"]},
+  grpo: {title: "Reward (GRPO)", names: ["reward", "reward_std", "kl", "completions/mean_length"]},
+};
+const COLORS = ["#7c3aed", "#0891b2", "#db2777", "#65a30d"];
 
 function num(v) {
   if (v == null) return "–";
@@ -56,11 +65,28 @@ function showJob(job) {
   $("alloc").textContent = gib(v.allocated_gib);
   $("peak").textContent = gib(v.peak_allocated_gib);
   $("device").textContent = `${gib(v.device_used_gib)} / ${gib(v.device_total_gib)}`;
+  showMethod(job, m.method_metrics || {});
   if (FINISHED.includes(job.status) && !finished) {
     finished = true;  // the server ends the stream itself, after this poll's logs and events
     loadCheckpoints();
     scheduleDraw();  // empty charts now say "no data", not "yet"
   }
+}
+
+function showMethod(job, figures) {
+  method = job.spec.method || "sft";
+  const known = METHOD_FIGURES[method];
+  if (!known) return;
+  $("method-section").hidden = false;
+  $("method-figures").hidden = false;
+  $("method-title").textContent = known.title;
+  const trainer = job.trainer ? ` · ${job.trainer.trainer_class} (${job.trainer.path})` : "";
+  $("model").textContent += ` · ${method}${trainer}`;
+  $("method-figures").replaceChildren(...known.names.map((name) => {
+    const cell = node("div", {}, name);
+    cell.append(node("b", {}, num(figures[name])));
+    return cell;
+  }));
 }
 
 // The y axis of a chart: where a value sits, from 0 (bottom) to 1 (top), and the values to label.
@@ -139,6 +165,14 @@ function scheduleDraw() {
       {label: "loss", color: "#3b82f6", points: pointsOf((r) => r.loss)},
       {label: "eval loss", color: "#f59e0b", dots: true, points: pointsOf((r) => r.eval_loss)},
     ], "log", empty);
+    const known = METHOD_FIGURES[method];
+    if (known) {
+      // Lengths are in tokens, on another scale: the chart holds the method's first three figures,
+      // on a linear axis (margins and rewards go below zero).
+      chart($("method-chart"), known.names.slice(0, 3).map((name, i) => (
+        {label: name, color: COLORS[i], points: pointsOf((r) => (r.method_metrics || {})[name])}
+      )), "data", empty);
+    }
     // Step logs without memory figures come from a run on the CPU: say so, not "yet".
     chart($("vram-chart"), [
       {label: "device used (NVML)", color: "#dc2626", points: pointsOf((r) => r.vram.device_used_gib)},

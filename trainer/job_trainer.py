@@ -1,4 +1,5 @@
-"""TRL's SFTTrainer with what a job needs beyond the recipe.
+"""What every job's trainer has beyond TRL's, whatever its method: a mixin put before TRL's
+trainer class (SFTTrainer, DPOTrainer, ... or Unsloth's patched ones) by `job_trainer_class`.
 
 - Checkpoints that appear only when complete: each is written under a staging name, fsynced
   and renamed (worker/checkpoints.publish), so a crash mid-save never leaves a folder that a
@@ -10,7 +11,8 @@
 - A token count that costs no GPU sync: the Trainer's own count (include_num_input_tokens_seen)
   calls .item() on every micro-batch, which stalls the CPU until the GPU catches up and cost
   a fifth of the throughput of a small model on an H100. Here the count stays a device
-  tensor (or a shape-derived int) and is read once per logging step."""
+  tensor (or a shape-derived int) and is read once per logging step. Each method says which
+  tensors of its batches hold the trained tokens (`batch_tokens`)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from trl import SFTTrainer
 
 from core.checkpoint_files import publish, staging_path
 from core.checkpoint_store import FINAL_NAME, newest_complete
@@ -39,7 +40,30 @@ CHECKPOINT_EXTRA_BYTES = 1024**2
 FULL_BELOW_BYTES = 1024**2
 
 
-class JobSFTTrainer(SFTTrainer):
+def batch_tokens(inputs: Any) -> Any:
+    """Tokens in a micro-batch of input_ids: the attention mask's ones (a device tensor, not read
+    here), or every position of a padding-free batch (Unsloth's default carries no mask)."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if mask is not None:
+        return mask.sum()
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    return ids.numel() if ids is not None else 0
+
+
+class JobTrainerMixin:
+    """Put before a TRL trainer class: `class JobDPOTrainer(JobTrainerMixin, DPOTrainer)`."""
+
+    # Set by the Trainer; declared for the type checker, which does not see the TRL class.
+    args: Any
+    state: Any
+    model: Any
+    optimizer: Any
+    lr_scheduler: Any
+    accelerator: Any
+    processing_class: Any
+    is_fsdp_enabled: bool
+    save_model: Any
+
     def __init__(
         self,
         *args: Any,
@@ -65,17 +89,23 @@ class JobSFTTrainer(SFTTrainer):
             self.on_phase("evaluating")
         started = time.monotonic()
         try:
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(*args, **kwargs)  # type: ignore[misc,no-any-return]
         finally:
             self.paused_seconds += time.monotonic() - started
             if self.on_phase:
                 self.on_phase("training")
 
-    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        mask = inputs.get("attention_mask")
-        # Padding-free batches (Unsloth's default) carry no mask and no padding: numel is exact.
-        self._tokens = self._tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
-        return super().training_step(model, inputs, *args, **kwargs)
+    def batch_tokens(self, inputs: Any) -> Any:
+        """The tokens a micro-batch trains on (a method whose batches hold other tensors says so)."""
+        return batch_tokens(inputs)
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        self._tokens = self._tokens + self.batch_tokens(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+
+    def count_tokens(self, tokens: Any) -> None:
+        """For a method that counts its tokens elsewhere than in training_step (GRPO: once generated)."""
+        self._tokens = self._tokens + tokens
 
     def tokens_trained(self) -> float:
         return float(self._tokens)
@@ -84,7 +114,7 @@ class JobSFTTrainer(SFTTrainer):
 
     def _get_output_dir(self, trial: Any) -> str:
         # The Trainer writes checkpoint-N under this folder: a staging folder while we save.
-        return self._staging_root or super()._get_output_dir(trial)
+        return self._staging_root or super()._get_output_dir(trial)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         started = time.monotonic()
@@ -94,7 +124,7 @@ class JobSFTTrainer(SFTTrainer):
             self.paused_seconds += time.monotonic() - started
 
     def _save_checkpoint_staged(self, model: Any, trial: Any) -> None:
-        run_dir = Path(super()._get_output_dir(trial))
+        run_dir = Path(super()._get_output_dir(trial))  # type: ignore[misc]
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = run_dir / name
         needed = self.checkpoint_bytes(run_dir)
@@ -110,7 +140,7 @@ class JobSFTTrainer(SFTTrainer):
         self._staging_root = str(root)
         seconds = 0.0
         try:
-            super()._save_checkpoint(model, trial)  # writes root/checkpoint-N; rotates nothing there
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]  # writes root/checkpoint-N
             barrier()
             if main:
                 seconds = publish(root / name, final)
@@ -136,7 +166,7 @@ class JobSFTTrainer(SFTTrainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The model's weights are on disk, its optimizer state not yet: a checkpoint half written.
         failpoint("checkpoint_writing", job_dir=self.job_dir, step=self.state.global_step)
-        super()._save_optimizer_and_scheduler(output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # transformers maps a DDP rank's optimizer state onto args.device, which CPU ranks name
@@ -152,7 +182,7 @@ class JobSFTTrainer(SFTTrainer):
                 self.optimizer.load_state_dict(state)
                 self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
             return
-        super()._load_optimizer_and_scheduler(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
 
     def save_final(self, final: Path) -> float:
         """The trained model, weights only, as `final`: staged, then published like a checkpoint."""
@@ -225,3 +255,16 @@ class JobSFTTrainer(SFTTrainer):
         model.save_pretrained(output_dir, state_dict=state_dict, max_shard_size=self.max_shard_size)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+
+
+_classes: dict[tuple[type, type | None], type] = {}
+
+
+def job_trainer_class(base: type, extra: type | None = None) -> type:
+    """`base` (a TRL trainer class, or Unsloth's patch of one) with JobTrainerMixin before it, and
+    a method's own mixin `extra` before that; made once per base. `trl_base` names `base`."""
+    key = (base, extra)
+    if key not in _classes:
+        bases = (extra, JobTrainerMixin, base) if extra is not None else (JobTrainerMixin, base)
+        _classes[key] = type(f"Job{base.__name__}", bases, {"trl_base": base})
+    return _classes[key]
