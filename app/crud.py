@@ -15,9 +15,9 @@ from starlette.requests import Request
 
 from app import datacheck, quotas, uploads
 from app.auth import Identity
-from app.errors import Conflict, DoesNotFit, NotFound
+from app.errors import Conflict, DoesNotFit, NotFound, StorageUnavailable
 from app.sources import checked_sources
-from core import checkpoint_verify
+from core import checkpoint_verify, shared_store
 from core.config import get_settings
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
@@ -38,6 +38,7 @@ from core.planner import (
     shape_from_config,
 )
 from core.queue import enqueue_job, get_redis, smallest_worker_gpu
+from core.shared_store import get_store
 from core.spec import JobSpec
 from core.transitions import move_job
 
@@ -372,6 +373,7 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
         uploaded.path = f"files/{uploaded.id}.{ext}"
         final = path.parent / f"{uploaded.id}.{ext}"
         os.replace(path, final)
+        publish_upload(final)
         session.commit()
     except BaseException:
         session.rollback()
@@ -379,6 +381,18 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
             final.unlink(missing_ok=True)
         raise
     return uploaded
+
+
+def publish_upload(path: Path) -> None:
+    """With a shared store, an upload lands there too, before its row is committed: the host that
+    trains on it may be another (core/shared_store.py)."""
+    store = get_store()
+    if store is None:
+        return
+    try:
+        store.put_upload(path)
+    except shared_store.StorageUnavailable as exc:
+        raise StorageUnavailable(f"the upload could not be stored: {exc}; nothing was kept, try again") from exc
 
 
 def get_file(*, session: Session, file_id: int, identity: Identity) -> UploadedFile:
@@ -415,3 +429,9 @@ def delete_file(*, session: Session, file_id: int, identity: Identity) -> None:
     session.commit()
     # After the commit: a failed commit leaves the row and its file as they were.
     (get_settings().data_dir.resolve() / uploaded.path).unlink(missing_ok=True)
+    store = get_store()
+    if store is not None:
+        try:
+            store.remove_upload(Path(uploaded.path).name)
+        except shared_store.StorageUnavailable as exc:  # the row is gone: GET /storage lists what is left
+            logger.warning("file %s: its copy in the shared store could not be removed: %s", file_id, exc)

@@ -11,8 +11,9 @@ import tarfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.to_thread
@@ -20,6 +21,7 @@ from starlette.responses import FileResponse
 
 from app.db import limiter_of
 from app.errors import NotFound
+from core.shared_store import Manifest, SharedStore
 
 # Read size for downloads: Starlette's 64 KiB means a thread hop per 64 KiB, a quarter of what
 # the disk gives; a few MiB per read runs at about sendfile's speed (docs/benchmarks.md).
@@ -158,11 +160,39 @@ def resolve_inside(base: Path, relative: str) -> Path:
     return candidate
 
 
+class StoreFileResponse(CheckpointFileResponse):
+    """A file of the shared store (STORAGE_URL), served like a local one (Range, If-Range,
+    multipart ranges, HEAD): the file is opened in the store, and each CHUNK_BYTES read of it, one
+    ranged GET of an S3 object, is made on a download thread one chunk ahead of the socket. `path`
+    is the store's key; `stat_result` carries the size and mtime from its manifest."""
+
+    def __init__(self, store: SharedStore, key: str, **kwargs: Any) -> None:
+        super().__init__(key, **kwargs)
+        self.store = store
+
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[_ThreadedFile]:  # type: ignore[override]
+        handle = await anyio.to_thread.run_sync(self.store.open_read, str(self.path), limiter=file_reader_limiter())
+        reader = _ThreadedFile(handle)
+        try:
+            yield reader
+        finally:
+            await reader.settle()
+            await anyio.to_thread.run_sync(handle.close, limiter=file_reader_limiter())
+
+
+def stored_stat(size: int, mtime: float) -> os.stat_result:
+    """What FileResponse needs of a stat (size, mtime for Last-Modified and the ETag) for a file
+    of the shared store."""
+    return os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, size, int(mtime), int(mtime), int(mtime)))
+
+
 @dataclass(frozen=True)
 class TarMember:
     header: bytes
     path: Path
     size: int
+    store: SharedStore | None = None  # then `path` is the file's key in the shared store
 
     @property
     def padded_size(self) -> int:
@@ -185,6 +215,18 @@ def tar_members(base: Path, arcname: str, relative_paths: list[str]) -> list[Tar
     return members
 
 
+def store_tar_members(store: SharedStore, manifest: Manifest, arcname: str) -> list[TarMember]:
+    """tar_members for a checkpoint in the shared store, from its manifest (no request to the store)."""
+    mtime = int(datetime.fromisoformat(manifest.published_at).timestamp())
+    members = []
+    for entry in sorted(manifest.files, key=lambda f: str(f["path"])):
+        info = tarfile.TarInfo(f"{arcname}/{entry['path']}")
+        info.size, info.mtime, info.mode = int(entry["size"]), mtime, 0o644
+        key = store.file_key(manifest.job_id, manifest.name, str(entry["path"]))
+        members.append(TarMember(info.tobuf(format=tarfile.PAX_FORMAT), Path(key), info.size, store))
+    return members
+
+
 def tar_length(members: list[TarMember]) -> int:
     return sum(m.padded_size for m in members) + 2 * TAR_BLOCK
 
@@ -195,7 +237,12 @@ async def stream_tar(members: list[TarMember]) -> AsyncIterator[bytes]:
     for member in members:
         yield member.header
         remaining = member.size
-        with open(member.path, "rb") as handle:
+        store = member.store
+        if store is None:
+            opened: BinaryIO = open(member.path, "rb")  # noqa: SIM115 (closed by the with below)
+        else:
+            opened = await anyio.to_thread.run_sync(store.open_read, str(member.path), limiter=file_reader_limiter())
+        with opened as handle:
             reader = _ThreadedFile(handle)
             try:
                 while remaining > 0:

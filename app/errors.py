@@ -272,6 +272,12 @@ class DatabaseUnavailable(AppError):
     status_code = 503
 
 
+class StorageUnavailable(AppError):
+    """The shared store (STORAGE_URL) did not answer through every retry."""
+
+    status_code = 503
+
+
 class InsufficientStorage(AppError):
     """The disk under DATA_DIR is full (an upload could not be written)."""
 

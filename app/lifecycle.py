@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from core.events import add_event
 from core.folders import folder_files
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, utcnow
 from core.queue import enqueue_job
+from core.shared_store import SharedStore, StorageUnavailable, get_store
 from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,7 @@ def delete_job(*, session: Session, job_id: int, identity: Identity) -> Deleted:
     session.commit()
     freed, files = _folder_size(job_dir)
     shutil.rmtree(job_dir, ignore_errors=True)
+    _in_store(f"job {job_id}'s folder", lambda store: store.remove_job(job_id))
     logger.info("job %s deleted: %d file(s), %d bytes freed", job_id, files, freed)
     return Deleted(freed, files)
 
@@ -171,4 +174,18 @@ def delete_checkpoint(*, session: Session, job_id: int, name: str, identity: Ide
     )
     session.commit()
     shutil.rmtree(folder, ignore_errors=True)
+    _in_store(f"{name} of job {job_id}", lambda store: store.remove_checkpoint(job_id, name))
     return Deleted(freed, files)
+
+
+def _in_store(what: str, operation: Callable[[SharedStore], None]) -> None:
+    """Remove what the shared store holds of a deleted job or checkpoint. The records are gone
+    already, so nothing serves or resumes from what a store that fails here keeps: logged, for
+    the operator."""
+    store = get_store()
+    if store is None:
+        return
+    try:
+        operation(store)
+    except StorageUnavailable as exc:
+        logger.warning("%s stays in the shared store: %s", what, exc)

@@ -18,6 +18,7 @@ from app.errors import InvalidFields, InvalidSpec
 from core.config import Settings, get_settings
 from core.graders import reward_modules
 from core.models import UploadedFile
+from core.shared_store import StorageUnavailable, get_store
 from core.spec import LOCAL_PATH_PREFIXES, JobSpec, echo
 from core.webhooks import host_allowed
 
@@ -43,9 +44,20 @@ def local_path_problem(value: str, what: str, settings: Settings) -> tuple[str, 
         exists = resolved.exists()
     except OSError as exc:  # a name or path longer than the filesystem allows, say
         return value, f"{what} {echo(value)} cannot be looked up on the server ({exc.strerror})"
-    if not exists:
+    if not exists and not (uploaded and in_shared_store(resolved)):
         return value, f"{what} {echo(value)} does not exist on the server"
     return str(resolved), None
+
+
+def in_shared_store(path: Path) -> bool:
+    """An upload taken by another host's API: in the shared store, where the trainer fetches it."""
+    store = get_store()
+    if store is None:
+        return False
+    try:
+        return bool(store.retrying("look for an upload", lambda: store.fs.exists(store.upload_key(path.name))))
+    except StorageUnavailable:
+        return False
 
 
 def hub_id_problem(value: str, what: str, kind: hub.Kind, settings: Settings) -> str | None:

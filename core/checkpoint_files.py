@@ -22,6 +22,7 @@ from core.checkpoint_store import PARTIAL_PREFIX, mark_removed
 from core.config import get_settings
 from core.db import session_scope
 from core.models import Checkpoint, CheckpointStatus, Job, utcnow
+from core.shared_store import Manifest, StorageUnavailable, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,23 @@ def unchanged_since_hashed(entry: dict[str, Any], stat: os.stat_result) -> bool:
     return stat.st_size == entry.get("size") and stat.st_mtime_ns == entry.get("mtime_ns")
 
 
+def published_manifest(job_id: int, name: str) -> Manifest | None:
+    store = get_store()
+    return store.manifest(job_id, name) if store is not None else None
+
+
+def entry_from_manifest(entry: dict[str, Any], published: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A file's record with the sha256 its copy to the shared store computed from the same bytes
+    (no second read), and this host's stat of it where it has the file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {**entry, "sha256": published["sha256"], "size": published["size"]}
+    if st.st_size != published["size"]:
+        return hashed_entry(entry, path)  # not the bytes that were published: hash what is here
+    return {**entry, "sha256": published["sha256"], "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
     """Hash every file of one checkpoint and mark it ready; a folder that vanished meanwhile
     (rotated away) is marked removed instead."""
@@ -98,8 +116,16 @@ def hash_checkpoint(job_id: int, checkpoint_id: int) -> None:
     folder = get_settings().checkpoints_dir(job_id) / name
     hashed = []
     try:
+        manifest = published_manifest(job_id, name)
         for entry in files:
-            hashed.append(hashed_entry(entry, folder / entry["path"]))
+            published = manifest.entry(entry["path"]) if manifest is not None else None
+            if published is not None:
+                hashed.append(entry_from_manifest(entry, published, folder / entry["path"]))
+            else:
+                hashed.append(hashed_entry(entry, folder / entry["path"]))
+    except StorageUnavailable as exc:
+        logger.warning("job %s: %s not hashed yet, the shared store does not answer: %s", job_id, name, exc)
+        return
     except FileNotFoundError:
         with session_scope() as session:
             mark_removed(session=session, job_id=job_id, checkpoints_dir=folder.parent)

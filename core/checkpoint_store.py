@@ -24,6 +24,7 @@ from core.contract import EventKind
 from core.events import add_event
 from core.folders import folder_files
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
+from core.shared_store import StorageUnavailable, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +146,14 @@ def mark_removed(
     *, session: Session, job_id: int, checkpoints_dir: Path, why: str = "save_total_limit keeps the newest"
 ) -> list[str]:
     """Records of checkpoints whose folder is gone (save_total_limit rotated them away)."""
-    removed = []
+    removed: list[str] = []
+    in_store = committed_in_store(job_id)
+    if in_store is None:
+        return removed  # the shared store cannot say what it holds: nothing is known gone
     for checkpoint in session.exec(
         select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.status != CheckpointStatus.removed)
     ).all():
-        if not (checkpoints_dir / checkpoint.name).is_dir():
+        if not (checkpoints_dir / checkpoint.name).is_dir() and checkpoint.name not in in_store:
             checkpoint.status, checkpoint.removed_at = CheckpointStatus.removed, utcnow()
             session.add(checkpoint)
             add_event(
@@ -160,6 +164,19 @@ def mark_removed(
             )
             removed.append(checkpoint.name)
     return removed
+
+
+def committed_in_store(job_id: int) -> set[str] | None:
+    """The job's checkpoints committed to the shared store (empty without one; None when it cannot
+    be read): with a store, a folder missing from this host's DATA_DIR is not a checkpoint gone."""
+    store = get_store()
+    if store is None:
+        return set()
+    try:
+        return set(store.committed(job_id))
+    except StorageUnavailable as exc:
+        logger.warning("job %s: the shared store cannot list its checkpoints: %s", job_id, exc)
+        return None
 
 
 def sync_records(*, session: Session, job_id: int, checkpoints_dir: Path) -> list[str]:

@@ -31,12 +31,13 @@ from sqlalchemy import ColumnElement, and_, case, or_, update
 from sqlmodel import Session, col, select
 
 from core.checkpoint_files import hashed_entry, unchanged_since_hashed
-from core.checkpoint_store import mark_removed
+from core.checkpoint_store import committed_in_store, mark_removed
 from core.config import get_settings
 from core.contract import EventKind
 from core.db import session_scope
 from core.events import add_event
 from core.models import Checkpoint, CheckpointStatus, utcnow
+from core.shared_store import SharedStore, StorageUnavailable, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -190,13 +191,45 @@ def _hash_again(claimed: Claimed, folder: Path) -> tuple[list[dict[str, Any]], l
     return files, problems, hashed
 
 
+def _hash_in_store(claimed: Claimed, store: SharedStore) -> tuple[list[dict[str, Any]], list[str], int]:
+    """_hash_again for a checkpoint this host has no copy of: every file read from the shared store."""
+    files, problems = [], []
+    for entry in claimed.files:
+        kept = {key: value for key, value in entry.items() if key != "corrupt"}
+        if entry.get("sha256") is None:
+            files.append(entry)
+            continue
+        try:
+            size, sha256 = store.hash_object(store.file_key(claimed.job_id, claimed.name, entry["path"]))
+        except FileNotFoundError:
+            files.append({**kept, "corrupt": True})
+            problems.append(f"{entry['path']} is missing from the shared store")
+            continue
+        if size == entry["size"] and sha256 == entry["sha256"]:
+            files.append(kept)
+        else:
+            files.append({**kept, "corrupt": True})
+            problems.append(f"{entry['path']} in the shared store does not match the sha256 it was saved with")
+    return files, problems, len(files)
+
+
 def verify(claimed: Claimed, *, claim_held: bool = True) -> None:
     """Hash the claimed checkpoint's files again (all of them, or those whose stat changed) and
     record what was found. Without `claim_held` (a resume that cannot wait for the verifier
     holding it), the result is written all the same, and the holder's is written after it."""
     folder = get_settings().checkpoints_dir(claimed.job_id) / claimed.name
-    files, problems, hashed = _hash_again(claimed, folder) if folder.is_dir() else ([], [], 0)
-    if not folder.is_dir():  # rotated away or deleted, before or while it was read
+    store = get_store()
+    if folder.is_dir():
+        files, problems, hashed = _hash_again(claimed, folder)
+    elif store is not None and claimed.name in (committed_in_store(claimed.job_id) or ()):
+        try:
+            files, problems, hashed = _hash_in_store(claimed, store)  # trained on another host
+        except StorageUnavailable as exc:
+            logger.warning("checkpoint %s of job %s not verified: %s", claimed.name, claimed.job_id, exc)
+            with session_scope() as session:
+                _release(session, claimed)
+            return
+    else:  # rotated away or deleted, before or while it was read
         with session_scope() as session:
             mark_removed(
                 session=session, job_id=claimed.job_id, checkpoints_dir=folder.parent, why="its folder is gone"

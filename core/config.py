@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     # every CHECKPOINT_VERIFY_POLL_S (a requested verification starts within it).
     checkpoint_verify_interval_s: float = Field(default=7 * 24 * 3600.0, ge=0)
     checkpoint_verify_poll_s: float = Field(default=10.0, gt=0)
+    # Storage that every host and the API share (docs/cluster.md): a folder every host mounts at
+    # the same path, or an S3-compatible bucket (s3://bucket/prefix; credentials and endpoint from
+    # the AWS_* variables, AWS_ENDPOINT_URL for MinIO or Ceph). Checkpoints and uploads are
+    # published there, resumed and served from there. Empty: DATA_DIR alone (one host).
+    storage_url: str = ""
+    # A store that fails is tried this many times, the waits doubling from STORAGE_RETRY_WAIT_S;
+    # a checkpoint it still cannot take fails the job as storage_unavailable.
+    storage_retries: int = Field(default=5, ge=1)
+    storage_retry_wait_s: float = Field(default=2.0, ge=0)
 
     # --- queue ---------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -60,6 +60,7 @@ class ErrorCode(StrEnum):
     cuda_oom = "cuda_oom"
     disk_full = "disk_full"
     disk_error = "disk_error"
+    storage_unavailable = "storage_unavailable"  # the shared store (STORAGE_URL) failed through every retry
     gpu_unavailable = "gpu_unavailable"
     backend_unavailable = "backend_unavailable"
     trainer_crashed = "trainer_crashed"

@@ -182,10 +182,11 @@ def clear_caches() -> None:
     from core.config import get_settings
     from core.db import get_engine
     from core.queue import get_redis
+    from core.shared_store import get_store
 
     if get_engine.cache_info().currsize:
         get_engine().dispose()
-    for cached in (get_settings, get_engine, get_redis):
+    for cached in (get_settings, get_engine, get_redis, get_store):
         cached.cache_clear()
 
 

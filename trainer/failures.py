@@ -19,6 +19,8 @@ NEXT_STEP: dict[ErrorCode, str] = {
     ErrorCode.chat_template_missing: f"Set chat_template_from to a tokenizer that has a chat template, {RESUBMIT}",
     ErrorCode.disk_full: f"Free space on that disk (or lower save_total_limit, raise save_steps), {RESUBMIT}",
     ErrorCode.disk_error: f"Check the disk under DATA_DIR (the system log names the device's errors), {RESUBMIT}",
+    ErrorCode.storage_unavailable: "Check that every host reaches STORAGE_URL (its endpoint, credentials and free "
+    f"space), {RESUBMIT}",
     ErrorCode.trainer_crashed: f"{LOG_HINT} Fix what its traceback names, {RESUBMIT}",
 }
 
@@ -36,6 +38,12 @@ class JobFailure(Exception):
         super().__init__(text)
         self.code = code
         self.message = text
+
+
+def storage_failure(exc: Exception, consequence: str) -> JobFailure:
+    """The shared store failed through every retry (core/shared_store.StorageUnavailable)."""
+    text = str(exc)
+    return JobFailure(ErrorCode.storage_unavailable, f"{text[:1].upper()}{text[1:]}. {consequence}")
 
 
 def _is_oom(exc: BaseException) -> bool:

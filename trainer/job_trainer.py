@@ -12,7 +12,10 @@ trainer class (SFTTrainer, DPOTrainer, ... or Unsloth's patched ones) by `job_tr
   calls .item() on every micro-batch, which stalls the CPU until the GPU catches up and cost
   a fifth of the throughput of a small model on an H100. Here the count stays a device
   tensor (or a shape-derived int) and is read once per logging step. Each method says which
-  tensors of its batches hold the trained tokens (`batch_tokens`)."""
+  tensors of its batches hold the trained tokens (`batch_tokens`).
+- With a shared store (STORAGE_URL, core/shared_store.py), each published checkpoint is copied
+  there and committed by its manifest before the Trainer goes on, so any host can resume from it
+  and the API serve it; a store that stays unreachable fails the job as `storage_unavailable`."""
 
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ from core.checkpoint_store import FINAL_NAME, newest_complete
 from core.contract import ErrorCode
 from core.diskspace import disk_space, gib, is_disk_full_error
 from core.folders import folder_files
+from core.shared_store import SharedStore, StorageUnavailable
 from trainer.distributed import barrier
 from trainer.failpoints import failpoint
-from trainer.failures import JobFailure
+from trainer.failures import JobFailure, storage_failure
 
 # Scheduler, RNG and trainer state beside the weights and optimizer state.
 CHECKPOINT_EXTRA_BYTES = 1024**2
@@ -70,9 +74,11 @@ class JobTrainerMixin:
         max_shard_size: str = "4GB",
         on_phase: Callable[[str], None] | None = None,
         min_free_bytes: int = 0,
+        store: SharedStore | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.store = store
         self.max_shard_size = max_shard_size
         self.on_phase = on_phase
         self.min_free_bytes = min_free_bytes
@@ -154,6 +160,8 @@ class JobTrainerMixin:
         if best and best.startswith(str(root)):
             self.state.best_model_checkpoint = str(run_dir / Path(best).name)
         failpoint("checkpoint_published", job_dir=self.job_dir, step=self.state.global_step)
+        if main:
+            seconds += self.publish_to_store(final, self.state.global_step)
         self.last_publish_seconds = seconds
         if self.args.should_save:
             rotate_checkpoints(
@@ -162,6 +170,31 @@ class JobTrainerMixin:
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+            if self.store is not None and self.args.save_total_limit:
+                self.in_store(lambda store: store.keep_newest(self.job_id, self.args.save_total_limit))
+
+    @property
+    def job_id(self) -> int:
+        return int(self.job_dir.name)
+
+    def publish_to_store(self, folder: Path, step: int) -> float:
+        """Copy a published checkpoint to the shared store and commit it (rank 0); the seconds spent."""
+        if self.store is None:
+            return 0.0
+        started = time.monotonic()
+        self.in_store(lambda store: store.publish_checkpoint(self.job_id, folder, step))
+        return time.monotonic() - started
+
+    def in_store(self, operation: Callable[[SharedStore], object]) -> None:
+        assert self.store is not None
+        try:
+            operation(self.store)
+        except StorageUnavailable as exc:
+            raise storage_failure(
+                exc,
+                "The checkpoint is complete in this host's DATA_DIR but not committed to the shared store, so no "
+                "other host could resume from it",
+            ) from exc
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The model's weights are on disk, its optimizer state not yet: a checkpoint half written.
@@ -195,9 +228,10 @@ class JobTrainerMixin:
         try:
             self.save_model(str(staging))  # every rank: FSDP gathers the full weights for rank 0
             barrier()
-            return publish(staging, final) if main else 0.0
+            seconds = publish(staging, final) if main else 0.0
         except Exception as exc:
             raise self.save_failed(FINAL_NAME, needed, staging, exc) from exc
+        return seconds + (self.publish_to_store(final, self.state.global_step) if main else 0.0)
 
     def weights_bytes(self) -> int:
         assert self.model is not None

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from core.checkpoint_store import FINAL_NAME, newest_complete, sweep_partials, sync_records
+from core.checkpoint_store import FINAL_NAME, intermediate_folders, newest_complete, sweep_partials, sync_records
 from core.checkpoint_verify import corrupt_checkpoints, resume_problem
 from core.config import get_settings
 from core.contract import (
@@ -37,10 +37,11 @@ from core.db import session_scope
 from core.diskspace import disk_space
 from core.events import add_event
 from core.models import Job
+from core.shared_store import FETCH_LOCK, SharedStore, StorageUnavailable, StoreMismatch, get_store, host_lock
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
 from core.stop_requests import mark_ready
 from trainer import distributed, methods
-from trainer.failures import JobFailure, classify, format_traceback, missing_source
+from trainer.failures import JobFailure, classify, format_traceback, missing_source, storage_failure
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
 from trainer.methods.base import TrainerContext, TrainingMethod
 from trainer.stopflag import StopFlag
@@ -173,8 +174,21 @@ class Run:
             ("the dataset", spec.dataset.source, ErrorCode.dataset_invalid),
             ("the validation set", validation, ErrorCode.dataset_invalid),
         ):
-            if value and Path(value).is_absolute() and not Path(value).exists():
+            if value and Path(value).is_absolute() and not Path(value).exists() and not self.fetch_upload(Path(value)):
                 raise missing_source(what, value, code)
+
+    def fetch_upload(self, path: Path) -> bool:
+        """An uploaded dataset (under DATA_DIR/files) that this host does not have: from the shared
+        store, where the API that took the upload published it."""
+        store = get_store()
+        if store is None or path.parent != self.settings.files_dir():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with host_lock(path.parent / FETCH_LOCK):
+                return path.exists() or store.fetch_upload(path)
+        except StorageUnavailable as exc:
+            raise storage_failure(exc, f"The job could not download its dataset {path.name}") from exc
 
     @property
     def phase(self) -> str:
@@ -219,6 +233,9 @@ class Run:
         """Clear what a stopped attempt left (unfinished staging folders, incomplete checkpoints),
         record complete checkpoints it never recorded, and return the one to resume from. Rank 0
         clears; the other ranks wait for it, then find the same checkpoint."""
+        store = get_store()
+        if store is not None:
+            return self.prepare_from_store(store)
         if not distributed.is_main():
             distributed.barrier()
             with session_scope() as session:
@@ -238,6 +255,50 @@ class Run:
             sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
         resume_from = self.trusted(resume_from)
         distributed.barrier()
+        return resume_from
+
+    def prepare_from_store(self, store: SharedStore) -> Path | None:
+        """With a shared store (STORAGE_URL) the newest checkpoint committed there is the one to
+        resume from, on whichever host a rank runs: every rank makes sure its host has it in
+        DATA_DIR (one download per host; the host's other ranks find it there). Local folders the
+        store never committed (a save whose copy failed) are not resumed from: rank 0 removes them."""
+        try:
+            committed = store.intermediates(self.job_id)
+        except StorageUnavailable as exc:
+            raise storage_failure(exc, "The job could not learn which checkpoint to resume from") from exc
+        if distributed.is_main():
+            for name, size in sweep_partials(self.checkpoints_dir):
+                event(
+                    self.job_id,
+                    EventKind.checkpoint_discarded,
+                    f"removed {name}, a checkpoint an earlier attempt did not finish writing ({size} bytes)",
+                )
+            for folder in intermediate_folders(self.checkpoints_dir):
+                if folder.name not in committed:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    event(
+                        self.job_id,
+                        EventKind.checkpoint_discarded,
+                        f"removed {folder.name}: it was never committed to the shared store",
+                    )
+        distributed.barrier()
+        with session_scope() as session:
+            corrupt = corrupt_checkpoints(session, self.job_id)
+        resume_from = None
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        with host_lock(self.checkpoints_dir / FETCH_LOCK):
+            for name in (n for n in committed if n not in corrupt):
+                try:
+                    resume_from = store.fetch_checkpoint(self.job_id, name, self.checkpoints_dir)
+                except StoreMismatch as exc:
+                    event(self.job_id, EventKind.checkpoint_discarded, f"not resuming from {name}: {exc}")
+                except StorageUnavailable as exc:
+                    raise storage_failure(exc, f"The job could not download {name} to resume from it") from exc
+                if resume_from is not None:
+                    break
+        if distributed.is_main():
+            with session_scope() as session:
+                sync_records(session=session, job_id=self.job_id, checkpoints_dir=self.checkpoints_dir)
         return resume_from
 
     def trusted(self, newest: Path | None) -> Path | None:
@@ -639,6 +700,7 @@ class Run:
                 "max_shard_size": self.settings.max_shard_size,
                 "on_phase": self.set_phase_from_trainer,
                 "min_free_bytes": self.settings.min_free_disk_bytes,
+                "store": get_store(),
             },
         )
         trainer = self.trainer = self.method.build(

@@ -75,6 +75,8 @@ TRAINER_ENV_KEPT = (
     *("UNSLOTH_*", "BNB_*", "ACCELERATE_*", "FSDP_*", "OMP_*", "MKL_*", "KMP_*", "OPENBLAS_*", "MALLOC_*"),
     *("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy"),
     *("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),
+    # The shared store's client (STORAGE_URL): the trainer publishes checkpoints and reads uploads there.
+    "AWS_*",
     # FINETUNE_* but the CLI's: FINETUNE_TOKEN is an API token, and the trainer calls no API.
     *("FINETUNE_FAILPOINTS", "FINETUNE_PARENT_*", "COVERAGE_*", "COV_CORE_*"),
 )

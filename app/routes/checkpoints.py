@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import posixpath
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
@@ -18,16 +20,27 @@ from app import crud, lifecycle, pages
 from app.auth import Identity
 from app.db import SessionDep, run_db
 from app.deps import IdentityDep, SettingsDep, require_token
-from app.downloads import CheckpointFileResponse, resolve_inside, stream_tar, tar_length, tar_members
-from app.errors import BadRange, Conflict, NotFound, RangeNotSatisfiable, error_responses
+from app.downloads import (
+    CheckpointFileResponse,
+    StoreFileResponse,
+    resolve_inside,
+    store_tar_members,
+    stored_stat,
+    stream_tar,
+    tar_length,
+    tar_members,
+)
+from app.errors import BadRange, Conflict, NotFound, RangeNotSatisfiable, StorageUnavailable, error_responses
 from app.presenters import checkpoint_public
 from app.schemas import CheckpointList, CheckpointPublic, DeletedPublic
+from core import shared_store
 from core.checkpoint_files import unchanged_since_hashed
 from core.checkpoint_verify import changed_since_hashed, note_changed, verify_due
 from core.config import get_settings
 from core.contract import understood
 from core.db import get_engine, session_scope
 from core.models import CheckpointStatus, Job, JobStatus
+from core.shared_store import Manifest, SharedStore, get_store
 from core.spec import MAX_DB_INT, UrlInt
 
 router = APIRouter(
@@ -99,14 +112,17 @@ def download_archive(
     corrupt checkpoint (its intact files are still served one by one)."""
     checkpoint = crud.get_checkpoint(session=session, job_id=job_id, name=name, identity=identity)
     folder = settings.checkpoints_dir(job_id) / checkpoint.name
-    if not folder.is_dir():
-        raise NotFound(f"checkpoint {name!r} of job {job_id} is recorded but its folder is gone from disk")
     corrupt = [f["path"] for f in checkpoint.files if f.get("corrupt")]
     if corrupt:
         raise _corrupt_refusal(job_id, name, corrupt)
-    members = tar_members(folder, checkpoint.name, [f["path"] for f in checkpoint.files])
+    if folder.is_dir():
+        members = tar_members(folder, checkpoint.name, [f["path"] for f in checkpoint.files])
+    else:  # trained on another host: from the shared store, when there is one
+        store, manifest = _published(job_id, checkpoint.name)
+        members = store_tar_members(store, manifest, checkpoint.name)
     if (
-        checkpoint.id is not None
+        folder.is_dir()
+        and checkpoint.id is not None
         and checkpoint.status == CheckpointStatus.ready
         and checkpoint.changed_seen_at is None
         and changed_since_hashed(folder, checkpoint.files)
@@ -184,7 +200,30 @@ def verify_due_checkpoints() -> int:
     return verified
 
 
-def _locate(job_id: int, name: str, path: str, identity: Identity) -> tuple[pathlib.Path, os.stat_result, str | None]:
+@dataclass(frozen=True)
+class Stored:
+    """A file in the shared store: the store and its key."""
+
+    store: SharedStore
+    key: str
+
+
+def _published(job_id: int, name: str) -> tuple[SharedStore, Manifest]:
+    """The store and manifest of a checkpoint this host has no folder of (blocking). 404 when the
+    store has no such checkpoint (or there is no store); 503 when it does not answer."""
+    store = get_store()
+    try:
+        manifest = store.manifest(job_id, name) if store is not None else None
+    except shared_store.StorageUnavailable as exc:
+        raise StorageUnavailable(f"checkpoint {name!r} of job {job_id} cannot be read: {exc}") from exc
+    if store is None or manifest is None:
+        raise NotFound(f"checkpoint {name!r} of job {job_id} is recorded but its folder is gone from disk")
+    return store, manifest
+
+
+def _locate(
+    job_id: int, name: str, path: str, identity: Identity
+) -> tuple[pathlib.Path | Stored, os.stat_result, str | None]:
     """The file's real path, its stat, and the sha256 to send with it: only one its bytes have,
     as far as can be known without reading them (blocking: one thread hop for all of it). 409 for
     a file found corrupt."""
@@ -195,13 +234,22 @@ def _locate(job_id: int, name: str, path: str, identity: Identity) -> tuple[path
     if entry.get("corrupt"):
         raise _corrupt_refusal(job_id, name, [path])
     key = (get_settings().sqlalchemy_url, job_id, name)
+    sha = entry.get("sha256") if files.vouched else None
+    folder = get_settings().checkpoints_dir(job_id) / name
+    if not folder.is_dir() and get_store() is not None:  # trained on another host: from the shared store
+        store, manifest = _published(job_id, name)
+        published = manifest.entry(path)
+        if published is None:
+            raise NotFound(f"checkpoint {name!r} of job {job_id} has no file {path!r} in the shared store")
+        mtime = datetime.fromisoformat(manifest.published_at).timestamp()
+        stat = stored_stat(int(published["size"]), mtime)
+        return Stored(store, store.file_key(job_id, name, path)), stat, sha if sha == published["sha256"] else None
     try:
-        real = resolve_inside(get_settings().checkpoints_dir(job_id) / name, path)
+        real = resolve_inside(folder, path)
         stat = real.stat()
     except FileNotFoundError:  # deleted through another API process, whose deletion this one's copy predates
         _FILES.pop(key, None)
         raise NotFound(f"checkpoint {name!r} of job {job_id} has been deleted") from None
-    sha = entry.get("sha256") if files.vouched else None
     if sha and not unchanged_since_hashed(entry, stat):
         # Its size or mtime is not what it was when it was hashed: the recorded sha256 is not
         # vouched for. The verifier hashes it again (noted once; off this request).
@@ -229,6 +277,15 @@ async def download_file(job_id: JobId, name: Name, path: str, request: Request, 
     real, stat, sha = await run_db(_locate, job_id, name, path, identity)
     headers = {"X-Checksum-SHA256": sha} if sha else None
     check_range(request, stat.st_size)
+    if isinstance(real, Stored):
+        return StoreFileResponse(
+            real.store,
+            real.key,
+            filename=posixpath.basename(path),
+            headers=headers,
+            media_type="application/octet-stream",
+            stat_result=stat,
+        )
     return CheckpointFileResponse(
         real, filename=real.name, headers=headers, media_type="application/octet-stream", stat_result=stat
     )
