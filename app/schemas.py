@@ -114,6 +114,16 @@ class PlacedGpu(BaseModel):
     memory_bytes: int | None = None
 
 
+class RankPlacement(BaseModel):
+    """Where Ray placed one rank of the job (RAY_ADDRESS)."""
+
+    rank: int
+    host: str
+    node_ip: str
+    node_id: str = Field(description="the Ray node's id")
+    gpus: str | None = Field(description="the node's GPUs Ray gave the job's ranks there (CUDA_VISIBLE_DEVICES)")
+
+
 class Placement(BaseModel):
     """Where the job runs (set when a worker starts it; the latest attempt's)."""
 
@@ -126,6 +136,11 @@ class Placement(BaseModel):
     )
     fsdp_layout: Literal["fit", "sharded"] | None = Field(
         default=None, description="fsdp: the planner's layout for these GPUs (POST /jobs/estimate's memory.fsdp_layout)"
+    )
+    ranks: list[RankPlacement] | None = Field(
+        default=None,
+        exclude_if=lambda ranks: ranks is None,
+        description="with Ray (RAY_ADDRESS): the host and GPUs of each rank, as Ray placed them; absent otherwise",
     )
 
 

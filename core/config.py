@@ -62,6 +62,21 @@ class Settings(BaseSettings):
     # leaves it alone.
     enqueue_grace_s: float = Field(default=30.0, ge=0)
 
+    # --- a Ray cluster (docs/cluster.md) ----------------------------------------------------
+    # The Ray head (host:port): the worker hands each job's ranks to Ray Train, which places them
+    # on any node with the resources and restarts them after a node is lost. Empty: ranks are the
+    # worker's own children on its host (the default; Ray is then never imported).
+    ray_address: str = ""
+    # Ray's restarts of a job's ranks after a rank or a node is lost (FailureConfig), each resuming
+    # from the newest checkpoint published to STORAGE_URL.
+    ray_max_failures: int = Field(default=2, ge=0)
+    # CPUs a rank asks Ray for, beside its GPU (dataloader, tokenizer, the trainer itself).
+    ray_cpus_per_rank: float = Field(default=1.0, gt=0)
+    # How a job's ranks are placed (Ray's placement group strategies): PACK keeps them on as few
+    # nodes as fit (NCCL within a host is fastest), SPREAD across nodes where it can, STRICT_SPREAD
+    # one rank a node, STRICT_PACK all on one node.
+    ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
     # --- trainer -------------------------------------------------------------------------
     # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few
     # GB per shard keeps downloads and Range requests file-sized.

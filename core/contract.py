@@ -76,6 +76,7 @@ class EventKind(StrEnum):
     queued = "queued"
     enqueue_delayed = "enqueue_delayed"  # Redis was away at submit; the reconciler enqueues it later
     started = "started"
+    placed = "placed"  # by Ray (RAY_ADDRESS): the host and GPU of each rank
     waiting = "waiting"  # for an earlier attempt's trainer to let go of the job's folder
     resumed = "resumed"
     restarted = "restarted"  # an earlier attempt trained, but no checkpoint was left: from step 0 again

@@ -49,12 +49,13 @@ from worker import gpus, standby
 from worker.diskguard import wait_for_disk
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
+from worker.ray_placement import RayGroup
 from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
 # The trainer: a child the horse started, or the worker's standby trainer that took the job.
-Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup
+Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup | RayGroup
 
 POLL_INTERVAL_S = 1.0
 LOG_TAIL_LINES = 15
@@ -95,13 +96,15 @@ class Polled:
 
 
 def child_pids(child: Child) -> list[int]:
-    return child.pids if isinstance(child, RankGroup) else [child.pid]
+    return child.pids if isinstance(child, RankGroup | RayGroup) else [child.pid]
 
 
 def signal_process(child: Child, pid: int, sig: int) -> None:
     """One of the trainer's processes (never one that has been reaped: its pid may be another's)."""
     if isinstance(child, RankGroup):
         child.send_signal_to(pid, sig)
+    elif isinstance(child, RayGroup):
+        return  # on Ray's nodes: requests travel through the job's control actor (carry_requests)
     else:
         child.send_signal(sig)
 
@@ -209,7 +212,9 @@ def run_job(job_id: int) -> str:
     if spec is None:
         return "skipped"
     try:
-        lease = wait_for_gpus(job_id, spec.gpus, get_redis(), gpus.INVENTORY)
+        # With Ray, Ray's placement group is the job's lease: it waits there for the cluster's GPUs.
+        ray = bool(get_settings().ray_address)
+        lease = Lease(job_id, []) if ray else wait_for_gpus(job_id, spec.gpus, get_redis(), gpus.INVENTORY)
     except CannotFitHost as exc:
         fail_unplaceable(job_id, str(exc))
         return "failed"
@@ -302,6 +307,11 @@ class TrainerWatch:
         self.stalls.clear()
         world_size = self.world_size()
         visible = self.lease.cuda_visible_devices()
+        if self.settings.ray_address:  # Ray places the ranks, and gives each its GPU
+            env = trainer_environment(
+                self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
+            )
+            return RayGroup(self.job_id, world_size, env, self.job_dir)
         if world_size == 1 and (visible is None or standby.CARD in (None, visible)):
             adopted = standby.adopt(self.job_id, self.workdir)
             if adopted is not None:
@@ -366,6 +376,8 @@ class TrainerWatch:
                 self.carry_requests(child, polled)
                 self.stalls.observe(polled.phase, polled.step, child_pids(child))
                 self.hash_checkpoints(polled.pending)
+                if isinstance(child, RayGroup):
+                    self.record_ray_news(child)
         except BaseException:
             # The horse is being stopped (RQ stop command, shutdown): do not leave an orphan.
             child.send_signal(signal.SIGTERM)
@@ -469,6 +481,8 @@ class TrainerWatch:
                 )
         if self.requested is None:
             return
+        if isinstance(child, RayGroup):
+            child.ask(self.requested)
         for pid in child_pids(child):
             if (pid, self.requested) not in self.signalled and stop_requests.is_ready(self.job_dir, pid):
                 signal_process(child, pid, stop_requests.SIGNALS[self.requested])
@@ -487,6 +501,22 @@ class TrainerWatch:
                 self.settings.stop_grace_s,
             )
             child.kill()
+
+    def record_ray_news(self, child: RayGroup) -> None:
+        """Where Ray placed the ranks (an event, and the job's placement), and Ray's restarts."""
+        for message in child.news():
+            placed = message.startswith("placed by Ray")
+            if placed and child.placed is not None:
+                ranks = [{"rank": rank, **where} for rank, where in sorted(child.placed.items())]
+                try:
+                    with session_scope() as session:
+                        job = session.get(Job, self.job_id)
+                        if job is not None:
+                            job.placement = {**(job.placement or {}), "ranks": ranks}
+                            session.add(job)
+                except SQLAlchemyError as exc:
+                    logger.warning("job %s: could not record its placement (%s)", self.job_id, exc)
+            self.record_event(EventKind.placed if placed else EventKind.retried, message)
 
     def record_event(self, kind: EventKind, message: str) -> None:
         try:
@@ -640,7 +670,7 @@ class TrainerWatch:
         )
 
     def crash_message(self, returncode: int, child: Child | None = None) -> str:
-        report = child.failure_report() if isinstance(child, RankGroup) else None
+        report = child.failure_report() if isinstance(child, RankGroup | RayGroup) else None
         if report is not None:
             return f"{report}Read that rank's log in the job's folder and fix what it names, then resubmit the job."
         if returncode < 0:

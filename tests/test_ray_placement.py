@@ -1,0 +1,147 @@
+"""Jobs placed by Ray (RAY_ADDRESS, worker/ray_placement.py) on a Ray cluster of real processes on
+this machine: a head and a second node started with `ray start`, one CPU each, so that a job of
+two ranks can only be placed across both nodes, where its ranks join with gloo. One cluster for
+the module: starting it takes about 15 s of the 2-core machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from scripts.service_harness import ROOT, START_TIMEOUT_S, free_port, process_tree, wait_until
+from tests.conftest import Env, Service, job_spec
+
+pytestmark = pytest.mark.slow
+
+NODE_OPTIONS = (
+    "--num-cpus=1",
+    "--object-store-memory=100000000",
+    "--disable-usage-stats",
+    "--node-ip-address=127.0.0.1",
+)
+
+
+@dataclass
+class RayCluster:
+    address: str
+    temp_dir: Path
+    env: dict[str, str]
+    nodes: list[str] = field(default_factory=list)
+
+    def ray(self, *args: str) -> subprocess.CompletedProcess[str]:
+        binary = shutil.which("ray")
+        assert binary is not None, "ray is not installed (the ray extra, in dev)"
+        return subprocess.run([binary, *args], env=self.env, capture_output=True, text=True, timeout=120, check=False)
+
+    def add_node(self, name: str) -> None:
+        started = self.ray("start", f"--address={self.address}", f"--resources={json.dumps({name: 1})}", *NODE_OPTIONS)
+        assert started.returncode == 0, started.stdout + started.stderr
+        self.nodes.append(name)
+
+    def processes(self) -> list[int]:
+        """Every process of this cluster: their command lines name its temp dir (or they descend
+        from one that does)."""
+        roots = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if str(self.temp_dir).encode() in (entry / "cmdline").read_bytes():
+                        roots.append(int(entry.name))
+                except OSError:
+                    continue
+        return sorted({pid for root in roots for pid in process_tree(root)})
+
+    def stop(self) -> None:
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    # A short path: Ray's Unix sockets live under it (at most 107 characters).
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        "OMP_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    port = free_port()
+    cluster = RayCluster(f"127.0.0.1:{port}", temp_dir, env)
+    try:
+        head = cluster.ray(
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=false",
+            f"--resources={json.dumps({'node_a': 1})}",
+            *NODE_OPTIONS,
+        )
+        assert head.returncode == 0, head.stdout + head.stderr
+        cluster.add_node("node_b")
+
+        def two_nodes() -> bool:
+            status = cluster.ray("status", f"--address={cluster.address}")
+            return "node_a" in status.stdout and "node_b" in status.stdout
+
+        wait_until(two_nodes, START_TIMEOUT_S, "both Ray nodes to join")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def ray_service(env: Env, tmp_path: Path, ray_cluster: RayCluster) -> Iterator[Service]:
+    settings = {
+        **env.vars,
+        "RAY_ADDRESS": ray_cluster.address,
+        "RAY_PLACEMENT_STRATEGY": "STRICT_SPREAD",
+        "STORAGE_URL": str(tmp_path / "shared"),
+    }
+    running = Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=settings)
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+        print(running.logs())
+
+
+def test_a_two_rank_job_is_placed_by_ray_across_two_nodes_and_trains_with_gloo(
+    ray_service: Service, tiny_model: Path, chat_dataset: Path
+) -> None:
+    service = ray_service
+    job_id = service.submit({**job_spec(tiny_model, chat_dataset), "gpus": 2, "strategy": "ddp"})
+    record = service.wait_for(job_id, timeout_s=300)
+    assert record["status"] == "succeeded", record["error"]
+    with service.http() as http:
+        events = http.get(f"/jobs/{job_id}/events").json()["items"]
+        steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs").json()["items"]]
+        checkpoints = {c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]}
+    placed = [e["message"] for e in events if e["kind"] == "placed"]
+    assert len(placed) == 1 and placed[0].startswith("placed by Ray: rank 0 on ")
+    nodes = record["placement"]["ranks"]
+    assert [r["rank"] for r in nodes] == [0, 1]
+    assert nodes[0]["node_id"] != nodes[1]["node_id"]  # one rank on each node: gloo across them
+    assert steps == [2, 4, 6]  # rank 0 alone logs: each step once
+    assert checkpoints == {"checkpoint-3", "checkpoint-6", "final"}
+    assert (service.job_dir(job_id) / "trainer-rank1.log").is_file()
+    shared = Path(service.env["STORAGE_URL"]) / "jobs" / str(job_id) / "checkpoints"
+    assert {p.name for p in shared.glob("*.manifest.json")} == {
+        "checkpoint-3.manifest.json",
+        "checkpoint-6.manifest.json",
+        "final.manifest.json",
+    }
