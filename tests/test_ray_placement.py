@@ -5,11 +5,13 @@ the module: starting it takes about 15 s of the 2-core machine."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,8 +21,6 @@ import pytest
 
 from scripts.service_harness import ROOT, START_TIMEOUT_S, free_port, process_tree, wait_until
 from tests.conftest import Env, Service, job_spec
-
-pytestmark = pytest.mark.slow
 
 NODE_OPTIONS = (
     "--num-cpus=1",
@@ -46,6 +46,17 @@ class RayCluster:
         started = self.ray("start", f"--address={self.address}", f"--resources={json.dumps({name: 1})}", *NODE_OPTIONS)
         assert started.returncode == 0, started.stdout + started.stderr
         self.nodes.append(name)
+
+    def head_node_id(self) -> str:
+        """The head node's id (the cluster's own processes run there: it is never the one killed)."""
+        script = (
+            f"import ray; ray.init(address='{self.address}'); "
+            "print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and 'node_a' in n['Resources']))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=self.env, capture_output=True, text=True, timeout=120, check=True
+        )
+        return done.stdout.strip().splitlines()[-1]
 
     def processes(self) -> list[int]:
         """Every process of this cluster: their command lines name its temp dir (or they descend
@@ -120,6 +131,18 @@ def ray_service(env: Env, tmp_path: Path, ray_cluster: RayCluster) -> Iterator[S
         print(running.logs())
 
 
+def test_the_embedded_default_never_imports_ray() -> None:
+    """Without RAY_ADDRESS the API, the worker and its task module load no part of Ray."""
+    code = (
+        "import sys, app.main, worker.__main__, worker.tasks, core.shared_store; "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
 def test_a_two_rank_job_is_placed_by_ray_across_two_nodes_and_trains_with_gloo(
     ray_service: Service, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -145,3 +168,54 @@ def test_a_two_rank_job_is_placed_by_ray_across_two_nodes_and_trains_with_gloo(
         "checkpoint-6.manifest.json",
         "final.manifest.json",
     }
+
+
+def node_processes(node_id: str) -> list[int]:
+    """The processes of one Ray node: its raylet and agents (their command lines name the node's
+    id) and what they started (the node's Ray workers, and the trainers those started)."""
+    roots = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if node_id.encode() in (entry / "cmdline").read_bytes():
+                    roots.append(int(entry.name))
+            except OSError:
+                continue
+    return sorted({pid for root in roots for pid in process_tree(root)})
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_newest_published_checkpoint(
+    ray_service: Service, ray_cluster: RayCluster, tiny_model: Path, chat_dataset: Path
+) -> None:
+    service = ray_service
+    if "node_c" not in ray_cluster.nodes:  # a third node, for the ranks to move to
+        ray_cluster.add_node("node_c")
+    spec = job_spec(tiny_model, chat_dataset, max_steps=40, save_steps=5, logging_steps=1)
+    job_id = service.submit({**spec, "gpus": 2, "strategy": "ddp"})
+    shared = Path(service.env["STORAGE_URL"]) / "jobs" / str(job_id) / "checkpoints"
+    wait_until(lambda: (shared / "checkpoint-5.manifest.json").exists(), 300, "checkpoint-5 to be published")
+    ranks = service.job(job_id)["placement"]["ranks"]
+    # Any node of the job but the head (the head holds the cluster itself).
+    head = ray_cluster.head_node_id()
+    victim = next(r for r in ranks if r["node_id"] != head)
+    step_at_kill = service.job(job_id)["progress"]["step"]
+    for pid in node_processes(victim["node_id"]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    record = service.wait_for(job_id, timeout_s=400)
+    assert record["status"] == "succeeded", record["error"]
+    with service.http() as http:
+        events = http.get(f"/jobs/{job_id}/events").json()["items"]
+        steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs", params={"limit": 100}).json()["items"]]
+    messages = [e["message"] for e in events]
+    restarts = [m for m in messages if m.startswith("Ray restarted the job's 2 ranks")]
+    assert restarts, messages
+    resumed = [m for m in messages if m.startswith("resuming from checkpoint-")]
+    assert resumed, messages
+    assert int(resumed[-1].split("checkpoint-")[1].split(",")[0]) >= 5
+    assert len([m for m in messages if m.startswith("placed by Ray")]) == 2  # placed, and placed again
+    assert steps == list(range(1, 41)), f"step_at_kill {step_at_kill}: {steps}"  # each step once
+    new_ranks = record["placement"]["ranks"]
+    assert victim["node_id"] not in {r["node_id"] for r in new_ranks}

@@ -211,6 +211,7 @@ class RayGroup:
 
     def __init__(self, job_id: int, world_size: int, env: dict[str, str], job_dir: Path) -> None:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         settings = get_settings()
         self.job_id, self.world_size, self.job_dir = job_id, world_size, job_dir
@@ -224,7 +225,12 @@ class RayGroup:
         self.use_gpu = ray.cluster_resources().get("GPU", 0) > 0  # type: ignore[no-untyped-call]
         with contextlib.suppress(ValueError):  # an earlier attempt's, left by a horse that died
             ray.kill(ray.get_actor(control_name(job_id), namespace=NAMESPACE))
-        self.control = _control_class().options(name=control_name(job_id), namespace=NAMESPACE).remote()
+        # On this worker's own node: a node lost with the job's ranks must not take the job's
+        # control with it (Ray restarts the ranks, and they find it again).
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.control = (
+            _control_class().options(name=control_name(job_id), namespace=NAMESPACE, scheduling_strategy=here).remote()
+        )
         self.connect_seconds = time.monotonic() - started
         self._thread = threading.Thread(target=self._fit, args=(env,), name=f"ray-job-{job_id}", daemon=True)
         self._thread.start()
