@@ -180,8 +180,8 @@ def main() -> int:
                 address, stop_ray = start_ray_head(out)
                 settings.update(RAY_ADDRESS=address, STORAGE_URL=str(out / "ray" / "shared"))
             service = Service(out / label, allowed_roots=roots, settings=settings)
-            service.start(WORKER_GPUS="0")
             try:
+                service.start(WORKER_GPUS="0")
                 figures = run_path(label, service, spec, timeout_s=max(60, deadline - time.monotonic()))
             except AssertionError as exc:
                 check(f"{label}: finished within the budget", False, exc)
