@@ -112,3 +112,27 @@ def test_api_and_worker_share_environment(config: dict) -> None:
     assert api_env["REDIS_URL"] == "redis://redis:6379/0"
     # Unset on purpose: the app falls back to SQLite under DATA_DIR.
     assert "DATABASE_URL" not in api_env
+
+
+CLUSTER = ("ray-head", "ray-node", "cluster-api", "cluster-worker")
+
+
+def test_the_default_stack_has_no_cluster_settings(config: dict) -> None:
+    api_env = config["services"]["api"]["environment"]
+    assert not {"RAY_ADDRESS", "STORAGE_URL", "DATABASE_URL"} & set(api_env)
+
+
+def test_the_cluster_profile_shares_one_environment_with_ray_postgres_and_the_bucket(config: dict) -> None:
+    services = config["services"]
+    envs = [services[name]["environment"] for name in CLUSTER]
+    assert all(env == envs[0] for env in envs), envs
+    env = envs[0]
+    assert env["RAY_ADDRESS"] == "ray-head:6379"
+    assert env["STORAGE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in env["DATABASE_URL"]
+    for name in CLUSTER:
+        assert services[name]["build"]["args"]["EXTRAS"] == "gpu,postgres,s3,ray", name
+    assert _command(services["cluster-worker"]) == ["python", "-m", "worker"]
+    assert _command(services["ray-head"])[:3] == ["ray", "start", "--head"]
+    devices = services["ray-node"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices), devices
