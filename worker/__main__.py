@@ -217,7 +217,9 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     connection = get_redis()
-    worker_gpus.INVENTORY = worker_gpus.detect_inventory(gpus_option)
+    # With Ray (RAY_ADDRESS) the worker leases no cards of its own: Ray places the ranks on the
+    # cluster's GPUs, and a job may ask for more than this host has.
+    worker_gpus.INVENTORY = [] if settings.ray_address else worker_gpus.detect_inventory(gpus_option)
     gpus = ",".join(str(g.index) for g in worker_gpus.INVENTORY) or "none"
     worker = FinetuneWorker(
         [get_queue(connection)],
@@ -228,6 +230,7 @@ def main(
     # The smallest of its cards: what a job it takes can count on.
     worker.gpu_memory_bytes = min((g.memory_bytes for g in worker_gpus.INVENTORY if g.memory_bytes), default=None)
     use_standby = settings.trainer_standby if settings.trainer_standby is not None else bool(worker.gpu_memory_bytes)
+    use_standby = use_standby and not settings.ray_address  # Ray starts each rank where it places it
     # A standby trainer binds to its GPU as it imports, before any job: only a worker of one GPU
     # knows which that will be.
     if use_standby and len(worker_gpus.INVENTORY) <= 1:

@@ -1,7 +1,9 @@
 """Progress, not process liveness: a trainer that is alive but takes no step (stopped with SIGSTOP,
 stuck in a collective, waiting on a dead file system) keeps its worker's heartbeat fresh and would
 stay `running` at the same step forever. The trainer touches its progress file at every step and
-micro-batch (trainer/callbacks.JobReporter); the worker looks at it each poll, and after
+micro-batch (trainer/callbacks.JobReporter), and its step reaches the database at each logging
+step (the only sign the worker sees of a rank 0 that Ray placed on another host); the worker looks
+at both each poll, and after
 STALL_AFTER_S of training without one it records a `stalled` event, sets the job's `stalled_since`
 (the record's progress and GET /metrics show it) and, once steps come again, a `stall_ended` event."""
 
@@ -49,18 +51,21 @@ class StallWatch:
         self.stall_after_s = stall_after_s
         self.training_since: float | None = None  # wall time this attempt's phase last became `training`
         self.stalled_since: float | None = None  # wall time of the last progress, while stalled
+        self.step_seen: tuple[int | None, float] | None = None  # the job's step, and when it was first seen
 
     def clear(self) -> None:
         """Before a new attempt's trainer starts."""
         self.progress_file.unlink(missing_ok=True)
         self.training_since = self.stalled_since = None
+        self.step_seen = None
 
     def last_progress(self) -> float | None:
         try:
             touched: float | None = self.progress_file.stat().st_mtime
         except FileNotFoundError:
             touched = None
-        return max(filter(None, (touched, self.training_since)), default=None)
+        stepped = self.step_seen[1] if self.step_seen is not None else None
+        return max(filter(None, (touched, stepped, self.training_since)), default=None)
 
     def observe(self, phase: str | None, step: int | None, pids: list[int]) -> None:
         if phase != Phase.training:
@@ -71,6 +76,8 @@ class StallWatch:
         now = time.time()
         if self.training_since is None:
             self.training_since = now
+        if self.step_seen is None or step != self.step_seen[0]:
+            self.step_seen = (step, now)
         last = self.last_progress()
         if last is None:
             return
