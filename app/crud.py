@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from app import datacheck, quotas, uploads
+from app import datacheck, idempotency, quotas, uploads
 from app.auth import Identity
 from app.errors import Conflict, DoesNotFit, NotFound
 from app.sources import checked_sources
@@ -107,9 +109,10 @@ def gpus_refusal(job_in: JobSpec) -> str | None:
     )
 
 
-def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
+def create_job(*, session: Session, job_in: JobSpec, identity: Identity, claim: idempotency.Claim | None = None) -> Job:
     """Check a spec (its sources, data, plan, and the identity's role and project quotas), store it
-    for the identity's project and queue it."""
+    for the identity's project and queue it. With a claim, its Idempotency-Key is kept with the job
+    in the same commit (idempotency.Raced when another request with the key committed first)."""
     quotas.check_priority(job_in, identity)
     too_many = gpus_refusal(job_in)
     if too_many:
@@ -160,7 +163,9 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
         kind=EventKind.queued,
         message=f"job accepted and queued; {data_check.note}; {plan_note}",
     )
-    session.commit()
+    if claim is not None:
+        idempotency.record(session, claim, job.id)
+    commit_claimed(session, claim)
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
     # down now, the row stays queued and the reconciler enqueues it once Redis is back.
     try:
@@ -175,6 +180,31 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
         )
         session.commit()
     return job
+
+
+def create_or_replay_job(
+    *, session: Session, job_in: JobSpec, identity: Identity, claim: idempotency.Claim | None
+) -> tuple[Job, bool]:
+    """(a new job, False), or (the job the request's Idempotency-Key made, True)."""
+    made = idempotency.find(session, claim) if claim is not None else None
+    if made is None:
+        try:
+            return create_job(session=session, job_in=job_in, identity=identity, claim=claim), False
+        except idempotency.Raced:
+            assert claim is not None
+            made = idempotency.replayed(session, claim)
+    return get_job(session=session, job_id=made, identity=identity), True
+
+
+def commit_claimed(session: Session, claim: idempotency.Claim | None) -> None:
+    """Commit; a unique-key failure of a claimed create means its key was taken meanwhile (Raced)."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if claim is None:
+            raise
+        raise idempotency.Raced(claim.key) from None
 
 
 def get_job(*, session: Session, job_id: int, identity: Identity) -> Job:
@@ -305,13 +335,21 @@ FormCheck = Callable[[dict[str, str], bool], None]
 
 
 async def create_file(
-    *, session: Session, request: Request, identity: Identity, check_form: FormCheck | None = None
-) -> UploadedFile:
+    *,
+    session: Session,
+    request: Request,
+    identity: Identity,
+    check_form: FormCheck | None = None,
+    key: str | None = None,
+    route: str = "POST /files",
+) -> tuple[UploadedFile, bool]:
     """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256 (the
     size limit enforced as bytes arrive), every row checked, then renamed. Anything that fails,
     a client that goes away included, leaves neither a file nor a row. `check_form(fields,
     complete)`, when given, judges the body's other form fields (raising to refuse the upload):
-    once as the file part begins, with the fields sent before it, and once the body is complete."""
+    once as the file part begins, with the fields sent before it, and once the body is complete.
+    With an Idempotency-Key, an upload of the same name, bytes and fields as the key's first one
+    is not stored again: (the file the key made, True); otherwise (the new file, False)."""
     settings = get_settings()
     files_dir = settings.files_dir()
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -335,22 +373,63 @@ async def create_file(
         )
         if check_form is not None and fields is not None:
             check_form(fields, True)
+        body = json.dumps({"filename": name, "sha256": sha256, "fields": fields or {}}, sort_keys=True)
+        claim = idempotency.Claim.of(key, identity, route, "file", body)
         # Reading every row and the database work are blocking: off the event loop.
         return await run_in_threadpool(
-            _store_file,
+            _store_or_replay,
             session=session,
+            identity=identity,
+            claim=claim,
             path=path,
             name=name,
             size=size,
             sha256=sha256,
-            project_id=identity.project_id,
         )
     finally:
         for path in incoming:
             path.unlink(missing_ok=True)  # gone already when stored: renamed
 
 
-def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: str, project_id: int) -> UploadedFile:
+def _store_or_replay(
+    *,
+    session: Session,
+    identity: Identity,
+    claim: idempotency.Claim | None,
+    path: Path,
+    name: str,
+    size: int,
+    sha256: str,
+) -> tuple[UploadedFile, bool]:
+    made = idempotency.find(session, claim) if claim is not None else None
+    if made is None:
+        try:
+            stored = _store_file(
+                session=session,
+                path=path,
+                name=name,
+                size=size,
+                sha256=sha256,
+                project_id=identity.project_id,
+                claim=claim,
+            )
+            return stored, False
+        except idempotency.Raced:
+            assert claim is not None
+            made = idempotency.replayed(session, claim)
+    return get_file(session=session, file_id=made, identity=identity), True
+
+
+def _store_file(
+    *,
+    session: Session,
+    path: Path,
+    name: str,
+    size: int,
+    sha256: str,
+    project_id: int,
+    claim: idempotency.Claim | None = None,
+) -> UploadedFile:
     check = uploads.inspect(path, name)
     ext = path.suffix.lstrip(".")
     final = None
@@ -371,8 +450,11 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
         session.flush()
         uploaded.path = f"files/{uploaded.id}.{ext}"
         final = path.parent / f"{uploaded.id}.{ext}"
+        if claim is not None:
+            assert uploaded.id is not None
+            idempotency.record(session, claim, uploaded.id)
         os.replace(path, final)
-        session.commit()
+        commit_claimed(session, claim)
     except BaseException:
         session.rollback()
         if final is not None:
@@ -412,6 +494,7 @@ def delete_file(*, session: Session, file_id: int, identity: Identity) -> None:
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued, running or paused")
     session.delete(uploaded)
+    idempotency.forget_resource(session, "file", file_id)
     session.commit()
     # After the commit: a failed commit leaves the row and its file as they were.
     (get_settings().data_dir.resolve() / uploaded.path).unlink(missing_ok=True)

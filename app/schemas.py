@@ -48,6 +48,11 @@ class Metrics(BaseModel):
         description="the whole job's tokens/s: all its tokens over all its training time, each attempt's first "
         "(compiling) step, evaluations and checkpoint saves left out",
     )
+    trained_tokens: int | None = Field(
+        default=None,
+        description="the tokens the job's trainers trained on, added as each attempt ends (the steps a resumed job "
+        "trains again count again); null until one has",
+    )
     eval_loss: float | None = Field(default=None, description="the validation set's loss at its latest evaluation")
     eval_step: int | None = Field(default=None, description="the step of that evaluation")
     method_metrics: dict[str, float | None] | None = Field(

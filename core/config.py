@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
     # it back and sends it again. Keep it well above the 5 s a POST may take.
     webhook_claim_lease_s: float = Field(default=60.0, gt=0)
+    # How long an Idempotency-Key of a create (POST /jobs, /files and their /v1 twins) is kept:
+    # the same key and body sent again within it answer with the job or file the first one made.
+    idempotency_keys_kept_s: float = Field(default=24 * 3600.0, gt=0)
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)

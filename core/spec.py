@@ -276,7 +276,15 @@ JOB_SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-WebhookEvent = Literal["status", "progress", "checkpoint", "eval"]
+WebhookEvent = Literal[
+    "status",
+    "progress",
+    "checkpoint",
+    "eval",
+    "fine_tuning.job.succeeded",
+    "fine_tuning.job.failed",
+    "fine_tuning.job.cancelled",
+]
 
 
 class WebhookSpec(BaseModel):
@@ -291,7 +299,9 @@ class WebhookSpec(BaseModel):
     events: list[WebhookEvent] = Field(
         default_factory=lambda: list[WebhookEvent](["status"]),
         min_length=1,
-        description="status (every change of status), progress (every `every_steps` steps), checkpoint, eval",
+        description="status (every change of status), progress (every `every_steps` steps), checkpoint, eval; "
+        "fine_tuning.job.succeeded, fine_tuning.job.failed, fine_tuning.job.cancelled (OpenAI's event objects, for "
+        "receivers written for OpenAI's fine-tuning webhooks)",
     )
     every_steps: int = Field(default=100, ge=1, le=MAX_DB_INT, description="for progress: every this many steps")
 

@@ -94,6 +94,13 @@ def write_result(
         tmp.unlink(missing_ok=True)
 
 
+def trained(run: Any) -> dict[str, Any]:
+    """The tokens this trainer trained on (every rank's), for result.json: the worker adds each
+    attempt's to the job's trained_tokens."""
+    reporter = getattr(run, "reporter", None)
+    return {"tokens": int(reporter.tokens_trained())} if reporter is not None else {}
+
+
 def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in VERSION_PACKAGES:
@@ -849,7 +856,7 @@ def main(argv: list[str], started: float | None = None) -> int:
         logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
         step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
         failure = classify(exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir))
-        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message)
+        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message, **trained(run))
         return 1
     if run.stopped_early():
         step = run.trainer.state.global_step if run.trainer is not None else 0
@@ -861,9 +868,18 @@ def main(argv: list[str], started: float | None = None) -> int:
                 ErrorCode.cancelled,
                 f"cancelled by request at step {step}",
                 step=step,
+                **trained(run),
             )
         elif run.stop.reason == "paused":
-            write_result(job_dir, TrainerOutcome.paused, None, f"paused at step {step}", step=step, checkpoint=saved)
+            write_result(
+                job_dir,
+                TrainerOutcome.paused,
+                None,
+                f"paused at step {step}",
+                step=step,
+                checkpoint=saved,
+                **trained(run),
+            )
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
             write_result(
                 job_dir,
@@ -872,6 +888,7 @@ def main(argv: list[str], started: float | None = None) -> int:
                 f"the trainer was stopped at step {step} ({run.stop.reason})",
                 step=step,
                 checkpoint=saved,
+                **trained(run),
             )
         return 0
     if not distributed.is_main():
@@ -897,5 +914,6 @@ def main(argv: list[str], started: float | None = None) -> int:
         first_step_seconds=round(first_step, 3) if first_step is not None else None,
         train_seconds=train_seconds,
         callback_overhead_seconds=round(reporter.overhead_s, 4),
+        **trained(run),
     )
     return 0

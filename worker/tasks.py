@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import func, update
 from sqlalchemy import select as sa_select
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -246,6 +246,19 @@ def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
         fsdp_layout(shape, spec.hyperparameters, card, spec.gpus, spec.method) if strategy == "fsdp" and shape else None
     )
     return strategy, layout
+
+
+def add_trained_tokens(session: Session, job_id: int, result: TrainerResult) -> None:
+    """Add the tokens an attempt's trainer trained on to the job's trained_tokens (every attempt's:
+    a resumed job trains again the steps after its checkpoint, and those count again)."""
+    tokens = result.extra_fields().get("tokens")
+    if not isinstance(tokens, int) or tokens <= 0:
+        return
+    session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id)
+        .values(trained_tokens=func.coalesce(col(Job.trained_tokens), 0) + tokens)
+    )
 
 
 def fail_unplaceable(job_id: int, reason: str) -> None:
@@ -538,10 +551,14 @@ class TrainerWatch:
                 ):
                     continued = self.record_stop(session, result)
                     if continued not in (None, "nothing"):
+                        add_trained_tokens(session, self.job_id, result)
                         return continued
                     # A cancel was accepted meanwhile (or the job ended otherwise): it is not
                     # paused or queued again, it ends below.
                     session.rollback()
+                # In the transaction that ends the job: a finished record, which API processes
+                # keep in memory for good, has its count.
+                add_trained_tokens(session, self.job_id, result)
                 return self.record_end(session, result, checkpoints_dir)
 
         # On a full disk this gives up the reserve file, then waits for space rather than give up.

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlmodel import col, select
 from starlette.convertors import Convertor, register_url_convertor
 
-from app import crud, lifecycle, pages, records
+from app import crud, idempotency, lifecycle, pages, records
 from app.access import set_audit_target
 from app.auth import Identity
 from app.db import SessionDep, run_db
@@ -62,10 +62,20 @@ def submit_description() -> str:
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     description=submit_description(),
-    responses=error_responses(413, 429),
+    responses=error_responses(409, 413, 429),
 )
-def submit_job(job_in: JobSpec, session: SessionDep, identity: IdentityDep, request: Request) -> JobPublic:
-    job = crud.create_job(session=session, job_in=job_in, identity=identity)
+def submit_job(
+    job_in: JobSpec,
+    session: SessionDep,
+    identity: IdentityDep,
+    request: Request,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
+) -> JobPublic:
+    claim = idempotency.Claim.of(idempotency_key, identity, "POST /jobs", "job", job_in.model_dump_json())
+    job, replayed = crud.create_or_replay_job(session=session, job_in=job_in, identity=identity, claim=claim)
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     set_audit_target(request, f"job {job.id}")
     records.get_record_cache().forget()  # lists read before it would miss it
     return job_public(job)
