@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 LATER_OPTION_DEFAULTS: dict[str, object] = {
     "drop_optimizer_state_on_success": False,
     "webhooks": [],
+    "integrations": [],
     "gpus": 1,
     "strategy": "auto",
     "priority": 0,

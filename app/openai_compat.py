@@ -175,6 +175,24 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = Field(default=None, description="-> native method grpo, its grader")
 
 
+class WandbRequestOptions(BaseModel):
+    """OpenAI's Weights & Biases integration: the run the job reports to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=20)
+
+
+class WandbRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbRequestOptions
+
+
 class CreateFineTuningJob(BaseModel):
     """POST /v1/fine_tuning/jobs, as the openai SDK sends it; `native_hyperparameters`, `gpus` and
     `strategy` are this server's own additions (the SDK sends them with `extra_body`)."""
@@ -199,7 +217,12 @@ class CreateFineTuningJob(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16, description="up to 16 pairs, kept and shown on the job object"
     )
-    integrations: list[dict[str, Any]] | None = Field(default=None, description="none available here (400)")
+    integrations: list[WandbRequest] | None = Field(
+        default=None,
+        max_length=1,
+        description="-> the native integrations' wandb (online: the worker's WANDB_API_KEY); the native spec "
+        "also has tensorboard, mlflow and W&B's offline mode",
+    )
     native_hyperparameters: Hyperparameters | None = Field(
         default=None,
         description="this server's own hyperparameters (those of POST /jobs), set over what the fields above give: "
@@ -287,10 +310,6 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
             param="model",
             code=OpenAICode.model_not_supported,
         )
-    if request.integrations:
-        raise BadRequest(
-            "integrations are not available on this server", param="integrations", code=OpenAICode.unsupported_parameter
-        )
     method, openai = _hyperparameters(request)
     native: dict[str, Any] = {}
     if openai.n_epochs is not None:
@@ -336,6 +355,11 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
         spec["grader"] = request.method.reinforcement.grader
     if request.validation_file is not None:
         spec["validation"] = {"file_id": file_param(request.validation_file, "validation_file")}
+    if request.integrations:
+        spec["integrations"] = [
+            {"type": "wandb", "wandb": {**i.wandb.model_dump(exclude_none=True), "mode": "online"}}
+            for i in request.integrations
+        ]
     spec.update(
         {name: value for name in ("gpus", "strategy", "priority") if (value := getattr(request, name)) is not None}
     )
@@ -356,6 +380,8 @@ def request_param(native_field: Sequence[str]) -> str:
         return "validation_file"
     if head == "hyperparameters":
         return ".".join(["native_hyperparameters", *native_field[1:]])
+    if head == "integrations":
+        return ".".join(["integrations", *native_field[1:]])
     if head == "grader":
         return ".".join(["method.reinforcement.grader", *native_field[1:]])
     return head or "body"
@@ -535,7 +561,10 @@ class FineTuningJob(BaseModel):
     estimated_finish: int | None = Field(
         description="a running job's expected end (Unix seconds): now plus the native progress.eta_seconds"
     )
-    integrations: list[dict[str, Any]]
+    integrations: list[dict[str, Any]] = Field(
+        description="the native spec's integrations: wandb as OpenAI shows it ({type, wandb: {project, name, "
+        "entity, tags}}, with this server's `mode`), and tensorboard or mlflow from POST /jobs"
+    )
     metadata: dict[str, str] | None
     suffix: str | None = Field(description="(this server's) the request's suffix")
     progress: ProgressObject = Field(description="(this server's) step, total_steps, percent, eta_seconds")
@@ -717,7 +746,7 @@ def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> F
         hyperparameters=hyperparameters,
         method=method,
         estimated_finish=int(now + eta) if status == "running" and eta is not None else None,
-        integrations=[],
+        integrations=list(spec.get("integrations") or []),
         metadata=extra.job_metadata if extra else None,
         suffix=extra.suffix if extra else None,
         progress=ProgressObject(**progress),
@@ -836,6 +865,7 @@ WARNINGS = {
     EventKind.retried,
     EventKind.requeued,
     EventKind.checkpoint_corrupt,
+    EventKind.tracker_failed,
 }
 # Figures of a method's step log named in a metrics event's message (the rest are in its data).
 HEADLINE_METRICS = ("rewards/margins", "rewards/accuracies", "reward", "kl")

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     # default, so no job can make this server call an address its operator did not allow), and
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The hosts of MLflow tracking servers jobs may report to (a spec's integrations; comma-separated,
+    # none by default: a trainer calls no address its operator did not allow).
+    tracker_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
     # A sender claims a delivery before it POSTs it; a claim this old whose delivery is still
     # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
@@ -179,7 +182,14 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", "reward_modules", mode="before")
+    @field_validator(
+        "api_tokens",
+        "webhook_allowed_hosts",
+        "tracker_allowed_hosts",
+        "trainer_env_passthrough",
+        "reward_modules",
+        mode="before",
+    )
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):

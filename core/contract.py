@@ -103,6 +103,8 @@ class EventKind(StrEnum):
     checkpoint_corrupt = "checkpoint_corrupt"  # a verification found files that no longer match their sha256
     checkpoint_verified = "checkpoint_verified"  # verified on request, or intact again after being corrupt
     optimizer_state_dropped = "optimizer_state_dropped"
+    tracker = "tracker"  # an experiment tracker of the spec's integrations started: where its run is
+    tracker_failed = "tracker_failed"  # a tracker failed and was dropped; the job went on without it
     retried = "retried"
     requeued = "requeued"
     succeeded = "succeeded"

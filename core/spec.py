@@ -306,6 +306,71 @@ class WebhookSpec(BaseModel):
     every_steps: int = Field(default=100, ge=1, le=MAX_DB_INT, description="for progress: every this many steps")
 
 
+class TensorBoardIntegration(BaseModel):
+    """TensorBoard event files kept with the job (jobs/<id>/tensorboard), downloadable as one tar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["tensorboard"]
+
+
+class MlflowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str = Field(
+        min_length=8,
+        max_length=2000,
+        pattern=r"^https?://",
+        description="the MLflow tracking server (http or https); its host must be in the operator's "
+        "TRACKER_ALLOWED_HOSTS",
+    )
+    experiment_name: str | None = Field(default=None, min_length=1, max_length=500, description="default: MLflow's")
+    run_name: str | None = Field(default=None, min_length=1, max_length=250, description="default: job-<id>")
+    tags: dict[Annotated[str, Field(max_length=250)], Annotated[str, Field(max_length=500)]] | None = Field(
+        default=None, max_length=20, description="set on the run"
+    )
+
+
+class MlflowIntegration(BaseModel):
+    """A run in an MLflow tracking server: hyperparameters, every step log, the data report and the
+    final model's location."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mlflow"]
+    mlflow: MlflowOptions
+
+
+class WandbOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(
+        default=None, min_length=1, max_length=128, description="the run's name; default: job-<id>"
+    )
+    entity: str | None = Field(
+        default=None, min_length=1, max_length=128, description="a team or user; default: the key's"
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=20)
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="online: sent as it trains (the worker's WANDB_API_KEY, passed on with TRAINER_ENV_PASSTHROUGH); "
+        "offline: the run folder is written under the job's folder (jobs/<id>/wandb), for `wandb sync` later",
+    )
+
+
+class WandbIntegration(BaseModel):
+    """A Weights & Biases run: hyperparameters, every step log, the data report and the final model's location."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbOptions
+
+
+Integration = Annotated[TensorBoardIntegration | MlflowIntegration | WandbIntegration, Field(discriminator="type")]
+
+
 class JobSpec(BaseModel):
     """What a client sends to POST /jobs."""
 
@@ -359,11 +424,25 @@ class JobSpec(BaseModel):
         max_length=5,
         description="URLs that get the job's events, signed as Standard Webhooks do (README, Webhooks)",
     )
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=3,
+        description="experiment trackers the job reports to as it trains: tensorboard, mlflow, wandb (one of each); "
+        "a tracker that fails is dropped with an event, and the job goes on",
+    )
     drop_optimizer_state_on_success: bool = Field(
         default=False,
         description="once the job succeeds, delete optimizer.pt from its intermediate checkpoints (for an 8B "
         "model about 16 of their 32 GB each): their weights stay downloadable, they can no longer be resumed from",
     )
+
+    @model_validator(mode="after")
+    def _one_tracker_of_each_type(self) -> JobSpec:
+        types = [integration.type for integration in self.integrations]
+        twice = sorted({t for t in types if types.count(t) > 1})
+        if twice:
+            raise ValueError(f"integrations: one of each type; {', '.join(twice)} is given more than once")
+        return self
 
     @model_validator(mode="after")
     def _loss_options(self) -> JobSpec:

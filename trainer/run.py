@@ -101,6 +101,18 @@ def trained(run: Any) -> dict[str, Any]:
     return {"tokens": int(reporter.tokens_trained())} if reporter is not None else {}
 
 
+def run_name(spec: JobSpec, job_id: int) -> str:
+    """The run's name in the trackers: the one an integration gives (W&B's name, MLflow's run_name),
+    else job-<id>."""
+    for integration in spec.integrations:
+        name = getattr(getattr(integration, integration.type, None), "name", None) or getattr(
+            getattr(integration, integration.type, None), "run_name", None
+        )
+        if name:
+            return str(name)
+    return f"job-{job_id}"
+
+
 def versions() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in VERSION_PACKAGES:
@@ -139,6 +151,7 @@ class Run:
         self.strategy = "single"  # single, ddp or fsdp: the worker's choice (job.placement)
         self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
+        self.trackers: list[Any] = []  # trainer.trackers.Tracker
         self.attempt = 0
         self.earlier_step = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
@@ -585,7 +598,9 @@ class Run:
             # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's
             # (FSDP's own activation checkpointing replaces it there: distributed_config).
             gradient_checkpointing=backend == "transformers" and self.strategy != "fsdp",
+            # Trackers are added as callbacks of their own, guarded (trainer/trackers.py).
             report_to="none",
+            run_name=run_name(self.spec, self.job_id),
             disable_tqdm=False,
             **self.distributed_config(backend, on_gpu=on_gpu),
         )
@@ -676,6 +691,7 @@ class Run:
                 publish_seconds=lambda: trainer.last_publish_seconds,
             )
             trainer.add_callback(self.reporter)
+            self.add_trackers(trainer)
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
@@ -714,6 +730,35 @@ class Run:
                 step=trainer.state.global_step,
                 note=f"; fsync and rename took {seconds:.2f} s",
             )
+            report = session.get(Job, job_id)
+            details = {
+                "data_report": (report.data_report if report is not None else None) or {},
+                "final_model": str(final),
+                "final_model_url": f"/jobs/{job_id}/checkpoints/{FINAL_NAME}",
+            }
+        for tracker in self.trackers:
+            tracker.on_final(trainer.args, trainer.state, details)
+
+    def add_trackers(self, trainer: Any) -> None:
+        """The spec's experiment trackers, after the reporter: the figures it reads for a step log
+        go with that step's log to them."""
+        if not self.spec.integrations:
+            return
+        from trainer.trackers import ServiceFigures, tracker_places, trackers  # imports transformers
+
+        self.trackers = trackers(
+            self.spec.integrations,
+            job_dir=self.job_dir,
+            run_name=run_name(self.spec, self.job_id),
+            report=lambda kind, message: event(self.job_id, EventKind(kind), message),
+        )
+        reporter = self.reporter
+        trainer.add_callback(ServiceFigures(lambda: reporter.last_figures))
+        for tracker in self.trackers:
+            trainer.add_callback(tracker)
+        names = ", ".join(t.name for t in self.trackers if not t.failed)
+        if names:
+            event(self.job_id, EventKind.tracker, f"reporting to {names} ({tracker_places(self.spec, self.job_dir)})")
 
     def configure_compile(self, backend: str, model: Any) -> None:
         """DDP_COMPILE for a DDP job on several GPUs (core/config.py)."""

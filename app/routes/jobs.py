@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -16,6 +17,7 @@ from app.access import set_audit_target
 from app.auth import Identity
 from app.db import SessionDep, run_db
 from app.deps import IdentityDep, require_token
+from app.downloads import stream_tar, tar_length, tar_members
 from app.errors import CannotPlan, NotFound, error_responses
 from app.presenters import job_public
 from app.schemas import (
@@ -269,6 +271,47 @@ def read_webhook_deliveries(job_id: JobId, session: SessionDep, identity: Identi
         select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(col(WebhookDelivery.id))
     ).all()
     return WebhookDeliveryList(items=[WebhookDeliveryPublic.model_validate(row, from_attributes=True) for row in rows])
+
+
+# The trackers whose files a job keeps in its folder (trainer/trackers.py): TensorBoard's event
+# files, and an offline W&B run (for `wandb sync`).
+TRACKER_FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+@router.get(
+    "/{job_id}/integrations/{tracker}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **NOT_FOUND},
+)
+def download_tracker_files(
+    job_id: JobId,
+    tracker: Annotated[Literal["tensorboard", "wandb"], Path(description="tensorboard, or wandb (an offline run)")],
+    session: SessionDep,
+    identity: IdentityDep,
+) -> StreamingResponse:
+    """The files a tracker of the job's `integrations` keeps in the job's folder, as one tar:
+    TensorBoard's event files (`tensorboard --logdir` the unpacked folder), or an offline W&B run
+    (`wandb sync` it). A running job's files are sent as they are at the request."""
+    job = crud.get_job(session=session, job_id=job_id, identity=identity)
+    if not any(integration.get("type") == tracker for integration in job.spec.get("integrations") or []):
+        raise NotFound(f"job {job_id} has no {tracker} integration")
+    folder = get_settings().job_dir(job_id) / TRACKER_FOLDERS[tracker]
+    files = (
+        sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+        if folder.is_dir()
+        else []
+    )
+    if not files:
+        raise NotFound(f"job {job_id} has no {tracker} files yet (they appear once training starts)")
+    members = tar_members(folder, f"job-{job_id}-{tracker}", files)
+    return StreamingResponse(
+        stream_tar(members),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(tar_length(members)),
+            "Content-Disposition": f'attachment; filename="job-{job_id}-{tracker}.tar"',
+        },
+    )
 
 
 async def visible_record(job_id: int, identity: Identity, *, fresh: bool = False) -> records.Record:
