@@ -140,6 +140,9 @@ PROGRESS_FILE = "progress"
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 # Set for a standby trainer, whose work horse is not its parent: it watches that pid instead.
 PARENT_WATCHED_ENV = "FINETUNE_PARENT_WATCHED"
+# A horse that asks the trainer fork server for a trainer waits this long for its pid (the fork
+# itself takes milliseconds).
+FORKSERVER_ANSWER_TIMEOUT_S = 10.0
 
 
 class TrainerOutcome(StrEnum):

@@ -93,7 +93,8 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     """Live trainer processes of this DATA_DIR (another service on the machine has trainers for
     job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so
     it is found by its command line and environment; a standby trainer (`-m trainer --standby`)
-    names its job only in the job's trainer.lock, which holds its pid once it has taken one."""
+    names its job only in the job's trainer.lock, which holds its pid once it has taken one, and a
+    forked one (`-m trainer --forkserver SOCKET`) by the job's trainer.log, its output."""
     found = []
     lock = data_dir.resolve() / "jobs" / str(job_id) / "trainer.lock"
     try:
@@ -110,7 +111,20 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
         except (OSError, IndexError):
             continue
         standby = argv[-2:] == [b"trainer", b"--standby"]
-        if state == "Z" or (argv[-2:-1] != [b"trainer"] and not standby):
+        forked = argv[-3:-1] == [b"trainer", b"--forkserver"]
+        if state == "Z" or (argv[-2:-1] != [b"trainer"] and not standby and not forked):
+            continue
+        if forked:
+            # Forked by the trainer fork server, it keeps the server's command line and environment
+            # (as /proc shows them): its output, the job's trainer.log, says whose it is. The server
+            # itself writes elsewhere.
+            try:
+                log = Path(os.readlink(entry / "fd" / "1"))
+            except OSError:
+                continue
+            in_jobs = log.name == "trainer.log" and log.parent.parent == data_dir.resolve() / "jobs"
+            if in_jobs and (job_id is None or log.parent.name == str(job_id)):
+                found.append(int(entry.name))
             continue
         if job_id is None:
             of_the_job = True

@@ -47,13 +47,15 @@ from core.spec import JobSpec
 from core.transitions import move_job
 from worker import gpus, standby
 from worker.diskguard import wait_for_disk
+from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
 from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
-# The trainer: a child the horse started, or the worker's standby trainer that took the job.
+# The trainer: a child the horse started, the worker's standby trainer that took the job, or one
+# the trainer fork server forked for it (worker/forkserver.py).
 Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup
 
 POLL_INTERVAL_S = 1.0
@@ -307,6 +309,10 @@ class TrainerWatch:
         env = trainer_environment(
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
         )
+        if world_size == 1 and visible is None and self.settings.trainer_forkserver:
+            forked = fork_trainer(self.settings.trainer_forkserver, self.job_id, self.workdir, env)
+            if forked is not None:
+                return forked
         if visible is not None:
             env.update(cuda_devices_env(visible))
         if world_size > 1:
