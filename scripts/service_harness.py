@@ -297,6 +297,13 @@ class Service:
         found = {pid for root in roots for pid in process_tree(root)}
         return sorted(found | set(trainer_pids(self.data_dir)))
 
+    def worker_tree(self, worker: subprocess.Popen[bytes]) -> list[int]:
+        """A worker, its work horses and their trainers: those it started and those the trainer
+        fork server forked for its jobs (the server's children, not the horse's), which are taken
+        to be its own: the tests that kill a worker this way run one worker at a time."""
+        tree = process_tree(worker.pid)
+        return tree + [pid for pid in trainer_pids(self.data_dir) if pid not in tree]
+
     def kill_tree(self, process: subprocess.Popen[bytes]) -> None:
         kill(process_tree(process.pid))
         process.wait(10)
@@ -309,7 +316,7 @@ class Service:
                 try:
                     worker.wait(timeout_s)
                 except subprocess.TimeoutExpired:
-                    kill(process_tree(worker.pid))
+                    kill(self.worker_tree(worker))
                     worker.wait(10)
 
     def stop(self, *, graceful: bool = True) -> None:
