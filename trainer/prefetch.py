@@ -74,9 +74,7 @@ class Prefetch(threading.Thread):
         self.total = sum(p.stat().st_size for p in files)
         available = available_bytes()
         if available is not None and self.total > MAX_SHARE_OF_AVAILABLE * available:
-            self.skipped = (
-                f"{self.total / 1e9:.1f} GB of weights, more than half the {available / 1e9:.1f} GB available"
-            )
+            self.skipped = f"{size(self.total)} of weights, more than half the {size(available)} available"
             return
         view = memoryview(bytearray(CHUNK_BYTES))
         try:
@@ -96,8 +94,12 @@ class Prefetch(threading.Thread):
         if self.skipped:
             return f"weights not read ahead ({self.skipped})"
         seconds = (self.finished or time.monotonic()) - self.started
-        done = "" if self.finished is not None else f" of {self.total / 1e9:.2f} GB so far"
-        return f"weights read ahead into the page cache: {self.read_bytes / 1e9:.2f} GB{done} in {seconds:.1f} s"
+        done = "" if self.finished is not None else f" of {size(self.total)} so far"
+        return f"weights read ahead into the page cache: {size(self.read_bytes)}{done} in {seconds:.1f} s"
+
+
+def size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 10**8 else f"{count / 1e6:.1f} MB"
 
 
 def start(model: str) -> Prefetch:
