@@ -16,7 +16,9 @@ is written after each part, so a later failure loses nothing):
 3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save): the
    POST-to-first-step of a model seen before, with the startup phases.
 4. service_fp8: the same as 2 with `precision: fp8` (--fp8-recipe), cancelled one step after the
-   last measured one (no final save).
+   last measured one (no final save). If it fails with its float8 layers compiled (FP8_COMPILE), it
+   runs again on a worker with FP8_COMPILE=false while the budget allows (`compiled_attempt` keeps
+   the first try).
 5. auto: `per_device_train_batch_size: "auto"` with the same effective batch, REPEAT_STEPS steps:
    the `micro_batch_chosen` event (the candidates timed, the choice) and its tokens/s.
 6. learned: POST /jobs/estimate of the bf16 spec: the plan and what the finished job taught it.
@@ -340,7 +342,16 @@ class Speed:
             "fp8_recipe": self.args.fp8_recipe,
             "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1},
         }
-        return self.run_job(fp8, stop_after_step=steps)
+        found = self.run_job(fp8, stop_after_step=steps)
+        # The compiled float8 layers failed: the same job with them eager, on a worker told so
+        # (FP8_COMPILE is the worker's setting), if the budget holds it.
+        retry = found.get("status") == "failed" and self.args.fp8_compile and not self.args.dry_run
+        if retry and self.time_left() >= OVERHEAD_S["service_fp8"] + 20:
+            print("[retry] service_fp8 with FP8_COMPILE=false", flush=True)
+            self.service.stop_workers()
+            self.service.start_worker(FP8_COMPILE="false")
+            found = {"compiled_attempt": found, **self.run_job(fp8, stop_after_step=steps)}
+        return found
 
     def auto(self) -> dict[str, Any]:
         spec = self.specs["bf16"]
