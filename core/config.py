@@ -125,7 +125,7 @@ class Settings(BaseSettings):
 
     # --- speed -----------------------------------------------------------------------------
     # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
-    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "FP8").
+    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
     fp8_compile: bool = True
 
     # --- api -----------------------------------------------------------------------------

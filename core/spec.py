@@ -59,7 +59,7 @@ UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 Backend = Literal["auto", "unsloth", "transformers"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 # The precision of the model's matmuls: bf16 (the recipe's), or fp8 through torchao's float8 training
-# (docs/benchmarks.md, "FP8"); Fp8Recipe is torchao's scaling recipe.
+# (docs/benchmarks.md, "Faster than the recipe"); Fp8Recipe is torchao's scaling recipe.
 Precision = Literal["bf16", "fp8"]
 Fp8Recipe = Literal["tensorwise", "rowwise"]
 # The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
