@@ -76,9 +76,19 @@ class TrainerPath(BaseModel):
         description="the matmuls' precision: the spec's precision on a GPU, fp32 on a CPU (null: recorded before "
         "precisions were)",
     )
-    fp8_recipe: Literal["tensorwise", "rowwise"] | None = Field(default=None, description="fp8: torchao's recipe")
-    fp8_layers: int | None = Field(default=None, description="fp8: the Linear layers that computed in float8")
-    fp8_compiled: bool | None = Field(default=None, description="fp8: whether each of them was compiled (FP8_COMPILE)")
+    fp8_recipe: Literal["tensorwise", "rowwise"] | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="fp8: torchao's recipe (absent otherwise)"
+    )
+    fp8_layers: int | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="fp8: the Linear layers that computed in float8 (absent otherwise)",
+    )
+    fp8_compiled: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="fp8: whether each of them was compiled, FP8_COMPILE (absent otherwise)",
+    )
 
 
 class GpuVram(BaseModel):
