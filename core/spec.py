@@ -431,6 +431,11 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _precision(self) -> JobSpec:
+        if self.precision == "fp8" and self.gpus > 1:
+            raise ValueError(
+                f"precision fp8 is for a job on one GPU (this one asks for {self.gpus}): with DDP or FSDP it has not "
+                "been tried yet"
+            )
         if self.precision == "fp8":
             self.fp8_recipe = self.fp8_recipe or "tensorwise"
         elif self.fp8_recipe is not None:

@@ -33,6 +33,9 @@ def test_fp8_is_a_spec_option_with_its_recipe(
     assert unknown.status_code == 422 and "precision" in unknown.text
     recipe = client.post("/jobs", json={**spec, "precision": "fp8", "fp8_recipe": "delayed"})
     assert recipe.status_code == 422 and "fp8_recipe" in recipe.text
+    several = client.post("/jobs", json={**spec, "precision": "fp8", "gpus": 2})
+    assert several.status_code == 422
+    assert "precision fp8 is for a job on one GPU (this one asks for 2)" in several.json()["detail"]
 
 
 def test_fp8_is_refused_at_submit_when_no_live_worker_can_train_it(
