@@ -420,8 +420,8 @@ class JobSpec(BaseModel):
         default="bf16",
         description="the matmuls' precision: bf16 (the recipe), or fp8: the decoder's Linear layers compute in "
         "float8 with torchao's float8 training (weights, gradients and optimizer states stay as with bf16; "
-        "lm_head and embeddings stay bf16); needs a GPU of compute capability 8.9 or newer (L4, L40S, H100, H200, "
-        "B200) and torchao on the worker",
+        "lm_head and embeddings stay bf16); one GPU; needs a GPU of compute capability 8.9 or newer (L4, L40S, "
+        "H100, H200, B200) and torchao on the worker",
     )
     fp8_recipe: Fp8Recipe | None = Field(
         default=None,
