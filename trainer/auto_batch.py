@@ -82,6 +82,8 @@ def choose(model: Any, candidates: list[int], seq_len: int, budget_bytes: int | 
             logger.info("auto micro-batch: %s", trial.describe())
             trials.append(trial)
     model.train(was_training)
+    if devices:  # the job's own peak (its record's peak_allocated) starts after the trials
+        torch.cuda.reset_peak_memory_stats()
     fitting = [t for t in trials if t.fits]
     if not fitting:
         return min(candidates), trials
