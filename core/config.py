@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     # token; docs/benchmarks.md); the default errs slow, so that an estimate errs long.
     gpu_train_flops: float = Field(default=4e14, gt=0)
 
+    # --- speed -----------------------------------------------------------------------------
+    # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
+    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
+    fp8_compile: bool = True
+
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
     # async). The database pool holds one connection per thread (and three for the background

@@ -83,11 +83,13 @@ class EventKind(StrEnum):
     gpu_shared = "gpu_shared"  # other processes hold memory on the job's GPU
     startup = "startup"  # seconds from the trainer's start to training, phase by phase
     optimizer_replaced = "optimizer_replaced"
+    micro_batch_chosen = "micro_batch_chosen"  # per_device_train_batch_size "auto": the sizes timed and chosen
     training_started = "training_started"
     evaluated = "evaluated"
     checkpoint = "checkpoint"
     checkpoint_removed = "checkpoint_removed"
     reporting_overhead = "reporting_overhead"
+    measured = "measured"  # a succeeded job's peak memory and tokens/s against the plan (the planner learns)
     slowdown = "slowdown"  # tokens/s fell, with the cause when one is known
     stalled = "stalled"  # no training step for STALL_AFTER_S although the trainer process lives
     stall_ended = "stall_ended"  # steps came again after a stall

@@ -87,7 +87,13 @@ def test_grpo_job_learns_an_exact_answer_and_logs_reward_kl_and_lengths(
     }
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
-    assert record["trainer"] == {"method": "grpo", "trainer_class": "GRPOTrainer", "path": "trl", "reference": "model"}
+    assert record["trainer"] == {
+        "method": "grpo",
+        "trainer_class": "GRPOTrainer",
+        "path": "trl",
+        "reference": "model",
+        "precision": "fp32",
+    }
     report = record["data_report"]
     assert (report["rows"], report["row_format"], report["sequences_per_epoch"]) == (16, "prompt_only", 128)
     logs = step_logs(client, record["id"])
@@ -141,7 +147,13 @@ def test_dpo_job_widens_its_margin_and_trains_alike_when_paused_and_resumed(
     record = wait_for_status(http, reference, FINISHED)
     assert record["status"] == "succeeded", record["error"]
     assert record["spec"]["hyperparameters"]["loss_type"] == "sigmoid"  # TRL's default, filled in
-    assert record["trainer"] == {"method": "dpo", "trainer_class": "DPOTrainer", "path": "trl", "reference": "model"}
+    assert record["trainer"] == {
+        "method": "dpo",
+        "trainer_class": "DPOTrainer",
+        "path": "trl",
+        "reference": "model",
+        "precision": "fp32",
+    }
     logs = step_logs(http, reference)
     margins = series(logs, "rewards/margins")
     assert len(margins) == STEPS and rises(margins, 10, 0.2), margins
@@ -182,7 +194,13 @@ def test_orpo_and_kto_jobs_train_on_plain_pairs_and_unpaired_rows(
     pairs = write_jsonl(env.datasets_dir / "plain-pairs.jsonl", preference_rows(32, chat=False))
     orpo = run_to_end(client, method_spec(tiny_model, pairs, "orpo", max_steps=4, logging_steps=2, save_steps=3))
     assert orpo["status"] == "succeeded", orpo["error"]
-    assert orpo["trainer"] == {"method": "orpo", "trainer_class": "ORPOTrainer", "path": "trl", "reference": None}
+    assert orpo["trainer"] == {
+        "method": "orpo",
+        "trainer_class": "ORPOTrainer",
+        "path": "trl",
+        "reference": None,
+        "precision": "fp32",
+    }
     assert {"log_odds_ratio", "nll_loss", "rewards/margins"} <= set(orpo["metrics"]["method_metrics"])
     names = [c["name"] for c in client.get(f"/jobs/{orpo['id']}/checkpoints").json()["items"]]
     assert names == ["checkpoint-3", "final"]

@@ -34,6 +34,7 @@ TABLES = {
     "principal",
     "api_token",
     "audit_entry",
+    "planner_measurement",
     "alembic_version",
 }
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
