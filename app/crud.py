@@ -18,18 +18,23 @@ from starlette.requests import Request
 from app import datacheck, idempotency, quotas, uploads
 from app.auth import Identity
 from app.errors import Conflict, DoesNotFit, NotFound
+from app.schemas import LearnedEstimate, MeasurementUsed, TimeEstimate
 from app.sources import checked_sources
 from core import checkpoint_verify
 from core.config import get_settings
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
+from core.measurements import learn, planned_tokens_per_second
 from core.methods import METHOD_OPTIONS, SFT_OPTIONS
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from core.planner import (
+    GIB,
     DiskPlan,
     MemoryPlan,
     PlanError,
+    auto_micro_batches,
+    estimate_seconds,
     gib,
     gpus_needed,
     plan_disk,
@@ -38,8 +43,9 @@ from core.planner import (
     refusal,
     resolved_strategy,
     shape_from_config,
+    with_micro_batch,
 )
-from core.queue import enqueue_job, get_redis, smallest_worker_gpu
+from core.queue import enqueue_job, get_redis, smallest_worker_gpu, worker_fp8_support
 from core.spec import JobSpec
 from core.transitions import move_job
 
@@ -55,6 +61,8 @@ LATER_OPTION_DEFAULTS: dict[str, object] = {
     "priority": 0,
     "method": "sft",
     "grader": None,
+    "precision": "bf16",
+    "fp8_recipe": None,
 }
 
 
@@ -79,6 +87,11 @@ def estimate(
         except Exception as exc:  # Redis away: plan without a card
             logger.warning("no worker GPU sizes (%s)", exc)
     hp = job_in.hyperparameters
+    candidates: tuple[int, ...] | None = None
+    if hp.per_device_train_batch_size == "auto":  # planned at the largest micro-batch the trainer may choose
+        candidates = tuple(auto_micro_batches(shape, hp, gpu_memory_bytes, job_in.method))
+        hp = with_micro_batch(hp, candidates[0])
+        job_in = job_in.model_copy(update={"hyperparameters": hp})
     strategy = resolved_strategy(job_in, shape, gpu_memory_bytes)
     backend = job_in.backend
     method = job_in.method
@@ -87,8 +100,37 @@ def estimate(
     )
     if gpu_memory_bytes:
         memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes, backend, method))
+    if candidates is not None:
+        memory = dataclasses.replace(memory, auto_micro_batches=candidates)
     disk = plan_disk(shape, hp, settings.data_dir, rows=training_rows, method=method, row_format=row_format)
     return memory, disk
+
+
+def learned_estimate(
+    *, session: Session, job_in: JobSpec, memory: MemoryPlan
+) -> tuple[TimeEstimate, LearnedEstimate | None]:
+    """The planner's training time, and the estimate as the closest finished jobs correct it."""
+    settings = get_settings()
+    shape = shape_from_config(read_config(job_in.model, allow_network=False))
+    hp = job_in.hyperparameters
+    time_estimate = TimeEstimate(
+        tokens_per_second=round(planned_tokens_per_second(shape, job_in.gpus, settings.gpu_train_flops), 1),
+        seconds=estimate_seconds(shape, hp, gpus=job_in.gpus, rows=None, gpu_train_flops=settings.gpu_train_flops),
+    )
+    learned = learn(session, shape=shape, spec=job_in, plan=memory)
+    if learned is None:
+        return time_estimate, None
+    return time_estimate, LearnedEstimate(
+        total_bytes=learned.total_bytes,
+        total_gib=round(learned.total_bytes / GIB, 2) if learned.total_bytes is not None else None,
+        verdict=learned.verdict,
+        tokens_per_second=learned.tokens_per_second,
+        seconds=learned.seconds,
+        measurements=[
+            MeasurementUsed.model_validate({**used.row.model_dump(), "distance": round(used.distance, 4)})
+            for used in learned.used
+        ],
+    )
 
 
 def gpus_refusal(job_in: JobSpec) -> str | None:
@@ -110,12 +152,32 @@ def gpus_refusal(job_in: JobSpec) -> str | None:
     )
 
 
+def fp8_refusal(job_in: JobSpec) -> str | None:
+    """The 422 message for a precision fp8 job that no live worker can run (no card of compute
+    capability 8.9 or newer, or no torchao), or None (also when no worker has said yet: the trainer
+    then refuses it, with the same words)."""
+    if job_in.precision != "fp8":
+        return None
+    try:
+        support = worker_fp8_support()
+    except Exception as exc:  # Redis away: the trainer refuses the job if it must
+        logger.warning("no worker FP8 support known (%s)", exc)
+        return None
+    if not support or any(reason == "" for reason in support.values()):
+        return None
+    reasons = "; ".join(f"{worker}: {reason}" for worker, reason in sorted(support.items()))
+    return (
+        "precision fp8 needs a GPU with FP8 matmuls (compute capability 8.9 or newer: L4, L40S, H100, H200, B200) "
+        f"and torchao on its worker, and no live worker has both ({reasons}); submit the job with precision bf16"
+    )
+
+
 def create_job(*, session: Session, job_in: JobSpec, identity: Identity, claim: idempotency.Claim | None = None) -> Job:
     """Check a spec (its sources, data, plan, and the identity's role and project quotas), store it
     for the identity's project and queue it. With a claim, its Idempotency-Key is kept with the job
     in the same commit (idempotency.Raced when another request with the key committed first)."""
     quotas.check_priority(job_in, identity)
-    too_many = gpus_refusal(job_in)
+    too_many = gpus_refusal(job_in) or fp8_refusal(job_in)
     if too_many:
         raise DoesNotFit(too_many)
     project = quotas.project_of(session, identity.project_id)

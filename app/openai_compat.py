@@ -38,7 +38,7 @@ FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 METADATA_PARAM_RE = re.compile(r"^metadata\[(.{1,64})\]$")
 DEFAULTS = Hyperparameters()
 # The native micro-batch; an OpenAI batch_size is this many rows per step times gradient accumulation.
-MICRO_BATCH = DEFAULTS.per_device_train_batch_size
+MICRO_BATCH = DEFAULTS.micro_batch
 # gradient_accumulation_steps is at most 65536 natively.
 MAX_BATCH_SIZE = 65536
 MAX_LR_MULTIPLIER = 1 / DEFAULTS.learning_rate  # the native learning_rate is at most 1
@@ -663,7 +663,7 @@ def hyperparameters_object(native: dict[str, Any], per_example: int = 1) -> Hype
     values = DEFAULTS.model_copy(update={k: v for k, v in native.items() if k in Hyperparameters.model_fields})
     return HyperparametersObject(
         n_epochs=_number(values.num_train_epochs),
-        batch_size=values.per_device_train_batch_size * values.gradient_accumulation_steps // per_example,
+        batch_size=values.sequences_per_step // per_example,
         learning_rate_multiplier=float(f"{values.learning_rate / DEFAULTS.learning_rate:.12g}"),
     )
 

@@ -368,8 +368,25 @@ def estimate(
         console.print(f"  {name:<24} {size / GIB:8.2f} GiB")
     if memory.get("max_micro_batch") is not None:
         console.print(f"  largest micro-batch that fits: {memory['max_micro_batch']}")
+    auto = plan.get("auto_micro_batch")
+    if auto:
+        console.print(f'  micro-batch "auto" times {auto["candidates"]} (planned for the first)')
     required = disk.get("required_bytes")
     console.print(f"disk: {'unknown' if required is None else f'{required / GIB:.1f} GiB'} needed")
+    timing = plan.get("time") or {}
+    if timing.get("seconds") is not None:
+        console.print(
+            f"training: about {timing['seconds'] / 60:.1f} min at {timing['tokens_per_second']:,.0f} tokens/s"
+        )
+    learned = plan.get("learned")
+    if learned:
+        jobs = ", ".join(str(m["job_id"]) for m in learned["measurements"])
+        figures = [
+            f"{learned['total_gib']} GiB ({learned['verdict']})" if learned.get("total_gib") is not None else None,
+            f"{learned['tokens_per_second']:,.0f} tokens/s" if learned.get("tokens_per_second") is not None else None,
+            f"about {learned['seconds'] / 60:.1f} min" if learned.get("seconds") is not None else None,
+        ]
+        console.print(f"measured on finished job(s) {jobs}: {', '.join(f for f in figures if f)}")
 
 
 @app.command()

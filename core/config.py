@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     # Start each job's trainer process before the job comes, its imports done (about 30 s of a
     # job's start on a GPU: Unsloth, torch, TRL). Unset: on where the worker sees a GPU.
     trainer_standby: bool | None = None
+    # On a host without GPUs: the socket of a trainer fork server (`python -m trainer --forkserver
+    # SOCKET`, started with the trainers' environment), which has imported torch, transformers
+    # and TRL once and forks each one-process job's trainer from itself, so a job starts training
+    # in about a second. Unset, or not answering: each job starts a trainer process of its own.
+    trainer_forkserver: str | None = None
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.
     disk_wait_poll_s: float = Field(default=30.0, gt=0)
@@ -122,6 +127,11 @@ class Settings(BaseSettings):
     # backfills by: an H100 trained an 8B model at 8,000 tokens/s (5e14 at 8 FLOPs per parameter and
     # token; docs/benchmarks.md); the default errs slow, so that an estimate errs long.
     gpu_train_flops: float = Field(default=4e14, gt=0)
+
+    # --- speed -----------------------------------------------------------------------------
+    # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
+    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
+    fp8_compile: bool = True
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not

@@ -366,3 +366,35 @@ class IdempotencyKey(SQLModel, table=True):
     resource_id: int
     request_sha256: str
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class PlannerMeasurement(SQLModel, table=True):
+    """What a finished job measured against what the planner said for it: its NVML peak and
+    tokens/s beside the planned peak and tokens/s, with the shape that makes two jobs comparable
+    (core/measurements.py; POST /jobs/estimate's `learned`). Kept when the job is deleted: a figure
+    of the hardware, not of the job."""
+
+    __tablename__ = "planner_measurement"
+    __table_args__ = (Index("ix_planner_measurement_shape", "shape_key", "method"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int  # not a foreign key: the measurement outlives the job
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    model: str
+    # parameters:hidden:layers:intermediate:vocab: the same key is the same model shape
+    shape_key: str
+    method: str
+    optim: str
+    precision: str
+    gpus: int
+    strategy: str
+    card: str  # the GPU's name, or "cpu"
+    card_memory_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    micro_batch: int
+    gradient_accumulation_steps: int
+    max_seq_length: int
+    steps: int
+    planned_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    peak_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))  # NVML device used
+    planned_tokens_per_second: float | None = None
+    tokens_per_second: float | None = None  # the whole job's, first step left out

@@ -7,7 +7,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from core.graders import Grader
@@ -48,6 +58,10 @@ UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
 Backend = Literal["auto", "unsloth", "transformers"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+# The precision of the model's matmuls: bf16 (the recipe's), or fp8 through torchao's float8 training
+# (docs/benchmarks.md, "Faster than the recipe"); Fp8Recipe is torchao's scaling recipe.
+Precision = Literal["bf16", "fp8"]
+Fp8Recipe = Literal["tensorwise", "rowwise"]
 # The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
 MAX_GPUS_PER_JOB = 64
 # A job's priority in the GPU line: -100 to 100; members up to MEMBER_MAX_PRIORITY (app/quotas.py).
@@ -65,6 +79,38 @@ Scheduler = Literal[
     "inverse_sqrt",
     "cosine_with_min_lr",
     "warmup_stable_decay",
+]
+# per_device_train_batch_size "auto" keeps the effective batch of the recipe's micro-batch of 2 with the
+# job's gradient_accumulation_steps (core/planner.auto_micro_batches).
+AUTO_BASE_MICRO_BATCH = 2
+MAX_MICRO_BATCH = 1024
+
+
+def _micro_batch(value: Any) -> int | str:
+    """A micro-batch: a whole number from 1 to MAX_MICRO_BATCH (as pydantic reads an integer: 2,
+    2.0, "2"), or "auto"; one error naming both when it is neither."""
+    if value == "auto":
+        return "auto"
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or not 1 <= number <= MAX_MICRO_BATCH:
+        raise PydanticCustomError(
+            "micro_batch", f'Input should be a valid integer from 1 to {MAX_MICRO_BATCH}, or "auto"'
+        )
+    return number
+
+
+MicroBatch = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_micro_batch),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_MICRO_BATCH}, {"type": "string", "enum": ["auto"]}]}
+    ),
 ]
 # Optimizers that bitsandbytes implements on CUDA only; a CPU run swaps them for adamw_torch.
 GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
@@ -176,7 +222,12 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    per_device_train_batch_size: MicroBatch = Field(
+        default=2,
+        description='sequences per GPU per forward pass; "auto" (method sft, one GPU): the largest micro-batch the '
+        "planner says fits, then a few timed steps of the candidates pick the fastest; the effective batch stays "
+        "the recipe's micro-batch 2 x gradient_accumulation_steps (docs/benchmarks.md)",
+    )
     gradient_accumulation_steps: int = Field(default=64, ge=1, le=65536)
     max_seq_length: int = Field(default=4096, ge=16, le=1_048_576)
     learning_rate: float = Field(default=5e-6, gt=0, le=1)
@@ -264,6 +315,17 @@ class Hyperparameters(BaseModel):
     mask_truncated_completions: bool | None = Field(
         default=None, description="grpo: leave completions cut at max_completion_length out of the loss (false)"
     )
+
+    @property
+    def micro_batch(self) -> int:
+        """per_device_train_batch_size as a number: for "auto", the recipe's until the trainer chooses."""
+        value = self.per_device_train_batch_size
+        return AUTO_BASE_MICRO_BATCH if value == "auto" else value
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step on each GPU: micro-batch x accumulation ("auto" keeps it)."""
+        return self.micro_batch * self.gradient_accumulation_steps
 
 
 # The standard recipe, shown in POST /jobs's description.
@@ -435,6 +497,31 @@ class JobSpec(BaseModel):
         description="once the job succeeds, delete optimizer.pt from its intermediate checkpoints (for an 8B "
         "model about 16 of their 32 GB each): their weights stay downloadable, they can no longer be resumed from",
     )
+    precision: Precision = Field(
+        default="bf16",
+        description="the matmuls' precision: bf16 (the recipe), or fp8: the decoder's Linear layers compute in "
+        "float8 with torchao's float8 training (weights, gradients and optimizer states stay as with bf16; "
+        "lm_head and embeddings stay bf16); one GPU; needs a GPU of compute capability 8.9 or newer (L4, L40S, "
+        "H100, H200, B200) and torchao on the worker",
+    )
+    fp8_recipe: Fp8Recipe | None = Field(
+        default=None,
+        description="precision fp8: torchao's scaling recipe: tensorwise (one scale per tensor: the fastest) or "
+        "rowwise (a scale per row: closer to bf16's numerics, a little slower); null: tensorwise",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> JobSpec:
+        if self.precision == "fp8" and self.gpus > 1:
+            raise ValueError(
+                f"precision fp8 is for a job on one GPU (this one asks for {self.gpus}): with DDP or FSDP it has not "
+                "been tried yet"
+            )
+        if self.precision == "fp8":
+            self.fp8_recipe = self.fp8_recipe or "tensorwise"
+        elif self.fp8_recipe is not None:
+            raise ValueError(f"fp8_recipe applies to precision 'fp8', not to {self.precision!r}")
+        return self
 
     @model_validator(mode="after")
     def _one_tracker_of_each_type(self) -> JobSpec:
@@ -498,7 +585,15 @@ class JobSpec(BaseModel):
                     f"scale_rewards is one of {', '.join(GRPO_SCALE_REWARDS)}; not {echo(hp.scale_rewards)}",
                 )
             )
-        if self.method == "kto" and hp.loss_type == "kto" and hp.per_device_train_batch_size < method.min_micro_batch:
+        if hp.per_device_train_batch_size == "auto" and (self.method != "sft" or self.gpus != 1):
+            problems.append(
+                (
+                    ("hyperparameters", "per_device_train_batch_size"),
+                    f'"auto" is for method sft on one GPU (this job: method {self.method}, gpus {self.gpus}); give a '
+                    "number",
+                )
+            )
+        if self.method == "kto" and hp.loss_type == "kto" and hp.micro_batch < method.min_micro_batch:
             problems.append(
                 (
                     ("hyperparameters", "per_device_train_batch_size"),
@@ -536,7 +631,7 @@ class JobSpec(BaseModel):
                 )
             )
         assert hp.num_generations is not None and hp.max_completion_length is not None
-        generated = hp.per_device_train_batch_size * (hp.steps_per_generation or hp.gradient_accumulation_steps)
+        generated = hp.micro_batch * (hp.steps_per_generation or hp.gradient_accumulation_steps)
         if (generated * self.gpus) % hp.num_generations:
             what = "steps_per_generation" if hp.steps_per_generation else "gradient_accumulation_steps"
             problems.append(
@@ -548,7 +643,7 @@ class JobSpec(BaseModel):
                 )
             )
         if self.validation is not None:
-            evaluated = (hp.per_device_eval_batch_size or hp.per_device_train_batch_size) * self.gpus
+            evaluated = (hp.per_device_eval_batch_size or hp.micro_batch) * self.gpus
             if evaluated % hp.num_generations:
                 problems.append(
                     (

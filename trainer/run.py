@@ -72,7 +72,17 @@ UNSLOTH_FSDP_LAYOUT_ENV = {
     "fit": {"UNSLOTH_FSDP2_LAYOUT": "fit"},
     "sharded": {"UNSLOTH_FSDP2_LAYOUT": "sharded", "UNSLOTH_FSDP2_GA_SYNC": "each"},
 }
-VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
+VERSION_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "unsloth",
+    "unsloth_zoo",
+    "bitsandbytes",
+    "torchao",
+)
 
 
 class Interrupted(BaseException):
@@ -152,6 +162,8 @@ class Run:
         self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
         self.trackers: list[Any] = []  # trainer.trackers.Tracker
+        self.fp8: Any = None  # trainer.precision.Fp8Conversion of a precision fp8 job
+        self.prefetch: Any = None  # trainer.prefetch.Prefetch: the weights read ahead
         self.attempt = 0
         self.earlier_step = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
@@ -493,6 +505,9 @@ class Run:
     def record_trainer(self, trainer: Any) -> None:
         """The record's `trainer`: the method, the class that trains, Unsloth's or TRL's."""
         path = self.method.trainer_path(trainer)
+        path["precision"] = self.spec.precision if torch_on_gpu() else "fp32"
+        if self.fp8 is not None:
+            path.update(fp8_recipe=self.fp8.recipe, fp8_layers=len(self.fp8.layers), fp8_compiled=self.fp8.compiled)
         logger.info("training with %s (%s's) for method %s", path["trainer_class"], path["path"], path["method"])
         if not distributed.is_main():
             return
@@ -542,8 +557,13 @@ class Run:
             return model, self.apply_chat_template(unsloth_tokenizer)
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype), tokenizer
+        on_gpu = torch.cuda.is_available()
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        # One GPU: the weights go from the safetensors files straight to the card, not through a copy
+        # in host memory (several ranks: each rank's Trainer places its own copy, FSDP shards it).
+        device_map = "cuda" if on_gpu and distributed.world_size() == 1 else None
+        model = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype, device_map=device_map)
+        return model, tokenizer
 
     def training_arguments(self, backend: str, *, evaluate: bool) -> dict[str, Any]:
         """TrainingArguments every method's TRL config takes (its own it adds: trainer/methods/)."""
@@ -573,7 +593,7 @@ class Run:
             )
         return dict(
             output_dir=str(self.checkpoints_dir),
-            per_device_train_batch_size=hp.per_device_train_batch_size,
+            per_device_train_batch_size=hp.micro_batch,
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
             learning_rate=hp.learning_rate,
             num_train_epochs=hp.num_train_epochs,
@@ -590,7 +610,7 @@ class Run:
             save_total_limit=hp.save_total_limit,
             eval_strategy="steps" if evaluate else "no",
             eval_steps=hp.eval_steps or hp.logging_steps,
-            per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.per_device_train_batch_size,
+            per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.micro_batch,
             # Only the loss: gathering logits (vocabulary x sequence per row) would fill the GPU.
             prediction_loss_only=True,
             bf16=on_gpu,
@@ -628,9 +648,17 @@ class Run:
 
     def train(self) -> None:
         job_id = self.job_id
+        if distributed.is_main():  # the page cache is the host's: one reader is enough
+            from trainer import prefetch
+
+            self.prefetch = prefetch.start(self.spec.model)  # while the imports below take their time
         self.report_neighbours()  # before this process has a CUDA context of its own
         self.phase = "importing"
         backend = self.resolve_backend()
+        if self.spec.precision == "fp8":
+            from trainer.precision import check_fp8_support
+
+            check_fp8_support()  # before the model takes a minute to load for nothing
         if distributed.is_main():
             with session_scope() as session:
                 job = session.get(Job, job_id)
@@ -648,6 +676,14 @@ class Run:
         self.phase = "preparing"
         self.configure_compile(backend, model)
         import torch
+
+        if self.spec.precision == "fp8":
+            from trainer.precision import convert_to_fp8
+
+            assert self.spec.fp8_recipe is not None
+            self.fp8 = convert_to_fp8(model, self.spec.fp8_recipe, compile_layers=self.settings.fp8_compile)
+        if self.spec.hyperparameters.per_device_train_batch_size == "auto":
+            self.choose_micro_batch(model)
 
         from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
@@ -779,6 +815,62 @@ class Run:
             "DDP with torch.compile %s", {"whole": "of whole graphs", "split": "split at buckets", "off": "off"}[choice]
         )
 
+    def choose_micro_batch(self, model: Any) -> None:
+        """per_device_train_batch_size "auto": time the planner's candidates (trainer/auto_batch.py),
+        train with the fastest that fits, and store the sizes chosen in the job's spec, so that a
+        resumed attempt trains with the same ones (as a halved micro-batch is stored)."""
+        import torch
+
+        from core.planner import (
+            SAFETY_SHARE,
+            PlanError,
+            auto_micro_batches,
+            plan_memory,
+            read_config,
+            shape_from_config,
+            with_micro_batch,
+        )
+        from trainer.auto_batch import choose
+
+        hp = self.spec.hyperparameters
+        card = int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+        try:
+            shape = shape_from_config(read_config(self.spec.model, allow_network=False))
+        except PlanError as exc:  # an architecture the planner cannot count: every size up to the limit
+            logger.info("auto micro-batch without a plan: %s", exc)
+            shape, card_for_plan = None, None
+        else:
+            card_for_plan = card
+        candidates = auto_micro_batches(shape, hp, card_for_plan)
+        budget: int | None = None
+        if card is not None and shape is not None:
+            # What the passes do not hold yet: the optimizer's states, the CUDA context, the overhead.
+            plan = plan_memory(shape, with_micro_batch(hp, candidates[-1]), card)
+            later = plan.parts["optimizer_states"] + plan.parts["cuda_context"] + plan.parts["allocator_overhead"]
+            budget = int(card * (1 - SAFETY_SHARE)) - later
+        chosen, trials = choose(model, candidates, hp.max_seq_length, budget)
+        resolved = with_micro_batch(hp, chosen)
+        self.spec.hyperparameters = resolved
+        timed = "; ".join(trial.describe() for trial in trials)
+        message = (
+            f'per_device_train_batch_size "auto" chose {chosen} x {resolved.gradient_accumulation_steps} '
+            f"(micro-batch x accumulation; {resolved.sequences_per_step} sequences per step, as given) of the "
+            f"planner's candidates {', '.join(map(str, candidates))}, timed on full {hp.max_seq_length}-token "
+            f"sequences: {timed}"
+        )
+        if not distributed.is_main():
+            return
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            stored = dict(job.spec.get("hyperparameters") or {})
+            stored.update(
+                per_device_train_batch_size=chosen, gradient_accumulation_steps=resolved.gradient_accumulation_steps
+            )
+            job.spec = {**job.spec, "hyperparameters": stored}
+            session.add(job)
+            add_event(session=session, job_id=self.job_id, kind=EventKind.micro_batch_chosen, message=message)
+
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
 
@@ -817,10 +909,13 @@ class Run:
         """One event with the seconds from the process's start to training, phase by phase (the
         first step's own seconds, which include compilation, follow in the training record)."""
         parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.phase_seconds.items())
+        precision = f"; {self.fp8.describe()}" if self.fp8 is not None else ""
+        precision += f"; {self.prefetch.summary()}" if self.prefetch is not None else ""
         event(
             self.job_id,
             EventKind.startup,
-            f"ready to train {sum(self.phase_seconds.values()):.1f} s after the trainer process started: {parts}",
+            f"ready to train {sum(self.phase_seconds.values()):.1f} s after the trainer process started: {parts}"
+            f"{precision}",
         )
 
     def stopped_early(self) -> bool:
@@ -830,6 +925,12 @@ class Run:
             return False
         state = self.trainer.state if self.trainer is not None else None
         return self.stop.reason == "cancelled" or state is None or state.global_step < state.max_steps
+
+
+def torch_on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def evaluated_at(state: Any) -> bool:

@@ -38,6 +38,7 @@ from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, Tra
 from core.db import get_engine, session_scope
 from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
+from core.measurements import measured_message, record_finished_job
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
 from core.planner import PlanError, fsdp_layout, read_config, resolved_strategy, shape_from_config
@@ -47,13 +48,15 @@ from core.spec import JobSpec
 from core.transitions import move_job
 from worker import gpus, standby
 from worker.diskguard import wait_for_disk
+from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
 from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
-# The trainer: a child the horse started, or the worker's standby trainer that took the job.
+# The trainer: a child the horse started, the worker's standby trainer that took the job, or one
+# the trainer fork server forked for it (worker/forkserver.py).
 Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup
 
 POLL_INTERVAL_S = 1.0
@@ -148,7 +151,13 @@ def compile_cache_env(cache_dir: Path) -> dict[str, str]:
     for folder in folders.values():
         # Unsloth loads its compile bundles only from a folder nobody else can write to.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return {name: str(folder) for name, folder in folders.items()}
+    # Inductor's FX graph cache and AOTAutograd's cache (on by default in torch 2.11; said here so a
+    # torch that defaults otherwise still reuses a repeat shape's compiled graphs from the folder above).
+    return {
+        **{name: str(folder) for name, folder in folders.items()},
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
 
 
 def claim(job_id: int, placement: dict[str, object] | None = None) -> int | None:
@@ -228,7 +237,7 @@ def run_job(job_id: int) -> str:
 
 def effective_batch(spec: JobSpec) -> int:
     hp = spec.hyperparameters
-    return hp.per_device_train_batch_size * hp.gradient_accumulation_steps * spec.gpus
+    return hp.sequences_per_step * spec.gpus
 
 
 def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
@@ -320,6 +329,10 @@ class TrainerWatch:
         env = trainer_environment(
             self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
         )
+        if world_size == 1 and visible is None and self.settings.trainer_forkserver:
+            forked = fork_trainer(self.settings.trainer_forkserver, self.job_id, self.workdir, env)
+            if forked is not None:
+                return forked
         if visible is not None:
             env.update(cuda_devices_env(visible))
         if world_size > 1:
@@ -561,6 +574,8 @@ class TrainerWatch:
                 add_trained_tokens(session, self.job_id, result)
                 return self.record_end(session, result, checkpoints_dir)
 
+        if status == TrainerOutcome.succeeded:  # before the status, so that `succeeded` is the job's last event
+            self.record_measurement()
         # On a full disk this gives up the reserve file, then waits for space rather than give up.
         outcome = write_despite_full_disk(record, what=f"record how job {self.job_id} ended")
         logger.info("job %s %s", self.job_id, outcome)
@@ -568,6 +583,26 @@ class TrainerWatch:
         if outcome == TrainerOutcome.succeeded:
             self.drop_optimizer_state_if_asked()
         return outcome
+
+    def record_measurement(self) -> None:
+        """What the succeeded job measured against its plan, for the planner to learn from
+        (core/measurements.py), with an event that says both."""
+        try:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                if job is None:
+                    return
+                row = record_finished_job(
+                    session,
+                    job,
+                    gpu_train_flops=self.settings.gpu_train_flops,
+                    gpu_memory_bytes=self.settings.gpu_memory_bytes,
+                )
+                if row is None:
+                    return
+                add_event(session=session, job_id=self.job_id, kind=EventKind.measured, message=measured_message(row))
+        except (SQLAlchemyError, ValueError, OSError) as exc:
+            logger.warning("job %s: its measurement for the planner was not recorded: %s", self.job_id, exc)
 
     def record_stop(self, session: Session, result: TrainerResult) -> str | None:
         """A trainer that stopped to go on later: paused, queued again after the worker's stop or a

@@ -21,6 +21,7 @@ from app.downloads import stream_tar, tar_length, tar_members
 from app.errors import CannotPlan, NotFound, error_responses
 from app.presenters import job_public
 from app.schemas import (
+    AutoMicroBatch,
     DeletedPublic,
     DiskEstimate,
     Estimate,
@@ -36,7 +37,7 @@ from app.schemas import (
 from app.sources import checked_sources
 from core.config import get_settings
 from core.models import JobStatus, WebhookDelivery
-from core.planner import GIB, PlanError
+from core.planner import GIB, PlanError, with_micro_batch
 from core.spec import JOB_SPEC_EXAMPLE, MAX_DB_INT, JobSpec, UrlInt
 
 # Every route here may answer these: no token, a parameter that does not validate, a database
@@ -84,13 +85,18 @@ def submit_job(
 
 
 @router.post("/estimate", response_model=Estimate, responses=error_responses(413))
-def estimate_job(request: EstimateRequest) -> Estimate:
-    """Expected peak GPU memory (as nvidia-smi shows it) and disk for a spec, from the model's
-    config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
-    length that fit. Nothing is stored or queued."""
+def estimate_job(request: EstimateRequest, session: SessionDep) -> Estimate:
+    """Expected peak GPU memory (as nvidia-smi shows it), disk and training time for a spec, from the
+    model's config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
+    length that fit; and `learned`: the same corrected by the closest jobs of that shape that
+    finished here, which it names (docs/planner.md). Nothing is stored or queued."""
     job_in = checked_sources(JobSpec.model_validate(request.model_dump(exclude={"gpu_memory_bytes"})))
     try:
         memory, disk = crud.estimate(job_in=job_in, gpu_memory_bytes=request.gpu_memory_bytes)
+        if memory.auto_micro_batches:  # the time and what was learned, at the micro-batch planned
+            planned_hp = with_micro_batch(job_in.hyperparameters, memory.auto_micro_batches[0])
+            job_in = job_in.model_copy(update={"hyperparameters": planned_hp})
+        time_estimate, learned = crud.learned_estimate(session=session, job_in=job_in, memory=memory)
     except PlanError as exc:
         raise CannotPlan(str(exc)) from exc
     return Estimate(
@@ -110,6 +116,14 @@ def estimate_job(request: EstimateRequest) -> Estimate:
             fsdp_layout=memory.fsdp_layout,  # type: ignore[arg-type]
         ),
         disk=DiskEstimate(**dataclasses.asdict(disk)),
+        time=time_estimate,
+        learned=learned,
+        auto_micro_batch=AutoMicroBatch(
+            candidates=list(memory.auto_micro_batches),
+            sequences_per_step=job_in.hyperparameters.sequences_per_step,
+        )
+        if memory.auto_micro_batches
+        else None,
     )
 
 
