@@ -1,5 +1,5 @@
 """Who may make a request, before anything else reads it: an ASGI middleware ahead of the hot
-reads and FastAPI, for the guarded routes (/jobs, /files, /v1, /storage, /metrics, /admin,
+reads and FastAPI, for the guarded routes (/jobs, /files, /v1, /storage, /metrics, /admin, /watch,
 /audit, /me).
 
 In this order, each from memory or one round trip:
@@ -41,7 +41,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Routes that need a token when the server has any (API_TOKENS, or one made by an admin).
-GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1", "/admin", "/audit", "/me")
+GUARDED_PREFIXES = ("/jobs", "/files", "/storage", "/metrics", "/v1", "/admin", "/audit", "/me", "/watch")
 ADMIN_PREFIXES = ("/admin", "/audit", "/storage", "/metrics")
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Requests that read although they are POSTs: a viewer may make them, and they are not audited.

@@ -3,31 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from app import datacheck, quotas, uploads
+from app import datacheck, idempotency, quotas, uploads
 from app.auth import Identity
 from app.errors import Conflict, DoesNotFit, NotFound, StorageUnavailable
+from app.schemas import LearnedEstimate, MeasurementUsed, TimeEstimate
 from app.sources import checked_sources
 from core import checkpoint_verify, shared_store
 from core.config import get_settings
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.events import add_event
 from core.gpu_leases import host_sizes
+from core.measurements import learn, planned_tokens_per_second
 from core.methods import METHOD_OPTIONS, SFT_OPTIONS
 from core.models import Checkpoint, Job, JobEvent, JobStatus, StepLog, UploadedFile, utcnow
 from core.planner import (
+    GIB,
     DiskPlan,
     MemoryPlan,
     PlanError,
+    auto_micro_batches,
+    estimate_seconds,
     gib,
     gpus_needed,
     plan_disk,
@@ -36,8 +43,9 @@ from core.planner import (
     refusal,
     resolved_strategy,
     shape_from_config,
+    with_micro_batch,
 )
-from core.queue import enqueue_job, get_redis, smallest_worker_gpu
+from core.queue import enqueue_job, get_redis, smallest_worker_gpu, worker_fp8_support
 from core.shared_store import get_store
 from core.spec import JobSpec
 from core.transitions import move_job
@@ -48,11 +56,14 @@ logger = logging.getLogger(__name__)
 LATER_OPTION_DEFAULTS: dict[str, object] = {
     "drop_optimizer_state_on_success": False,
     "webhooks": [],
+    "integrations": [],
     "gpus": 1,
     "strategy": "auto",
     "priority": 0,
     "method": "sft",
     "grader": None,
+    "precision": "bf16",
+    "fp8_recipe": None,
 }
 
 
@@ -77,6 +88,11 @@ def estimate(
         except Exception as exc:  # Redis away: plan without a card
             logger.warning("no worker GPU sizes (%s)", exc)
     hp = job_in.hyperparameters
+    candidates: tuple[int, ...] | None = None
+    if hp.per_device_train_batch_size == "auto":  # planned at the largest micro-batch the trainer may choose
+        candidates = tuple(auto_micro_batches(shape, hp, gpu_memory_bytes, job_in.method))
+        hp = with_micro_batch(hp, candidates[0])
+        job_in = job_in.model_copy(update={"hyperparameters": hp})
     strategy = resolved_strategy(job_in, shape, gpu_memory_bytes)
     backend = job_in.backend
     method = job_in.method
@@ -85,8 +101,37 @@ def estimate(
     )
     if gpu_memory_bytes:
         memory = dataclasses.replace(memory, gpus_needed=gpus_needed(shape, hp, gpu_memory_bytes, backend, method))
+    if candidates is not None:
+        memory = dataclasses.replace(memory, auto_micro_batches=candidates)
     disk = plan_disk(shape, hp, settings.data_dir, rows=training_rows, method=method, row_format=row_format)
     return memory, disk
+
+
+def learned_estimate(
+    *, session: Session, job_in: JobSpec, memory: MemoryPlan
+) -> tuple[TimeEstimate, LearnedEstimate | None]:
+    """The planner's training time, and the estimate as the closest finished jobs correct it."""
+    settings = get_settings()
+    shape = shape_from_config(read_config(job_in.model, allow_network=False))
+    hp = job_in.hyperparameters
+    time_estimate = TimeEstimate(
+        tokens_per_second=round(planned_tokens_per_second(shape, job_in.gpus, settings.gpu_train_flops), 1),
+        seconds=estimate_seconds(shape, hp, gpus=job_in.gpus, rows=None, gpu_train_flops=settings.gpu_train_flops),
+    )
+    learned = learn(session, shape=shape, spec=job_in, plan=memory)
+    if learned is None:
+        return time_estimate, None
+    return time_estimate, LearnedEstimate(
+        total_bytes=learned.total_bytes,
+        total_gib=round(learned.total_bytes / GIB, 2) if learned.total_bytes is not None else None,
+        verdict=learned.verdict,
+        tokens_per_second=learned.tokens_per_second,
+        seconds=learned.seconds,
+        measurements=[
+            MeasurementUsed.model_validate({**used.row.model_dump(), "distance": round(used.distance, 4)})
+            for used in learned.used
+        ],
+    )
 
 
 def gpus_refusal(job_in: JobSpec) -> str | None:
@@ -108,11 +153,32 @@ def gpus_refusal(job_in: JobSpec) -> str | None:
     )
 
 
-def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
+def fp8_refusal(job_in: JobSpec) -> str | None:
+    """The 422 message for a precision fp8 job that no live worker can run (no card of compute
+    capability 8.9 or newer, or no torchao), or None (also when no worker has said yet: the trainer
+    then refuses it, with the same words)."""
+    if job_in.precision != "fp8":
+        return None
+    try:
+        support = worker_fp8_support()
+    except Exception as exc:  # Redis away: the trainer refuses the job if it must
+        logger.warning("no worker FP8 support known (%s)", exc)
+        return None
+    if not support or any(reason == "" for reason in support.values()):
+        return None
+    reasons = "; ".join(f"{worker}: {reason}" for worker, reason in sorted(support.items()))
+    return (
+        "precision fp8 needs a GPU with FP8 matmuls (compute capability 8.9 or newer: L4, L40S, H100, H200, B200) "
+        f"and torchao on its worker, and no live worker has both ({reasons}); submit the job with precision bf16"
+    )
+
+
+def create_job(*, session: Session, job_in: JobSpec, identity: Identity, claim: idempotency.Claim | None = None) -> Job:
     """Check a spec (its sources, data, plan, and the identity's role and project quotas), store it
-    for the identity's project and queue it."""
+    for the identity's project and queue it. With a claim, its Idempotency-Key is kept with the job
+    in the same commit (idempotency.Raced when another request with the key committed first)."""
     quotas.check_priority(job_in, identity)
-    too_many = gpus_refusal(job_in)
+    too_many = gpus_refusal(job_in) or fp8_refusal(job_in)
     if too_many:
         raise DoesNotFit(too_many)
     project = quotas.project_of(session, identity.project_id)
@@ -161,7 +227,9 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
         kind=EventKind.queued,
         message=f"job accepted and queued; {data_check.note}; {plan_note}",
     )
-    session.commit()
+    if claim is not None:
+        idempotency.record(session, claim, job.id)
+    commit_claimed(session, claim)
     # Only after the commit: a worker that picks the id up must find the row. If Redis is
     # down now, the row stays queued and the reconciler enqueues it once Redis is back.
     try:
@@ -176,6 +244,31 @@ def create_job(*, session: Session, job_in: JobSpec, identity: Identity) -> Job:
         )
         session.commit()
     return job
+
+
+def create_or_replay_job(
+    *, session: Session, job_in: JobSpec, identity: Identity, claim: idempotency.Claim | None
+) -> tuple[Job, bool]:
+    """(a new job, False), or (the job the request's Idempotency-Key made, True)."""
+    made = idempotency.find(session, claim) if claim is not None else None
+    if made is None:
+        try:
+            return create_job(session=session, job_in=job_in, identity=identity, claim=claim), False
+        except idempotency.Raced:
+            assert claim is not None
+            made = idempotency.replayed(session, claim)
+    return get_job(session=session, job_id=made, identity=identity), True
+
+
+def commit_claimed(session: Session, claim: idempotency.Claim | None) -> None:
+    """Commit; a unique-key failure of a claimed create means its key was taken meanwhile (Raced)."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if claim is None:
+            raise
+        raise idempotency.Raced(claim.key) from None
 
 
 def get_job(*, session: Session, job_id: int, identity: Identity) -> Job:
@@ -306,13 +399,21 @@ FormCheck = Callable[[dict[str, str], bool], None]
 
 
 async def create_file(
-    *, session: Session, request: Request, identity: Identity, check_form: FormCheck | None = None
-) -> UploadedFile:
+    *,
+    session: Session,
+    request: Request,
+    identity: Identity,
+    check_form: FormCheck | None = None,
+    key: str | None = None,
+    route: str = "POST /files",
+) -> tuple[UploadedFile, bool]:
     """Store an upload under DATA_DIR/files: streamed to a temporary name with its sha256 (the
     size limit enforced as bytes arrive), every row checked, then renamed. Anything that fails,
     a client that goes away included, leaves neither a file nor a row. `check_form(fields,
     complete)`, when given, judges the body's other form fields (raising to refuse the upload):
-    once as the file part begins, with the fields sent before it, and once the body is complete."""
+    once as the file part begins, with the fields sent before it, and once the body is complete.
+    With an Idempotency-Key, an upload of the same name, bytes and fields as the key's first one
+    is not stored again: (the file the key made, True); otherwise (the new file, False)."""
     settings = get_settings()
     files_dir = settings.files_dir()
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -336,22 +437,63 @@ async def create_file(
         )
         if check_form is not None and fields is not None:
             check_form(fields, True)
+        body = json.dumps({"filename": name, "sha256": sha256, "fields": fields or {}}, sort_keys=True)
+        claim = idempotency.Claim.of(key, identity, route, "file", body)
         # Reading every row and the database work are blocking: off the event loop.
         return await run_in_threadpool(
-            _store_file,
+            _store_or_replay,
             session=session,
+            identity=identity,
+            claim=claim,
             path=path,
             name=name,
             size=size,
             sha256=sha256,
-            project_id=identity.project_id,
         )
     finally:
         for path in incoming:
             path.unlink(missing_ok=True)  # gone already when stored: renamed
 
 
-def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: str, project_id: int) -> UploadedFile:
+def _store_or_replay(
+    *,
+    session: Session,
+    identity: Identity,
+    claim: idempotency.Claim | None,
+    path: Path,
+    name: str,
+    size: int,
+    sha256: str,
+) -> tuple[UploadedFile, bool]:
+    made = idempotency.find(session, claim) if claim is not None else None
+    if made is None:
+        try:
+            stored = _store_file(
+                session=session,
+                path=path,
+                name=name,
+                size=size,
+                sha256=sha256,
+                project_id=identity.project_id,
+                claim=claim,
+            )
+            return stored, False
+        except idempotency.Raced:
+            assert claim is not None
+            made = idempotency.replayed(session, claim)
+    return get_file(session=session, file_id=made, identity=identity), True
+
+
+def _store_file(
+    *,
+    session: Session,
+    path: Path,
+    name: str,
+    size: int,
+    sha256: str,
+    project_id: int,
+    claim: idempotency.Claim | None = None,
+) -> UploadedFile:
     check = uploads.inspect(path, name)
     ext = path.suffix.lstrip(".")
     final = None
@@ -372,9 +514,12 @@ def _store_file(*, session: Session, path: Path, name: str, size: int, sha256: s
         session.flush()
         uploaded.path = f"files/{uploaded.id}.{ext}"
         final = path.parent / f"{uploaded.id}.{ext}"
+        if claim is not None:
+            assert uploaded.id is not None
+            idempotency.record(session, claim, uploaded.id)
         os.replace(path, final)
         publish_upload(final)
-        session.commit()
+        commit_claimed(session, claim)
     except BaseException:
         session.rollback()
         if final is not None:
@@ -426,6 +571,7 @@ def delete_file(*, session: Session, file_id: int, identity: Identity) -> None:
     if users:
         raise Conflict(f"file {file_id} is used by job(s) {', '.join(users)} which are queued, running or paused")
     session.delete(uploaded)
+    idempotency.forget_resource(session, "file", file_id)
     session.commit()
     # After the commit: a failed commit leaves the row and its file as they were.
     (get_settings().data_dir.resolve() / uploaded.path).unlink(missing_ok=True)

@@ -63,7 +63,10 @@ def reject_unknown_query(request: Request) -> None:
     known = _query_names_of.get(id(route))
     if known is None:
         known = _query_names_of[id(route)] = _query_names(dependant)
-    unknown = sorted(set(request.query_params) - known)
+    # name[key] is a pair of `name` (GET /v1/fine_tuning/jobs?metadata[team]=nlp: the openai SDK's dict).
+    unknown = sorted(
+        name for name in set(request.query_params) - known if name.split("[", 1)[0] not in known or "[" not in name
+    )
     if unknown:
         takes = ", ".join(sorted(known)) or "none"
         raise RequestValidationError(

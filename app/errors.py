@@ -49,7 +49,7 @@ ERROR_DESCRIPTIONS = {
     403: "the token's role does not allow this request (a viewer's change, an admin route)",
     404: "no such job, checkpoint, file or route (another project's job or file reads as none)",
     405: "the path exists but not with this method (the Allow header lists those it has)",
-    409: "the request conflicts with the job's or file's state",
+    409: "the request conflicts with the job's or file's state, or reuses an Idempotency-Key for another request",
     413: "the body is larger than this server's limit: MAX_JSON_BODY_BYTES for JSON, MAX_UPLOAD_BYTES for uploads",
     416: "the Range starts past the end of the file (Content-Range gives its size)",
     422: "a request that does not validate, or a job this server cannot run (the detail says why)",

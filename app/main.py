@@ -236,6 +236,7 @@ def create_app() -> FastAPI:
     app.include_router(storage.router)
     app.include_router(metrics_routes.router)
     app.include_router(watch.router)
+    app.include_router(watch.home_router)  # /watch: the jobs dashboard
     app.include_router(openai_v1.router)  # the OpenAI-compatible view of the same jobs and files
     app.include_router(admin.router)  # projects, tokens, the audit, and who a token is
     # The watch page's CSS and JavaScript; open without a token, like /docs (not in the OpenAPI document).

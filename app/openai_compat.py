@@ -5,29 +5,40 @@ module only translates (README, "OpenAI-compatible API")."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
-from sqlalchemy import and_, or_
+from sqlalchemy import String, and_, cast, or_
 from sqlmodel import Session, col, select
 
 from app.errors import BadRequest, NotFound, OpenAICode
 from core.contract import CheckpointStatus, ErrorCode, EventKind, understood
 from core.graders import Grader
 from core.methods import METHODS
-from core.models import Checkpoint, JobEvent, OpenAIJob, StepLog, UploadedFile
+from core.models import Checkpoint, Job, JobEvent, OpenAIJob, StepLog, UploadedFile
 from core.spec import MAX_DB_INT, Hyperparameters, JobSpec, Strategy, echo
 
 JOB_PREFIX, FILE_PREFIX, EVENT_PREFIX, CHECKPOINT_PREFIX = "ftjob-", "file-", "ftevent-", "ftckpt-"
 STEP_EVENT_PREFIX = EVENT_PREFIX + "step-"
+# A finished job's result file (its step logs as OpenAI's CSV), made from the step logs when read.
+RESULT_FILE_PREFIX = FILE_PREFIX + "results-" + JOB_PREFIX
+RESULT_FILE_RE = re.compile(r"^file-results-ftjob-(\d{1,19})$")
+RESULT_COLUMNS = ("step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy")
 ORGANIZATION = "local"
 FILE_PURPOSE: Literal["fine-tune"] = "fine-tune"
+RESULTS_PURPOSE: Literal["fine-tune-results"] = "fine-tune-results"
+FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+# The metadata[key]=value filters of GET /v1/fine_tuning/jobs.
+METADATA_PARAM_RE = re.compile(r"^metadata\[(.{1,64})\]$")
 DEFAULTS = Hyperparameters()
 # The native micro-batch; an OpenAI batch_size is this many rows per step times gradient accumulation.
-MICRO_BATCH = DEFAULTS.per_device_train_batch_size
+MICRO_BATCH = DEFAULTS.micro_batch
 # gradient_accumulation_steps is at most 65536 natively.
 MAX_BATCH_SIZE = 65536
 MAX_LR_MULTIPLIER = 1 / DEFAULTS.learning_rate  # the native learning_rate is at most 1
@@ -164,6 +175,24 @@ class Method(BaseModel):
     reinforcement: ReinforcementMethod | None = Field(default=None, description="-> native method grpo, its grader")
 
 
+class WandbRequestOptions(BaseModel):
+    """OpenAI's Weights & Biases integration: the run the job reports to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    entity: str | None = Field(default=None, min_length=1, max_length=128)
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=20)
+
+
+class WandbRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbRequestOptions
+
+
 class CreateFineTuningJob(BaseModel):
     """POST /v1/fine_tuning/jobs, as the openai SDK sends it; `native_hyperparameters`, `gpus` and
     `strategy` are this server's own additions (the SDK sends them with `extra_body`)."""
@@ -188,7 +217,12 @@ class CreateFineTuningJob(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16, description="up to 16 pairs, kept and shown on the job object"
     )
-    integrations: list[dict[str, Any]] | None = Field(default=None, description="none available here (400)")
+    integrations: list[WandbRequest] | None = Field(
+        default=None,
+        max_length=1,
+        description="-> the native integrations' wandb (online: the worker's WANDB_API_KEY); the native spec "
+        "also has tensorboard, mlflow and W&B's offline mode",
+    )
     native_hyperparameters: Hyperparameters | None = Field(
         default=None,
         description="this server's own hyperparameters (those of POST /jobs), set over what the fields above give: "
@@ -276,10 +310,6 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
             param="model",
             code=OpenAICode.model_not_supported,
         )
-    if request.integrations:
-        raise BadRequest(
-            "integrations are not available on this server", param="integrations", code=OpenAICode.unsupported_parameter
-        )
     method, openai = _hyperparameters(request)
     native: dict[str, Any] = {}
     if openai.n_epochs is not None:
@@ -325,6 +355,11 @@ def job_spec(request: CreateFineTuningJob) -> JobSpec:
         spec["grader"] = request.method.reinforcement.grader
     if request.validation_file is not None:
         spec["validation"] = {"file_id": file_param(request.validation_file, "validation_file")}
+    if request.integrations:
+        spec["integrations"] = [
+            {"type": "wandb", "wandb": {**i.wandb.model_dump(exclude_none=True), "mode": "online"}}
+            for i in request.integrations
+        ]
     spec.update(
         {name: value for name in ("gpus", "strategy", "priority") if (value := getattr(request, name)) is not None}
     )
@@ -345,6 +380,8 @@ def request_param(native_field: Sequence[str]) -> str:
         return "validation_file"
     if head == "hyperparameters":
         return ".".join(["native_hyperparameters", *native_field[1:]])
+    if head == "integrations":
+        return ".".join(["integrations", *native_field[1:]])
     if head == "grader":
         return ".".join(["method.reinforcement.grader", *native_field[1:]])
     return head or "body"
@@ -389,7 +426,9 @@ class FileObject(BaseModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["fine-tune"] = FILE_PURPOSE
+    purpose: Literal["fine-tune", "fine-tune-results"] = Field(
+        default=FILE_PURPOSE, description="fine-tune (an upload) or fine-tune-results (a finished job's step logs)"
+    )
     status: Literal["processed"] = "processed"
     status_details: str | None = Field(description="the malformed rows, when there are some")
     expires_at: int | None = None
@@ -497,7 +536,10 @@ class FineTuningJob(BaseModel):
     )
     model: str
     organization_id: str
-    result_files: list[str]
+    result_files: list[str] = Field(
+        description="a finished job's step logs as a CSV file (step, train_loss, train_accuracy, valid_loss, "
+        "valid_mean_token_accuracy): GET /v1/files/<id>/content"
+    )
     seed: int
     status: Literal["queued", "running", "paused", "succeeded", "failed", "cancelled", "unknown"] = Field(
         description="the native status (paused is this server's own; unknown: one another version of the server "
@@ -508,13 +550,21 @@ class FineTuningJob(BaseModel):
         exclude_if=lambda raw: raw is None,
         description="(this server's) the stored status when status is unknown; absent otherwise",
     )
-    trained_tokens: int | None
+    trained_tokens: int | None = Field(
+        description="set when the job ends: the tokens its trainers trained on, every attempt's (the native "
+        "metrics.trained_tokens)"
+    )
     training_file: str = Field(description="file-<id>, or the native dataset.source of a job submitted at POST /jobs")
     validation_file: str | None
     hyperparameters: HyperparametersObject
     method: MethodObject
-    estimated_finish: int | None
-    integrations: list[dict[str, Any]]
+    estimated_finish: int | None = Field(
+        description="a running job's expected end (Unix seconds): now plus the native progress.eta_seconds"
+    )
+    integrations: list[dict[str, Any]] = Field(
+        description="the native spec's integrations: wandb as OpenAI shows it ({type, wandb: {project, name, "
+        "entity, tags}}, with this server's `mode`), and tensorboard or mlflow from POST /jobs"
+    )
     metadata: dict[str, str] | None
     suffix: str | None = Field(description="(this server's) the request's suffix")
     progress: ProgressObject = Field(description="(this server's) step, total_steps, percent, eta_seconds")
@@ -613,7 +663,7 @@ def hyperparameters_object(native: dict[str, Any], per_example: int = 1) -> Hype
     values = DEFAULTS.model_copy(update={k: v for k, v in native.items() if k in Hyperparameters.model_fields})
     return HyperparametersObject(
         n_epochs=_number(values.num_train_epochs),
-        batch_size=values.per_device_train_batch_size * values.gradient_accumulation_steps // per_example,
+        batch_size=values.sequences_per_step // per_example,
         learning_rate_multiplier=float(f"{values.learning_rate / DEFAULTS.learning_rate:.12g}"),
     )
 
@@ -684,17 +734,19 @@ def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> F
         fine_tuned_model=f"jobs/{job_id}/checkpoints/final" if status == "succeeded" else None,
         model=spec.get("model", ""),
         organization_id=ORGANIZATION,
-        result_files=[],
+        result_files=[f"{RESULT_FILE_PREFIX}{job_id}"]
+        if status in FINISHED_STATUSES and record.get("started_at")
+        else [],
         seed=(spec.get("hyperparameters") or {}).get("seed", DEFAULTS.seed),
         status=status,
         status_raw=record.get("status_raw"),
-        trained_tokens=None,
+        trained_tokens=(record.get("metrics") or {}).get("trained_tokens") if status in FINISHED_STATUSES else None,
         training_file=_file_or_source(spec.get("dataset")) or "",
         validation_file=_file_or_source(spec.get("validation")),
         hyperparameters=hyperparameters,
         method=method,
         estimated_finish=int(now + eta) if status == "running" and eta is not None else None,
-        integrations=[],
+        integrations=list(spec.get("integrations") or []),
         metadata=extra.job_metadata if extra else None,
         suffix=extra.suffix if extra else None,
         progress=ProgressObject(**progress),
@@ -702,6 +754,93 @@ def job_object(record: dict[str, Any], extra: OpenAIJob | None, now: float) -> F
         checkpoints_url=f"{base}/checkpoints",
         download_url=f"{base}/checkpoints/final/archive" if status == "succeeded" else None,
     )
+
+
+def result_csv(session: Session, job_id: int) -> bytes:
+    """A job's result file: one row per step log, as OpenAI's fine-tuning result files have them
+    (train_accuracy and valid_mean_token_accuracy: TRL's mean_token_accuracy, where the method logs it)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(RESULT_COLUMNS)
+    rows = session.exec(select(StepLog).where(StepLog.job_id == job_id).order_by(col(StepLog.step), col(StepLog.id)))
+    for row in rows:
+        own = row.method_metrics or {}
+        writer.writerow(
+            [
+                row.step,
+                _cell(row.loss),
+                _cell(own.get("mean_token_accuracy")),
+                _cell(row.eval_loss),
+                _cell(own.get("eval_mean_token_accuracy")),
+            ]
+        )
+    return out.getvalue().encode()
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else repr(float(value)) if isinstance(value, (int, float)) else ""
+
+
+def result_file_object(job_id: int, created_at: int, content: bytes) -> FileObject:
+    return FileObject(
+        id=f"{RESULT_FILE_PREFIX}{job_id}",
+        bytes=len(content),
+        created_at=created_at,
+        filename=f"ftjob-{job_id}-results.csv",
+        purpose=RESULTS_PURPOSE,
+        status_details=None,
+        rows=max(content.count(b"\n") - 1, 0),
+        bad_rows=0,
+        row_format=None,
+        sha256=hashlib.sha256(content).hexdigest(),
+        native_url=f"/jobs/{job_id}/logs",
+    )
+
+
+def metadata_filters(params: Iterable[tuple[str, str]]) -> dict[str, str] | None:
+    """The metadata[key]=value pairs of a job list's query ({} for metadata=null: jobs without
+    metadata); None when there are none."""
+    found: dict[str, str] | None = None
+    for name, value in params:
+        if name == "metadata":
+            if value != "null":
+                raise BadRequest(
+                    f"metadata={echo(value)}: filter with metadata[key]=value, or metadata=null for jobs without "
+                    "metadata",
+                    param="metadata",
+                )
+            found = found or {}
+            continue
+        match = METADATA_PARAM_RE.match(name)
+        if match:
+            found = {**(found or {}), match.group(1): value}
+    return found
+
+
+def jobs_with_metadata(
+    session: Session, wanted: dict[str, str], project_id: int | None, after: int | None, limit: int
+) -> tuple[list[int], bool]:
+    """Ids of jobs, newest first, whose /v1 metadata holds every wanted pair (none: jobs with no
+    metadata), and whether more follow."""
+    query = select(Job.id).where(col(Job.deleted_at).is_(None))
+    if wanted:
+        query = query.join(OpenAIJob, col(OpenAIJob.job_id) == col(Job.id))
+        for key, value in wanted.items():
+            query = query.where(col(OpenAIJob.job_metadata)[key].as_string() == value)
+    else:
+        query = query.outerjoin(OpenAIJob, col(OpenAIJob.job_id) == col(Job.id)).where(
+            or_(
+                col(OpenAIJob.job_id).is_(None),
+                col(OpenAIJob.job_metadata).is_(None),
+                cast(col(OpenAIJob.job_metadata), String).in_(["null", "{}"]),  # JSON's null, or no pairs
+            )
+        )
+    if project_id is not None:
+        query = query.where(col(Job.project_id) == project_id)
+    if after is not None:
+        query = query.where(col(Job.id) < after)
+    ids = [i for i in session.exec(query.order_by(col(Job.id).desc()).limit(limit + 1)).all() if i is not None]
+    return ids[:limit], len(ids) > limit
 
 
 def read_extras(session: Session, job_ids: Sequence[int]) -> dict[int, OpenAIJob]:
@@ -726,6 +865,7 @@ WARNINGS = {
     EventKind.retried,
     EventKind.requeued,
     EventKind.checkpoint_corrupt,
+    EventKind.tracker_failed,
 }
 # Figures of a method's step log named in a metrics event's message (the rest are in its data).
 HEADLINE_METRICS = ("rewards/margins", "rewards/accuracies", "reward", "kl")

@@ -92,7 +92,7 @@ def job_public(job: Job) -> JobPublic:
             eta_seconds=job.eta_seconds,
             stalled_since=job.stalled_since if job.status == JobStatus.running else None,
         ),
-        metrics=Metrics(**(job.metrics or {})),
+        metrics=Metrics(**{**(job.metrics or {}), "trained_tokens": job.trained_tokens}),
         vram=vram(job.vram, JobVram),
         placement=Placement.model_validate(job.placement) if job.placement else None,
         data_report=DataReport.model_validate(job.data_report) if job.data_report else None,

@@ -48,6 +48,11 @@ class Metrics(BaseModel):
         description="the whole job's tokens/s: all its tokens over all its training time, each attempt's first "
         "(compiling) step, evaluations and checkpoint saves left out",
     )
+    trained_tokens: int | None = Field(
+        default=None,
+        description="the tokens the job's trainers trained on, added as each attempt ends (the steps a resumed job "
+        "trains again count again); null until one has",
+    )
     eval_loss: float | None = Field(default=None, description="the validation set's loss at its latest evaluation")
     eval_step: int | None = Field(default=None, description="the step of that evaluation")
     method_metrics: dict[str, float | None] | None = Field(
@@ -70,6 +75,24 @@ class TrainerPath(BaseModel):
         default=None,
         description="how the reference log-probabilities were had: 'model' (a reference model held beside the "
         "policy), 'precomputed' (once, before training), or null (the method has no reference)",
+    )
+    precision: Literal["bf16", "fp8", "fp32"] | None = Field(
+        default=None,
+        description="the matmuls' precision: the spec's precision on a GPU, fp32 on a CPU (null: recorded before "
+        "precisions were)",
+    )
+    fp8_recipe: Literal["tensorwise", "rowwise"] | None = Field(
+        default=None, exclude_if=lambda value: value is None, description="fp8: torchao's recipe (absent otherwise)"
+    )
+    fp8_layers: int | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="fp8: the Linear layers that computed in float8 (absent otherwise)",
+    )
+    fp8_compiled: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="fp8: whether each of them was compiled, FP8_COMPILE (absent otherwise)",
     )
 
 
@@ -404,6 +427,15 @@ class MemoryEstimate(BaseModel):
     )
 
 
+class AutoMicroBatch(BaseModel):
+    """per_device_train_batch_size "auto": what the trainer will choose among."""
+
+    candidates: list[int] = Field(
+        description="the micro-batches the trainer times, largest first; the memory is planned for the first"
+    )
+    sequences_per_step: int = Field(description="the effective batch each keeps (micro-batch x accumulation)")
+
+
 class DiskEstimate(BaseModel):
     checkpoint_bytes: int = Field(description="one intermediate checkpoint: weights and optimizer states")
     final_bytes: int
@@ -413,6 +445,55 @@ class DiskEstimate(BaseModel):
     fits: bool | None
 
 
+class TimeEstimate(BaseModel):
+    tokens_per_second: float = Field(
+        description="the planner's tokens/s for the job: GPU_TRAIN_FLOPS per GPU at 8 FLOPs per parameter and token"
+    )
+    seconds: float | None = Field(
+        description="training time at that rate with every sequence max_seq_length long; null when the tokens "
+        "are not known (no max_steps)"
+    )
+
+
+class MeasurementUsed(BaseModel):
+    """A finished job's measurement that the learned estimate used."""
+
+    id: int
+    job_id: int
+    created_at: datetime
+    model: str
+    card: str
+    card_memory_bytes: int | None
+    micro_batch: int
+    gradient_accumulation_steps: int
+    max_seq_length: int
+    steps: int
+    planned_bytes: int | None
+    peak_bytes: int | None = Field(description="the job's NVML device-used peak (null on a host without GPUs)")
+    planned_tokens_per_second: float | None
+    tokens_per_second: float | None = Field(description="the whole job's tokens/s, its first step left out")
+    distance: float = Field(description="how far its shape is from the spec's (docs/planner.md)")
+
+
+class LearnedEstimate(BaseModel):
+    """The estimate corrected by the closest measured jobs of the same shape (docs/planner.md)."""
+
+    total_bytes: int | None = Field(description="expected NVML peak; null when none of them measured one")
+    total_gib: float | None
+    verdict: Literal["fits", "fits_with_paging", "does_not_fit"] | None
+    tokens_per_second: float | None
+    seconds: float | None = Field(description="null when the tokens are not known (no max_steps)")
+    measurements: list[MeasurementUsed] = Field(description="closest first")
+
+
 class Estimate(BaseModel):
     memory: MemoryEstimate
     disk: DiskEstimate
+    auto_micro_batch: AutoMicroBatch | None = Field(
+        default=None, description='per_device_train_batch_size "auto": the candidates (null otherwise)'
+    )
+    time: TimeEstimate
+    learned: LearnedEstimate | None = Field(
+        description="null until a finished job of the same model shape, method, optimizer, precision, GPUs and "
+        "card size measured something close to this spec"
+    )

@@ -10,6 +10,7 @@ trainer reads it as it is, on its own host, without checking it again."""
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlmodel import Session
 
@@ -19,7 +20,7 @@ from core.config import Settings, get_settings
 from core.graders import reward_modules
 from core.models import UploadedFile
 from core.shared_store import StorageUnavailable, get_store
-from core.spec import LOCAL_PATH_PREFIXES, JobSpec, echo
+from core.spec import LOCAL_PATH_PREFIXES, JobSpec, MlflowIntegration, echo
 from core.webhooks import host_allowed
 
 
@@ -148,6 +149,20 @@ def checked_sources(
             problems.append(
                 {"field": f"webhooks.{index}.url", "message": "the operator has not set WEBHOOK_SECRET, to sign with"}
             )
+    for index, integration in enumerate(job_in.integrations):
+        if isinstance(integration, MlflowIntegration):
+            try:
+                host = (urlsplit(integration.mlflow.tracking_uri).hostname or "").lower()
+            except ValueError:  # not a URL (an unclosed IPv6 bracket): allowed nowhere
+                host = ""
+            if not host or host not in {h.lower() for h in settings.tracker_allowed_hosts}:
+                problems.append(
+                    {
+                        "field": f"integrations.{index}.mlflow.tracking_uri",
+                        "message": f"this server does not report to {echo(integration.mlflow.tracking_uri)}: its host "
+                        "is not in the operator's TRACKER_ALLOWED_HOSTS",
+                    }
+                )
     if job_in.grader is not None:
         for grader in reward_modules(job_in.grader):
             if grader.module not in settings.reward_modules:

@@ -123,6 +123,7 @@ def main() -> None:
             "settings": s,
             **rate,
             "first_step_seconds": round(clock.step_ends[0][1] - clock.train_begin, 2),
+            "losses": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e],
             "model_load_seconds": round(load_s, 2),
             "flops_per_token": model_flops_per_token(config, args.seq_len),
             "torch_peak_allocated_bytes": vram["peak_allocated"],

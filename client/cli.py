@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +37,12 @@ CHUNK = 1024 * 1024
 # runs on this machine, as scripts/run does). Hub ids, "~" and absolute paths go as they are.
 RELATIVE_PREFIXES = ("./", "../")
 VERIFY_POLL_S = 1.0
+# A create is sent this many times at most, CREATE_RETRY_S apart at first and twice as long after
+# each failure (0.5 + 1 + 2 + 4 s: a service restarting has time to come back).
+CREATE_ATTEMPTS = 5
+CREATE_RETRY_S = 0.5
+# Answers that say "not now" rather than "no": a proxy without its upstream, a database away.
+RETRIED_STATUSES = frozenset({502, 503, 504})
 
 
 class Api:
@@ -49,6 +57,34 @@ class Api:
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         with self.client() as http:
             response = http.request(method, path, **kwargs)
+        return self.answer(method, path, response)
+
+    def create(self, path: str, request: Callable[[], dict[str, Any]]) -> Any:
+        """POST a create (a job, a file) with a fresh Idempotency-Key, sent again with the same key
+        when the connection fails or the service is briefly unavailable: the service makes the job
+        or file once however many of the attempts reached it. `request()` gives the keyword
+        arguments of each attempt (a file to upload is opened afresh)."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            arguments = request()
+            try:
+                with self.client() as http:
+                    response = http.post(path, headers=headers, **arguments)
+            except httpx.TransportError as exc:
+                if attempt == CREATE_ATTEMPTS:
+                    console.print(f"[red]POST {path}: {exc!r}, {attempt} times; is the service at {self.url}?[/red]")
+                    raise typer.Exit(2) from None
+                console.print(f"[yellow]POST {path}: {exc!r}; sending it again (same Idempotency-Key)[/yellow]")
+            else:
+                if response.status_code not in RETRIED_STATUSES or attempt == CREATE_ATTEMPTS:
+                    return self.answer("POST", path, response)
+                console.print(f"[yellow]POST {path}: {response.status_code}; sending it again[/yellow]")
+            finally:
+                _close_files(arguments)
+            time.sleep(CREATE_RETRY_S * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    def answer(self, method: str, path: str, response: httpx.Response) -> Any:
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)
@@ -64,6 +100,12 @@ class Api:
             console.print(f"[red]{method} {path}: {response.status_code} {detail}[/red]")
             raise typer.Exit(2)
         return response.json() if response.content else None
+
+
+def _close_files(arguments: dict[str, Any]) -> None:
+    for part in (arguments.get("files") or {}).values():
+        if isinstance(part, tuple) and hasattr(part[1], "close"):
+            part[1].close()
 
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="FINETUNE_URL", help="the service")]
@@ -119,10 +161,27 @@ def submit(
         spec["dataset"] = {**spec.get("dataset", {}), "source": absolute(dataset, Path.cwd())}
     if max_steps is not None:
         spec["hyperparameters"] = {**spec.get("hyperparameters", {}), "max_steps": max_steps}
-    record = api(url, token).call("POST", "/jobs", json=spec)
+    record = api(url, token).create("/jobs", lambda: {"json": spec})
     console.print(f"job {record['id']} {record['status']}")
     if follow_job:
         follow(record["id"], url=url, token=token)
+
+
+@app.command()
+def upload(
+    path: Annotated[Path, typer.Argument(help="a .jsonl, .json or .parquet dataset", exists=True, dir_okay=False)],
+    url: UrlOption = "http://127.0.0.1:8000",
+    token: TokenOption = None,
+) -> None:
+    """Upload a dataset file (POST /files); prints its id for a spec's `dataset: {file_id: ...}`."""
+
+    def request() -> dict[str, Any]:
+        return {"files": {"file": (path.name, path.open("rb"))}}  # streamed, opened afresh for each attempt
+
+    made = api(url, token).create("/files", request)
+    console.print(
+        f"file {made['id']} {made['filename']}: {made['rows']} rows ({made['row_format']}), {made['bad_rows']} bad"
+    )
 
 
 @app.command("list")
@@ -309,8 +368,25 @@ def estimate(
         console.print(f"  {name:<24} {size / GIB:8.2f} GiB")
     if memory.get("max_micro_batch") is not None:
         console.print(f"  largest micro-batch that fits: {memory['max_micro_batch']}")
+    auto = plan.get("auto_micro_batch")
+    if auto:
+        console.print(f'  micro-batch "auto" times {auto["candidates"]} (planned for the first)')
     required = disk.get("required_bytes")
     console.print(f"disk: {'unknown' if required is None else f'{required / GIB:.1f} GiB'} needed")
+    timing = plan.get("time") or {}
+    if timing.get("seconds") is not None:
+        console.print(
+            f"training: about {timing['seconds'] / 60:.1f} min at {timing['tokens_per_second']:,.0f} tokens/s"
+        )
+    learned = plan.get("learned")
+    if learned:
+        jobs = ", ".join(str(m["job_id"]) for m in learned["measurements"])
+        figures = [
+            f"{learned['total_gib']} GiB ({learned['verdict']})" if learned.get("total_gib") is not None else None,
+            f"{learned['tokens_per_second']:,.0f} tokens/s" if learned.get("tokens_per_second") is not None else None,
+            f"about {learned['seconds'] / 60:.1f} min" if learned.get("seconds") is not None else None,
+        ]
+        console.print(f"measured on finished job(s) {jobs}: {', '.join(f for f in figures if f)}")
 
 
 @app.command()

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     # Start each job's trainer process before the job comes, its imports done (about 30 s of a
     # job's start on a GPU: Unsloth, torch, TRL). Unset: on where the worker sees a GPU.
     trainer_standby: bool | None = None
+    # On a host without GPUs: the socket of a trainer fork server (`python -m trainer --forkserver
+    # SOCKET`, started with the trainers' environment), which has imported torch, transformers
+    # and TRL once and forks each one-process job's trainer from itself, so a job starts training
+    # in about a second. Unset, or not answering: each job starts a trainer process of its own.
+    trainer_forkserver: str | None = None
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.
     disk_wait_poll_s: float = Field(default=30.0, gt=0)
@@ -147,6 +152,11 @@ class Settings(BaseSettings):
     # token; docs/benchmarks.md); the default errs slow, so that an estimate errs long.
     gpu_train_flops: float = Field(default=4e14, gt=0)
 
+    # --- speed -----------------------------------------------------------------------------
+    # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
+    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
+    fp8_compile: bool = True
+
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not
     # async). The database pool holds one connection per thread (and three for the background
@@ -181,11 +191,17 @@ class Settings(BaseSettings):
     # default, so no job can make this server call an address its operator did not allow), and
     # the secret their signatures are made with (Standard Webhooks: `whsec_` and base64).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The hosts of MLflow tracking servers jobs may report to (a spec's integrations; comma-separated,
+    # none by default: a trainer calls no address its operator did not allow).
+    tracker_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_secret: SecretStr | None = None
     # A sender claims a delivery before it POSTs it; a claim this old whose delivery is still
     # `sending` was left by a sender that died mid-send (a killed API), and another sender takes
     # it back and sends it again. Keep it well above the 5 s a POST may take.
     webhook_claim_lease_s: float = Field(default=60.0, gt=0)
+    # How long an Idempotency-Key of a create (POST /jobs, /files and their /v1 twins) is kept:
+    # the same key and body sent again within it answer with the job or file the first one made.
+    idempotency_keys_kept_s: float = Field(default=24 * 3600.0, gt=0)
     page_size_max: int = 500
     # The largest dataset file POST /files accepts.
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
@@ -200,7 +216,14 @@ class Settings(BaseSettings):
             return [Path(p.strip()) for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("api_tokens", "webhook_allowed_hosts", "trainer_env_passthrough", "reward_modules", mode="before")
+    @field_validator(
+        "api_tokens",
+        "webhook_allowed_hosts",
+        "tracker_allowed_hosts",
+        "trainer_env_passthrough",
+        "reward_modules",
+        mode="before",
+    )
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):

@@ -85,11 +85,13 @@ class EventKind(StrEnum):
     gpu_shared = "gpu_shared"  # other processes hold memory on the job's GPU
     startup = "startup"  # seconds from the trainer's start to training, phase by phase
     optimizer_replaced = "optimizer_replaced"
+    micro_batch_chosen = "micro_batch_chosen"  # per_device_train_batch_size "auto": the sizes timed and chosen
     training_started = "training_started"
     evaluated = "evaluated"
     checkpoint = "checkpoint"
     checkpoint_removed = "checkpoint_removed"
     reporting_overhead = "reporting_overhead"
+    measured = "measured"  # a succeeded job's peak memory and tokens/s against the plan (the planner learns)
     slowdown = "slowdown"  # tokens/s fell, with the cause when one is known
     stalled = "stalled"  # no training step for STALL_AFTER_S although the trainer process lives
     stall_ended = "stall_ended"  # steps came again after a stall
@@ -105,6 +107,8 @@ class EventKind(StrEnum):
     checkpoint_corrupt = "checkpoint_corrupt"  # a verification found files that no longer match their sha256
     checkpoint_verified = "checkpoint_verified"  # verified on request, or intact again after being corrupt
     optimizer_state_dropped = "optimizer_state_dropped"
+    tracker = "tracker"  # an experiment tracker of the spec's integrations started: where its run is
+    tracker_failed = "tracker_failed"  # a tracker failed and was dropped; the job went on without it
     retried = "retried"
     requeued = "requeued"
     succeeded = "succeeded"
@@ -142,6 +146,9 @@ PROGRESS_FILE = "progress"
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"
 # Set for a standby trainer, whose work horse is not its parent: it watches that pid instead.
 PARENT_WATCHED_ENV = "FINETUNE_PARENT_WATCHED"
+# A horse that asks the trainer fork server for a trainer waits this long for its pid (the fork
+# itself takes milliseconds).
+FORKSERVER_ANSWER_TIMEOUT_S = 10.0
 
 
 class TrainerOutcome(StrEnum):

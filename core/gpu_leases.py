@@ -52,6 +52,7 @@ class Gpu:
     name: str
     uuid: str
     memory_bytes: int | None = None
+    compute_capability: str | None = None  # "9.0" (NVML); None on a CPU host
 
     def describe(self) -> str:
         return f"GPU {self.index} ({self.name}, {self.uuid})"

@@ -173,7 +173,7 @@ def generation_batch(hp: Any) -> int:
     """GRPO: completions generated at once on each GPU (per_device_train_batch_size x
     steps_per_generation), TRL's generation_batch_size divided among the GPUs."""
     steps = getattr(hp, "steps_per_generation", None) or hp.gradient_accumulation_steps
-    return int(hp.per_device_train_batch_size * steps)
+    return int(hp.micro_batch * steps)
 
 
 def training_sequences(method: str, rows: int, hp: Any, row_format: str | None = None) -> int:

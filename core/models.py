@@ -197,6 +197,9 @@ class Job(SQLModel, table=True):
 
     error_code: str | None = None
     error_message: str | None = None
+    # The tokens the job's trainers trained on, every attempt's (the steps a resumed job trains
+    # again count again), added as each attempt ends; None until one has.
+    trained_tokens: int | None = Field(default=None, sa_column=Column(BigInteger()))
 
     cancel_requested_at: datetime | None = _ts()
     pause_requested_at: datetime | None = _ts()
@@ -318,7 +321,7 @@ class WebhookDelivery(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", ondelete="CASCADE", index=True)
     url: str
-    event: str  # the event's kind (or "progress")
+    event: str  # the event's kind (or "progress"; or the OpenAI event name, fine_tuning.job.succeeded, ...)
     payload: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
     status: str = "pending"  # pending, sending, delivered, failed
@@ -343,3 +346,55 @@ class OpenAIJob(SQLModel, table=True):
     job_id: int = Field(primary_key=True, foreign_key="job.id", ondelete="CASCADE")
     suffix: str | None = None
     job_metadata: dict[str, str] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """An `Idempotency-Key` a create request carried (app/idempotency.py): whose it is, the route and
+    a digest of the body it came with, and the job or file it made. Kept IDEMPOTENCY_KEYS_KEPT_S."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (
+        UniqueConstraint("principal", "key", name="uq_idempotency_key_principal_key"),
+        Index("ix_idempotency_key_created_at", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    principal: str  # the principal's name (unique): keys of different principals never meet
+    key: str
+    route: str  # "POST /jobs", "POST /files", "POST /v1/files", "POST /v1/fine_tuning/jobs"
+    resource: str  # "job" or "file"
+    resource_id: int
+    request_sha256: str
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class PlannerMeasurement(SQLModel, table=True):
+    """What a finished job measured against what the planner said for it: its NVML peak and
+    tokens/s beside the planned peak and tokens/s, with the shape that makes two jobs comparable
+    (core/measurements.py; POST /jobs/estimate's `learned`). Kept when the job is deleted: a figure
+    of the hardware, not of the job."""
+
+    __tablename__ = "planner_measurement"
+    __table_args__ = (Index("ix_planner_measurement_shape", "shape_key", "method"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int  # not a foreign key: the measurement outlives the job
+    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    model: str
+    # parameters:hidden:layers:intermediate:vocab: the same key is the same model shape
+    shape_key: str
+    method: str
+    optim: str
+    precision: str
+    gpus: int
+    strategy: str
+    card: str  # the GPU's name, or "cpu"
+    card_memory_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    micro_batch: int
+    gradient_accumulation_steps: int
+    max_seq_length: int
+    steps: int
+    planned_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))
+    peak_bytes: int | None = Field(default=None, sa_column=Column(BigInteger(), nullable=True))  # NVML device used
+    planned_tokens_per_second: float | None = None
+    tokens_per_second: float | None = None  # the whole job's, first step left out

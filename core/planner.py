@@ -159,6 +159,9 @@ class MemoryPlan:
     strategy: str = "single"
     gpus_needed: int | None = None  # the fewest GPUs of this size that hold the job without paging
     fsdp_layout: str | None = None  # fsdp: "fit" (weights kept gathered: fast) or "sharded" (lean)
+    # per_device_train_batch_size "auto": the candidates the trainer times, largest first (the plan is
+    # for the first of them)
+    auto_micro_batches: tuple[int, ...] | None = None
 
 
 def activation_bytes(shape: ModelShape, tokens: int) -> int:
@@ -212,7 +215,7 @@ def method_parts(shape: ModelShape, hp: Hyperparameters, method: str, share: int
     about = facts(method)
     if method == "sft":
         return {}
-    micro = hp.per_device_train_batch_size
+    micro = hp.micro_batch
     tokens = micro * hp.max_seq_length * about.sequences_per_row
     parts = {"activations": activation_bytes(shape, tokens)}
     if about.logits_held:
@@ -246,7 +249,7 @@ def _plan(
         "weights": -(-2 * p // share),
         "gradients": -(-2 * p // share),
         "optimizer_states": -(-OPTIMIZER_BYTES_PER_PARAM[optim] * p // share),
-        "activations": activation_bytes(shape, hp.per_device_train_batch_size * hp.max_seq_length),
+        "activations": activation_bytes(shape, hp.micro_batch * hp.max_seq_length),
         "cuda_context": CUDA_FIXED_BYTES,
     }
     parts.update(method_parts(shape, hp, method, share))
@@ -279,10 +282,10 @@ def _plan(
             per_token = activation_bytes(shape, 1)
             max_tokens = room // per_token if room > 0 else 0
             max_mb = int(max_tokens // hp.max_seq_length)
-            max_seq = int(max_tokens // hp.per_device_train_batch_size)
+            max_seq = int(max_tokens // hp.micro_batch)
         else:  # the method's activations and logits grow about in proportion to both
             scale = room / varying if room > 0 and varying else 0.0
-            max_mb = int(scale * hp.per_device_train_batch_size)
+            max_mb = int(scale * hp.micro_batch)
             max_seq = int(scale * hp.max_seq_length)
         if shape.max_position_embeddings:
             max_seq = min(max_seq, int(shape.max_position_embeddings))
@@ -298,6 +301,37 @@ def _plan(
         gpus,
         strategy,
         fsdp_layout=layout if strategy == "fsdp" and gpus > 1 else None,
+    )
+
+
+# per_device_train_batch_size "auto": the most candidates the trainer times, and the largest tried.
+AUTO_CANDIDATES = 3
+AUTO_MAX_MICRO_BATCH = 64
+
+
+def auto_micro_batches(
+    shape: ModelShape | None, hp: Hyperparameters, gpu_memory_bytes: int | None, method: str = "sft"
+) -> list[int]:
+    """The micro-batches "auto" chooses among, largest first: powers of two that divide the
+    effective batch (the recipe's micro-batch 2 x gradient_accumulation_steps) and that the plan
+    says fit the card without paging (every one up to AUTO_MAX_MICRO_BATCH when the card is not
+    known); the AUTO_CANDIDATES largest. [1] when not even that fits (the plan then says so)."""
+    effective = hp.sequences_per_step
+    sizes = [2**k for k in range(int(math.log2(AUTO_MAX_MICRO_BATCH)) + 1) if effective % 2**k == 0]
+    if gpu_memory_bytes and shape is not None:
+        sizes = [
+            m
+            for m in sizes
+            if plan_memory(shape, with_micro_batch(hp, m), gpu_memory_bytes, method=method).verdict == "fits"
+        ]
+    return sorted(sizes, reverse=True)[:AUTO_CANDIDATES] or [1]
+
+
+def with_micro_batch(hp: Hyperparameters, micro_batch: int) -> Hyperparameters:
+    """The hyperparameters at this micro-batch, the accumulation making up the same effective batch."""
+    accumulation = max(hp.sequences_per_step // micro_batch, 1)
+    return hp.model_copy(
+        update={"per_device_train_batch_size": micro_batch, "gradient_accumulation_steps": accumulation}
     )
 
 
@@ -339,7 +373,7 @@ class DiskPlan:
 
 
 def steps_per_epoch(hp: Hyperparameters, sequences: int) -> int:
-    return max(math.ceil(math.ceil(sequences / hp.per_device_train_batch_size) / hp.gradient_accumulation_steps), 1)
+    return max(math.ceil(math.ceil(sequences / hp.micro_batch) / hp.gradient_accumulation_steps), 1)
 
 
 def optimizer_steps(hp: Hyperparameters, sequences: int) -> int:
@@ -359,14 +393,23 @@ def estimate_seconds(
     GPU_TRAIN_FLOPS per card. None when the tokens are not known (no max_steps, and the rows
     uncounted or packed). The GPU line backfills by it (core/gpu_leases.py): an estimate that errs
     long only backfills less."""
+    tokens = tokens_to_train(hp, gpus=gpus, rows=rows)
+    if tokens is None:
+        return None
+    flops = tokens * TRAIN_FLOPS_PER_TOKEN_PER_PARAMETER * shape.parameters
+    return float(flops / (gpu_train_flops * gpus))
+
+
+def tokens_to_train(hp: Hyperparameters, *, gpus: int, rows: int | None) -> int | None:
+    """The tokens a job trains, at most: every sequence taken as max_seq_length tokens long. None
+    when they are not known (no max_steps, and the rows uncounted or packed)."""
     if hp.max_steps:
-        tokens = hp.max_steps * hp.per_device_train_batch_size * hp.gradient_accumulation_steps * gpus
+        sequences = hp.max_steps * hp.micro_batch * hp.gradient_accumulation_steps * gpus
     elif rows is not None and not hp.packing:
-        tokens = math.ceil(rows * hp.num_train_epochs)
+        sequences = math.ceil(rows * hp.num_train_epochs)
     else:
         return None
-    flops = tokens * hp.max_seq_length * TRAIN_FLOPS_PER_TOKEN_PER_PARAMETER * shape.parameters
-    return float(flops / (gpu_train_flops * gpus))
+    return int(sequences * hp.max_seq_length)
 
 
 def plan_disk(
@@ -438,7 +481,7 @@ def refusal(spec: JobSpec, memory: MemoryPlan | None, disk: DiskPlan | None) -> 
             return f"{head}; the model alone does not fit this card: train a smaller model or use a larger GPU{spread}"
         return (
             f"{head}; at max_seq_length {hp.max_seq_length} the largest micro-batch that fits is "
-            f"{memory.max_micro_batch}, and at micro-batch {hp.per_device_train_batch_size} the longest "
+            f"{memory.max_micro_batch}, and at micro-batch {hp.micro_batch} the longest "
             f"max_seq_length is {memory.max_seq_length}{spread}"
         )
     if disk is not None and disk.fits is False:

@@ -68,6 +68,28 @@ def register_gpu_memory(connection: Redis, worker_name: str, total_bytes: int, t
     connection.set(gpu_key(worker_name), total_bytes, ex=ttl_s)
 
 
+def fp8_key(worker_name: str) -> str:
+    return f"{get_settings().queue_name}:fp8:{worker_name}"
+
+
+def register_fp8_support(connection: Redis, worker_name: str, problem: str, ttl_s: int) -> None:
+    """A worker says whether it can train precision fp8: "" when it can, else why not."""
+    connection.set(fp8_key(worker_name), problem, ex=ttl_s)
+
+
+def worker_fp8_support(connection: Redis | None = None) -> dict[str, str]:
+    """Each live worker's answer: "" when it can train fp8, else why not."""
+    connection = connection or get_redis()
+    prefix = fp8_key("")
+    found: dict[str, str] = {}
+    for key in connection.scan_iter(fp8_key("*")):
+        value = connection.get(key)
+        if value is not None:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+            found[name.removeprefix(prefix)] = value.decode() if isinstance(value, bytes) else str(value)
+    return found
+
+
 def smallest_worker_gpu(connection: Redis | None = None) -> int | None:
     connection = connection or get_redis()
     values = [connection.get(key) for key in connection.scan_iter(gpu_key("*"))]

@@ -7,7 +7,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from core.graders import Grader
@@ -48,6 +58,10 @@ UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
 Backend = Literal["auto", "unsloth", "transformers"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+# The precision of the model's matmuls: bf16 (the recipe's), or fp8 through torchao's float8 training
+# (docs/benchmarks.md, "Faster than the recipe"); Fp8Recipe is torchao's scaling recipe.
+Precision = Literal["bf16", "fp8"]
+Fp8Recipe = Literal["tensorwise", "rowwise"]
 # The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
 MAX_GPUS_PER_JOB = 64
 # A job's priority in the GPU line: -100 to 100; members up to MEMBER_MAX_PRIORITY (app/quotas.py).
@@ -65,6 +79,38 @@ Scheduler = Literal[
     "inverse_sqrt",
     "cosine_with_min_lr",
     "warmup_stable_decay",
+]
+# per_device_train_batch_size "auto" keeps the effective batch of the recipe's micro-batch of 2 with the
+# job's gradient_accumulation_steps (core/planner.auto_micro_batches).
+AUTO_BASE_MICRO_BATCH = 2
+MAX_MICRO_BATCH = 1024
+
+
+def _micro_batch(value: Any) -> int | str:
+    """A micro-batch: a whole number from 1 to MAX_MICRO_BATCH (as pydantic reads an integer: 2,
+    2.0, "2"), or "auto"; one error naming both when it is neither."""
+    if value == "auto":
+        return "auto"
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None or not 1 <= number <= MAX_MICRO_BATCH:
+        raise PydanticCustomError(
+            "micro_batch", f'Input should be a valid integer from 1 to {MAX_MICRO_BATCH}, or "auto"'
+        )
+    return number
+
+
+MicroBatch = Annotated[
+    int | Literal["auto"],
+    PlainValidator(_micro_batch),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_MICRO_BATCH}, {"type": "string", "enum": ["auto"]}]}
+    ),
 ]
 # Optimizers that bitsandbytes implements on CUDA only; a CPU run swaps them for adamw_torch.
 GPU_ONLY_OPTIMIZERS = frozenset({"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"})
@@ -176,7 +222,12 @@ class Hyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    per_device_train_batch_size: int = Field(default=2, ge=1, le=1024)
+    per_device_train_batch_size: MicroBatch = Field(
+        default=2,
+        description='sequences per GPU per forward pass; "auto" (method sft, one GPU): the largest micro-batch the '
+        "planner says fits, then a few timed steps of the candidates pick the fastest; the effective batch stays "
+        "the recipe's micro-batch 2 x gradient_accumulation_steps (docs/benchmarks.md)",
+    )
     gradient_accumulation_steps: int = Field(default=64, ge=1, le=65536)
     max_seq_length: int = Field(default=4096, ge=16, le=1_048_576)
     learning_rate: float = Field(default=5e-6, gt=0, le=1)
@@ -265,6 +316,17 @@ class Hyperparameters(BaseModel):
         default=None, description="grpo: leave completions cut at max_completion_length out of the loss (false)"
     )
 
+    @property
+    def micro_batch(self) -> int:
+        """per_device_train_batch_size as a number: for "auto", the recipe's until the trainer chooses."""
+        value = self.per_device_train_batch_size
+        return AUTO_BASE_MICRO_BATCH if value == "auto" else value
+
+    @property
+    def sequences_per_step(self) -> int:
+        """Sequences per optimizer step on each GPU: micro-batch x accumulation ("auto" keeps it)."""
+        return self.micro_batch * self.gradient_accumulation_steps
+
 
 # The standard recipe, shown in POST /jobs's description.
 JOB_SPEC_EXAMPLE: dict[str, Any] = {
@@ -276,7 +338,15 @@ JOB_SPEC_EXAMPLE: dict[str, Any] = {
 }
 
 
-WebhookEvent = Literal["status", "progress", "checkpoint", "eval"]
+WebhookEvent = Literal[
+    "status",
+    "progress",
+    "checkpoint",
+    "eval",
+    "fine_tuning.job.succeeded",
+    "fine_tuning.job.failed",
+    "fine_tuning.job.cancelled",
+]
 
 
 class WebhookSpec(BaseModel):
@@ -291,9 +361,76 @@ class WebhookSpec(BaseModel):
     events: list[WebhookEvent] = Field(
         default_factory=lambda: list[WebhookEvent](["status"]),
         min_length=1,
-        description="status (every change of status), progress (every `every_steps` steps), checkpoint, eval",
+        description="status (every change of status), progress (every `every_steps` steps), checkpoint, eval; "
+        "fine_tuning.job.succeeded, fine_tuning.job.failed, fine_tuning.job.cancelled (OpenAI's event objects, for "
+        "receivers written for OpenAI's fine-tuning webhooks)",
     )
     every_steps: int = Field(default=100, ge=1, le=MAX_DB_INT, description="for progress: every this many steps")
+
+
+class TensorBoardIntegration(BaseModel):
+    """TensorBoard event files kept with the job (jobs/<id>/tensorboard), downloadable as one tar."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["tensorboard"]
+
+
+class MlflowOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str = Field(
+        min_length=8,
+        max_length=2000,
+        pattern=r"^https?://",
+        description="the MLflow tracking server (http or https); its host must be in the operator's "
+        "TRACKER_ALLOWED_HOSTS",
+    )
+    experiment_name: str | None = Field(default=None, min_length=1, max_length=500, description="default: MLflow's")
+    run_name: str | None = Field(default=None, min_length=1, max_length=250, description="default: job-<id>")
+    tags: dict[Annotated[str, Field(max_length=250)], Annotated[str, Field(max_length=500)]] | None = Field(
+        default=None, max_length=20, description="set on the run"
+    )
+
+
+class MlflowIntegration(BaseModel):
+    """A run in an MLflow tracking server: hyperparameters, every step log, the data report and the
+    final model's location."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["mlflow"]
+    mlflow: MlflowOptions
+
+
+class WandbOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(
+        default=None, min_length=1, max_length=128, description="the run's name; default: job-<id>"
+    )
+    entity: str | None = Field(
+        default=None, min_length=1, max_length=128, description="a team or user; default: the key's"
+    )
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=20)
+    mode: Literal["online", "offline"] = Field(
+        default="online",
+        description="online: sent as it trains (the worker's WANDB_API_KEY, passed on with TRAINER_ENV_PASSTHROUGH); "
+        "offline: the run folder is written under the job's folder (jobs/<id>/wandb), for `wandb sync` later",
+    )
+
+
+class WandbIntegration(BaseModel):
+    """A Weights & Biases run: hyperparameters, every step log, the data report and the final model's location."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["wandb"]
+    wandb: WandbOptions
+
+
+Integration = Annotated[TensorBoardIntegration | MlflowIntegration | WandbIntegration, Field(discriminator="type")]
 
 
 class JobSpec(BaseModel):
@@ -349,11 +486,50 @@ class JobSpec(BaseModel):
         max_length=5,
         description="URLs that get the job's events, signed as Standard Webhooks do (README, Webhooks)",
     )
+    integrations: list[Integration] = Field(
+        default_factory=list,
+        max_length=3,
+        description="experiment trackers the job reports to as it trains: tensorboard, mlflow, wandb (one of each); "
+        "a tracker that fails is dropped with an event, and the job goes on",
+    )
     drop_optimizer_state_on_success: bool = Field(
         default=False,
         description="once the job succeeds, delete optimizer.pt from its intermediate checkpoints (for an 8B "
         "model about 16 of their 32 GB each): their weights stay downloadable, they can no longer be resumed from",
     )
+    precision: Precision = Field(
+        default="bf16",
+        description="the matmuls' precision: bf16 (the recipe), or fp8: the decoder's Linear layers compute in "
+        "float8 with torchao's float8 training (weights, gradients and optimizer states stay as with bf16; "
+        "lm_head and embeddings stay bf16); one GPU; needs a GPU of compute capability 8.9 or newer (L4, L40S, "
+        "H100, H200, B200) and torchao on the worker",
+    )
+    fp8_recipe: Fp8Recipe | None = Field(
+        default=None,
+        description="precision fp8: torchao's scaling recipe: tensorwise (one scale per tensor: the fastest) or "
+        "rowwise (a scale per row: closer to bf16's numerics, a little slower); null: tensorwise",
+    )
+
+    @model_validator(mode="after")
+    def _precision(self) -> JobSpec:
+        if self.precision == "fp8" and self.gpus > 1:
+            raise ValueError(
+                f"precision fp8 is for a job on one GPU (this one asks for {self.gpus}): with DDP or FSDP it has not "
+                "been tried yet"
+            )
+        if self.precision == "fp8":
+            self.fp8_recipe = self.fp8_recipe or "tensorwise"
+        elif self.fp8_recipe is not None:
+            raise ValueError(f"fp8_recipe applies to precision 'fp8', not to {self.precision!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_tracker_of_each_type(self) -> JobSpec:
+        types = [integration.type for integration in self.integrations]
+        twice = sorted({t for t in types if types.count(t) > 1})
+        if twice:
+            raise ValueError(f"integrations: one of each type; {', '.join(twice)} is given more than once")
+        return self
 
     @model_validator(mode="after")
     def _loss_options(self) -> JobSpec:
@@ -409,7 +585,15 @@ class JobSpec(BaseModel):
                     f"scale_rewards is one of {', '.join(GRPO_SCALE_REWARDS)}; not {echo(hp.scale_rewards)}",
                 )
             )
-        if self.method == "kto" and hp.loss_type == "kto" and hp.per_device_train_batch_size < method.min_micro_batch:
+        if hp.per_device_train_batch_size == "auto" and (self.method != "sft" or self.gpus != 1):
+            problems.append(
+                (
+                    ("hyperparameters", "per_device_train_batch_size"),
+                    f'"auto" is for method sft on one GPU (this job: method {self.method}, gpus {self.gpus}); give a '
+                    "number",
+                )
+            )
+        if self.method == "kto" and hp.loss_type == "kto" and hp.micro_batch < method.min_micro_batch:
             problems.append(
                 (
                     ("hyperparameters", "per_device_train_batch_size"),
@@ -447,7 +631,7 @@ class JobSpec(BaseModel):
                 )
             )
         assert hp.num_generations is not None and hp.max_completion_length is not None
-        generated = hp.per_device_train_batch_size * (hp.steps_per_generation or hp.gradient_accumulation_steps)
+        generated = hp.micro_batch * (hp.steps_per_generation or hp.gradient_accumulation_steps)
         if (generated * self.gpus) % hp.num_generations:
             what = "steps_per_generation" if hp.steps_per_generation else "gradient_accumulation_steps"
             problems.append(
@@ -459,7 +643,7 @@ class JobSpec(BaseModel):
                 )
             )
         if self.validation is not None:
-            evaluated = (hp.per_device_eval_batch_size or hp.per_device_train_batch_size) * self.gpus
+            evaluated = (hp.per_device_eval_batch_size or hp.micro_batch) * self.gpus
             if evaluated % hp.num_generations:
                 problems.append(
                     (

@@ -55,7 +55,12 @@ CATEGORIES: dict[str, frozenset[str]] = {
     ),
     "checkpoint": frozenset({EventKind.checkpoint, EventKind.checkpoint_corrupt}),
     "eval": frozenset({EventKind.evaluated}),
+    # OpenAI's fine-tuning webhook events: the body is OpenAI's event object (openai_body).
+    "fine_tuning.job.succeeded": frozenset({EventKind.succeeded}),
+    "fine_tuning.job.failed": frozenset({EventKind.failed}),
+    "fine_tuning.job.cancelled": frozenset({EventKind.cancelled}),
 }
+OPENAI_EVENT_PREFIX = "fine_tuning.job."
 MAX_ATTEMPTS = 8
 BACKOFF_MAX_S = 3600.0
 TIMEOUT_S = 5.0
@@ -86,8 +91,16 @@ def queue_event(*, session: Session, job_id: int, kind: str, message: str) -> No
         return
     payload = {"type": kind, "job_id": job_id, "status": str(job.status), "message": message}
     for name in wanted:
+        openai = name.startswith(OPENAI_EVENT_PREFIX)
         for hook in _targets(job, name):
-            session.add(WebhookDelivery(job_id=job_id, url=hook["url"], event=kind, payload=payload))
+            session.add(
+                WebhookDelivery(
+                    job_id=job_id,
+                    url=hook["url"],
+                    event=name if openai else kind,
+                    payload={"job_id": job_id} if openai else payload,
+                )
+            )
 
 
 def queue_progress(*, session: Session, job: Job, step: int, metrics: dict[str, Any]) -> None:
@@ -212,11 +225,25 @@ def deliver_due(limit: int = CLAIM_BATCH) -> int:
     return attempted
 
 
+def openai_body(delivery: WebhookDelivery) -> dict[str, Any]:
+    """OpenAI's webhook event object (what `openai.OpenAI().webhooks.unwrap` reads): the job as its
+    /v1 id."""
+    return {
+        "id": f"msg_{delivery.id}",
+        "object": "event",
+        "created_at": int(delivery.created_at.timestamp()),
+        "type": delivery.event,
+        "data": {"id": f"ftjob-{delivery.payload.get('job_id')}"},
+    }
+
+
 def _send(http: httpx.Client, delivery: WebhookDelivery, secret: str) -> None:
-    body = json.dumps(
-        {"id": f"msg_{delivery.id}", "timestamp": delivery.created_at.isoformat(), "data": delivery.payload},
-        separators=(",", ":"),
-    ).encode()
+    message = (
+        openai_body(delivery)
+        if delivery.event.startswith(OPENAI_EVENT_PREFIX)
+        else {"id": f"msg_{delivery.id}", "timestamp": delivery.created_at.isoformat(), "data": delivery.payload}
+    )
+    body = json.dumps(message, separators=(",", ":")).encode()
     if not host_allowed(delivery.url) or not secret:
         delivery.status, delivery.last_error = "failed", "not sent: the host is not in WEBHOOK_ALLOWED_HOSTS"
         if not secret:

@@ -93,7 +93,8 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     """Live trainer processes of this DATA_DIR (another service on the machine has trainers for
     job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so
     it is found by its command line and environment; a standby trainer (`-m trainer --standby`)
-    names its job only in the job's trainer.lock, which holds its pid once it has taken one."""
+    names its job only in the job's trainer.lock, which holds its pid once it has taken one, and a
+    forked one (`-m trainer --forkserver SOCKET`) by the job's trainer.log, its output."""
     found = []
     lock = data_dir.resolve() / "jobs" / str(job_id) / "trainer.lock"
     try:
@@ -110,7 +111,20 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
         except (OSError, IndexError):
             continue
         standby = argv[-2:] == [b"trainer", b"--standby"]
-        if state == "Z" or (argv[-2:-1] != [b"trainer"] and not standby):
+        forked = argv[-3:-1] == [b"trainer", b"--forkserver"]
+        if state == "Z" or (argv[-2:-1] != [b"trainer"] and not standby and not forked):
+            continue
+        if forked:
+            # Forked by the trainer fork server, it keeps the server's command line and environment
+            # (as /proc shows them): its output, the job's trainer.log, says whose it is. The server
+            # itself writes elsewhere.
+            try:
+                log = Path(os.readlink(entry / "fd" / "1"))
+            except OSError:
+                continue
+            in_jobs = log.name == "trainer.log" and log.parent.parent == data_dir.resolve() / "jobs"
+            if in_jobs and (job_id is None or log.parent.name == str(job_id)):
+                found.append(int(entry.name))
             continue
         if job_id is None:
             of_the_job = True
@@ -283,6 +297,13 @@ class Service:
         found = {pid for root in roots for pid in process_tree(root)}
         return sorted(found | set(trainer_pids(self.data_dir)))
 
+    def worker_tree(self, worker: subprocess.Popen[bytes]) -> list[int]:
+        """A worker, its work horses and their trainers: those it started and those the trainer
+        fork server forked for its jobs (the server's children, not the horse's), which are taken
+        to be its own: the tests that kill a worker this way run one worker at a time."""
+        tree = process_tree(worker.pid)
+        return tree + [pid for pid in trainer_pids(self.data_dir) if pid not in tree]
+
     def kill_tree(self, process: subprocess.Popen[bytes]) -> None:
         kill(process_tree(process.pid))
         process.wait(10)
@@ -295,7 +316,7 @@ class Service:
                 try:
                     worker.wait(timeout_s)
                 except subprocess.TimeoutExpired:
-                    kill(process_tree(worker.pid))
+                    kill(self.worker_tree(worker))
                     worker.wait(10)
 
     def stop(self, *, graceful: bool = True) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,60 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+# What the tests' trainers read at import (huggingface_hub, datasets and transformers keep these
+# from their import on): the trainer fork server is started with them.
+HUB_VARIABLES = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # torch's CPU threads: on the tiny model's tensors a second thread only spins (three times
+    # the CPU of a training test), and the tests run side by side anyway (scripts/test).
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def hub_paths(hf_home: Path) -> dict[str, str]:
+    return {
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": str(hf_home / "hub"),
+        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
+    }
+
+
+@pytest.fixture(scope="session")
+def trainer_forkserver(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) -> Iterator[str]:
+    """A trainer fork server (trainer/forkserver.py) for this test process's jobs: torch,
+    transformers and TRL are imported once, not once per job (4 to 6 s of CPU each, more than
+    the tiny model's training). Started with what a trainer's environment keeps of ours
+    (TRAINER_ENV_KEPT), as an operator would."""
+    from fnmatch import fnmatchcase
+
+    from worker.tasks import TRAINER_ENV_KEPT
+
+    folder = tmp_path_factory.mktemp("forkserver")
+    socket_path = folder / "trainer.sock"
+    kept = {k: v for k, v in os.environ.items() if any(fnmatchcase(k, p) for p in TRAINER_ENV_KEPT)}
+    env = {**kept, **HUB_VARIABLES, **hub_paths(hf_home), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with open(folder / "forkserver.log", "ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "--forkserver", str(socket_path)],
+            cwd=folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    # Not waited for: a job that comes before the socket exists starts a trainer of its own.
+    yield str(socket_path)
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 @dataclass
 class Env:
     data_dir: Path
@@ -132,6 +187,7 @@ def env(
     models_root: Path,
     hf_home: Path,
     migrated_database: Path,
+    trainer_forkserver: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Env]:
     """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
@@ -152,16 +208,11 @@ def env(
         # (the record cache's own tests set a max age).
         "RECORD_MAX_AGE_S": "0",
         # The model hub is the one thing tests cannot reach: fail fast instead of waiting.
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(hf_home),
-        "HF_HUB_CACHE": str(hf_home / "hub"),
-        "HF_DATASETS_CACHE": str(hf_home / "datasets"),
-        "TOKENIZERS_PARALLELISM": "false",
-        # torch's CPU threads: on the tiny model's tensors a second thread only spins (three times
-        # the CPU of a training test), and the tests run side by side anyway (scripts/test).
-        "OMP_NUM_THREADS": "1",
+        **HUB_VARIABLES,
+        **hub_paths(hf_home),
+        # Each job's trainer forked from one that imported its libraries once (a test of how a
+        # trainer process starts sets it to "").
+        "TRAINER_FORKSERVER": trainer_forkserver,
     }
     for key, value in variables.items():
         monkeypatch.setenv(key, value)

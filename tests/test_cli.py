@@ -82,6 +82,7 @@ def test_estimate_cancel_and_follow_of_a_cancelled_job(
     spec_file.write_text(__import__("json").dumps(job_spec(tiny_model, chat_dataset, max_steps=100_000)))
     code, output = finetune(service, "estimate", str(spec_file), "--gpu-memory-gib", "80")
     assert code == 0 and "GPU memory:" in output and "(fits)" in output, output
+    assert " tokens/s" in output and "training: about " in output, output  # the planner's time (max_steps)
 
     code, output = finetune(service, "submit", str(spec_file))
     assert code == 0

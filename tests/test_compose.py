@@ -131,7 +131,7 @@ def test_the_cluster_profile_shares_one_environment_with_ray_postgres_and_the_bu
     assert env["STORAGE_URL"].startswith("s3://") and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert env["DATABASE_URL"].startswith("postgresql+psycopg://") and "@postgres:5432/" in env["DATABASE_URL"]
     for name in CLUSTER:
-        assert services[name]["build"]["args"]["EXTRAS"] == "gpu,postgres,s3,ray", name
+        assert services[name]["build"]["args"]["EXTRAS"] == "gpu,trackers,postgres,s3,ray", name
     assert _command(services["cluster-worker"]) == ["python", "-m", "worker"]
     assert _command(services["ray-head"])[:3] == ["ray", "start", "--head"]
     devices = services["ray-node"]["deploy"]["resources"]["reservations"]["devices"]

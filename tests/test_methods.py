@@ -2,7 +2,7 @@
 succeeds on TRL's trainer of its method, logs that method's metrics in its step logs, record and
 events, and leaves a final model that loads and generates; a DPO run's reward margin grows on an
 easy preference set and a GRPO run's reward rises on an exact-match task; a DPO job paused and
-resumed trains exactly as one that was not."""
+resumed trains exactly as one that was not; a GRPO job cancelled while it generates ends cancelled."""
 
 from __future__ import annotations
 
@@ -87,7 +87,13 @@ def test_grpo_job_learns_an_exact_answer_and_logs_reward_kl_and_lengths(
     }
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
-    assert record["trainer"] == {"method": "grpo", "trainer_class": "GRPOTrainer", "path": "trl", "reference": "model"}
+    assert record["trainer"] == {
+        "method": "grpo",
+        "trainer_class": "GRPOTrainer",
+        "path": "trl",
+        "reference": "model",
+        "precision": "fp32",
+    }
     report = record["data_report"]
     assert (report["rows"], report["row_format"], report["sequences_per_epoch"]) == (16, "prompt_only", 128)
     logs = step_logs(client, record["id"])
@@ -141,7 +147,13 @@ def test_dpo_job_widens_its_margin_and_trains_alike_when_paused_and_resumed(
     record = wait_for_status(http, reference, FINISHED)
     assert record["status"] == "succeeded", record["error"]
     assert record["spec"]["hyperparameters"]["loss_type"] == "sigmoid"  # TRL's default, filled in
-    assert record["trainer"] == {"method": "dpo", "trainer_class": "DPOTrainer", "path": "trl", "reference": "model"}
+    assert record["trainer"] == {
+        "method": "dpo",
+        "trainer_class": "DPOTrainer",
+        "path": "trl",
+        "reference": "model",
+        "precision": "fp32",
+    }
     logs = step_logs(http, reference)
     margins = series(logs, "rewards/margins")
     assert len(margins) == STEPS and rises(margins, 10, 0.2), margins
@@ -182,7 +194,13 @@ def test_orpo_and_kto_jobs_train_on_plain_pairs_and_unpaired_rows(
     pairs = write_jsonl(env.datasets_dir / "plain-pairs.jsonl", preference_rows(32, chat=False))
     orpo = run_to_end(client, method_spec(tiny_model, pairs, "orpo", max_steps=4, logging_steps=2, save_steps=3))
     assert orpo["status"] == "succeeded", orpo["error"]
-    assert orpo["trainer"] == {"method": "orpo", "trainer_class": "ORPOTrainer", "path": "trl", "reference": None}
+    assert orpo["trainer"] == {
+        "method": "orpo",
+        "trainer_class": "ORPOTrainer",
+        "path": "trl",
+        "reference": None,
+        "precision": "fp32",
+    }
     assert {"log_odds_ratio", "nll_loss", "rewards/margins"} <= set(orpo["metrics"]["method_metrics"])
     names = [c["name"] for c in client.get(f"/jobs/{orpo['id']}/checkpoints").json()["items"]]
     assert names == ["checkpoint-3", "final"]
@@ -200,3 +218,43 @@ def test_orpo_and_kto_jobs_train_on_plain_pairs_and_unpaired_rows(
     )
     assert {"kl", "rewards/chosen", "rewards/rejected"} <= set(kto["metrics"]["method_metrics"])
     final_model_generates(env.data_dir, kto["id"])
+
+
+def test_a_grpo_job_cancelled_while_it_generates_ends_cancelled_in_seconds(
+    service: Service, env: Env, tiny_model: Path
+) -> None:
+    """A GRPO step spends most of its time generating, outside the training loop's own checks: a
+    cancel still ends the job within the grace period, the trainer is gone, and it is never queued
+    again."""
+    http = service.http()
+    dataset = write_jsonl(env.datasets_dir / "answers.jsonl", reachable_answer_rows(tiny_model, 16))
+    spec = method_spec(
+        tiny_model,
+        dataset,
+        "grpo",
+        per_device_train_batch_size=8,
+        max_steps=2000,
+        logging_steps=1,
+        save_steps=1000,
+        num_generations=8,
+        max_completion_length=16,
+    )
+    spec["grader"] = {
+        "type": "string_check",
+        "name": "exact",
+        "input": "{{sample.output_text}}",
+        "reference": "{{item.answer}}",
+        "operation": "eq",
+    }
+    submitted = http.post("/jobs", json=spec)
+    assert submitted.status_code == 201, submitted.text
+    job_id = submitted.json()["id"]
+    wait_until(lambda: http.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 2, 120, "training to start")
+    assert http.post(f"/jobs/{job_id}/cancel").status_code == 200
+    # Within the worker's grace period and the kill after it, on a loaded machine too.
+    record = wait_for_status(http, job_id, {*FINISHED, "paused"}, timeout_s=60)
+    assert record["status"] == "cancelled", record["error"]
+    assert record["progress"]["step"] < 2000
+    assert trainer_pids(env.data_dir, job_id) == []
+    kinds = [e["kind"] for e in http.get(f"/jobs/{job_id}/events").json()["items"]]
+    assert "requeued" not in kinds, kinds

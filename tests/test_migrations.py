@@ -34,6 +34,8 @@ TABLES = {
     "principal",
     "api_token",
     "audit_entry",
+    "idempotency_key",
+    "planner_measurement",
     "alembic_version",
 }
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

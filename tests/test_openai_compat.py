@@ -6,9 +6,11 @@ One service and one trained job for all of it: the refusals are tried while the 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +71,7 @@ def test_a_job_through_the_openai_sdk(
         hyperparameters={"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 200},
         suffix="tiny",
         seed=7,
+        metadata={"team": "nlp", "run": "a"},
         # This server's own knobs, over what OpenAI's fields give: a short run with a step log every
         # 2 steps and a checkpoint every 3.
         extra_body={
@@ -76,6 +79,7 @@ def test_a_job_through_the_openai_sdk(
         },
     )
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job" and job.status == "queued"
+    estimates = watch_estimates(service, job.id)
     assert (job.model, job.training_file, job.validation_file, job.seed) == (
         str(tiny_model),
         uploaded.id,
@@ -118,6 +122,15 @@ def test_a_job_through_the_openai_sdk(
     second = sdk.fine_tuning.jobs.list(limit=1, after=other.id)
     assert [j.id for j in second.data] == [job.id] and not second.has_more
     assert [j.id for j in sdk.fine_tuning.jobs.list(limit=1)] == [other.id, job.id]  # the SDK pages on itself
+    # metadata[key]=value filters (the SDK's metadata={...}): every pair must match; metadata=null
+    # keeps the jobs without metadata.
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "nlp"})] == [job.id]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "nlp", "run": "a"})] == [job.id]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "nlp", "run": "b"})] == []
+    assert [j.id for j in sdk.fine_tuning.jobs.list(extra_query={"metadata": "null"})] == [other.id]
+    with pytest.raises(openai.BadRequestError, match="metadata=null for jobs without") as bad_filter:
+        sdk.fine_tuning.jobs.list(extra_query={"metadata": "team"})
+    assert bad_filter.value.param == "metadata"
 
     # While it trains: what the SDK makes of refusals.
     refusals_are_the_sdks_typed_errors(service, sdk, tmp_path, tiny_model)
@@ -134,6 +147,31 @@ def test_a_job_through_the_openai_sdk(
     assert done.status == "succeeded" and done.error is None and done.finished_at is not None
     assert done.fine_tuned_model == f"jobs/{native_id}/checkpoints/final"
     assert done.download_url == f"/jobs/{native_id}/checkpoints/final/archive"  # type: ignore[attr-defined]
+    # estimated_finish, as read while it trained, against when it did finish: the last estimate
+    # (made after the last logged step; the final evaluation and save follow it) is within seconds.
+    assert done.estimated_finish is None and done.finished_at is not None
+    seen = estimates.stop()
+    assert seen, "no estimated_finish was seen while the job ran"
+    last_step, last_estimate = seen[-1]
+    assert last_step >= 2 and abs(done.finished_at - last_estimate) <= 10, (seen, done.finished_at)
+
+    # trained_tokens: the tokens the trainer counted, set as the job ended (one attempt here: the
+    # last step log's count).
+    logs = http.get(f"/jobs/{native_id}/logs").json()["items"]
+    assert done.trained_tokens == logs[-1]["num_tokens"] and done.trained_tokens > 0
+    assert http.get(f"/jobs/{native_id}").json()["metrics"]["trained_tokens"] == done.trained_tokens
+    # result_files: the step logs as OpenAI's CSV, which the SDK reads as any file.
+    assert done.result_files == [f"file-results-ftjob-{native_id}"]
+    result = sdk.files.retrieve(done.result_files[0])
+    assert (result.purpose, result.filename) == ("fine-tune-results", f"ftjob-{native_id}-results.csv")
+    rows = list(csv.DictReader(io.StringIO(sdk.files.content(result.id).text)))
+    assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [int(r["step"]) for r in rows] == [log["step"] for log in logs] == [2, 4, 6]
+    assert [float(r["train_loss"]) for r in rows] == [log["loss"] for log in logs]
+    assert float(rows[-1]["valid_loss"]) == logs[-1]["eval_loss"] and 0 <= float(rows[-1]["train_accuracy"]) <= 1
+    assert result.bytes == len(sdk.files.content(result.id).content)
+    with pytest.raises(openai.NotFoundError, match="has no result file"):
+        sdk.files.content(f"file-results-ftjob-{other.id.removeprefix('ftjob-')}")  # cancelled before it started
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=4))  # every page, newest first
     assert len({e.id for e in events}) == len(events)
@@ -178,6 +216,36 @@ def test_a_job_through_the_openai_sdk(
     assert (deleted.id, deleted.deleted) == (held_out.id, True)
     with pytest.raises(openai.NotFoundError):
         sdk.files.retrieve(held_out.id)
+
+
+class Estimates:
+    """(step, estimated_finish) of a job as the SDK reads it while the job runs, polled in a thread
+    (a step of the tiny model takes a fraction of a second)."""
+
+    def __init__(self, url: str, job_id: str) -> None:
+        self.seen: list[tuple[int, int]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, args=(url, job_id), daemon=True)
+        self.thread.start()
+
+    def _poll(self, url: str, job_id: str) -> None:
+        with openai.OpenAI(base_url=url, api_key=TOKEN) as sdk:
+            while not self.done.wait(0.05):
+                current = sdk.fine_tuning.jobs.retrieve(job_id)
+                if current.status in FINISHED:
+                    return
+                step = current.to_dict()["progress"]["step"]
+                if current.estimated_finish is not None and (not self.seen or self.seen[-1][0] != step):
+                    self.seen.append((step, current.estimated_finish))
+
+    def stop(self) -> list[tuple[int, int]]:
+        self.done.set()
+        self.thread.join(10)
+        return self.seen
+
+
+def watch_estimates(service: Service, job_id: str) -> Estimates:
+    return Estimates(f"{service.url}/v1", job_id)
 
 
 def refusals_are_the_sdks_typed_errors(service: Service, sdk: openai.OpenAI, tmp_path: Path, model: Path) -> None:

@@ -60,6 +60,12 @@ def test_paused_and_resumed_job_trains_exactly_as_an_uninterrupted_one(
     assert kinds.count("pause_requested") == 1 and kinds.count("resume_requested") == 1
     assert "resumed" in kinds
 
+    # trained_tokens adds up the attempts: the paused one's steps and the resumed one's, which
+    # start after its checkpoint, are the uninterrupted job's steps, so the same count.
+    trained = http.get(f"/jobs/{reference}").json()["metrics"]["trained_tokens"]
+    assert trained == http.get(f"/jobs/{reference}/logs").json()["items"][-1]["num_tokens"] > 0
+    assert record["metrics"]["trained_tokens"] == trained
+
     expected, got = losses(http, reference), losses(http, job_id)
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step, (loss, learning_rate) in expected.items():

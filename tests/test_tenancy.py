@@ -202,6 +202,7 @@ def test_a_second_projects_token_finds_nothing_of_the_first_on_any_route_of_the_
         "fine_tuning_job_id": f"ftjob-{job_id}",
         "name": "checkpoint-1",
         "path": "config.json",
+        "tracker": "tensorboard",
         "prefix": alice_token[:11],
     }
     bodies: dict[tuple[str, str], dict[str, Any]] = {

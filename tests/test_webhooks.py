@@ -26,6 +26,7 @@ SECRET = "whsec_" + base64.b64encode(b"a secret of the operator").decode()
 class Receiver:
     def __init__(self) -> None:
         self.received: list[dict[str, Any]] = []
+        self.raw: list[tuple[dict[str, str], bytes]] = []  # headers and body of each accepted delivery
         self.refused = 0
         self.bad_signatures = 0
         receiver = self
@@ -46,6 +47,7 @@ class Receiver:
                     self.send_response(503)
                 else:
                     receiver.received.append(json.loads(body))
+                    receiver.raw.append((dict(self.headers), body))
                     self.send_response(204)
                 self.end_headers()
 
@@ -116,6 +118,32 @@ def test_status_checkpoint_and_progress_webhooks_are_signed_retried_and_recorded
     assert kinds.count("checkpoint") == 3  # checkpoint-3, checkpoint-6 and final
     progress = [body["data"] for body in received if body["data"]["type"] == "progress"]
     assert [p["step"] for p in progress] == [2, 4, 6] and progress[-1]["total_steps"] == 6
+
+
+def test_openai_event_names_send_openai_event_objects_that_the_openai_sdk_unwraps(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, receiver: Receiver
+) -> None:
+    import openai
+    from openai.types.webhooks import FineTuningJobCancelledWebhookEvent
+
+    events = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+    spec = {**job_spec(tiny_model, chat_dataset), "webhooks": [{"url": receiver.url, "events": events}]}
+    job_id = client.post("/jobs", json=spec).json()["id"]
+    assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    deliveries = send_until_done(client, job_id)
+    assert [(d["event"], d["status"]) for d in deliveries] == [("fine_tuning.job.cancelled", "delivered")]
+    headers, body = receiver.raw[0]
+    # A receiver written for OpenAI's fine-tuning webhooks checks and reads it with the SDK.
+    with openai.OpenAI(api_key="unused", webhook_secret=SECRET) as sdk:
+        event = sdk.webhooks.unwrap(body, headers)
+        assert isinstance(event, FineTuningJobCancelledWebhookEvent)
+        assert (event.type, event.data.id, event.id) == (
+            "fine_tuning.job.cancelled",
+            f"ftjob-{job_id}",
+            headers["webhook-id"],
+        )
+        with pytest.raises(openai.InvalidWebhookSignatureError):
+            sdk.webhooks.unwrap(body.replace(b"cancelled", b"succeeded"), headers)
 
 
 def test_a_webhook_to_a_host_the_operator_did_not_allow_is_refused_at_submit(

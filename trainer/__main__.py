@@ -1,5 +1,7 @@
 """`python -m trainer JOB_ID`: the trainer child process the worker starts for each job; `python -m trainer
---standby`: one started ahead of its job, with its imports done (trainer/standby.py)."""
+--standby`: one started ahead of its job, with its imports done (trainer/standby.py); `python -m trainer
+--forkserver SOCKET`: on a host without GPUs, imports once and forks each job's trainer
+(trainer/forkserver.py)."""
 
 import time
 
@@ -20,6 +22,10 @@ if __name__ == "__main__":
         from trainer.standby import serve
 
         sys.exit(serve(sys.argv[0]))
+    if sys.argv[1:2] == ["--forkserver"]:
+        from trainer import forkserver
+
+        sys.exit(forkserver.main(sys.argv))
     from trainer.run import main
 
     sys.exit(main(sys.argv, started=STARTED))

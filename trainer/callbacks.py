@@ -152,6 +152,7 @@ class JobReporter(TrainerCallback):
         self._earlier_totals: tuple[float, float] | None = None
         self.first_step_seconds: float | None = None
         self.overhead_s = 0.0
+        self.last_figures: dict[str, Any] = {}  # the latest step log's figures, for trackers
         self._train_start = 0.0
         self._eval_steps: set[int] = set()
 
@@ -283,6 +284,12 @@ class JobReporter(TrainerCallback):
         vram = self.memory.read()
         metrics = {key: _finite(logs.get(key)) for key in METRIC_KEYS}
         metrics["tokens_per_second"] = tokens_per_second
+        # For the experiment trackers (trainer/trackers.py), which log after this callback.
+        self.last_figures = {
+            "tokens_per_second": tokens_per_second,
+            "num_tokens": tokens,
+            **{f"vram/{key}_gib": round(value / 2**30, 3) for key, value in vram.items() if value is not None},
+        }
         own = method_metrics(logs)
         slowdown = self.slowdowns.observe(tokens_per_second) if self.memory.cuda else None
         with session_scope() as session:

@@ -67,9 +67,10 @@ def _is_trainer_of(pid: int, job_id: int) -> bool:
     except OSError:
         return False
     # `python -m trainer <id>`; `worker.trainer` was its module before the trainer had its own package.
-    # A standby trainer (`python -m trainer --standby`) names its job only in the lock file.
+    # A standby trainer (`python -m trainer --standby`) and one forked by the fork server (whose
+    # command line it keeps: `python -m trainer --forkserver SOCKET`) name their job only in the lock file.
     own = argv[-1:] == [str(job_id).encode()] and argv[-2:-1] in ([b"trainer"], [b"worker.trainer"])
-    return own or argv[-2:] == [b"trainer", b"--standby"]
+    return own or argv[-2:] == [b"trainer", b"--standby"] or argv[-3:-1] == [b"trainer", b"--forkserver"]
 
 
 def take_job_lock(

@@ -73,7 +73,17 @@ UNSLOTH_FSDP_LAYOUT_ENV = {
     "fit": {"UNSLOTH_FSDP2_LAYOUT": "fit"},
     "sharded": {"UNSLOTH_FSDP2_LAYOUT": "sharded", "UNSLOTH_FSDP2_GA_SYNC": "each"},
 }
-VERSION_PACKAGES = ("torch", "transformers", "trl", "datasets", "accelerate", "unsloth", "unsloth_zoo", "bitsandbytes")
+VERSION_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "unsloth",
+    "unsloth_zoo",
+    "bitsandbytes",
+    "torchao",
+)
 
 
 class Interrupted(BaseException):
@@ -93,6 +103,25 @@ def write_result(
     except OSError as exc:  # a full disk: the worker finds no result and judges by the free space
         logger.error("could not write %s: %s", RESULT_FILE, exc)
         tmp.unlink(missing_ok=True)
+
+
+def trained(run: Any) -> dict[str, Any]:
+    """The tokens this trainer trained on (every rank's), for result.json: the worker adds each
+    attempt's to the job's trained_tokens."""
+    reporter = getattr(run, "reporter", None)
+    return {"tokens": int(reporter.tokens_trained())} if reporter is not None else {}
+
+
+def run_name(spec: JobSpec, job_id: int) -> str:
+    """The run's name in the trackers: the one an integration gives (W&B's name, MLflow's run_name),
+    else job-<id>."""
+    for integration in spec.integrations:
+        name = getattr(getattr(integration, integration.type, None), "name", None) or getattr(
+            getattr(integration, integration.type, None), "run_name", None
+        )
+        if name:
+            return str(name)
+    return f"job-{job_id}"
 
 
 def versions() -> dict[str, str]:
@@ -133,6 +162,9 @@ class Run:
         self.strategy = "single"  # single, ddp or fsdp: the worker's choice (job.placement)
         self.fsdp_layout: str | None = None  # fit or sharded, for Unsloth's FSDP: also the worker's
         self.stopper: Any = None
+        self.trackers: list[Any] = []  # trainer.trackers.Tracker
+        self.fp8: Any = None  # trainer.precision.Fp8Conversion of a precision fp8 job
+        self.prefetch: Any = None  # trainer.prefetch.Prefetch: the weights read ahead
         self.attempt = 0
         self.earlier_step = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
@@ -534,6 +566,9 @@ class Run:
     def record_trainer(self, trainer: Any) -> None:
         """The record's `trainer`: the method, the class that trains, Unsloth's or TRL's."""
         path = self.method.trainer_path(trainer)
+        path["precision"] = self.spec.precision if torch_on_gpu() else "fp32"
+        if self.fp8 is not None:
+            path.update(fp8_recipe=self.fp8.recipe, fp8_layers=len(self.fp8.layers), fp8_compiled=self.fp8.compiled)
         logger.info("training with %s (%s's) for method %s", path["trainer_class"], path["path"], path["method"])
         if not distributed.is_main():
             return
@@ -583,8 +618,13 @@ class Run:
             return model, self.apply_chat_template(unsloth_tokenizer)
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        return AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype), tokenizer
+        on_gpu = torch.cuda.is_available()
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        # One GPU: the weights go from the safetensors files straight to the card, not through a copy
+        # in host memory (several ranks: each rank's Trainer places its own copy, FSDP shards it).
+        device_map = "cuda" if on_gpu and distributed.world_size() == 1 else None
+        model = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype, device_map=device_map)
+        return model, tokenizer
 
     def training_arguments(self, backend: str, *, evaluate: bool) -> dict[str, Any]:
         """TrainingArguments every method's TRL config takes (its own it adds: trainer/methods/)."""
@@ -614,7 +654,7 @@ class Run:
             )
         return dict(
             output_dir=str(self.checkpoints_dir),
-            per_device_train_batch_size=hp.per_device_train_batch_size,
+            per_device_train_batch_size=hp.micro_batch,
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
             learning_rate=hp.learning_rate,
             num_train_epochs=hp.num_train_epochs,
@@ -631,7 +671,7 @@ class Run:
             save_total_limit=hp.save_total_limit,
             eval_strategy="steps" if evaluate else "no",
             eval_steps=hp.eval_steps or hp.logging_steps,
-            per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.per_device_train_batch_size,
+            per_device_eval_batch_size=hp.per_device_eval_batch_size or hp.micro_batch,
             # Only the loss: gathering logits (vocabulary x sequence per row) would fill the GPU.
             prediction_loss_only=True,
             bf16=on_gpu,
@@ -639,7 +679,9 @@ class Run:
             # Unsloth brings its own (offloading) gradient checkpointing; the plain backend uses HF's
             # (FSDP's own activation checkpointing replaces it there: distributed_config).
             gradient_checkpointing=backend == "transformers" and self.strategy != "fsdp",
+            # Trackers are added as callbacks of their own, guarded (trainer/trackers.py).
             report_to="none",
+            run_name=run_name(self.spec, self.job_id),
             disable_tqdm=False,
             **self.distributed_config(backend, on_gpu=on_gpu),
         )
@@ -667,9 +709,17 @@ class Run:
 
     def train(self) -> None:
         job_id = self.job_id
+        if distributed.is_main():  # the page cache is the host's: one reader is enough
+            from trainer import prefetch
+
+            self.prefetch = prefetch.start(self.spec.model)  # while the imports below take their time
         self.report_neighbours()  # before this process has a CUDA context of its own
         self.phase = "importing"
         backend = self.resolve_backend()
+        if self.spec.precision == "fp8":
+            from trainer.precision import check_fp8_support
+
+            check_fp8_support()  # before the model takes a minute to load for nothing
         if distributed.is_main():
             with session_scope() as session:
                 job = session.get(Job, job_id)
@@ -687,6 +737,14 @@ class Run:
         self.phase = "preparing"
         self.configure_compile(backend, model)
         import torch
+
+        if self.spec.precision == "fp8":
+            from trainer.precision import convert_to_fp8
+
+            assert self.spec.fp8_recipe is not None
+            self.fp8 = convert_to_fp8(model, self.spec.fp8_recipe, compile_layers=self.settings.fp8_compile)
+        if self.spec.hyperparameters.per_device_train_batch_size == "auto":
+            self.choose_micro_batch(model)
 
         from trainer.callbacks import JobReporter, StopAtStep
         from trainer.gpu import MemoryProbe
@@ -731,6 +789,7 @@ class Run:
                 publish_seconds=lambda: trainer.last_publish_seconds,
             )
             trainer.add_callback(self.reporter)
+            self.add_trackers(trainer)
         resume_from = self.prepare_checkpoints()
         if resume_from is not None:
             event(job_id, EventKind.resumed, f"resuming from {resume_from.name}, the newest complete checkpoint")
@@ -769,6 +828,35 @@ class Run:
                 step=trainer.state.global_step,
                 note=f"; fsync and rename took {seconds:.2f} s",
             )
+            report = session.get(Job, job_id)
+            details = {
+                "data_report": (report.data_report if report is not None else None) or {},
+                "final_model": str(final),
+                "final_model_url": f"/jobs/{job_id}/checkpoints/{FINAL_NAME}",
+            }
+        for tracker in self.trackers:
+            tracker.on_final(trainer.args, trainer.state, details)
+
+    def add_trackers(self, trainer: Any) -> None:
+        """The spec's experiment trackers, after the reporter: the figures it reads for a step log
+        go with that step's log to them."""
+        if not self.spec.integrations:
+            return
+        from trainer.trackers import ServiceFigures, tracker_places, trackers  # imports transformers
+
+        self.trackers = trackers(
+            self.spec.integrations,
+            job_dir=self.job_dir,
+            run_name=run_name(self.spec, self.job_id),
+            report=lambda kind, message: event(self.job_id, EventKind(kind), message),
+        )
+        reporter = self.reporter
+        trainer.add_callback(ServiceFigures(lambda: reporter.last_figures))
+        for tracker in self.trackers:
+            trainer.add_callback(tracker)
+        names = ", ".join(t.name for t in self.trackers if not t.failed)
+        if names:
+            event(self.job_id, EventKind.tracker, f"reporting to {names} ({tracker_places(self.spec, self.job_dir)})")
 
     def configure_compile(self, backend: str, model: Any) -> None:
         """DDP_COMPILE for a DDP job on several GPUs (core/config.py)."""
@@ -788,6 +876,62 @@ class Run:
         logger.info(
             "DDP with torch.compile %s", {"whole": "of whole graphs", "split": "split at buckets", "off": "off"}[choice]
         )
+
+    def choose_micro_batch(self, model: Any) -> None:
+        """per_device_train_batch_size "auto": time the planner's candidates (trainer/auto_batch.py),
+        train with the fastest that fits, and store the sizes chosen in the job's spec, so that a
+        resumed attempt trains with the same ones (as a halved micro-batch is stored)."""
+        import torch
+
+        from core.planner import (
+            SAFETY_SHARE,
+            PlanError,
+            auto_micro_batches,
+            plan_memory,
+            read_config,
+            shape_from_config,
+            with_micro_batch,
+        )
+        from trainer.auto_batch import choose
+
+        hp = self.spec.hyperparameters
+        card = int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+        try:
+            shape = shape_from_config(read_config(self.spec.model, allow_network=False))
+        except PlanError as exc:  # an architecture the planner cannot count: every size up to the limit
+            logger.info("auto micro-batch without a plan: %s", exc)
+            shape, card_for_plan = None, None
+        else:
+            card_for_plan = card
+        candidates = auto_micro_batches(shape, hp, card_for_plan)
+        budget: int | None = None
+        if card is not None and shape is not None:
+            # What the passes do not hold yet: the optimizer's states, the CUDA context, the overhead.
+            plan = plan_memory(shape, with_micro_batch(hp, candidates[-1]), card)
+            later = plan.parts["optimizer_states"] + plan.parts["cuda_context"] + plan.parts["allocator_overhead"]
+            budget = int(card * (1 - SAFETY_SHARE)) - later
+        chosen, trials = choose(model, candidates, hp.max_seq_length, budget)
+        resolved = with_micro_batch(hp, chosen)
+        self.spec.hyperparameters = resolved
+        timed = "; ".join(trial.describe() for trial in trials)
+        message = (
+            f'per_device_train_batch_size "auto" chose {chosen} x {resolved.gradient_accumulation_steps} '
+            f"(micro-batch x accumulation; {resolved.sequences_per_step} sequences per step, as given) of the "
+            f"planner's candidates {', '.join(map(str, candidates))}, timed on full {hp.max_seq_length}-token "
+            f"sequences: {timed}"
+        )
+        if not distributed.is_main():
+            return
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            stored = dict(job.spec.get("hyperparameters") or {})
+            stored.update(
+                per_device_train_batch_size=chosen, gradient_accumulation_steps=resolved.gradient_accumulation_steps
+            )
+            job.spec = {**job.spec, "hyperparameters": stored}
+            session.add(job)
+            add_event(session=session, job_id=self.job_id, kind=EventKind.micro_batch_chosen, message=message)
 
     def set_phase_from_trainer(self, name: str) -> None:
         self.phase = name
@@ -827,10 +971,13 @@ class Run:
         """One event with the seconds from the process's start to training, phase by phase (the
         first step's own seconds, which include compilation, follow in the training record)."""
         parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.phase_seconds.items())
+        precision = f"; {self.fp8.describe()}" if self.fp8 is not None else ""
+        precision += f"; {self.prefetch.summary()}" if self.prefetch is not None else ""
         event(
             self.job_id,
             EventKind.startup,
-            f"ready to train {sum(self.phase_seconds.values()):.1f} s after the trainer process started: {parts}",
+            f"ready to train {sum(self.phase_seconds.values()):.1f} s after the trainer process started: {parts}"
+            f"{precision}",
         )
 
     def stopped_early(self) -> bool:
@@ -840,6 +987,12 @@ class Run:
             return False
         state = self.trainer.state if self.trainer is not None else None
         return self.stop.reason == "cancelled" or state is None or state.global_step < state.max_steps
+
+
+def torch_on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def evaluated_at(state: Any) -> bool:
@@ -911,7 +1064,7 @@ def main(argv: list[str], started: float | None = None) -> int:
         logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
         step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
         failure = classify(exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir))
-        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message)
+        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message, **trained(run))
         return 1
     if run.stopped_early():
         step = run.trainer.state.global_step if run.trainer is not None else 0
@@ -923,9 +1076,18 @@ def main(argv: list[str], started: float | None = None) -> int:
                 ErrorCode.cancelled,
                 f"cancelled by request at step {step}",
                 step=step,
+                **trained(run),
             )
         elif run.stop.reason == "paused":
-            write_result(job_dir, TrainerOutcome.paused, None, f"paused at step {step}", step=step, checkpoint=saved)
+            write_result(
+                job_dir,
+                TrainerOutcome.paused,
+                None,
+                f"paused at step {step}",
+                step=step,
+                checkpoint=saved,
+                **trained(run),
+            )
         else:  # SIGTERM or the worker vanished: the job is not done, it should run again
             write_result(
                 job_dir,
@@ -934,6 +1096,7 @@ def main(argv: list[str], started: float | None = None) -> int:
                 f"the trainer was stopped at step {step} ({run.stop.reason})",
                 step=step,
                 checkpoint=saved,
+                **trained(run),
             )
         return 0
     if not distributed.is_main():
@@ -959,5 +1122,6 @@ def main(argv: list[str], started: float | None = None) -> int:
         first_step_seconds=round(first_step, 3) if first_step is not None else None,
         train_seconds=train_seconds,
         callback_overhead_seconds=round(reporter.overhead_s, 4),
+        **trained(run),
     )
     return 0

@@ -22,7 +22,7 @@ from core.checkpoint_files import hash_unfinished
 from core.config import get_settings
 from core.diskspace import Reserve
 from core.gpu_leases import HostGpus
-from core.queue import get_queue, get_redis, register_gpu_memory
+from core.queue import get_queue, get_redis, register_fp8_support, register_gpu_memory
 from core.reconcile import reconcile
 from worker import gpus as worker_gpus
 from worker import standby as standby_module
@@ -108,9 +108,10 @@ class FinetuneWorker(Worker):
             self._redis_away_since = None
 
     def register_gpu(self) -> None:
+        ttl = max(60, 3 * int(get_settings().reconcile_interval_s))
         if self.gpu_memory_bytes:
-            ttl = max(60, 3 * int(get_settings().reconcile_interval_s))
             register_gpu_memory(self.connection, self.name, self.gpu_memory_bytes, ttl)
+        register_fp8_support(self.connection, self.name, worker_gpus.fp8_problem(worker_gpus.INVENTORY), ttl)
 
     def run_maintenance_tasks(self) -> None:
         try:

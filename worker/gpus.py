@@ -59,15 +59,44 @@ def describe_gpus(indices: list[int]) -> list[Gpu]:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         name = pynvml.nvmlDeviceGetName(handle)
         uuid = pynvml.nvmlDeviceGetUUID(handle)
+        try:
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            capability: str | None = f"{major}.{minor}"
+        except pynvml.NVMLError:
+            capability = None
         described.append(
             Gpu(
                 index=index,
                 name=name.decode() if isinstance(name, bytes) else str(name),
                 uuid=uuid.decode() if isinstance(uuid, bytes) else str(uuid),
                 memory_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                compute_capability=capability,
             )
         )
     return described
+
+
+# FP8 matmuls (torch._scaled_mm) need Ada (8.9) or Hopper (9.0) and newer.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_problem(inventory: list[Gpu]) -> str:
+    """Why this worker cannot train a precision fp8 job ("" when it can): no GPU, a card older
+    than FP8_MIN_CAPABILITY, or no torchao to import (looked up without importing it or torch)."""
+    import importlib.util
+
+    real = [g for g in inventory if g.memory_bytes]
+    if not real:
+        return "no NVIDIA GPU"
+    for gpu in real:
+        if gpu.compute_capability is None:
+            continue  # NVML did not say: the trainer checks with torch
+        major, _, minor = gpu.compute_capability.partition(".")
+        if (int(major), int(minor or 0)) < FP8_MIN_CAPABILITY:
+            return f"{gpu.describe()} has compute capability {gpu.compute_capability}, below 8.9"
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed"
+    return ""
 
 
 def detect_inventory(option: str | None = None) -> list[Gpu]:

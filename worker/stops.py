@@ -19,6 +19,7 @@ from core.events import add_event
 from core.methods import facts
 from core.models import Job, JobStatus
 from core.queue import enqueue_job
+from core.spec import AUTO_BASE_MICRO_BATCH
 from core.transitions import move_job
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ def retry_with_smaller_batch(*, session: Session, job_id: int, result: TrainerRe
         return None
     hp = dict(job.spec.get("hyperparameters") or {})
     method = str(job.spec.get("method") or "sft")
-    micro_batch = int(hp.get("per_device_train_batch_size") or 1)
+    raw = hp.get("per_device_train_batch_size") or 1
+    # "auto" that out-of-memory caught before the trainer chose: halve the recipe's micro-batch.
+    micro_batch = int(raw) if raw != "auto" else AUTO_BASE_MICRO_BATCH
     smaller = smaller_micro_batch(micro_batch)
     # KTO's KL term needs two rows in a micro-batch: it fails at 2, as other methods do at 1.
     least = facts(method).min_micro_batch if hp.get("loss_type", "kto") == "kto" else 1

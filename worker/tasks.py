@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import func, update
 from sqlalchemy import select as sa_select
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, select
 
@@ -38,6 +38,7 @@ from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, EventKind, Tra
 from core.db import get_engine, session_scope
 from core.diskspace import low_on_space, write_despite_full_disk
 from core.events import add_event
+from core.measurements import measured_message, record_finished_job
 from core.models import Checkpoint, CheckpointStatus, Job, JobStatus, utcnow
 from core.optimizer_state import drop_optimizer_state
 from core.planner import PlanError, fsdp_layout, read_config, resolved_strategy, shape_from_config
@@ -47,6 +48,7 @@ from core.spec import JobSpec
 from core.transitions import move_job
 from worker import gpus, standby
 from worker.diskguard import wait_for_disk
+from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.ranks import RankGroup
 from worker.ray_placement import RayGroup
@@ -54,7 +56,8 @@ from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
 logger = logging.getLogger(__name__)
-# The trainer: a child the horse started, or the worker's standby trainer that took the job.
+# The trainer: a child the horse started, the worker's standby trainer that took the job, one the
+# trainer fork server forked for it (worker/forkserver.py), or ranks Ray placed (worker/ray_placement.py).
 Child = subprocess.Popen[bytes] | standby.AdoptedTrainer | RankGroup | RayGroup
 
 POLL_INTERVAL_S = 1.0
@@ -153,7 +156,13 @@ def compile_cache_env(cache_dir: Path) -> dict[str, str]:
     for folder in folders.values():
         # Unsloth loads its compile bundles only from a folder nobody else can write to.
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return {name: str(folder) for name, folder in folders.items()}
+    # Inductor's FX graph cache and AOTAutograd's cache (on by default in torch 2.11; said here so a
+    # torch that defaults otherwise still reuses a repeat shape's compiled graphs from the folder above).
+    return {
+        **{name: str(folder) for name, folder in folders.items()},
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+    }
 
 
 def claim(job_id: int, placement: dict[str, object] | None = None) -> int | None:
@@ -235,7 +244,7 @@ def run_job(job_id: int) -> str:
 
 def effective_batch(spec: JobSpec) -> int:
     hp = spec.hyperparameters
-    return hp.per_device_train_batch_size * hp.gradient_accumulation_steps * spec.gpus
+    return hp.sequences_per_step * spec.gpus
 
 
 def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
@@ -253,6 +262,19 @@ def resolve_strategy(spec: JobSpec, lease: Lease) -> tuple[str, str | None]:
         fsdp_layout(shape, spec.hyperparameters, card, spec.gpus, spec.method) if strategy == "fsdp" and shape else None
     )
     return strategy, layout
+
+
+def add_trained_tokens(session: Session, job_id: int, result: TrainerResult) -> None:
+    """Add the tokens an attempt's trainer trained on to the job's trained_tokens (every attempt's:
+    a resumed job trains again the steps after its checkpoint, and those count again)."""
+    tokens = result.extra_fields().get("tokens")
+    if not isinstance(tokens, int) or tokens <= 0:
+        return
+    session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id)
+        .values(trained_tokens=func.coalesce(col(Job.trained_tokens), 0) + tokens)
+    )
 
 
 def fail_unplaceable(job_id: int, reason: str) -> None:
@@ -308,17 +330,16 @@ class TrainerWatch:
         world_size = self.world_size()
         visible = self.lease.cuda_visible_devices()
         if self.settings.ray_address:  # Ray places the ranks, and gives each its GPU
-            env = trainer_environment(
-                self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
-            )
-            return RayGroup(self.job_id, world_size, env, self.job_dir)
+            return RayGroup(self.job_id, world_size, self.trainer_env(), self.job_dir)
         if world_size == 1 and (visible is None or standby.CARD in (None, visible)):
             adopted = standby.adopt(self.job_id, self.workdir)
             if adopted is not None:
                 return adopted
-        env = trainer_environment(
-            self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
-        )
+        env = self.trainer_env()
+        if world_size == 1 and visible is None and self.settings.trainer_forkserver:
+            forked = fork_trainer(self.settings.trainer_forkserver, self.job_id, self.workdir, env)
+            if forked is not None:
+                return forked
         if visible is not None:
             env.update(cuda_devices_env(visible))
         if world_size > 1:
@@ -336,6 +357,11 @@ class TrainerWatch:
         )
         log.close()
         return child
+
+    def trainer_env(self) -> dict[str, str]:
+        return trainer_environment(
+            self.settings.as_environment(), compile_cache_env(self.settings.data_dir.resolve() / "cache")
+        )
 
     def world_size(self) -> int:
         with session_scope() as session:
@@ -570,12 +596,18 @@ class TrainerWatch:
                 ):
                     continued = self.record_stop(session, result)
                     if continued not in (None, "nothing"):
+                        add_trained_tokens(session, self.job_id, result)
                         return continued
                     # A cancel was accepted meanwhile (or the job ended otherwise): it is not
                     # paused or queued again, it ends below.
                     session.rollback()
+                # In the transaction that ends the job: a finished record, which API processes
+                # keep in memory for good, has its count.
+                add_trained_tokens(session, self.job_id, result)
                 return self.record_end(session, result, checkpoints_dir)
 
+        if status == TrainerOutcome.succeeded:  # before the status, so that `succeeded` is the job's last event
+            self.record_measurement()
         # On a full disk this gives up the reserve file, then waits for space rather than give up.
         outcome = write_despite_full_disk(record, what=f"record how job {self.job_id} ended")
         logger.info("job %s %s", self.job_id, outcome)
@@ -583,6 +615,26 @@ class TrainerWatch:
         if outcome == TrainerOutcome.succeeded:
             self.drop_optimizer_state_if_asked()
         return outcome
+
+    def record_measurement(self) -> None:
+        """What the succeeded job measured against its plan, for the planner to learn from
+        (core/measurements.py), with an event that says both."""
+        try:
+            with session_scope() as session:
+                job = session.get(Job, self.job_id)
+                if job is None:
+                    return
+                row = record_finished_job(
+                    session,
+                    job,
+                    gpu_train_flops=self.settings.gpu_train_flops,
+                    gpu_memory_bytes=self.settings.gpu_memory_bytes,
+                )
+                if row is None:
+                    return
+                add_event(session=session, job_id=self.job_id, kind=EventKind.measured, message=measured_message(row))
+        except (SQLAlchemyError, ValueError, OSError) as exc:
+            logger.warning("job %s: its measurement for the planner was not recorded: %s", self.job_id, exc)
 
     def record_stop(self, session: Session, result: TrainerResult) -> str | None:
         """A trainer that stopped to go on later: paused, queued again after the worker's stop or a

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response, status
 
-from app import crud
+from app import crud, idempotency
 from app.access import set_audit_target
 from app.db import SessionDep
 from app.deps import IdentityDep, require_token
@@ -32,15 +32,25 @@ UPLOAD_BODY = upload_body("a .jsonl, .json (JSON Lines or an array) or .parquet 
     status_code=status.HTTP_201_CREATED,
     response_model=FilePublic,
     openapi_extra=UPLOAD_BODY,
-    responses=error_responses(413, 422, 507),
+    responses=error_responses(409, 413, 422, 507),
 )
-async def upload_file(request: Request, session: SessionDep, identity: IdentityDep) -> FilePublic:
+async def upload_file(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    identity: IdentityDep,
+    idempotency_key: idempotency.KeyHeader = None,
+) -> FilePublic:
     """Store a JSON Lines or Parquet dataset (multipart field `file`), streamed to disk as it
     arrives: every row is read and checked, and the record keeps its row format (`messages`,
     `prompt_completion`, `text`, or null when its columns need a job's `dataset.columns`), columns,
     row count, malformed rows with line numbers, and sha256. A job names it with
     `"dataset": {"file_id": <id>}` or `"validation": {"file_id": <id>}`."""
-    uploaded = await crud.create_file(session=session, request=request, identity=identity)
+    uploaded, replayed = await crud.create_file(
+        session=session, request=request, identity=identity, key=idempotency_key, route="POST /files"
+    )
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     set_audit_target(request, f"file {uploaded.id}")
     return file_public(uploaded)
 

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from sqlmodel import col, select
 from starlette.convertors import Convertor, register_url_convertor
 
-from app import crud, lifecycle, pages, records
+from app import crud, idempotency, lifecycle, pages, records
 from app.access import set_audit_target
 from app.auth import Identity
 from app.db import SessionDep, run_db
 from app.deps import IdentityDep, require_token
+from app.downloads import stream_tar, tar_length, tar_members
 from app.errors import CannotPlan, NotFound, error_responses
 from app.presenters import job_public
 from app.schemas import (
+    AutoMicroBatch,
     DeletedPublic,
     DiskEstimate,
     Estimate,
@@ -34,7 +37,7 @@ from app.schemas import (
 from app.sources import checked_sources
 from core.config import get_settings
 from core.models import JobStatus, WebhookDelivery
-from core.planner import GIB, PlanError
+from core.planner import GIB, PlanError, with_micro_batch
 from core.spec import JOB_SPEC_EXAMPLE, MAX_DB_INT, JobSpec, UrlInt
 
 # Every route here may answer these: no token, a parameter that does not validate, a database
@@ -62,23 +65,38 @@ def submit_description() -> str:
     status_code=status.HTTP_201_CREATED,
     response_model=JobPublic,
     description=submit_description(),
-    responses=error_responses(413, 429),
+    responses=error_responses(409, 413, 429),
 )
-def submit_job(job_in: JobSpec, session: SessionDep, identity: IdentityDep, request: Request) -> JobPublic:
-    job = crud.create_job(session=session, job_in=job_in, identity=identity)
+def submit_job(
+    job_in: JobSpec,
+    session: SessionDep,
+    identity: IdentityDep,
+    request: Request,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
+) -> JobPublic:
+    claim = idempotency.Claim.of(idempotency_key, identity, "POST /jobs", "job", job_in.model_dump_json())
+    job, replayed = crud.create_or_replay_job(session=session, job_in=job_in, identity=identity, claim=claim)
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     set_audit_target(request, f"job {job.id}")
     records.get_record_cache().forget()  # lists read before it would miss it
     return job_public(job)
 
 
 @router.post("/estimate", response_model=Estimate, responses=error_responses(413))
-def estimate_job(request: EstimateRequest) -> Estimate:
-    """Expected peak GPU memory (as nvidia-smi shows it) and disk for a spec, from the model's
-    config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
-    length that fit. Nothing is stored or queued."""
+def estimate_job(request: EstimateRequest, session: SessionDep) -> Estimate:
+    """Expected peak GPU memory (as nvidia-smi shows it), disk and training time for a spec, from the
+    model's config.json alone, with a verdict for the GPU and the largest micro-batch and sequence
+    length that fit; and `learned`: the same corrected by the closest jobs of that shape that
+    finished here, which it names (docs/planner.md). Nothing is stored or queued."""
     job_in = checked_sources(JobSpec.model_validate(request.model_dump(exclude={"gpu_memory_bytes"})))
     try:
         memory, disk = crud.estimate(job_in=job_in, gpu_memory_bytes=request.gpu_memory_bytes)
+        if memory.auto_micro_batches:  # the time and what was learned, at the micro-batch planned
+            planned_hp = with_micro_batch(job_in.hyperparameters, memory.auto_micro_batches[0])
+            job_in = job_in.model_copy(update={"hyperparameters": planned_hp})
+        time_estimate, learned = crud.learned_estimate(session=session, job_in=job_in, memory=memory)
     except PlanError as exc:
         raise CannotPlan(str(exc)) from exc
     return Estimate(
@@ -98,6 +116,14 @@ def estimate_job(request: EstimateRequest) -> Estimate:
             fsdp_layout=memory.fsdp_layout,  # type: ignore[arg-type]
         ),
         disk=DiskEstimate(**dataclasses.asdict(disk)),
+        time=time_estimate,
+        learned=learned,
+        auto_micro_batch=AutoMicroBatch(
+            candidates=list(memory.auto_micro_batches),
+            sequences_per_step=job_in.hyperparameters.sequences_per_step,
+        )
+        if memory.auto_micro_batches
+        else None,
     )
 
 
@@ -259,6 +285,47 @@ def read_webhook_deliveries(job_id: JobId, session: SessionDep, identity: Identi
         select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(col(WebhookDelivery.id))
     ).all()
     return WebhookDeliveryList(items=[WebhookDeliveryPublic.model_validate(row, from_attributes=True) for row in rows])
+
+
+# The trackers whose files a job keeps in its folder (trainer/trackers.py): TensorBoard's event
+# files, and an offline W&B run (for `wandb sync`).
+TRACKER_FOLDERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+@router.get(
+    "/{job_id}/integrations/{tracker}/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-tar": {}}}, **NOT_FOUND},
+)
+def download_tracker_files(
+    job_id: JobId,
+    tracker: Annotated[Literal["tensorboard", "wandb"], Path(description="tensorboard, or wandb (an offline run)")],
+    session: SessionDep,
+    identity: IdentityDep,
+) -> StreamingResponse:
+    """The files a tracker of the job's `integrations` keeps in the job's folder, as one tar:
+    TensorBoard's event files (`tensorboard --logdir` the unpacked folder), or an offline W&B run
+    (`wandb sync` it). A running job's files are sent as they are at the request."""
+    job = crud.get_job(session=session, job_id=job_id, identity=identity)
+    if not any(integration.get("type") == tracker for integration in job.spec.get("integrations") or []):
+        raise NotFound(f"job {job_id} has no {tracker} integration")
+    folder = get_settings().job_dir(job_id) / TRACKER_FOLDERS[tracker]
+    files = (
+        sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+        if folder.is_dir()
+        else []
+    )
+    if not files:
+        raise NotFound(f"job {job_id} has no {tracker} files yet (they appear once training starts)")
+    members = tar_members(folder, f"job-{job_id}-{tracker}", files)
+    return StreamingResponse(
+        stream_tar(members),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(tar_length(members)),
+            "Content-Disposition": f'attachment; filename="job-{job_id}-{tracker}.tar"',
+        },
+    )
 
 
 async def visible_record(job_id: int, identity: Identity, *, fresh: bool = False) -> records.Record:

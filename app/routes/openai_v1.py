@@ -10,12 +10,13 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlmodel import Session
 
-from app import crud, lifecycle, records
+from app import crud, idempotency, lifecycle, records
 from app.access import set_audit_target
+from app.auth import Identity
 from app.db import SessionDep, run_db
 from app.deps import IdentityDep, require_token
 from app.errors import AppError, BadRequest, InvalidDataset, InvalidFields, NotFound, openai_error_responses
@@ -23,8 +24,10 @@ from app.openai_compat import (
     CHECKPOINT_PREFIX,
     FILE_PREFIX,
     FILE_PURPOSE,
+    FINISHED_STATUSES,
     JOB_PREFIX,
     NATIVE_ID_RE,
+    RESULT_FILE_RE,
     CheckpointPage,
     CreateFineTuningJob,
     EventList,
@@ -39,10 +42,14 @@ from app.openai_compat import (
     file_object,
     job_object,
     job_spec,
+    jobs_with_metadata,
     list_events,
+    metadata_filters,
     native_id,
     read_extras,
     request_param,
+    result_csv,
+    result_file_object,
 )
 from app.presenters import job_public
 from app.uploads import upload_body
@@ -86,12 +93,27 @@ UPLOAD_BODY = upload_body(
     "/files",
     response_model=FileObject,
     openapi_extra=UPLOAD_BODY,
-    responses=openai_error_responses(400, 413, 507),
+    responses=openai_error_responses(400, 409, 413, 507),
 )
-async def create_file(request: Request, session: SessionDep, identity: IdentityDep) -> FileObject:
+async def create_file(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    identity: IdentityDep,
+    idempotency_key: idempotency.KeyHeader = None,
+) -> FileObject:
     """Upload a dataset for fine-tuning (`purpose=fine-tune`): POST /files, with every row read and
     checked; the answer is OpenAI's file object, id `file-<native id>`."""
-    uploaded = await crud.create_file(session=session, request=request, identity=identity, check_form=check_purpose)
+    uploaded, replayed = await crud.create_file(
+        session=session,
+        request=request,
+        identity=identity,
+        check_form=check_purpose,
+        key=idempotency_key,
+        route="POST /v1/files",
+    )
+    if replayed:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
     set_audit_target(request, f"file {uploaded.id}")
     return file_object(uploaded)
 
@@ -116,8 +138,32 @@ def list_files(
     return FileList.of(page, has_more=len(files) > limit)
 
 
+def result_file(session: Session, file_id: str, identity: Identity) -> tuple[FileObject, bytes] | None:
+    """A finished job's result file (file-results-ftjob-<id>), made from its step logs; None when
+    the id is not one of those."""
+    match = RESULT_FILE_RE.match(file_id)
+    if match is None:
+        return None
+    job_id = int(match.group(1))
+    missing = NotFound(f"no file {file_id}: job {JOB_PREFIX}{job_id} has no result file (it has not finished)")
+    if not 1 <= job_id <= MAX_DB_INT:
+        raise missing
+    try:
+        job = crud.get_job(session=session, job_id=job_id, identity=identity)
+    except NotFound:
+        raise missing from None
+    if job.status not in FINISHED_STATUSES or job.started_at is None or job.finished_at is None:
+        raise missing
+    content = result_csv(session, job_id)
+    return result_file_object(job_id, int(job.finished_at.timestamp()), content), content
+
+
 @router.get("/files/{file_id}", response_model=FileObject, responses=NOT_FOUND)
 def read_file(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> FileObject:
+    """A file's object; a finished job's result file (its `result_files`) too."""
+    results = result_file(session, file_id, identity)
+    if results is not None:
+        return results[0]
     return file_object(
         crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file"), identity=identity)
     )
@@ -134,10 +180,17 @@ def delete_file(file_id: FileIdPath, session: SessionDep, identity: IdentityDep)
 @router.get(
     "/files/{file_id}/content",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **NOT_FOUND},
+    responses={200: {"content": {"application/octet-stream": {}, "text/csv": {}}}, **NOT_FOUND},
 )
-def read_file_content(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> FileResponse:
-    """The file's bytes, as uploaded."""
+def read_file_content(file_id: FileIdPath, session: SessionDep, identity: IdentityDep) -> Response:
+    """The file's bytes, as uploaded; a result file's CSV."""
+    results = result_file(session, file_id, identity)
+    if results is not None:
+        return Response(
+            results[1],
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="{results[0].filename}"'},
+        )
     uploaded = crud.get_file(session=session, file_id=native_id(file_id, FILE_PREFIX, "file"), identity=identity)
     path = get_settings().data_dir.resolve() / uploaded.path
     if not path.is_file():
@@ -170,16 +223,30 @@ def _shown(session: Session, job: Job) -> FineTuningJob:
     return job_object(job_public(job).model_dump(mode="json"), session.get(OpenAIJob, job.id), time.time())
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400, 413, 429))
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob, responses=openai_error_responses(400, 409, 413, 429))
 def create_job(
-    request: CreateFineTuningJob, session: SessionDep, identity: IdentityDep, http: Request
+    request: CreateFineTuningJob,
+    session: SessionDep,
+    identity: IdentityDep,
+    http: Request,
+    response: Response,
+    idempotency_key: idempotency.KeyHeader = None,
 ) -> FineTuningJob:
     """Create a fine-tuning job: the request becomes a native job spec (README, "OpenAI-compatible
-    API", for the mapping) and is submitted as POST /jobs submits one, with the same checks."""
+    API", for the mapping) and is submitted as POST /jobs submits one, with the same checks. The
+    `openai` SDK sends an Idempotency-Key with `extra_headers={"Idempotency-Key": ...}`."""
+    claim = idempotency.Claim.of(
+        idempotency_key, identity, "POST /v1/fine_tuning/jobs", "job", request.model_dump_json()
+    )
+    made = idempotency.find(session, claim) if claim is not None else None
+    if made is not None:
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+        with named_as_openai(made):
+            return _shown(session, crud.get_job(session=session, job_id=made, identity=identity))
     spec = job_spec(request)
     check_files(session, spec, identity.scope)
     try:
-        job = crud.create_job(session=session, job_in=spec, identity=identity)
+        job, replayed = crud.create_or_replay_job(session=session, job_in=spec, identity=identity, claim=claim)
     except AppError as exc:  # name the request's own fields
         if isinstance(exc, InvalidFields) and exc.errors:
             exc.param = request_param(exc.errors[0]["field"].split("."))
@@ -188,27 +255,54 @@ def create_job(
         raise
     assert job.id is not None
     set_audit_target(http, f"job {job.id}")
-    if request.suffix is not None or request.metadata is not None:
+    if replayed:  # another request with the key made it a moment ago, and keeps its extras
+        response.headers[idempotency.REPLAYED_HEADER] = "true"
+    elif request.suffix is not None or request.metadata is not None:
         session.add(OpenAIJob(job_id=job.id, suffix=request.suffix, job_metadata=request.metadata))
         session.commit()
     records.get_record_cache().forget()
     return _shown(session, job)
 
 
+def _with_metadata(
+    wanted: dict[str, str], project_id: int | None, after: int | None, limit: int
+) -> tuple[list[int], bool]:
+    with Session(get_engine()) as session:
+        return jobs_with_metadata(session, wanted, project_id, after, limit)
+
+
 @router.get("/fine_tuning/jobs", response_model=JobList, responses=openai_error_responses(400))
 async def list_jobs(
-    identity: IdentityDep, after: After = None, limit: Annotated[int, Query(ge=1, le=500)] = 20
+    request: Request,
+    identity: IdentityDep,
+    after: After = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 20,
+    metadata: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            description="`null`: only jobs without metadata; filter by pairs with `metadata[key]=value` (each "
+            "given pair must match; the SDK's `metadata={...}`)",
+        ),
+    ] = None,
 ) -> JobList:
     """Jobs, newest first (the token's project's, those submitted at POST /jobs too; an admin's: every
-    project's); page on with `after=<the last id>`."""
+    project's); page on with `after=<the last id>`; `metadata[key]=value` keeps jobs created at
+    /v1 with that metadata."""
+    after_id = cursor(after, JOB_PREFIX)
+    wanted = metadata_filters(request.query_params.multi_items())
     cache = records.get_record_cache()
-    ids, next_cursor = await cache.job_ids(None, cursor(after, JOB_PREFIX), limit, identity.scope)
+    if wanted is None:
+        ids, next_cursor = await cache.job_ids(None, after_id, limit, identity.scope)
+        has_more = next_cursor is not None
+    else:
+        ids, has_more = await run_db(_with_metadata, wanted, identity.scope, after_id, limit)
     found = await cache.get_many(ids)
     extras = await run_db(_extras, ids)
     now = time.time()
     return JobList(
         data=[job_object(records.as_dict(found[i].body), extras.get(i), now) for i in ids if i in found],
-        has_more=next_cursor is not None,
+        has_more=has_more,
     )
 
 

@@ -319,6 +319,26 @@ def watch_page(job_id: JobId, session: SessionDep, identity: IdentityDep) -> HTM
     return HTMLResponse(WATCH_PAGE_HTML.replace("{{JOB_ID}}", str(int(job_id))))
 
 
+home_router = APIRouter(tags=["watch"], dependencies=[Depends(require_token)], responses=error_responses(401, 422))
+DASHBOARD_HTML_NAME = "dashboard.html"
+
+
+@home_router.get("/watch", response_class=HTMLResponse, include_in_schema=False)
+def dashboard_page(
+    status: Annotated[str | None, Query(max_length=20, description="the status filter's first value")] = None,
+    project: Annotated[str | None, Query(max_length=200, description="only this project's jobs")] = None,
+    text: Annotated[str | None, Query(max_length=200, description="jobs whose model or owner contain it")] = None,
+    compare: Annotated[
+        str | None, Query(pattern=r"^\d{1,19}(,\d{1,19}){1,19}$", description="job ids whose curves to compare")
+    ] = None,
+) -> HTMLResponse:
+    """The jobs dashboard (the watch pages' home): every job the token sees with its status,
+    progress, loss sparkline, tokens/s, GPUs and owner, filters, and a compare view of two or more
+    jobs' loss and eval-loss curves on one chart (app/templates/dashboard.html, its script in
+    app/static/dashboard/). The filters are read by the page's script from its own URL."""
+    return HTMLResponse(DASHBOARD_PAGE_HTML)
+
+
 # The page is app/templates/watch.html, with the job id filled in; its CSS and JavaScript are
 # app/static/watch/, served under STATIC_URL (app.main mounts static_assets() there) and
 # referenced by the page with relative URLs ("../../static/watch/watch.js" from
@@ -331,6 +351,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 STATIC_DIR = APP_DIR / "static"
 STATIC_URL = "/static"
 WATCH_PAGE_HTML = (APP_DIR / "templates" / "watch.html").read_text(encoding="utf-8")
+DASHBOARD_PAGE_HTML = (APP_DIR / "templates" / DASHBOARD_HTML_NAME).read_text(encoding="utf-8")
 # Whatever the host's mimetypes table says (older ones call .js application/javascript, without
 # a charset; the script holds non-ASCII text).
 STATIC_MEDIA_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}

@@ -14,7 +14,7 @@ import pytest
 
 from scripts.service_harness import Service, kill
 from tests.builders import chat_rows, write_jsonl
-from tests.conftest import wait_until
+from tests.conftest import hub_paths, wait_until
 
 __all__ = ["Cluster", "fill", "kill"]
 
@@ -56,10 +56,13 @@ class Cluster(Service):
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, models_root: Path) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, models_root: Path, hf_home: Path, trainer_forkserver: str) -> Iterator[Cluster]:
     """The service's processes, not started: a test starts them (cluster.start()) with the
-    settings it needs, and may replace cluster.data_dir before it does."""
+    settings it needs, and may replace cluster.data_dir before it does. One-process jobs' trainers
+    are forked from the test process's trainer fork server (tests/conftest.py), which saves each
+    the import of torch and TRL; a test about how a trainer starts sets TRAINER_FORKSERVER=""."""
     made = Cluster(tmp_path, models_root)
+    made.env.update(hub_paths(hf_home), TRAINER_FORKSERVER=trainer_forkserver)
     try:
         yield made
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import job_spec, process_tree
+from tests.conftest import job_spec
 from tests.faults.conftest import Cluster, kill
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_crash_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
     checkpoints = cluster.job_dir(job_id) / "checkpoints"
     assert folders(checkpoints) == [".partial-checkpoint-8", "checkpoint-4"]
     assert (checkpoints / ".partial-checkpoint-8" / "checkpoint-8" / "model.safetensors").is_file()
-    kill(process_tree(worker.pid))
+    kill(cluster.worker_tree(worker))
 
     cluster.start_worker()  # without the failpoint
     record = cluster.wait_for(job_id)
@@ -71,7 +71,7 @@ def test_checkpoint_completed_just_before_a_crash_is_listed_and_downloadable(
     cluster.wait_for_failpoint(job_id, "checkpoint_published")
     with cluster.http() as http:
         assert [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]] == ["checkpoint-4"]
-    kill(process_tree(worker.pid))
+    kill(cluster.worker_tree(worker))
 
     record = cluster.wait_for(job_id, timeout_s=60)  # the API's reconciler: stale heartbeat, no attempts left
     assert (record["status"], record["error"]["code"]) == ("failed", "worker_lost")
@@ -138,7 +138,7 @@ def test_a_corrupt_checkpoint_is_never_served_as_intact_nor_resumed_from(cluster
     assert corrupt.startswith("checkpoint-6 is corrupt: model.safetensors does not match the sha256 it was saved with")
 
     flip_16_bytes(checkpoints / "checkpoint-4" / "model.safetensors")  # nobody downloads it: no one knows
-    kill(process_tree(worker.pid))
+    kill(cluster.worker_tree(worker))
     cluster.start_worker()  # without the failpoint
     record = cluster.wait_for(job_id)
     assert record["status"] == "succeeded", record["error"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Env, Service, job_spec, process_tree, trainer_pid, trainer_pids, wait_for_status, wait_until
+from tests.conftest import Env, Service, job_spec, trainer_pid, trainer_pids, wait_for_status, wait_until
 from tests.faults.conftest import Cluster, kill
 
 pytestmark = pytest.mark.slow
@@ -54,7 +54,7 @@ def test_job_of_a_worker_killed_mid_training_resumes_on_a_new_worker(
     wait_until(lambda: http.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 7, 120, "a checkpoint and more")
 
     # The host loses the worker: the RQ worker, its work horse and the trainer, all at once.
-    kill(process_tree(service.worker.pid))
+    kill(service.worker_tree(service.worker))
     service.worker.wait(10)
     stopped_at = http.get(f"/jobs/{job_id}").json()
     assert stopped_at["status"] == "running"  # nobody has noticed yet

@@ -1,0 +1,519 @@
+"""Speed on the GPU (issue 25), in one call: the bare Unsloth recipe (bench/baseline.py) against the
+service in bf16 and with `precision: fp8` on the Llama-3.1-8B shape (random weights, every sequence
+cut at max_seq_length so tokens/s is arithmetic), both services' loss curves, the micro-batch
+`per_device_train_batch_size: "auto"` chooses, POST-to-first-step of the first 8B job after the
+service started and of a repeat of it (with the `startup` event's phases), and what the planner
+learned from the finished job.
+
+Run on a GPU machine from the repository root, the package bundle carried as .gpu/ (docs/gpu.md):
+    scripts/gpu-speed --results $OUT [--budget-s 540] [--steps N] [--parts a,b,...]
+Parts, in this order, while the budget lasts (a part skipped or failed says so; results/speed.json
+is written after each part, so a later failure loses nothing):
+
+1. bare: bench/baseline.py --backend unsloth in a process of its own, with cold compile caches.
+2. service_bf16: the first 8B job of a service just started (cold compile caches under its
+   DATA_DIR); it runs to the end (its final model is saved), so the planner records a measurement.
+3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save): the
+   POST-to-first-step of a model seen before, with the startup phases.
+4. service_fp8: the same as 2 with `precision: fp8` (--fp8-recipe), cancelled one step after the
+   last measured one (no final save). If it fails with its float8 layers compiled (FP8_COMPILE), it
+   runs again on a worker with FP8_COMPILE=false while the budget allows (`compiled_attempt` keeps
+   the first try).
+5. auto: `per_device_train_batch_size: "auto"` with the same effective batch, REPEAT_STEPS steps:
+   the `micro_batch_chosen` event (the candidates timed, the choice) and its tokens/s.
+6. learned: POST /jobs/estimate of the bf16 spec: the plan and what the finished job taught it.
+
+The steps of parts 1, 2 and 4 (--steps; 0: as many as the budget allows, at most 200) are the same
+for the three; the JSON says how many ran. `--dry-run` runs parts 2-6 on a tiny model with the
+transformers backend on the CPU (the fp8 job is then refused by the trainer, as it must be): it
+checks this script, not the GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+GIB = 1024**3
+BUDGET_S = 540
+MAX_STEPS = 200
+REPEAT_STEPS = 3
+# What each part needs besides its steps (seconds, H100, 8B shape): imports, load, first-step compile;
+# bf16 also saves its 16 GB final model. From docs/benchmarks.md's figures, rounded up.
+OVERHEAD_S = {"bare": 85, "service_bf16": 100, "repeat_bf16": 55, "service_fp8": 90, "auto": 90}
+BUILD_S = 30  # building the 8B model on the GPU and its dataset (once per machine)
+# tokens/s assumed when sizing the steps (the bare recipe measured 8,087 on an H100 at micro-batch 2 x 4;
+# 6,538 at 2 x 1), and a margin on the step time.
+ASSUMED_TOKENS_PER_S = 8_000
+STEP_MARGIN = 1.25
+# The loss tolerance held against fp8's curve: mean |fp8 - bf16| / bf16 over the second half of the steps.
+LOSS_TOLERANCE = 0.03
+PARTS = ("bare", "service_bf16", "repeat_bf16", "service_fp8", "auto", "learned")
+
+
+def iso(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def step_rate(step_ends: list[tuple[int, float]], tokens_step: int) -> dict[str, float | None]:
+    from common import step_rate as bench_step_rate
+
+    return bench_step_rate(step_ends, tokens_step)
+
+
+def loss_comparison(reference: list[list[float]], other: list[list[float]]) -> dict[str, Any]:
+    """fp8's loss curve against bf16's, over the steps both logged: the mean and largest relative
+    difference over the second half (the first steps fall fast from the random start)."""
+    ours = {int(step): loss for step, loss in other}
+    pairs = [(loss, ours[int(step)]) for step, loss in reference if int(step) in ours and loss]
+    if not pairs:
+        return {"steps_compared": 0}
+    half = pairs[len(pairs) // 2 :]
+    relative = [abs(b - a) / abs(a) for a, b in half]
+    mean = sum(relative) / len(relative)
+    return {
+        "steps_compared": len(pairs),
+        "second_half_mean_relative_difference": round(mean, 5),
+        "second_half_max_relative_difference": round(max(relative), 5),
+        "tolerance": LOSS_TOLERANCE,
+        "within_tolerance": mean <= LOSS_TOLERANCE,
+    }
+
+
+class Speed:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_dir: Path = args.results or args.out
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self.started = time.monotonic()
+        self.deadline = self.started + args.budget_s
+        self.parts = [p for p in PARTS if p in set(args.parts.split(","))]
+        self.results: dict[str, Any] = {
+            "card": None,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "dry_run": args.dry_run,
+            "parts": {},
+        }
+        self.backend = "transformers" if args.dry_run else "unsloth"
+        self.service: Any = None
+        self.specs: dict[str, dict[str, Any]] = {}
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        self.results["elapsed_s"] = round(time.monotonic() - self.started, 1)
+        (self.results_dir / "speed.json").write_text(json.dumps(self.results, indent=2))
+
+    def part(self, name: str, run: Any) -> None:
+        """One part: skipped when the budget cannot hold it, its exception recorded, the JSON
+        written after it whatever happened."""
+        if name not in self.parts:
+            return
+        need = OVERHEAD_S.get(name, 10) if not self.args.dry_run else 5
+        if self.time_left() < need:
+            self.results["parts"][name] = {"skipped": f"{self.time_left():.0f} s of the budget left, {need} s needed"}
+            print(f"[skip] {name}: {self.results['parts'][name]['skipped']}", flush=True)
+            self.save()
+            return
+        print(f"[part] {name} ({self.time_left():.0f} s of the budget left)", flush=True)
+        began = time.monotonic()
+        try:
+            self.results["parts"][name] = run()
+        except Exception as exc:
+            self.results["parts"][name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(f"[error] {name}: {type(exc).__name__}: {exc}", flush=True)
+        self.results["parts"][name]["part_seconds"] = round(time.monotonic() - began, 1)
+        self.save()
+
+    def card(self) -> str:
+        if self.args.dry_run:
+            return "cpu"
+        import torch
+
+        return str(torch.cuda.get_device_name(0))
+
+    # ---- the workload --------------------------------------------------------------------------------
+
+    def tokens_per_step(self) -> int:
+        a = self.args
+        return int(a.micro_batch * a.grad_accum * a.seq_len)
+
+    def steps(self) -> int:
+        """The steps of each measured run: --steps, or what the budget holds for the parts asked."""
+        a = self.args
+        if a.dry_run:
+            return min(a.steps or 4, 6)
+        step_s = STEP_MARGIN * self.tokens_per_step() / ASSUMED_TOKENS_PER_S
+        runs = [p for p in ("bare", "service_bf16", "service_fp8") if p in self.parts]
+        fixed = sum(OVERHEAD_S[p] for p in self.parts if p in OVERHEAD_S) + BUILD_S
+        affordable = int((a.budget_s - fixed) / (step_s * max(len(runs), 1)))
+        steps = min(a.steps or MAX_STEPS, affordable, MAX_STEPS)
+        return max(steps, 3)
+
+    def prepare(self) -> tuple[Path, Path]:
+        from common import prepare
+
+        a = self.args
+        rows = (self.results["steps"] + 2) * a.micro_batch * a.grad_accum + 16
+        if a.dry_run:
+            from tests.builders import build_llama
+
+            model = Path(a.workdir) / "models" / "tiny"
+            if not (model / "config.json").exists():
+                build_llama(model)
+            return prepare(Path(a.workdir), "tiny", a.seq_len, rows)
+        return prepare(Path(a.workdir), a.shape, a.seq_len, rows)
+
+    def spec(self, model: Path, dataset: Path, steps: int, **extra: Any) -> dict[str, Any]:
+        a = self.args
+        hyperparameters = {
+            "per_device_train_batch_size": a.micro_batch,
+            "gradient_accumulation_steps": a.grad_accum,
+            "max_seq_length": a.seq_len,
+            "learning_rate": 5e-6,
+            "warmup_ratio": 0.03,
+            "optim": a.optim,
+            "max_steps": steps,
+            "logging_steps": 1,
+            "save_steps": 100_000,
+            "seed": 42,
+            **extra.pop("hyperparameters", {}),
+        }
+        return {
+            "model": str(model),
+            "dataset": {"source": str(dataset)},
+            "backend": self.backend,
+            "hyperparameters": hyperparameters,
+            **extra,
+        }
+
+    # ---- part 1: the bare recipe ------------------------------------------------------------------------
+
+    def bare(self) -> dict[str, Any]:
+        a = self.args
+        if a.dry_run:
+            return {"skipped": "dry run: bench/baseline.py needs a GPU"}
+        cache = self.out / "bare-cache"  # cold compile caches, as a new job's
+        shutil.rmtree(cache, ignore_errors=True)
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TRITON_CACHE_DIR": str(cache / "triton"),
+            "UNSLOTH_COMPILE_LOCATION": str(cache / "unsloth"),
+            "UNSLOTH_MEGA_CACHE_DIR": str(cache / "mega"),
+        }
+        command = [
+            sys.executable,
+            str(ROOT / "bench" / "baseline.py"),
+            "--backend",
+            "unsloth",
+            "--out",
+            str(self.out / "bare"),
+            "--workdir",
+            a.workdir,
+            "--shape",
+            a.shape,
+            "--seq-len",
+            str(a.seq_len),
+            "--micro-batch",
+            str(a.micro_batch),
+            "--grad-accum",
+            str(a.grad_accum),
+            "--steps",
+            str(self.results["steps"]),
+        ]
+        with open(self.out / "bare.log", "wb") as log:
+            done = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False, timeout=max(self.time_left(), 60)
+            )
+        result_file = self.out / "bare" / "bare_unsloth.json"
+        if done.returncode != 0 or not result_file.exists():
+            return {"error": f"bench/baseline.py exited {done.returncode}", "log_tail": tail(self.out / "bare.log")}
+        return dict(json.loads(result_file.read_text()))
+
+    # ---- the service's parts ----------------------------------------------------------------------------
+
+    def start_service(self, model: Path, dataset: Path) -> Any:
+        from scripts.service_harness import Service
+
+        root = self.out / "service"
+        shutil.rmtree(root, ignore_errors=True)  # cold compile caches under its DATA_DIR: a first job
+        settings = {"FP8_COMPILE": "true" if self.args.fp8_compile else "false"}
+        self.service = Service(root, allowed_roots=[model.parent, dataset.parent], settings=settings).start()
+        return self.service
+
+    def run_job(
+        self, spec: dict[str, Any], *, stop_after_step: int | None = None, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Submit, wait for its end (or for `stop_after_step`, then cancel it: no final save), and
+        gather its figures: tokens/s, loss curve, POST-to-first-step, startup and other events."""
+        service = self.service
+        http = service.http()
+        posted = time.time()
+        response = http.post("/jobs", json=spec)
+        if response.status_code != 201:
+            return {"error": f"submit answered {response.status_code}: {response.text[:500]}"}
+        job_id = int(response.json()["id"])
+        timeout = timeout_s if timeout_s is not None else max(self.time_left() - 15, 30)
+        try:
+            if stop_after_step is not None and self.wait_for_step_or_end(job_id, stop_after_step, timeout) == "step":
+                http.post(f"/jobs/{job_id}/cancel")  # it stops at its next step, with no final save
+            record = service.wait_for(job_id, timeout_s=max(self.time_left() - 5, 30), echo=True)
+        except AssertionError as exc:  # the harness's timeout: stop the job, keep what it logged
+            http.post(f"/jobs/{job_id}/cancel")
+            record = service.job(job_id)
+            record["timeout"] = str(exc)
+        logs = http.get(f"/jobs/{job_id}/logs", params={"limit": 5000}).json()["items"]
+        events = http.get(f"/jobs/{job_id}/events").json()["items"]
+        shutil.rmtree(service.job_dir(job_id) / "checkpoints", ignore_errors=True)  # 16 GB: the disk is needed
+        step_ends = [(row["step"], iso(row["created_at"])) for row in logs if row["loss"] is not None]
+        if stop_after_step is not None:
+            step_ends = [(step, t) for step, t in step_ends if step <= stop_after_step]
+        first = next((iso(row["created_at"]) for row in logs), None)
+        vram = record.get("vram") or {}
+        hp = (record.get("spec") or {}).get("hyperparameters") or {}
+        tokens_step = int(hp.get("per_device_train_batch_size", 0) or 0) * int(
+            hp.get("gradient_accumulation_steps", 0) or 0
+        )
+        return {
+            "job_id": job_id,
+            "status": record["status"],
+            "error": record.get("error"),
+            "timeout": record.get("timeout"),
+            "trainer": record.get("trainer"),
+            "versions": record.get("versions"),
+            "micro_batch_x_accumulation": [
+                hp.get("per_device_train_batch_size"),
+                hp.get("gradient_accumulation_steps"),
+            ],
+            **step_rate(step_ends, tokens_step * self.args.seq_len),
+            "reported_tokens_per_second_mean": (record.get("metrics") or {}).get("tokens_per_second_mean"),
+            "steps_logged": len(step_ends),
+            "losses": [[row["step"], row["loss"]] for row in logs if row["loss"] is not None],
+            "post_to_first_step_seconds": round(first - posted, 2) if first is not None else None,
+            "nvml_device_used_peak_bytes": vram.get("device_used_peak"),
+            "torch_peak_allocated_bytes": vram.get("peak_allocated"),
+            "events": {e["kind"]: e["message"] for e in events if e["kind"] in INTERESTING_EVENTS},
+        }
+
+    def wait_for_step_or_end(self, job_id: int, step: int, timeout_s: float) -> str:
+        from scripts.service_harness import FINISHED, wait_until
+
+        def reached() -> str | None:
+            record = self.service.job(job_id)
+            if record["status"] in FINISHED:
+                return "end"
+            return "step" if record["progress"]["step"] >= step else None
+
+        return str(wait_until(reached, timeout_s, f"job {job_id} at step {step}", interval_s=0.3))
+
+    def service_bf16(self) -> dict[str, Any]:
+        return self.run_job(self.specs["bf16"])
+
+    def repeat_bf16(self) -> dict[str, Any]:
+        spec = self.specs["bf16"]
+        repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
+        return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
+
+    def service_fp8(self) -> dict[str, Any]:
+        spec = self.specs["bf16"]
+        steps = self.results["steps"]
+        fp8 = {
+            **spec,
+            "precision": "fp8",
+            "fp8_recipe": self.args.fp8_recipe,
+            "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1},
+        }
+        found = self.run_job(fp8, stop_after_step=steps)
+        # The compiled float8 layers failed: the same job with them eager, on a worker told so
+        # (FP8_COMPILE is the worker's setting), if the budget holds it.
+        retry = found.get("status") == "failed" and self.args.fp8_compile and not self.args.dry_run
+        if retry and self.time_left() >= OVERHEAD_S["service_fp8"] + 20:
+            print("[retry] service_fp8 with FP8_COMPILE=false", flush=True)
+            self.service.stop_workers()
+            self.service.start_worker(FP8_COMPILE="false")
+            found = {"compiled_attempt": found, **self.run_job(fp8, stop_after_step=steps)}
+        return found
+
+    def auto(self) -> dict[str, Any]:
+        spec = self.specs["bf16"]
+        a = self.args
+        # The same effective batch: "auto" keeps the recipe's micro-batch 2 x gradient_accumulation_steps.
+        accumulation = max(a.micro_batch * a.grad_accum // 2, 1)
+        auto = {
+            **spec,
+            "hyperparameters": {
+                **spec["hyperparameters"],
+                "per_device_train_batch_size": "auto",
+                "gradient_accumulation_steps": accumulation,
+                "max_steps": REPEAT_STEPS + 1,
+            },
+        }
+        estimate = self.service.http().post("/jobs/estimate", json=auto).json()
+        found = self.run_job(auto, stop_after_step=REPEAT_STEPS)
+        found["estimate_auto_micro_batch"] = estimate.get("auto_micro_batch")
+        return found
+
+    def learned(self) -> dict[str, Any]:
+        http = self.service.http()
+        body = http.post("/jobs/estimate", json=self.specs["bf16"]).json()
+        return {"estimate": body}
+
+    # ---- all of it ----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        a = self.args
+        self.results["card"] = self.card()
+        self.results["steps"] = self.steps()
+        self.results["settings"] = {
+            "shape": "tiny" if a.dry_run else a.shape,
+            "seq_len": a.seq_len,
+            "micro_batch": a.micro_batch,
+            "grad_accum": a.grad_accum,
+            "optim": a.optim,
+            "steps": self.results["steps"],
+            "steps_asked": a.steps or None,
+            "fp8_recipe": a.fp8_recipe,
+            "fp8_compile": a.fp8_compile,
+            "budget_s": a.budget_s,
+            "tokens_per_step": self.tokens_per_step(),
+        }
+        self.save()
+        try:
+            model, dataset = self.prepare()
+            self.specs["bf16"] = self.spec(model, dataset, self.results["steps"])
+            self.part("bare", self.bare)
+            if any(p in self.parts for p in PARTS[1:]):
+                self.start_service(model, dataset)
+                for name in PARTS[1:]:
+                    self.part(name, getattr(self, name))
+        finally:
+            if self.service is not None:
+                self.service.stop()
+            self.summarise()
+            self.save()
+            self.keep_logs()
+        print_table(self.results)
+        return 0
+
+    def summarise(self) -> None:
+        parts = self.results["parts"]
+        bare = (parts.get("bare") or {}).get("tokens_per_second")
+        for name in ("service_bf16", "service_fp8", "auto"):
+            rate = (parts.get(name) or {}).get("tokens_per_second")
+            if bare and rate:
+                self.results[f"{name}_over_bare"] = round(rate / bare, 4)
+        bf16, fp8 = parts.get("service_bf16") or {}, parts.get("service_fp8") or {}
+        if bf16.get("losses") and fp8.get("losses"):
+            self.results["fp8_loss_against_bf16"] = loss_comparison(bf16["losses"], fp8["losses"])
+
+    def keep_logs(self) -> None:
+        if self.results_dir == self.out:
+            return
+        logs = self.results_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for path in [
+            *self.out.glob("*.log"),
+            *self.out.glob("service/*.log"),
+            *self.out.glob("service/data/jobs/*/trainer*.log"),
+        ]:
+            shutil.copyfile(path, logs / "-".join(path.relative_to(self.out).parts))
+
+
+INTERESTING_EVENTS = ("startup", "micro_batch_chosen", "measured", "optimizer_replaced", "failed", "started")
+
+
+def tail(path: Path, chars: int = 1500) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def shown(value: Any, fmt: str = "{:,.0f}") -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) else "-"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    parts = results.get("parts") or {}
+    s = results.get("settings") or {}
+    print(
+        f"\n{results.get('card')} {results.get('date')}: {s.get('shape')}, seq {s.get('seq_len')}, micro-batch "
+        f"{s.get('micro_batch')} x {s.get('grad_accum')}, {results.get('steps')} steps, {s.get('optim')}"
+    )
+    print(f"{'':16}{'status':>11}{'tokens/s':>10}{'x bare':>8}{'POST->step1 s':>15}{'NVML peak':>11}  last loss")
+    bare = (parts.get("bare") or {}).get("tokens_per_second")
+    for name in ("bare", "service_bf16", "repeat_bf16", "service_fp8", "auto"):
+        p = parts.get(name) or {}
+        status = p.get("status") or ("skipped" if "skipped" in p else "error" if "error" in p else "ok" if p else "-")
+        rate = p.get("tokens_per_second")
+        ratio = rate / bare if rate and bare else None
+        losses = p.get("losses") or []
+        peak = p.get("nvml_device_used_peak_bytes")
+        print(
+            f"{name:16}{status:>11}{shown(rate):>10}{shown(ratio, '{:.3f}'):>8}"
+            f"{shown(p.get('post_to_first_step_seconds'), '{:.1f}'):>15}"
+            f"{shown(peak / GIB if peak else None, '{:.1f} GiB'):>11}"
+            f"  {shown(losses[-1][1] if losses else None, '{:.4f}')}"
+        )
+    comparison = results.get("fp8_loss_against_bf16")
+    if comparison:
+        print(f"fp8 loss against bf16: {comparison}")
+    auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
+    if auto:
+        print(f"auto: {auto}")
+    for name in ("service_bf16", "repeat_bf16"):
+        startup = (parts.get(name) or {}).get("events", {}).get("startup")
+        if startup:
+            print(f"{name} startup: {startup}")
+    learned = ((parts.get("learned") or {}).get("estimate") or {}).get("learned")
+    if learned:
+        print(
+            f"learned: {learned.get('total_gib')} GiB, {learned.get('tokens_per_second')} tokens/s from "
+            f"{[m.get('job_id') for m in learned.get('measurements') or []]}"
+        )
+    print(f"elapsed {results.get('elapsed_s')} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu-speed"), help="work folder (under /tmp)")
+    parser.add_argument("--results", type=Path, default=None, help="speed.json and the logs (default: --out)")
+    parser.add_argument("--workdir", default="/tmp/bench", help="where bench/ builds the 8B shape (shared with it)")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole call's seconds")
+    parser.add_argument("--steps", type=int, default=0, help="steps of each measured run (0: what the budget holds)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=4)
+    parser.add_argument("--optim", default="paged_adamw_8bit")
+    parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    parser.add_argument("--fp8-compile", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: checks this script")
+    args = parser.parse_args(argv)
+    unknown = set(args.parts.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
+    if args.dry_run:
+        args.seq_len, args.micro_batch, args.grad_accum, args.optim = min(args.seq_len, 64), 2, 2, "adamw_torch"
+    return Speed(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""precision fp8: the spec option, its refusals (at submit when no worker can train it, in the
+trainer on a CPU) and which Linear layers the conversion puts in float8."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.gpu_leases import Gpu
+from tests.conftest import Env, job_spec, run_to_end
+
+GIB = 1024**3
+
+
+def test_fp8_is_a_spec_option_with_its_recipe(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    spec = job_spec(tiny_model, chat_dataset)
+    bf16 = client.post("/jobs", json=spec).json()
+    assert "precision" not in bf16["spec"]  # a default, left out of the stored spec as before
+    fp8 = client.post("/jobs", json={**spec, "precision": "fp8"}).json()
+    assert (fp8["spec"]["precision"], fp8["spec"]["fp8_recipe"]) == ("fp8", "tensorwise")
+    rowwise = client.post("/jobs", json={**spec, "precision": "fp8", "fp8_recipe": "rowwise"}).json()
+    assert rowwise["spec"]["fp8_recipe"] == "rowwise"
+
+    wrong = client.post("/jobs", json={**spec, "fp8_recipe": "rowwise"})
+    assert wrong.status_code == 422
+    assert "fp8_recipe applies to precision 'fp8', not to 'bf16'" in wrong.text
+    unknown = client.post("/jobs", json={**spec, "precision": "fp4"})
+    assert unknown.status_code == 422 and "precision" in unknown.text
+    recipe = client.post("/jobs", json={**spec, "precision": "fp8", "fp8_recipe": "delayed"})
+    assert recipe.status_code == 422 and "fp8_recipe" in recipe.text
+    several = client.post("/jobs", json={**spec, "precision": "fp8", "gpus": 2})
+    assert several.status_code == 422
+    assert "precision fp8 is for a job on one GPU (this one asks for 2)" in several.json()["detail"]
+
+
+def test_fp8_is_refused_at_submit_when_no_live_worker_can_train_it(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    from core.queue import get_redis, register_fp8_support
+
+    spec = {**job_spec(tiny_model, chat_dataset), "precision": "fp8"}
+    register_fp8_support(
+        get_redis(), "worker-a100", "GPU 0 (NVIDIA A100-SXM4-80GB, GPU-1) has compute capability 8.0, below 8.9", 60
+    )
+    register_fp8_support(get_redis(), "worker-cpu", "no NVIDIA GPU", 60)
+    refused = client.post("/jobs", json=spec)
+    assert refused.status_code == 422
+    assert refused.json()["error"] == "DoesNotFit"
+    assert refused.json()["detail"] == (
+        "precision fp8 needs a GPU with FP8 matmuls (compute capability 8.9 or newer: L4, L40S, H100, H200, B200) "
+        "and torchao on its worker, and no live worker has both (worker-a100: GPU 0 (NVIDIA A100-SXM4-80GB, GPU-1) "
+        "has compute capability 8.0, below 8.9; worker-cpu: no NVIDIA GPU); submit the job with precision bf16"
+    )
+    assert client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).status_code == 201  # bf16 is fine
+    register_fp8_support(get_redis(), "worker-h100", "", 60)  # one worker that can: queued for it
+    assert client.post("/jobs", json=spec).status_code == 201
+
+
+def test_a_worker_says_why_it_cannot_train_fp8(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.gpus import fp8_problem
+
+    h100 = Gpu(0, "NVIDIA H100 80GB HBM3", "GPU-a", 80 * GIB, "9.0")
+    a100 = Gpu(1, "NVIDIA A100-SXM4-80GB", "GPU-b", 80 * GIB, "8.0")
+    assert fp8_problem([]) == "no NVIDIA GPU"
+    assert fp8_problem([Gpu(0, "cpu", "CPU-host-0")]) == "no NVIDIA GPU"
+    assert fp8_problem([h100, a100]) == "GPU 1 (NVIDIA A100-SXM4-80GB, GPU-b) has compute capability 8.0, below 8.9"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a)
+    )
+    assert fp8_problem([h100]) == "torchao is not installed"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert fp8_problem([h100, Gpu(1, "NVIDIA L40S", "GPU-c", 48 * GIB, "8.9")]) == ""
+
+
+@pytest.mark.slow
+def test_fp8_job_on_a_cpu_fails_with_words_before_loading_the_model(
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    record = run_to_end(client, {**job_spec(tiny_model, chat_dataset), "precision": "fp8"})
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "gpu_unavailable"
+    assert record["error"]["message"].startswith(
+        "precision fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer) and this worker has none"
+    )
+    assert "Resubmit the job with precision bf16" in record["error"]["message"]
+    events = [e["kind"] for e in client.get(f"/jobs/{record['id']}/events").json()["items"]]
+    assert "dataset_loaded" not in events  # refused before the data and the model were loaded
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None,
+    reason="torchao is not installed (the gpu extra; pip install torchao==0.16.0)",
+)
+def test_fp8_conversion_takes_the_decoders_linear_layers_and_keeps_the_head_and_odd_shapes() -> None:
+    import torch.nn as nn
+    from torchao.float8.float8_linear import Float8Linear
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.precision import convert_to_fp8
+
+    # intermediate_size 72 is not a multiple of 16: the MLP stays bf16.
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=72,
+        vocab_size=128,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    conversion = convert_to_fp8(model, "rowwise", compile_layers=False)
+    modules = dict(model.named_modules())
+    attention = [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"]
+    mlp = [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
+    assert sorted(conversion.layers) == sorted(attention)
+    assert sorted(conversion.kept) == sorted([*mlp, "lm_head"])
+    assert all(isinstance(modules[name], Float8Linear) for name in attention)
+    assert all(type(modules[name]) is nn.Linear for name in [*mlp, "lm_head"])
+    assert conversion.describe().startswith("precision fp8 (torchao ")
+    assert "rowwise scaling): 8 Linear layers in float8, 7 kept in bf16 (" in conversion.describe()

@@ -1,0 +1,112 @@
+"""precision fp8: torchao's float8 training (`torchao.float8.convert_to_float8_training`) for the
+decoder's Linear layers. Weights, gradients and optimizer states stay as they are with bf16 (the
+weights are cast to float8 for each matmul, with the recipe's scales); lm_head and the embeddings
+stay bf16, as do layers whose dimensions are not multiples of 16 (float8 matmuls need them).
+docs/benchmarks.md, "Faster than the recipe"."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from core.contract import ErrorCode
+from trainer.failures import JobFailure
+
+logger = logging.getLogger(__name__)
+
+# torch._scaled_mm's float8 kernels: Ada (8.9), Hopper (9.0) and newer.
+FP8_MIN_CAPABILITY = (8, 9)
+FP8_ALIGNMENT = 16
+# Layers that stay bf16 whatever their shape: the output head (its logits decide the loss, and it
+# is one layer of many) and the embeddings (lookups, not matmuls; named for models that tie them).
+KEPT_IN_BF16 = ("lm_head", "embed_tokens", "embed_out", "wte")
+
+
+@dataclass(frozen=True)
+class Fp8Conversion:
+    recipe: str
+    layers: list[str]  # the Linear layers that compute in float8, by name
+    kept: list[str]  # the Linear layers left in bf16, by name
+    torchao: str
+    compiled: bool
+
+    def describe(self) -> str:
+        kept = f", {len(self.kept)} kept in bf16 ({', '.join(self.kept[:4])}{', ...' if len(self.kept) > 4 else ''})"
+        compiled = ", each compiled" if self.compiled else ""
+        return (
+            f"precision fp8 (torchao {self.torchao}, {self.recipe} scaling): {len(self.layers)} Linear layers in "
+            f"float8{compiled}{kept if self.kept else ''}"
+        )
+
+
+def fp8_layer(module: Any, name: str) -> bool:
+    """Whether a module computes in float8: a Linear layer, not the head or an embedding, whose
+    dimensions are multiples of FP8_ALIGNMENT."""
+    import torch.nn as nn
+
+    if not isinstance(module, nn.Linear):
+        return False
+    if any(part in KEPT_IN_BF16 for part in name.split(".")):
+        return False
+    return module.in_features % FP8_ALIGNMENT == 0 and module.out_features % FP8_ALIGNMENT == 0
+
+
+def check_fp8_support() -> str:
+    """torchao's version, once the GPU and torchao are known to do float8; JobFailure otherwise
+    (before the model is loaded: an 8B model takes a minute to load for nothing)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise JobFailure(
+            ErrorCode.gpu_unavailable,
+            "precision fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer) and this worker has "
+            "none: on a CPU the model trains in float32.",
+            action="Resubmit the job with precision bf16, or on a worker with an L4, L40S, H100, H200 or B200.",
+        )
+    capability = torch.cuda.get_device_capability()
+    if capability < FP8_MIN_CAPABILITY:
+        raise JobFailure(
+            ErrorCode.gpu_unavailable,
+            f"precision fp8 needs a GPU of compute capability 8.9 or newer and this one "
+            f"({torch.cuda.get_device_name()}) has {capability[0]}.{capability[1]}.",
+            action="Resubmit the job with precision bf16, or on a worker with an L4, L40S, H100, H200 or B200.",
+        )
+    try:
+        import torchao
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception as exc:
+        raise JobFailure(
+            ErrorCode.backend_unavailable,
+            f"precision fp8 needs torchao's float8 training, which this worker cannot import: "
+            f"{type(exc).__name__}: {exc}.",
+            action="Install torchao on the worker (the gpu extra: pip install '.[gpu]'), or resubmit the job with "
+            "precision bf16.",
+        ) from exc
+    return str(getattr(torchao, "__version__", "unknown"))
+
+
+def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool) -> Fp8Conversion:
+    """Swap the model's eligible Linear layers for torchao's Float8Linear, in place. With
+    `compile_layers` each is compiled on its own (torchao's casts and scaling fused into few
+    kernels; without a compile they run as separate kernels and eat much of the gain)."""
+    import torch.nn as nn
+    import torchao
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    layers = [name for name, m in linear if fp8_layer(m, name)]
+    kept = [name for name, m in linear if not fp8_layer(m, name)]
+    convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=fp8_layer)
+    if compile_layers:
+        converted = dict(model.named_modules())
+        for name in layers:
+            converted[name].compile()
+    logger.info("fp8: %d Linear layers in float8 (%s), %d kept in bf16", len(layers), recipe, len(kept))
+    return Fp8Conversion(
+        recipe=recipe,
+        layers=layers,
+        kept=kept,
+        torchao=str(getattr(torchao, "__version__", "unknown")),
+        compiled=compile_layers,
+    )
