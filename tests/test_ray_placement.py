@@ -215,7 +215,9 @@ def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_newest_p
     resumed = [m for m in messages if m.startswith("resuming from checkpoint-")]
     assert resumed, messages
     assert int(resumed[-1].split("checkpoint-")[1].split(",")[0]) >= 5
-    assert len([m for m in messages if m.startswith("placed by Ray")]) == 2  # placed, and placed again
+    # Placed, and placed again: on a loaded machine Ray may restart the group more than once (seen:
+    # three placements), each time resuming as above; the steps below are still logged once each.
+    assert len([m for m in messages if m.startswith("placed by Ray")]) >= 2, messages
     assert steps == list(range(1, 41)), f"step_at_kill {step_at_kill}: {steps}"  # each step once
     new_ranks = record["placement"]["ranks"]
     assert victim["node_id"] not in {r["node_id"] for r in new_ranks}
