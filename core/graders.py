@@ -19,6 +19,7 @@ import json
 import math
 import operator
 import re
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
@@ -116,8 +117,8 @@ class _Grader(BaseModel):
     def item_fields(self) -> set[str]:
         return set()
 
-    def score(self, output_text: str, item: Mapping[str, Any]) -> float:
-        raise NotImplementedError
+    @abstractmethod  # pydantic's model class is an ABCMeta: each grader type must say how it scores
+    def score(self, output_text: str, item: Mapping[str, Any]) -> float: ...
 
 
 class StringCheckGrader(_Grader):

@@ -83,20 +83,11 @@ def become_trainer(request: dict[str, Any], argv0: str) -> int:
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in request["env"].items()})
     from core.config import get_settings
-    from core.contract import PARENT_PID_ENV, PARENT_WATCHED_ENV
+    from trainer.standby import take_job
 
     get_settings.cache_clear()  # the job's settings, not the server's
-    job_id, parent_pid = int(request["job_id"]), int(request["parent_pid"])
     assigned = time.monotonic()
-    job_dir = get_settings().job_dir(job_id)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    log = os.open(job_dir / "trainer.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    os.chdir(request["workdir"])
-    os.environ[PARENT_PID_ENV] = str(parent_pid)
-    os.environ[PARENT_WATCHED_ENV] = "1"
+    job_id = take_job(request)
     print(f"trainer forked (pid {os.getpid()}) from the fork server (pid {os.getppid()}) for job {job_id}", flush=True)
     from trainer.run import main
 

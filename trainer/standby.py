@@ -57,6 +57,22 @@ def serve(argv0: str) -> int:
     if job is None:
         return 0
     assigned = time.monotonic()
+    job_id = take_job(job)
+    if "unsloth" in loaded and asks_for_plain_transformers(job_id):
+        # Unsloth has patched transformers and TRL in this process: start clean, as the same
+        # process (its pid, output and parent watch stay), at the cost of the imports.
+        print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
+    print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
+    from trainer.run import main
+
+    return main([argv0, str(job_id)], started=assigned)  # it watches parent_pid (PARENT_WATCHED_ENV)
+
+
+def take_job(job: dict[str, Any]) -> int:
+    """Become the trainer of `job` ({"job_id", "parent_pid", "workdir"}), as a trainer the horse
+    starts would be: output appended to the job's trainer.log, in its working directory, the
+    horse (not our parent) watched. Also what a trainer forked by the fork server does."""
     from core.config import get_settings
     from core.contract import PARENT_PID_ENV, PARENT_WATCHED_ENV
 
@@ -70,15 +86,7 @@ def serve(argv0: str) -> int:
     os.chdir(job["workdir"])
     os.environ[PARENT_PID_ENV] = str(parent_pid)
     os.environ[PARENT_WATCHED_ENV] = "1"
-    if "unsloth" in loaded and asks_for_plain_transformers(job_id):
-        # Unsloth has patched transformers and TRL in this process: start clean, as the same
-        # process (its pid, output and parent watch stay), at the cost of the imports.
-        print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
-    print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
-    from trainer.run import main
-
-    return main([argv0, str(job_id)], started=assigned)  # it watches parent_pid (PARENT_WATCHED_ENV)
+    return job_id
 
 
 def asks_for_plain_transformers(job_id: int) -> bool:

@@ -6,6 +6,7 @@ the planner share (formats, options and their defaults, planner terms)."""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,7 +40,7 @@ class TrainerContext:
     event: Callable[[str], None] = field(default=lambda message: None)  # an optimizer_replaced-like note
 
 
-class TrainingMethod:
+class TrainingMethod(ABC):
     """One method: subclasses in trainer/methods/<name>.py."""
 
     name: ClassVar[str]
@@ -67,12 +68,12 @@ class TrainingMethod:
         """The checked rows in the columns TRL's trainer reads."""
         return dataset
 
+    @abstractmethod
     def measure(
         self, dataset: Any, *, row_format: str, tokenizer: Any, template: str | None, what: str
     ) -> tuple[Any, Measured]:
         """(the rows that train, their token figures), before the model is loaded. `dataset` is
         as `prepare` left it; `row_format` the format the rows were read in."""
-        raise NotImplementedError
 
     def report(self, measured: Measured, check: RowCheck) -> DataReport:
         """The data report of the training rows: figures any method has, from `measure`."""
@@ -113,13 +114,13 @@ class TrainingMethod:
         """The method's own hyperparameters, as the spec holds them (TRL's names, defaults filled)."""
         return {name: getattr(self.hp, name) for name in self.facts.defaults}
 
+    @abstractmethod
     def config(self, common: dict[str, Any], context: TrainerContext) -> Any:
         """TRL's config for this method: `common` (every method's TrainingArguments) and its own."""
-        raise NotImplementedError
 
+    @abstractmethod
     def trainer_base(self) -> type:
         """TRL's trainer class, as imported now: Unsloth's patched class once Unsloth is imported."""
-        raise NotImplementedError
 
     def trainer_mixin(self) -> type | None:
         """The method's own additions to its trainer class (placed before JobTrainerMixin)."""
