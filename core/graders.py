@@ -19,7 +19,6 @@ import json
 import math
 import operator
 import re
-from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
@@ -117,8 +116,10 @@ class _Grader(BaseModel):
     def item_fields(self) -> set[str]:
         return set()
 
-    @abstractmethod  # pydantic's model class is an ABCMeta: each grader type must say how it scores
-    def score(self, output_text: str, item: Mapping[str, Any]) -> float: ...
+    def score(self, output_text: str, item: Mapping[str, Any]) -> float:
+        """This grader's score of one completion. Every built-in type has one; a reward module is
+        called by the trainer on a whole batch instead (trainer/methods/grpo.py), never here."""
+        raise TypeError(f"a {type(self).__name__} is not scored one completion at a time")
 
 
 class StringCheckGrader(_Grader):
