@@ -129,7 +129,11 @@ class HubProbe:
             get_session().head(endpoint, timeout=timeout_s)
             answer = Reachability(True)
         except Exception as exc:  # httpx.HTTPError, OSError: any answer at all means reachable
-            answer = Reachability(False, f"the Hub ({endpoint}) could not be reached ({type(exc).__name__})")
+            if isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__:  # httpx's ReadTimeout, ...
+                # The same words as the submit's own wait, whichever of the two ends first.
+                answer = Reachability(False, f"the Hub ({endpoint}) did not answer within {timeout_s:g} s")
+            else:
+                answer = Reachability(False, f"the Hub ({endpoint}) could not be reached ({type(exc).__name__})")
         logger.info("the Hub at %s is %s", endpoint, "reachable" if answer.reachable else "unreachable")
         with self._lock:
             self._answers[endpoint] = (time.monotonic(), answer)

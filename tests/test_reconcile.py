@@ -7,6 +7,7 @@ planting an expired execution in the started-job registry and letting RQ's clean
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -21,7 +22,7 @@ from rq.utils import current_timestamp
 from sqlalchemy import update
 from sqlmodel import col
 
-from tests.conftest import HUB_SPEC, Env
+from tests.conftest import HUB_SPEC, Env, wait_until
 
 # Hub ids are a valid spec without building a model (stubs in the tests' Hugging Face cache):
 # nothing here trains.
@@ -319,3 +320,49 @@ def test_a_deleted_job_is_never_enqueued_again(api: TestClient, env: Env) -> Non
     set_job(job_id, created_at=ago(60), deleted_at=ago(1))
     assert reconcile() == NOTHING_DONE
     assert queue_of(env).job_ids == []
+
+
+def heartbeat_of(job_id: int) -> datetime | None:
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.heartbeat_at
+
+
+def test_a_horse_held_up_outside_its_watch_loop_keeps_its_job(api: TestClient, env: Env) -> None:
+    """Connecting to Ray or waiting for SQLite's lock held the watch loop up past STALE_AFTER_S and
+    the job was taken from a live horse (seen on a loaded CI host: `worker_lost` twice). The
+    heartbeat has a thread of its own: the job stays with its horse while the loop is held up."""
+    from core.reconcile import reconcile
+    from worker.heartbeat import Heartbeat
+
+    job_id = submit(api)
+    env.redis().flushdb()
+    worker_takes_from_db(job_id)
+    set_job(job_id, heartbeat_at=ago(60))  # what a held-up loop would have left
+    with Heartbeat(job_id, interval_s=0.05):  # starting the trainer: no watch loop yet
+        wait_until(lambda: (heartbeat_of(job_id) or ago(60)) > ago(1), 10, "the heartbeat thread to beat")
+        assert reconcile() == NOTHING_DONE
+    assert api.get(f"/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_a_hung_watch_loop_stops_the_heartbeat_and_its_job_is_recovered(api: TestClient, env: Env) -> None:
+    """The thread beats only while the watch loop comes round: a horse hung in its loop loses its
+    job to the reconciler, as a dead one does."""
+    from core.reconcile import reconcile
+    from worker.heartbeat import HUNG_AFTER_BEATS, Heartbeat
+
+    job_id = submit(api)
+    env.redis().flushdb()
+    worker_takes_from_db(job_id)
+    with Heartbeat(job_id, interval_s=0.05) as heartbeat:
+        heartbeat.alive()  # the loop came round once, then hangs
+        wait_until(lambda: not heartbeat.beating, HUNG_AFTER_BEATS * 0.05 + 5, "the heartbeat to give up")
+        set_job(job_id, heartbeat_at=ago(60))
+        time.sleep(0.3)  # six intervals: a beating thread would have written a fresh heartbeat
+        assert heartbeat_of(job_id) < ago(30)  # type: ignore[operator]
+        assert reconcile()["recovered_stale_running"] == 1
+    assert api.get(f"/jobs/{job_id}").json()["status"] == "queued"

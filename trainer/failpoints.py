@@ -5,9 +5,14 @@ environment variable FINETUNE_FAILPOINTS names them; nothing sets it outside the
     FINETUNE_FAILPOINTS="checkpoint_writing@40=pause,checkpoint_published=pause"
 
 `pause` writes the marker file `<job dir>/failpoint-<name>` (holding the trainer's pid) and waits
-until the test deletes it. `@40` limits the failpoint to the save of step 40.
+until the test deletes it. `@40` limits the failpoint to the save of step 40, once.
 
     FINETUNE_FAILPOINTS="training_step=oom>2"
+
+    FINETUNE_FAILPOINTS="training_step@3=pause"
+
+holds the trainer in the middle of a step (its first micro-batch after step 3), in the step's
+compute and outside any write to the job database: a trainer hung in a kernel or a collective.
 
 `oom>2` raises torch's OutOfMemoryError, with CUDA's message, at a training step whose
 micro-batch is larger than 2: a CPU test of what the service does when a job exceeds the card.
@@ -65,13 +70,20 @@ def out_of_memory_above(micro_batch: int) -> None:
     )
 
 
+_held: set[tuple[str, int]] = set()
+
+
 def failpoint(name: str, *, job_dir: Path, step: int | None = None) -> None:
     value = os.environ.get(ENV)
     if not value:
         return
     point = _parse(value).get(name)
-    if point is None or (point[1] is not None and point[1] != step):
+    if point is None or point[0] != "pause" or (point[1] is not None and point[1] != step):
         return
+    if point[1] is not None:  # `@N` holds the trainer once (a step has several micro-batches)
+        if (name, point[1]) in _held:
+            return
+        _held.add((name, point[1]))
     path = marker(job_dir, name)
     path.write_text(str(os.getpid()))
     while path.exists():

@@ -106,6 +106,7 @@ class JobTrainerMixin:
         return batch_tokens(inputs)
 
     def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        failpoint("training_step", job_dir=self.job_dir, step=self.state.global_step)  # inert outside fault tests
         self._tokens = self._tokens + self.batch_tokens(inputs)
         return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 

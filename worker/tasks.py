@@ -50,6 +50,7 @@ from worker import gpus, standby
 from worker.diskguard import wait_for_disk
 from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
+from worker.heartbeat import STARTING_ALLOWANCE_S, Heartbeat
 from worker.ranks import RankGroup
 from worker.ray_placement import RayGroup
 from worker.stalls import StallWatch
@@ -316,6 +317,7 @@ class TrainerWatch:
         # checkpoint at its next step and ends.
         self.stop_asked_at: float | None = None
         self.stalls = StallWatch(job_id, self.job_dir, self.settings.stall_after_s)
+        self.heartbeat = Heartbeat(job_id, self.settings.heartbeat_interval_s)  # beating while run() runs
         self.database_trouble_since: float | None = None
         # The trainer's working directory: empty, so that a model or dataset name shaped like a
         # Hub id ("org/name") can only ever reach the Hub or its cache, never a local folder of
@@ -374,7 +376,8 @@ class TrainerWatch:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGUSR2, self.worker_stopping) if in_main_thread else None
         try:
-            return self.watch(self.start_child())
+            with self.heartbeat:
+                return self.watch(self.start_child())
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGUSR2, previous)
@@ -387,17 +390,14 @@ class TrainerWatch:
             self.stop_asked_at = time.monotonic()
 
     def watch(self, child: Child) -> str:
-        last_heartbeat = time.monotonic()
         eta_s: float | None = None
         try:
             while child.poll() is None:
+                self.heartbeat.alive()
                 time.sleep(POLL_INTERVAL_S)
-                beat = time.monotonic() - last_heartbeat >= self.settings.heartbeat_interval_s
-                if beat:
-                    last_heartbeat = time.monotonic()
                 # The job's ETA, once it has one, tells the GPU line when its cards free (backfilling).
                 self.lease.renew_if_due(self.settings.heartbeat_interval_s, eta_s)
-                polled = self.poll_database(heartbeat=beat)
+                polled = self.poll_database()
                 eta_s = polled.eta_seconds if polled.eta_seconds is not None else eta_s
                 self.carry_requests(child, polled)
                 self.stalls.observe(polled.phase, polled.step, child_pids(child))
@@ -410,17 +410,16 @@ class TrainerWatch:
             raise
         returncode = child.poll()
         assert returncode is not None
+        self.heartbeat.allow(STARTING_ALLOWANCE_S)
         return self.finish(returncode, child)
 
-    def poll_database(self, *, heartbeat: bool) -> Polled:
-        """One round trip a poll: the heartbeat when it is due, whether a cancel or a pause was asked for,
-        the job's phase and step, and the checkpoints the trainer saved that still need hashing. A
-        database that cannot be read or written for a while (a full disk, a long lock) does not
-        stop the watch: the trainer goes on, or fails on its own and says why."""
+    def poll_database(self) -> Polled:
+        """One read a poll (the heartbeat has a thread of its own: worker/heartbeat.py): whether a
+        cancel or a pause was asked for, the job's phase and step, and the checkpoints the trainer
+        saved that still need hashing. A database that cannot be read for a while (a long lock)
+        does not stop the watch: the trainer goes on, or fails on its own and says why."""
         try:
             with session_scope() as session:
-                if heartbeat:
-                    session.execute(update(Job).where(col(Job.id) == self.job_id).values(heartbeat_at=utcnow()))
                 columns = [
                     col(Job.cancel_requested_at),
                     col(Job.pause_requested_at),
@@ -461,7 +460,7 @@ class TrainerWatch:
     def hash_remaining(self) -> None:
         """Hash every recorded checkpoint of the job, once its final status is written. A hash
         that cannot be recorded now (a full disk) is left to the workers' maintenance."""
-        self.hash_checkpoints(self.poll_database(heartbeat=False).pending)
+        self.hash_checkpoints(self.poll_database().pending)
         for checkpoint_id, future in self.hashing.items():
             try:
                 future.result()

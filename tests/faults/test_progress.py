@@ -95,15 +95,25 @@ def test_a_frozen_trainer_is_reported_stalled_and_its_eta_ignores_the_freeze(
 
 
 def test_a_job_resumed_after_its_checkpoints_were_deleted_starts_over_and_says_so(
-    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
+    client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from core import stop_requests
+
     steps = 12
+    # Held in step 5 (past checkpoint-3) until the pause has reached the trainer: a tiny job would
+    # otherwise end before its pause on a loaded machine.
+    monkeypatch.setenv("FINETUNE_FAILPOINTS", "training_step@4=pause")
     spec = job_spec(tiny_model, chat_dataset, max_steps=steps, logging_steps=1, save_steps=3)
     job_id = client.post("/jobs", json=spec).json()["id"]
     runner = run_in_thread(job_id)
-    wait_until(lambda: step_of(client, job_id) >= 4, 120, "a checkpoint and more")
+    job_dir = env.data_dir / "jobs" / str(job_id)
+    held = job_dir / "failpoint-training_step"
+    wait_until(held.exists, 120, "a checkpoint and more")
     assert client.post(f"/jobs/{job_id}/pause").status_code == 200
+    wait_until(lambda: stop_requests.read_request(job_dir) == "paused", 60, "the pause to reach the trainer")
+    held.unlink()
     runner.join(120)
+    monkeypatch.delenv("FINETUNE_FAILPOINTS")  # the resumed attempt runs through
     record = client.get(f"/jobs/{job_id}").json()
     assert record["status"] == "paused", record["error"]
     reached = record["progress"]["step"]

@@ -99,10 +99,14 @@ def test_a_cancel_whose_signal_never_arrives_still_ends_the_job(
 def test_a_trainer_that_does_not_end_within_the_cancel_grace_is_killed(
     client: httpx.Client, env: Env, settings: Any, tiny_model: Path, chat_dataset: Path
 ) -> None:
-    settings(CANCEL_GRACE_S="2")
+    # Held mid-step, then frozen there: stopped at a random moment, a trainer may hold SQLite's
+    # write lock (it writes its step logs), and nobody could even record the cancel.
+    settings(CANCEL_GRACE_S="2", FINETUNE_FAILPOINTS="training_step@3=pause")
     job_id, runner = start_job_in_thread(client, job_spec(tiny_model, chat_dataset, **LONG))
-    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 2, 120, "training to start")
-    pid = trainer_pid(job_id, env.data_dir)
+    marker = env.data_dir / "jobs" / str(job_id) / "failpoint-training_step"
+    wait_until(lambda: marker.exists() and marker.read_text().strip(), 120, "the trainer to reach step 3")
+    pid = int(marker.read_text())
+    assert pid == trainer_pid(job_id, env.data_dir)
     os.kill(pid, signal.SIGSTOP)  # frozen: it can neither read its request file nor take a signal
     assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
     record = finished(client, job_id, runner, timeout_s=60)
