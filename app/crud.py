@@ -46,6 +46,7 @@ from core.planner import (
     with_micro_batch,
 )
 from core.queue import enqueue_job, get_redis, smallest_worker_gpu, worker_fp8_support
+from core.ray_capacity import read_capacity
 from core.shared_store import get_store
 from core.spec import JobSpec
 from core.transitions import move_job
@@ -135,15 +136,23 @@ def learned_estimate(
 
 
 def gpus_refusal(job_in: JobSpec) -> str | None:
-    """The 422 message for a job asking for more GPUs than any live worker's host has, or None
-    (also when no worker has said yet: the job then waits for one)."""
+    """The 422 message for a job asking for more GPUs than any live worker's host has (with Ray,
+    more ranks than the whole cluster could place), or None (also when no worker has said yet:
+    the job then waits for one)."""
     if job_in.gpus == 1:
         return None
     try:
-        sizes = host_sizes(get_redis())
+        connection = get_redis()
+        cluster = read_capacity(connection)
+        sizes = host_sizes(connection) if cluster is None else {}
     except Exception as exc:  # Redis away: the worker that takes the job refuses it if it must
         logger.warning("no host GPU inventories (%s)", exc)
         return None
+    if cluster is not None:
+        if job_in.gpus <= cluster.most_ranks:
+            return None
+        most = cluster.most_ranks
+        return f"gpus: the job asks for {job_in.gpus} ranks and {cluster.describe()}; ask for at most {most}"
     if not sizes or job_in.gpus <= max(sizes.values()):
         return None
     hosts = ", ".join(f"{host} has {count}" for host, count in sorted(sizes.items()))

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # nodes as fit (NCCL within a host is fastest), SPREAD across nodes where it can, STRICT_SPREAD
     # one rank a node, STRICT_PACK all on one node.
     ray_placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # How often a worker asks Ray which nodes are alive, so that the API refuses (422) a job with
+    # more ranks than the whole cluster could place (core/ray_capacity.py). 0: never, for a cluster
+    # that autoscales (it is larger on demand than what it has now).
+    ray_capacity_interval_s: float = Field(default=60.0, ge=0)
 
     # --- trainer -------------------------------------------------------------------------
     # transformers 5 writes one safetensors file of up to 50 GB unless told otherwise; a few

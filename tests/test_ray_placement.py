@@ -170,6 +170,29 @@ def test_a_two_rank_job_is_placed_by_ray_across_two_nodes_and_trains_with_gloo(
     }
 
 
+def test_a_job_larger_than_the_whole_ray_cluster_is_refused_naming_its_size(
+    ray_service: Service, ray_cluster: RayCluster, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    """The worker asks Ray for its alive nodes and records the room they have (one CPU a rank
+    here, one rank a node under STRICT_SPREAD): a job with more ranks is a 422 at once, not a
+    placement group that waits for ever."""
+    from core.ray_capacity import read_capacity
+
+    wait_until(lambda: read_capacity(env.redis()) is not None, START_TIMEOUT_S, "the cluster's capacity")
+    capacity = read_capacity(env.redis())
+    assert capacity is not None and capacity.address == ray_cluster.address
+    most = capacity.most_ranks
+    assert most >= 2 and capacity.unit == "CPU"  # node_a, node_b (and node_c once the kill test added it)
+    with ray_service.http() as http:
+        refused = http.post("/jobs", json={**job_spec(tiny_model, chat_dataset), "gpus": most + 1, "strategy": "ddp"})
+        assert refused.status_code == 422, refused.text
+        assert (
+            f"gpus: the job asks for {most + 1} ranks and the Ray cluster at {ray_cluster.address} has room for "
+            f"{most} rank(s) at most under RAY_PLACEMENT_STRATEGY=STRICT_SPREAD, each taking 1 CPUs"
+        ) in refused.text
+        assert http.get("/jobs").json()["items"] == []  # nothing was queued
+
+
 def node_processes(node_id: str) -> list[int]:
     """The processes of one Ray node: its raylet and agents (their command lines name the node's
     id) and what they started (the node's Ray workers, and the trainers those started)."""

@@ -26,6 +26,7 @@ from core.queue import get_queue, get_redis, register_fp8_support, register_gpu_
 from core.reconcile import reconcile
 from worker import gpus as worker_gpus
 from worker import standby as standby_module
+from worker.ray_capacity import CapacityWatch
 from worker.standby import Standby
 from worker.tasks import compile_cache_env, trainer_environment
 
@@ -80,6 +81,8 @@ class FinetuneWorker(Worker):
 
     gpu_memory_bytes: int | None = None
     standby: Standby | None = None
+    # With RAY_ADDRESS: the cluster's room for ranks, for the API's 422 (core/ray_capacity.py).
+    ray_capacity: CapacityWatch | None = None
     _redis_away_since: float | None = None
     # SIGTERM or SIGINT arrived. RQ only remembers a stop asked for during a job; one asked for
     # while idle ends its loop by an exception, which must not read as "start it again".
@@ -118,6 +121,8 @@ class FinetuneWorker(Worker):
             super().run_maintenance_tasks()
             self.register_gpu()
             HostGpus(self.connection).register(worker_gpus.INVENTORY)
+            if self.ray_capacity is not None:
+                self.ray_capacity.refresh(self.connection)
         except REDIS_ERRORS as exc:
             self.redis_away("maintenance", exc)
         try:
@@ -252,6 +257,10 @@ def main(
     Reserve.for_settings().ensure()
     with contextlib.suppress(*REDIS_ERRORS):  # Redis away: the maintenance registers them later
         HostGpus(connection).register(worker_gpus.INVENTORY)
+    if settings.ray_address:
+        worker.ray_capacity = CapacityWatch()
+        with contextlib.suppress(*REDIS_ERRORS):
+            worker.ray_capacity.refresh(connection)
     # The ORM's mappers are set up on first use; done here, before any SIGTERM can arrive, since RQ's
     # handler raises StopRequested wherever the worker is, and one raised mid-setup leaves every
     # mapper broken (the worker then hung until a second signal).

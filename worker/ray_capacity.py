@@ -1,0 +1,96 @@
+"""The worker's look at the Ray cluster's alive nodes (core/ray_capacity.py says what for).
+
+`python -m worker.ray_capacity ADDRESS` connects to the cluster as a driver, prints its alive
+nodes as JSON and ends: a process of its own, because Ray's client keeps threads and sockets that
+RQ's forked work horses must not inherit, and the worker itself never imports Ray."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+
+from redis import Redis
+
+from core.config import get_settings
+from core.ray_capacity import RayNode, capacity_now, record_capacity
+
+logger = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 120
+
+
+class CapacityWatch:
+    """Records the cluster's capacity at most every RAY_CAPACITY_INTERVAL_S (the worker's
+    maintenance calls `refresh`)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+
+    def refresh(self, connection: Redis) -> None:
+        settings = get_settings()
+        interval = settings.ray_capacity_interval_s
+        if not settings.ray_address or not interval:
+            return
+        if self.last is not None and time.monotonic() - self.last < interval:
+            return
+        self.last = time.monotonic()
+        nodes = probe(settings.ray_address)
+        if nodes is not None:
+            capacity = capacity_now(settings.ray_address, nodes)
+            record_capacity(connection, capacity)
+            logger.info("%s", capacity.describe())
+
+
+def probe(address: str) -> list[RayNode] | None:
+    """The cluster's alive nodes, or None when it cannot be reached (logged; nothing is recorded,
+    and the API refuses nothing for the cluster's size)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.ray_capacity", address],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        logger.warning("could not ask the Ray cluster at %s for its nodes (%s)", address, exc)
+        return None
+    try:
+        if done.returncode != 0:
+            raise ValueError(f"exit code {done.returncode}")
+        listed = json.loads(done.stdout.strip().splitlines()[-1])
+        return [RayNode(str(n["host"]), float(n["gpus"]), float(n["cpus"])) for n in listed]
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        logger.warning("could not ask the Ray cluster at %s for its nodes (%s): %s", address, exc, tail)
+        return None
+
+
+def main(address: str) -> int:
+    import ray
+
+    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        nodes = [
+            {
+                "host": node.get("NodeManagerHostname") or node.get("NodeManagerAddress") or node["NodeID"][:12],
+                "gpus": node["Resources"].get("GPU", 0),
+                "cpus": node["Resources"].get("CPU", 0),
+            }
+            for node in ray.nodes()  # type: ignore[no-untyped-call]
+            if node.get("Alive")
+        ]
+    finally:
+        ray.shutdown()
+    print(json.dumps(nodes))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m worker.ray_capacity RAY_ADDRESS", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1]))
