@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -94,7 +95,8 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so
     it is found by its command line and environment; a standby trainer (`-m trainer --standby`)
     names its job only in the job's trainer.lock, which holds its pid once it has taken one, and a
-    forked one (`-m trainer --forkserver SOCKET`) by the job's trainer.log, its output."""
+    forked one (`-m trainer --forkserver SOCKET`) by its output, the job's trainer.log (a rank's
+    trainer-rank<N>.log)."""
     found = []
     lock = data_dir.resolve() / "jobs" / str(job_id) / "trainer.lock"
     try:
@@ -122,7 +124,9 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
                 log = Path(os.readlink(entry / "fd" / "1"))
             except OSError:
                 continue
-            in_jobs = log.name == "trainer.log" and log.parent.parent == data_dir.resolve() / "jobs"
+            # Rank 0 and a single trainer write trainer.log, the other ranks trainer-rank<N>.log.
+            named = log.name == "trainer.log" or re.fullmatch(r"trainer-rank[0-9]+\.log", log.name) is not None
+            in_jobs = named and log.parent.parent == data_dir.resolve() / "jobs"
             if in_jobs and (job_id is None or log.parent.name == str(job_id)):
                 found.append(int(entry.name))
             continue

@@ -67,3 +67,12 @@ def test_a_server_that_does_not_answer_gives_no_trainer_and_says_so(
     with caplog.at_level(logging.WARNING, logger="worker.forkserver"):
         assert fork_trainer(str(tmp_path / "nobody.sock"), 7, tmp_path, {"PATH": "/usr/bin"}) is None
     assert "job 7: no trainer from the fork server" in caplog.text
+
+
+def test_a_fork_request_names_a_log_in_the_jobs_folder_never_a_path(env: Env, tmp_path: Path) -> None:
+    from trainer.standby import take_job
+
+    job = {"job_id": 3, "parent_pid": os.getpid(), "workdir": str(tmp_path)}
+    for name in ("../../escape.log", "/tmp/x.log", "trainer-rank1.log/../../x", "notes.txt"):
+        with pytest.raises(ValueError, match="not a trainer log's name"):
+            take_job({**job, "log": name})

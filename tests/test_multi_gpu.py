@@ -35,6 +35,8 @@ def test_a_two_rank_job_trains_logs_once_and_saves_one_loadable_final(
     two_gpu_service: Service, tiny_model: Path, chat_dataset: Path
 ) -> None:
     service = two_gpu_service
+    # The fork server forks each rank once it is up (a job that comes before starts its own processes).
+    wait_until(lambda: os.path.exists(service.env["TRAINER_FORKSERVER"]), 120, "the trainer fork server")
     job_id = service.submit(ddp_spec(tiny_model, chat_dataset))
     record = service.wait_for(job_id, {"succeeded", "failed", "cancelled"}, timeout_s=240)
     assert record["status"] == "succeeded", record["error"]
@@ -52,7 +54,9 @@ def test_a_two_rank_job_trains_logs_once_and_saves_one_loadable_final(
     assert record["metrics"]["tokens_per_second"] is not None
 
     job_dir = service.job_dir(job_id)
-    assert (job_dir / "trainer-rank1.log").is_file()
+    # Each rank forked by the tests' trainer fork server (TRAINER_FORKSERVER), each writing its own log.
+    for log in ("trainer.log", "trainer-rank1.log"):
+        assert "from the fork server" in (job_dir / log).read_text()
     assert {p.name for p in (job_dir / "checkpoints" / "checkpoint-3").glob("rng_state_*.pth")} == {
         "rng_state_0.pth",
         "rng_state_1.pth",
@@ -66,14 +70,15 @@ def test_a_two_rank_job_trains_logs_once_and_saves_one_loadable_final(
 
 
 def rank_of(pid: int) -> int | None:
+    """The rank a trainer process is, by the log it writes (trainer.log for rank 0,
+    trainer-rank<N>.log): a rank forked by the fork server shows the server's /proc environ."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        log = Path(os.readlink(f"/proc/{pid}/fd/1")).name
     except OSError:
         return None
-    for item in environ:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
+    if log == "trainer.log":
+        return 0
+    return int(log.removeprefix("trainer-rank").removesuffix(".log")) if log.startswith("trainer-rank") else None
 
 
 def wait_for_two_ranks(service: Service, job_id: int) -> dict[int, int]:

@@ -1,7 +1,8 @@
 """Jobs placed by Ray (RAY_ADDRESS, worker/ray_placement.py) on a Ray cluster of real processes on
 this machine: a head and a second node started with `ray start`, one CPU each, so that a job of
 two ranks can only be placed across both nodes, where its ranks join with gloo. One cluster for
-the module: starting it takes about 15 s of the 2-core machine."""
+the module, in one test process (tests/conftest.py: ONE_PROCESS_MODULES): starting it takes about
+15 s of the 2-core machine."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.service_harness import ROOT, START_TIMEOUT_S, free_port, process_tree, wait_until
+from scripts.service_harness import ROOT, START_TIMEOUT_S, free_port, process_tree, trainer_pids, wait_until
 from tests.conftest import Env, Service, job_spec
 
 NODE_OPTIONS = (
@@ -84,8 +85,12 @@ class RayCluster:
 def ray_cluster() -> Iterator[RayCluster]:
     # A short path: Ray's Unix sockets live under it (at most 107 characters).
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    # Ray's own processes unmeasured: coverage would trace its agents and workers for the module's
+    # life, and they end by SIGKILL, which saves nothing. The trainers Ray's workers start are
+    # measured still: the worker passes them its COVERAGE_* variables (TRAINER_ENV_KEPT).
+    unmeasured = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE_", "COV_CORE_"))}
     env = {
-        **os.environ,
+        **unmeasured,
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         "OMP_NUM_THREADS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -191,6 +196,52 @@ def test_a_job_larger_than_the_whole_ray_cluster_is_refused_naming_its_size(
             f"{most} rank(s) at most under RAY_PLACEMENT_STRATEGY=STRICT_SPREAD, each taking 1 CPUs"
         ) in refused.text
         assert http.get("/jobs").json()["items"] == []  # nothing was queued
+
+
+def rank_of(pid: int) -> int | None:
+    """A trainer's rank, by the log it writes (trainer.log for rank 0, trainer-rank<N>.log)."""
+    try:
+        log = Path(os.readlink(f"/proc/{pid}/fd/1")).name
+    except OSError:
+        return None
+    if log == "trainer.log":
+        return 0
+    return int(log.removeprefix("trainer-rank").removesuffix(".log")) if log.startswith("trainer-rank") else None
+
+
+@pytest.mark.slow
+def test_a_rank_lost_past_ray_max_failures_fails_the_job_naming_the_rank(
+    env: Env, tmp_path: Path, ray_cluster: RayCluster, tiny_model: Path, chat_dataset: Path
+) -> None:
+    """RAY_MAX_FAILURES=0: the first rank Ray loses ends the job, failed, in words that name the rank
+    and how it ended; Ray does not place it again and no trainer is left."""
+    settings = {
+        **env.vars,
+        "RAY_ADDRESS": ray_cluster.address,
+        "RAY_PLACEMENT_STRATEGY": "STRICT_SPREAD",
+        "RAY_MAX_FAILURES": "0",
+        "STORAGE_URL": str(tmp_path / "shared"),
+    }
+    service = Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=settings)
+    try:
+        service.start()
+        spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
+        job_id = service.submit({**spec, "gpus": 2, "strategy": "ddp"})
+        service.wait_for_step(job_id, 2)
+        ranks = {rank_of(pid): pid for pid in trainer_pids(service.data_dir, job_id)}
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+
+        record = service.wait_for(job_id, timeout_s=180)
+        assert (record["status"], record["error"]["code"]) == ("failed", "trainer_crashed"), record["error"]
+        assert "Rank 1 of 2 (placed by Ray) was killed by SIGKILL" in record["error"]["message"]
+        messages = [message for _kind, message in service.events(job_id)]
+        assert not [m for m in messages if m.startswith("Ray restarted")], messages
+        assert len([m for m in messages if m.startswith("placed by Ray")]) == 1, messages
+        wait_until(lambda: trainer_pids(service.data_dir, job_id) == [], 60, "every rank's trainer to end")
+    finally:
+        service.stop()
+        print(service.logs())
 
 
 def node_processes(node_id: str) -> list[int]:

@@ -2,16 +2,17 @@
 
 Each job's trainer process spends most of its start importing torch, transformers, TRL and
 datasets (4 to 6 s of CPU on the tiny model's jobs, more than the training). The fork server
-imports them once; a job's trainer is then a fork of it that starts training at once. The work
-horse uses it when TRAINER_FORKSERVER names its socket and the job is one process on the CPU
-(worker/forkserver.py); otherwise, or when the server does not answer, the trainer is a process of
-its own as always. CUDA cannot cross a fork, so the server refuses to run where torch sees a GPU:
+imports them once; a job's trainer (each rank's, for a job of several ranks joined by gloo) is then
+a fork of it that starts training at once. The work horse uses it when TRAINER_FORKSERVER names its
+socket (worker/forkserver.py); otherwise, or when the server does not answer, the trainer is a
+process of its own as always. CUDA cannot cross a fork, so the server refuses to run where torch sees a GPU:
 a GPU worker's head start is the standby trainer (trainer/standby.py).
 
 The protocol: the horse connects to SOCKET and sends one JSON line, {"job_id", "parent_pid",
-"workdir", "env"}; the server forks and answers {"pid": N}. The child becomes that job's trainer
-exactly as a standby does once it has its job: the job's environment (the whole of it, replacing
-the server's), its working directory, its output appended to the job's trainer.log, the horse
+"workdir", "env", "log"}; the server forks and answers {"pid": N}. The child becomes that job's
+trainer exactly as a standby does once it has its job: the job's (or the rank's) environment, the
+whole of it, replacing the server's, its working directory, its output appended to the job's
+trainer.log (a rank's trainer-rank<N>.log, `log`), the horse
 watched as its parent. The server keeps each child's exit status (a zombie) until the horse has
 read it from /proc: it reaps a child once the job's working directory is gone (the horse removes
 it when it is done) or the horse has ended.

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
 
 logger = logging.getLogger("trainer.standby")
+LOG_NAME = re.compile(r"trainer(-rank[0-9]+)?\.log")
 
 
 def preload() -> list[str]:
@@ -70,16 +72,21 @@ def serve(argv0: str) -> int:
 
 
 def take_job(job: dict[str, Any]) -> int:
-    """Become the trainer of `job` ({"job_id", "parent_pid", "workdir"}), as a trainer the horse
-    starts would be: output appended to the job's trainer.log, in its working directory, the
-    horse (not our parent) watched. Also what a trainer forked by the fork server does."""
+    """Become the trainer of `job` ({"job_id", "parent_pid", "workdir"}, and "log" for a forked rank),
+    as a trainer the horse starts would be: output appended to the job's trainer.log, in its
+    working directory, the horse (not our parent) watched. Also what a trainer forked by the fork server does."""
     from core.config import get_settings
     from core.contract import PARENT_PID_ENV, PARENT_WATCHED_ENV
 
     job_id, parent_pid = int(job["job_id"]), int(job["parent_pid"])
     job_dir = get_settings().job_dir(job_id)
     job_dir.mkdir(parents=True, exist_ok=True)
-    log = os.open(job_dir / "trainer.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # A rank other than 0 writes trainer-rank<N>.log (worker/ranks.rank_log): a name in the job's
+    # folder, never a path.
+    name = str(job.get("log") or "trainer.log")
+    if not LOG_NAME.fullmatch(name):
+        raise ValueError(f"not a trainer log's name: {name!r}")
+    log = os.open(job_dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)

@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.forkserver import fork_trainer
+from worker.standby import AdoptedTrainer
+
 logger = logging.getLogger(__name__)
 
 # After one rank fails, the others get this long to end on their own (they fail at their next
@@ -45,7 +48,17 @@ class RankFailure:
 
 
 class RankGroup:
-    def __init__(self, job_id: int, world_size: int, env: dict[str, str], job_dir: Path, workdir: Path) -> None:
+    def __init__(
+        self,
+        job_id: int,
+        world_size: int,
+        env: dict[str, str],
+        job_dir: Path,
+        workdir: Path,
+        forkserver: str | None = None,
+    ) -> None:
+        """`forkserver`: the trainer fork server's socket (TRAINER_FORKSERVER, a host without GPUs),
+        which forks each rank's trainer; a rank it cannot give is started as a process of its own."""
         self.job_id = job_id
         self.job_dir = job_dir
         self.world_size = world_size
@@ -53,7 +66,7 @@ class RankGroup:
         self._failed_at: float | None = None
         self.returncode: int | None = None
         port = free_port()
-        self.processes: list[subprocess.Popen[bytes]] = []
+        self.processes: list[subprocess.Popen[bytes] | AdoptedTrainer] = []
         for rank in range(world_size):
             rank_env = {
                 **env,
@@ -65,6 +78,11 @@ class RankGroup:
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
             }
+            if forkserver:
+                forked = fork_trainer(forkserver, job_id, workdir, rank_env, log=rank_log(job_dir, rank).name)
+                if forked is not None:
+                    self.processes.append(forked)
+                    continue
             with open(rank_log(job_dir, rank), "ab") as log:
                 self.processes.append(
                     subprocess.Popen(

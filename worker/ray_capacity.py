@@ -10,9 +10,11 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from core.config import get_settings
 from core.ray_capacity import RayNode, capacity_now, record_capacity
@@ -23,25 +25,41 @@ PROBE_TIMEOUT_S = 120
 
 
 class CapacityWatch:
-    """Records the cluster's capacity at most every RAY_CAPACITY_INTERVAL_S (the worker's
-    maintenance calls `refresh`)."""
+    """Records the cluster's capacity at most every RAY_CAPACITY_INTERVAL_S (the worker calls
+    `refresh` at start and at each maintenance pass). The look takes seconds (a Ray driver
+    connects), so it runs on a thread: the worker takes jobs meanwhile."""
 
     def __init__(self) -> None:
         self.last: float | None = None
+        self.thread: threading.Thread | None = None
 
     def refresh(self, connection: Redis) -> None:
         settings = get_settings()
         interval = settings.ray_capacity_interval_s
         if not settings.ray_address or not interval:
             return
+        if self.thread is not None and self.thread.is_alive():
+            return
         if self.last is not None and time.monotonic() - self.last < interval:
             return
         self.last = time.monotonic()
-        nodes = probe(settings.ray_address)
-        if nodes is not None:
-            capacity = capacity_now(settings.ray_address, nodes)
-            record_capacity(connection, capacity)
-            logger.info("%s", capacity.describe())
+        self.thread = threading.Thread(
+            target=record, args=(connection, settings.ray_address), name="ray-capacity", daemon=True
+        )
+        self.thread.start()
+
+
+def record(connection: Redis, address: str) -> None:
+    nodes = probe(address)
+    if nodes is None:
+        return
+    capacity = capacity_now(address, nodes)
+    try:
+        record_capacity(connection, capacity)
+    except RedisError as exc:  # Redis away: the next look records it
+        logger.warning("could not record the Ray cluster's capacity (%s)", exc)
+        return
+    logger.info("%s", capacity.describe())
 
 
 def probe(address: str) -> list[RayNode] | None:

@@ -113,6 +113,15 @@ def signal_process(child: Child, pid: int, sig: int) -> None:
         child.send_signal(sig)
 
 
+def first_failed_rank(child: Child | None) -> int | None:
+    """The rank that failed first, for a job of several ranks (on this host or placed by Ray)."""
+    if isinstance(child, RankGroup):
+        return child.first_failure.rank if child.first_failure is not None else None
+    if isinstance(child, RayGroup):
+        return int(child.first_failure["rank"]) if child.first_failure is not None else None
+    return None
+
+
 def worker_name() -> str:
     """The RQ worker's own name (host, GPUs, pid: see worker/__main__.py) when run by RQ, which
     puts it in the work horse's environment (reading it from Redis would fail while Redis is away)."""
@@ -338,14 +347,17 @@ class TrainerWatch:
             if adopted is not None:
                 return adopted
         env = self.trainer_env()
-        if world_size == 1 and visible is None and self.settings.trainer_forkserver:
-            forked = fork_trainer(self.settings.trainer_forkserver, self.job_id, self.workdir, env)
-            if forked is not None:
-                return forked
         if visible is not None:
             env.update(cuda_devices_env(visible))
+        # The fork server runs only where torch sees no GPU (CUDA cannot cross a fork): there the
+        # cards a job leased are the pretended ones of WORKER_GPUS, and it forks any trainer.
+        forkserver = self.settings.trainer_forkserver or None
         if world_size > 1:
-            return RankGroup(self.job_id, world_size, env, self.job_dir, self.workdir)
+            return RankGroup(self.job_id, world_size, env, self.job_dir, self.workdir, forkserver)
+        if forkserver:
+            forked = fork_trainer(forkserver, self.job_id, self.workdir, env)
+            if forked is not None:
+                return forked
         log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
         # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
         child = subprocess.Popen(
@@ -573,11 +585,18 @@ class TrainerWatch:
         job must not stay `running`), with the checkpoints the trainer finished but did not record;
         then the hashes, which can wait."""
         result = self.read_result() or self.result_without_report(returncode, child)
+        failed_rank = first_failed_rank(child)
+        rank0_crashed = result.status == TrainerOutcome.failed and result.error_code == ErrorCode.trainer_crashed
         if (
-            isinstance(child, RankGroup)
-            and child.first_failure is not None
-            and child.first_failure.rank != 0
-            and not (result.status == TrainerOutcome.failed and result.error_code != ErrorCode.trainer_crashed)
+            failed_rank is not None
+            and failed_rank != 0
+            # Ray's ranks may have failed in an earlier attempt of a job that then went well: only a
+            # rank 0 that crashed too (on the lost peer) has the other rank's story to tell.
+            and (
+                rank0_crashed
+                if isinstance(child, RayGroup)
+                else not (result.status == TrainerOutcome.failed and not rank0_crashed)
+            )
         ):
             # Rank 0 only saw the others vanish (or was stopped because of them): the failed rank's
             # own story is the one to tell, unless rank 0 named a cause of its own (the same

@@ -5,6 +5,7 @@ each step once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -49,16 +50,39 @@ def step_of(client: httpx.Client, job_id: int) -> int:
 
 
 def test_a_frozen_trainer_is_reported_stalled_and_its_eta_ignores_the_freeze(
-    client: httpx.Client, env: Env, fast_stalls: None, tiny_model: Path, chat_dataset: Path
+    client: httpx.Client,
+    env: Env,
+    fast_stalls: None,
+    tiny_model: Path,
+    chat_dataset: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     steps = 100_000
+    # Frozen mid-step, outside its writes to the job database: stopped at a random moment, the
+    # trainer may hold SQLite's write lock, and the worker could not record the stall.
+    monkeypatch.setenv("FINETUNE_FAILPOINTS", "training_step@10=pause")
     spec = job_spec(tiny_model, chat_dataset, max_steps=steps, logging_steps=1, save_steps=100_000)
     job_id = client.post("/jobs", json=spec).json()["id"]
     runner = run_in_thread(job_id)
-    wait_until(lambda: step_of(client, job_id) >= 10, 120, "training to start")
-    pid = trainer_pid(job_id, env.data_dir)
-    os.kill(pid, signal.SIGSTOP)
-    frozen_at = time.monotonic()
+    held = env.data_dir / "jobs" / str(job_id) / "failpoint-training_step"
+    try:
+        wait_until(lambda: held.exists() and held.read_text().strip(), 120, "training to reach step 10")
+        pid = int(held.read_text())
+        assert pid == trainer_pid(job_id, env.data_dir)
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        held.unlink()  # it goes on once it is let go (SIGCONT)
+        frozen(client, job_id, pid, frozen_at, steps)
+    finally:  # a failed test leaves no job running into the next one
+        client.post(f"/jobs/{job_id}/cancel")
+        with contextlib.suppress(ProcessLookupError, NameError):
+            os.kill(pid, signal.SIGCONT)
+        runner.join(60)
+    assert not runner.is_alive()
+
+
+def frozen(client: httpx.Client, job_id: int, pid: int, frozen_at: float, steps: int) -> None:
+    """What the record, the events and /metrics say of the frozen trainer, then once it goes on."""
     try:
         stalled = wait_until(lambda: events_of(client, job_id, "stalled"), 60, "a stalled event")
         record = client.get(f"/jobs/{job_id}").json()
@@ -90,8 +114,6 @@ def test_a_frozen_trainer_is_reported_stalled_and_its_eta_ignores_the_freeze(
     left = steps - record["progress"]["step"]
     assert record["progress"]["eta_seconds"] < frozen_s / record["progress"]["step"] * left
     assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
-    runner.join(60)
-    assert not runner.is_alive()
 
 
 def test_a_job_resumed_after_its_checkpoints_were_deleted_starts_over_and_says_so(

@@ -55,6 +55,9 @@ def standby_pid(cluster: Cluster) -> int | None:
 def test_no_trainer_sees_the_services_secrets_on_any_start_path(cluster: Cluster, tiny_model: Path) -> None:
     cluster.env.update(SECRETS, OPERATORS_WANDB_KEY="passed-on-by-the-operator")
     cluster.env["TRAINER_ENV_PASSTHROUGH"] = "OPERATORS_WANDB_*"
+    # Processes of their own, whose /proc environ is theirs (a forked trainer's shows the fork
+    # server's: tests/test_forkserver.py checks what the fork gives it).
+    cluster.env["TRAINER_FORKSERVER"] = ""
     cluster.start_redis()
     cluster.migrate()
     cluster.start_api()
