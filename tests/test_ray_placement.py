@@ -175,6 +175,7 @@ def test_a_two_rank_job_is_placed_by_ray_across_two_nodes_and_trains_with_gloo(
     }
 
 
+@pytest.mark.slow  # it starts the service; and it must run before the head-lost test, last of the slow ones
 def test_a_job_larger_than_the_whole_ray_cluster_is_refused_naming_its_size(
     ray_service: Service, ray_cluster: RayCluster, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
@@ -183,7 +184,8 @@ def test_a_job_larger_than_the_whole_ray_cluster_is_refused_naming_its_size(
     placement group that waits for ever."""
     from core.ray_capacity import read_capacity
 
-    wait_until(lambda: read_capacity(env.redis()) is not None, START_TIMEOUT_S, "the cluster's capacity")
+    # A Ray driver of its own connects (seconds; a minute and more on a loaded 2-core machine).
+    wait_until(lambda: read_capacity(env.redis()) is not None, 180, "the cluster's capacity")
     capacity = read_capacity(env.redis())
     assert capacity is not None and capacity.address == ray_cluster.address
     most = capacity.most_ranks
@@ -295,3 +297,24 @@ def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_newest_p
     assert steps == list(range(1, 41)), f"step_at_kill {step_at_kill}: {steps}"  # each step once
     new_ranks = record["placement"]["ranks"]
     assert victim["node_id"] not in {r["node_id"] for r in new_ranks}
+
+
+@pytest.mark.slow
+def test_the_ray_head_lost_mid_job_ends_the_job_in_words_and_leaves_no_trainer(
+    ray_service: Service, ray_cluster: RayCluster, tiny_model: Path, chat_dataset: Path
+) -> None:
+    """The whole cluster goes (its head and every node): the job is not left `running`; each attempt
+    says the cluster was lost, and once MAX_ATTEMPTS are spent it fails `worker_lost`. Last of the
+    module: it takes the module's cluster down."""
+    service = ray_service
+    spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
+    job_id = service.submit({**spec, "gpus": 2, "strategy": "ddp"})
+    service.wait_for_step(job_id, 2)
+    ray_cluster.stop()  # every process of the cluster, the head's among them
+
+    record = service.wait_for(job_id, timeout_s=300)
+    assert (record["status"], record["error"]["code"]) == ("failed", "worker_lost"), record["error"]
+    messages = [message for _kind, message in service.events(job_id)]
+    lost = [m for m in messages if f"the Ray cluster at RAY_ADDRESS={ray_cluster.address} was lost" in m]
+    assert lost, messages
+    wait_until(lambda: trainer_pids(service.data_dir, job_id) == [], 60, "every rank's trainer to end")

@@ -48,6 +48,22 @@ RESTARTABLE = {None, ErrorCode.trainer_crashed, ErrorCode.worker_lost}
 NAMESPACE = "finetune"
 
 
+class RayUnreachable(RuntimeError):
+    """RAY_ADDRESS does not answer: ray.init would wait for minutes on a cluster that is gone."""
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise RayUnreachable when the head's host:port takes no connection (other address forms,
+    such as "auto" or ray://, are left to ray.init)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayUnreachable(f"the Ray cluster at RAY_ADDRESS={address} cannot be reached ({exc})") from exc
+
+
 class RankFailed(RuntimeError):
     """Raised in a rank's Ray worker so that Ray restarts the group (FailureConfig)."""
 
@@ -221,6 +237,7 @@ class RayGroup:
         self.placed: dict[str, Any] | None = None
         self.lost_cluster: str | None = None
         started = time.monotonic()
+        check_reachable(settings.ray_address)
         ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False, ignore_reinit_error=True)
         self.use_gpu = ray.cluster_resources().get("GPU", 0) > 0  # type: ignore[no-untyped-call]
         with contextlib.suppress(ValueError):  # an earlier attempt's, left by a horse that died
@@ -281,9 +298,9 @@ class RayGroup:
                 TrainerResult(
                     status=TrainerOutcome.interrupted,
                     error_code=ErrorCode.worker_lost,
+                    # The reason the reconciler words its requeue (or failure) with (core/reconcile.py).
                     error_message=f"the Ray cluster at RAY_ADDRESS={get_settings().ray_address} was lost while the "
-                    f"job ran ({self.lost_cluster}); it is queued again and resumes from its newest published "
-                    "checkpoint",
+                    f"job ran ({self.lost_cluster})",
                 )
             )
         if ended is not None and ended.get("result") is not None:

@@ -52,7 +52,7 @@ from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.heartbeat import STARTING_ALLOWANCE_S, Heartbeat
 from worker.ranks import RankGroup
-from worker.ray_placement import RayGroup
+from worker.ray_placement import RayGroup, RayUnreachable
 from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
 
@@ -389,7 +389,18 @@ class TrainerWatch:
         previous = signal.signal(signal.SIGUSR2, self.worker_stopping) if in_main_thread else None
         try:
             with self.heartbeat:
-                return self.watch(self.start_child())
+                try:
+                    child = self.start_child()
+                except RayUnreachable as exc:  # the cluster is gone: as when it goes while the job runs
+                    self.write_result(
+                        TrainerResult(
+                            status=TrainerOutcome.interrupted,
+                            error_code=ErrorCode.worker_lost,
+                            error_message=str(exc),  # the reconciler's words add what happens next
+                        )
+                    )
+                    return self.finish(1)
+                return self.watch(child)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGUSR2, previous)
@@ -566,6 +577,12 @@ class TrainerWatch:
         for checkpoint_id in checkpoint_ids:
             if checkpoint_id not in self.hashing or self.hashing[checkpoint_id].done():
                 self.hashing[checkpoint_id] = self.hasher.submit(hash_checkpoint, self.job_id, checkpoint_id)
+
+    def write_result(self, result: TrainerResult) -> None:
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.job_dir / f"{RESULT_FILE}.worker"
+        temporary.write_text(result.model_dump_json())
+        temporary.replace(self.job_dir / RESULT_FILE)
 
     def read_result(self) -> TrainerResult | None:
         try:
