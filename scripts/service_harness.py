@@ -90,6 +90,18 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def trainer_rank(pid: int) -> int | None:
+    """A trainer's rank, by the log it writes (trainer.log for rank 0, trainer-rank<N>.log): a rank
+    forked by the trainer fork server shows the server's /proc environ, not its RANK."""
+    try:
+        log = Path(os.readlink(f"/proc/{pid}/fd/1")).name
+    except OSError:
+        return None
+    if log == "trainer.log":
+        return 0
+    return int(log.removeprefix("trainer-rank").removesuffix(".log")) if log.startswith("trainer-rank") else None
+
+
 def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     """Live trainer processes of this DATA_DIR (another service on the machine has trainers for
     job 1 too), of one job or of all. A trainer whose worker died is no one's descendant, so

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from scripts.service_harness import kill
+from scripts.service_harness import kill, trainer_rank
 from tests.conftest import Env, Service, job_spec, process_tree, trainer_pids, wait_until
 
 pytestmark = pytest.mark.slow
@@ -69,22 +69,10 @@ def test_a_two_rank_job_trains_logs_once_and_saves_one_loadable_final(
     assert trainer_pids(service.data_dir, job_id) == []
 
 
-def rank_of(pid: int) -> int | None:
-    """The rank a trainer process is, by the log it writes (trainer.log for rank 0,
-    trainer-rank<N>.log): a rank forked by the fork server shows the server's /proc environ."""
-    try:
-        log = Path(os.readlink(f"/proc/{pid}/fd/1")).name
-    except OSError:
-        return None
-    if log == "trainer.log":
-        return 0
-    return int(log.removeprefix("trainer-rank").removesuffix(".log")) if log.startswith("trainer-rank") else None
-
-
 def wait_for_two_ranks(service: Service, job_id: int) -> dict[int, int]:
     """rank -> pid, once both ranks train."""
     service.wait_for_step(job_id, 2)
-    ranks = {rank_of(pid): pid for pid in trainer_pids(service.data_dir, job_id)}
+    ranks = {trainer_rank(pid): pid for pid in trainer_pids(service.data_dir, job_id)}
     assert set(ranks) == {0, 1}, ranks
     return {rank: pid for rank, pid in ranks.items() if rank is not None}
 

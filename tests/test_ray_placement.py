@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from scripts.service_harness import ROOT, START_TIMEOUT_S, free_port, process_tree, trainer_pids, wait_until
+from scripts.service_harness import (
+    ROOT,
+    START_TIMEOUT_S,
+    free_port,
+    process_tree,
+    trainer_pids,
+    trainer_rank,
+    wait_until,
+)
 from tests.conftest import Env, Service, job_spec
 
 NODE_OPTIONS = (
@@ -200,17 +208,6 @@ def test_a_job_larger_than_the_whole_ray_cluster_is_refused_naming_its_size(
         assert http.get("/jobs").json()["items"] == []  # nothing was queued
 
 
-def rank_of(pid: int) -> int | None:
-    """A trainer's rank, by the log it writes (trainer.log for rank 0, trainer-rank<N>.log)."""
-    try:
-        log = Path(os.readlink(f"/proc/{pid}/fd/1")).name
-    except OSError:
-        return None
-    if log == "trainer.log":
-        return 0
-    return int(log.removeprefix("trainer-rank").removesuffix(".log")) if log.startswith("trainer-rank") else None
-
-
 @pytest.mark.slow
 def test_a_rank_lost_past_ray_max_failures_fails_the_job_naming_the_rank(
     env: Env, tmp_path: Path, ray_cluster: RayCluster, tiny_model: Path, chat_dataset: Path
@@ -230,7 +227,7 @@ def test_a_rank_lost_past_ray_max_failures_fails_the_job_naming_the_rank(
         spec = job_spec(tiny_model, chat_dataset, max_steps=100_000, logging_steps=1, save_steps=100_000)
         job_id = service.submit({**spec, "gpus": 2, "strategy": "ddp"})
         service.wait_for_step(job_id, 2)
-        ranks = {rank_of(pid): pid for pid in trainer_pids(service.data_dir, job_id)}
+        ranks = {trainer_rank(pid): pid for pid in trainer_pids(service.data_dir, job_id)}
         assert set(ranks) == {0, 1}, ranks
         os.kill(ranks[1], signal.SIGKILL)
 
