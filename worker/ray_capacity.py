@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 
 from core.config import get_settings
 from core.ray_capacity import RayNode, capacity_now, record_capacity
+from worker.ray_placement import check_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,10 @@ def probe(address: str) -> list[RayNode] | None:
 
 
 def main(address: str) -> int:
+    # Its own limit too: a worker that dies while it looks cannot kill it after PROBE_TIMEOUT_S
+    # (seen: a probe left waiting in ray.init on a cluster that was gone).
+    signal.alarm(PROBE_TIMEOUT_S)
+    check_reachable(address)  # a head that takes no connection: fail now, not in ray.init
     import ray
 
     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
