@@ -21,6 +21,16 @@ pytestmark = pytest.mark.slow
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
+# The GRPO tests' grader: 1 for a completion that is exactly the row's answer.
+EXACT_ANSWER = {
+    "type": "string_check",
+    "name": "exact",
+    "input": "{{sample.output_text}}",
+    "reference": "{{item.answer}}",
+    "operation": "eq",
+}
+
+
 def method_spec(model: Path, dataset: Path, method: str, **hyperparameters: Any) -> dict[str, Any]:
     spec = job_spec(model, dataset, **hyperparameters)
     spec["method"] = method
@@ -78,13 +88,7 @@ def test_grpo_job_learns_an_exact_answer_and_logs_reward_kl_and_lengths(
         top_k=4,
         beta=0.04,
     )
-    spec["grader"] = {
-        "type": "string_check",
-        "name": "exact",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.answer}}",
-        "operation": "eq",
-    }
+    spec["grader"] = dict(EXACT_ANSWER)
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
     assert record["trainer"] == {
@@ -239,13 +243,7 @@ def test_a_grpo_job_cancelled_while_it_generates_ends_cancelled_in_seconds(
         num_generations=8,
         max_completion_length=16,
     )
-    spec["grader"] = {
-        "type": "string_check",
-        "name": "exact",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.answer}}",
-        "operation": "eq",
-    }
+    spec["grader"] = dict(EXACT_ANSWER)
     submitted = http.post("/jobs", json=spec)
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["id"]

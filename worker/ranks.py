@@ -35,6 +35,22 @@ def rank_log(job_dir: Path, rank: int) -> Path:
     return job_dir / ("trainer.log" if rank == 0 else f"trainer-rank{rank}.log")
 
 
+def start_trainer(job_id: int, env: dict[str, str], workdir: Path | str, log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m trainer <job id>` as a process of its own, its output appended to `log_path`: a
+    job's one trainer, a rank started by the work horse, or one a Ray worker starts. A new session:
+    Ctrl-C on the worker's terminal must not kill training mid-step."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "trainer", str(job_id)],
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -83,18 +99,7 @@ class RankGroup:
                 if forked is not None:
                     self.processes.append(forked)
                     continue
-            with open(rank_log(job_dir, rank), "ab") as log:
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "trainer", str(job_id)],
-                        cwd=workdir,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        env=rank_env,
-                        start_new_session=True,
-                    )
-                )
+            self.processes.append(start_trainer(job_id, rank_env, workdir, rank_log(job_dir, rank)))
 
     @property
     def pids(self) -> list[int]:

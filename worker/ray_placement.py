@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from typing import Any
 from core import stop_requests
 from core.config import get_settings
 from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, TrainerOutcome, TrainerResult
-from worker.ranks import RANK_LOG_TAIL_LINES, rank_log
+from worker.ranks import RANK_LOG_TAIL_LINES, rank_log, start_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +154,7 @@ def run_rank(config: dict[str, Any]) -> None:
     }
     ray.get(control.started.remote(rank, where), timeout=CONTROL_TIMEOUT_S)
     workdir = tempfile.mkdtemp(prefix=f"trainer-{job_id}-rank{rank}-")
-    with open(rank_log(job_dir, rank), "ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "trainer", str(job_id)],
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+    child = start_trainer(job_id, env, workdir, rank_log(job_dir, rank))
     try:
         returncode = _watch(child, control, job_dir)
     finally:

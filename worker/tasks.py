@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -51,7 +50,7 @@ from worker.diskguard import wait_for_disk
 from worker.forkserver import fork_trainer
 from worker.gpus import CannotFitHost, Lease, cuda_devices_env, wait_for_gpus
 from worker.heartbeat import STARTING_ALLOWANCE_S, Heartbeat
-from worker.ranks import RankGroup
+from worker.ranks import RankGroup, start_trainer
 from worker.ray_placement import RayGroup, RayUnreachable
 from worker.stalls import StallWatch
 from worker.stops import record_pause, requeue_after_stop, retry_with_smaller_batch
@@ -358,19 +357,7 @@ class TrainerWatch:
             forked = fork_trainer(forkserver, self.job_id, self.workdir, env)
             if forked is not None:
                 return forked
-        log = open(self.job_dir / "trainer.log", "ab")  # noqa: SIM115 (the child owns it)
-        # A new session: Ctrl-C on the worker's terminal must not kill training mid-step.
-        child = subprocess.Popen(
-            [sys.executable, "-m", "trainer", str(self.job_id)],
-            cwd=self.workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
-        return child
+        return start_trainer(self.job_id, env, self.workdir, self.job_dir / "trainer.log")
 
     def trainer_env(self) -> dict[str, str]:
         return trainer_environment(
