@@ -22,7 +22,7 @@ from core.checkpoint_store import PARTIAL_PREFIX, mark_removed
 from core.config import get_settings
 from core.db import session_scope
 from core.models import Checkpoint, CheckpointStatus, Job, utcnow
-from core.shared_store import Manifest, StorageUnavailable, get_store
+from core.shared_store import Manifest, StorageUnavailable, fsync_path, get_store
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,12 @@ def staging_path(final: Path) -> Path:
     return final.with_name(f"{PARTIAL_PREFIX}{final.name}")
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to the disk."""
     for root, _dirs, files in os.walk(folder):
         for name in files:
-            _fsync_path(Path(root) / name)
-        _fsync_path(Path(root))
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
 
 
 def publish(staging: Path, final: Path) -> float:
@@ -63,7 +55,7 @@ def publish(staging: Path, final: Path) -> float:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
     return time.monotonic() - started
 
 

@@ -184,7 +184,7 @@ class SharedStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def _copy_up(self, source: Path, key: str) -> tuple[int, str]:
         """Copy a local file to `key`, hashing it on the way: (size, sha256)."""
@@ -405,7 +405,8 @@ def host_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to the disk (a folder: the names renamed into it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
