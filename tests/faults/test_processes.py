@@ -120,7 +120,9 @@ def test_sigterm_twice_stops_the_worker_and_its_trainer_and_the_job_resumes(clus
         "the orphaned trainer to stop",
     )
     assert trainer_pids(cluster.data_dir) == []
-    assert cluster.job(job_id)["status"] == "running"  # until the stale heartbeat is noticed
+    # Not ended by the signals: `running` until the API's reconciler notices the stale heartbeat
+    # (STALE_AFTER_S), then `queued` again (on a loaded machine that can come first).
+    assert cluster.job(job_id)["status"] in ("running", "queued")
 
     stopped_at = cluster.job(job_id)["progress"]["step"]
     cluster.start_worker()
