@@ -336,12 +336,13 @@ class Speed:
     def service_fp8(self) -> dict[str, Any]:
         spec = self.specs["bf16"]
         steps = self.results["steps"]
-        fp8 = {
-            **spec,
-            "precision": "fp8",
-            "fp8_recipe": self.args.fp8_recipe,
-            "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1},
-        }
+        hyperparameters = {**spec["hyperparameters"], "max_steps": steps + 1}
+        if self.args.fp8_auto:  # what the service chooses: the fastest micro-batch, the same effective batch
+            hyperparameters.update(
+                per_device_train_batch_size="auto",
+                gradient_accumulation_steps=max(self.args.micro_batch * self.args.grad_accum // 2, 1),
+            )
+        fp8 = {**spec, "precision": "fp8", "fp8_recipe": self.args.fp8_recipe, "hyperparameters": hyperparameters}
         found = self.run_job(fp8, stop_after_step=steps)
         # The compiled float8 layers failed: the same job with them eager, on a worker told so
         # (FP8_COMPILE is the worker's setting), if the budget holds it.
@@ -393,6 +394,7 @@ class Speed:
             "steps_asked": a.steps or None,
             "fp8_recipe": a.fp8_recipe,
             "fp8_compile": a.fp8_compile,
+            "fp8_auto": a.fp8_auto,
             "budget_s": a.budget_s,
             "tokens_per_step": self.tokens_per_step(),
         }
@@ -421,9 +423,12 @@ class Speed:
             rate = (parts.get(name) or {}).get("tokens_per_second")
             if bare and rate:
                 self.results[f"{name}_over_bare"] = round(rate / bare, 4)
-        bf16, fp8 = parts.get("service_bf16") or {}, parts.get("service_fp8") or {}
-        if bf16.get("losses") and fp8.get("losses"):
-            self.results["fp8_loss_against_bf16"] = loss_comparison(bf16["losses"], fp8["losses"])
+        fp8 = parts.get("service_fp8") or {}
+        # bf16's curve: the service's, else the bare recipe's (the same data, seed and schedule)
+        bf16_name = next((n for n in ("service_bf16", "bare") if (parts.get(n) or {}).get("losses")), None)
+        if bf16_name and fp8.get("losses"):
+            compared = loss_comparison(parts[bf16_name]["losses"], fp8["losses"])
+            self.results["fp8_loss_against_bf16"] = {**compared, "bf16_curve_of": bf16_name}
 
     def keep_logs(self) -> None:
         if self.results_dir == self.out:
@@ -505,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", default="paged_adamw_8bit")
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     parser.add_argument("--fp8-compile", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument(
+        "--fp8-auto", action="store_true", help='the fp8 job with micro-batch "auto" (the same tokens a step)'
+    )
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: checks this script")
     args = parser.parse_args(argv)
     unknown = set(args.parts.split(",")) - set(PARTS)
