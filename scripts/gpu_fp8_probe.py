@@ -46,6 +46,10 @@ VARIANTS = [
     ("fp8 layer 4x2", "tensorwise", "layer", 4, 2),
     ("bf16 4x2", "bf16", None, 4, 2),
     ("fp8 rowwise layer 2x4", "rowwise", "layer", 2, 4),
+    # Under bf16 autocast, as the Trainer runs a step with bf16=True (the variants above run without)
+    ("fp8 layer 8x1 autocast", "tensorwise", "layer", 8, 1),
+    ("bf16 8x1 autocast", "bf16", None, 8, 1),
+    ("fp8 linear 2x4 autocast", "tensorwise", "linear", 2, 4),
 ]
 PROFILED = {"bf16 2x4", "fp8 linear 2x4"}
 # Seconds a variant needs besides its steps, a first compile included (H100, 8B): a guess that
@@ -241,7 +245,8 @@ class Probe:
             started = time.perf_counter()
             for _ in range(accum):
                 ids = torch.randint(0, vocab, (micro, self.args.seq_len), device="cuda")
-                loss = self.model(input_ids=ids, labels=ids).loss / accum
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.model(input_ids=ids, labels=ids).loss / accum
                 loss.backward()
                 del loss
             self.optimizer.step()
@@ -287,6 +292,7 @@ class Probe:
         from trainer.gpu import MemoryProbe
 
         self.set_precision(precision, unit)
+        self.autocast = name.endswith("autocast")
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         probe = MemoryProbe()
@@ -302,6 +308,7 @@ class Probe:
         found: dict[str, Any] = {
             "precision": precision,
             "compile_unit": unit,
+            "autocast": self.autocast,
             "micro_batch_x_accumulation": [micro, accum],
             "first_step_seconds": round(first[0], 2),
             "step_seconds": [round(s, 3) for s in timed],
