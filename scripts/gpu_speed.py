@@ -256,7 +256,10 @@ class Speed:
 
         root = self.out / "service"
         shutil.rmtree(root, ignore_errors=True)  # cold compile caches under its DATA_DIR: a first job
-        settings = {"FP8_COMPILE": "true" if self.args.fp8_compile else "false"}
+        settings = {
+            "FP8_COMPILE": "true" if self.args.fp8_compile else "false",
+            "FP8_COMPILE_REGION": self.args.fp8_compile_region,
+        }
         self.service = Service(root, allowed_roots=[model.parent, dataset.parent], settings=settings).start()
         return self.service
 
@@ -395,6 +398,7 @@ class Speed:
             "fp8_recipe": a.fp8_recipe,
             "fp8_compile": a.fp8_compile,
             "fp8_auto": a.fp8_auto,
+            "fp8_compile_region": a.fp8_compile_region,
             "budget_s": a.budget_s,
             "tokens_per_step": self.tokens_per_step(),
         }
@@ -510,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", default="paged_adamw_8bit")
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     parser.add_argument("--fp8-compile", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--fp8-compile-region", default="linear", choices=["linear", "decoder_layer"])
     parser.add_argument(
         "--fp8-auto", action="store_true", help='the fp8 job with micro-batch "auto" (the same tokens a step)'
     )

@@ -125,3 +125,19 @@ def test_fp8_conversion_takes_the_decoders_linear_layers_and_keeps_the_head_and_
     assert all(type(modules[name]) is nn.Linear for name in [*mlp, "lm_head"])
     assert conversion.describe().startswith("precision fp8 (torchao ")
     assert "rowwise scaling): 8 Linear layers in float8, 7 kept in bf16 (" in conversion.describe()
+
+
+def test_the_decoder_layers_are_found_as_compile_regions() -> None:
+    """FP8_COMPILE_REGION=decoder_layer compiles each of the model's decoder layers: the ModuleList
+    as long as config.num_hidden_layers; a model without one gets each float8 Linear compiled."""
+    import torch.nn as nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.precision import decoder_layers
+
+    config = LlamaConfig(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    )
+    model = LlamaForCausalLM(config)
+    assert decoder_layers(model) is model.model.layers
+    assert decoder_layers(nn.Sequential(nn.Linear(16, 16))) is None  # no config: no decoder layers named

@@ -97,14 +97,15 @@ def decoder_layers(model: Any) -> Any:
     return next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == count), None)
 
 
-def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool) -> Fp8Conversion:
+def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool, region: str = "linear") -> Fp8Conversion:
     """Swap the model's eligible Linear layers for torchao's Float8Linear, in place. With
-    `compile_layers` each decoder layer is compiled as one region (torchao's scaling and casts
-    fused with the norms and activations around its matmuls; without a compile they run as
-    separate kernels and eat much of the gain). A model whose decoder layers are not found has
-    each float8 Linear compiled on its own instead. On an H100 (8B shape, seq 4096, 2 x 4,
-    scripts/gpu_fp8_probe.py, docs/benchmarks.md): 1.29x bf16's tokens/s compiled by decoder
-    layer, 1.17x by Linear layer."""
+    `compile_layers` each float8 Linear (region "linear") or each decoder layer (region
+    "decoder_layer": torchao's scaling and casts fused with the norms and activations around the
+    matmuls too) is compiled as one region; without a compile the casts and scales run as separate
+    kernels and eat much of the gain. A model whose decoder layers are not found has each float8
+    Linear compiled. In a bare training loop on an H100 (8B shape, seq 4096, 2 x 4,
+    scripts/gpu_fp8_probe.py, docs/benchmarks.md): 1.29x bf16's tokens/s by decoder layer, 1.17x by
+    Linear layer."""
     import torch.nn as nn
     import torchao
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -115,14 +116,14 @@ def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool) -> Fp8Conve
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=fp8_layer)
     unit = ""
     if compile_layers:
-        regions = decoder_layers(model)
+        regions = decoder_layers(model) if region == "decoder_layer" else None
         if regions is not None:
             unit = "decoder layer"
         else:
             converted = dict(model.named_modules())
             regions, unit = [converted[name] for name in layers], "Linear layer"
-        for region in regions:
-            region.compile()
+        for module in regions:
+            module.compile()
     logger.info("fp8: %d Linear layers in float8 (%s), %d kept in bf16", len(layers), recipe, len(kept))
     return Fp8Conversion(
         recipe=recipe,

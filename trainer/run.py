@@ -742,7 +742,12 @@ class Run:
             from trainer.precision import convert_to_fp8
 
             assert self.spec.fp8_recipe is not None
-            self.fp8 = convert_to_fp8(model, self.spec.fp8_recipe, compile_layers=self.settings.fp8_compile)
+            self.fp8 = convert_to_fp8(
+                model,
+                self.spec.fp8_recipe,
+                compile_layers=self.settings.fp8_compile,
+                region=self.settings.fp8_compile_region,
+            )
         if self.spec.hyperparameters.per_device_train_batch_size == "auto":
             self.choose_micro_batch(model)
 
