@@ -168,7 +168,10 @@ def trainer_forkserver(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) 
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    # Not waited for: a job that comes before the socket exists starts a trainer of its own.
+    # Waited for (about 8 s of imports on this machine, more under coverage): a job that came before
+    # the socket exists would start a trainer of its own and pay those imports itself.
+    wait_until(lambda: socket_path.exists() or server.poll() is not None, 180, "the trainer fork server")
+    assert server.poll() is None, (folder / "forkserver.log").read_text()[-3000:]
     yield str(socket_path)
     server.terminate()
     try:

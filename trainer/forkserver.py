@@ -22,6 +22,7 @@ server with the environment the trainers would get (`TRAINER_ENV_KEPT`, worker/t
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -48,6 +49,11 @@ def serve(socket_path: str, argv0: str) -> int:
         print("a trainer fork server is for hosts without GPUs (CUDA cannot cross a fork); use TRAINER_STANDBY")
         return 2
     loaded = preload()
+    # What the imports made lives as long as the server: out of the collector's sight, so that a
+    # child's full collections (transformers' Trainer runs several) do not walk it again and again
+    # (0.4 s each under coverage), and do not write to pages the children share with us.
+    gc.collect()
+    gc.freeze()
     path = Path(socket_path)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

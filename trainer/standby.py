@@ -40,7 +40,29 @@ def preload() -> list[str]:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    return [*loaded, "transformers", "trl", "datasets"]
+    loaded += ["transformers", "trl", "datasets"]
+    if not torch.cuda.is_available():
+        preload_job_modules()
+        loaded.append("the trainer classes")
+    return loaded
+
+
+def preload_job_modules() -> None:
+    """What a job imports beyond the packages themselves (transformers and TRL load their classes
+    lazily, on first use): the auto classes, Llama's modules, each method's TRL trainer (with what
+    TRL's base trainer imports: wandb's SDK, when installed) and ours. About 4.5 s of a CPU job
+    that no job pays again, 60% of a forked tiny-model job's CPU on the 2-core test machine
+    (py-spy). Not on a GPU host yet: there Unsloth patches TRL as it loads, and that order has not
+    been measured with these preloaded (issue 25's device time ran out)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTConfig, SFTTrainer  # noqa: F401
+    from trl.chat_template_utils import get_training_chat_template  # noqa: F401
+    from trl.experimental.orpo import ORPOTrainer  # noqa: F401
+
+    import trainer.callbacks
+    import trainer.run
+    import trainer.trackers  # noqa: F401
 
 
 def wait_for_job() -> dict[str, Any] | None:
