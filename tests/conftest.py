@@ -38,40 +38,50 @@ HUB_MODEL, HUB_DATASET = "test-org/stub-llama", "test-org/stub-chat"
 HUB_SPEC = {"model": HUB_MODEL, "dataset": {"source": HUB_DATASET}}
 
 
-# Test modules whose tests run one after another in one test process, sharing what its module
-# fixtures started: the Ray tests share one Ray cluster (starting one costs 15 to 30 s of the 2-core
-# machine), and one of them kills a node of it, which another test must not see mid-job.
-ONE_PROCESS_MODULES = ("tests/test_ray_placement.py",)
+# Tests that run one after another in one test process, sharing what its module fixtures started,
+# by group (the longest prefix of a test's id names its group): the Ray tests share a Ray cluster
+# (starting one costs 15 to 30 s of the 2-core machine). They are the longest chain of the run, so
+# they go to two processes, each with a cluster of its own: the two tests that kill a rank and a
+# node of it, and the others (the head-lost test, which takes its cluster down, last of them).
+ONE_PROCESS_GROUPS = {
+    "tests/test_ray_placement.py": "ray",
+    "tests/test_ray_placement.py::test_a_rank_lost_past_ray_max_failures": "ray-faults",
+    "tests/test_ray_placement.py::test_a_node_killed_mid_job": "ray-faults",
+}
+
+
+def one_process_group(nodeid: str) -> str | None:
+    prefixes = [prefix for prefix in ONE_PROCESS_GROUPS if nodeid == prefix or nodeid.startswith(prefix + "::")]
+    return ONE_PROCESS_GROUPS[max(prefixes, key=len)] if prefixes else None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slow tests first, each group in its own order: in parallel (scripts/test runs pytest -n),
     the long tests start while short ones are left to fill the other processes, so a run does not
-    end with one long test running alone. First of all the modules whose tests run in one process
-    (ONE_PROCESS_MODULES): one after another, they are the longest chain of the run."""
+    end with one long test running alone. First of all the tests of ONE_PROCESS_GROUPS: one after
+    another, they are the longest chains of the run."""
     items.sort(
         key=lambda item: (
             item.get_closest_marker("slow") is None,
-            not item.nodeid.startswith(ONE_PROCESS_MODULES),
+            one_process_group(item.nodeid) is None,
         )
     )
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """pytest-xdist's `load` distribution (each test to the next process that is nearly done),
-    except that each module of ONE_PROCESS_MODULES goes to one process as a whole. (xdist's own
+    except that each group of ONE_PROCESS_GROUPS goes to one process as a whole. (xdist's own
     `loadgroup` does this by the xdist_group mark, by renaming each test's id, which pytest 9.2
     ignores: pytest-xdist issue 1386.)"""
     if config.getvalue("dist") != "load":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class ModuleGroups(LoadScopeScheduling):
+    class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in ONE_PROCESS_MODULES else nodeid
+            return one_process_group(nodeid) or nodeid
 
-    return ModuleGroups(config, log)
+    return Groups(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Jobs placed by Ray (RAY_ADDRESS, worker/ray_placement.py) on a Ray cluster of real processes on
 this machine: a head and a second node started with `ray start`, one CPU each, so that a job of
 two ranks can only be placed across both nodes, where its ranks join with gloo. One cluster for
-the module, in one test process (tests/conftest.py: ONE_PROCESS_MODULES): starting it takes about
-15 s of the 2-core machine."""
+each group of the module's tests, in one test process (tests/conftest.py: ONE_PROCESS_GROUPS):
+starting one takes about 15 s of the 2-core machine."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ the trainers they start. Each piece can be killed (SIGKILL, SIGTERM) and started
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -56,13 +57,19 @@ class Cluster(Service):
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, models_root: Path, hf_home: Path, trainer_forkserver: str) -> Iterator[Cluster]:
+def cluster(
+    tmp_path: Path, models_root: Path, hf_home: Path, trainer_forkserver: str, migrated_database: Path
+) -> Iterator[Cluster]:
     """The service's processes, not started: a test starts them (cluster.start()) with the
     settings it needs, and may replace cluster.data_dir before it does. One-process jobs' trainers
     are forked from the test process's trainer fork server (tests/conftest.py), which saves each
-    the import of torch and TRL; a test about how a trainer starts sets TRAINER_FORKSERVER=""."""
+    the import of torch and TRL; a test about how a trainer starts sets TRAINER_FORKSERVER="".
+    Its SQLite database is a copy of the session's migrated one, so that starting it spares the
+    `alembic upgrade head` process (a data_dir put in its place is migrated as a user's would be)."""
     made = Cluster(tmp_path, models_root)
     made.env.update(hub_paths(hf_home), TRAINER_FORKSERVER=trainer_forkserver)
+    made.data_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(migrated_database, made.data_dir / "jobs.db")
     try:
         yield made
     finally:
