@@ -18,12 +18,14 @@ with WEBHOOK_SECRET (`whsec_` then base64, or any other string used as it is).""
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import os
 import socket
+import ssl
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -64,6 +66,15 @@ OPENAI_EVENT_PREFIX = "fine_tuning.job."
 MAX_ATTEMPTS = 8
 BACKOFF_MAX_S = 3600.0
 TIMEOUT_S = 5.0
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The delivering process's one TLS context (httpx's default: its CA bundle, verified): a
+    client builds one otherwise, 60 ms of CPU each time deliveries are due."""
+    return httpx.create_ssl_context()
+
+
 # Deliveries looked up per pass; each is claimed only when its turn comes.
 CLAIM_BATCH = 20
 
@@ -213,7 +224,7 @@ def deliver_due(limit: int = CLAIM_BATCH) -> int:
     if not due:
         return 0
     sender, attempted = sender_name(), 0
-    with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False) as http:
+    with httpx.Client(timeout=TIMEOUT_S, follow_redirects=False, verify=tls_context()) as http:
         for delivery_id in due:
             assert delivery_id is not None
             delivery = _claim(delivery_id, sender)

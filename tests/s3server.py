@@ -57,7 +57,7 @@ def start_s3_server(workdir: Path) -> S3Server:
 
     def answers() -> bool:
         try:
-            return httpx.get(f"{server.endpoint}/", timeout=1).status_code == 200
+            return httpx.get(f"{server.endpoint}/", timeout=1, verify=False).status_code == 200
         except httpx.HTTPError:
             return False
 

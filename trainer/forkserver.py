@@ -48,7 +48,7 @@ def serve(socket_path: str, argv0: str) -> int:
     if torch.cuda.is_available():
         print("a trainer fork server is for hosts without GPUs (CUDA cannot cross a fork); use TRAINER_STANDBY")
         return 2
-    loaded = preload()
+    loaded = preload(job_modules=True)
     # What the imports made lives as long as the server: out of the collector's sight, so that a
     # child's full collections (transformers' Trainer runs several) do not walk it again and again
     # (0.4 s each under coverage), and do not write to pages the children share with us.

@@ -44,7 +44,7 @@ def test_full_disk_under_data_dir_with_the_database_fails_the_job_as_disk_full(
     assert trainer_pids(cluster.data_dir) == []
     assert not (cluster.data_dir / ".disk-reserve").exists()  # given up so the database could record it
 
-    health = httpx.get(f"{cluster.url}/healthz", timeout=10)
+    health = httpx.get(f"{cluster.url}/healthz", timeout=10, verify=False)
     assert health.status_code == 503
     assert health.json()["status"] == "degraded" and health.json()["disk"].startswith("low: ")
 
@@ -53,7 +53,7 @@ def test_full_disk_under_data_dir_with_the_database_fails_the_job_as_disk_full(
     after = cluster.job(job_id)
     assert (after["status"], after["attempts"]) == ("failed", 1)
     assert not list((cluster.job_dir(job_id) / "checkpoints").glob(".partial-*"))
-    assert httpx.get(f"{cluster.url}/healthz", timeout=10).status_code == 200
+    assert httpx.get(f"{cluster.url}/healthz", timeout=10, verify=False).status_code == 200
 
 
 def test_checkpoint_disk_that_fills_during_a_save_is_disk_full_not_a_serialization_error(
