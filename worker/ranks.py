@@ -63,6 +63,14 @@ class RankFailure:
     returncode: int
 
 
+def first_cause(failed: list[tuple[int, int]]) -> tuple[int, int]:
+    """Of the (rank, exit code) pairs seen ended in one poll, the one that failed first: a rank killed
+    by a signal (nothing of ours has signalled the ranks yet) rather than one that exited with an
+    error, which is how a rank ends when it loses a peer (gloo's "Connection reset by peer");
+    otherwise the lowest rank."""
+    return min(failed, key=lambda failure: (failure[1] > 0, failure[0]))
+
+
 class RankGroup:
     def __init__(
         self,
@@ -111,12 +119,13 @@ class RankGroup:
         if self.returncode is not None:
             return self.returncode
         codes = [p.poll() for p in self.processes]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0) and self.first_failure is None:
-                self.first_failure = RankFailure(rank, code)
-                self._failed_at = time.monotonic()
-                logger.warning("job %s: rank %d ended with %s; stopping the other ranks", self.job_id, rank, code)
-                self.send_signal(signal.SIGTERM)
+        failed = [(rank, code) for rank, code in enumerate(codes) if code is not None and code != 0]
+        if failed and self.first_failure is None:
+            rank, code = first_cause(failed)
+            self.first_failure = RankFailure(rank, code)
+            self._failed_at = time.monotonic()
+            logger.warning("job %s: rank %d ended with %s; stopping the other ranks", self.job_id, rank, code)
+            self.send_signal(signal.SIGTERM)
         if self._failed_at is not None and time.monotonic() - self._failed_at > SIBLING_GRACE_S:
             self.kill()
         if any(code is None for code in codes):
