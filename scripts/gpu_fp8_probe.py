@@ -135,7 +135,9 @@ class Probe:
             "bitsandbytes": bnb.__version__,
         }
         self.results["matrix_rate_tflops"] = self.matrix_rate()
-        self.layers = self.decoder_layers()
+        from trainer.precision import decoder_layers
+
+        self.layers = decoder_layers(self.model)
         self.precision = "bf16"
 
     def matrix_rate(self) -> dict[str, float]:
@@ -166,15 +168,6 @@ class Probe:
         one = torch.tensor(1.0, device="cuda")
         rates["fp8"] = round(timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)), 1)
         return rates
-
-    def decoder_layers(self) -> Any:
-        import torch.nn as nn
-
-        count = int(self.model.config.num_hidden_layers)
-        for _name, module in self.model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) == count:
-                return module
-        raise RuntimeError("no ModuleList of the decoder's layers")
 
     def set_precision(self, precision: str, unit: str | None) -> None:
         """Convert to fp8 once (the recipe named; a later recipe converts the bf16 copy kept of
