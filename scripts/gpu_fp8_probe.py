@@ -141,33 +141,18 @@ class Probe:
         self.precision = "bf16"
 
     def matrix_rate(self) -> dict[str, float]:
-        """The card's bf16 and fp8 matmul rates (8192^3, median of 20): what a perfect step could use."""
+        """The card's bf16 and fp8 matmul rates (8192^3, bench/matmul.py): what a perfect step could use."""
         import torch
+        from matmul import SIZE, tflops
 
-        n = 8192
-        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        rates: dict[str, float] = {}
-
-        def timed(run: Any) -> float:
-            for _ in range(3):
-                run()
-            times = []
-            for _ in range(20):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            times.sort()
-            return 2 * n**3 / times[len(times) // 2] / 1e12
-
-        rates["bf16"] = round(timed(lambda: a @ b), 1)
+        a = torch.randn(SIZE, SIZE, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(SIZE, SIZE, device="cuda", dtype=torch.bfloat16)
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
         one = torch.tensor(1.0, device="cuda")
-        rates["fp8"] = round(timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)), 1)
-        return rates
+        return {
+            "bf16": tflops(lambda: a @ b),
+            "fp8": tflops(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)),
+        }
 
     def set_precision(self, precision: str, unit: str | None) -> None:
         """Convert to fp8 once (the recipe named; a later recipe converts the bf16 copy kept of

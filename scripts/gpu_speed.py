@@ -341,10 +341,7 @@ class Speed:
         steps = self.results["steps"]
         hyperparameters = {**spec["hyperparameters"], "max_steps": steps + 1}
         if self.args.fp8_auto:  # what the service chooses: the fastest micro-batch, the same effective batch
-            hyperparameters.update(
-                per_device_train_batch_size="auto",
-                gradient_accumulation_steps=max(self.args.micro_batch * self.args.grad_accum // 2, 1),
-            )
+            hyperparameters.update(self.auto_micro_batch())
         fp8 = {**spec, "precision": "fp8", "fp8_recipe": self.args.fp8_recipe, "hyperparameters": hyperparameters}
         found = self.run_job(fp8, stop_after_step=steps)
         # The compiled float8 layers failed: the same job with them eager, on a worker told so
@@ -357,20 +354,19 @@ class Speed:
             found = {"compiled_attempt": found, **self.run_job(fp8, stop_after_step=steps)}
         return found
 
+    def auto_micro_batch(self) -> dict[str, Any]:
+        """The hyperparameters of micro-batch "auto" with the same sequences a step: "auto" keeps
+        the recipe's micro-batch 2 x gradient_accumulation_steps."""
+        a = self.args
+        return {
+            "per_device_train_batch_size": "auto",
+            "gradient_accumulation_steps": max(a.micro_batch * a.grad_accum // 2, 1),
+        }
+
     def auto(self) -> dict[str, Any]:
         spec = self.specs["bf16"]
-        a = self.args
-        # The same effective batch: "auto" keeps the recipe's micro-batch 2 x gradient_accumulation_steps.
-        accumulation = max(a.micro_batch * a.grad_accum // 2, 1)
-        auto = {
-            **spec,
-            "hyperparameters": {
-                **spec["hyperparameters"],
-                "per_device_train_batch_size": "auto",
-                "gradient_accumulation_steps": accumulation,
-                "max_steps": REPEAT_STEPS + 1,
-            },
-        }
+        hyperparameters = {**spec["hyperparameters"], **self.auto_micro_batch(), "max_steps": REPEAT_STEPS + 1}
+        auto = {**spec, "hyperparameters": hyperparameters}
         estimate = self.service.http().post("/jobs/estimate", json=auto).json()
         found = self.run_job(auto, stop_after_step=REPEAT_STEPS)
         found["estimate_auto_micro_batch"] = estimate.get("auto_micro_batch")

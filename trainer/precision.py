@@ -29,8 +29,11 @@ class Fp8Conversion:
     layers: list[str]  # the Linear layers that compute in float8, by name
     kept: list[str]  # the Linear layers left in bf16, by name
     torchao: str
-    compiled: bool
-    compiled_unit: str = ""  # what each compiled region is: "decoder layer" or "Linear layer"
+    compiled_unit: str | None  # what each compiled region is, "decoder layer" or "Linear layer"; None: eager
+
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_unit is not None
 
     def describe(self) -> str:
         kept = f", {len(self.kept)} kept in bf16 ({', '.join(self.kept[:4])}{', ...' if len(self.kept) > 4 else ''})"
@@ -114,7 +117,7 @@ def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool, region: str
     layers = [name for name, m in linear if fp8_layer(m, name)]
     kept = [name for name, m in linear if not fp8_layer(m, name)]
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe), module_filter_fn=fp8_layer)
-    unit = ""
+    unit: str | None = None
     if compile_layers:
         regions = decoder_layers(model) if region == "decoder_layer" else None
         if regions is not None:
@@ -130,6 +133,5 @@ def convert_to_fp8(model: Any, recipe: str, *, compile_layers: bool, region: str
         layers=layers,
         kept=kept,
         torchao=str(getattr(torchao, "__version__", "unknown")),
-        compiled=compile_layers,
         compiled_unit=unit,
     )

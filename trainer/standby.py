@@ -23,10 +23,9 @@ logger = logging.getLogger("trainer.standby")
 LOG_NAME = re.compile(r"trainer(-rank[0-9]+)?\.log")
 
 
-def preload(*, job_modules: bool = False) -> list[str]:
+def preload() -> list[str]:
     """Import what a job will: Unsloth first where there is a GPU (it patches transformers and TRL
-    as they load, so it must come first), then the libraries every job uses; with `job_modules`
-    on a host without a GPU (the trainer fork server), the classes a job loads too."""
+    as they load, so it must come first), then the libraries every job uses."""
     import torch
 
     loaded = ["torch"]
@@ -41,11 +40,7 @@ def preload(*, job_modules: bool = False) -> list[str]:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    loaded += ["transformers", "trl", "datasets"]
-    if job_modules and not torch.cuda.is_available():
-        preload_job_modules()
-        loaded.append("the trainer classes")
-    return loaded
+    return [*loaded, "transformers", "trl", "datasets"]
 
 
 def preload_job_modules() -> None:
@@ -53,9 +48,9 @@ def preload_job_modules() -> None:
     lazily, on first use): the auto classes, Llama's modules, each method's TRL trainer (with what
     TRL's base trainer imports: wandb's SDK, when installed) and ours. About 4.5 s of a CPU job
     that no job pays again, 60% of a forked tiny-model job's CPU on the 2-core test machine
-    (py-spy). For the fork server, whose imports every forked job shares; not for a standby, which
-    serves one job and is often stopped unused. Not on a GPU host yet: there Unsloth patches TRL as
-    it loads, and that order has not been measured with these preloaded (issue 25's device time ran out)."""
+    (py-spy). For the fork server (hosts without a GPU), whose imports every forked job shares; not
+    for a standby, which serves one job and is often stopped unused (and on a GPU host Unsloth
+    patches TRL as it loads: that order has not been measured with these preloaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
     from transformers.models.llama import modeling_llama  # noqa: F401
     from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTConfig, SFTTrainer  # noqa: F401
