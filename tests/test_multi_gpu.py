@@ -195,13 +195,3 @@ def test_a_two_rank_job_of_a_lost_worker_resumes_on_the_same_gpus(
     with service.http() as http:
         steps = [row["step"] for row in http.get(f"/jobs/{job_id}/logs", params={"limit": 5000}).json()["items"]]
     assert steps == list(range(1, 41))
-
-
-def test_a_rank_killed_by_a_signal_is_named_before_the_peer_that_lost_it() -> None:
-    """Both ranks seen ended in one poll (rank 0 exits 1 on gloo's reset as rank 1 is killed):
-    the killed rank is the cause."""
-    from worker.ranks import first_cause
-
-    assert first_cause([(0, 1), (1, -9)]) == (1, -9)
-    assert first_cause([(0, 1), (1, 2)]) == (0, 1)
-    assert first_cause([(2, -15), (3, -9)]) == (2, -15)
