@@ -133,8 +133,14 @@ class Reserve:
 def write_despite_full_disk(write: Callable[[], T], *, what: str, sleep: Callable[[float], None] = time.sleep) -> T:
     """Run `write` (a function that opens its own session and commits). When it fails because the
     disk is full, give up the reserve and try again; when that is not enough, keep trying with
-    backoff until space returns, so the record is written late rather than never."""
-    wait, released = 1.0, False
+    backoff until space returns, so the record is written late rather than never.
+
+    When DATA_DIR's disk is already below MIN_FREE_DISK_BYTES the reserve is given up first: this
+    write may still fit in pages SQLite's write-ahead log already holds (whether it does depends
+    on where the log last wrapped), but the next ones, the API's included, would not."""
+    reserve = Reserve.for_settings()
+    released = low_on_space(reserve.path.parent) is not None and reserve.release()
+    wait = 1.0
     while True:
         try:
             return write()
@@ -143,7 +149,7 @@ def write_despite_full_disk(write: Callable[[], T], *, what: str, sleep: Callabl
                 raise
             if not released:
                 released = True
-                if Reserve.for_settings().release():
+                if reserve.release():
                     continue
             logger.error("cannot %s: the disk is full (%s); trying again in %.0f s", what, exc, wait)
             sleep(wait)

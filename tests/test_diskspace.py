@@ -95,6 +95,27 @@ def test_a_record_on_a_full_disk_gives_up_the_reserve_then_waits_for_space(
     assert naps == [1.0, 2.0]
 
 
+def test_a_record_on_a_disk_already_below_the_margin_gives_up_the_reserve_even_when_it_fits(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite may write the record into log pages it already holds: the reserve still goes, for
+    the writes after it."""
+    from core.config import get_settings
+
+    monkeypatch.setenv("DISK_RESERVE_BYTES", str(1024 * 1024))
+    monkeypatch.setenv("MIN_FREE_DISK_BYTES", "0")
+    get_settings.cache_clear()
+    reserve = Reserve.for_settings()
+    assert reserve.ensure()
+    assert write_despite_full_disk(lambda: "recorded", what="test") == "recorded"
+    assert reserve.path.exists()  # room to spare: kept
+
+    monkeypatch.setenv("MIN_FREE_DISK_BYTES", str(2**62))  # every disk is below this margin
+    get_settings.cache_clear()
+    assert write_despite_full_disk(lambda: "recorded", what="test") == "recorded"
+    assert not reserve.path.exists()
+
+
 def test_a_record_that_fails_for_another_reason_is_not_retried(env: Env) -> None:
     def write() -> None:
         raise OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: job"))
