@@ -38,7 +38,7 @@ def test_the_openai_sdk_example_runs_as_written(service: Service, env: Env, tiny
     assert ran.returncode == 0, ran.stderr
 
     def shape(text: str) -> list[str]:  # the lines with their figures (and the job's number) left out
-        return [re.sub(r"\d+(\.\d+)?", "N", line) for line in text.strip().splitlines()]
+        return [re.sub(r"\d+(,\d{3})*(\.\d+)?", "N", line) for line in text.strip().splitlines()]
 
     assert shape(ran.stdout) == shape(printed), ran.stdout
     assert ran.stdout.strip().endswith("succeeded jobs/1/checkpoints/final /jobs/1/checkpoints/final/archive")
