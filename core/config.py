@@ -100,8 +100,9 @@ class Settings(BaseSettings):
     trainer_standby: bool | None = None
     # On a host without GPUs: the socket of a trainer fork server (`python -m trainer --forkserver
     # SOCKET`, started with the trainers' environment), which has imported torch, transformers
-    # and TRL once and forks each one-process job's trainer from itself, so a job starts training
-    # in about a second. Unset, or not answering: each job starts a trainer process of its own.
+    # and TRL once and forks each job's trainer from itself (each rank's, Ray's ranks on this host
+    # included), so a job starts training in about a second. Unset, or not answering: each job
+    # starts a trainer process of its own.
     trainer_forkserver: str | None = None
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.

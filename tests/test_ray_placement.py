@@ -2,7 +2,9 @@
 this machine: a head and a second node started with `ray start`, one CPU each, so that a job of
 two ranks can only be placed across both nodes, where its ranks join with gloo. One cluster for
 each group of the module's tests, in one test process (tests/conftest.py: ONE_PROCESS_GROUPS):
-starting one takes about 15 s of the 2-core machine."""
+starting one takes about 15 s of the 2-core machine. The ranks' trainers are forked by this host's
+trainer fork server (TRAINER_FORKSERVER), as on any host without GPUs, except in the test that
+starts them as processes of their own (what a GPU node does)."""
 
 from __future__ import annotations
 
@@ -220,6 +222,9 @@ def test_a_rank_lost_past_ray_max_failures_fails_the_job_naming_the_rank(
         "RAY_PLACEMENT_STRATEGY": "STRICT_SPREAD",
         "RAY_MAX_FAILURES": "0",
         "STORAGE_URL": str(tmp_path / "shared"),
+        # Each rank's trainer a process its Ray worker starts, as on a GPU node (the other tests'
+        # ranks are forked by this host's trainer fork server).
+        "TRAINER_FORKSERVER": "",
     }
     service = Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=settings)
     try:
@@ -273,7 +278,10 @@ def test_a_node_killed_mid_job_is_replaced_and_the_job_resumes_from_its_newest_p
     head = ray_cluster.head_node_id()
     victim = next(r for r in ranks if r["node_id"] != head)
     step_at_kill = service.job(job_id)["progress"]["step"]
-    for pid in node_processes(victim["node_id"]):
+    # The node's processes, and its rank's trainer: forked by this host's trainer fork server, it
+    # descends from none of them (it would end on its own, its Ray worker gone: a node dies at once).
+    trainer = [pid for pid in trainer_pids(service.data_dir, job_id) if trainer_rank(pid) == victim["rank"]]
+    for pid in [*node_processes(victim["node_id"]), *trainer]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -9,7 +9,9 @@ Each rank runs the same trainer as on one host: Ray's worker for the rank starts
 trainer <job id>` with the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR: rank 0's node, MASTER_PORT: a port rank 0 picked and
 sent to the others over Ray's own process group), watches it, and carries cancel, pause and stop
-to it. Nothing of the trainer is imported here (worker/ and trainer/ share only core/).
+to it. Where the rank's host runs the worker's trainer fork server (TRAINER_FORKSERVER: a host
+without GPUs) the trainer is forked from it instead, its imports done, as the work horse's own
+ranks are. Nothing of the trainer is imported here (worker/ and trainer/ share only core/).
 
 One small Ray actor per job, `JobControl`, is what the work horse and the ranks share: the stop
 asked for, where each rank runs, and how rank 0's trainer ended (its result file, which the horse
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,7 +38,9 @@ from typing import Any
 from core import stop_requests
 from core.config import get_settings
 from core.contract import PARENT_PID_ENV, RESULT_FILE, ErrorCode, TrainerOutcome, TrainerResult
+from worker.forkserver import fork_trainer
 from worker.ranks import RANK_LOG_TAIL_LINES, rank_log, start_trainer
+from worker.standby import AdoptedTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +159,15 @@ def run_rank(config: dict[str, Any]) -> None:
     }
     ray.get(control.started.remote(rank, where), timeout=CONTROL_TIMEOUT_S)
     workdir = tempfile.mkdtemp(prefix=f"trainer-{job_id}-rank{rank}-")
-    child = start_trainer(job_id, env, workdir, rank_log(job_dir, rank))
+    child = _start(job_id, env, Path(workdir), rank_log(job_dir, rank), config.get("forkserver"))
     try:
         returncode = _watch(child, control, job_dir)
     finally:
         if child.poll() is None:
             child.kill()
-            child.wait()
+            while child.poll() is None:  # SIGKILL: a moment
+                time.sleep(0.05)
+        shutil.rmtree(workdir, ignore_errors=True)  # also how a fork server knows to reap its child
     result = _read_result(job_dir) if rank == 0 else None
     tail = _log_tail(rank_log(job_dir, rank)) if returncode != 0 else ""
     ray.get(control.ended.remote(rank, returncode, result, tail), timeout=CONTROL_TIMEOUT_S)
@@ -169,7 +176,20 @@ def run_rank(config: dict[str, Any]) -> None:
         raise RankFailed(f"rank {rank} of job {job_id} ended with {returncode}")
 
 
-def _watch(child: subprocess.Popen[bytes], control: Any, job_dir: Path) -> int:
+def _start(
+    job_id: int, env: dict[str, str], workdir: Path, log: Path, forkserver: str | None
+) -> subprocess.Popen[bytes] | AdoptedTrainer:
+    """The rank's trainer: forked by the fork server the worker named when this host runs it (the
+    socket is a path on the worker's host: on another node it is absent, or another worker's
+    server, which forks a trainer alike), else a process of its own."""
+    if forkserver and Path(forkserver).exists():
+        forked = fork_trainer(forkserver, job_id, workdir, env, log=log.name)
+        if forked is not None:
+            return forked
+    return start_trainer(job_id, env, workdir, log)
+
+
+def _watch(child: subprocess.Popen[bytes] | AdoptedTrainer, control: Any, job_dir: Path) -> int:
     """Wait for the trainer, carrying the stop the work horse asked for: in the request file, and
     as its signal once the trainer is ready for signals (core/stop_requests.py); kill on `kill`."""
     import ray
@@ -252,7 +272,12 @@ class RayGroup:
             resources["GPU"] = 1
         return TorchTrainer(
             run_rank,
-            train_loop_config={"job_id": self.job_id, "job_dir": str(self.job_dir), "env": env},
+            train_loop_config={
+                "job_id": self.job_id,
+                "job_dir": str(self.job_dir),
+                "env": env,
+                "forkserver": settings.trainer_forkserver,
+            },
             scaling_config=ScalingConfig(
                 num_workers=self.world_size,
                 use_gpu=self.use_gpu,
