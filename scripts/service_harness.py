@@ -9,6 +9,7 @@ and watch the others; `stop()` reaps every process started, restarted ones too."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -25,8 +26,13 @@ from typing import Any, TypeVar
 import httpx
 
 from worker.ranks import free_port
+from worker.standby import AdoptedTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
+# The socket of a service zygote (scripts/service_zygote.py) the API and the workers are forked
+# from, their libraries imported; unset (or not answering): each is a process of its own. The tests
+# set it (tests/conftest.py).
+ZYGOTE_ENV = "SERVICE_ZYGOTE"
 START_TIMEOUT_S = 30.0
 # How long a test waits for a job to reach a status or a step, unless it says otherwise: generous,
 # since it only bounds a failure. The tests run side by side (scripts/test), and on a busy 2-core
@@ -159,6 +165,47 @@ def kill(pids: Iterable[int], sig: signal.Signals = signal.SIGKILL) -> None:
             os.kill(pid, sig)
 
 
+class ForkedProcess(AdoptedTrainer):
+    """What the harness uses of a Popen, for a process the service zygote forked: not our child,
+    so its exit status is read from /proc, where the zygote keeps it."""
+
+    def __init__(self, pid: int, args: list[str]) -> None:
+        super().__init__(pid)
+        self.args = args
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.02)
+        return code
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+Process = subprocess.Popen[bytes] | ForkedProcess
+
+
+def fork_from_zygote(args: list[str], env: dict[str, str], log: Path) -> ForkedProcess | None:
+    """`args` (`python -m uvicorn ...` or `python -m worker ...`) forked by the zygote that
+    SERVICE_ZYGOTE names, or None when there is none or it does not answer."""
+    socket_path = os.environ.get(ZYGOTE_ENV)
+    if not socket_path or args[:2] != [sys.executable, "-m"] or args[2] not in ("uvicorn", "worker"):
+        return None
+    request = {"argv": args[1:], "env": env, "cwd": str(ROOT), "log": str(log)}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(30)
+            connection.connect(socket_path)
+            connection.sendall((json.dumps(request) + "\n").encode())
+            return ForkedProcess(int(json.loads(connection.makefile("rb").readline())["pid"]), args)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"no process from the service zygote at {socket_path} ({exc!r}): starting one")
+        return None
+
+
 # ---- the service ----------------------------------------------------------------------------------
 
 
@@ -192,23 +239,27 @@ class Service:
             "PYTHONUNBUFFERED": "1",
             **(settings or {}),
         }
-        self.redis: subprocess.Popen[bytes] | None = None
-        self.api: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.redis: Process | None = None
+        self.api: Process | None = None
+        self.workers: list[Process] = []
         # Every process started, restarted ones too: stop() reaps them all (a Popen dropped
         # before its process is reaped is a ResourceWarning).
-        self.started: list[subprocess.Popen[bytes]] = []
+        self.started: list[Process] = []
         self.clients: list[httpx.Client] = []
         self._poller: httpx.Client | None = None
 
     @property
-    def worker(self) -> subprocess.Popen[bytes]:
+    def worker(self) -> Process:
         """The worker started last."""
         return self.workers[-1]
 
     # ---- processes --------------------------------------------------------------------------------
 
-    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        forked = fork_from_zygote(args, env or self.env, self.root / f"{name}.log")
+        if forked is not None:
+            self.started.append(forked)
+            return forked
         with open(self.root / f"{name}.log", "ab") as log:
             self.started.append(
                 subprocess.Popen(args, cwd=ROOT, env=env or self.env, stdout=log, stderr=subprocess.STDOUT)

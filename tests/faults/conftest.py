@@ -58,7 +58,12 @@ class Cluster(Service):
 
 @pytest.fixture
 def cluster(
-    tmp_path: Path, models_root: Path, hf_home: Path, trainer_forkserver: str, migrated_database: Path
+    tmp_path: Path,
+    models_root: Path,
+    hf_home: Path,
+    trainer_forkserver: str,
+    service_zygote: str,
+    migrated_database: Path,
 ) -> Iterator[Cluster]:
     """The service's processes, not started: a test starts them (cluster.start()) with the
     settings it needs, and may replace cluster.data_dir before it does. One-process jobs' trainers
