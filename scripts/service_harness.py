@@ -200,10 +200,14 @@ def fork_from_zygote(args: list[str], env: dict[str, str], log: Path) -> ForkedP
             connection.settimeout(30)
             connection.connect(socket_path)
             connection.sendall((json.dumps(request) + "\n").encode())
-            return ForkedProcess(int(json.loads(connection.makefile("rb").readline())["pid"]), args)
-    except (OSError, ValueError, KeyError) as exc:
+            answer = json.loads(connection.makefile("rb").readline())
+    except (OSError, ValueError) as exc:
         print(f"no process from the service zygote at {socket_path} ({exc!r}): starting one")
         return None
+    if "pid" in answer:
+        return ForkedProcess(int(answer["pid"]), args)
+    print(f"the service zygote refused ({answer.get('refused')}): starting a process of its own")
+    return None
 
 
 # ---- the service ----------------------------------------------------------------------------------

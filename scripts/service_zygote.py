@@ -18,6 +18,7 @@ Test-harness code: the product's processes start as they always do (scripts/run,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import json
@@ -33,6 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"app", "core", "worker", "trainer", "client", "scripts", "tests", "bench", "__main__"}
 MODULES = ("uvicorn", "worker")  # what it starts: `python -m uvicorn ...`, `python -m worker ...`
+# Variables that libraries read once, at import (huggingface_hub's HF_HOME and HF_HUB_OFFLINE,
+# prometheus-client's multiprocess folder, the interpreter's own): a start whose values differ
+# from the zygote's is refused, and the harness starts that process as a process of its own.
+READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "PROMETHEUS_", "PYTHON")
 PR_SET_PDEATHSIG = 1
 
 
@@ -68,23 +73,33 @@ def serve(socket_path: str) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(16)
-    print(f"service zygote: {loaded} library modules imported; listening on {path}", flush=True)
+    print(f"service zygote (pid {os.getpid()}): {loaded} library modules imported; listening on {path}", flush=True)
     while True:
         connection, _ = listener.accept()
         try:
             request = json.loads(connection.makefile("rb").readline())
             if request["argv"][:1] != ["-m"] or request["argv"][1] not in MODULES:
                 raise ValueError(f"not a start this zygote makes: {request['argv']!r}")
+            differ = imported_differently(request["env"])
+            if differ:
+                raise ValueError(f"the libraries here were imported with other values of {', '.join(differ)}")
             pid = os.fork()
             if pid == 0:
-                listener.close()
-                connection.close()
-                return run(request)
+                break  # the child: out of the loop, so that nothing of its own is taken for a failed request
             connection.sendall(json.dumps({"pid": pid}).encode() + b"\n")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"service zygote: a request failed: {exc!r}", flush=True)
+            print(f"service zygote: a request refused: {exc}", flush=True)
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps({"refused": str(exc)}).encode() + b"\n")
         finally:
             connection.close()
+    listener.close()
+    return run(request)
+
+
+def imported_differently(env: dict[str, str]) -> list[str]:
+    names = {name for name in (*env, *os.environ) if name.startswith(READ_AT_IMPORT)}
+    return sorted(name for name in names if env.get(name) != os.environ.get(name))
 
 
 def run(request: dict[str, Any]) -> int:

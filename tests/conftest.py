@@ -192,11 +192,12 @@ def trainer_forkserver(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) 
 
 
 @pytest.fixture(scope="session")
-def service_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def service_zygote(tmp_path_factory: pytest.TempPathFactory, hf_home: Path) -> Iterator[str]:
     """A service zygote (scripts/service_zygote.py) for this test process's services: the API and
     each worker are forked from it with their libraries imported (about 2 s of CPU less a start,
     under coverage), then run as their command lines would. Not waited for: a service started
-    before it listens starts its processes as before (scripts/service_harness.py)."""
+    before it listens starts its processes as before (scripts/service_harness.py), and so does one
+    whose hub variables, read at import, are not the tests' own (HUB_VARIABLES, hub_paths)."""
     from scripts.service_harness import ZYGOTE_ENV
 
     folder = tmp_path_factory.mktemp("zygote")
@@ -205,7 +206,7 @@ def service_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         zygote = subprocess.Popen(
             [sys.executable, "-m", "scripts.service_zygote", str(socket_path)],
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **HUB_VARIABLES, **hub_paths(hf_home), "PYTHONUNBUFFERED": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -255,11 +256,17 @@ def env(
     models_root: Path,
     hf_home: Path,
     migrated_database: Path,
-    trainer_forkserver: str,
-    service_zygote: str,
+    request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Env]:
-    """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head."""
+    """Settings for one test: its own DATA_DIR, queue and SQLite file, migrated to head. A test
+    marked slow (it trains, or starts the service) gets the test process's trainer fork server and
+    service zygote; the quick loop's tests (`-m "not slow"`) do neither, and do not start them
+    (about 20 s of CPU a test process)."""
+    slow = request.node.get_closest_marker("slow") is not None
+    trainer_forkserver = request.getfixturevalue("trainer_forkserver") if slow else ""
+    if slow:
+        request.getfixturevalue("service_zygote")
     data_dir, datasets_dir = tmp_path / "data", tmp_path / "datasets"
     datasets_dir.mkdir()
     queue_name = f"test-{os.getpid()}-{tmp_path.name}"
@@ -280,7 +287,7 @@ def env(
         **HUB_VARIABLES,
         **hub_paths(hf_home),
         # Each job's trainer forked from one that imported its libraries once (a test of how a
-        # trainer process starts sets it to "").
+        # trainer process starts sets it to "", as a test not marked slow has it).
         "TRAINER_FORKSERVER": trainer_forkserver,
     }
     for key, value in variables.items():
