@@ -64,6 +64,11 @@ def test_a_job_through_the_openai_sdk(
         held_out = sdk.files.create(file=handle, purpose="fine-tune")
     assert [f.id for f in sdk.files.list()] == [held_out.id, uploaded.id]
 
+    # The trainer is held at its last checkpoint (step 6, logged by then) until the SDK has read an
+    # estimate there: the tiny model's 6 steps are over in about a second, which a poll on a loaded
+    # machine can miss whole.
+    service.stop_workers()
+    service.start_worker(FINETUNE_FAILPOINTS="checkpoint_writing@6=pause")
     job = sdk.fine_tuning.jobs.create(
         model=str(tiny_model),
         training_file=uploaded.id,
@@ -134,6 +139,13 @@ def test_a_job_through_the_openai_sdk(
 
     # While it trains: what the SDK makes of refusals.
     refusals_are_the_sdks_typed_errors(service, sdk, tmp_path, tiny_model)
+
+    from trainer.failpoints import marker
+
+    held = marker(env.data_dir / "jobs" / job.id.removeprefix("ftjob-"), "checkpoint_writing")
+    wait_until(held.exists, 180, f"{job.id} to reach its last checkpoint")
+    wait_until(lambda: [step for step, _ in estimates.seen if step == 6], 60, "an estimate read at step 6")
+    held.unlink()
 
     # Follow the job through its newest events until one says it has ended.
     def ended() -> str | None:
@@ -220,7 +232,7 @@ def test_a_job_through_the_openai_sdk(
 
 class Estimates:
     """(step, estimated_finish) of a job as the SDK reads it while the job runs, polled in a thread
-    (a step of the tiny model takes a fraction of a second)."""
+    (a step of the tiny model takes a fraction of a second): the newest estimate read at each step."""
 
     def __init__(self, url: str, job_id: str) -> None:
         self.seen: list[tuple[int, int]] = []
@@ -235,7 +247,11 @@ class Estimates:
                 if current.status in FINISHED:
                     return
                 step = current.to_dict()["progress"]["step"]
-                if current.estimated_finish is not None and (not self.seen or self.seen[-1][0] != step):
+                if current.estimated_finish is None:
+                    continue
+                if self.seen and self.seen[-1][0] == step:
+                    self.seen[-1] = (step, current.estimated_finish)
+                else:
                     self.seen.append((step, current.estimated_finish))
 
     def stop(self) -> list[tuple[int, int]]:
