@@ -119,6 +119,7 @@ def test_the_check_can_be_turned_off(client: httpx.Client, env: Env, monkeypatch
     assert response.status_code == 201, response.text
 
 
+@pytest.mark.slow  # it trains
 def test_a_hub_model_and_dataset_from_the_cache_train_offline(client: httpx.Client, env: Env, tiny_model: Path) -> None:
     """The cache holds what the trainer needs when the check says it does: the same ids train."""
     cache_hub_model(hub_cache(env), "test-org/tiny-llama", tiny_model)

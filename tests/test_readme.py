@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.builders import chat_rows, write_jsonl
 from tests.conftest import Env, Service
 
@@ -20,6 +22,7 @@ def block_after(marker: str, fence: str) -> str:
     return rest.split(f"```{fence}\n", 1)[1].split("```\n", 1)[0]
 
 
+@pytest.mark.slow  # it starts the service and trains
 def test_the_openai_sdk_example_runs_as_written(service: Service, env: Env, tiny_model: Path, tmp_path: Path) -> None:
     code = block_after("## OpenAI-compatible API", "python")
     printed = block_after("(its third job), it prints:", "")  # the output shown under it
