@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from scripts.service_zygote import MODULES as ZYGOTE_MODULES
 from worker.ranks import free_port
 from worker.standby import AdoptedTrainer
 
@@ -165,26 +166,9 @@ def kill(pids: Iterable[int], sig: signal.Signals = signal.SIGKILL) -> None:
             os.kill(pid, sig)
 
 
-class ForkedProcess(AdoptedTrainer):
-    """What the harness uses of a Popen, for a process the service zygote forked: not our child,
-    so its exit status is read from /proc, where the zygote keeps it."""
-
-    def __init__(self, pid: int, args: list[str]) -> None:
-        super().__init__(pid)
-        self.args = args
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (code := self.poll()) is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout or 0)
-            time.sleep(0.02)
-        return code
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-
+# A process the service zygote forked is not our child: the worker's handle on a trainer it did not
+# start (poll, wait, signals, from /proc, where the zygote keeps its status) is what the harness uses.
+ForkedProcess = AdoptedTrainer
 Process = subprocess.Popen[bytes] | ForkedProcess
 
 
@@ -192,7 +176,7 @@ def fork_from_zygote(args: list[str], env: dict[str, str], log: Path) -> ForkedP
     """`args` (`python -m uvicorn ...` or `python -m worker ...`) forked by the zygote that
     SERVICE_ZYGOTE names, or None when there is none or it does not answer."""
     socket_path = os.environ.get(ZYGOTE_ENV)
-    if not socket_path or args[:2] != [sys.executable, "-m"] or args[2] not in ("uvicorn", "worker"):
+    if not socket_path or args[:2] != [sys.executable, "-m"] or args[2] not in ZYGOTE_MODULES:
         return None
     request = {"argv": args[1:], "env": env, "cwd": str(ROOT), "log": str(log)}
     try:
@@ -205,7 +189,7 @@ def fork_from_zygote(args: list[str], env: dict[str, str], log: Path) -> ForkedP
         print(f"no process from the service zygote at {socket_path} ({exc!r}): starting one")
         return None
     if "pid" in answer:
-        return ForkedProcess(int(answer["pid"]), args)
+        return ForkedProcess(int(answer["pid"]))
     print(f"the service zygote refused ({answer.get('refused')}): starting a process of its own")
     return None
 
@@ -454,6 +438,15 @@ class Service:
 
     def job_dir(self, job_id: int) -> Path:
         return self.data_dir / "jobs" / str(job_id)
+
+    def wait_for_failpoint(self, job_id: int, name: str, timeout_s: float = 180) -> Path:
+        """The marker file of a `pause` failpoint (FINETUNE_FAILPOINTS, trainer/failpoints.py) once
+        the job's trainer holds there; deleting it lets the trainer go on."""
+        from trainer.failpoints import marker
+
+        path = marker(self.job_dir(job_id), name)
+        wait_until(path.exists, timeout_s, f"the trainer of job {job_id} to reach failpoint {name}", interval_s=0.1)
+        return path
 
     def wait_for(
         self, job_id: int, statuses: Iterable[str] = FINISHED, timeout_s: float = JOB_TIMEOUT_S, *, echo: bool = False

@@ -140,10 +140,7 @@ def test_a_job_through_the_openai_sdk(
     # While it trains: what the SDK makes of refusals.
     refusals_are_the_sdks_typed_errors(service, sdk, tmp_path, tiny_model)
 
-    from trainer.failpoints import marker
-
-    held = marker(env.data_dir / "jobs" / job.id.removeprefix("ftjob-"), "checkpoint_writing")
-    wait_until(held.exists, 180, f"{job.id} to reach its last checkpoint")
+    held = service.wait_for_failpoint(int(job.id.removeprefix("ftjob-")), "checkpoint_writing")
     wait_until(lambda: [step for step, _ in estimates.seen if step == 6], 60, "an estimate read at step 6")
     held.unlink()
 

@@ -165,8 +165,7 @@ def run_rank(config: dict[str, Any]) -> None:
     finally:
         if child.poll() is None:
             child.kill()
-            while child.poll() is None:  # SIGKILL: a moment
-                time.sleep(0.05)
+            child.wait()
         shutil.rmtree(workdir, ignore_errors=True)  # also how a fork server knows to reap its child
     result = _read_result(job_dir) if rank == 0 else None
     tail = _log_tail(rank_log(job_dir, rank)) if returncode != 0 else ""

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from core.config import get_settings
@@ -103,7 +104,8 @@ def process_state(pid: int) -> tuple[str, int] | None:
 
 
 class AdoptedTrainer:
-    """The horse's handle on a standby that took its job: what TrainerWatch uses of a Popen."""
+    """The horse's handle on a trainer that is not its child (a standby that took its job, one the
+    fork server forked): what TrainerWatch, a rank's watch and the test harness use of a Popen."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -126,6 +128,19 @@ class AdoptedTrainer:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """As Popen.wait: the exit code, or subprocess.TimeoutExpired after `timeout` seconds. Not
+        our child: it polls /proc, where its parent keeps the status."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(0.02)
+        return code
 
 
 def adopt(job_id: int, workdir: Path) -> AdoptedTrainer | None:

@@ -15,7 +15,7 @@ import pytest
 
 from scripts.service_harness import Service, kill
 from tests.builders import chat_rows, write_jsonl
-from tests.conftest import hub_paths, wait_until
+from tests.conftest import hub_paths
 
 __all__ = ["Cluster", "fill", "kill"]
 
@@ -44,13 +44,6 @@ class Cluster(Service):
                 "OMP_NUM_THREADS": "1",  # one torch CPU thread: tests/conftest.py says why
             },
         )
-
-    def wait_for_failpoint(self, job_id: int, name: str, timeout_s: float = 180) -> Path:
-        from trainer.failpoints import marker
-
-        path = marker(self.job_dir(job_id), name)
-        wait_until(path.exists, timeout_s, f"the trainer of job {job_id} to reach failpoint {name}", interval_s=0.1)
-        return path
 
     def chat_dataset(self, rows: int = 64) -> Path:
         return write_jsonl(self.datasets_dir / "chat.jsonl", chat_rows(rows))
