@@ -12,6 +12,9 @@ order of what they teach, while the budget lasts (each skipped or failed one say
     fp8 tensorwise, each decoder layer compiled as a whole (casts fused with the norms around them)
     the same at micro-batch 8 x 1 and 4 x 2, and bf16 at 8 x 1 and 4 x 2
     fp8 rowwise, each decoder layer compiled
+    under bf16 autocast, as the Trainer steps with bf16=True
+    padding-free ("packed": the micro-batch as one row, as the service's Trainer feeds Unsloth), with
+    each layer's MLP compiled as a region ("mlp") beside the decoder layer and the Linear layer
 
 Tokens/s is over the optimizer steps after the first of each variant (that one may compile).
 Run on the GPU machine with the bundle (.gpu/):
@@ -50,8 +53,19 @@ VARIANTS = [
     ("fp8 layer 8x1 autocast", "tensorwise", "layer", 8, 1),
     ("bf16 8x1 autocast", "bf16", None, 8, 1),
     ("fp8 linear 2x4 autocast", "tensorwise", "linear", 2, 4),
+    # Padding-free, as the service's Trainer feeds Unsloth: the micro-batch's rows as one row with
+    # position ids restarting at each (Unsloth then attends within each row: varlen or per-segment).
+    ("fp8 layer 8x1 packed", "tensorwise", "layer", 8, 1),
+    ("bf16 8x1 packed", "bf16", None, 8, 1),
+    ("fp8 mlp 8x1 packed", "tensorwise", "mlp", 8, 1),
+    ("fp8 mlp 2x4 packed", "tensorwise", "mlp", 2, 4),
+    ("bf16 2x4 packed", "bf16", None, 2, 4),
+    ("fp8 layer 2x4 packed", "tensorwise", "layer", 2, 4),
+    # What the service's auto micro-batch did before training: one pass at 2 and 4 (plain rows),
+    # shapes left dynamic (torch's default), then training padding-free under autocast.
+    ("fp8 layer 8x1 packed autocast dynamic", "tensorwise", "layer", 8, 1),
 ]
-PROFILED = {"bf16 2x4", "fp8 linear 2x4"}
+PROFILED = {"bf16 2x4", "fp8 linear 2x4", "fp8 layer 8x1 packed"}
 # Seconds a variant needs besides its steps, a first compile included (H100, 8B): a guess that
 # only decides what is skipped when the budget runs out.
 VARIANT_OVERHEAD_S = 45
@@ -82,6 +96,7 @@ class Probe:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.began = time.monotonic()
+        self.autocast = self.packed = False
         self.results: dict[str, Any] = {
             "script": "scripts/gpu_fp8_probe.py",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -192,15 +207,20 @@ class Probe:
         import torch.nn as nn
 
         layers = {id(layer) for layer in self.layers}
+        mlps = {id(layer.mlp) for layer in self.layers}
         for module in self.model.modules():
-            if isinstance(module, nn.Linear) or id(module) in layers:
+            if isinstance(module, nn.Linear) or id(module) in layers or id(module) in mlps:
                 module._compiled_call_impl = None
-        if unit == "linear":
+        if unit in ("linear", "mlp"):
             from torchao.float8.float8_linear import Float8Linear
 
+            in_mlps = {id(m) for layer in self.layers for m in layer.mlp.modules()} if unit == "mlp" else set()
             for module in self.model.modules():
-                if isinstance(module, Float8Linear):
+                if isinstance(module, Float8Linear) and id(module) not in in_mlps:
                     module.compile()
+            if unit == "mlp":
+                for layer in self.layers:
+                    layer.mlp.compile()
         elif unit == "layer":
             for layer in self.layers:
                 layer.compile()
@@ -223,8 +243,12 @@ class Probe:
             started = time.perf_counter()
             for _ in range(accum):
                 ids = torch.randint(0, vocab, (micro, self.args.seq_len), device="cuda")
+                rows: dict[str, Any] = {"input_ids": ids, "labels": ids}
+                if self.packed:
+                    positions = torch.arange(self.args.seq_len, device="cuda").repeat(micro)
+                    rows = {"input_ids": ids.view(1, -1), "labels": ids.view(1, -1), "position_ids": positions[None]}
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    loss = self.model(input_ids=ids, labels=ids).loss / accum
+                    loss = self.model(**rows).loss / accum
                 loss.backward()
                 del loss
             self.optimizer.step()
@@ -266,11 +290,20 @@ class Probe:
 
     def variant(self, name: str, precision: str, unit: str | None, micro: int, accum: int) -> dict[str, Any]:
         import torch
+        import torch._dynamo
 
         from trainer.gpu import MemoryProbe
 
         self.set_precision(precision, unit)
-        self.autocast = name.endswith("autocast")
+        words = name.split()
+        self.autocast, self.packed, dynamic = "autocast" in words, "packed" in words, "dynamic" in words
+        torch._dynamo.config.automatic_dynamic_shapes = dynamic
+        if dynamic:  # the auto micro-batch's trial passes, each size's graph compiled before training
+            self.packed, autocast = False, self.autocast
+            self.autocast = False
+            for size in (2, 4):
+                self.steps(size, 1, 1)
+            self.packed, self.autocast = "packed" in words, autocast
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         probe = MemoryProbe()
@@ -287,6 +320,8 @@ class Probe:
             "precision": precision,
             "compile_unit": unit,
             "autocast": self.autocast,
+            "packed": self.packed,
+            "dynamic_shapes_after_other_sizes": dynamic,
             "micro_batch_x_accumulation": [micro, accum],
             "first_step_seconds": round(first[0], 2),
             "step_seconds": [round(s, 3) for s in timed],
@@ -308,10 +343,13 @@ class Probe:
             print(self.results["load_error"], flush=True)
             return 1
         self.save()
-        only = set(self.args.variants.split(",")) if self.args.variants else None
-        for name, precision, unit, micro, accum in VARIANTS:
-            if only is not None and name not in only:
-                continue
+        known = {v[0]: v for v in VARIANTS}
+        named = [n.strip() for n in self.args.variants.split(",") if n.strip()]
+        unknown = [n for n in named if n not in known]
+        if unknown:
+            print(f"unknown variants {unknown}; known: {list(known)}", flush=True)
+            return 2
+        for name, precision, unit, micro, accum in [known[n] for n in named] if named else VARIANTS:
             need = VARIANT_OVERHEAD_S + (self.args.steps + 1) * 4.5 * (1 if precision == "bf16" else 0.9)
             if self.time_left() < need:
                 self.results["variants"][name] = {"skipped": f"{self.time_left():.0f} s left, about {need:.0f} needed"}
@@ -340,15 +378,15 @@ class Probe:
         variants = self.results["variants"]
         base = (variants.get("bf16 2x4") or {}).get("tokens_per_second")
         print(f"\n{self.results.get('card')}  matmul TFLOP/s {self.results.get('matrix_rate_tflops')}")
-        print(f"{'variant':<24} {'tokens/s':>9} {'x bf16 2x4':>10} {'first s':>8} {'torch GiB':>9} {'NVML GiB':>9}")
+        print(f"{'variant':<38} {'tokens/s':>9} {'x bf16 2x4':>10} {'first s':>8} {'torch GiB':>9} {'NVML GiB':>9}")
         for name, v in variants.items():
             rate = v.get("tokens_per_second")
             if rate is None:
-                print(f"{name:<24} {(v.get('error') or v.get('skipped') or '')[:90]}")
+                print(f"{name:<38} {(v.get('error') or v.get('skipped') or '')[:90]}")
                 continue
             ratio = f"{rate / base:.3f}" if base else "-"
             print(
-                f"{name:<24} {rate:>9,.0f} {ratio:>10} {v['first_step_seconds']:>8} "
+                f"{name:<38} {rate:>9,.0f} {ratio:>10} {v['first_step_seconds']:>8} "
                 f"{v['torch_peak_allocated_gib']:>9} {v['nvml_device_used_peak_gib']:>9}"
             )
         for name, v in variants.items():
@@ -367,7 +405,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps a variant, after its first")
     parser.add_argument("--budget-s", type=float, default=540)
-    parser.add_argument("--variants", default="", help="comma-separated names (default: all, in order)")
+    parser.add_argument("--variants", default="", help="comma-separated names, run in the order given (default: all)")
     args = parser.parse_args()
     import unsloth  # noqa: F401  (before torch and transformers, as the recipe says)
 
