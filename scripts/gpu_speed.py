@@ -259,6 +259,7 @@ class Speed:
         settings = {
             "FP8_COMPILE": "true" if self.args.fp8_compile else "false",
             "FP8_COMPILE_REGION": self.args.fp8_compile_region,
+            **dict(pair.split("=", 1) for pair in self.args.service_env),
         }
         self.service = Service(root, allowed_roots=[model.parent, dataset.parent], settings=settings).start()
         return self.service
@@ -395,6 +396,7 @@ class Speed:
             "fp8_compile": a.fp8_compile,
             "fp8_auto": a.fp8_auto,
             "fp8_compile_region": a.fp8_compile_region,
+            "service_env": a.service_env,
             "budget_s": a.budget_s,
             "tokens_per_step": self.tokens_per_step(),
         }
@@ -513,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-compile-region", default="linear", choices=["linear", "decoder_layer"])
     parser.add_argument(
         "--fp8-auto", action="store_true", help='the fp8 job with micro-batch "auto" (the same tokens a step)'
+    )
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable of the service's API and workers (and so of its trainers); repeatable",
     )
     parser.add_argument("--dry-run", action="store_true", help="a tiny model on the CPU: checks this script")
     args = parser.parse_args(argv)
