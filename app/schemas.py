@@ -94,6 +94,12 @@ class TrainerPath(BaseModel):
         exclude_if=lambda value: value is None,
         description="fp8: whether each of them was compiled, FP8_COMPILE (absent otherwise)",
     )
+    padding_free: bool | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="sft: whether a micro-batch's rows ran as one row without padding (TRL's padding_free, as "
+        "its config ended up; absent for other methods and for jobs recorded before it was)",
+    )
 
 
 class GpuVram(BaseModel):

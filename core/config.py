@@ -161,11 +161,11 @@ class Settings(BaseSettings):
     # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
     # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
     fp8_compile: bool = True
-    # What one compiled region is: each float8 Linear layer ("linear", measured through the service:
-    # 1.12x the bare recipe), or each decoder layer ("decoder_layer": 1.29x bf16 in a bare training
-    # loop on an H100, but one service job with it and an "auto" micro-batch trained at 0.34x, not
-    # yet explained: docs/benchmarks.md). A model whose decoder layers are not found falls back to "linear".
-    fp8_compile_region: Literal["linear", "decoder_layer"] = "linear"
+    # What one compiled region is: each decoder layer ("decoder_layer": torchao's casts fused with the
+    # norms and activations around the matmuls; 1.38x the bare recipe through the service on an H100
+    # with an "auto" micro-batch, docs/benchmarks.md) or each float8 Linear layer ("linear": 1.12x).
+    # A model whose decoder layers are not found falls back to "linear".
+    fp8_compile_region: Literal["linear", "decoder_layer"] = "decoder_layer"
 
     # --- api -----------------------------------------------------------------------------
     # Threads for the API's blocking work (database reads and writes, routes that are not

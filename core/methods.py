@@ -35,7 +35,7 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo")
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 # SFT's own options, which no preference or reward method has.
-SFT_OPTIONS = ("completion_only_loss", "assistant_only_loss", "packing")
+SFT_OPTIONS = ("completion_only_loss", "assistant_only_loss", "packing", "padding_free")
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,11 @@ class Hyperparameters(BaseModel):
         default=False,
         description="pack several rows into each max_seq_length sequence (TRL's best-fit decreasing packing)",
     )
+    padding_free: bool | None = Field(
+        default=None,
+        description="a micro-batch's rows as one row without padding (TRL's padding_free); null: padded rows, "
+        "unless packing is on (measured faster on an H100: docs/benchmarks.md)",
+    )
     eval_steps: int | None = Field(
         default=None, ge=1, description="evaluate the validation set every this many steps (null: every logging_steps)"
     )
@@ -572,6 +577,14 @@ class JobSpec(BaseModel):
                 (
                     ("hyperparameters", "loss_type"),
                     f"{self.method} takes loss_type {', '.join(method.loss_types)}; not {echo(hp.loss_type)}",
+                )
+            )
+        if hp.packing and hp.padding_free is False:
+            problems.append(
+                (
+                    ("hyperparameters", "padding_free"),
+                    "packing needs padding_free (TRL keeps the packed rows apart by their position ids, in one row "
+                    "without padding); leave padding_free null or true, or turn packing off",
                 )
             )
         if self.method == "dpo" and hp.loss_type == "exo_pair" and not hp.label_smoothing:

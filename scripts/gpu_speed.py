@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", default="paged_adamw_8bit")
     parser.add_argument("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     parser.add_argument("--fp8-compile", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--fp8-compile-region", default="linear", choices=["linear", "decoder_layer"])
+    parser.add_argument("--fp8-compile-region", default="decoder_layer", choices=["linear", "decoder_layer"])
     parser.add_argument(
         "--fp8-auto", action="store_true", help='the fp8 job with micro-batch "auto" (the same tokens a step)'
     )

@@ -342,6 +342,7 @@ def test_packing_fills_sequences_and_the_report_takes_trls_count(
     )
     record = run_to_end(client, spec)
     assert record["status"] == "succeeded", record["error"]
+    assert record["trainer"]["padding_free"] is True  # left to TRL with packing: its packed rows need it
     report = record["data_report"]
     assert report["sequences_estimated"] is False
     assert report["sequences_per_epoch"] < 40 / 4  # many short rows per 64-token sequence

@@ -26,6 +26,8 @@ def test_submit_train_watch_and_download_final_checkpoint(
     record = wait_for_status(http, job_id, {"succeeded", "failed", "cancelled"})
     assert record["status"] == "succeeded", record["error"]
     assert record["backend"] == "transformers"
+    # padding_free null: padded batches (trainer/methods/sft.py), as TRL's config says it ran
+    assert record["trainer"]["padding_free"] is False and record["spec"]["hyperparameters"]["padding_free"] is None
     assert record["versions"]["trl"] == "1.14.2"
     assert record["versions"]["transformers"] == "5.17.0"
     assert record["progress"] == {

@@ -73,6 +73,16 @@ def test_options_of_another_method_are_refused_by_name() -> None:
         ("hyperparameters.num_generations", "num_generations applies to method grpo, not to 'dpo'"),
         ("hyperparameters.packing", "packing applies to method sft, not to 'dpo'"),
     ]
+    assert spec_errors(method="kto", hyperparameters={"padding_free": False}) == [
+        ("hyperparameters.padding_free", "padding_free applies to method sft, not to 'kto'")
+    ]
+    assert spec_errors(hyperparameters={"packing": True, "padding_free": False}) == [
+        (
+            "hyperparameters.padding_free",
+            "packing needs padding_free (TRL keeps the packed rows apart by their position ids, in one row without "
+            "padding); leave padding_free null or true, or turn packing off",
+        )
+    ]
     assert spec_errors(method="orpo", hyperparameters={"precompute_ref_log_probs": True}) == [
         (
             "hyperparameters.precompute_ref_log_probs",

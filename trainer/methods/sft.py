@@ -10,6 +10,18 @@ from core.rows import RowCheck, loss_option_problem
 from trainer.methods.base import Measured, TrainerContext, TrainingMethod, clipped
 
 
+def padding_free(asked: bool | None, *, packing: bool) -> dict[str, Any]:
+    """SFTConfig's padding_free: the spec's, or padded rows when it is null and packing is off.
+    Unsloth turns padding-free on by itself when it is unset, and on an H100 (8B shape, full
+    4096-token rows, docs/benchmarks.md) its padding-free steps were the slower: 8,120 tokens/s for
+    the bare recipe against 8,718 padded through the service at micro-batch 2, and at micro-batch 8
+    one row of 32,768 tokens trained at a third of the padded speed. With packing, TRL's packed
+    rows need padding-free (their position ids keep the rows apart), so it is left to TRL."""
+    if asked is not None:
+        return {"padding_free": asked}
+    return {} if packing else {"padding_free": False}
+
+
 class SFT(TrainingMethod):
     name = "sft"
 
@@ -55,7 +67,14 @@ class SFT(TrainingMethod):
             completion_only_loss=hp.completion_only_loss,
             assistant_only_loss=hp.assistant_only_loss,
             packing=hp.packing,
+            **padding_free(hp.padding_free, packing=hp.packing),
         )
+
+    def trainer_path(self, trainer: Any) -> dict[str, Any]:
+        """Also whether the batches were padding-free (`padding_free`): TRL's trainer decides it from its
+        config (packing's best-fit decreasing turns it on)."""
+        decided = getattr(trainer, "padding_free", getattr(trainer.args, "padding_free", False))
+        return {**super().trainer_path(trainer), "padding_free": bool(decided)}
 
     def trainer_base(self) -> type:
         from trl import SFTTrainer
