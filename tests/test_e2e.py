@@ -141,3 +141,25 @@ def test_the_worker_log_says_a_failed_job_failed_where_rq_said_job_ok(service: S
     assert f": job {job_id} failed ({rq_id})" in lines, lines
     assert "Job OK" not in lines and "Successfully completed" not in log.read_text()
     assert f"job {job_id} failed after 0:" in log.read_text()
+
+
+def test_a_busy_worker_keeps_telling_the_api_what_its_gpus_can_do(
+    service: Service, env: Env, tiny_model: Path, chat_dataset: Path
+) -> None:
+    """RQ runs its maintenance, where the worker registered its GPU's size and FP8 support (the
+    API's estimates and 422s read them), only between jobs: during a job longer than their few
+    minutes of life the API planned without the worker (seen on an H100: an estimate with no card,
+    which no measurement could match). Its heartbeats during a job register them too."""
+    service.stop_workers()
+    service.start_worker(FINETUNE_FAILPOINTS="training_step@2=pause")
+    http = service.http()
+    job_id = http.post("/jobs", json=job_spec(tiny_model, chat_dataset)).json()["id"]
+    held = service.wait_for_failpoint(job_id, "training_step")
+    redis = env.redis()
+    registered = f"{env.queue_name}:fp8:*"
+    assert list(redis.scan_iter(registered)), "the worker registered nothing at its start"
+    redis.delete(*redis.scan_iter(registered))  # as if they had expired during a long job
+    wait_until(lambda: list(redis.scan_iter(registered)), 30, "the busy worker to register again")
+    assert http.get(f"/jobs/{job_id}").json()["status"] == "running" and held.exists()
+    held.unlink()
+    assert service.wait_for(job_id)["status"] == "succeeded"

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import redis.exceptions
 import typer
 from rq import Worker
+from rq.defaults import DEFAULT_JOB_MONITORING_INTERVAL
 from rq.exceptions import StopRequested
 from rq.job import Job
 from sqlalchemy.orm import configure_mappers
@@ -111,16 +112,18 @@ class FinetuneWorker(Worker):
             self._redis_away_since = None
 
     def register_gpu(self) -> None:
+        """What the API plans with (the GPU's size, FP8 support) and the host's cards, each kept for
+        a few maintenance intervals: registered at every maintenance and heartbeat."""
         ttl = max(60, 3 * int(get_settings().reconcile_interval_s))
         if self.gpu_memory_bytes:
             register_gpu_memory(self.connection, self.name, self.gpu_memory_bytes, ttl)
         register_fp8_support(self.connection, self.name, worker_gpus.fp8_problem(worker_gpus.INVENTORY), ttl)
+        HostGpus(self.connection).register(worker_gpus.INVENTORY)
 
     def run_maintenance_tasks(self) -> None:
         try:
             super().run_maintenance_tasks()
             self.register_gpu()
-            HostGpus(self.connection).register(worker_gpus.INVENTORY)
             if self.ray_capacity is not None:
                 self.ray_capacity.refresh(self.connection)
         except REDIS_ERRORS as exc:
@@ -175,6 +178,9 @@ class FinetuneWorker(Worker):
         # Called while a job's work horse runs: the training goes on whatever Redis does.
         try:
             super().maintain_heartbeats(job, execution)
+            # RQ's maintenance waits for the job's end: a job of days would let the API forget this
+            # worker's GPU (POST /jobs/estimate then plans without a card, and learns nothing).
+            self.register_gpu()
         except REDIS_ERRORS as exc:
             self.redis_away("heartbeat while a job runs", exc)
         else:
@@ -232,6 +238,8 @@ def main(
         connection=connection,
         name=name or f"{os.uname().nodename}-gpu{gpus.replace(',', '_')}-{os.getpid()}",
         maintenance_interval=max(1, int(settings.reconcile_interval_s)),
+        # Its heartbeats while a job runs, which also register the GPU: within the registration's TTL.
+        job_monitoring_interval=max(1, min(DEFAULT_JOB_MONITORING_INTERVAL, int(settings.reconcile_interval_s))),
     )
     # The smallest of its cards: what a job it takes can count on.
     worker.gpu_memory_bytes = min((g.memory_bytes for g in worker_gpus.INVENTORY if g.memory_bytes), default=None)
