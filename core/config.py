@@ -158,8 +158,9 @@ class Settings(BaseSettings):
     gpu_train_flops: float = Field(default=4e14, gt=0)
 
     # --- speed -----------------------------------------------------------------------------
-    # precision fp8: compile each float8 Linear layer (torchao's casts and scales fused into few
-    # kernels); false runs them eagerly, as separate kernels (docs/benchmarks.md, "Faster than the recipe").
+    # precision fp8: compile the regions around the float8 layers (fp8_compile_region: torchao's casts
+    # and scales fused into few kernels); false runs them eagerly, as separate kernels
+    # (docs/benchmarks.md, "Faster than the recipe").
     fp8_compile: bool = True
     # What one compiled region is: each decoder layer ("decoder_layer": torchao's casts fused with the
     # norms and activations around the matmuls; 1.38x the bare recipe through the service on an H100
