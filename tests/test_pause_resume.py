@@ -10,9 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.stop_requests import REQUEST_FILE
 from tests.conftest import Env, Service, job_spec, run_to_end, trainer_pids, wait_for_status, wait_until
 
-STEPS = 200
+STEPS = 12
+PAUSED_AT = 5
 FINISHED = {"succeeded", "failed", "cancelled"}
 
 
@@ -28,20 +30,26 @@ def test_paused_and_resumed_job_trains_exactly_as_an_uninterrupted_one(
     service: Service, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
     http = service.http()
-    # Steps slow enough to pause in the middle (the tiny model trains ~50 steps a second).
     spec = job_spec(tiny_model, chat_dataset, max_steps=STEPS, logging_steps=1, save_steps=100, seed=7)
 
     reference = http.post("/jobs", json=spec).json()["id"]
     assert wait_for_status(http, reference, FINISHED)["status"] == "succeeded"
 
+    # The pause lands mid-run: the trainer is held in a step (a failpoint) until it is asked for.
+    service.stop_workers()
+    service.start_worker(FINETUNE_FAILPOINTS=f"training_step@{PAUSED_AT}=pause")
     job_id = http.post("/jobs", json={**spec, "hyperparameters": {**spec["hyperparameters"]}}).json()["id"]
-    wait_until(lambda: http.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 3, 120, "training to start")
+    held = service.wait_for_failpoint(job_id, "training_step")
     asked = http.post(f"/jobs/{job_id}/pause")
     assert asked.status_code == 200, asked.text
+    # Let go once the worker has passed the request on (its request file, which the trainer reads at
+    # every step's end), or the trainer could finish its few steps first.
+    wait_until((service.job_dir(job_id) / REQUEST_FILE).exists, 60, "the worker to pass the pause on")
+    held.unlink()
     paused = wait_for_status(http, job_id, {"paused", *FINISHED}, timeout_s=60)
     assert paused["status"] == "paused", paused["error"]
     paused_at = paused["progress"]["step"]
-    assert 3 <= paused_at < STEPS
+    assert PAUSED_AT <= paused_at < STEPS
     assert trainer_pids(env.data_dir, job_id) == []  # the trainer ended: its GPU memory is returned
     names = [c["name"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["items"]]
     assert names == [f"checkpoint-{paused_at}"]
