@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.stop_requests import REQUEST_FILE
 from tests.conftest import Env, Service, job_spec, trainer_pid, trainer_pids, wait_for_status, wait_until
 from tests.faults.conftest import Cluster, kill
 
@@ -147,13 +148,17 @@ def test_one_sigterm_saves_a_checkpoint_and_queues_the_job_to_continue_elsewhere
     """`docker compose down`: the worker's first SIGTERM lets the running step finish, the trainer
     saves a checkpoint there and ends, the job goes back to the queue (not counted as a lost
     attempt) and the worker exits. The next worker continues from that very step."""
-    worker = cluster.start().workers[0]
-    steps = 400
+    # Held in a step (a failpoint) until the stop has reached the trainer, which then saves at the
+    # end of that step: a job of a few steps cannot end before the stop does.
+    worker = cluster.start(FINETUNE_FAILPOINTS="training_step@5=pause").workers[0]
+    steps = 12
     spec = job_spec(tiny_model, cluster.chat_dataset(), max_steps=steps, logging_steps=1, save_steps=100_000)
     job_id = cluster.submit(spec)
-    cluster.wait_for_step(job_id, 5)
+    held = cluster.wait_for_failpoint(job_id, "training_step")
 
     worker.send_signal(signal.SIGTERM)
+    wait_until((cluster.job_dir(job_id) / REQUEST_FILE).exists, 60, "the worker to pass its stop on")
+    held.unlink()
     assert worker.wait(60) == 0
     assert trainer_pids(cluster.data_dir) == []
     record = cluster.job(job_id)
