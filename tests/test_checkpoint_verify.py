@@ -198,6 +198,7 @@ def test_a_checkpoint_still_being_hashed_cannot_be_verified_yet(client: httpx.Cl
     assert client.post(f"/jobs/{job_id}/checkpoints/checkpoint-9/verify").status_code == 404
 
 
+@pytest.mark.slow  # it starts the API (uvicorn): the quick loop runs neither services nor trainers
 def test_finetune_verify_and_download_say_so_against_the_running_api(
     env: Env, saved: tuple[int, Path], tmp_path: Path
 ) -> None:
@@ -210,8 +211,10 @@ def test_finetune_verify_and_download_say_so_against_the_running_api(
 
     job_id, folder = saved
     settings = {**env.vars, "CHECKPOINT_VERIFY_POLL_S": "0.1"}
-    with Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=settings) as service:
-        service.stop_workers()  # the API's verifier is what is under test
+    # No worker: the API's verifier is what is under test.
+    service = Service(tmp_path / "service", data_dir=env.data_dir, redis_url=env.redis_url, settings=settings)
+    service.start(worker=False)
+    try:
 
         def finetune(*args: str) -> tuple[int, str]:
             result = CliRunner().invoke(app, [*args, "--url", service.url], env={"COLUMNS": "200"})
@@ -224,3 +227,5 @@ def test_finetune_verify_and_download_say_so_against_the_running_api(
         code, output = finetune("download", str(job_id), "final", "--dest", str(tmp_path / "got"))
         assert code == 1 and "final is corrupt: model.safetensors no longer match" in output.replace("\n", " ")
         assert not (tmp_path / "got").exists()
+    finally:
+        service.stop()
