@@ -99,7 +99,6 @@ class Probe:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.began = time.monotonic()
-        self.autocast = self.packed = False
         self.results: dict[str, Any] = {
             "script": "scripts/gpu_fp8_probe.py",
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -228,9 +227,20 @@ class Probe:
             for layer in self.layers:
                 layer.compile()
 
-    def steps(self, micro: int, accum: int, count: int, profile_step: int | None = None) -> list[float]:
-        """`count` optimizer steps; the seconds of each (synchronised). With profile_step, that
-        step runs under torch.profiler and its trace and tables are kept."""
+    def steps(
+        self,
+        micro: int,
+        accum: int,
+        count: int,
+        *,
+        packed: bool = False,
+        autocast: bool = False,
+        profile_step: int | None = None,
+    ) -> list[float]:
+        """`count` optimizer steps; the seconds of each (synchronised). `packed`: each micro-batch
+        as one row with restarting position ids (padding-free); `autocast`: under bf16 autocast, as
+        the Trainer steps. With profile_step, that step runs under torch.profiler and its trace and
+        tables are kept."""
         import torch
 
         vocab = int(self.model.config.vocab_size)
@@ -247,10 +257,10 @@ class Probe:
             for _ in range(accum):
                 ids = torch.randint(0, vocab, (micro, self.args.seq_len), device="cuda")
                 rows: dict[str, Any] = {"input_ids": ids, "labels": ids}
-                if self.packed:
+                if packed:
                     positions = torch.arange(self.args.seq_len, device="cuda").repeat(micro)
                     rows = {"input_ids": ids.view(1, -1), "labels": ids.view(1, -1), "position_ids": positions[None]}
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
                     loss = self.model(**rows).loss / accum
                 loss.backward()
                 del loss
@@ -299,21 +309,18 @@ class Probe:
 
         self.set_precision(precision, unit)
         words = name.split()
-        self.autocast, self.packed, dynamic = "autocast" in words, "packed" in words, "dynamic" in words
+        autocast, packed, dynamic = "autocast" in words, "packed" in words, "dynamic" in words
         torch._dynamo.config.automatic_dynamic_shapes = dynamic
-        if dynamic:  # the auto micro-batch's trial passes, each size's graph compiled before training
-            self.packed, autocast = False, self.autocast
-            self.autocast = False
+        if dynamic:  # the auto micro-batch's trial passes (plain rows), each size compiled before training
             for size in (2, 4):
                 self.steps(size, 1, 1)
-            self.packed, self.autocast = "packed" in words, autocast
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         probe = MemoryProbe()
-        first = self.steps(micro, accum, 1)
+        first = self.steps(micro, accum, 1, packed=packed, autocast=autocast)
         steps = self.args.steps
         profile_step = steps - 1 if name in PROFILED else None
-        timed = self.steps(micro, accum, steps, profile_step=profile_step)
+        timed = self.steps(micro, accum, steps, packed=packed, autocast=autocast, profile_step=profile_step)
         vram = probe.read()
         probe.close()
         plain = [s for i, s in enumerate(timed) if i != profile_step]
@@ -322,8 +329,8 @@ class Probe:
         found: dict[str, Any] = {
             "precision": precision,
             "compile_unit": unit,
-            "autocast": self.autocast,
-            "packed": self.packed,
+            "autocast": autocast,
+            "packed": packed,
             "dynamic_shapes_after_other_sizes": dynamic,
             "micro_batch_x_accumulation": [micro, accum],
             "first_step_seconds": round(first[0], 2),

@@ -63,6 +63,14 @@ LOSS_TOLERANCE = 0.03
 PARTS = ("bare", "service_bf16", "repeat_bf16", "service_fp8", "auto", "learned")
 
 
+def name_and_value(pair: str) -> tuple[str, str]:
+    """--service-env's NAME=VALUE, refused at once rather than after the 8B model is built."""
+    name, equals, value = pair.partition("=")
+    if not name or not equals:
+        raise argparse.ArgumentTypeError(f"{pair!r} is not NAME=VALUE")
+    return name, value
+
+
 def iso(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -259,7 +267,7 @@ class Speed:
         settings = {
             "FP8_COMPILE": "true" if self.args.fp8_compile else "false",
             "FP8_COMPILE_REGION": self.args.fp8_compile_region,
-            **dict(pair.split("=", 1) for pair in self.args.service_env),
+            **dict(self.args.service_env),
         }
         self.service = Service(root, allowed_roots=[model.parent, dataset.parent], settings=settings).start()
         return self.service
@@ -396,7 +404,7 @@ class Speed:
             "fp8_compile": a.fp8_compile,
             "fp8_auto": a.fp8_auto,
             "fp8_compile_region": a.fp8_compile_region,
-            "service_env": a.service_env,
+            "service_env": [f"{name}={value}" for name, value in a.service_env],
             "budget_s": a.budget_s,
             "tokens_per_step": self.tokens_per_step(),
         }
@@ -519,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--service-env",
         action="append",
+        type=name_and_value,
         default=[],
         metavar="NAME=VALUE",
         help="an environment variable of the service's API and workers (and so of its trainers); repeatable",
