@@ -56,9 +56,55 @@ def test_jobs_run_in_standby_trainers_started_ahead_of_them(
         assert "standby trainer (pid " in log and f"takes job {job_id}" in log
         startup = [m for kind, m in service.events(job_id) if kind == "startup"]
         assert len(startup) == 1 and "importing" in startup[0]
-    # Each job used up its standby; the worker started another while it waited.
-    latest = wait_until(lambda: standby_pids(service), 30, "a fresh standby trainer")
-    assert latest != first and len(latest) == 1
+    # Each job used up its standby; the worker started another, and the used ones have ended.
+    wait_until(lambda: len(pids := standby_pids(service)) == 1 and pids != first, 30, "one fresh standby alone")
+
+
+def test_the_next_standby_imports_while_a_job_runs(
+    env: Env, tmp_path: Path, tiny_model: Path, chat_dataset: Path
+) -> None:
+    """A job queued behind a running one finds a standby whose imports are done: the worker starts
+    the next standby as soon as a job takes the current one, not when the job ends."""
+    service = Service(
+        tmp_path / "service",
+        data_dir=env.data_dir,
+        redis_url=env.redis_url,
+        settings={**env.vars, "TRAINER_STANDBY": "1", "FINETUNE_FAILPOINTS": "training_step@2=pause"},
+    )
+    log = env.data_dir / "standby" / "standby.log"
+    try:
+        service.start()
+        [first] = wait_until(lambda: standby_pids(service), 30, "the worker's standby trainer")
+        spec = job_spec(tiny_model, chat_dataset, max_steps=3)
+        running = service.submit(spec)
+        held = service.wait_for_failpoint(running, "training_step")  # job 1's trainer, mid-step
+        assert trainer_of(env, running) == first
+        [following] = wait_until(
+            lambda: [pid for pid in standby_pids(service) if pid != first], 60, "a standby started during the job"
+        )
+        wait_until(lambda: f"standby trainer (pid {following}) ready" in log.read_text(), 90, "its imports")
+        assert service.job(running)["status"] == "running"  # all of that while job 1 was held
+
+        queued = service.submit(spec)  # behind job 1, which still holds the GPU
+        held.unlink()
+        assert service.wait_for(running, timeout_s=120)["status"] == "succeeded"
+        held = service.wait_for_failpoint(queued, "training_step")
+        assert trainer_of(env, queued) == following  # (the marker goes once the job's trainer has ended)
+        held.unlink()
+        record = service.wait_for(queued, timeout_s=120)
+        assert record["status"] == "succeeded", record["error"]
+        trainer_log = (env.data_dir / "jobs" / str(queued) / "trainer.log").read_text()
+        assert f"standby trainer (pid {following}, " in trainer_log and f"takes job {queued}" in trainer_log
+    finally:
+        service.stop()
+        print(service.logs())
+
+
+def trainer_of(env: Env, job_id: int) -> int:
+    """The standby that took `job_id` (the work horse's marker, worker/standby.taken_marker)."""
+    taken = [int(p.stem) for p in (env.data_dir / "standby").glob("*.taken") if p.read_text() == str(job_id)]
+    assert len(taken) == 1, f"job {job_id} was taken by {taken or 'no standby'}"
+    return taken[0]
 
 
 def test_cancel_and_a_killed_standby_trainer_are_reported_as_for_any_trainer(
@@ -75,10 +121,9 @@ def test_cancel_and_a_killed_standby_trainer_are_reported_as_for_any_trainer(
     assert record["status"] == "cancelled"
     assert record["error"]["message"] == f"cancelled by request at step {record['progress']['step']}"
 
-    trainers = wait_until(lambda: standby_pids(service), 30, "the next standby trainer")
     job_id = service.submit(spec)
     service.wait_for_step(job_id, 2)
-    os.kill(trainers[0], signal.SIGKILL)  # the kernel's OOM killer, say
+    os.kill(trainer_of(env, job_id), signal.SIGKILL)  # the kernel's OOM killer, say
     record = service.wait_for(job_id, timeout_s=60)
     assert (record["status"], record["error"]["code"]) == ("failed", "trainer_crashed")
     assert record["error"]["message"].startswith("The trainer process was killed by SIGKILL")

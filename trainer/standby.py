@@ -73,7 +73,10 @@ def serve(argv0: str) -> int:
     die_with_parent(None)  # the worker that started us: its death ends the standby
     started = time.monotonic()
     loaded = preload()
-    print(f"standby trainer ready in {time.monotonic() - started:.1f} s ({', '.join(loaded)})", flush=True)
+    print(
+        f"standby trainer (pid {os.getpid()}) ready in {time.monotonic() - started:.1f} s ({', '.join(loaded)})",
+        flush=True,
+    )
     job = wait_for_job()
     if job is None:
         return 0

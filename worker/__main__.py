@@ -36,6 +36,8 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RESTART_WAIT_MAX_S = 30.0
+# How often the worker looks whether a job has taken the standby while its work horse runs.
+STANDBY_TAKEN_POLL_S = 0.2
 
 
 class TrainingJob(Job):
@@ -82,6 +84,8 @@ class FinetuneWorker(Worker):
 
     gpu_memory_bytes: int | None = None
     standby: Standby | None = None
+    # The pid of the standby the running job's work horse inherited, until the job has taken it.
+    standby_offered: int | None = None
     # With RAY_ADDRESS: the cluster's room for ranks, for the API's 422 (core/ray_capacity.py).
     ray_capacity: CapacityWatch | None = None
     _redis_away_since: float | None = None
@@ -197,9 +201,28 @@ class FinetuneWorker(Worker):
         finally:
             rq_logger.removeFilter(lines)
 
+    def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
+        """RQ's wait for the work horse, which first watches for the job taking the standby (a
+        fraction of a second after its trainer is due to start) and then starts the next one."""
+        standby, offered = self.standby, self.standby_offered
+        if standby is not None and offered is not None and get_settings().trainer_standby_during_job:
+            while standby.awaits(offered):
+                try:
+                    pid, status, rusage = os.wait4(self.horse_pid, os.WNOHANG)
+                except ChildProcessError:  # reaped already, as RQ's own wait allows for
+                    return None, None, None
+                if pid:
+                    return pid, status, rusage
+                time.sleep(STANDBY_TAKEN_POLL_S)
+            self.standby_offered = None
+            if not self.stop_asked:
+                standby.ensure()
+        return super().wait_for_horse()
+
     def execute_job(self, job: Any, queue: Any) -> None:
         if self.standby is not None:
             self.standby.ensure()  # the horse forked next inherits it
+            self.standby_offered = self.standby.process.pid if self.standby.process is not None else None
         try:
             super().execute_job(job, queue)
         except REDIS_ERRORS as exc:

@@ -2,10 +2,11 @@
 (`python -m trainer --standby`), so the 30 s of importing Unsloth, torch and TRL are done when
 it does (TRAINER_STANDBY; on by default where the worker sees a GPU).
 
-The worker (RQ's main process) owns the standby: it starts one at start-up and after each job
-that used it, and reaps the used ones. The work horse that runs a job inherits the standby's
-pid and stdin at its fork, hands it the job on that stdin, and watches it as it would its own
-child. It is not the horse's child, so the horse reads its exit status from /proc while it is
+The worker (RQ's main process) owns the standby: it starts one at start-up and, as soon as a job
+has taken it, the next one, importing while that job runs (after the job where
+TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that runs a job
+inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and watches it
+as it would its own child. It is not the horse's child, so the horse reads its exit status from /proc while it is
 a zombie (the worker reaps it only after the horse has ended)."""
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ class Standby:
         global CURRENT
         CURRENT = self.process.pid, self.process.stdin.fileno() if self.process.stdin else -1
         logger.info("standby trainer started (pid %s)", self.process.pid)
+
+    def awaits(self, pid: int) -> bool:
+        """Whether standby `pid` is still the current one, alive and not yet taken by a job."""
+        process = self.process
+        return process is not None and process.pid == pid and process.poll() is None and not taken_marker(pid).exists()
 
     def reap(self) -> None:
         """Collect used standbys that have ended (each becomes a zombie until then)."""

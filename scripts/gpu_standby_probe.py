@@ -1,0 +1,222 @@
+"""Two questions for the GPU machine before the worker changes how it uses standbys and packing
+(issue 25), in one call:
+
+1. What does a standby trainer hold on the GPU once its imports are done? The worker could start
+   the next job's standby while a job runs (so back-to-back jobs find one ready) only if an idle
+   standby takes no device memory from the running job, or little and known. Measured with NVML
+   (the process's own used memory and the device's) after `trainer.standby.preload()`, with and
+   without PYTORCH_NVML_BASED_CUDA_CHECK, and where the import time goes (`-X importtime`).
+2. Does a padding-free batch attend across its sequences' boundaries on this stack? The service's
+   `packing: true` always runs padding-free (several sequences in one row, position ids restarting
+   at each). Each sequence's logits in the packed row are compared with the same sequence run alone,
+   through Unsloth's model as the trainer loads it (a small random-weight Llama built here) and
+   through plain transformers (sdpa), in bf16.
+
+Run on the GPU machine with the bundle (.gpu/):
+    source .gpu/activate.sh && python3 scripts/gpu_standby_probe.py --out $OUT"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024**2
+
+IMPORTER = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+started = time.monotonic()
+from trainer.standby import preload
+loaded = preload()
+print("READY " + json.dumps({{"ready_s": round(time.monotonic() - started, 2), "loaded": loaded}}), flush=True)
+sys.stdin.readline()
+"""
+
+
+def nvml_snapshot(pid: int) -> dict[str, Any]:
+    import pynvml
+
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    used = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    mine = None
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == pid:
+            mine = proc.usedGpuMemory
+    return {"device_used_mib": round(used / MIB), "process_used_mib": None if mine is None else round(mine / MIB)}
+
+
+def standby_footprint(env_extra: dict[str, str], label: str, out: Path) -> dict[str, Any]:
+    """Start an importer as a standby does, wait for its imports, read NVML, let it go."""
+    env = {**os.environ, **env_extra, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    before = nvml_snapshot(-1)
+    started = time.monotonic()
+    log = out / f"importtime-{label}.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-c", IMPORTER.format(root=str(ROOT))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        wall = time.monotonic() - started
+        time.sleep(2)  # anything started in the background at import (threads) has its chance
+        after = nvml_snapshot(proc.pid)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        proc.wait(60)
+    ready = json.loads(line.split(" ", 1)[1]) if line.startswith("READY ") else {"error": line}
+    return {
+        "label": label,
+        "env": env_extra,
+        "wall_s": round(wall, 2),
+        **ready,
+        "device_used_before_mib": before["device_used_mib"],
+        "device_used_after_import_mib": after["device_used_mib"],
+        "process_used_mib": after["process_used_mib"],
+        "top_imports": top_imports(log),
+    }
+
+
+def top_imports(log: Path, count: int = 15) -> list[tuple[str, float]]:
+    """The top-level packages by cumulative import time (-X importtime's stderr)."""
+    totals: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        parts = [p.strip() for p in line[len("import time:") :].split("|")]
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        name = parts[2]
+        # Nesting is shown by leading spaces in the raw line: top level has exactly one space.
+        raw_name = line.rsplit("|", 1)[1]
+        if raw_name.startswith("  "):
+            continue
+        totals[name] = totals.get(name, 0.0) + int(parts[1]) / 1e6
+    return sorted(((n, round(s, 2)) for n, s in totals.items()), key=lambda x: -x[1])[:count]
+
+
+def packed_attention_check(out: Path) -> dict[str, Any]:
+    """Each sequence alone against the same sequences packed into one row (position ids restarting)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama: Any = LlamaForCausalLM  # untyped in transformers
+
+    model_dir = out / "tiny-llama"
+    config = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    llama(config).to(torch.bfloat16).save_pretrained(model_dir)
+    lengths = [300, 500, 200]
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, config.vocab_size, (n,), generator=generator) for n in lengths]
+    packed_ids = torch.cat(sequences).unsqueeze(0).cuda()
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+
+    def compare(model: Any, name: str) -> dict[str, Any]:
+        model.eval()
+        with torch.no_grad():
+            packed = model(input_ids=packed_ids, position_ids=position_ids).logits.float()
+            worst, offset, per_sequence = 0.0, 0, []
+            for seq in sequences:
+                alone = model(input_ids=seq.unsqueeze(0).cuda()).logits.float()[0]
+                diff = (packed[0, offset : offset + len(seq)] - alone).abs().max().item()
+                per_sequence.append(round(diff, 4))
+                worst = max(worst, diff)
+                offset += len(seq)
+            # The same row without position ids: attends across everything, the contrast case.
+            joined = model(input_ids=packed_ids).logits.float()
+            second = joined[0, lengths[0] : lengths[0] + lengths[1]]
+            alone = model(input_ids=sequences[1].unsqueeze(0).cuda()).logits.float()[0]
+            contrast = (second - alone).abs().max().item()
+        return {
+            "path": name,
+            "max_abs_logit_difference_per_sequence": per_sequence,
+            "without_position_ids_second_sequence": round(contrast, 4),
+            "attends_within_each_sequence": worst < contrast / 10,
+        }
+
+    results = []
+    try:
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            str(model_dir), max_seq_length=2048, dtype=torch.bfloat16, load_in_4bit=False, full_finetuning=True
+        )
+        results.append(compare(model, "unsloth"))
+        del model
+    except Exception as exc:  # keep the other path's answer
+        results.append({"path": "unsloth", "error": repr(exc)[:800]})
+    try:
+        plain = llama.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
+        plain = plain.cuda()
+        results.append(compare(plain, "transformers sdpa"))
+    except Exception as exc:
+        results.append({"path": "transformers sdpa", "error": repr(exc)[:800]})
+    return {"lengths": lengths, "results": results}
+
+
+def card() -> str:
+    import pynvml
+
+    name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import pynvml
+
+    pynvml.nvmlInit()
+    results: dict[str, Any] = {"card": card(), "date": datetime.now(UTC).date().isoformat(), "standby": []}
+    for label, env in [
+        ("default", {}),
+        ("default-again", {}),  # page cache warm: what a standby started after a job pays
+        ("nvml-check", {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}),
+    ]:
+        try:
+            results["standby"].append(standby_footprint(env, label, args.out))
+        except Exception as exc:
+            results["standby"].append({"label": label, "error": repr(exc)[:800]})
+        (args.out / "standby-probe.json").write_text(json.dumps(results, indent=2))
+    try:
+        results["packed_attention"] = packed_attention_check(args.out)
+    except Exception as exc:
+        results["packed_attention"] = {"error": repr(exc)[:800]}
+    (args.out / "standby-probe.json").write_text(json.dumps(results, indent=2))
+    for row in results["standby"]:
+        print(
+            f"{row['label']:>14}: ready {row.get('ready_s')} s, process {row.get('process_used_mib')} MiB, "
+            f"device {row.get('device_used_before_mib')} -> {row.get('device_used_after_import_mib')} MiB; "
+            f"top {row.get('top_imports', [])[:6]}"
+        )
+    print(json.dumps(results.get("packed_attention"), indent=1))
+    for path in args.out.glob("importtime-*.txt"):  # large; the summary is in the JSON
+        path.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
