@@ -448,6 +448,7 @@ class Speed:
         for path in [
             *self.out.glob("*.log"),
             *self.out.glob("service/*.log"),
+            *self.out.glob("service/data/standby/*.log"),
             *self.out.glob("service/data/jobs/*/trainer*.log"),
         ]:
             shutil.copyfile(path, logs / "-".join(path.relative_to(self.out).parts))

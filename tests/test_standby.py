@@ -44,27 +44,11 @@ def standby_pids(service: Service) -> list[int]:
 
 
 def test_jobs_run_in_standby_trainers_started_ahead_of_them(
-    standby_service: Service, env: Env, tiny_model: Path, chat_dataset: Path
-) -> None:
-    service = standby_service
-    first = wait_until(lambda: standby_pids(service), 30, "the worker's standby trainer")
-    for _ in range(2):
-        job_id = service.submit(job_spec(tiny_model, chat_dataset))
-        record = service.wait_for(job_id, timeout_s=120)
-        assert record["status"] == "succeeded", record["error"]
-        log = (env.data_dir / "jobs" / str(job_id) / "trainer.log").read_text()
-        assert "standby trainer (pid " in log and f"takes job {job_id}" in log
-        startup = [m for kind, m in service.events(job_id) if kind == "startup"]
-        assert len(startup) == 1 and "importing" in startup[0]
-    # Each job used up its standby; the worker started another, and the used ones have ended.
-    wait_until(lambda: len(pids := standby_pids(service)) == 1 and pids != first, 30, "one fresh standby alone")
-
-
-def test_the_next_standby_imports_while_a_job_runs(
     env: Env, tmp_path: Path, tiny_model: Path, chat_dataset: Path
 ) -> None:
-    """A job queued behind a running one finds a standby whose imports are done: the worker starts
-    the next standby as soon as a job takes the current one, not when the job ends."""
+    """Each job runs in a standby trainer, and a job queued behind a running one finds a standby
+    whose imports are done: the worker starts the next standby as soon as a job takes the current
+    one, not when the job ends."""
     service = Service(
         tmp_path / "service",
         data_dir=env.data_dir,
@@ -93,8 +77,14 @@ def test_the_next_standby_imports_while_a_job_runs(
         held.unlink()
         record = service.wait_for(queued, timeout_s=120)
         assert record["status"] == "succeeded", record["error"]
-        trainer_log = (env.data_dir / "jobs" / str(queued) / "trainer.log").read_text()
-        assert f"standby trainer (pid {following}, " in trainer_log and f"takes job {queued}" in trainer_log
+        for job_id, pid in ((running, first), (queued, following)):
+            trainer_log = (env.data_dir / "jobs" / str(job_id) / "trainer.log").read_text()
+            assert f"standby trainer (pid {pid}, " in trainer_log and f"takes job {job_id}" in trainer_log
+            startup = [m for kind, m in service.events(job_id) if kind == "startup"]
+            assert len(startup) == 1 and "importing" in startup[0]
+        # Each job used up its standby; the next one waits, and the used ones have ended.
+        used = {first, following}
+        wait_until(lambda: len(pids := standby_pids(service)) == 1 and pids[0] not in used, 60, "one fresh standby")
     finally:
         service.stop()
         print(service.logs())
