@@ -98,9 +98,9 @@ class Settings(BaseSettings):
     # Start each job's trainer process before the job comes, its imports done (about 30 s of a
     # job's start on a GPU: Unsloth, torch, TRL). Unset: on where the worker sees a GPU.
     trainer_standby: bool | None = None
-    # Start the next job's standby as soon as a job takes the current one, so a job queued behind
-    # it finds its imports done. Off: the next one starts when the job ends (a card so full that
-    # the idle standby's share of it would be missed: docs/benchmarks.md measures that share).
+    # Start the next job's standby while a job runs (once the job has taken the current one and
+    # ended its first step, if the card has 2 GiB free for the idle standby's CUDA context), so a
+    # job queued behind it finds its imports done. Off: the next one starts when the job ends.
     trainer_standby_during_job: bool = True
     # On a host without GPUs: the socket of a trainer fork server (`python -m trainer --forkserver
     # SOCKET`, started with the trainers' environment), which has imported torch, transformers

@@ -140,7 +140,8 @@ STEP_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 1
 # The trainer's result file, in the job's folder (DATA_DIR/jobs/<id>/), read by the worker.
 RESULT_FILE = "result.json"
 # Touched by the trainer at every step and micro-batch, in the job's folder: the worker's proof of
-# progress (worker/stalls.py).
+# progress (worker/stalls.py). It holds the number of the last step that ended (worker/standby.py
+# starts the next standby trainer once there is one).
 PROGRESS_FILE = "progress"
 # Set by the worker for the trainer: the work horse's pid, whose death stops the trainer.
 PARENT_PID_ENV = "FINETUNE_PARENT_PID"

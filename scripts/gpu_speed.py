@@ -15,6 +15,9 @@ is written after each part, so a later failure loses nothing):
    DATA_DIR); it runs to the end (its final model is saved), so the planner records a measurement.
 3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save): the
    POST-to-first-step of a model seen before, with the startup phases.
+3b. restart_bf16: the service stopped and started again on the same DATA_DIR (its compile caches
+   kept, the page cache warm), then part 3's job, posted as soon as the service answers: the first
+   job after a restart of a host that has trained this model before.
 4. service_fp8: the same as 2 with `precision: fp8` (--fp8-recipe), cancelled one step after the
    last measured one (no final save). If it fails with its float8 layers compiled (FP8_COMPILE), it
    runs again on a worker with FP8_COMPILE=false while the budget allows (`compiled_attempt` keeps
@@ -52,7 +55,7 @@ MAX_STEPS = 200
 REPEAT_STEPS = 3
 # What each part needs besides its steps (seconds, H100, 8B shape): imports, load, first-step compile;
 # bf16 also saves its 16 GB final model. From docs/benchmarks.md's figures, rounded up.
-OVERHEAD_S = {"bare": 85, "service_bf16": 100, "repeat_bf16": 55, "service_fp8": 90, "auto": 90}
+OVERHEAD_S = {"bare": 85, "service_bf16": 100, "repeat_bf16": 55, "restart_bf16": 70, "service_fp8": 90, "auto": 90}
 BUILD_S = 30  # building the 8B model on the GPU and its dataset (once per machine)
 # tokens/s assumed when sizing the steps (the bare recipe measured 8,087 on an H100 at micro-batch 2 x 4;
 # 6,538 at 2 x 1), and a margin on the step time.
@@ -60,7 +63,7 @@ ASSUMED_TOKENS_PER_S = 8_000
 STEP_MARGIN = 1.25
 # The loss tolerance held against fp8's curve: mean |fp8 - bf16| / bf16 over the second half of the steps.
 LOSS_TOLERANCE = 0.03
-PARTS = ("bare", "service_bf16", "repeat_bf16", "service_fp8", "auto", "learned")
+PARTS = ("bare", "service_bf16", "repeat_bf16", "restart_bf16", "service_fp8", "auto", "learned")
 
 
 def name_and_value(pair: str) -> tuple[str, str]:
@@ -120,6 +123,7 @@ class Speed:
         self.backend = "transformers" if args.dry_run else "unsloth"
         self.service: Any = None
         self.specs: dict[str, dict[str, Any]] = {}
+        self.inputs: tuple[Path, Path] = (Path(), Path())  # the model and dataset folders, once built
 
     # ---- bookkeeping --------------------------------------------------------------------------------
 
@@ -259,11 +263,12 @@ class Speed:
 
     # ---- the service's parts ----------------------------------------------------------------------------
 
-    def start_service(self, model: Path, dataset: Path) -> Any:
+    def start_service(self, model: Path, dataset: Path, *, fresh: bool = True) -> Any:
         from scripts.service_harness import Service
 
         root = self.out / "service"
-        shutil.rmtree(root, ignore_errors=True)  # cold compile caches under its DATA_DIR: a first job
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)  # cold compile caches under its DATA_DIR: a first job
         settings = {
             "FP8_COMPILE": "true" if self.args.fp8_compile else "false",
             "FP8_COMPILE_REGION": self.args.fp8_compile_region,
@@ -345,6 +350,11 @@ class Speed:
         repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
         return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
 
+    def restart_bf16(self) -> dict[str, Any]:
+        self.service.stop()
+        self.start_service(*self.inputs, fresh=False)
+        return self.repeat_bf16()
+
     def service_fp8(self) -> dict[str, Any]:
         spec = self.specs["bf16"]
         steps = self.results["steps"]
@@ -410,7 +420,7 @@ class Speed:
         }
         self.save()
         try:
-            model, dataset = self.prepare()
+            model, dataset = self.inputs = self.prepare()
             self.specs["bf16"] = self.spec(model, dataset, self.results["steps"])
             self.part("bare", self.bare)
             if any(p in self.parts for p in PARTS[1:]):
@@ -474,7 +484,7 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print(f"{'':16}{'status':>11}{'tokens/s':>10}{'x bare':>8}{'POST->step1 s':>15}{'NVML peak':>11}  last loss")
     bare = (parts.get("bare") or {}).get("tokens_per_second")
-    for name in ("bare", "service_bf16", "repeat_bf16", "service_fp8", "auto"):
+    for name in ("bare", "service_bf16", "repeat_bf16", "restart_bf16", "service_fp8", "auto"):
         p = parts.get(name) or {}
         status = p.get("status") or ("skipped" if "skipped" in p else "error" if "error" in p else "ok" if p else "-")
         rate = p.get("tokens_per_second")
@@ -493,7 +503,7 @@ def print_table(results: dict[str, Any]) -> None:
     auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
     if auto:
         print(f"auto: {auto}")
-    for name in ("service_bf16", "repeat_bf16"):
+    for name in ("service_bf16", "repeat_bf16", "restart_bf16"):
         startup = (parts.get(name) or {}).get("events", {}).get("startup")
         if startup:
             print(f"{name} startup: {startup}")

@@ -139,7 +139,8 @@ class JobReporter(TrainerCallback):
         self._first_step_end: tuple[int, float] | None = None
         self._step_ended_at: float | None = None
         self._step_seconds: deque[float] = deque(maxlen=ETA_WINDOW_STEPS)
-        # Touched at every step and micro-batch: the worker's proof that training moves (worker/stalls.py).
+        # Touched at every step and micro-batch: the worker's proof that training moves (worker/stalls.py);
+        # it holds the last step that ended.
         self.progress_file = checkpoints_dir.parent / PROGRESS_FILE
         self._last_logged_step = 0
         self._held_row: StepLog | None = None  # a step's row waiting for the evaluation that follows it
@@ -169,9 +170,14 @@ class JobReporter(TrainerCallback):
         per_step = statistics.median(self._step_seconds)
         return round(per_step * max(state.max_steps - state.global_step, 0), 1)
 
-    def _beat(self) -> None:
+    def _beat(self, step: int | None = None) -> None:
+        """Touch the progress file; at a step's end, write the step into it (the worker starts the
+        next standby trainer once a job's first step is done: worker/standby.NextStandby)."""
         try:
-            os.utime(self.progress_file)
+            if step is not None:
+                self.progress_file.write_text(str(step))
+            else:
+                os.utime(self.progress_file)
         except FileNotFoundError:
             self.progress_file.touch()
         except OSError as exc:  # a full or failing disk: the trainer's own checks say so
@@ -237,7 +243,7 @@ class JobReporter(TrainerCallback):
 
     @_timed
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._beat()
+        self._beat(state.global_step)
         now = time.monotonic()
         if self._step_ended_at is not None:
             self._step_seconds.append(now - self._step_ended_at)

@@ -28,7 +28,7 @@ from core.reconcile import reconcile
 from worker import gpus as worker_gpus
 from worker import standby as standby_module
 from worker.ray_capacity import CapacityWatch
-from worker.standby import Standby
+from worker.standby import NextStandby, Standby
 from worker.tasks import compile_cache_env, trainer_environment
 
 logger = logging.getLogger("worker")
@@ -36,8 +36,8 @@ cli = typer.Typer(add_completion=False, help=__doc__)
 
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 RESTART_WAIT_MAX_S = 30.0
-# How often the worker looks whether a job has taken the standby while its work horse runs.
-STANDBY_TAKEN_POLL_S = 0.2
+# How often the worker looks whether it is time to start the next standby while a job runs.
+STANDBY_POLL_S = 0.5
 
 
 class TrainingJob(Job):
@@ -84,8 +84,8 @@ class FinetuneWorker(Worker):
 
     gpu_memory_bytes: int | None = None
     standby: Standby | None = None
-    # The pid of the standby the running job's work horse inherited, until the job has taken it.
-    standby_offered: int | None = None
+    # While a job runs: when to start the standby after the one its work horse inherited.
+    next_standby: NextStandby | None = None
     # With RAY_ADDRESS: the cluster's room for ranks, for the API's 422 (core/ray_capacity.py).
     ray_capacity: CapacityWatch | None = None
     _redis_away_since: float | None = None
@@ -202,27 +202,31 @@ class FinetuneWorker(Worker):
             rq_logger.removeFilter(lines)
 
     def wait_for_horse(self) -> tuple[int | None, int | None, Any]:
-        """RQ's wait for the work horse, which first watches for the job taking the standby (a
-        fraction of a second after its trainer is due to start) and then starts the next one."""
-        standby, offered = self.standby, self.standby_offered
-        if standby is not None and offered is not None and get_settings().trainer_standby_during_job:
-            while standby.awaits(offered):
+        """RQ's wait for the work horse, which first watches for the moment to start the next
+        standby trainer while the job runs (NextStandby)."""
+        if self.next_standby is not None:
+            due = self.next_standby.due()
+            while due is False:
                 try:
                     pid, status, rusage = os.wait4(self.horse_pid, os.WNOHANG)
                 except ChildProcessError:  # reaped already, as RQ's own wait allows for
                     return None, None, None
                 if pid:
                     return pid, status, rusage
-                time.sleep(STANDBY_TAKEN_POLL_S)
-            self.standby_offered = None
-            if not self.stop_asked:
-                standby.ensure()
+                time.sleep(STANDBY_POLL_S)
+                due = self.next_standby.due()
+            self.next_standby = None
+            if due and self.standby is not None and not self.stop_asked:
+                self.standby.ensure()
         return super().wait_for_horse()
 
     def execute_job(self, job: Any, queue: Any) -> None:
         if self.standby is not None:
             self.standby.ensure()  # the horse forked next inherits it
-            self.standby_offered = self.standby.process.pid if self.standby.process is not None else None
+            offered = self.standby.process
+            if offered is not None and get_settings().trainer_standby_during_job and job.args:
+                job_dir = get_settings().job_dir(int(job.args[0]))  # run_job(job_id)
+                self.next_standby = NextStandby(self.standby, offered.pid, job_dir)
         try:
             super().execute_job(job, queue)
         except REDIS_ERRORS as exc:
@@ -231,6 +235,7 @@ class FinetuneWorker(Worker):
             # `queued` there and is enqueued again by the reconciler.
             self.redis_away(f"bookkeeping of {job.id}", exc)
         finally:
+            self.next_standby = None
             if self.standby is not None and not self.stop_asked:
                 self.standby.ensure()  # the next one, importing while this worker waits for work
 

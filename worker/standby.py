@@ -2,9 +2,9 @@
 (`python -m trainer --standby`), so the 30 s of importing Unsloth, torch and TRL are done when
 it does (TRAINER_STANDBY; on by default where the worker sees a GPU).
 
-The worker (RQ's main process) owns the standby: it starts one at start-up and, as soon as a job
-has taken it, the next one, importing while that job runs (after the job where
-TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that runs a job
+The worker (RQ's main process) owns the standby: it starts one at start-up and, once a job has
+taken it and ended its first step, the next one, importing while that job runs (NextStandby; after
+the job where TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that runs a job
 inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and watches it
 as it would its own child. It is not the horse's child, so the horse reads its exit status from /proc while it is
 a zombie (the worker reaps it only after the horse has ended)."""
@@ -22,8 +22,13 @@ import time
 from pathlib import Path
 
 from core.config import get_settings
+from core.contract import PROGRESS_FILE
 
 logger = logging.getLogger(__name__)
+
+# The room on the card below which no standby starts while a job runs: an idle standby's CUDA
+# context (measured on an H100: docs/benchmarks.md) and a margin for the job's own fluctuations.
+STANDBY_GPU_ROOM_BYTES = 2 * 2**30
 
 
 class Standby:
@@ -65,11 +70,6 @@ class Standby:
         CURRENT = self.process.pid, self.process.stdin.fileno() if self.process.stdin else -1
         logger.info("standby trainer started (pid %s)", self.process.pid)
 
-    def awaits(self, pid: int) -> bool:
-        """Whether standby `pid` is still the current one, alive and not yet taken by a job."""
-        process = self.process
-        return process is not None and process.pid == pid and process.poll() is None and not taken_marker(pid).exists()
-
     def reap(self) -> None:
         """Collect used standbys that have ended (each becomes a zombie until then)."""
         for process in list(self.retired):
@@ -85,6 +85,57 @@ class Standby:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+
+
+class NextStandby:
+    """When the worker starts the next standby while a job runs (TRAINER_STANDBY_DURING_JOB): once
+    the job has taken the current one and ended its first step, so that its memory has reached its
+    peak, and only if the card then has room for another process's CUDA context (an idle standby
+    holds one: STANDBY_GPU_ROOM_BYTES). Otherwise it starts when the job ends, as it always did."""
+
+    def __init__(self, standby: Standby, offered: int, job_dir: Path) -> None:
+        self.standby = standby
+        self.offered = offered
+        self.progress_file = job_dir / PROGRESS_FILE
+
+    def due(self) -> bool | None:
+        """True: start it now; False: not yet; None: not during this job."""
+        process = self.standby.process
+        if process is None or process.pid != self.offered:
+            return None
+        if not taken_marker(self.offered).exists():
+            return process.poll() is not None  # still offered to the job, unless it died
+        if first_step_ended(self.progress_file) is False:
+            return False
+        free = gpu_free_bytes(CARD)
+        if free is not None and free < STANDBY_GPU_ROOM_BYTES:
+            logger.info(
+                "%.1f GiB free on GPU %s after the job's first step: the next standby trainer starts when the job ends",
+                free / 2**30,
+                CARD,
+            )
+            return None
+        return True
+
+
+def first_step_ended(progress_file: Path) -> bool:
+    try:
+        return int(progress_file.read_text() or 0) >= 1
+    except (OSError, ValueError):
+        return False
+
+
+def gpu_free_bytes(card: str | None) -> int | None:
+    """NVML's free memory of the standby's card; None without one (a CPU host) or without NVML."""
+    if card is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(int(card))).free)
+    except Exception:  # no NVML: nothing to hold the standby back
+        return None
 
 
 # (pid, stdin fd) of the worker's unused standby, read by the work horse forked from the worker.
