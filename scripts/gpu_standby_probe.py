@@ -184,17 +184,22 @@ def card() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--variants", default="default,default-again,nvml-check", help="which standby imports to measure, in order"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import pynvml
 
     pynvml.nvmlInit()
     results: dict[str, Any] = {"card": card(), "date": datetime.now(UTC).date().isoformat(), "standby": []}
-    for label, env in [
-        ("default", {}),
-        ("default-again", {}),  # page cache warm: what a standby started after a job pays
-        ("nvml-check", {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}),
-    ]:
+    variants = {
+        "default": {},
+        "default-again": {},  # page cache warm: what a standby started after a job pays
+        "nvml-check": {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"},
+    }
+    for label in args.variants.split(","):
+        env = variants[label]
         try:
             results["standby"].append(standby_footprint(env, label, args.out))
         except Exception as exc:
