@@ -177,9 +177,10 @@ class JobReporter(TrainerCallback):
             if step is not None:
                 self.progress_file.write_text(str(step))
             else:
-                os.utime(self.progress_file)
-        except FileNotFoundError:
-            self.progress_file.touch()
+                try:
+                    os.utime(self.progress_file)
+                except FileNotFoundError:
+                    self.progress_file.touch()
         except OSError as exc:  # a full or failing disk: the trainer's own checks say so
             logger.debug("could not touch %s: %s", self.progress_file, exc)
 

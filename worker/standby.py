@@ -4,10 +4,10 @@ it does (TRAINER_STANDBY; on by default where the worker sees a GPU).
 
 The worker (RQ's main process) owns the standby: it starts one at start-up and, once a job has
 taken it and ended its first step, the next one, importing while that job runs (NextStandby; after
-the job where TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that runs a job
-inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and watches it
-as it would its own child. It is not the horse's child, so the horse reads its exit status from /proc while it is
-a zombie (the worker reaps it only after the horse has ended)."""
+the job where TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that
+runs a job inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and
+watches it as it would its own child. It is not the horse's child, so the horse reads its exit
+status from /proc while it is a zombie (the worker reaps it only after the horse has ended)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class NextStandby:
             return None
         if not taken_marker(self.offered).exists():
             return process.poll() is not None  # still offered to the job, unless it died
-        if first_step_ended(self.progress_file) is False:
+        if not first_step_ended(self.progress_file):
             return False
         free = gpu_free_bytes(CARD)
         if free is not None and free < STANDBY_GPU_ROOM_BYTES:
@@ -119,6 +119,7 @@ class NextStandby:
 
 
 def first_step_ended(progress_file: Path) -> bool:
+    """The trainer writes the step into its progress file at each step's end (trainer/callbacks.py)."""
     try:
         return int(progress_file.read_text() or 0) >= 1
     except (OSError, ValueError):
