@@ -24,14 +24,16 @@ def logits_of_each_sequence(model: Any, batch: dict[str, torch.Tensor], *, use_c
 
 def test_a_padding_free_row_attends_within_each_of_its_sequences(tiny_model: Path) -> None:
     from transformers import AutoModelForCausalLM
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     generator = torch.Generator().manual_seed(0)
     sequences = [torch.randint(3, 400, (n,), generator=generator) for n in SEQUENCE_LENGTHS]
-    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batch = collator([{"input_ids": seq.tolist()} for seq in sequences])
-    assert batch["input_ids"].shape == (1, sum(SEQUENCE_LENGTHS))  # one row, no padding
+    # The row as TRL's padding-free collator builds it (DataCollatorForLanguageModeling with
+    # padding_free=True; not imported here: it brings all of TRL's SFT trainer and wandb, seconds).
+    batch = {
+        "input_ids": torch.cat(sequences).unsqueeze(0),
+        "position_ids": torch.cat([torch.arange(n) for n in SEQUENCE_LENGTHS]).unsqueeze(0),
+    }
 
     with torch.no_grad():
         alone = [model(input_ids=seq.unsqueeze(0), use_cache=False).logits[0] for seq in sequences]
