@@ -47,8 +47,8 @@ def test_jobs_run_in_standby_trainers_started_ahead_of_them(
     env: Env, tmp_path: Path, tiny_model: Path, chat_dataset: Path
 ) -> None:
     """Each job runs in a standby trainer, and a job queued behind a running one finds a standby
-    whose imports are done: the worker starts the next standby as soon as a job takes the current
-    one, not when the job ends."""
+    whose imports are done: the worker starts the next standby once a job has taken the current one
+    and ended its first step (here the job is held in its third), not when the job ends."""
     service = Service(
         tmp_path / "service",
         data_dir=env.data_dir,
