@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # (what the command line contains, the kind), first match wins: the specific before the general.
@@ -56,9 +57,17 @@ def command_line(pid: str) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
 
 
+@dataclass
+class Seen:
+    kind: str
+    command_line: str
+    start: int  # the process's start time (a reused pid has another)
+    ticks: int = 0  # what has been counted of its CPU
+
+
 class Sampler:
     def __init__(self) -> None:
-        self.seen: dict[str, list[object]] = {}  # pid -> [kind, ticks counted, start time]
+        self.seen: dict[str, Seen] = {}
         self.ticks: collections.Counter[str] = collections.Counter()
 
     def sample(self) -> None:
@@ -69,16 +78,17 @@ class Sampler:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 ticks, start, parent = int(fields[11]) + int(fields[12]), int(fields[19]), fields[1]
                 entry = self.seen.get(pid)
-                if entry is None or entry[2] != start:  # new, or the pid was reused
+                if entry is None or entry.start != start:  # new, or the pid was reused
                     line = command_line(pid)
-                    name = kind(line)
-                    if parent in self.seen and command_line(parent) == line:
-                        name = str(self.seen[parent][0]).removesuffix(" (fork)") + " (fork)"
-                    entry = self.seen[pid] = [name, 0, start]
-                counted = int(str(entry[1]))
-                if ticks > counted:
-                    self.ticks[str(entry[0])] += ticks - counted
-                    entry[1] = ticks
+                    forked_from = self.seen.get(parent)
+                    if forked_from is not None and forked_from.command_line == line:
+                        name = forked_from.kind.removesuffix(" (fork)") + " (fork)"
+                    else:
+                        name = kind(line)
+                    entry = self.seen[pid] = Seen(name, line, start)
+                if ticks > entry.ticks:
+                    self.ticks[entry.kind] += ticks - entry.ticks
+                    entry.ticks = ticks
             except (OSError, IndexError, ValueError):
                 continue
 

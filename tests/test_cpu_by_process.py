@@ -47,5 +47,5 @@ def test_a_busy_child_is_counted_under_its_kind_and_a_fork_as_a_fork() -> None:
         os.waitpid(forked, 0)
         child.communicate("")
     assert sampler.ticks["trainer"] >= 0.4 * os.sysconf("SC_CLK_TCK")
-    mine = sampler.seen[str(os.getpid())][0]
-    assert sampler.seen[str(forked)][0] == f"{str(mine).removesuffix(' (fork)')} (fork)"
+    mine = sampler.seen[str(os.getpid())].kind
+    assert sampler.seen[str(forked)].kind == f"{mine.removesuffix(' (fork)')} (fork)"

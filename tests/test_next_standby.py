@@ -13,6 +13,7 @@ import pytest
 
 from core.contract import PROGRESS_FILE
 from tests.conftest import Env
+from worker import gpus
 from worker import standby as standby_module
 from worker.standby import STANDBY_GPU_ROOM_BYTES, NextStandby, Standby, taken_marker
 
@@ -55,7 +56,7 @@ def test_no_standby_starts_during_a_job_that_left_the_card_too_little_room(
     taken_marker(offered.process.pid).write_text("8")
     monkeypatch.setattr(standby_module, "CARD", "0")
     free = {"bytes": STANDBY_GPU_ROOM_BYTES - 1}
-    monkeypatch.setattr(standby_module, "gpu_free_bytes", lambda card: free["bytes"] if card == "0" else None)
+    monkeypatch.setattr(gpus, "free_memory_bytes", lambda index: free["bytes"] if index == 0 else None)
     next_standby = NextStandby(offered, offered.process.pid, job_dir)
     assert next_standby.due() is None  # it starts when the job ends instead
     free["bytes"] = STANDBY_GPU_ROOM_BYTES

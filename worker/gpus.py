@@ -76,6 +76,17 @@ def describe_gpus(indices: list[int]) -> list[Gpu]:
     return described
 
 
+def free_memory_bytes(index: int) -> int | None:
+    """NVML's free memory of a card (its index as nvidia-smi numbers it); None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+    except Exception:  # no driver or NVML library (a CPU host): nothing known
+        return None
+
+
 # FP8 matmuls (torch._scaled_mm) need Ada (8.9) or Hopper (9.0) and newer.
 FP8_MIN_CAPABILITY = (8, 9)
 

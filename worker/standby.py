@@ -23,6 +23,7 @@ from pathlib import Path
 
 from core.config import get_settings
 from core.contract import PROGRESS_FILE
+from worker import gpus
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class NextStandby:
             return process.poll() is not None  # still offered to the job, unless it died
         if not first_step_ended(self.progress_file):
             return False
-        free = gpu_free_bytes(CARD)
+        free = gpus.free_memory_bytes(int(CARD)) if CARD is not None else None
         if free is not None and free < STANDBY_GPU_ROOM_BYTES:
             logger.info(
                 "%.1f GiB free on GPU %s after the job's first step: the next standby trainer starts when the job ends",
@@ -124,19 +125,6 @@ def first_step_ended(progress_file: Path) -> bool:
         return int(progress_file.read_text() or 0) >= 1
     except (OSError, ValueError):
         return False
-
-
-def gpu_free_bytes(card: str | None) -> int | None:
-    """NVML's free memory of the standby's card; None without one (a CPU host) or without NVML."""
-    if card is None:
-        return None
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(int(card))).free)
-    except Exception:  # no NVML: nothing to hold the standby back
-        return None
 
 
 # (pid, stdin fd) of the worker's unused standby, read by the work horse forked from the worker.
