@@ -46,6 +46,10 @@ KINDS = (
 )
 
 
+# Forks of the service zygote name themselves (scripts/service_zygote.py sets /proc/PID/comm).
+ZYGOTE_FORKS = {"zygote:uvicorn": "api (zygote fork)", "zygote:worker": "worker (zygote fork)"}
+
+
 def kind(command_line: str) -> str:
     for fragment, name in KINDS:
         if fragment in command_line:
@@ -65,6 +69,15 @@ class Seen:
     ticks: int = 0  # what has been counted of its CPU
 
 
+def fork_kind(pid: str, parent_kind: str) -> str:
+    """What a fork is: the zygote's forks by the name they give themselves, RQ's work horse by
+    its parent (a worker), any other as "<its parent's kind> (fork)"."""
+    if parent_kind == ZYGOTE_FORKS["zygote:worker"]:
+        return "work horse (fork of a worker)"
+    name = Path(f"/proc/{pid}/comm").read_text().strip()
+    return ZYGOTE_FORKS.get(name) or parent_kind.removesuffix(" (fork)") + " (fork)"
+
+
 class Sampler:
     def __init__(self) -> None:
         self.seen: dict[str, Seen] = {}
@@ -82,7 +95,7 @@ class Sampler:
                     line = command_line(pid)
                     forked_from = self.seen.get(parent)
                     if forked_from is not None and forked_from.command_line == line:
-                        name = forked_from.kind.removesuffix(" (fork)") + " (fork)"
+                        name = fork_kind(pid, forked_from.kind)
                     else:
                         name = kind(line)
                     entry = self.seen[pid] = Seen(name, line, start)

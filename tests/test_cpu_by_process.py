@@ -49,3 +49,26 @@ def test_a_busy_child_is_counted_under_its_kind_and_a_fork_as_a_fork() -> None:
     assert sampler.ticks["trainer"] >= 0.4 * os.sysconf("SC_CLK_TCK")
     mine = sampler.seen[str(os.getpid())].kind
     assert sampler.seen[str(forked)].kind == f"{mine.removesuffix(' (fork)')} (fork)"
+
+
+def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> None:
+    """The service zygote's forks rename themselves (/proc/PID/comm) to zygote:uvicorn or
+    zygote:worker; a fork of such a worker is RQ's work horse."""
+    import ctypes
+
+    sampler = Sampler()
+    sampler.sample()
+    ready_read, ready_write = os.pipe()
+    forked = os.fork()
+    if forked == 0:
+        ctypes.CDLL(None).prctl(15, b"zygote:uvicorn", 0, 0, 0)  # PR_SET_NAME
+        os.write(ready_write, b"x")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready_read, 1) == b"x"
+        sampler.sample()
+    finally:
+        os.kill(forked, signal.SIGKILL)
+        os.waitpid(forked, 0)
+    assert sampler.seen[str(forked)].kind == "api (zygote fork)"
