@@ -87,6 +87,7 @@ class EventKind(StrEnum):
     optimizer_replaced = "optimizer_replaced"
     micro_batch_chosen = "micro_batch_chosen"  # per_device_train_batch_size "auto": the sizes timed and chosen
     training_started = "training_started"
+    first_step = "first_step"  # the first step's seconds and how many of them compiling took
     evaluated = "evaluated"
     checkpoint = "checkpoint"
     checkpoint_removed = "checkpoint_removed"

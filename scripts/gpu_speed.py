@@ -464,7 +464,15 @@ class Speed:
             shutil.copyfile(path, logs / "-".join(path.relative_to(self.out).parts))
 
 
-INTERESTING_EVENTS = ("startup", "micro_batch_chosen", "measured", "optimizer_replaced", "failed", "started")
+INTERESTING_EVENTS = (
+    "startup",
+    "first_step",
+    "micro_batch_chosen",
+    "measured",
+    "optimizer_replaced",
+    "failed",
+    "started",
+)
 
 
 def tail(path: Path, chars: int = 1500) -> str:

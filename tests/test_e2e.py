@@ -49,8 +49,12 @@ def test_submit_train_watch_and_download_final_checkpoint(
         assert row["tokens_per_second"] > 0 and row["num_tokens"] > 0
     assert http.get(f"/jobs/{job_id}/logs", params={"after_step": 4}).json()["items"][0]["step"] == 6
 
-    kinds = [e["kind"] for e in http.get(f"/jobs/{job_id}/events").json()["items"]]
+    events = http.get(f"/jobs/{job_id}/events").json()["items"]
+    kinds = [e["kind"] for e in events]
     assert kinds[:2] == ["queued", "started"]
+    [first_step] = [e["message"] for e in events if e["kind"] == "first_step"]
+    assert first_step.startswith("step 1, the first of this run, took "), first_step
+    assert "compil" in first_step  # how much of it torch.compile took (nothing, on this CPU job)
     assert "optimizer_replaced" in kinds  # paged_adamw_8bit needs a GPU
     assert kinds.count("checkpoint") == 3  # checkpoint-3, checkpoint-6, final
     assert "checkpoint_removed" in kinds  # save_total_limit=1 rotated checkpoint-3 away

@@ -25,6 +25,7 @@ from core.db import session_scope
 from core.events import add_event
 from core.models import Job, StepLog
 from core.webhooks import queue_progress
+from trainer.compile_clock import CompileClock
 from trainer.failpoints import out_of_memory_above
 from trainer.gpu import MemoryProbe
 from trainer.neighbours import SlowdownWatch
@@ -156,11 +157,26 @@ class JobReporter(TrainerCallback):
         self.last_figures: dict[str, Any] = {}  # the latest step log's figures, for trackers
         self._train_start = 0.0
         self._eval_steps: set[int] = set()
+        # torch.compile's seconds, to say how much of the first step was compiling.
+        self.compile_clock = CompileClock().install()
+        self._compiled_before_training = (0.0, 0)
 
     def evaluated_at(self, step: int) -> bool:
         return step in self._eval_steps
 
     # --- helpers ----------------------------------------------------------------------
+    def _report_first_step(self, step: int, seconds: float) -> None:
+        """The first step's seconds and how many of them torch.compile took: after the startup
+        event, the rest of where a job's first minute goes."""
+        compiling = self.compile_clock.describe_since(self._compiled_before_training)
+        with session_scope() as session:
+            add_event(
+                session=session,
+                job_id=self.job_id,
+                kind=EventKind.first_step,
+                message=f"step {step}, the first of this run, took {seconds:.1f} s, {compiling}",
+            )
+
     def _eta_seconds(self, state: TrainerState) -> float | None:
         # The first step compiles (about 45 s for an 8B model): extrapolating from it would be
         # wildly wrong, so the rate comes from the steps after it; and from their median, so a
@@ -190,6 +206,7 @@ class JobReporter(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._train_start = time.monotonic()
+        self._compiled_before_training = self.compile_clock.mark()
         self._last_log = None
         with session_scope() as session:
             job = session.get(Job, self.job_id)
@@ -252,6 +269,7 @@ class JobReporter(TrainerCallback):
         if self._first_step_end is None:
             self._first_step_end = (state.global_step, now)
             self.first_step_seconds = now - self._train_start
+            self._report_first_step(state.global_step, self.first_step_seconds)
             self._last_log = (now, self.tokens_trained(), self.paused_seconds())
             self._last_logged_step = state.global_step  # the step-duration windows start here too
 
