@@ -47,6 +47,16 @@ T = TypeVar("T")
 # ---- small tools ----------------------------------------------------------------------------------
 
 
+def unmeasured_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (this process's by default) without coverage's variables: a third-party process the
+    tests start (mlflow, moto, schemathesis, Ray) runs none of the measured packages, and coverage,
+    which measures every Python process started with them, would only slow it down (a third more
+    CPU for mlflow's imports)."""
+    return {
+        k: v for k, v in (os.environ if env is None else env).items() if not k.startswith(("COVERAGE_", "COV_CORE_"))
+    }
+
+
 def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.1) -> T:
     """predicate's first truthy value, polled every interval_s; AssertionError after timeout_s."""
     deadline = time.monotonic() + timeout_s

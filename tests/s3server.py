@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from scripts.service_harness import START_TIMEOUT_S, free_port, wait_until
+from scripts.service_harness import START_TIMEOUT_S, free_port, unmeasured_environment, wait_until
 
 REGION = "us-east-1"
 
@@ -51,7 +51,11 @@ def start_s3_server(workdir: Path) -> S3Server:
     log = workdir / "moto_server.log"
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [binary, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir
+            [binary, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=unmeasured_environment(),  # moto's code is not ours to measure
         )
     server = S3Server(process, f"http://127.0.0.1:{port}", log)
 

@@ -29,6 +29,7 @@ from scripts.service_harness import (
     process_tree,
     trainer_pids,
     trainer_rank,
+    unmeasured_environment,
     wait_until,
 )
 from tests.conftest import Env, Service, job_spec
@@ -98,9 +99,8 @@ def ray_cluster() -> Iterator[RayCluster]:
     # Ray's own processes unmeasured: coverage would trace its agents and workers for the module's
     # life, and they end by SIGKILL, which saves nothing. The trainers Ray's workers start are
     # measured still: the worker passes them its COVERAGE_* variables (TRAINER_ENV_KEPT).
-    unmeasured = {k: v for k, v in os.environ.items() if not k.startswith(("COVERAGE_", "COV_CORE_"))}
     env = {
-        **unmeasured,
+        **unmeasured_environment(),
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         "OMP_NUM_THREADS": "1",
         "RAY_USAGE_STATS_ENABLED": "0",

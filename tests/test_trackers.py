@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from scripts.service_harness import unmeasured_environment
 from tests.conftest import Env, clear_caches, free_port, job_spec, run_to_end, wait_until
 
 MLFLOW_START_TIMEOUT_S = 180  # its first start creates its database (dozens of migrations)
@@ -49,6 +50,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=unmeasured_environment(),  # mlflow's code is not ours to measure
         )
 
     def healthy() -> bool:

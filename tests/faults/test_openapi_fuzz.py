@@ -11,7 +11,6 @@ Left out, with reasons:
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.service_harness import unmeasured_environment
 from tests.faults.conftest import Cluster
 
 pytestmark = pytest.mark.slow
@@ -61,10 +61,10 @@ def test_fuzzed_requests_get_no_server_error_and_conform_to_the_document(cluster
         "none",
         "--no-color",
     ]
-    # The fuzzer's own process is not the service: coverage (which measures every Python process
-    # the tests start) would only slow its thousands of cases down, so it is not measured.
-    unmeasured = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_")}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=TIME_LIMIT_S, env=unmeasured)
+    # The fuzzer's own process is not the service: coverage would only slow its thousands of cases down.
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, timeout=TIME_LIMIT_S, env=unmeasured_environment()
+    )
     output = result.stdout + result.stderr
     print(output[-2500:])  # schemathesis' summary: cases per operation, time
     generated = re.search(r"(\d+) generated", output)
