@@ -22,7 +22,8 @@ def standby_service(env: Env, tmp_path: Path) -> Service:
         tmp_path / "service",
         data_dir=env.data_dir,
         redis_url=env.redis_url,
-        settings={**env.vars, "TRAINER_STANDBY": "1"},
+        # The next standby when a job ends: the during-job start is the first test's.
+        settings={**env.vars, "TRAINER_STANDBY": "1", "TRAINER_STANDBY_DURING_JOB": "false"},
     )
     try:
         yield running.start()
