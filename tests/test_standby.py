@@ -22,8 +22,7 @@ def standby_service(env: Env, tmp_path: Path) -> Service:
         tmp_path / "service",
         data_dir=env.data_dir,
         redis_url=env.redis_url,
-        # The next standby when a job ends: the during-job start is the first test's.
-        settings={**env.vars, "TRAINER_STANDBY": "1", "TRAINER_STANDBY_DURING_JOB": "false"},
+        settings={**env.vars, "TRAINER_STANDBY": "1"},
     )
     try:
         yield running.start()
