@@ -56,12 +56,14 @@ def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> 
     zygote:worker; a fork of such a worker is RQ's work horse."""
     import ctypes
 
+    from scripts.service_zygote import PR_SET_NAME
+
     sampler = Sampler()
     sampler.sample()
     ready_read, ready_write = os.pipe()
     forked = os.fork()
     if forked == 0:
-        ctypes.CDLL(None).prctl(15, b"zygote:uvicorn", 0, 0, 0)  # PR_SET_NAME
+        ctypes.CDLL(None).prctl(PR_SET_NAME, b"zygote:uvicorn", 0, 0, 0)  # as the zygote's fork does
         os.write(ready_write, b"x")
         time.sleep(30)
         os._exit(0)
@@ -71,4 +73,6 @@ def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> 
     finally:
         os.kill(forked, signal.SIGKILL)
         os.waitpid(forked, 0)
+        os.close(ready_read)
+        os.close(ready_write)
     assert sampler.seen[str(forked)].kind == "api (zygote fork)"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import statistics
 import time
 from collections import deque
@@ -194,10 +193,7 @@ class JobReporter(TrainerCallback):
             if step is not None:
                 self.progress_file.write_text(str(step))
             else:
-                try:
-                    os.utime(self.progress_file)
-                except FileNotFoundError:
-                    self.progress_file.touch()
+                self.progress_file.touch()  # its mtime; created if it is not there
         except OSError as exc:  # a full or failing disk: the trainer's own checks say so
             logger.debug("could not touch %s: %s", self.progress_file, exc)
 
