@@ -63,7 +63,7 @@ LATER_OPTION_DEFAULTS: dict[str, object] = {
     "priority": 0,
     "method": "sft",
     "grader": None,
-    "precision": "bf16",
+    "precision": "auto",  # specs stored while bf16 was the default say so (migration 0017)
     "fp8_recipe": None,
 }
 

@@ -55,9 +55,12 @@ MAX_ROWS = 200
 
 
 def precision_of(spec: JobSpec) -> str:
-    """The precision a job's matmuls train in, with fp8's recipe (fp8-rowwise and fp8-tensorwise
-    differ in speed)."""
-    return f"fp8-{spec.fp8_recipe}" if spec.precision == "fp8" else spec.precision
+    """The precision the spec asks for, with fp8's recipe (fp8-rowwise and fp8-tensorwise differ in
+    speed). "auto" stays "auto" (with its recipe when one was named): what it chooses depends on
+    the card, and the card is part of what makes a measurement comparable."""
+    if spec.fp8_recipe is None:  # bf16, or auto with fp8's default recipe
+        return spec.precision
+    return f"{spec.precision}-{spec.fp8_recipe}"
 
 
 def shape_key(shape: ModelShape) -> str:

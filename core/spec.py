@@ -58,9 +58,11 @@ UrlInt = Annotated[int, BeforeValidator(_written_in_digits)]
 
 Backend = Literal["auto", "unsloth", "transformers"]
 Strategy = Literal["auto", "ddp", "fsdp"]
-# The precision of the model's matmuls: bf16 (the recipe's), or fp8 through torchao's float8 training
-# (docs/benchmarks.md, "Faster than the recipe"); Fp8Recipe is torchao's scaling recipe.
-Precision = Literal["bf16", "fp8"]
+# The precision of the model's matmuls: bf16 (the recipe's), fp8 through torchao's float8 training
+# (docs/benchmarks.md, "Faster than the recipe"), or auto: the trainer chooses fp8 where it was measured
+# to pay and hold the loss (trainer/precision.resolve_precision), else bf16. Fp8Recipe is torchao's
+# scaling recipe.
+Precision = Literal["auto", "bf16", "fp8"]
 Fp8Recipe = Literal["tensorwise", "rowwise"]
 # The most GPUs one job may ask for: the GPUs of one host (hosts of 8 are the common large kind).
 MAX_GPUS_PER_JOB = 64
@@ -503,16 +505,18 @@ class JobSpec(BaseModel):
         "model about 16 of their 32 GB each): their weights stay downloadable, they can no longer be resumed from",
     )
     precision: Precision = Field(
-        default="bf16",
-        description="the matmuls' precision: bf16 (the recipe), or fp8: the decoder's Linear layers compute in "
-        "float8 with torchao's float8 training (weights, gradients and optimizer states stay as with bf16; "
-        "lm_head and embeddings stay bf16); one GPU; needs a GPU of compute capability 8.9 or newer (L4, L40S, "
-        "H100, H200, B200) and torchao on the worker",
+        default="auto",
+        description="the matmuls' precision: bf16 (the recipe), fp8 (the decoder's Linear layers compute in "
+        "float8 with torchao's float8 training; weights, gradients and optimizer states stay as with bf16; lm_head "
+        "and embeddings stay bf16; one GPU; needs a GPU of compute capability 8.9 or newer: L4, L40S, H100, H200, "
+        "B200, and torchao on the worker), or auto: fp8 for an SFT job on one such GPU with the Unsloth backend, "
+        "bf16 otherwise (the startup event and the record's trainer.precision say which ran)",
     )
     fp8_recipe: Fp8Recipe | None = Field(
         default=None,
-        description="precision fp8: torchao's scaling recipe: tensorwise (one scale per tensor: the fastest) or "
-        "rowwise (a scale per row: closer to bf16's numerics, a little slower); null: tensorwise",
+        description="precision fp8 (or auto, where it chooses fp8): torchao's scaling recipe: tensorwise (one "
+        "scale per tensor: the fastest) or rowwise (a scale per row: closer to bf16's numerics, a little slower); "
+        "null: tensorwise",
     )
 
     @model_validator(mode="after")
@@ -524,8 +528,8 @@ class JobSpec(BaseModel):
             )
         if self.precision == "fp8":
             self.fp8_recipe = self.fp8_recipe or "tensorwise"
-        elif self.fp8_recipe is not None:
-            raise ValueError(f"fp8_recipe applies to precision 'fp8', not to {self.precision!r}")
+        elif self.precision == "bf16" and self.fp8_recipe is not None:
+            raise ValueError("fp8_recipe applies to precision 'fp8' or 'auto', not to 'bf16'")
         return self
 
     @model_validator(mode="after")

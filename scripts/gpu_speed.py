@@ -11,8 +11,15 @@ Parts, in this order, while the budget lasts (a part skipped or failed says so; 
 is written after each part, so a later failure loses nothing):
 
 1. bare: bench/baseline.py --backend unsloth in a process of its own, with cold compile caches.
-2. service_bf16: the first 8B job of a service just started (cold compile caches under its
-   DATA_DIR); it runs to the end (its final model is saved), so the planner records a measurement.
+1b. service_default: the first 8B job of a service just started (cold compile caches under its
+   DATA_DIR) with the spec's precision left to its default, "auto" (fp8 on a card with FP8
+   matmuls): what the service chooses for a user who names no precision, cancelled one step after
+   the last measured one (no final save).
+1c. repeat_default: that spec again, REPEAT_STEPS steps, posted as the first one ended: a model
+   seen before, with what auto chose.
+2. service_bf16: an 8B job with `precision: bf16` (the first job of the service when part 1b is
+   not asked for: cold compile caches); it runs to the end (its final model is saved), so the
+   planner records a measurement.
 3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save): the
    POST-to-first-step of a model seen before, with the startup phases.
 3b. restart_bf16: the service stopped and started again on the same DATA_DIR (its compile caches
@@ -55,7 +62,16 @@ MAX_STEPS = 200
 REPEAT_STEPS = 3
 # What each part needs besides its steps (seconds, H100, 8B shape): imports, load, first-step compile;
 # bf16 also saves its 16 GB final model. From docs/benchmarks.md's figures, rounded up.
-OVERHEAD_S = {"bare": 85, "service_bf16": 100, "repeat_bf16": 55, "restart_bf16": 70, "service_fp8": 90, "auto": 90}
+OVERHEAD_S = {
+    "bare": 85,
+    "service_default": 100,
+    "repeat_default": 55,
+    "service_bf16": 100,
+    "repeat_bf16": 55,
+    "restart_bf16": 70,
+    "service_fp8": 90,
+    "auto": 90,
+}
 BUILD_S = 30  # building the 8B model on the GPU and its dataset (once per machine)
 # tokens/s assumed when sizing the steps (the bare recipe measured 8,087 on an H100 at micro-batch 2 x 4;
 # 6,538 at 2 x 1), and a margin on the step time.
@@ -63,7 +79,19 @@ ASSUMED_TOKENS_PER_S = 8_000
 STEP_MARGIN = 1.25
 # The loss tolerance held against fp8's curve: mean |fp8 - bf16| / bf16 over the second half of the steps.
 LOSS_TOLERANCE = 0.03
-PARTS = ("bare", "service_bf16", "repeat_bf16", "restart_bf16", "service_fp8", "auto", "learned")
+PARTS = (
+    "bare",
+    "service_default",
+    "repeat_default",
+    "service_bf16",
+    "repeat_bf16",
+    "restart_bf16",
+    "service_fp8",
+    "auto",
+    "learned",
+)
+# The parts that train the measured steps (the others run REPEAT_STEPS or none).
+MEASURED_RUNS = ("bare", "service_default", "service_bf16", "service_fp8")
 
 
 def name_and_value(pair: str) -> tuple[str, str]:
@@ -174,7 +202,7 @@ class Speed:
         if a.dry_run:
             return min(a.steps or 4, 6)
         step_s = STEP_MARGIN * self.tokens_per_step() / ASSUMED_TOKENS_PER_S
-        runs = [p for p in ("bare", "service_bf16", "service_fp8") if p in self.parts]
+        runs = [p for p in MEASURED_RUNS if p in self.parts]
         fixed = sum(OVERHEAD_S[p] for p in self.parts if p in OVERHEAD_S) + BUILD_S
         affordable = int((a.budget_s - fixed) / (step_s * max(len(runs), 1)))
         steps = min(a.steps or MAX_STEPS, affordable, MAX_STEPS)
@@ -342,6 +370,18 @@ class Speed:
 
         return str(wait_until(reached, timeout_s, f"job {job_id} at step {step}", interval_s=0.3))
 
+    def service_default(self) -> dict[str, Any]:
+        spec = self.specs["default"]
+        steps = self.results["steps"]
+        return self.run_job(
+            {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1}}, stop_after_step=steps
+        )
+
+    def repeat_default(self) -> dict[str, Any]:
+        spec = self.specs["default"]
+        repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
+        return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
+
     def service_bf16(self) -> dict[str, Any]:
         return self.run_job(self.specs["bf16"])
 
@@ -421,7 +461,8 @@ class Speed:
         self.save()
         try:
             model, dataset = self.inputs = self.prepare()
-            self.specs["bf16"] = self.spec(model, dataset, self.results["steps"])
+            self.specs["default"] = self.spec(model, dataset, self.results["steps"])  # precision: its default
+            self.specs["bf16"] = {**self.specs["default"], "precision": "bf16"}
             self.part("bare", self.bare)
             if any(p in self.parts for p in PARTS[1:]):
                 self.start_service(model, dataset)
@@ -439,16 +480,17 @@ class Speed:
     def summarise(self) -> None:
         parts = self.results["parts"]
         bare = (parts.get("bare") or {}).get("tokens_per_second")
-        for name in ("service_bf16", "service_fp8", "auto"):
+        for name in ("service_default", "service_bf16", "service_fp8", "auto"):
             rate = (parts.get(name) or {}).get("tokens_per_second")
             if bare and rate:
                 self.results[f"{name}_over_bare"] = round(rate / bare, 4)
-        fp8 = parts.get("service_fp8") or {}
         # bf16's curve: the service's, else the bare recipe's (the same data, seed and schedule)
         bf16_name = next((n for n in ("service_bf16", "bare") if (parts.get(n) or {}).get("losses")), None)
-        if bf16_name and fp8.get("losses"):
-            compared = loss_comparison(parts[bf16_name]["losses"], fp8["losses"])
-            self.results["fp8_loss_against_bf16"] = {**compared, "bf16_curve_of": bf16_name}
+        for name, key in (("service_fp8", "fp8_loss_against_bf16"), ("service_default", "default_loss_against_bf16")):
+            losses = (parts.get(name) or {}).get("losses")
+            if bf16_name and losses:
+                compared = loss_comparison(parts[bf16_name]["losses"], losses)
+                self.results[key] = {**compared, "bf16_curve_of": bf16_name}
 
     def keep_logs(self) -> None:
         if self.results_dir == self.out:
@@ -490,9 +532,9 @@ def print_table(results: dict[str, Any]) -> None:
         f"\n{results.get('card')} {results.get('date')}: {s.get('shape')}, seq {s.get('seq_len')}, micro-batch "
         f"{s.get('micro_batch')} x {s.get('grad_accum')}, {results.get('steps')} steps, {s.get('optim')}"
     )
-    print(f"{'':16}{'status':>11}{'tokens/s':>10}{'x bare':>8}{'POST->step1 s':>15}{'NVML peak':>11}  last loss")
+    print(f"{'':17}{'status':>11}{'tokens/s':>10}{'x bare':>8}{'POST->step1 s':>15}{'NVML peak':>11}  last loss")
     bare = (parts.get("bare") or {}).get("tokens_per_second")
-    for name in ("bare", "service_bf16", "repeat_bf16", "restart_bf16", "service_fp8", "auto"):
+    for name in PARTS[:-1]:
         p = parts.get(name) or {}
         status = p.get("status") or ("skipped" if "skipped" in p else "error" if "error" in p else "ok" if p else "-")
         rate = p.get("tokens_per_second")
@@ -500,21 +542,22 @@ def print_table(results: dict[str, Any]) -> None:
         losses = p.get("losses") or []
         peak = p.get("nvml_device_used_peak_bytes")
         print(
-            f"{name:16}{status:>11}{shown(rate):>10}{shown(ratio, '{:.3f}'):>8}"
+            f"{name:17}{status:>11}{shown(rate):>10}{shown(ratio, '{:.3f}'):>8}"
             f"{shown(p.get('post_to_first_step_seconds'), '{:.1f}'):>15}"
             f"{shown(peak / GIB if peak else None, '{:.1f} GiB'):>11}"
             f"  {shown(losses[-1][1] if losses else None, '{:.4f}')}"
         )
-    comparison = results.get("fp8_loss_against_bf16")
-    if comparison:
-        print(f"fp8 loss against bf16: {comparison}")
+    for key in ("fp8_loss_against_bf16", "default_loss_against_bf16"):
+        if results.get(key):
+            print(f"{key.replace('_', ' ')}: {results[key]}")
     auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
     if auto:
         print(f"auto: {auto}")
-    for name in ("service_bf16", "repeat_bf16", "restart_bf16"):
-        startup = (parts.get(name) or {}).get("events", {}).get("startup")
-        if startup:
-            print(f"{name} startup: {startup}")
+    for name in ("service_default", "repeat_default", "service_bf16", "repeat_bf16", "restart_bf16"):
+        events = (parts.get(name) or {}).get("events", {})
+        for kind in ("startup", "first_step"):
+            if events.get(kind):
+                print(f"{name} {kind}: {events[kind]}")
     learned = ((parts.get("learned") or {}).get("estimate") or {}).get("learned")
     if learned:
         print(

@@ -55,6 +55,8 @@ def test_submit_train_watch_and_download_final_checkpoint(
     [first_step] = [e["message"] for e in events if e["kind"] == "first_step"]
     assert first_step.startswith("step 1, the first of this run, took "), first_step
     assert "compil" in first_step  # how much of it torch.compile took (nothing, on this CPU job)
+    [startup] = [e["message"] for e in events if e["kind"] == "startup"]
+    assert "; precision auto: fp32 (no CUDA GPU: a CPU trains in float32)" in startup
     assert "optimizer_replaced" in kinds  # paged_adamw_8bit needs a GPU
     assert kinds.count("checkpoint") == 3  # checkpoint-3, checkpoint-6, final
     assert "checkpoint_removed" in kinds  # save_total_limit=1 rotated checkpoint-3 away

@@ -30,7 +30,7 @@ def measurement(model: Path, **fields: object) -> int:
         "shape_key": shape_key(shape),
         "method": "sft",
         "optim": "paged_adamw_8bit",
-        "precision": "bf16",
+        "precision": "auto",  # precision left at its default, as in estimate() below
         "gpus": 1,
         "strategy": "single",
         "card": "NVIDIA H100 80GB HBM3",

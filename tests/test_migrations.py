@@ -310,3 +310,34 @@ def test_jobs_and_files_that_existed_before_0012_belong_to_the_default_project(e
     # A project made afterwards gets the next id, on SQLite as on PostgreSQL (whose sequence 0012 moves).
     assert api.post("/admin/projects", json={"name": "vision"}).status_code == 201
     command.downgrade(alembic_config(), "0011")
+
+
+def test_jobs_stored_while_bf16_was_the_default_keep_bf16_after_0017(empty_sqlite: Path) -> None:
+    """A spec leaves an option at its default out; 0017 writes bf16 into the specs stored while that
+    was the default, so that "auto" (the default since) does not change a resumed job's numerics."""
+    from app.main import create_app
+
+    command.upgrade(alembic_config(), "0016")
+    engine = current_engine()
+    try:
+        with engine.begin() as connection:
+            insert = sa.text(
+                "INSERT INTO job (id, status, created_at, spec, step, attempts, requested_restarts, project_id) "
+                "VALUES (:id, 'succeeded', CURRENT_TIMESTAMP, :spec, 0, 1, 0, 1)"
+            )
+            connection.execute(insert, {"id": 7, "spec": '{"model": "org/m", "dataset": {"source": "org/d"}}'})
+            fp8 = '{"model": "org/m", "dataset": {"source": "org/d"}, "precision": "fp8", "fp8_recipe": "rowwise"}'
+            connection.execute(insert, {"id": 8, "spec": fp8})
+            connection.execute(insert, {"id": 9, "spec": "{}"})  # a deleted job's
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(), "head")
+    api = TestClient(create_app(), raise_server_exceptions=True)
+    assert api.get("/jobs/7").json()["spec"]["precision"] == "bf16"
+    assert api.get("/jobs/8").json()["spec"]["precision"] == "fp8"
+    engine = current_engine()
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT spec FROM job WHERE id = 9")).scalar_one() in ("{}", {})
+    finally:
+        engine.dispose()

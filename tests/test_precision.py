@@ -1,5 +1,6 @@
-"""precision fp8: the spec option, its refusals (at submit when no worker can train it, in the
-trainer on a CPU) and which Linear layers the conversion puts in float8."""
+"""precision fp8 and auto (the default): the spec option, its refusals (at submit when no worker can
+train fp8, in the trainer on a CPU), what auto chooses where, and which Linear layers the
+conversion puts in float8."""
 
 from __future__ import annotations
 
@@ -19,16 +20,20 @@ def test_fp8_is_a_spec_option_with_its_recipe(
     client: httpx.Client, env: Env, tiny_model: Path, chat_dataset: Path
 ) -> None:
     spec = job_spec(tiny_model, chat_dataset)
-    bf16 = client.post("/jobs", json=spec).json()
-    assert "precision" not in bf16["spec"]  # a default, left out of the stored spec as before
+    default = client.post("/jobs", json=spec).json()
+    assert "precision" not in default["spec"]  # auto, the default, left out of the stored spec
+    bf16 = client.post("/jobs", json={**spec, "precision": "bf16"}).json()
+    assert bf16["spec"]["precision"] == "bf16"
     fp8 = client.post("/jobs", json={**spec, "precision": "fp8"}).json()
     assert (fp8["spec"]["precision"], fp8["spec"]["fp8_recipe"]) == ("fp8", "tensorwise")
     rowwise = client.post("/jobs", json={**spec, "precision": "fp8", "fp8_recipe": "rowwise"}).json()
     assert rowwise["spec"]["fp8_recipe"] == "rowwise"
 
-    wrong = client.post("/jobs", json={**spec, "fp8_recipe": "rowwise"})
+    auto = client.post("/jobs", json={**spec, "fp8_recipe": "rowwise"}).json()  # for when auto chooses fp8
+    assert ("precision" in auto["spec"], auto["spec"]["fp8_recipe"]) == (False, "rowwise")
+    wrong = client.post("/jobs", json={**spec, "precision": "bf16", "fp8_recipe": "rowwise"})
     assert wrong.status_code == 422
-    assert "fp8_recipe applies to precision 'fp8', not to 'bf16'" in wrong.text
+    assert "fp8_recipe applies to precision 'fp8' or 'auto', not to 'bf16'" in wrong.text
     unknown = client.post("/jobs", json={**spec, "precision": "fp4"})
     assert unknown.status_code == 422 and "precision" in unknown.text
     recipe = client.post("/jobs", json={**spec, "precision": "fp8", "fp8_recipe": "delayed"})
@@ -56,7 +61,8 @@ def test_fp8_is_refused_at_submit_when_no_live_worker_can_train_it(
         "and torchao on its worker, and no live worker has both (worker-a100: GPU 0 (NVIDIA A100-SXM4-80GB, GPU-1) "
         "has compute capability 8.0, below 8.9; worker-cpu: no NVIDIA GPU); submit the job with precision bf16"
     )
-    assert client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).status_code == 201  # bf16 is fine
+    assert client.post("/jobs", json=job_spec(tiny_model, chat_dataset)).status_code == 201  # auto is fine
+    assert client.post("/jobs", json={**spec, "precision": "bf16"}).status_code == 201
     register_fp8_support(get_redis(), "worker-h100", "", 60)  # one worker that can: queued for it
     assert client.post("/jobs", json=spec).status_code == 201
 
@@ -76,6 +82,75 @@ def test_a_worker_says_why_it_cannot_train_fp8(monkeypatch: pytest.MonkeyPatch) 
     assert fp8_problem([h100]) == "torchao is not installed"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     assert fp8_problem([h100, Gpu(1, "NVIDIA L40S", "GPU-c", 48 * GIB, "8.9")]) == ""
+
+
+class FakeCuda:
+    """torch.cuda as resolve_precision reads it, for the cards this machine does not have."""
+
+    def __init__(self, name: str, capability: tuple[int, int]) -> None:
+        self.name, self.capability = name, capability
+
+    def is_available(self) -> bool:
+        return True
+
+    def get_device_capability(self) -> tuple[int, int]:
+        return self.capability
+
+    def get_device_name(self) -> str:
+        return self.name
+
+
+def test_auto_chooses_fp8_for_one_gpu_sft_unsloth_job_on_an_fp8_card_and_bf16_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, chat_dataset: Path
+) -> None:
+    import torch
+
+    from core.spec import JobSpec
+    from trainer.precision import resolve_precision
+
+    spec = JobSpec.model_validate(job_spec(tiny_model, chat_dataset))
+    assert spec.precision == "auto"
+    on_cpu = resolve_precision(spec, "transformers", 1)
+    assert (on_cpu.precision, on_cpu.recipe) == ("fp32", None)
+    assert on_cpu.describe() == "precision auto: fp32 (no CUDA GPU: a CPU trains in float32)"
+
+    monkeypatch.setattr(torch, "cuda", FakeCuda("NVIDIA H100 80GB HBM3", (9, 0)))
+    monkeypatch.setitem(__import__("sys").modules, "torchao", None)  # not importable
+    without_torchao = resolve_precision(spec, "unsloth", 1)
+    assert without_torchao.precision == "bf16"
+    assert without_torchao.reason.startswith("torchao's float8 training does not import: ")
+    monkeypatch.undo()
+    if importlib.util.find_spec("torchao") is not None:
+        monkeypatch.setattr(torch, "cuda", FakeCuda("NVIDIA H100 80GB HBM3", (9, 0)))
+        chosen = resolve_precision(spec, "unsloth", 1)
+        assert (chosen.precision, chosen.recipe) == ("fp8", "tensorwise")
+        assert chosen.describe().startswith("precision auto: fp8 (NVIDIA H100 80GB HBM3, compute capability 9.0, ")
+        rowwise = JobSpec.model_validate({**job_spec(tiny_model, chat_dataset), "fp8_recipe": "rowwise"})
+        assert resolve_precision(rowwise, "unsloth", 1).recipe == "rowwise"
+    monkeypatch.setattr(torch, "cuda", FakeCuda("NVIDIA A100-SXM4-80GB", (8, 0)))
+    a100 = resolve_precision(spec, "unsloth", 1)
+    assert a100.describe() == (
+        "precision auto: bf16 (NVIDIA A100-SXM4-80GB has compute capability 8.0; FP8 matmuls need 8.9 or newer)"
+    )
+    monkeypatch.setattr(torch, "cuda", FakeCuda("NVIDIA H100 80GB HBM3", (9, 0)))
+    assert resolve_precision(spec, "unsloth", 2).reason == "fp8 is chosen for a job on one GPU; this one has 2"
+    assert resolve_precision(spec, "transformers", 1).reason == (
+        "fp8 is chosen with the Unsloth backend only; this job has transformers"
+    )
+    dpo = JobSpec.model_validate(
+        {**job_spec(tiny_model, chat_dataset), "method": "dpo", "hyperparameters": {"max_steps": 2}}
+    )
+    assert resolve_precision(dpo, "unsloth", 1).reason == (
+        "fp8 is chosen for method sft only, where it was measured; not dpo"
+    )
+    explicit = JobSpec.model_validate({**job_spec(tiny_model, chat_dataset), "precision": "bf16"})
+    assert (
+        resolve_precision(explicit, "unsloth", 1).precision,
+        resolve_precision(explicit, "unsloth", 1).describe(),
+    ) == (
+        "bf16",
+        "",
+    )
 
 
 @pytest.mark.slow

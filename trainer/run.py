@@ -164,6 +164,7 @@ class Run:
         self.stopper: Any = None
         self.trackers: list[Any] = []  # trainer.trackers.Tracker
         self.fp8: Any = None  # trainer.precision.Fp8Conversion of a precision fp8 job
+        self.precision: Any = None  # trainer.precision.ChosenPrecision: the spec's, or auto's choice
         self.prefetch: Any = None  # trainer.prefetch.Prefetch: the weights read ahead
         self.attempt = 0
         self.earlier_step = 0
@@ -566,7 +567,7 @@ class Run:
     def record_trainer(self, trainer: Any) -> None:
         """The record's `trainer`: the method, the class that trains, Unsloth's or TRL's."""
         path = self.method.trainer_path(trainer)
-        path["precision"] = self.spec.precision if torch_on_gpu() else "fp32"
+        path["precision"] = self.precision.precision if torch_on_gpu() and self.precision else "fp32"
         if self.fp8 is not None:
             path.update(fp8_recipe=self.fp8.recipe, fp8_layers=len(self.fp8.layers), fp8_compiled=self.fp8.compiled)
         logger.info("training with %s (%s's) for method %s", path["trainer_class"], path["path"], path["method"])
@@ -716,9 +717,10 @@ class Run:
         self.report_neighbours()  # before this process has a CUDA context of its own
         self.phase = "importing"
         backend = self.resolve_backend()
-        if self.spec.precision == "fp8":
-            from trainer.precision import check_fp8_support
+        from trainer.precision import check_fp8_support, resolve_precision
 
+        self.precision = resolve_precision(self.spec, backend, distributed.world_size())
+        if self.spec.precision == "fp8":
             check_fp8_support()  # before the model takes a minute to load for nothing
         if distributed.is_main():
             with session_scope() as session:
@@ -738,13 +740,12 @@ class Run:
         self.configure_compile(backend, model)
         import torch
 
-        if self.spec.precision == "fp8":
+        if self.precision.precision == "fp8":
             from trainer.precision import convert_to_fp8
 
-            assert self.spec.fp8_recipe is not None
             self.fp8 = convert_to_fp8(
                 model,
-                self.spec.fp8_recipe,
+                self.precision.recipe,
                 compile_layers=self.settings.fp8_compile,
                 region=self.settings.fp8_compile_region,
             )
@@ -976,7 +977,9 @@ class Run:
         """One event with the seconds from the process's start to training, phase by phase (the
         first step's own seconds, which include compilation, follow in the training record)."""
         parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.phase_seconds.items())
-        precision = f"; {self.fp8.describe()}" if self.fp8 is not None else ""
+        chosen = self.precision.describe() if self.precision is not None else ""
+        precision = f"; {chosen}" if chosen else ""
+        precision += f"; {self.fp8.describe()}" if self.fp8 is not None else ""
         precision += f"; {self.prefetch.summary()}" if self.prefetch is not None else ""
         event(
             self.job_id,
