@@ -17,6 +17,8 @@ is written after each part, so a later failure loses nothing):
    the last measured one (no final save).
 1c. repeat_default: that spec again, REPEAT_STEPS steps, posted as the first one ended: a model
    seen before, with what auto chose.
+1d. restart_default: the service stopped and started again on the same DATA_DIR, then part 1c's
+   job posted as soon as it answers (as 3b, with the default precision).
 2. service_bf16: an 8B job with `precision: bf16` (the first job of the service when part 1b is
    not asked for: cold compile caches); it runs to the end (its final model is saved), so the
    planner records a measurement.
@@ -83,6 +85,7 @@ PARTS = (
     "bare",
     "service_default",
     "repeat_default",
+    "restart_default",
     "service_bf16",
     "repeat_bf16",
     "restart_bf16",
@@ -382,6 +385,11 @@ class Speed:
         repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
         return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
 
+    def restart_default(self) -> dict[str, Any]:
+        self.service.stop()
+        self.start_service(*self.inputs, fresh=False)
+        return self.repeat_default()
+
     def service_bf16(self) -> dict[str, Any]:
         return self.run_job(self.specs["bf16"])
 
@@ -553,7 +561,7 @@ def print_table(results: dict[str, Any]) -> None:
     auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
     if auto:
         print(f"auto: {auto}")
-    for name in ("service_default", "repeat_default", "service_bf16", "repeat_bf16", "restart_bf16"):
+    for name in ("service_default", "repeat_default", "restart_default", "service_bf16", "repeat_bf16", "restart_bf16"):
         events = (parts.get(name) or {}).get("events", {})
         for kind in ("startup", "first_step"):
             if events.get(kind):
