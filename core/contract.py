@@ -151,6 +151,9 @@ PARENT_WATCHED_ENV = "FINETUNE_PARENT_WATCHED"
 # A horse that asks the trainer fork server for a trainer waits this long for its pid (the fork
 # itself takes milliseconds).
 FORKSERVER_ANSWER_TIMEOUT_S = 10.0
+# The name (/proc/PID/comm) of a standby trainer the fork server forked, whose command line is the
+# server's: how `top`, the test harness and scripts/cpu_by_process.py tell it from the server.
+FORKED_STANDBY_NAME = "trainer:standby"
 
 
 class TrainerOutcome(StrEnum):

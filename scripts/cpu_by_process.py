@@ -7,8 +7,9 @@ second until SIGTERM or SIGINT, then writes the seconds per kind, most first.
 A run on 2 cores is CPU-bound (vmstat: 1-2% idle), so this says what a faster suite must make
 cheaper; pytest's own durations only say how long each test waited. A fork (its command line is
 its parent's) counts as "<parent's kind> (fork)": the API and workers forked from the service
-zygote, the trainers forked from the trainer fork server, RQ's work horses. CPU of a process that
-lives less than a second may be missed."""
+zygote, the trainers forked from the trainer fork server, RQ's work horses; a fork that names
+itself (/proc/PID/comm) by that name: the zygote's API and workers, the fork server's standby
+trainers. CPU of a process that lives less than a second may be missed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.contract import FORKED_STANDBY_NAME
 
 # (what the command line contains, the kind), first match wins: the specific before the general.
 KINDS = (
@@ -46,8 +49,10 @@ KINDS = (
 )
 
 
-# Forks of the service zygote name themselves (scripts/service_zygote.py sets /proc/PID/comm).
+# Forks of the service zygote name themselves (scripts/service_zygote.py sets /proc/PID/comm), and
+# so do the standby trainers of the trainer fork server (trainer/forkserver.py).
 ZYGOTE_FORKS = {"zygote:uvicorn": "api (zygote fork)", "zygote:worker": "worker (zygote fork)"}
+NAMED_FORKS = {**ZYGOTE_FORKS, FORKED_STANDBY_NAME: "trainer (standby, forked)"}
 
 
 def kind(command_line: str) -> str:
@@ -70,12 +75,12 @@ class Seen:
 
 
 def fork_kind(pid: str, parent_kind: str) -> str:
-    """What a fork is: the zygote's forks by the name they give themselves, RQ's work horse by
-    its parent (a worker), any other as "<its parent's kind> (fork)"."""
+    """What a fork is: the zygote's forks and the standby trainers by the name they have, RQ's work
+    horse by its parent (a worker), any other as "<its parent's kind> (fork)"."""
     if parent_kind == ZYGOTE_FORKS["zygote:worker"]:
         return "work horse (fork of a worker)"
     name = Path(f"/proc/{pid}/comm").read_text().strip()
-    return ZYGOTE_FORKS.get(name) or parent_kind.removesuffix(" (fork)") + " (fork)"
+    return NAMED_FORKS.get(name) or parent_kind.removesuffix(" (fork)") + " (fork)"
 
 
 class Sampler:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from core.contract import FORKED_STANDBY_NAME
 from scripts.service_zygote import MODULES as ZYGOTE_MODULES
 from worker.ranks import free_port
 from worker.standby import AdoptedTrainer
@@ -125,7 +126,8 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
     it is found by its command line and environment; a standby trainer (`-m trainer --standby`)
     names its job only in the job's trainer.lock, which holds its pid once it has taken one, and a
     forked one (`-m trainer --forkserver SOCKET`) by its output, the job's trainer.log (a rank's
-    trainer-rank<N>.log)."""
+    trainer-rank<N>.log). A standby the fork server forked is one of all of them (job_id None)
+    before it has a job too, found by its output, DATA_DIR/standby/standby.log."""
     found = []
     lock = data_dir.resolve() / "jobs" / str(job_id) / "trainer.lock"
     try:
@@ -156,7 +158,9 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
             # Rank 0 and a single trainer write trainer.log, the other ranks trainer-rank<N>.log.
             named = log.name == "trainer.log" or re.fullmatch(r"trainer-rank[0-9]+\.log", log.name) is not None
             in_jobs = named and log.parent.parent == data_dir.resolve() / "jobs"
-            if in_jobs and (job_id is None or log.parent.name == str(job_id)):
+            if (in_jobs and (job_id is None or log.parent.name == str(job_id))) or (
+                job_id is None and log == data_dir.resolve() / "standby" / "standby.log"
+            ):
                 found.append(int(entry.name))
             continue
         if job_id is None:
@@ -167,6 +171,21 @@ def trainer_pids(data_dir: Path, job_id: int | None = None) -> list[int]:
             of_the_job = argv[-1] == str(job_id).encode()
         if of_the_job and f"DATA_DIR={data_dir.resolve()}".encode() in environ:
             found.append(int(entry.name))
+    return found
+
+
+def standby_pids(data_dir: Path) -> list[int]:
+    """Live standby trainers of this DATA_DIR, used or not: exec'd ones (`-m trainer --standby`) and
+    those the trainer fork server forked (named FORKED_STANDBY_NAME in /proc/PID/comm)."""
+    found = []
+    for pid in trainer_pids(data_dir):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if argv[-2:] == [b"trainer", b"--standby"] or name == FORKED_STANDBY_NAME:
+            found.append(pid)
     return found
 
 

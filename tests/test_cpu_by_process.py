@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from core.contract import FORKED_STANDBY_NAME
 from scripts.cpu_by_process import Sampler, kind
 
 
@@ -51,9 +54,13 @@ def test_a_busy_child_is_counted_under_its_kind_and_a_fork_as_a_fork() -> None:
     assert sampler.seen[str(forked)].kind == f"{mine.removesuffix(' (fork)')} (fork)"
 
 
-def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> None:
+@pytest.mark.parametrize(
+    ("name", "expected"), [("zygote:uvicorn", "api (zygote fork)"), (FORKED_STANDBY_NAME, "trainer (standby, forked)")]
+)
+def test_a_fork_that_names_itself_is_counted_by_its_name(name: str, expected: str) -> None:
     """The service zygote's forks rename themselves (/proc/PID/comm) to zygote:uvicorn or
-    zygote:worker; a fork of such a worker is RQ's work horse."""
+    zygote:worker (a fork of such a worker is RQ's work horse); the trainer fork server names its
+    standby trainers."""
     import ctypes
 
     from scripts.service_zygote import PR_SET_NAME
@@ -63,7 +70,7 @@ def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> 
     ready_read, ready_write = os.pipe()
     forked = os.fork()
     if forked == 0:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, b"zygote:uvicorn", 0, 0, 0)  # as the zygote's fork does
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)  # as the zygote's fork does
         os.write(ready_write, b"x")
         time.sleep(30)
         os._exit(0)
@@ -75,4 +82,4 @@ def test_a_fork_that_names_itself_as_the_zygotes_api_is_counted_as_the_api() -> 
         os.waitpid(forked, 0)
         os.close(ready_read)
         os.close(ready_write)
-    assert sampler.seen[str(forked)].kind == "api (zygote fork)"
+    assert sampler.seen[str(forked)].kind == expected

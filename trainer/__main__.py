@@ -1,7 +1,7 @@
 """`python -m trainer JOB_ID`: the trainer child process the worker starts for each job; `python -m trainer
 --standby`: one started ahead of its job, with its imports done (trainer/standby.py); `python -m trainer
---forkserver SOCKET`: on a host without GPUs, imports once and forks each job's trainer
-(trainer/forkserver.py)."""
+--forkserver SOCKET`: on a host without GPUs, imports once and forks each job's trainer, and the
+worker's standby (trainer/forkserver.py)."""
 
 import time
 

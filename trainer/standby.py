@@ -7,7 +7,12 @@ standby has done all of it by the time the worker hands it a job, on one line of
 `parent_pid` is the work horse that watches the job (the standby's own parent is the worker):
 the standby stops when it goes, as a trainer started by the horse does through PR_SET_PDEATHSIG.
 End of input (the worker stopping) ends the standby. From the job on it is an ordinary trainer:
-the same `main`, the same result file, its output appended to the job's trainer.log."""
+the same `main`, the same result file, its output appended to the job's trainer.log.
+
+On a host without GPUs the worker asks the trainer fork server for its standby instead
+(trainer/forkserver.py): a fork of the server, whose imports are done, that waits for its job the
+same way (`wait_and_run`) without exec'ing anything. A GPU host's standby is this module's `serve`,
+a process of its own, since CUDA cannot cross a fork."""
 
 from __future__ import annotations
 
@@ -77,6 +82,13 @@ def serve(argv0: str) -> int:
         f"standby trainer (pid {os.getpid()}) ready in {time.monotonic() - started:.1f} s ({', '.join(loaded)})",
         flush=True,
     )
+    return wait_and_run(argv0, loaded)
+
+
+def wait_and_run(argv0: str, loaded: list[str]) -> int:
+    """Wait for the job on stdin and become its trainer (0 at end of input, with no job). What both
+    kinds of standby do once their imports (`loaded`) are done: an exec'd one (`serve`) and one the
+    trainer fork server forked."""
     job = wait_for_job()
     if job is None:
         return 0

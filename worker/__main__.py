@@ -280,7 +280,8 @@ def main(
         if worker_gpus.INVENTORY:
             standby_module.CARD = str(worker_gpus.INVENTORY[0].index)
             env.update(worker_gpus.cuda_devices_env(standby_module.CARD))
-        worker.standby = Standby(env, settings.data_dir.resolve() / "standby")
+        # Where a trainer fork server runs (no GPU), the standby is a fork of it: no imports to pay.
+        worker.standby = Standby(env, settings.data_dir.resolve() / "standby", settings.trainer_forkserver or None)
         worker.standby.ensure()
     logger.info(
         "worker %s on queue %r (GPUs: %s, %s; data under %s)",

@@ -7,7 +7,14 @@ taken it and ended its first step, the next one, importing while that job runs (
 the job where TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The work horse that
 runs a job inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and
 watches it as it would its own child. It is not the horse's child, so the horse reads its exit
-status from /proc while it is a zombie (the worker reaps it only after the horse has ended)."""
+status from /proc while it is a zombie (the worker reaps it only after the horse has ended).
+
+On a host without GPUs, where TRAINER_FORKSERVER names a trainer fork server, the standby is a
+fork of that server (ForkedStandby), whose imports are done: it costs a fork, not a process that
+imports everything again. Its stdin is a pipe whose write end the server sends the worker; the
+server keeps its exit status while the horse named in its taken marker lives (trainer/forkserver.py).
+Where the server does not answer, and on GPU hosts (CUDA cannot cross a fork), the standby is
+`python -m trainer --standby`, the worker's child."""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 from core.config import get_settings
 from core.contract import PROGRESS_FILE
@@ -33,13 +41,15 @@ STANDBY_GPU_ROOM_BYTES = 2 * 2**30
 
 
 class Standby:
-    """The worker's side: the standby process, started and reaped here."""
+    """The worker's side: the standby process, started (or asked of the trainer fork server at
+    `forkserver`) and reaped here."""
 
-    def __init__(self, env: dict[str, str], folder: Path) -> None:
+    def __init__(self, env: dict[str, str], folder: Path, forkserver: str | None = None) -> None:
         self.env = env
         self.folder = folder
-        self.process: subprocess.Popen[bytes] | None = None
-        self.retired: list[subprocess.Popen[bytes]] = []
+        self.forkserver = forkserver
+        self.process: StandbyProcess | None = None
+        self.retired: list[StandbyProcess] = []
 
     def ensure(self) -> None:
         """A live, unused standby exists after this (unless starting one failed)."""
@@ -51,10 +61,29 @@ class Standby:
                 self.process.stdin.close()  # the horse wrote its job; later horses must not inherit it
             self.retired.append(self.process)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = self.fork() or self.start()
+        if self.process is None:
+            return
+        global CURRENT
+        CURRENT = self.process.pid, self.process.stdin.fileno() if self.process.stdin else -1
+
+    def fork(self) -> ForkedStandby | None:
+        """A standby forked by the trainer fork server, or None (no server, or it does not answer)."""
+        if not self.forkserver:
+            return None
+        from worker.forkserver import fork_standby  # (that module imports this one)
+
+        forked = fork_standby(self.forkserver, self.env, self.folder / "standby.log", taken_folder())
+        if forked is not None:
+            logger.info("standby trainer forked by the trainer fork server (pid %s)", forked.pid)
+        return forked
+
+    def start(self) -> subprocess.Popen[bytes] | None:
+        """`python -m trainer --standby`, a process of its own that does its imports."""
         workdir = tempfile.mkdtemp(prefix="trainer-standby-")
         try:
             with open(self.folder / "standby.log", "ab") as log:
-                self.process = subprocess.Popen(
+                process = subprocess.Popen(
                     [sys.executable, "-m", "trainer", "--standby"],
                     cwd=workdir,
                     stdin=subprocess.PIPE,
@@ -65,14 +94,13 @@ class Standby:
                 )
         except OSError as exc:
             logger.warning("could not start a standby trainer (%s); jobs start their own", exc)
-            self.process = None
-            return
-        global CURRENT
-        CURRENT = self.process.pid, self.process.stdin.fileno() if self.process.stdin else -1
-        logger.info("standby trainer started (pid %s)", self.process.pid)
+            return None
+        logger.info("standby trainer started (pid %s)", process.pid)
+        return process
 
     def reap(self) -> None:
-        """Collect used standbys that have ended (each becomes a zombie until then)."""
+        """Collect used standbys that have ended (an exec'd one is our zombie until then; a forked
+        one's status is the fork server's, which keeps it while the horse lives)."""
         for process in list(self.retired):
             if process.poll() is not None:
                 taken_marker(process.pid).unlink(missing_ok=True)
@@ -134,9 +162,21 @@ CURRENT: tuple[int, int] | None = None
 CARD: str | None = None
 
 
+def taken_folder() -> Path:
+    return get_settings().data_dir.resolve() / "standby"
+
+
 def taken_marker(pid: int) -> Path:
-    """Written by the horse when it hands the standby a job, so the worker does not offer it again."""
-    return get_settings().data_dir.resolve() / "standby" / f"{pid}.taken"
+    """Written by the horse when it hands the standby a job, so the worker does not offer it again,
+    and so the trainer fork server keeps a forked standby's exit status for that horse."""
+    return taken_folder() / f"{pid}.taken"
+
+
+def mark_taken(pid: int, job_id: int) -> None:
+    """The taken marker of standby `pid`: the job, and this process as the horse that watches it
+    (read by the fork server: trainer/forkserver.taken_by)."""
+    taken_marker(pid).parent.mkdir(parents=True, exist_ok=True)
+    taken_marker(pid).write_text(json.dumps({"job_id": job_id, "horse": os.getpid()}))
 
 
 def process_state(pid: int) -> tuple[str, int] | None:
@@ -189,6 +229,21 @@ class AdoptedTrainer:
         return code
 
 
+class ForkedStandby(AdoptedTrainer):
+    """A standby trainer the fork server forked: what the worker uses of an exec'd standby's Popen
+    (pid, poll, wait, kill, and stdin: the pipe its job goes down, whose write end the server sent).
+    Not the worker's child: its exit status is read from /proc, as the horse reads it."""
+
+    def __init__(self, pid: int, job_in: int) -> None:
+        super().__init__(pid)
+        os.set_inheritable(job_in, False)  # as a Popen's pipe: for the horse's fork, never an exec
+        self.stdin: BinaryIO | None = open(job_in, "wb")  # noqa: SIM115 (closed as a Popen's stdin is)
+
+
+# What the worker holds of its standby, of either kind.
+StandbyProcess = subprocess.Popen[bytes] | ForkedStandby
+
+
 def adopt(job_id: int, workdir: Path) -> AdoptedTrainer | None:
     """In the horse: hand the worker's standby this job, or None when there is none to take."""
     if CURRENT is None:
@@ -197,8 +252,7 @@ def adopt(job_id: int, workdir: Path) -> AdoptedTrainer | None:
     state = process_state(pid)
     if stdin < 0 or state is None or state[0] in ("Z", "X") or taken_marker(pid).exists():
         return None
-    taken_marker(pid).parent.mkdir(parents=True, exist_ok=True)
-    taken_marker(pid).write_text(str(job_id))
+    mark_taken(pid, job_id)  # before the job is written: the fork server relies on that order
     message = json.dumps({"job_id": job_id, "parent_pid": os.getpid(), "workdir": str(workdir)}) + "\n"
     try:
         os.write(stdin, message.encode())

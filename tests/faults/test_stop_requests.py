@@ -71,9 +71,7 @@ def test_a_cancel_whose_signal_never_arrives_still_ends_the_job(
     CANCEL_GRACE_S is far away), at the step it reached."""
     settings = {**env.vars, "FINETUNE_FAILPOINTS": "stop_signals=ignore", "CANCEL_GRACE_S": "600"}
     if start == "standby":
-        # The next standby when the job ends, not while it runs, where it would only compete with
-        # the job for the CPU (the start during a job is tests/test_standby.py's).
-        settings.update(TRAINER_STANDBY="1", TRAINER_STANDBY_DURING_JOB="false")
+        settings.update(TRAINER_STANDBY="1")
     spec: dict[str, Any] = job_spec(tiny_model, chat_dataset, **LONG)
     if start == "ranks":
         spec.update(gpus=2, strategy="ddp")
