@@ -373,35 +373,40 @@ class Speed:
 
         return str(wait_until(reached, timeout_s, f"job {job_id} at step {step}", interval_s=0.3))
 
-    def service_default(self) -> dict[str, Any]:
-        spec = self.specs["default"]
+    def measured_run(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`spec` for the measured steps, cancelled one step later (no final save)."""
         steps = self.results["steps"]
-        return self.run_job(
-            {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1}}, stop_after_step=steps
-        )
+        longer = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1}}
+        return self.run_job(longer, stop_after_step=steps)
 
-    def repeat_default(self) -> dict[str, Any]:
-        spec = self.specs["default"]
-        repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
-        return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
+    def repeat(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`spec` again for REPEAT_STEPS steps: its start, with what the first job left in the caches."""
+        short = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
+        return self.run_job(short, stop_after_step=REPEAT_STEPS)
 
-    def restart_default(self) -> dict[str, Any]:
+    def restart(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The service stopped and started on the same DATA_DIR, then `spec` posted as soon as it answers."""
         self.service.stop()
         self.start_service(*self.inputs, fresh=False)
-        return self.repeat_default()
+        return self.repeat(spec)
+
+    def service_default(self) -> dict[str, Any]:
+        return self.measured_run(self.specs["default"])
+
+    def repeat_default(self) -> dict[str, Any]:
+        return self.repeat(self.specs["default"])
+
+    def restart_default(self) -> dict[str, Any]:
+        return self.restart(self.specs["default"])
 
     def service_bf16(self) -> dict[str, Any]:
         return self.run_job(self.specs["bf16"])
 
     def repeat_bf16(self) -> dict[str, Any]:
-        spec = self.specs["bf16"]
-        repeat = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
-        return self.run_job(repeat, stop_after_step=REPEAT_STEPS)
+        return self.repeat(self.specs["bf16"])
 
     def restart_bf16(self) -> dict[str, Any]:
-        self.service.stop()
-        self.start_service(*self.inputs, fresh=False)
-        return self.repeat_bf16()
+        return self.restart(self.specs["bf16"])
 
     def service_fp8(self) -> dict[str, Any]:
         spec = self.specs["bf16"]
