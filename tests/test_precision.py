@@ -137,6 +137,9 @@ def test_auto_chooses_fp8_for_one_gpu_sft_unsloth_job_on_an_fp8_card_and_bf16_el
     assert resolve_precision(spec, "transformers", 1).reason == (
         "fp8 is chosen with the Unsloth backend only; this job has transformers"
     )
+    assert resolve_precision(spec, "unsloth", 1, compiled=False).reason == (
+        "FP8_COMPILE is off on this worker, and eager float8 layers were not measured to pay"
+    )
     dpo = JobSpec.model_validate(
         {**job_spec(tiny_model, chat_dataset), "method": "dpo", "hyperparameters": {"max_steps": 2}}
     )

@@ -68,12 +68,14 @@ class ChosenPrecision:
         return f"precision auto: {self.precision} ({self.reason})" if self.reason else ""
 
 
-def resolve_precision(spec: Any, backend: str, world_size: int) -> ChosenPrecision:
+def resolve_precision(spec: Any, backend: str, world_size: int, *, compiled: bool = True) -> ChosenPrecision:
     """The spec's precision, with "auto" made fp8 where it was measured to pay and to hold the loss
     (docs/benchmarks.md: 1.2x-1.4x the recipe's tokens/s on an H100, the loss within 1% of bf16's
     over 200 steps): an SFT job on one GPU of compute capability 8.9 or newer, with the Unsloth
-    backend and torchao importable. Anywhere else bf16, with the reason; never a failure (an
-    explicit `precision: fp8` fails where it cannot run: check_fp8_support)."""
+    backend, torchao importable and the float8 layers compiled (`compiled`: FP8_COMPILE; eager,
+    their casts and scales run as kernels of their own, which was not measured to pay). Anywhere
+    else bf16, with the reason; never a failure (an explicit `precision: fp8` fails where it
+    cannot run: check_fp8_support)."""
     recipe = spec.fp8_recipe or "tensorwise"
     if spec.precision != "auto":
         return ChosenPrecision(spec.precision, recipe if spec.precision == "fp8" else None, "")
@@ -89,6 +91,9 @@ def resolve_precision(spec: Any, backend: str, world_size: int) -> ChosenPrecisi
         )
     if backend != "unsloth":
         return ChosenPrecision("bf16", None, f"fp8 is chosen with the Unsloth backend only; this job has {backend}")
+    if not compiled:
+        reason = "FP8_COMPILE is off on this worker, and eager float8 layers were not measured to pay"
+        return ChosenPrecision("bf16", None, reason)
     capability = torch.cuda.get_device_capability()
     if capability < FP8_MIN_CAPABILITY:
         return ChosenPrecision(

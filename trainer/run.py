@@ -719,7 +719,9 @@ class Run:
         backend = self.resolve_backend()
         from trainer.precision import check_fp8_support, resolve_precision
 
-        self.precision = resolve_precision(self.spec, backend, distributed.world_size())
+        self.precision = resolve_precision(
+            self.spec, backend, distributed.world_size(), compiled=self.settings.fp8_compile
+        )
         if self.spec.precision == "fp8":
             check_fp8_support()  # before the model takes a minute to load for nothing
         if distributed.is_main():
