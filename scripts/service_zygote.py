@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.process_name import name_process
+
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"app", "core", "worker", "trainer", "client", "scripts", "tests", "bench", "__main__"}
 MODULES = ("uvicorn", "worker")  # what it starts: `python -m uvicorn ...`, `python -m worker ...`
@@ -39,7 +41,6 @@ MODULES = ("uvicorn", "worker")  # what it starts: `python -m uvicorn ...`, `pyt
 # from the zygote's is refused, and the harness starts that process as a process of its own.
 READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "PROMETHEUS_", "PYTHON")
 PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 
 
 def library_modules() -> list[str]:
@@ -118,7 +119,7 @@ def run(request: dict[str, Any]) -> int:
     module = request["argv"][1]
     # A name of its own in /proc/PID/comm (its command line stays the zygote's): `top` and
     # scripts/cpu_by_process.py tell the API from the worker by it.
-    ctypes.CDLL(None).prctl(PR_SET_NAME, f"zygote:{module}"[:15].encode(), 0, 0, 0)
+    name_process(f"zygote:{module}")
     sys.argv = [module, *request["argv"][2:]]  # runpy puts the module's path first, as `python -m` does
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

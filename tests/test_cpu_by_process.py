@@ -61,16 +61,14 @@ def test_a_fork_that_names_itself_is_counted_by_its_name(name: str, expected: st
     """The service zygote's forks rename themselves (/proc/PID/comm) to zygote:uvicorn or
     zygote:worker (a fork of such a worker is RQ's work horse); the trainer fork server names its
     standby trainers."""
-    import ctypes
-
-    from scripts.service_zygote import PR_SET_NAME
+    from core.process_name import name_process
 
     sampler = Sampler()
     sampler.sample()
     ready_read, ready_write = os.pipe()
     forked = os.fork()
     if forked == 0:
-        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)  # as the zygote's fork does
+        name_process(name)  # as the zygote's fork does
         os.write(ready_write, b"x")
         time.sleep(30)
         os._exit(0)

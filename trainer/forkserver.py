@@ -46,7 +46,6 @@ server with the environment the trainers would get (`TRAINER_ENV_KEPT`, worker/t
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -61,8 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from core.contract import FORKED_STANDBY_NAME, FORKSERVER_ANSWER_TIMEOUT_S
-
-PR_SET_NAME = 15  # prctl's option (linux/prctl.h), as scripts/service_zygote.py names its forks
+from core.process_name import name_process
 
 
 def serve(socket_path: str, argv0: str) -> int:
@@ -191,11 +189,6 @@ def become_standby(request: dict[str, Any], job_out: int, argv0: str, loaded: li
         flush=True,
     )
     return wait_and_run(argv0, loaded)
-
-
-def name_process(name: bytes) -> None:
-    """This process's name in /proc/PID/comm (what `top` shows): its command line stays the server's."""
-    ctypes.CDLL(None).prctl(PR_SET_NAME, name, 0, 0, 0)
 
 
 def take_environment(env: dict[str, Any]) -> None:

@@ -68,6 +68,42 @@ class ChosenPrecision:
         return f"precision auto: {self.precision} ({self.reason})" if self.reason else ""
 
 
+@dataclass(frozen=True)
+class Fp8Hardware:
+    """What this process has for float8 training: the card and its compute capability (None: no
+    CUDA GPU), and torchao's version, or why its float8 training does not import (looked at only
+    on a card that has FP8 matmuls)."""
+
+    card: str | None = None
+    capability: tuple[int, int] | None = None
+    torchao: str | None = None
+    torchao_error: str = ""
+
+    @property
+    def capable(self) -> bool:
+        return self.capability is not None and self.capability >= FP8_MIN_CAPABILITY
+
+    @property
+    def compute_capability(self) -> str:
+        return ".".join(map(str, self.capability or ()))
+
+
+def fp8_hardware() -> Fp8Hardware:
+    import torch
+
+    if not torch.cuda.is_available():
+        return Fp8Hardware()
+    card, capability = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    if capability < FP8_MIN_CAPABILITY:
+        return Fp8Hardware(card, capability)
+    try:
+        import torchao
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except Exception as exc:
+        return Fp8Hardware(card, capability, torchao_error=f"{type(exc).__name__}: {exc}")
+    return Fp8Hardware(card, capability, str(getattr(torchao, "__version__", "unknown")))
+
+
 def resolve_precision(spec: Any, backend: str, world_size: int, *, compiled: bool = True) -> ChosenPrecision:
     """The spec's precision, with "auto" made fp8 where it was measured to pay and to hold the loss
     (docs/benchmarks.md: 1.2x-1.4x the recipe's tokens/s on an H100, the loss within 1% of bf16's
@@ -79,9 +115,8 @@ def resolve_precision(spec: Any, backend: str, world_size: int, *, compiled: boo
     recipe = spec.fp8_recipe or "tensorwise"
     if spec.precision != "auto":
         return ChosenPrecision(spec.precision, recipe if spec.precision == "fp8" else None, "")
-    import torch
-
-    if not torch.cuda.is_available():
+    hardware = fp8_hardware()
+    if hardware.card is None:
         return ChosenPrecision("fp32", None, "no CUDA GPU: a CPU trains in float32")
     if world_size > 1:
         return ChosenPrecision("bf16", None, f"fp8 is chosen for a job on one GPU; this one has {world_size}")
@@ -94,24 +129,15 @@ def resolve_precision(spec: Any, backend: str, world_size: int, *, compiled: boo
     if not compiled:
         reason = "FP8_COMPILE is off on this worker, and eager float8 layers were not measured to pay"
         return ChosenPrecision("bf16", None, reason)
-    capability = torch.cuda.get_device_capability()
-    if capability < FP8_MIN_CAPABILITY:
-        return ChosenPrecision(
-            "bf16",
-            None,
-            f"{torch.cuda.get_device_name()} has compute capability {capability[0]}.{capability[1]}; FP8 matmuls "
-            "need 8.9 or newer",
-        )
-    try:
-        import torchao
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
-    except Exception as exc:
-        return ChosenPrecision("bf16", None, f"torchao's float8 training does not import: {type(exc).__name__}: {exc}")
-    version = str(getattr(torchao, "__version__", "unknown"))
+    if not hardware.capable:
+        reason = f"{hardware.card} has compute capability {hardware.compute_capability}; FP8 matmuls need 8.9 or newer"
+        return ChosenPrecision("bf16", None, reason)
+    if hardware.torchao is None:
+        return ChosenPrecision("bf16", None, f"torchao's float8 training does not import: {hardware.torchao_error}")
     return ChosenPrecision(
         "fp8",
         recipe,
-        f"{torch.cuda.get_device_name()}, compute capability {capability[0]}.{capability[1]}, torchao {version}; "
+        f"{hardware.card}, compute capability {hardware.compute_capability}, torchao {hardware.torchao}; "
         "precision bf16 opts out",
     )
 
@@ -119,35 +145,31 @@ def resolve_precision(spec: Any, backend: str, world_size: int, *, compiled: boo
 def check_fp8_support() -> str:
     """torchao's version, once the GPU and torchao are known to do float8; JobFailure otherwise
     (before the model is loaded: an 8B model takes a minute to load for nothing)."""
-    import torch
-
-    if not torch.cuda.is_available():
+    hardware = fp8_hardware()
+    instead = "Resubmit the job with precision bf16, or on a worker with an L4, L40S, H100, H200 or B200."
+    if hardware.card is None:
         raise JobFailure(
             ErrorCode.gpu_unavailable,
             "precision fp8 needs a CUDA GPU with FP8 matmuls (compute capability 8.9 or newer) and this worker has "
             "none: on a CPU the model trains in float32.",
-            action="Resubmit the job with precision bf16, or on a worker with an L4, L40S, H100, H200 or B200.",
+            action=instead,
         )
-    capability = torch.cuda.get_device_capability()
-    if capability < FP8_MIN_CAPABILITY:
+    if not hardware.capable:
         raise JobFailure(
             ErrorCode.gpu_unavailable,
-            f"precision fp8 needs a GPU of compute capability 8.9 or newer and this one "
-            f"({torch.cuda.get_device_name()}) has {capability[0]}.{capability[1]}.",
-            action="Resubmit the job with precision bf16, or on a worker with an L4, L40S, H100, H200 or B200.",
+            f"precision fp8 needs a GPU of compute capability 8.9 or newer and this one ({hardware.card}) has "
+            f"{hardware.compute_capability}.",
+            action=instead,
         )
-    try:
-        import torchao
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
-    except Exception as exc:
+    if hardware.torchao is None:
         raise JobFailure(
             ErrorCode.backend_unavailable,
-            f"precision fp8 needs torchao's float8 training, which this worker cannot import: "
-            f"{type(exc).__name__}: {exc}.",
+            "precision fp8 needs torchao's float8 training, which this worker cannot import: "
+            f"{hardware.torchao_error}.",
             action="Install torchao on the worker (the gpu extra: pip install '.[gpu]'), or resubmit the job with "
             "precision bf16.",
-        ) from exc
-    return str(getattr(torchao, "__version__", "unknown"))
+        )
+    return hardware.torchao
 
 
 def decoder_layers(model: Any) -> Any:
