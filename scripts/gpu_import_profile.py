@@ -1,8 +1,12 @@
 """Where `import unsloth` spends its 22 s on the GPU machine (issue 25: the first job after a start
 waits for the standby trainer's imports). Each measurement is a fresh Python process, as a trainer is:
 
-1. `import torch`, then `import unsloth`, timed, three times (the first run writes the bytecode
-   caches and reads the packages from disk; the others are what a standby started later pays).
+1. `import torch`, then `import unsloth`, timed, --runs times (the first run reads the packages
+   from disk; the others are what a standby started later pays). Where no bytecode is cached (a
+   package folder unpacked from an archive, PYTHONDONTWRITEBYTECODE set, as on the lent machine)
+   every import compiles its modules from source: the runs are repeated after
+   `python -m compileall` of the packages not yet compiled (what pip does when it installs them),
+   so the JSON says what an installed environment pays and what the bundle's costs.
 2. `-X importtime`: each module's own import time, summed by top-level package, the largest first.
 3. cProfile of `import unsloth` (torch imported first): the functions with the most cumulative and
    own time, outside the import machinery.
@@ -55,6 +59,30 @@ def timed_run(env: dict[str, str]) -> dict[str, float]:
     }
 
 
+def uncompiled_package_folders() -> list[str]:
+    """The folders on sys.path (outside the standard library) with .py files and no bytecode for
+    this interpreter next to them: what compileall would write."""
+    import importlib.util
+
+    folders = []
+    for entry in sys.path:
+        folder = Path(entry)
+        if not entry or not folder.is_dir() or "site-packages" not in entry and "gpu-bundle" not in entry:
+            continue
+        sources = list(folder.glob("*/__init__.py"))[:200]
+        if sources and not any(Path(importlib.util.cache_from_source(str(s))).exists() for s in sources):
+            folders.append(str(folder))
+    return folders
+
+
+def compile_bytecode(folders: list[str]) -> dict[str, object]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0", *folders], capture_output=True, text=True, check=False
+    )
+    return {"folders": folders, "seconds": round(time.perf_counter() - started, 1), "rc": done.returncode}
+
+
 def importtime_by_package(env: dict[str, str]) -> list[tuple[str, float]]:
     """`python -X importtime`: self microseconds per module, summed by top-level package."""
     code = "import torch; torch.cuda.init(); import unsloth"
@@ -96,14 +124,25 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    results: dict[str, object] = {"runs": [timed_run(env) for _ in range(args.runs)]}
+    results: dict[str, object] = {
+        "python": sys.version.split()[0],
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+        "runs": [timed_run(env) for _ in range(args.runs)],
+    }
+    uncompiled = uncompiled_package_folders()
+    results["uncompiled_package_folders"] = uncompiled
+    if uncompiled:
+        results["compileall"] = compile_bytecode(uncompiled)
+        results["runs_with_bytecode"] = [timed_run(env) for _ in range(args.runs)]
     results["importtime_by_package_s"] = importtime_by_package(env)
     results["profile"] = profiled(env, args.out)
     (args.out / "import.json").write_text(json.dumps(results, indent=2))
-    for run in results["runs"]:  # type: ignore[attr-defined]
-        print(run)
+    print("PYTHONDONTWRITEBYTECODE:", results["PYTHONDONTWRITEBYTECODE"], "compileall:", results.get("compileall"))
+    for key in ("runs", "runs_with_bytecode"):
+        for run in results.get(key, []):  # type: ignore[attr-defined]
+            print(key, run)
     print("importtime, own seconds by package:", results["importtime_by_package_s"][:15])  # type: ignore[index]
-    for row in (results["profile"] or {}).get("cumulative", [])[:25]:  # type: ignore[union-attr]
+    for row in (results["profile"] or {}).get("cumulative", [])[:25]:  # type: ignore[attr-defined]
         print(f"{row[1]:7.2f} {row[0][:150]}")
     return 0
 
