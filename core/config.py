@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     # included), so a job starts training in about a second. Unset, or not answering: each job
     # starts a trainer process of its own.
     trainer_forkserver: str | None = None
+    # Sample each trainer's Python stack from its job's start to the end of its first step and write
+    # startup-stacks.folded (a flame graph's input) and startup-profile.json into the job's folder
+    # (trainer/stack_sampler.py): where a slow start goes, function by function.
+    startup_profile: bool = False
     # A job whose planned checkpoints do not fit the free disk waits; the disk is looked at again
     # this often.
     disk_wait_poll_s: float = Field(default=30.0, gt=0)

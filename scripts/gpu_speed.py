@@ -515,6 +515,8 @@ class Speed:
             *self.out.glob("service/*.log"),
             *self.out.glob("service/data/standby/*.log"),
             *self.out.glob("service/data/jobs/*/trainer*.log"),
+            # --service-env STARTUP_PROFILE=true: each job's sampled stacks up to its first step
+            *self.out.glob("service/data/jobs/*/startup-*"),
         ]:
             shutil.copyfile(path, logs / "-".join(path.relative_to(self.out).parts))
 

@@ -14,7 +14,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from trainer import distributed, methods
 from trainer.failures import JobFailure, classify, format_traceback, missing_source, storage_failure
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
 from trainer.methods.base import TrainerContext, TrainingMethod
+from trainer.stack_sampler import StackSampler
 from trainer.stopflag import StopFlag
 
 logger = logging.getLogger("trainer")
@@ -1022,6 +1025,21 @@ def prepared_loss_tokens(dataset: Any) -> int | None:
     return int(pc.sum(pc.not_equal(labels, -100)).as_py() or 0)
 
 
+def start_startup_profile(job_dir: Path, current_run: Callable[[], Run | None]) -> StackSampler | None:
+    """STARTUP_PROFILE: sample this process's main thread until the job's first step has ended."""
+    if not get_settings().startup_profile or not distributed.is_main():
+        return None
+
+    def first_step_done() -> bool:
+        run = current_run()
+        return run is not None and run.reporter is not None and run.reporter.first_step_seconds is not None
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    sampler = StackSampler(threading.main_thread().ident or 0, folder=job_dir, until=first_step_done)
+    sampler.start()
+    return sampler
+
+
 def main(argv: list[str], started: float | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job_id = int(argv[1])
@@ -1035,103 +1053,114 @@ def main(argv: list[str], started: float | None = None) -> int:
         die_with_parent(int(parent) if parent and parent.isdigit() else None)
     started = time.monotonic() if started is None else started
     run: Run | None = None
+    sampler = start_startup_profile(job_dir, lambda: run)
     try:
-        run = Run(job_id, started)
-        # Before anything touches the job's folder: no earlier trainer of this job still runs. (Rank 0's
-        # lock stands for its job; the other ranks die with the same work horse.)
-        if distributed.is_main():
-            take_job_lock(
-                job_dir,
-                job_id,
-                grace_s=settings.stop_grace_s,
-                on_wait=lambda pid: event(
+        try:
+            run = Run(job_id, started)
+            # Before anything touches the job's folder: no earlier trainer of this job still runs. (Rank 0's
+            # lock stands for its job; the other ranks die with the same work horse.)
+            if distributed.is_main():
+                take_job_lock(
+                    job_dir,
                     job_id,
-                    EventKind.waiting,
-                    f"an earlier trainer of this job (pid {pid}) is still running; stopping it first",
-                ),
+                    grace_s=settings.stop_grace_s,
+                    on_wait=lambda pid: event(
+                        job_id,
+                        EventKind.waiting,
+                        f"an earlier trainer of this job (pid {pid}) is still running; stopping it first",
+                    ),
+                )
+            run.load_job()
+            run.train()
+        except Interrupted as exc:
+            # What this process was asked (ranks agree on a reason only while they step).
+            reason = run.stop.requested if run is not None else None
+            if reason == "cancelled":
+                write_result(
+                    job_dir,
+                    TrainerOutcome.cancelled,
+                    ErrorCode.cancelled,
+                    "cancelled by request before training started",
+                    step=0,
+                )
+            elif reason == "paused":
+                write_result(job_dir, TrainerOutcome.paused, None, f"paused before training ({exc})", step=0)
+            else:  # the job is not done: it should run again
+                write_result(
+                    job_dir,
+                    TrainerOutcome.interrupted,
+                    None,
+                    f"the trainer was stopped before training ({exc})",
+                    step=0,
+                )
+            return 0
+        except BaseException as exc:
+            logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
+            step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
+            failure = classify(
+                exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir)
             )
-        run.load_job()
-        run.train()
-    except Interrupted as exc:
-        # What this process was asked (ranks agree on a reason only while they step).
-        reason = run.stop.requested if run is not None else None
-        if reason == "cancelled":
-            write_result(
-                job_dir,
-                TrainerOutcome.cancelled,
-                ErrorCode.cancelled,
-                "cancelled by request before training started",
-                step=0,
-            )
-        elif reason == "paused":
-            write_result(job_dir, TrainerOutcome.paused, None, f"paused before training ({exc})", step=0)
-        else:  # the job is not done: it should run again
-            write_result(
-                job_dir, TrainerOutcome.interrupted, None, f"the trainer was stopped before training ({exc})", step=0
-            )
+            write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message, **trained(run))
+            return 1
+        if run.stopped_early():
+            step = run.trainer.state.global_step if run.trainer is not None else 0
+            saved = run.stopper.stopped_with_checkpoint if run.stopper is not None else None
+            if run.stop.reason == "cancelled":
+                write_result(
+                    job_dir,
+                    TrainerOutcome.cancelled,
+                    ErrorCode.cancelled,
+                    f"cancelled by request at step {step}",
+                    step=step,
+                    **trained(run),
+                )
+            elif run.stop.reason == "paused":
+                write_result(
+                    job_dir,
+                    TrainerOutcome.paused,
+                    None,
+                    f"paused at step {step}",
+                    step=step,
+                    checkpoint=saved,
+                    **trained(run),
+                )
+            else:  # SIGTERM or the worker vanished: the job is not done, it should run again
+                write_result(
+                    job_dir,
+                    TrainerOutcome.interrupted,
+                    None,
+                    f"the trainer was stopped at step {step} ({run.stop.reason})",
+                    step=step,
+                    checkpoint=saved,
+                    **trained(run),
+                )
+            return 0
+        if not distributed.is_main():
+            return 0
+        reporter, state = run.reporter, run.trainer.state
+        train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
+        share = (
+            f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)"
+            if train_seconds
+            else ""
+        )
+        event(
+            job_id,
+            EventKind.reporting_overhead,
+            f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}",
+        )
+        first_step = reporter.first_step_seconds
+        write_result(
+            job_dir,
+            TrainerOutcome.succeeded,
+            step=state.global_step,
+            seconds=round(time.monotonic() - started, 3),
+            first_step_seconds=round(first_step, 3) if first_step is not None else None,
+            train_seconds=train_seconds,
+            callback_overhead_seconds=round(reporter.overhead_s, 4),
+            **trained(run),
+        )
         return 0
-    except BaseException as exc:
-        logger.error("job %s failed:\n%s", job_id, format_traceback(exc))
-        step = run.trainer.state.global_step if run is not None and run.trainer is not None else None
-        failure = classify(exc, phase=run.phase if run is not None else "starting", step=step, disk=disk_space(job_dir))
-        write_result(job_dir, TrainerOutcome.failed, failure.code, failure.message, **trained(run))
-        return 1
-    if run.stopped_early():
-        step = run.trainer.state.global_step if run.trainer is not None else 0
-        saved = run.stopper.stopped_with_checkpoint if run.stopper is not None else None
-        if run.stop.reason == "cancelled":
-            write_result(
-                job_dir,
-                TrainerOutcome.cancelled,
-                ErrorCode.cancelled,
-                f"cancelled by request at step {step}",
-                step=step,
-                **trained(run),
-            )
-        elif run.stop.reason == "paused":
-            write_result(
-                job_dir,
-                TrainerOutcome.paused,
-                None,
-                f"paused at step {step}",
-                step=step,
-                checkpoint=saved,
-                **trained(run),
-            )
-        else:  # SIGTERM or the worker vanished: the job is not done, it should run again
-            write_result(
-                job_dir,
-                TrainerOutcome.interrupted,
-                None,
-                f"the trainer was stopped at step {step} ({run.stop.reason})",
-                step=step,
-                checkpoint=saved,
-                **trained(run),
-            )
-        return 0
-    if not distributed.is_main():
-        return 0
-    reporter, state = run.reporter, run.trainer.state
-    train_seconds = float(state.log_history[-1].get("train_runtime", 0.0)) if state.log_history else 0.0
-    share = (
-        f" ({100 * reporter.overhead_s / train_seconds:.2f}% of {train_seconds:.1f} s of training)"
-        if train_seconds
-        else ""
-    )
-    event(
-        job_id,
-        EventKind.reporting_overhead,
-        f"step logging, progress and checkpoint records took {reporter.overhead_s:.3f} s{share}",
-    )
-    first_step = reporter.first_step_seconds
-    write_result(
-        job_dir,
-        TrainerOutcome.succeeded,
-        step=state.global_step,
-        seconds=round(time.monotonic() - started, 3),
-        first_step_seconds=round(first_step, 3) if first_step is not None else None,
-        train_seconds=train_seconds,
-        callback_overhead_seconds=round(reporter.overhead_s, 4),
-        **trained(run),
-    )
-    return 0
+    finally:
+        if sampler is not None:
+            sampler.stop()  # a job that ended (or failed) before its first step: what was sampled
