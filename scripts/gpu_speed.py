@@ -360,6 +360,7 @@ class Speed:
             "nvml_device_used_peak_bytes": vram.get("device_used_peak"),
             "torch_peak_allocated_bytes": vram.get("peak_allocated"),
             "events": {e["kind"]: e["message"] for e in events if e["kind"] in INTERESTING_EVENTS},
+            **startup_profile(service.job_dir(job_id)),
         }
 
     def wait_for_step_or_end(self, job_id: int, step: int, timeout_s: float) -> str:
@@ -530,6 +531,23 @@ INTERESTING_EVENTS = (
     "failed",
     "started",
 )
+
+
+def startup_profile(job_dir: Path) -> dict[str, Any]:
+    """With --service-env STARTUP_PROFILE=true: the functions that held the job's start to its first
+    step (trainer/stack_sampler.py), the largest first; the whole profile is kept with the logs."""
+    path = job_dir / "startup-profile.json"
+    if not path.exists():
+        return {}
+    profile = json.loads(path.read_text())
+    return {
+        "startup_profile": {
+            "wall_s": profile["wall_s"],
+            "sampled_s": profile["sampled_s"],
+            "inclusive_s": profile["inclusive_s"][:40],
+            "own_s": profile["own_s"][:20],
+        }
+    }
 
 
 def tail(path: Path, chars: int = 1500) -> str:
