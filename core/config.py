@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     # ended its first step, if the card has 2 GiB free for the idle standby's CUDA context), so a
     # job queued behind it finds its imports done. Off: the next one starts when the job ends.
     trainer_standby_during_job: bool = True
+    # When the worker is idle, its standby loads the model of the worker's last job (the same
+    # model, backend and max_seq_length) and keeps it on the GPU, so a job that asks for it again
+    # skips loading it (about 6 s of an 8B job's start); a job for another model frees it first.
+    # The idle card then holds that model's weights. Unset: on where the worker sees a GPU.
+    trainer_standby_preload: bool | None = None
     # On a host without GPUs: the socket of a trainer fork server (`python -m trainer --forkserver
     # SOCKET`, started with the trainers' environment), which has imported torch, transformers
     # and TRL once and forks each job's trainer from itself (each rank's, Ray's ranks on this host

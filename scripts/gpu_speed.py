@@ -15,15 +15,20 @@ is written after each part, so a later failure loses nothing):
    DATA_DIR) with the spec's precision left to its default, "auto" (fp8 on a card with FP8
    matmuls): what the service chooses for a user who names no precision, cancelled one step after
    the last measured one (no final save).
-1c. repeat_default: that spec again, REPEAT_STEPS steps, posted as the first one ended: a model
-   seen before, with what auto chose.
+1c. repeat_default: that spec again, REPEAT_STEPS steps, posted once the worker is idle: its
+   standby's imports done and, where the worker preloads (TRAINER_STANDBY_PRELOAD, on by default
+   on a GPU host), the model loaded (`standby_before_post` says how long that was waited for): a
+   model seen before, with what auto chose.
 1d. restart_default: the service stopped and started again on the same DATA_DIR, then part 1c's
-   job posted as soon as it answers (as 3b, with the default precision).
+   job posted as soon as it answers, while the new standby imports (as 3b, the default precision).
+1e. repeat_no_preload: part 1c on a worker started again with TRAINER_STANDBY_PRELOAD=false: the
+   preload's baseline in the same call.
 2. service_bf16: an 8B job with `precision: bf16` (the first job of the service when part 1b is
    not asked for: cold compile caches); it runs to the end (its final model is saved), so the
    planner records a measurement.
-3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save): the
-   POST-to-first-step of a model seen before, with the startup phases.
+3. repeat_bf16: the same spec again, REPEAT_STEPS steps, then cancelled (no final save), posted
+   once the worker is idle (as 1c): the POST-to-first-step of a model seen before, with the
+   startup phases.
 3b. restart_bf16: the service stopped and started again on the same DATA_DIR (its compile caches
    kept, the page cache warm), then part 3's job, posted as soon as the service answers: the first
    job after a restart of a host that has trained this model before.
@@ -68,6 +73,8 @@ OVERHEAD_S = {
     "bare": 85,
     "service_default": 100,
     "repeat_default": 55,
+    "restart_default": 70,
+    "repeat_no_preload": 70,
     "service_bf16": 100,
     "repeat_bf16": 55,
     "restart_bf16": 70,
@@ -86,6 +93,7 @@ PARTS = (
     "service_default",
     "repeat_default",
     "restart_default",
+    "repeat_no_preload",
     "service_bf16",
     "repeat_bf16",
     "restart_bf16",
@@ -153,6 +161,7 @@ class Speed:
         }
         self.backend = "transformers" if args.dry_run else "unsloth"
         self.service: Any = None
+        self.worker_env: dict[str, str] = {}  # the settings a part started the worker with
         self.specs: dict[str, dict[str, Any]] = {}
         self.inputs: tuple[Path, Path] = (Path(), Path())  # the model and dataset folders, once built
 
@@ -380,16 +389,46 @@ class Speed:
         longer = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": steps + 1}}
         return self.run_job(longer, stop_after_step=steps)
 
-    def repeat(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """`spec` again for REPEAT_STEPS steps: its start, with what the first job left in the caches."""
+    def repeat(self, spec: dict[str, Any], *, when_idle: bool = True) -> dict[str, Any]:
+        """`spec` again for REPEAT_STEPS steps: its start, with what the first job left in the caches.
+        `when_idle`: posted once the worker's standby has done its imports (and preloaded the model,
+        where the worker preloads), as on a host that waits for work; else at once."""
+        waited = self.wait_for_idle_standby() if when_idle else None
         short = {**spec, "hyperparameters": {**spec["hyperparameters"], "max_steps": REPEAT_STEPS + 1}}
-        return self.run_job(short, stop_after_step=REPEAT_STEPS)
+        found = self.run_job(short, stop_after_step=REPEAT_STEPS)
+        return {**found, "standby_before_post": waited} if waited is not None else found
+
+    def wait_for_idle_standby(self, timeout_s: float = 120) -> dict[str, Any] | None:
+        """Wait until the standby's log says it is ready (or has preloaded the model, where the
+        worker preloads); None where the service runs no standby (the dry run's CPU host)."""
+        if not (self.service.data_dir / "standby").exists():
+            return None
+        wanted = "preloaded" if self.preloads() else "ready"
+        began = time.monotonic()
+        while (state := standby_state(self.service.data_dir)) != wanted and time.monotonic() - began < timeout_s:
+            time.sleep(0.2)
+        return {"state": state, "wanted": wanted, "waited_s": round(time.monotonic() - began, 1)}
+
+    def preloads(self) -> bool:
+        """Whether the service's worker preloads (TRAINER_STANDBY_PRELOAD; unset: on a GPU host)."""
+        value = {**dict(self.args.service_env), **self.worker_env}.get("TRAINER_STANDBY_PRELOAD")
+        if value is None:
+            return not self.args.dry_run
+        return value.lower() in ("1", "true", "yes", "on")
 
     def restart(self, spec: dict[str, Any]) -> dict[str, Any]:
         """The service stopped and started on the same DATA_DIR, then `spec` posted as soon as it answers."""
         self.service.stop()
         self.start_service(*self.inputs, fresh=False)
-        return self.repeat(spec)
+        return self.repeat(spec, when_idle=False)
+
+    def repeat_no_preload(self) -> dict[str, Any]:
+        """The default spec again on a worker that does not preload, once its standby is ready: the
+        repeat_default's baseline in the same call."""
+        self.service.stop_workers()
+        self.worker_env = {"TRAINER_STANDBY_PRELOAD": "false"}
+        self.service.start_worker(**self.worker_env)
+        return self.repeat(self.specs["default"])
 
     def service_default(self) -> dict[str, Any]:
         return self.measured_run(self.specs["default"])
@@ -533,6 +572,23 @@ INTERESTING_EVENTS = (
 )
 
 
+def standby_state(data_dir: Path) -> str | None:
+    """The worker's unused standby trainer: importing, ready (its imports done) or preloaded (the
+    model loaded), from its lines in the standby log; None when there is not exactly one."""
+    from scripts.service_harness import standby_pids
+
+    folder = data_dir / "standby"
+    unused = [pid for pid in standby_pids(data_dir) if not (folder / f"{pid}.taken").exists()]
+    if len(unused) != 1:
+        return None
+    log = folder / "standby.log"
+    said = log.read_text(errors="replace") if log.exists() else ""
+    for words, state in ((") preloaded ", "preloaded"), (") ready in ", "ready")):
+        if f"standby trainer (pid {unused[0]}{words}" in said:
+            return state
+    return "importing"
+
+
 def startup_profile(job_dir: Path) -> dict[str, Any]:
     """With --service-env STARTUP_PROFILE=true: the functions that held the job's start to its first
     step (trainer/stack_sampler.py), the largest first; the whole profile is kept with the logs."""
@@ -586,7 +642,7 @@ def print_table(results: dict[str, Any]) -> None:
     auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
     if auto:
         print(f"auto: {auto}")
-    for name in ("service_default", "repeat_default", "restart_default", "service_bf16", "repeat_bf16", "restart_bf16"):
+    for name in (*PARTS[1:5], "service_bf16", "repeat_bf16", "restart_bf16"):
         events = (parts.get(name) or {}).get("events", {})
         for kind in ("startup", "first_step"):
             if events.get(kind):

@@ -5,11 +5,15 @@ comparison and the table printed from partial results."""
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from scripts.gpu_speed import LOSS_TOLERANCE, Speed, loss_comparison, main, print_table
+from scripts.gpu_speed import LOSS_TOLERANCE, Speed, loss_comparison, main, print_table, standby_state
+from scripts.service_harness import wait_until
 
 
 def test_the_gpu_script_takes_its_arguments_and_refuses_unknown_parts(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,3 +85,44 @@ def test_the_table_prints_from_whatever_parts_ran(capsys: pytest.CaptureFixture[
     assert "NVIDIA H100 80GB HBM3 2026-12-06: llama-3.1-8b, seq 4096, micro-batch 2 x 4, 20 steps" in out
     assert "1.012" in out and "61.0" in out
     assert "service_fp8" in out and "error" in out and "skipped" in out
+
+
+def test_the_repeat_waits_for_what_the_unused_standby_said_of_itself(tmp_path: Path) -> None:
+    """The live standby of the DATA_DIR without a taken marker (found in /proc as the harness finds
+    them: here a sleeping process with a standby's command line) and its own lines of the log, not
+    an earlier standby's."""
+    data_dir = tmp_path / "data"
+    folder = data_dir / "standby"
+    folder.mkdir(parents=True)
+    log = folder / "standby.log"
+    assert standby_state(data_dir) is None  # none running
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "-m", "trainer", "--standby"]
+    standby = subprocess.Popen(sleeper, env={**os.environ, "DATA_DIR": str(data_dir)})
+    try:
+        pid = standby.pid
+        wait_until(lambda: standby_state(data_dir) == "importing", 10, "the standby in /proc")
+        lines = [
+            "standby trainer (pid 10) ready in 21.0 s (torch, unsloth, transformers, trl, datasets)",
+            "standby trainer (pid 10) preloaded /models/8b (unsloth, max_seq_length 4096) in 6.1 s",
+            f"standby trainer (pid {pid}) ready in 21.0 s (torch, unsloth, transformers, trl, datasets)",
+            "==((====))==  Unsloth's banner, printed while it preloads",
+            f"standby trainer (pid {pid}) preloaded /models/8b (unsloth, max_seq_length 4096) in 6.1 s",
+        ]
+        for line, state in zip(lines, ["importing", "importing", "ready", "ready", "preloaded"], strict=True):
+            with log.open("a") as out:
+                out.write(line + "\n")
+            assert standby_state(data_dir) == state
+        (folder / f"{pid}.taken").write_text("{}")  # a job took it: no unused standby
+        assert standby_state(data_dir) is None
+    finally:
+        standby.kill()
+        standby.wait()
+
+
+def test_a_gpu_hosts_worker_preloads_unless_told_not_to(tmp_path: Path) -> None:
+    assert speed(tmp_path, service_env=[]).preloads() is True  # the default on a GPU host
+    assert speed(tmp_path, service_env=[], dry_run=True).preloads() is False  # the CPU: no standby
+    off = speed(tmp_path, service_env=[("TRAINER_STANDBY_PRELOAD", "false")])
+    assert off.preloads() is False
+    off.worker_env = {"TRAINER_STANDBY_PRELOAD": "true"}  # a part started the worker again with it on
+    assert off.preloads() is True

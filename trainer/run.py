@@ -42,7 +42,7 @@ from core.models import Job
 from core.shared_store import FETCH_LOCK, SharedStore, StorageUnavailable, StoreMismatch, get_store, host_lock
 from core.spec import GPU_ONLY_OPTIMIZERS, JobSpec
 from core.stop_requests import mark_ready
-from trainer import distributed, methods
+from trainer import distributed, methods, preload
 from trainer.failures import JobFailure, classify, format_traceback, missing_source, storage_failure
 from trainer.lifeline import die_with_parent, take_job_lock, watch_parent
 from trainer.methods.base import TrainerContext, TrainingMethod
@@ -169,6 +169,7 @@ class Run:
         self.fp8: Any = None  # trainer.precision.Fp8Conversion of a precision fp8 job
         self.precision: Any = None  # trainer.precision.ChosenPrecision: the spec's, or auto's choice
         self.prefetch: Any = None  # trainer.prefetch.Prefetch: the weights read ahead
+        self.preloaded: str | None = None  # how the standby trainer preloaded the model, if it did
         self.attempt = 0
         self.earlier_step = 0
         # First of all: a cancel or SIGTERM that arrives while the trainer starts must not kill it
@@ -604,30 +605,19 @@ class Run:
             session.add(job)
 
     def load_model(self, backend: str, tokenizer: Any) -> tuple[Any, Any]:
-        """The model, and the tokenizer to train with (Unsloth brings its own, patched)."""
-        import torch
-
-        hp = self.spec.hyperparameters
+        """The model, and the tokenizer to train with (Unsloth brings its own, patched): the one the
+        standby trainer preloaded where it is this job's (trainer/preload.py), else loaded now."""
         self.phase = "loading_model"
+        request = preload.Request(self.spec.model, backend, self.spec.hyperparameters.max_seq_length)
+        preloaded = preload.take(request) if distributed.world_size() == 1 else None
+        if preloaded is not None:
+            self.preloaded = preloaded.describe()
+            model, own_tokenizer = preloaded.model, preloaded.tokenizer
+        else:
+            preload.release()
+            model, own_tokenizer = preload.load_pretrained(request)
         if backend == "unsloth":
-            from unsloth import FastLanguageModel
-
-            model, unsloth_tokenizer = FastLanguageModel.from_pretrained(
-                model_name=self.spec.model,
-                max_seq_length=hp.max_seq_length,
-                dtype=torch.bfloat16,
-                load_in_4bit=False,
-                full_finetuning=True,  # gradient checkpointing "unsloth" is the default
-            )
-            return model, self.apply_chat_template(unsloth_tokenizer)
-        from transformers import AutoModelForCausalLM
-
-        on_gpu = torch.cuda.is_available()
-        dtype = torch.bfloat16 if on_gpu else torch.float32
-        # One GPU: the weights go from the safetensors files straight to the card, not through a copy
-        # in host memory (several ranks: each rank's Trainer places its own copy, FSDP shards it).
-        device_map = "cuda" if on_gpu and distributed.world_size() == 1 else None
-        model = AutoModelForCausalLM.from_pretrained(self.spec.model, dtype=dtype, device_map=device_map)
+            return model, self.apply_chat_template(own_tokenizer)
         return model, tokenizer
 
     def training_arguments(self, backend: str, *, evaluate: bool) -> dict[str, Any]:
@@ -713,7 +703,9 @@ class Run:
 
     def train(self) -> None:
         job_id = self.job_id
-        if distributed.is_main():  # the page cache is the host's: one reader is enough
+        # The page cache is the host's: one reader is enough, and none where the standby has loaded
+        # the model already.
+        if distributed.is_main() and not preload.holds(self.spec.model):
             from trainer import prefetch
 
             self.prefetch = prefetch.start(self.spec.model)  # while the imports below take their time
@@ -986,6 +978,7 @@ class Run:
         precision = f"; {chosen}" if chosen else ""
         precision += f"; {self.fp8.describe()}" if self.fp8 is not None else ""
         precision += f"; {self.prefetch.summary()}" if self.prefetch is not None else ""
+        precision += f"; {self.preloaded}" if self.preloaded is not None else ""
         event(
             self.job_id,
             EventKind.startup,

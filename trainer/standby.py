@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import time
 from typing import Any
@@ -67,9 +68,60 @@ def preload_job_modules() -> None:
     import trainer.trackers  # noqa: F401
 
 
-def wait_for_job() -> dict[str, Any] | None:
-    line = sys.stdin.readline()
-    return json.loads(line) if line.strip() else None
+class StdinLines:
+    """The lines the standby is sent on its stdin, read from fd 0 without Python's buffering, so
+    that `waiting()` can tell whether the next one has come already."""
+
+    def __init__(self, fd: int = 0) -> None:
+        self.fd = fd
+        self.buffer = b""
+
+    def waiting(self) -> bool:
+        """A line (or end of input) is there to read without waiting."""
+        return b"\n" in self.buffer or bool(select.select([self.fd], [], [], 0)[0])
+
+    def readline(self) -> str:
+        """The next line, or "" at end of input."""
+        while b"\n" not in self.buffer:
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                rest, self.buffer = self.buffer, b""
+                return rest.decode()
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode() + "\n"
+
+
+def wait_for_job(lines: StdinLines) -> dict[str, Any] | None:
+    """The job sent on stdin (None at end of input), after loading any model the worker asks for
+    while none is waiting (`{"preload": {...}}` lines: trainer/preload.py)."""
+    while True:
+        line = lines.readline()
+        if not line.strip():
+            return None
+        message = json.loads(line)
+        if "preload" not in message:
+            return dict(message)
+        if lines.waiting():  # a job (or the end) came meanwhile: it loads what it needs itself
+            continue
+        preload_model(message["preload"])
+
+
+def preload_model(message: dict[str, Any]) -> None:
+    from trainer import preload
+
+    request = preload.Request.from_message(message)
+    try:
+        loaded = preload.preload(request)
+    except Exception as exc:  # the job that asks for it will load it, and say why it cannot
+        preload.release()
+        print(f"standby trainer could not preload {request.model}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    print(
+        f"standby trainer (pid {os.getpid()}) preloaded {request.model} ({request.backend}, "
+        f"max_seq_length {request.max_seq_length}) in {loaded.seconds:.1f} s",
+        flush=True,
+    )
 
 
 def serve(argv0: str) -> int:
@@ -89,7 +141,7 @@ def wait_and_run(argv0: str, loaded: list[str]) -> int:
     """Wait for the job on stdin and become its trainer (0 at end of input, with no job). What both
     kinds of standby do once their imports (`loaded`) are done: an exec'd one (`serve`) and one the
     trainer fork server forked."""
-    job = wait_for_job()
+    job = wait_for_job(StdinLines())
     if job is None:
         return 0
     assigned = time.monotonic()

@@ -17,6 +17,7 @@ from rq import Worker
 from rq.defaults import DEFAULT_JOB_MONITORING_INTERVAL
 from rq.exceptions import StopRequested
 from rq.job import Job
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import configure_mappers
 
 from core.checkpoint_files import hash_unfinished
@@ -86,6 +87,8 @@ class FinetuneWorker(Worker):
     standby: Standby | None = None
     # While a job runs: when to start the standby after the one its work horse inherited.
     next_standby: NextStandby | None = None
+    # Whether an idle worker's standby loads the last job's model (TRAINER_STANDBY_PRELOAD).
+    preload_models = False
     # With RAY_ADDRESS: the cluster's room for ranks, for the API's 422 (core/ray_capacity.py).
     ray_capacity: CapacityWatch | None = None
     _redis_away_since: float | None = None
@@ -238,6 +241,23 @@ class FinetuneWorker(Worker):
             self.next_standby = None
             if self.standby is not None and not self.stop_asked:
                 self.standby.ensure()  # the next one, importing while this worker waits for work
+                self.offer_preload(int(job.args[0]) if job.args else None)
+
+    def offer_preload(self, ended_job: int | None) -> None:
+        """Idle now (after `ended_job`, or at start-up): the standby may load the last job's model
+        onto the card (TRAINER_STANDBY_PRELOAD), unless a job is already queued (it loads its own)."""
+        if self.standby is None or not self.preload_models:
+            return
+        folder = self.standby.folder
+        with contextlib.suppress(SQLAlchemyError):  # the database away: the note of an earlier job
+            request = standby_module.last_model(ended_job) if ended_job is not None else None
+            if request is not None:
+                standby_module.remember_last_model(folder, request)
+        request = standby_module.remembered_model(folder)
+        with contextlib.suppress(*REDIS_ERRORS):
+            if request is None or any(queue.count for queue in self.queues):
+                return
+            self.standby.offer_preload(request)
 
 
 @cli.command()
@@ -283,6 +303,9 @@ def main(
         # Where a trainer fork server runs (no GPU), the standby is a fork of it: no imports to pay.
         worker.standby = Standby(env, settings.data_dir.resolve() / "standby", settings.trainer_forkserver or None)
         worker.standby.ensure()
+        preload = settings.trainer_standby_preload
+        worker.preload_models = preload if preload is not None else bool(worker.gpu_memory_bytes)
+        worker.offer_preload(None)  # the model of the last job before this worker started, if any
     logger.info(
         "worker %s on queue %r (GPUs: %s, %s; data under %s)",
         worker.name,

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from core.config import get_settings
 from core.contract import PROGRESS_FILE
@@ -98,6 +98,21 @@ class Standby:
         logger.info("standby trainer started (pid %s)", process.pid)
         return process
 
+    def offer_preload(self, request: dict[str, Any]) -> bool:
+        """Ask the unused standby to load `request`'s model while it waits (trainer/preload.py): a
+        line on its stdin, which it reads once its imports are done. False when there is none."""
+        process = self.process
+        if process is None or process.stdin is None or process.poll() is not None or taken_marker(process.pid).exists():
+            return False
+        try:
+            process.stdin.write(json.dumps({"preload": request}).encode() + b"\n")
+            process.stdin.flush()
+        except (OSError, ValueError) as exc:  # it died meanwhile, or its stdin was handed on
+            logger.info("could not ask the standby trainer to preload a model (%s)", exc)
+            return False
+        logger.info("standby trainer (pid %s) asked to preload %s", process.pid, request["model"])
+        return True
+
     def reap(self) -> None:
         """Collect used standbys that have ended (an exec'd one is our zombie until then; a forked
         one's status is the fork server's, which keeps it while the horse lives)."""
@@ -145,6 +160,44 @@ class NextStandby:
             )
             return None
         return True
+
+
+def last_model(job_id: int) -> dict[str, Any] | None:
+    """What the job's trainer loaded, as a preload request ({"model", "backend", "max_seq_length"}),
+    or None: a job of several ranks, or one that ended before it chose its backend."""
+    from core.db import session_scope
+    from core.models import Job
+    from core.spec import JobSpec
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or not job.backend or int((job.placement or {}).get("world_size") or 1) != 1:
+            return None
+        try:
+            spec = JobSpec.model_validate(job.spec)
+        except ValueError:
+            return None
+        return {"model": spec.model, "backend": job.backend, "max_seq_length": spec.hyperparameters.max_seq_length}
+
+
+def remember_last_model(folder: Path, request: dict[str, Any]) -> None:
+    """The worker's last model, offered again to the standby it starts after a restart."""
+    note = last_model_file(folder)
+    note.parent.mkdir(parents=True, exist_ok=True)
+    note.write_text(json.dumps(request))
+
+
+def remembered_model(folder: Path) -> dict[str, Any] | None:
+    try:
+        request = json.loads(last_model_file(folder).read_text())
+    except (OSError, ValueError):
+        return None
+    return request if isinstance(request, dict) and {"model", "backend", "max_seq_length"} <= set(request) else None
+
+
+def last_model_file(folder: Path) -> Path:
+    """One per card: the workers of one host share DATA_DIR."""
+    return folder / (f"last-model-gpu{CARD}.json" if CARD is not None else "last-model.json")
 
 
 def first_step_ended(progress_file: Path) -> bool:
