@@ -9,11 +9,17 @@ Unsloth's patching), so it would inflate exactly what it measures; sampling cost
 per interval. Time spent in C (a CUDA synchronisation, a file read, waiting on the compile
 workers) is counted to the Python frame that called it, which is what one can change.
 
+Each sample is weighted by the time since the one before it, not counted once: the sampler needs
+the GIL to read a stack, so while the main thread holds it in a long C call (copying weights, a
+compile step) samples are missed, and counting samples would shrink exactly those calls (on an
+H100 an 8B job's start had 31 s of samples in 42 s). The time goes to the stack seen when the
+sampler gets the GIL back, which is the long call's Python caller or its next line.
+
 It writes two files into the job's folder:
-- `startup-stacks.folded`: one line per distinct stack, `outermost;...;innermost count`, the
-  format flame graph tools read (flamegraph.pl, speedscope, inferno);
-- `startup-profile.json`: the samples' interval and count, the seconds each function was on the
-  stack (inclusive) and at its top (own), the largest first."""
+- `startup-stacks.folded`: one line per distinct stack, `outermost;...;innermost milliseconds`,
+  the format flame graph tools read (flamegraph.pl, speedscope, inferno);
+- `startup-profile.json`: the samples' interval and count, the wall time, the seconds each function
+  was on the stack (inclusive) and at its top (own), the largest first."""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import json
 import sys
 import threading
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -71,17 +77,22 @@ class StackSampler(threading.Thread):
         self.folder = folder
         self.interval_s = interval_s
         self.until = until
-        self.stacks: Counter[tuple[str, ...]] = Counter()
+        self.samples = 0
+        self.stacks: defaultdict[tuple[str, ...], float] = defaultdict(float)  # seconds each stack was seen for
         self.started_at = time.monotonic()
         self.ended_at: float | None = None
         self._stopping = threading.Event()
 
     def run(self) -> None:
+        previous = self.started_at
         while not self._stopping.wait(self.interval_s):
             frame = sys._current_frames().get(self.target)
+            now = time.monotonic()
             if frame is None:  # the thread ended
                 break
-            self.stacks[stack_of(frame)] += 1
+            self.stacks[stack_of(frame)] += now - previous
+            self.samples += 1
+            previous = now
             del frame
             if self.until is not None and self.until():
                 break
@@ -95,30 +106,32 @@ class StackSampler(threading.Thread):
             self.join(timeout=5)
 
     def summary(self) -> dict[str, object]:
-        inclusive: Counter[str] = Counter()
-        own: Counter[str] = Counter()
-        for stack, count in self.stacks.items():
+        inclusive: defaultdict[str, float] = defaultdict(float)
+        own: defaultdict[str, float] = defaultdict(float)
+        for stack, seconds in self.stacks.items():
             for name in set(stack):  # a recursive function counts once per sample
-                inclusive[name] += count
+                inclusive[name] += seconds
             if stack:
-                own[stack[-1]] += count
-        samples = sum(self.stacks.values())
+                own[stack[-1]] += seconds
         ended = self.ended_at if self.ended_at is not None else time.monotonic()
 
-        def seconds(counter: Counter[str]) -> list[tuple[str, float]]:
-            return [(name, round(count * self.interval_s, 2)) for name, count in counter.most_common(TOP_FUNCTIONS)]
+        def rounded(seconds_of: dict[str, float]) -> list[tuple[str, float]]:
+            largest = sorted(seconds_of.items(), key=lambda item: -item[1])[:TOP_FUNCTIONS]
+            return [(name, round(seconds, 2)) for name, seconds in largest]
 
         return {
             "interval_s": self.interval_s,
-            "samples": samples,
+            "samples": self.samples,
             "wall_s": round(ended - self.started_at, 2),
-            # Fewer samples than wall/interval: the sampler waited for the GIL (a long C call).
-            "sampled_s": round(samples * self.interval_s, 2),
-            "inclusive_s": seconds(inclusive),
-            "own_s": seconds(own),
+            # The samples' seconds (each weighted by the time since the one before): the wall time
+            # up to the last sample.
+            "sampled_s": round(sum(self.stacks.values()), 2),
+            "inclusive_s": rounded(inclusive),
+            "own_s": rounded(own),
         }
 
     def write(self, folder: Path) -> None:
-        lines = [f"{';'.join(stack)} {count}" for stack, count in self.stacks.most_common()]
+        heaviest = sorted(self.stacks.items(), key=lambda item: -item[1])
+        lines = [f"{';'.join(stack)} {round(seconds * 1000)}" for stack, seconds in heaviest]
         (folder / FOLDED_FILE).write_text("\n".join(lines) + ("\n" if lines else ""))
         (folder / SUMMARY_FILE).write_text(json.dumps(self.summary(), indent=1))
