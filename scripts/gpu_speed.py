@@ -407,7 +407,8 @@ class Speed:
         began = time.monotonic()
         while (state := standby_state(self.service.data_dir)) != wanted and time.monotonic() - began < timeout_s:
             time.sleep(0.2)
-        return {"state": state, "wanted": wanted, "waited_s": round(time.monotonic() - began, 1)}
+        waited = {"state": state, "wanted": wanted, "waited_s": round(time.monotonic() - began, 1)}
+        return {**waited, "device_used_bytes": device_used_bytes()}  # what the idle standby holds
 
     def preloads(self) -> bool:
         """Whether the service's worker preloads (TRAINER_STANDBY_PRELOAD; unset: on a GPU host)."""
@@ -572,6 +573,20 @@ INTERESTING_EVENTS = (
 )
 
 
+def device_used_bytes() -> int | None:
+    """GPU 0's used memory (NVML), None without one."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML here (the dry run's CPU host)
+        return None
+
+
 def standby_state(data_dir: Path) -> str | None:
     """The worker's unused standby trainer: importing, ready (its imports done) or preloaded (the
     model loaded), from its lines in the standby log; None when there is not exactly one."""
@@ -636,6 +651,14 @@ def print_table(results: dict[str, Any]) -> None:
             f"{shown(peak / GIB if peak else None, '{:.1f} GiB'):>11}"
             f"  {shown(losses[-1][1] if losses else None, '{:.4f}')}"
         )
+    for name in PARTS:
+        waited = (parts.get(name) or {}).get("standby_before_post")
+        if waited:
+            used = waited.get("device_used_bytes")
+            print(
+                f"{name}: posted after {waited['waited_s']} s waiting for the standby ({waited['state']}; "
+                f"GPU memory in use {shown(used / GIB if used else None, '{:.1f} GiB')})"
+            )
     for key in ("fp8_loss_against_bf16", "default_loss_against_bf16"):
         if results.get(key):
             print(f"{key.replace('_', ' ')}: {results[key]}")
