@@ -21,7 +21,10 @@ is written after each part, so a later failure loses nothing):
    model seen before, with what auto chose.
 1d. restart_default: the service stopped and started again on the same DATA_DIR, then part 1c's
    job posted as soon as it answers, while the new standby imports (as 3b, the default precision).
-1e. repeat_no_preload: part 1c on a worker started again with TRAINER_STANDBY_PRELOAD=false: the
+1e. repeat_other_model: part 1c's spec for another model folder (the same files, linked), on an
+   idle worker whose standby preloaded the first: the standby frees it (`preload_freed`: the
+   trainer's line, with the GiB still allocated after) and the job loads its own.
+1f. repeat_no_preload: part 1c on a worker started again with TRAINER_STANDBY_PRELOAD=false: the
    preload's baseline in the same call.
 2. service_bf16: an 8B job with `precision: bf16` (the first job of the service when part 1b is
    not asked for: cold compile caches); it runs to the end (its final model is saved), so the
@@ -74,6 +77,7 @@ OVERHEAD_S = {
     "service_default": 100,
     "repeat_default": 55,
     "restart_default": 70,
+    "repeat_other_model": 60,
     "repeat_no_preload": 70,
     "service_bf16": 100,
     "repeat_bf16": 55,
@@ -93,6 +97,7 @@ PARTS = (
     "service_default",
     "repeat_default",
     "restart_default",
+    "repeat_other_model",
     "repeat_no_preload",
     "service_bf16",
     "repeat_bf16",
@@ -423,6 +428,21 @@ class Speed:
         self.start_service(*self.inputs, fresh=False)
         return self.repeat(spec, when_idle=False)
 
+    def repeat_other_model(self) -> dict[str, Any]:
+        """On an idle worker whose standby preloaded the model, a job for another model folder (the
+        same files, linked): the standby must free what it preloaded, and says how much of the card
+        it got back, before the job loads its own."""
+        model = Path(self.specs["default"]["model"])
+        other = model.with_name(model.name + "-linked")
+        other.mkdir(exist_ok=True)
+        for path in model.iterdir():
+            if not (other / path.name).exists():
+                (other / path.name).symlink_to(path)
+        found = self.repeat({**self.specs["default"], "model": str(other)})
+        log = self.service.job_dir(found["job_id"]) / "trainer.log" if "job_id" in found else None
+        said = log.read_text(errors="replace").splitlines() if log is not None and log.exists() else []
+        return {**found, "preload_freed": next((line for line in said if "does not train the preloaded" in line), None)}
+
     def repeat_no_preload(self) -> dict[str, Any]:
         """The default spec again on a worker that does not preload, once its standby is ready: the
         repeat_default's baseline in the same call."""
@@ -659,13 +679,16 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{name}: posted after {waited['waited_s']} s waiting for the standby ({waited['state']}; "
                 f"GPU memory in use {shown(used / GIB if used else None, '{:.1f} GiB')})"
             )
+    freed = (parts.get("repeat_other_model") or {}).get("preload_freed")
+    if freed:
+        print(f"repeat_other_model: {freed}")
     for key in ("fp8_loss_against_bf16", "default_loss_against_bf16"):
         if results.get(key):
             print(f"{key.replace('_', ' ')}: {results[key]}")
     auto = (parts.get("auto") or {}).get("events", {}).get("micro_batch_chosen")
     if auto:
         print(f"auto: {auto}")
-    for name in (*PARTS[1:5], "service_bf16", "repeat_bf16", "restart_bf16"):
+    for name in (*PARTS[1:6], "service_bf16", "repeat_bf16", "restart_bf16"):
         events = (parts.get(name) or {}).get("events", {})
         for kind in ("startup", "first_step"):
             if events.get(kind):

@@ -4,7 +4,7 @@
 1. What does a standby trainer hold on the GPU once its imports are done? The worker could start
    the next job's standby while a job runs (so back-to-back jobs find one ready) only if an idle
    standby takes no device memory from the running job, or little and known. Measured with NVML
-   (the process's own used memory and the device's) after `trainer.standby.preload()`, with and
+   (the process's own used memory and the device's) after `trainer.standby.import_packages()`, with and
    without PYTORCH_NVML_BASED_CUDA_CHECK, and where the import time goes (`-X importtime`).
 2. Does a padding-free batch attend across its sequences' boundaries on this stack? The service's
    `packing: true` always runs padding-free (several sequences in one row, position ids restarting
@@ -34,8 +34,8 @@ IMPORTER = """
 import json, sys, time
 sys.path.insert(0, {root!r})
 started = time.monotonic()
-from trainer.standby import preload
-loaded = preload()
+from trainer.standby import import_packages
+loaded = import_packages()
 print("READY " + json.dumps({{"ready_s": round(time.monotonic() - started, 2), "loaded": loaded}}), flush=True)
 sys.stdin.readline()
 """

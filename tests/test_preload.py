@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from core.spec import JobSpec
 from scripts.service_harness import Service, standby_pids, wait_until
 from tests.conftest import Env, job_spec
 from trainer import preload
-from trainer.standby import StdinLines, wait_for_job
+from trainer.standby import StdinLines, free_other_model, wait_for_job
 
 
 @pytest.fixture
@@ -48,6 +49,27 @@ def test_a_preloaded_model_is_taken_by_the_same_request_only_while_its_files_are
         assert preload.take(request) is None
     finally:
         os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_the_standby_frees_a_preloaded_model_its_job_does_not_train_and_says_so(
+    tiny_model: Path, chat_dataset: Path, clean_preload: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loaded = ["torch", "transformers", "trl", "datasets"]  # a CPU standby's imports: backend auto is transformers
+    preload.preload(preload.Request(str(tiny_model), "transformers", 64))
+    same = JobSpec.model_validate(job_spec(tiny_model, chat_dataset))
+    assert free_other_model(7, same, loaded) is False and preload.holds(str(tiny_model))  # the job takes it
+
+    other = JobSpec.model_validate(job_spec(tiny_model, chat_dataset, max_seq_length=96))
+    assert free_other_model(7, other, loaded) is False  # freed, and nothing left allocated: train here
+    assert preload.PRELOADED is None
+    said = capsys.readouterr().out
+    assert f"job 7 does not train the preloaded {tiny_model} (transformers, max_seq_length 64): freed it" in said
+
+    # Had the card not been given back, the job would start in a clean process.
+    preload.preload(preload.Request(str(tiny_model), "transformers", 64))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(preload, "LEFT_ALLOCATED_MAX_BYTES", -1)
+        assert free_other_model(8, other, loaded) is True
 
 
 def test_the_standby_preloads_only_while_no_job_is_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,6 +145,8 @@ def test_an_idle_standby_preloads_the_last_jobs_model_for_the_next_job_and_again
         record = service.wait_for(other, timeout_s=120)
         assert record["status"] == "succeeded", record["error"]
         assert "preloaded" not in startup(other)
+        trainer_log = (env.data_dir / "jobs" / str(other) / "trainer.log").read_text()
+        assert f"job {other} does not train the preloaded {tiny_model} (transformers, max_seq_length 64)" in trainer_log
 
         # A restarted worker offers its first standby the last job's model (max_seq_length 96).
         wait_until(lambda: "max_seq_length 96) in" in log.read_text(), 60, "the preload after the third job")

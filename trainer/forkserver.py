@@ -67,7 +67,7 @@ def serve(socket_path: str, argv0: str) -> int:
     """Run until the parent that started us ends (or SIGTERM); in a forked child, return the
     trainer's exit code instead (the caller exits with it)."""
     from trainer.lifeline import die_with_parent
-    from trainer.standby import preload, preload_job_modules
+    from trainer.standby import import_packages, preload_job_modules
 
     die_with_parent(None)  # whoever started the server: it does not outlive it
     started = time.monotonic()
@@ -76,7 +76,7 @@ def serve(socket_path: str, argv0: str) -> int:
     if torch.cuda.is_available():
         print("a trainer fork server is for hosts without GPUs (CUDA cannot cross a fork); use TRAINER_STANDBY")
         return 2
-    loaded = preload()
+    loaded = import_packages()
     preload_job_modules()
     loaded.append("the classes a job loads")
     # What the imports made lives as long as the server: out of the collector's sight, so that a

@@ -96,6 +96,9 @@ class Preloaded:
 
 # This process's preloaded model, if any (a standby's: one per process).
 PRELOADED: Preloaded | None = None
+# More than this still allocated on the card once the preloaded model is freed means something
+# kept a reference to it: the job then starts in a clean process rather than beside the leftovers.
+LEFT_ALLOCATED_MAX_BYTES = 1 << 30
 
 
 def preload(request: Request) -> Preloaded:
@@ -114,12 +117,18 @@ def holds(model: str) -> bool:
     return PRELOADED is not None and PRELOADED.request.model == model
 
 
+def matches(request: Request) -> bool:
+    """Whether the preloaded model is `request`'s, its files unchanged since."""
+    found = PRELOADED
+    return found is not None and found.request == request and found.signature == files_signature(request.model)
+
+
 def take(request: Request) -> Preloaded | None:
     """The preloaded model, if it is `request`'s and its files are unchanged (handed over: this
     module keeps no reference); otherwise None, with whatever was preloaded freed."""
     global PRELOADED
     found = PRELOADED
-    if found is not None and found.request == request and found.signature == files_signature(request.model):
+    if found is not None and matches(request):
         PRELOADED = None
         return found
     if found is not None:
@@ -128,17 +137,18 @@ def take(request: Request) -> Preloaded | None:
     return None
 
 
-def release() -> None:
-    """Free the preloaded model, its GPU memory given back to the driver."""
+def release() -> int:
+    """Free the preloaded model, its GPU memory given back to the driver; the bytes torch still has
+    allocated on the card after (a standby allocates nothing else before its job)."""
     global PRELOADED
     if PRELOADED is None:
-        return
+        return 0
     PRELOADED = None
     gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    # A process that never touched CUDA has nothing there (and must not make a context for this).
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return 0
+    torch.cuda.empty_cache()
+    return int(torch.cuda.memory_allocated())

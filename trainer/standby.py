@@ -25,11 +25,13 @@ import sys
 import time
 from typing import Any
 
+from trainer import preload
+
 logger = logging.getLogger("trainer.standby")
 LOG_NAME = re.compile(r"trainer(-rank[0-9]+)?\.log")
 
 
-def preload() -> list[str]:
+def import_packages() -> list[str]:
     """Import what a job will: Unsloth first where there is a GPU (it patches transformers and TRL
     as they load, so it must come first), then the libraries every job uses."""
     import torch
@@ -108,8 +110,6 @@ def wait_for_job(lines: StdinLines) -> dict[str, Any] | None:
 
 
 def preload_model(message: dict[str, Any]) -> None:
-    from trainer import preload
-
     request = preload.Request.from_message(message)
     try:
         loaded = preload.preload(request)
@@ -129,7 +129,7 @@ def serve(argv0: str) -> int:
 
     die_with_parent(None)  # the worker that started us: its death ends the standby
     started = time.monotonic()
-    loaded = preload()
+    loaded = import_packages()
     print(
         f"standby trainer (pid {os.getpid()}) ready in {time.monotonic() - started:.1f} s ({', '.join(loaded)})",
         flush=True,
@@ -146,10 +146,14 @@ def wait_and_run(argv0: str, loaded: list[str]) -> int:
         return 0
     assigned = time.monotonic()
     job_id = take_job(job)
-    if "unsloth" in loaded and asks_for_plain_transformers(job_id):
+    spec = job_spec(job_id) if "unsloth" in loaded or preload.PRELOADED is not None else None
+    if "unsloth" in loaded and asks_for_plain_transformers(spec):
         # Unsloth has patched transformers and TRL in this process: start clean, as the same
         # process (its pid, output and parent watch stay), at the cost of the imports.
         print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
+        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
+    if free_other_model(job_id, spec, loaded):
+        print(f"job {job_id}: the preloaded model's memory was not given back: starting a clean trainer", flush=True)
         os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
     print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
     from trainer.run import main
@@ -182,10 +186,44 @@ def take_job(job: dict[str, Any]) -> int:
     return job_id
 
 
-def asks_for_plain_transformers(job_id: int) -> bool:
+def job_spec(job_id: int) -> Any:
+    """The job's spec (core.spec.JobSpec), None where the job or a valid spec is gone (the trainer
+    then says so as any trainer would)."""
+    from pydantic import ValidationError
+
     from core.db import session_scope
     from core.models import Job
+    from core.spec import JobSpec
 
     with session_scope() as session:
         job = session.get(Job, job_id)
-        return job is not None and (job.spec or {}).get("backend") == "transformers"
+        if job is None:
+            return None
+        try:
+            return JobSpec.model_validate(job.spec)
+        except ValidationError:
+            return None
+
+
+def asks_for_plain_transformers(spec: Any) -> bool:
+    return spec is not None and spec.backend == "transformers"
+
+
+def free_other_model(job_id: int, spec: Any, loaded: list[str]) -> bool:
+    """Free a preloaded model that is not the job's (its loading would otherwise find the card
+    holding it). True when the card was not given back (something kept a reference to the
+    model): the job must then start in a clean process."""
+    if preload.PRELOADED is None:
+        return False
+    if spec is not None:
+        backend = spec.backend if spec.backend != "auto" else "unsloth" if "unsloth" in loaded else "transformers"
+        if preload.matches(preload.Request(spec.model, backend, spec.hyperparameters.max_seq_length)):
+            return False  # the job's trainer takes it (Run.load_model)
+    what = preload.PRELOADED.request
+    left = preload.release()
+    print(
+        f"job {job_id} does not train the preloaded {what.model} ({what.backend}, max_seq_length "
+        f"{what.max_seq_length}): freed it, {left / 2**30:.2f} GiB still allocated",
+        flush=True,
+    )
+    return left > preload.LEFT_ALLOCATED_MAX_BYTES
