@@ -15,7 +15,7 @@ is written after each part, so a later failure loses nothing):
    DATA_DIR) with the spec's precision left to its default, "auto" (fp8 on a card with FP8
    matmuls): what the service chooses for a user who names no precision, cancelled one step after
    the last measured one (no final save).
-1c. repeat_default: that spec again, REPEAT_STEPS steps, posted once the worker is idle: its
+1c. repeat_default: that spec again, REPEAT_STEPS steps (--repeats times), posted once the worker is idle: its
    standby's imports done and, where the worker preloads (TRAINER_STANDBY_PRELOAD, on by default
    on a GPU host), the model loaded (`standby_before_post` says how long that was waited for): a
    model seen before, with what auto chose.
@@ -455,7 +455,16 @@ class Speed:
         return self.measured_run(self.specs["default"])
 
     def repeat_default(self) -> dict[str, Any]:
-        return self.repeat(self.specs["default"])
+        """Part 1c, then --repeats - 1 times more (each once the worker is idle again): the spread."""
+        first = self.repeat(self.specs["default"])
+        more = []
+        for _ in range(self.args.repeats - 1):
+            if self.time_left() < OVERHEAD_S["repeat_default"]:
+                break
+            again = self.repeat(self.specs["default"])
+            keep = ("job_id", "status", "post_to_first_step_seconds", "standby_before_post", "events")
+            more.append({key: again.get(key) for key in keep})
+        return {**first, "repeated": more} if more else first
 
     def restart_default(self) -> dict[str, Any]:
         return self.restart(self.specs["default"])
@@ -679,6 +688,10 @@ def print_table(results: dict[str, Any]) -> None:
                 f"{name}: posted after {waited['waited_s']} s waiting for the standby ({waited['state']}; "
                 f"GPU memory in use {shown(used / GIB if used else None, '{:.1f} GiB')})"
             )
+    for again in (parts.get("repeat_default") or {}).get("repeated") or []:
+        events = again.get("events") or {}
+        seconds = again.get("post_to_first_step_seconds")
+        print(f"repeat_default again: POST to first step {seconds} s; {events.get('first_step')}")
     freed = (parts.get("repeat_other_model") or {}).get("preload_freed")
     if freed:
         print(f"repeat_other_model: {freed}")
@@ -710,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="the whole call's seconds")
     parser.add_argument("--steps", type=int, default=0, help="steps of each measured run (0: what the budget holds)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="how many times repeat_default runs")
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=2)

@@ -38,6 +38,7 @@ def speed(tmp_path: Path, **overrides: object) -> Speed:
         "micro_batch": 2,
         "grad_accum": 4,
         "seq_len": 4096,
+        "repeats": 1,
         **overrides,
     }
     return Speed(argparse.Namespace(**values))
