@@ -9,6 +9,11 @@ the standby stops when it goes, as a trainer started by the horse does through P
 End of input (the worker stopping) ends the standby. From the job on it is an ordinary trainer:
 the same `main`, the same result file, its output appended to the job's trainer.log.
 
+Before the job, an idle worker may send `{"preload": {"model", "backend", "max_seq_length"}}`:
+the standby then loads that model while it waits, unless its job has come meanwhile, and the job
+takes it if it is its own (trainer/preload.py); a job that trains another model finds it freed
+(`free_other_model`), in a clean process if its memory was not given back.
+
 On a host without GPUs the worker asks the trainer fork server for its standby instead
 (trainer/forkserver.py): a fork of the server, whose imports are done, that waits for its job the
 same way (`wait_and_run`) without exec'ing anything. A GPU host's standby is this module's `serve`,

@@ -8,6 +8,9 @@ the job where TRAINER_STANDBY_DURING_JOB is off), and reaps the used ones. The w
 runs a job inherits the standby's pid and stdin at its fork, hands it the job on that stdin, and
 watches it as it would its own child. It is not the horse's child, so the horse reads its exit
 status from /proc while it is a zombie (the worker reaps it only after the horse has ended).
+When the worker is idle it asks its standby to load the last job's model on that same stdin
+(`offer_preload`, TRAINER_STANDBY_PRELOAD), and keeps that model's name for the standby it starts
+after a restart (`last_model_file`).
 
 On a host without GPUs, where TRAINER_FORKSERVER names a trainer fork server, the standby is a
 fork of that server (ForkedStandby), whose imports are done: it costs a fork, not a process that
