@@ -157,3 +157,17 @@ def test_an_idle_standby_preloads_the_last_jobs_model_for_the_next_job_and_again
     finally:
         service.stop()
         print(service.logs())
+
+
+def test_the_worker_keeps_going_when_it_cannot_note_its_last_model(tmp_path: Path) -> None:
+    from worker.standby import remember_last_model, remembered_model
+
+    request = {"model": "/models/8b", "backend": "unsloth", "max_seq_length": 4096}
+    remember_last_model(tmp_path, request)
+    assert remembered_model(tmp_path) == request
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    remember_last_model(blocked, request)  # its folder cannot be made: logged, not raised
+    assert remembered_model(blocked) is None
+    (tmp_path / "last-model.json").write_text('{"model": "/models/8b"')  # cut short by a full disk
+    assert remembered_model(tmp_path) is None

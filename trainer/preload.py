@@ -35,9 +35,6 @@ class Request:
     def from_message(cls, message: dict[str, Any]) -> Request:
         return cls(str(message["model"]), str(message["backend"]), int(message["max_seq_length"]))
 
-    def as_message(self) -> dict[str, Any]:
-        return {"model": self.model, "backend": self.backend, "max_seq_length": self.max_seq_length}
-
 
 def files_signature(model: str) -> tuple[tuple[str, int, int], ...]:
     """Name, size and modification time of a local model folder's files (its weights, its config):

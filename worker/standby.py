@@ -184,10 +184,14 @@ def last_model(job_id: int) -> dict[str, Any] | None:
 
 
 def remember_last_model(folder: Path, request: dict[str, Any]) -> None:
-    """The worker's last model, offered again to the standby it starts after a restart."""
+    """The worker's last model, offered again to the standby it starts after a restart (a full
+    disk loses only that: the worker's loop must go on)."""
     note = last_model_file(folder)
-    note.parent.mkdir(parents=True, exist_ok=True)
-    note.write_text(json.dumps(request))
+    try:
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(json.dumps(request))
+    except OSError as exc:
+        logger.warning("could not note the last job's model for the next standby (%s)", exc)
 
 
 def remembered_model(folder: Path) -> dict[str, Any] | None:
