@@ -15,7 +15,7 @@ from core.spec import JobSpec
 from scripts.service_harness import Service, standby_pids, wait_until
 from tests.conftest import Env, job_spec
 from trainer import preload
-from trainer.standby import StdinLines, free_other_model, wait_for_job
+from trainer.standby import StdinLines, free_other_model, preload_model, wait_for_job
 
 
 @pytest.fixture
@@ -171,3 +171,13 @@ def test_the_worker_keeps_going_when_it_cannot_note_its_last_model(tmp_path: Pat
     assert remembered_model(blocked) is None
     (tmp_path / "last-model.json").write_text('{"model": "/models/8b"')  # cut short by a full disk
     assert remembered_model(tmp_path) is None
+
+
+def test_a_preload_that_cannot_be_read_or_loaded_is_said_and_forgotten(
+    tmp_path: Path, clean_preload: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    preload_model({"model": "/models/8b"})  # no backend nor max_seq_length: another worker's version
+    assert "ignored a preload request it cannot read" in capsys.readouterr().out
+    preload_model({"model": str(tmp_path / "gone"), "backend": "transformers", "max_seq_length": 64})
+    assert f"could not preload {tmp_path / 'gone'}: " in capsys.readouterr().out
+    assert preload.PRELOADED is None  # the job loads its own, and says why it cannot

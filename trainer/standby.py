@@ -115,7 +115,12 @@ def wait_for_job(lines: StdinLines) -> dict[str, Any] | None:
 
 
 def preload_model(message: dict[str, Any]) -> None:
-    request = preload.Request.from_message(message)
+    """Load the model the worker names; a failure is said and forgotten (the job loads its own)."""
+    try:
+        request = preload.Request.from_message(message)
+    except (KeyError, TypeError, ValueError) as exc:
+        print(f"standby trainer ignored a preload request it cannot read ({message!r}: {exc!r})", flush=True)
+        return
     try:
         loaded = preload.preload(request)
     except Exception as exc:  # the job that asks for it will load it, and say why it cannot
