@@ -15,10 +15,11 @@ is written after each part, so a later failure loses nothing):
    DATA_DIR) with the spec's precision left to its default, "auto" (fp8 on a card with FP8
    matmuls): what the service chooses for a user who names no precision, cancelled one step after
    the last measured one (no final save).
-1c. repeat_default: that spec again, REPEAT_STEPS steps (--repeats times), posted once the worker is idle: its
-   standby's imports done and, where the worker preloads (TRAINER_STANDBY_PRELOAD, on by default
-   on a GPU host), the model loaded (`standby_before_post` says how long that was waited for): a
-   model seen before, with what auto chose.
+1c. repeat_default: that spec again, REPEAT_STEPS steps (--repeats times), each posted once the
+   worker is idle: its standby's imports done and, where the worker preloads
+   (TRAINER_STANDBY_PRELOAD, on by default on a GPU host), the model loaded
+   (`standby_before_post` says how long that was waited for): a model seen before, with what
+   auto chose.
 1d. restart_default: the service stopped and started again on the same DATA_DIR, then part 1c's
    job posted as soon as it answers, while the new standby imports (as 3b, the default precision).
 1e. repeat_other_model: part 1c's spec for another model folder (the same files, linked), on an
