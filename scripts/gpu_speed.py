@@ -605,16 +605,10 @@ INTERESTING_EVENTS = (
 
 def device_used_bytes() -> int | None:
     """GPU 0's used memory (NVML), None without one."""
-    try:
-        import pynvml
+    from worker.gpus import memory_info
 
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no NVML here (the dry run's CPU host)
-        return None
+    info = memory_info(0)
+    return int(info.used) if info is not None else None
 
 
 def standby_state(data_dir: Path) -> str | None:

@@ -158,17 +158,21 @@ def wait_and_run(argv0: str, loaded: list[str]) -> int:
     job_id = take_job(job)
     spec = job_spec(job_id) if "unsloth" in loaded or preload.PRELOADED is not None else None
     if "unsloth" in loaded and asks_for_plain_transformers(spec):
-        # Unsloth has patched transformers and TRL in this process: start clean, as the same
-        # process (its pid, output and parent watch stay), at the cost of the imports.
-        print(f"job {job_id} asks for backend 'transformers': starting a trainer without Unsloth", flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
+        # Unsloth has patched transformers and TRL in this process.
+        start_clean(job_id, "asks for backend 'transformers': starting a trainer without Unsloth")
     if free_other_model(job_id, spec, loaded):
-        print(f"job {job_id}: the preloaded model's memory was not given back: starting a clean trainer", flush=True)
-        os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
+        start_clean(job_id, "finds the preloaded model's memory not given back: starting a clean trainer")
     print(f"standby trainer (pid {os.getpid()}, {', '.join(loaded)} imported) takes job {job_id}", flush=True)
     from trainer.run import main
 
     return main([argv0, str(job_id)], started=assigned)  # it watches parent_pid (PARENT_WATCHED_ENV)
+
+
+def start_clean(job_id: int, why: str) -> None:
+    """Become a fresh `python -m trainer JOB` as the same process (its pid, output and parent watch
+    stay), at the cost of the imports."""
+    print(f"job {job_id} {why}", flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "trainer", str(job_id)])
 
 
 def take_job(job: dict[str, Any]) -> int:

@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -76,15 +77,21 @@ def describe_gpus(indices: list[int]) -> list[Gpu]:
     return described
 
 
-def free_memory_bytes(index: int) -> int | None:
-    """NVML's free memory of a card (its index as nvidia-smi numbers it); None without NVML."""
+def memory_info(index: int) -> Any | None:
+    """NVML's memory figures of a card (its index as nvidia-smi numbers it: `.total`, `.free`,
+    `.used`, bytes); None without NVML."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
     except Exception:  # no driver or NVML library (a CPU host): nothing known
         return None
+
+
+def free_memory_bytes(index: int) -> int | None:
+    info = memory_info(index)
+    return int(info.free) if info is not None else None
 
 
 # FP8 matmuls (torch._scaled_mm) need Ada (8.9) or Hopper (9.0) and newer.
